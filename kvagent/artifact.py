@@ -1,0 +1,402 @@
+"""KV artifact format v1: one safetensors file with a strict kvagent JSON header.
+
+Layout (see docs/artifact-format.md)::
+
+    u64 little-endian N | N bytes of safetensors JSON header | data section
+    tensors: "k.{i}", "v.{i}" as [1, H, S, D] in the KV dtype, "token_ids" as int64 [S]
+    __metadata__ = {"kvagent": "<JSON header>"}
+
+The header's ``payload_sha256`` is the tree hash (kvagent.hashing) of the data section and is
+checked before any tensor is built. Reading validates every size and offset first and never
+unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .errors import (
+    ArtifactFormatError,
+    ArtifactIntegrityError,
+    ArtifactMismatchError,
+    ArtifactTooLargeError,
+)
+from .hashing import payload_digest
+from .identity import FORMAT_VERSION
+from .kv import KVCache, KVLayout
+
+FORMAT_NAME = "kvagent-kv"
+#: Codecs this version can decode. "raw" stores tensors as plain safetensors tensors.
+CODECS = ("raw",)
+
+_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ST_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_TENSOR_NAME = re.compile(r"^(k|v)\.(0|[1-9][0-9]{0,3})$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits applied before anything is parsed or allocated."""
+
+    max_container_header: int = 1 << 20
+    max_header_json: int = 16 << 10
+    max_payload_bytes: int = 64 << 30
+    max_layers: int = 1024
+    max_tokens: int = 1 << 22
+    max_publisher_len: int = 256
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class ArtifactHeader:
+    """The kvagent header of an artifact (format v1). Every field is required and type-checked."""
+
+    key: str
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    dtype: str
+    token_count: int
+    position_offset: int
+    template_hash: str
+    layout: KVLayout
+    codec: str
+    created_at: float
+    publisher: str | None
+    payload_sha256: str
+    payload_bytes: int
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layout"] = asdict(self.layout)
+        return d
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What the reader requires of an artifact; a field left None is not checked."""
+
+    key: str | None = None
+    model_fingerprint: str | None = None
+    tokenizer_fingerprint: str | None = None
+    dtype: str | None = None
+    layout: KVLayout | None = None
+
+
+@dataclass(frozen=True)
+class Artifact:
+    header: ArtifactHeader
+    kv: KVCache
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass
+class _Parsed:
+    header: ArtifactHeader
+    entries: dict[str, _Entry] = field(default_factory=dict)
+    data_offset: int = 0
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, dt in _DTYPES.items():
+        if dt == dtype:
+            return name
+    raise ArtifactFormatError(f"KV dtype {dtype} is not supported; expected one of {sorted(_DTYPES)}")
+
+
+def encode(
+    kv: KVCache,
+    *,
+    key: str,
+    model_fingerprint: str,
+    tokenizer_fingerprint: str,
+    template_hash: str,
+    position_offset: int = 0,
+    publisher: str | None = None,
+    created_at: float | None = None,
+) -> tuple[ArtifactHeader, bytes]:
+    """Serialise ``kv`` into artifact bytes; returns the header written and the bytes."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    for i, (k, v) in enumerate(zip(kv.keys, kv.values)):
+        tensors[f"k.{i}"] = k.detach().contiguous()
+        tensors[f"v.{i}"] = v.detach().contiguous()
+    tensors["token_ids"] = kv.token_ids.detach().to(torch.int64).contiguous()
+    blob = save(tensors, metadata={"kvagent": "{}"})
+    n = int.from_bytes(blob[:8], "little")
+    st_header = json.loads(blob[8 : 8 + n])
+    data = memoryview(blob)[8 + n :]
+    header = ArtifactHeader(
+        key=key,
+        model_fingerprint=model_fingerprint,
+        tokenizer_fingerprint=tokenizer_fingerprint,
+        dtype=dtype_name(kv.dtype),
+        token_count=kv.n_tokens,
+        position_offset=position_offset,
+        template_hash=template_hash,
+        layout=kv.layout,
+        codec="raw",
+        created_at=float(time.time() if created_at is None else created_at),
+        publisher=publisher,
+        payload_sha256=payload_digest(data),
+        payload_bytes=len(data),
+    )
+    _validate_header_fields(header.to_json(), DEFAULT_LIMITS)  # never write what we would refuse to read
+    st_header["__metadata__"] = {"kvagent": json.dumps(header.to_json(), sort_keys=True, separators=(",", ":"))}
+    hb = json.dumps(st_header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    return header, b"".join([len(hb).to_bytes(8, "little"), hb, data])
+
+
+def read_header(buf: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> ArtifactHeader:
+    """Validate the container and header of an artifact without checking or building its payload."""
+    return _parse(memoryview(buf), limits).header
+
+
+def decode(
+    buf: bytes | bytearray | memoryview,
+    *,
+    expect: Expectation | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Artifact:
+    """Validate and decode an artifact: sizes, schema, expectation, checksum, then tensors.
+
+    Tensors share memory with ``buf`` when it is writable (a bytearray or a private mmap);
+    immutable ``bytes`` are copied once.
+    """
+    if isinstance(buf, bytes):
+        buf = bytearray(buf)
+    view = memoryview(buf)
+    parsed = _parse(view, limits)
+    h = parsed.header
+    if expect is not None:
+        check_expectation(h, expect)
+    data = view[parsed.data_offset :]
+    digest = payload_digest(data)
+    if digest != h.payload_sha256:
+        raise ArtifactIntegrityError(
+            f"payload checksum mismatch for artifact {h.key[:16]}…: header says {h.payload_sha256[:16]}…, "
+            f"data hashes to {digest[:16]}… (corrupted or tampered; it will be recomputed)"
+        )
+    tensors = {name: _tensor(buf, parsed.data_offset, e) for name, e in parsed.entries.items()}
+    L = h.layout.num_layers
+    kv = KVCache(
+        keys=tuple(tensors[f"k.{i}"] for i in range(L)),
+        values=tuple(tensors[f"v.{i}"] for i in range(L)),
+        token_ids=tensors["token_ids"],
+    )
+    return Artifact(header=h, kv=kv)
+
+
+def check_expectation(h: ArtifactHeader, expect: Expectation) -> None:
+    """Raise ArtifactMismatchError if ``h`` differs from any field ``expect`` sets."""
+    for name in ("key", "model_fingerprint", "tokenizer_fingerprint", "dtype", "layout"):
+        want = getattr(expect, name)
+        got = getattr(h, name)
+        if want is not None and want != got:
+            raise ArtifactMismatchError(
+                f"artifact {name} is {_short(got)} but this reader expects {_short(want)}; "
+                "it was computed for another model/tokenizer/dtype and cannot be reused here"
+            )
+
+
+def _short(v: Any) -> str:
+    s = str(v)
+    return s[:16] + "…" if _HEX64.match(s) else s
+
+
+def _tensor(buf: Any, base: int, e: _Entry) -> torch.Tensor:
+    count = math.prod(e.shape)
+    if count == 0:
+        return torch.empty(e.shape, dtype=e.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only mmap buffers; we never write to them
+        t = torch.frombuffer(buf, dtype=e.dtype, count=count, offset=base + e.start)
+    return t.view(e.shape)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in d:
+            raise ArtifactFormatError(f"duplicate JSON key {k!r:.40} in artifact header")
+        d[k] = v
+    return d
+
+
+def _parse(view: memoryview, limits: Limits) -> _Parsed:
+    total = len(view)
+    if total < 8:
+        raise ArtifactFormatError(f"artifact is {total} bytes; a safetensors file starts with an 8-byte length")
+    n = int.from_bytes(view[:8], "little")
+    if n > limits.max_container_header:
+        raise ArtifactTooLargeError(f"container header of {n} bytes exceeds the {limits.max_container_header}-byte limit")
+    if 8 + n > total:
+        raise ArtifactFormatError(f"container header claims {n} bytes but the artifact has only {total - 8} (truncated?)")
+    try:
+        st = json.loads(bytes(view[8 : 8 + n]).decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except ArtifactFormatError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ArtifactFormatError(f"container header is not valid JSON: {exc}") from exc
+    if not isinstance(st, dict):
+        raise ArtifactFormatError("container header must be a JSON object")
+    meta = st.pop("__metadata__", None)
+    if not isinstance(meta, dict) or set(meta) != {"kvagent"} or not isinstance(meta["kvagent"], str):
+        raise ArtifactFormatError('artifact has no kvagent header (expected __metadata__ = {"kvagent": "<json>"})')
+    raw = meta["kvagent"]
+    if len(raw) > limits.max_header_json:
+        raise ArtifactTooLargeError(f"kvagent header of {len(raw)} bytes exceeds the {limits.max_header_json}-byte limit")
+    try:
+        hj = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except ArtifactFormatError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactFormatError(f"kvagent header is not valid JSON: {exc}") from exc
+    header = _validate_header_fields(hj, limits)
+    data_offset = 8 + n
+    data_len = total - data_offset
+    if data_len != header.payload_bytes:
+        raise ArtifactFormatError(
+            f"data section is {data_len} bytes but the header declares {header.payload_bytes} (truncated or padded)"
+        )
+    entries = _validate_entries(st, header, data_len)
+    return _Parsed(header=header, entries=entries, data_offset=data_offset)
+
+
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "format": (str,),
+    "format_version": (int,),
+    "key": (str,),
+    "model_fingerprint": (str,),
+    "tokenizer_fingerprint": (str,),
+    "dtype": (str,),
+    "token_count": (int,),
+    "position_offset": (int,),
+    "template_hash": (str,),
+    "layout": (dict,),
+    "codec": (str,),
+    "created_at": (int, float),
+    "publisher": (str, type(None)),
+    "payload_sha256": (str,),
+    "payload_bytes": (int,),
+}
+
+
+def _validate_header_fields(hj: Any, limits: Limits) -> ArtifactHeader:
+    if not isinstance(hj, dict):
+        raise ArtifactFormatError("kvagent header must be a JSON object")
+    missing = set(_FIELDS) - set(hj)
+    extra = set(hj) - set(_FIELDS)
+    if missing or extra:
+        raise ArtifactFormatError(f"kvagent header fields wrong: missing {sorted(missing)}, unexpected {sorted(extra)[:5]}")
+    for name, types in _FIELDS.items():
+        v = hj[name]
+        if isinstance(v, bool) or not isinstance(v, types):
+            raise ArtifactFormatError(f"kvagent header field {name!r} has type {type(v).__name__}")
+    if hj["format"] != FORMAT_NAME:
+        raise ArtifactFormatError(f"not a kvagent artifact: format is {hj['format']!r:.40}")
+    if hj["format_version"] != FORMAT_VERSION:
+        raise ArtifactFormatError(
+            f"artifact format version {hj['format_version']} is not supported by this kvagent (reads {FORMAT_VERSION})"
+        )
+    for name in ("key", "model_fingerprint", "tokenizer_fingerprint", "template_hash", "payload_sha256"):
+        if not _HEX64.match(hj[name]):
+            raise ArtifactFormatError(f"kvagent header field {name!r} is not a sha256 hex digest")
+    if hj["dtype"] not in _DTYPES:
+        raise ArtifactFormatError(f"KV dtype {hj['dtype']!r:.20} is not one of {sorted(_DTYPES)}")
+    if hj["codec"] not in CODECS:
+        raise ArtifactFormatError(f"codec {hj['codec']!r:.20} is not supported (known: {list(CODECS)})")
+    if not 0 < hj["token_count"] <= limits.max_tokens:
+        raise ArtifactTooLargeError(f"token_count {hj['token_count']} is outside 1..{limits.max_tokens}")
+    if not 0 <= hj["position_offset"] < (1 << 31):
+        raise ArtifactFormatError("position_offset out of range")
+    if not 0 <= hj["payload_bytes"] <= limits.max_payload_bytes:
+        raise ArtifactTooLargeError(f"payload of {hj['payload_bytes']} bytes exceeds the {limits.max_payload_bytes}-byte limit")
+    if hj["publisher"] is not None and len(hj["publisher"]) > limits.max_publisher_len:
+        raise ArtifactFormatError("publisher name too long")
+    if not math.isfinite(hj["created_at"]):
+        raise ArtifactFormatError("created_at must be a finite number")
+    lay = hj["layout"]
+    if set(lay) != {"num_layers", "num_kv_heads", "head_dim"} or not all(
+        isinstance(lay[k], int) and not isinstance(lay[k], bool) for k in lay
+    ):
+        raise ArtifactFormatError("layout must hold integer num_layers, num_kv_heads and head_dim")
+    if not (0 < lay["num_layers"] <= limits.max_layers and 0 < lay["num_kv_heads"] <= 4096 and 0 < lay["head_dim"] <= 4096):
+        raise ArtifactFormatError(f"layout {lay} is out of range")
+    return ArtifactHeader(**{**hj, "layout": KVLayout(**lay), "created_at": float(hj["created_at"])})
+
+
+def _validate_entries(st: dict[str, Any], h: ArtifactHeader, data_len: int) -> dict[str, _Entry]:
+    L = h.layout.num_layers
+    expected = {f"{kind}.{i}" for i in range(L) for kind in ("k", "v")} | {"token_ids"}
+    if set(st) != expected:
+        unexpected = sorted(set(st) - expected)[:3]
+        missing = sorted(expected - set(st))[:3]
+        raise ArtifactFormatError(f"artifact tensors do not match its layout: missing {missing}, unexpected {unexpected}")
+    kv_dtype = _DTYPES[h.dtype]
+    kv_shape = (1, h.layout.num_kv_heads, h.token_count, h.layout.head_dim)
+    entries: dict[str, _Entry] = {}
+    spans = []
+    for name, info in st.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise ArtifactFormatError(f"tensor entry {name!r} is malformed")
+        dt = _ST_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        shape, offs = info["shape"], info["data_offsets"]
+        if dt is None or not isinstance(shape, list) or not isinstance(offs, list) or len(offs) != 2:
+            raise ArtifactFormatError(f"tensor entry {name!r} is malformed")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, *offs)):
+            raise ArtifactFormatError(f"tensor entry {name!r} has a non-integer shape or offset")
+        want_dt, want_shape = (torch.int64, (h.token_count,)) if name == "token_ids" else (kv_dtype, kv_shape)
+        if dt != want_dt or tuple(shape) != want_shape:
+            raise ArtifactFormatError(
+                f"tensor {name!r} is {info['dtype']}{shape}; the header implies {want_dt}{list(want_shape)}"
+            )
+        start, end = offs
+        itemsize = torch.empty((), dtype=dt).element_size()
+        if end - start != math.prod(shape) * itemsize or end > data_len:
+            raise ArtifactFormatError(f"tensor {name!r} offsets {offs} do not fit its shape or the data section")
+        if start % itemsize:
+            raise ArtifactFormatError(f"tensor {name!r} is misaligned")
+        entries[name] = _Entry(dtype=dt, shape=tuple(shape), start=start, end=end)
+        spans.append((start, end))
+    spans.sort()
+    pos = 0
+    for s, e in spans:
+        if s != pos:
+            raise ArtifactFormatError("tensor data overlaps or leaves holes in the data section")
+        pos = e
+    if pos != data_len:
+        raise ArtifactFormatError("data section has trailing bytes")
+    return entries
+
+
+def restamp(header: ArtifactHeader, **changes: Any) -> ArtifactHeader:
+    """A copy of ``header`` with ``changes`` (for tests and tools)."""
+    return replace(header, **changes)
+
+
+def header_from_mapping(obj: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> ArtifactHeader:
+    """Validate a header received as JSON (e.g. from a registry handle)."""
+    return _validate_header_fields(dict(obj), limits)

@@ -1,0 +1,108 @@
+"""Configuration in one place: explicit arguments override KVAGENT_* variables, which override defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_MODEL = "smollm2"
+
+
+def _default_cache_dir() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("kvagent", appauthor=False))
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(float(raw))
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a number") from exc
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, got {value}")
+    return value
+
+
+def _env_bool(name: str) -> bool | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved settings of a KVAgent.
+
+    ``cache_dir`` holds the local store (``<cache_dir>/kv``) and converted models (``<cache_dir>/models``).
+    """
+
+    model: str = DEFAULT_MODEL
+    cache_dir: Path = field(default_factory=_default_cache_dir)
+    cache_size_bytes: int = 10 * 1024**3
+    dtype: str | None = None
+    block_size: int = 256
+    local_only: bool = True
+    memory_slots: int = 2
+    publisher: str | None = None
+
+    @property
+    def store_dir(self) -> Path:
+        return self.cache_dir / "kv"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.cache_dir / "models"
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        model: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_size_bytes: int | None = None,
+        dtype: str | None = None,
+        block_size: int | None = None,
+        local_only: bool | None = None,
+        memory_slots: int | None = None,
+        publisher: str | None = None,
+    ) -> Config:
+        """Build a Config from arguments, then KVAGENT_* variables, then defaults."""
+        env_dir = os.environ.get("KVAGENT_CACHE_DIR") or None
+        d = cls()
+        cfg = cls(
+            model=model or os.environ.get("KVAGENT_MODEL") or d.model,
+            cache_dir=Path(cache_dir or env_dir or d.cache_dir).expanduser(),
+            cache_size_bytes=_first(cache_size_bytes, _env_int("KVAGENT_CACHE_SIZE"), d.cache_size_bytes),
+            dtype=dtype or os.environ.get("KVAGENT_DTYPE") or None,
+            block_size=_first(block_size, _env_int("KVAGENT_BLOCK_SIZE"), d.block_size),
+            local_only=_first(local_only, _env_bool("KVAGENT_LOCAL_ONLY"), d.local_only),
+            memory_slots=_first(memory_slots, _env_int("KVAGENT_MEMORY_SLOTS"), d.memory_slots),
+            publisher=publisher or os.environ.get("KVAGENT_PUBLISHER") or None,
+        )
+        if cfg.dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {cfg.dtype!r}")
+        if cfg.block_size <= 0:
+            raise ConfigError("block_size must be positive")
+        if cfg.cache_size_bytes <= 0:
+            raise ConfigError("cache_size_bytes must be positive")
+        return cfg
+
+
+def _first(*values):  # type: ignore[no-untyped-def]
+    for v in values:
+        if v is not None:
+            return v
+    return None

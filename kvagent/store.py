@@ -1,0 +1,205 @@
+"""Local KV store: a size-bounded, multi-process-safe diskcache of artifacts.
+
+Entries (all keys are strings, all values bytes; nothing is ever pickled):
+
+* ``kv:<key>``   the artifact bytes (a file in the cache directory; diskcache writes the file
+  first and commits its row after, so a crash never leaves a visible partial entry)
+* ``meta:<key>`` a small JSON summary used by ``ls``
+* ``blk:<hash>`` the key of an artifact whose token ids start with that block-hash chain prefix
+
+Every read re-checks the artifact's checksum. A corrupt or foreign entry is a miss: it is
+logged, evicted and reported with a reason, never raised to the reader.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+from . import artifact as art
+from .errors import ArtifactError, StoreError
+from .identity import validate_key
+
+log = logging.getLogger("kvagent.store")
+
+DEFAULT_SIZE_LIMIT = 10 * 1024**3
+
+
+class SafeDisk(diskcache.Disk):
+    """A diskcache serialiser that only stores ``bytes`` and ``str`` and refuses to unpickle."""
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if not read and not isinstance(value, (bytes, str)):
+            raise StoreError(f"the kvagent store only holds bytes or str, not {type(value).__name__}")
+        return super().store(value, read, key=key)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        if mode == diskcache.core.MODE_PICKLE:
+            raise StoreError("refusing to unpickle a cache entry (the cache directory holds foreign data)")
+        return super().fetch(mode, filename, value, read)
+
+    def put(self, key: Any) -> Any:
+        if not isinstance(key, str):
+            raise StoreError(f"store keys are str, not {type(key).__name__}")
+        return super().put(key)
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    key: str
+    token_count: int
+    nbytes: int
+    dtype: str
+    created_at: float
+    publisher: str | None
+
+
+@dataclass(frozen=True)
+class StoreLookup:
+    """Result of a store read: the artifact, or None and why it missed."""
+
+    artifact: art.Artifact | None
+    reason: str
+    nbytes: int = 0
+
+
+class KVStore:
+    """Artifacts on local disk, keyed by document key, with longest-prefix lookup by block hash."""
+
+    def __init__(self, directory: str | Path, size_limit: int = DEFAULT_SIZE_LIMIT, limits: art.Limits = art.DEFAULT_LIMITS):
+        self.directory = Path(directory)
+        self.limits = limits
+        try:
+            self._cache = diskcache.Cache(
+                str(self.directory),
+                size_limit=size_limit,
+                eviction_policy="least-recently-used",
+                disk=SafeDisk,
+                timeout=30,
+            )
+        except Exception as exc:  # sqlite3/OSError: the directory is unusable
+            raise StoreError(f"cannot open the KV store at {self.directory}: {exc}") from exc
+
+    def close(self) -> None:
+        self._cache.close()
+
+    def __enter__(self) -> KVStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes ---------------------------------------------------------------------------
+    def put(self, header: art.ArtifactHeader, blob: bytes, block_hashes: Sequence[str] = ()) -> None:
+        """Store an artifact and index its block hashes. The artifact row appears atomically."""
+        key = validate_key(header.key)
+        meta = StoreEntry(
+            key=key,
+            token_count=header.token_count,
+            nbytes=len(blob),
+            dtype=header.dtype,
+            created_at=header.created_at,
+            publisher=header.publisher,
+        )
+        try:
+            self._cache.set(f"kv:{key}", blob)
+            self._cache.set(f"meta:{key}", json.dumps(meta.__dict__))
+            for h in block_hashes:
+                self._cache.set(f"blk:{h}", key)
+        except (OSError, diskcache.Timeout) as exc:
+            raise StoreError(f"could not write artifact {key[:16]}… to {self.directory}: {exc}") from exc
+
+    def delete(self, key: str) -> bool:
+        validate_key(key)
+        self._cache.delete(f"meta:{key}")
+        return bool(self._cache.delete(f"kv:{key}"))
+
+    def clear(self) -> int:
+        return int(self._cache.clear())
+
+    # -- reads ----------------------------------------------------------------------------
+    def __contains__(self, key: str) -> bool:
+        return f"kv:{validate_key(key)}" in self._cache
+
+    def get(self, key: str, expect: art.Expectation | None = None) -> StoreLookup:
+        """Read, verify and decode an artifact; any problem is a logged miss, never an exception."""
+        validate_key(key)
+        try:
+            handle = self._cache.get(f"kv:{key}", default=None, read=True)
+        except StoreError as exc:
+            return self._evict(key, f"unreadable entry: {exc}")
+        except (OSError, diskcache.Timeout) as exc:
+            log.warning("store read of %s… failed: %s", key[:16], exc)
+            return StoreLookup(None, f"store read failed: {exc}")
+        if handle is None:
+            return StoreLookup(None, "not in the local store")
+        try:
+            buf = _map(handle)
+            result = art.decode(buf, expect=expect, limits=self.limits)
+        except ArtifactError as exc:
+            return self._evict(key, f"{type(exc).__name__}: {exc}")
+        except (OSError, ValueError) as exc:
+            return self._evict(key, f"unreadable artifact file: {exc}")
+        finally:
+            handle.close()
+        if result.header.key != key:
+            return self._evict(key, f"entry holds artifact {result.header.key[:16]}…, not the key it is stored under")
+        return StoreLookup(result, "hit", nbytes=len(buf))
+
+    def _evict(self, key: str, why: str) -> StoreLookup:
+        log.warning("evicting local artifact %s…: %s", key[:16], why)
+        try:
+            self.delete(key)
+        except (OSError, diskcache.Timeout) as exc:  # pragma: no cover - disk failure while evicting
+            log.warning("could not evict %s…: %s", key[:16], exc)
+        return StoreLookup(None, f"local entry rejected ({why}); evicted")
+
+    def find_prefix(self, hashes: Sequence[str]) -> tuple[str, int] | None:
+        """The key indexed under the longest of ``hashes`` present, with how many blocks matched."""
+        for i in range(len(hashes) - 1, -1, -1):
+            key = self._cache.get(f"blk:{hashes[i]}", default=None)
+            if isinstance(key, str) and f"kv:{key}" in self._cache:
+                return key, i + 1
+        return None
+
+    def entries(self) -> Iterator[StoreEntry]:
+        for k in list(self._cache.iterkeys()):
+            if isinstance(k, str) and k.startswith("meta:"):
+                raw = self._cache.get(k, default=None)
+                if raw is None or f"kv:{k[5:]}" not in self._cache:
+                    continue
+                try:
+                    yield StoreEntry(**json.loads(raw))
+                except (TypeError, ValueError):
+                    log.warning("ignoring malformed store index entry %s", k[:24])
+
+    def volume(self) -> int:
+        return int(self._cache.volume())
+
+    def stats(self) -> dict[str, int]:
+        entries = list(self.entries())
+        return {
+            "artifacts": len(entries),
+            "artifact_bytes": sum(e.nbytes for e in entries),
+            "disk_bytes": self.volume(),
+            "size_limit": int(self._cache.size_limit),
+        }
+
+
+def _map(handle: Any) -> bytearray | mmap.mmap:
+    """A writable private view of an entry: a copy-on-write mmap for files, a bytearray otherwise."""
+    try:
+        fileno = handle.fileno()
+    except (AttributeError, OSError, ValueError):
+        return bytearray(handle.read())
+    size = Path(handle.name).stat().st_size if hasattr(handle, "name") else None
+    if not size:
+        return bytearray(handle.read())
+    return mmap.mmap(fileno, 0, access=mmap.ACCESS_COPY)
