@@ -46,7 +46,8 @@ def _env_bool(name: str) -> bool | None:
 class Config:
     """Resolved settings of a KVAgent.
 
-    ``cache_dir`` holds the local store (``<cache_dir>/kv``) and converted models (``<cache_dir>/models``).
+    ``cache_dir`` holds the local KV store (``<cache_dir>/kv``); ``models_dir`` holds converted models
+    (the user cache dir by default, shared by every cache_dir, so the embedded model converts once).
     """
 
     model: str = DEFAULT_MODEL
@@ -57,14 +58,11 @@ class Config:
     local_only: bool = True
     memory_slots: int = 2
     publisher: str | None = None
+    models_dir: Path = field(default_factory=lambda: _default_cache_dir() / "models")
 
     @property
     def store_dir(self) -> Path:
         return self.cache_dir / "kv"
-
-    @property
-    def models_dir(self) -> Path:
-        return self.cache_dir / "models"
 
     @classmethod
     def resolve(
@@ -78,6 +76,7 @@ class Config:
         local_only: bool | None = None,
         memory_slots: int | None = None,
         publisher: str | None = None,
+        models_dir: str | os.PathLike[str] | None = None,
     ) -> Config:
         """Build a Config from arguments, then KVAGENT_* variables, then defaults."""
         env_dir = os.environ.get("KVAGENT_CACHE_DIR") or None
@@ -91,6 +90,7 @@ class Config:
             local_only=_first(local_only, _env_bool("KVAGENT_LOCAL_ONLY"), d.local_only),
             memory_slots=_first(memory_slots, _env_int("KVAGENT_MEMORY_SLOTS"), d.memory_slots),
             publisher=publisher or os.environ.get("KVAGENT_PUBLISHER") or None,
+            models_dir=Path(models_dir or os.environ.get("KVAGENT_MODELS_DIR") or d.models_dir).expanduser(),
         )
         if cfg.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {cfg.dtype!r}")

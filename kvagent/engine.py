@@ -84,13 +84,17 @@ class TransformersEngine:
         self._layers = _decoder_layers(model, self.layout.num_layers)
 
     # -- prefill --------------------------------------------------------------------------
-    @torch.inference_mode()
     def prefill(self, token_ids: Sequence[int], progress: LayerProgress | None = None) -> KVCache:
         """Run the model over ``token_ids`` and return their KV (one shot, or in ``chunk_size`` chunks)."""
-        ids = self._ids(token_ids)
-        from transformers import DynamicCache
+        return self.prefill_from(None, token_ids, progress)
 
-        cache = DynamicCache(config=self.config)
+    @torch.inference_mode()
+    def prefill_from(
+        self, prefix: KVCache | None, token_ids: Sequence[int], progress: LayerProgress | None = None
+    ) -> KVCache:
+        """The KV of ``prefix`` tokens followed by ``token_ids``, computing only the new tokens."""
+        ids = self._ids(token_ids)
+        cache = self._cache(prefix)
         n = ids.shape[1]
         chunk = self.chunk_size or n
         chunks = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
@@ -98,6 +102,7 @@ class TransformersEngine:
         done = 0
         hooks = []
         if progress is not None and self._layers is not None:
+
             def _tick(*_: Any) -> None:
                 nonlocal done
                 done += 1
@@ -110,7 +115,20 @@ class TransformersEngine:
         finally:
             for h in hooks:
                 h.remove()
-        return self._extract(cache, ids[0])
+        all_ids = ids[0].cpu() if prefix is None else torch.cat([prefix.token_ids, ids[0].cpu()])
+        return self._extract(cache, all_ids)
+
+    def _cache(self, kv: KVCache | None) -> Any:
+        """A fresh transformers cache holding a copy of ``kv`` (so extending it never touches ``kv``)."""
+        from transformers import DynamicCache
+
+        if kv is None:
+            return DynamicCache(config=self.config)
+        self._check_kv(kv)
+        return DynamicCache(
+            ddp_cache_data=[(k.to(self.device), v.to(self.device)) for k, v in zip(kv.keys, kv.values)],
+            config=self.config,
+        )
 
     def _extract(self, cache: Any, ids: torch.Tensor) -> KVCache:
         n = int(ids.numel())
@@ -130,19 +148,9 @@ class TransformersEngine:
     @torch.inference_mode()
     def stream(self, kv: KVCache | None, token_ids: Sequence[int], params: GenerationParams) -> Iterator[int]:
         """Yield new token ids after ``kv`` (if any) followed by ``token_ids``."""
-        from transformers import DynamicCache
-
         ids = self._ids(token_ids)
-        past = 0
-        if kv is not None:
-            self._check_kv(kv)
-            past = kv.n_tokens
-            cache = DynamicCache(
-                ddp_cache_data=[(k.to(self.device), v.to(self.device)) for k, v in zip(kv.keys, kv.values)],
-                config=self.config,
-            )
-        else:
-            cache = DynamicCache(config=self.config)
+        past = kv.n_tokens if kv is not None else 0
+        cache = self._cache(kv)
         if self.max_positions and past + ids.shape[1] + params.max_new_tokens > self.max_positions:
             raise EngineError(
                 f"{past} cached + {ids.shape[1]} new + {params.max_new_tokens} generated tokens exceed the "

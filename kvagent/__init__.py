@@ -1,0 +1,71 @@
+"""kvagent: read a document once for the whole world.
+
+Public API::
+
+    from kvagent import KVAgent
+    agent = KVAgent()                     # embedded SmolLM2-135M-Instruct, offline
+    doc = agent.read(Path("report.txt"))  # prefill once, cached on disk by content key
+    agent.ask(doc, "What changed in 2024?")
+"""
+
+from .agent import Answer, CacheInfo, DocumentHandle, KVAgent, VerifyReport
+from .artifact import Artifact, ArtifactHeader, Expectation, Limits
+from .config import Config
+from .engine import Generation, GenerationParams, TransformersEngine
+from .errors import (
+    ArtifactError,
+    ArtifactFormatError,
+    ArtifactIntegrityError,
+    ArtifactMismatchError,
+    ArtifactTooLargeError,
+    ConfigError,
+    EngineError,
+    InvalidKeyError,
+    KVAgentError,
+    ModelLoadError,
+    RegistryError,
+    StoreError,
+    UnsupportedModelError,
+)
+from .identity import FORMAT_VERSION, KeyContext, block_hashes, document_key
+from .kv import KVCache, KVLayout
+from .store import KVStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Answer",
+    "Artifact",
+    "ArtifactError",
+    "ArtifactFormatError",
+    "ArtifactHeader",
+    "ArtifactIntegrityError",
+    "ArtifactMismatchError",
+    "ArtifactTooLargeError",
+    "CacheInfo",
+    "Config",
+    "ConfigError",
+    "DocumentHandle",
+    "EngineError",
+    "Expectation",
+    "Generation",
+    "GenerationParams",
+    "InvalidKeyError",
+    "KVAgent",
+    "KVAgentError",
+    "KVCache",
+    "KVLayout",
+    "KVStore",
+    "KeyContext",
+    "Limits",
+    "ModelLoadError",
+    "RegistryError",
+    "StoreError",
+    "TransformersEngine",
+    "UnsupportedModelError",
+    "VerifyReport",
+    "__version__",
+    "block_hashes",
+    "document_key",
+]

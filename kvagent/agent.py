@@ -1,0 +1,404 @@
+"""The KVAgent facade: read a document once, answer many questions from its cached KV.
+
+It only composes the parts: a model (``models``), an engine (``engine``), a prompt template
+(``prompt``), content keys (``identity``), artifacts (``artifact``) and the local store
+(``store``). Tiers, fastest first: this process's memory, the local store, then prefill.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import artifact as art
+from .config import Config
+from .engine import Generation, GenerationParams, TransformersEngine
+from .errors import ConfigError, EngineError, KVAgentError, StoreError
+from .identity import KeyContext, block_hashes, document_key
+from .kv import KVCache
+from .models import LoadedModel, load_model, model_fingerprint
+from .prompt import PromptTemplate, build_template
+from .store import KVStore
+
+log = logging.getLogger("kvagent")
+
+#: progress(task, done, total): task is "prefill" or a message shown while loading.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What the cache did for one read or ask, and why (shown to users; never silent)."""
+
+    status: str  # "memory" | "local" | "prefix" | "prefill"
+    reason: str
+    cached_tokens: int
+    prefilled_tokens: int
+    load_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    bytes_read: int = 0
+
+    @property
+    def hit(self) -> bool:
+        return self.status in ("memory", "local", "prefix")
+
+
+@dataclass(frozen=True)
+class DocumentHandle:
+    """A document read by an agent: its content key and token ids (template prefix included)."""
+
+    key: str
+    token_ids: tuple[int, ...]
+    source: str
+    cache: CacheInfo
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    key: str
+    cache: CacheInfo
+    prompt_tokens: int
+    seconds: float
+    first_token_seconds: float
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Greedy output after reuse compared with a full prefill of the same token ids."""
+
+    exact: bool
+    compared_tokens: int
+    first_divergence: int | None
+    document_tokens: int
+    reuse_seconds: float
+    full_seconds: float
+    reused_ids: list[int] = field(default_factory=list)
+    full_ids: list[int] = field(default_factory=list)
+
+
+class KVAgent:
+    """Read documents once and answer questions by resuming from their KV.
+
+    ``model`` is a model spec (``"smollm2"`` for the embedded default, a local Hugging Face
+    directory, or a hub id already cached) or an already-loaded transformers model, in which case
+    ``tokenizer`` must be given for the text APIs.
+    """
+
+    def __init__(
+        self,
+        model: str | Any | None = None,
+        *,
+        tokenizer: Any | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_size_bytes: int | None = None,
+        dtype: str | None = None,
+        block_size: int | None = None,
+        local_only: bool | None = None,
+        memory_slots: int | None = None,
+        system_prompt: str | None = None,
+        publisher: str | None = None,
+        progress: Progress | None = None,
+        prefill_chunk_size: int | None = None,
+    ) -> None:
+        spec = model if isinstance(model, str) or model is None else None
+        self.config = Config.resolve(
+            model=spec,
+            cache_dir=cache_dir,
+            cache_size_bytes=cache_size_bytes,
+            dtype=dtype,
+            block_size=block_size,
+            local_only=local_only,
+            memory_slots=memory_slots,
+            publisher=publisher,
+        )
+        if not self.config.local_only:
+            raise ConfigError("only local_only=True is available in this version (no registry configured)")
+        self._progress = progress
+        if spec is None and model is not None:
+            mfp = model_fingerprint(model)
+            from .identity import sha256_hex, tokenizer_fingerprint
+
+            tfp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else sha256_hex(b"no-tokenizer")
+            self.loaded = LoadedModel(model, tokenizer, type(model).__name__, mfp, tfp, 0.0)
+        else:
+            notify = (lambda msg: progress(msg, 0, 0)) if progress else None
+            self.loaded = load_model(self.config.model, self.config.models_dir, dtype=self.config.dtype, notify=notify)
+        self.engine = TransformersEngine(self.loaded.model, chunk_size=prefill_chunk_size)
+        self.tokenizer = self.loaded.tokenizer
+        self.template: PromptTemplate | None = (
+            build_template(self.tokenizer, system_prompt) if self.tokenizer is not None else None
+        )
+        self.context = KeyContext(
+            model_fingerprint=self.loaded.model_fingerprint,
+            tokenizer_fingerprint=self.loaded.tokenizer_fingerprint,
+            dtype=art.dtype_name(self.engine.dtype),
+            template_hash=self.template.hash if self.template else KeyContext.template_hash,
+        )
+        self.expect = art.Expectation(
+            model_fingerprint=self.context.model_fingerprint,
+            tokenizer_fingerprint=self.context.tokenizer_fingerprint,
+            dtype=self.context.dtype,
+            layout=self.engine.layout,
+        )
+        self.store = KVStore(self.config.store_dir, size_limit=self.config.cache_size_bytes)
+        self._memory: OrderedDict[str, KVCache] = OrderedDict()
+        self._lock = threading.RLock()
+        self.counters = {"memory_hits": 0, "local_hits": 0, "prefix_hits": 0, "prefills": 0, "tokens_saved": 0}
+
+    # -- reading ---------------------------------------------------------------------------
+    def read(self, source: str | os.PathLike[str]) -> DocumentHandle:
+        """Read a document (a ``str`` of text, or a path) and make sure its KV is cached."""
+        text, label = self._source_text(source)
+        ids = self._template().document_ids(self.tokenizer, text)
+        return self.read_ids(ids, source=label)
+
+    def document_ids(self, text: str) -> list[int]:
+        """The token ids a document is cached under: template prefix + the text's ids."""
+        return self._template().document_ids(self.tokenizer, text)
+
+    def key_of(self, token_ids: Sequence[int]) -> str:
+        """The content key of a document's token ids under this agent's model, tokenizer and dtype."""
+        return document_key(self.context, token_ids)
+
+    def read_file(self, path: str | os.PathLike[str]) -> DocumentHandle:
+        return self.read(Path(path))
+
+    def read_ids(self, token_ids: Sequence[int], *, source: str = "<ids>") -> DocumentHandle:
+        """Make sure the KV of exactly ``token_ids`` is cached (memory and local store)."""
+        ids = tuple(int(t) for t in token_ids)
+        if not ids:
+            raise EngineError("cannot read an empty document")
+        key = document_key(self.context, ids)
+        _, info = self._kv_for(key, ids)
+        return DocumentHandle(key=key, token_ids=ids, source=source, cache=info)
+
+    def _source_text(self, source: str | os.PathLike[str]) -> tuple[str, str]:
+        if isinstance(source, os.PathLike):
+            path = Path(source)
+            try:
+                return path.read_text(encoding="utf-8"), str(path)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise KVAgentError(f"cannot read document {path}: {exc}") from exc
+        if not isinstance(source, str):
+            raise TypeError(f"read() takes text (str) or a path (os.PathLike), not {type(source).__name__}")
+        if not source:
+            raise EngineError("cannot read an empty document")
+        return source, "<text>"
+
+    def _kv_for(self, key: str, ids: tuple[int, ...]) -> tuple[KVCache, CacheInfo]:
+        """The KV of ``ids`` from memory, the local store, a cached prefix, or a prefill (stored)."""
+        with self._lock:
+            kv = self._memory.get(key)
+            if kv is not None:
+                self._memory.move_to_end(key)
+                self.counters["memory_hits"] += 1
+                return kv, CacheInfo("memory", "in this process's memory", len(ids), 0)
+        t0 = time.perf_counter()
+        found = self.store.get(key, expect=self.expect)
+        if found.artifact is not None:
+            kv = found.artifact.kv
+            self._remember(key, kv)
+            self.counters["local_hits"] += 1
+            self.counters["tokens_saved"] += len(ids)
+            return kv, CacheInfo(
+                "local", "found in the local store", len(ids), 0, load_seconds=time.perf_counter() - t0, bytes_read=found.nbytes
+            )
+        miss_reason = found.reason
+        prefix_kv, prefix_reason = self._cached_prefix(ids)
+        t1 = time.perf_counter()
+        kv = self._prefill(ids, prefix_kv)
+        prefill_s = time.perf_counter() - t1
+        self._save(key, kv, ids)
+        self._remember(key, kv)
+        self.counters["prefills"] += 1
+        if prefix_kv is not None:
+            self.counters["prefix_hits"] += 1
+            self.counters["tokens_saved"] += prefix_kv.n_tokens
+            return kv, CacheInfo(
+                "prefix", f"{miss_reason}; {prefix_reason}", prefix_kv.n_tokens, len(ids) - prefix_kv.n_tokens,
+                load_seconds=t1 - t0, prefill_seconds=prefill_s,
+            )
+        log.info("prefilling %d tokens of %s…: %s; %s", len(ids), key[:16], miss_reason, prefix_reason)
+        return kv, CacheInfo("prefill", f"{miss_reason}; {prefix_reason}", 0, len(ids), prefill_seconds=prefill_s)
+
+    def _cached_prefix(self, ids: tuple[int, ...]) -> tuple[KVCache | None, str]:
+        """The longest cached KV whose tokens are a prefix of ``ids`` (at least one block, leaving one token)."""
+        hashes = block_hashes(self.context, ids, self.config.block_size)
+        if not hashes:
+            return None, f"no prefix lookup (document shorter than one {self.config.block_size}-token block)"
+        hit = self.store.find_prefix(hashes)
+        if hit is None:
+            return None, "no cached document shares its first block"
+        key, _blocks = hit
+        found = self.store.get(key, expect=self.expect)
+        if found.artifact is None:
+            return None, f"prefix candidate unusable: {found.reason}"
+        cached = found.artifact.kv.token_ids.tolist()
+        n = 0
+        limit = min(len(cached), len(ids) - 1)
+        while n < limit and cached[n] == ids[n]:
+            n += 1
+        if n == 0:
+            return None, "prefix candidate shares no tokens"
+        return found.artifact.kv.truncate(n), f"reused a cached prefix of {n} tokens"
+
+    def _prefill(self, ids: tuple[int, ...], prefix: KVCache | None) -> KVCache:
+        progress = (lambda done, total: self._progress("prefill", done, total)) if self._progress else None
+        if prefix is None:
+            return self.engine.prefill(ids, progress=progress)
+        return self.engine.prefill_from(prefix, ids[prefix.n_tokens :], progress=progress)
+
+    def _save(self, key: str, kv: KVCache, ids: tuple[int, ...]) -> None:
+        header, blob = art.encode(
+            kv,
+            key=key,
+            model_fingerprint=self.context.model_fingerprint,
+            tokenizer_fingerprint=self.context.tokenizer_fingerprint,
+            template_hash=self.context.template_hash,
+            position_offset=self.context.position_offset,
+            publisher=self.config.publisher,
+        )
+        try:
+            self.store.put(header, blob, block_hashes(self.context, ids, self.config.block_size))
+        except StoreError as exc:
+            log.warning("could not cache %s… locally (the answer is unaffected): %s", key[:16], exc)
+
+    def _remember(self, key: str, kv: KVCache) -> None:
+        with self._lock:
+            self._memory[key] = kv
+            self._memory.move_to_end(key)
+            while len(self._memory) > max(0, self.config.memory_slots):
+                self._memory.popitem(last=False)
+
+    def forget_memory(self) -> None:
+        """Drop this process's in-memory KV copies (the local store keeps them)."""
+        with self._lock:
+            self._memory.clear()
+
+    # -- asking ----------------------------------------------------------------------------
+    def ask(self, handle: DocumentHandle, question: str, **gen: Any) -> Answer:
+        """Answer ``question`` about a read document, resuming from its cached KV."""
+        pieces: list[int] = []
+        t0 = time.perf_counter()
+        first = None
+        kv, info, suffix, params = self._prepare(handle, question, gen)
+        for tok in self.engine.stream(kv, suffix, params):
+            if first is None:
+                first = time.perf_counter() - t0
+            pieces.append(tok)
+        return self._answer(handle, pieces, params, info, len(suffix), t0, first)
+
+    def ask_many(self, handle: DocumentHandle, questions: Sequence[str], **gen: Any) -> list[Answer]:
+        """Answer several questions over one document; its KV is loaded or prefilled once."""
+        return [self.ask(handle, q, **gen) for q in questions]
+
+    def stream(self, handle: DocumentHandle, question: str, **gen: Any) -> Iterator[str]:
+        """Yield the answer's text as it is generated (stop tokens are not shown)."""
+        kv, _info, suffix, params = self._prepare(handle, question, gen)
+        ids: list[int] = []
+        shown = ""
+        stops = set(params.stop_token_ids)
+        for tok in self.engine.stream(kv, suffix, params):
+            if tok in stops:
+                break
+            ids.append(tok)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                continue
+            if len(text) > len(shown):
+                yield text[len(shown) :]
+                shown = text
+
+    def _prepare(
+        self, handle: DocumentHandle, question: str, gen: dict[str, Any]
+    ) -> tuple[KVCache, CacheInfo, list[int], GenerationParams]:
+        if not isinstance(question, str) or not question.strip():
+            raise EngineError("the question must be a non-empty string")
+        params = self.params(**gen)
+        kv, info = self._kv_for(handle.key, handle.token_ids)
+        suffix = self._template().question_ids(self.tokenizer, question)
+        return kv, info, suffix, params
+
+    def params(self, **gen: Any) -> GenerationParams:
+        """GenerationParams with this model's stop tokens unless ``stop_token_ids`` is given."""
+        if "stop_token_ids" not in gen and self.template is not None:
+            gen["stop_token_ids"] = self.template.stop_token_ids
+        try:
+            return GenerationParams(**gen)
+        except TypeError as exc:
+            raise EngineError(f"unknown generation parameter: {exc}") from exc
+
+    def _answer(
+        self, handle: DocumentHandle, ids: list[int], params: GenerationParams, info: CacheInfo,
+        n_suffix: int, t0: float, first: float | None,
+    ) -> Answer:
+        stops = set(params.stop_token_ids)
+        finish = "stop" if ids and ids[-1] in stops else "length"
+        shown = ids[:-1] if finish == "stop" else ids
+        text = self.tokenizer.decode(shown, skip_special_tokens=True) if self.tokenizer is not None else ""
+        return Answer(
+            text=text.strip(),
+            token_ids=ids,
+            finish_reason=finish,
+            key=handle.key,
+            cache=info,
+            prompt_tokens=handle.n_tokens + n_suffix,
+            seconds=time.perf_counter() - t0,
+            first_token_seconds=first if first is not None else 0.0,
+        )
+
+    # -- checking --------------------------------------------------------------------------
+    def verify(self, handle: DocumentHandle, question: str = "Summarise the document.", max_new_tokens: int = 32) -> VerifyReport:
+        """Greedy answer after reuse vs a full prefill of the same ids, with ``max_new_tokens`` forced."""
+        params = GenerationParams(max_new_tokens=max_new_tokens, stop_token_ids=())
+        kv, _info = self._kv_for(handle.key, handle.token_ids)
+        suffix = self._template().question_ids(self.tokenizer, question)
+        t0 = time.perf_counter()
+        reused = self.engine.generate(kv, suffix, params).token_ids
+        t1 = time.perf_counter()
+        full = self.engine.generate(None, list(handle.token_ids) + suffix, params).token_ids
+        t2 = time.perf_counter()
+        div = next((i for i, (a, b) in enumerate(zip(reused, full)) if a != b), None)
+        if div is None and len(reused) != len(full):
+            div = min(len(reused), len(full))
+        return VerifyReport(
+            exact=div is None, compared_tokens=min(len(reused), len(full)), first_divergence=div,
+            document_tokens=handle.n_tokens, reuse_seconds=t1 - t0, full_seconds=t2 - t1,
+            reused_ids=reused, full_ids=full,
+        )
+
+    def generate_full(self, token_ids: Sequence[int], **gen: Any) -> Generation:
+        """Generate from a full prefill of ``token_ids`` with no cache (the reference path)."""
+        return self.engine.generate(None, token_ids, self.params(**gen))
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, "memory_entries": len(self._memory), **self.store.stats()}
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> KVAgent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _template(self) -> PromptTemplate:
+        if self.template is None or self.tokenizer is None:
+            raise ConfigError("this agent has no tokenizer; pass tokenizer= or use read_ids()/engine APIs")
+        return self.template

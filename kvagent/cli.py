@@ -1,0 +1,290 @@
+"""The ``kvagent`` command line: demo, read, ask, verify, cache management."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import KVAgentError
+
+DEMO_QUESTIONS = (
+    "How much does a single adult fare cost?",
+    "Who founded the company, and in which year?",
+    "What is the largest vessel in the fleet and how many cars does it carry?",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KVAgentError as exc:
+        _console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvagent", description="Read a document once; answer from its cached KV.")
+    p.add_argument("--model", help="model: 'smollm2' (embedded, default), a local HF directory, or a cached hub id")
+    p.add_argument("--cache-dir", help="KV cache directory (default: KVAGENT_CACHE_DIR or the user cache dir)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log cache decisions (-vv for debug)")
+    sub = p.add_subparsers(dest="command")
+
+    d = sub.add_parser("demo", help="offline demo on the embedded model: read once, answer from the cache")
+    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("read", help="read a file and cache its KV")
+    r.add_argument("file", type=Path)
+    r.add_argument("--json", action="store_true", help="print a JSON record")
+    r.set_defaults(func=cmd_read)
+
+    a = sub.add_parser("ask", help="ask questions about a file (its KV is read from the cache or prefilled once)")
+    a.add_argument("file", type=Path)
+    a.add_argument("questions", nargs="+")
+    a.add_argument("--max-new-tokens", type=int, default=128)
+    a.add_argument("--temperature", type=float, default=0.0)
+    a.add_argument("--seed", type=int)
+    a.add_argument("--no-stream", action="store_true", help="print each answer when complete")
+    a.add_argument("--json", action="store_true", help="print JSON records (implies --no-stream)")
+    a.set_defaults(func=cmd_ask)
+
+    v = sub.add_parser("verify", help="check that greedy output after reuse equals a full prefill")
+    v.add_argument("file", type=Path)
+    v.add_argument("--question", default="Summarise the document in one sentence.")
+    v.add_argument("--tokens", type=int, default=32, help="greedy tokens to compare (default 32)")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_verify)
+
+    c = sub.add_parser("cache", help="inspect or clean the local KV store")
+    csub = c.add_subparsers(dest="cache_command", required=True)
+    csub.add_parser("ls", help="list cached artifacts").set_defaults(func=cmd_cache_ls)
+    csub.add_parser("stats", help="store size and counts").set_defaults(func=cmd_cache_stats)
+    rm = csub.add_parser("rm", help="remove artifacts by key (or unique key prefix)")
+    rm.add_argument("keys", nargs="+")
+    rm.set_defaults(func=cmd_cache_rm)
+    csub.add_parser("clear", help="remove every cached artifact").set_defaults(func=cmd_cache_clear)
+
+    e = sub.add_parser("economics", help="cost of re-prefill vs reuse vs shipping vs hosting", add_help=False)
+    e.add_argument("rest", nargs=argparse.REMAINDER)
+    e.set_defaults(func=cmd_economics)
+    return p
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+@contextmanager
+def _agent(args: argparse.Namespace) -> Iterator[Any]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .agent import KVAgent
+
+    console = _console(stderr=True)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
+        TimeElapsedColumn(), console=console, transient=True,
+    )
+    task: dict[str, Any] = {}
+
+    def on_progress(what: str, done: int, total: int) -> None:
+        if what != "prefill":
+            console.print(f"[dim]{what}[/]")
+            return
+        if "id" not in task:
+            progress.start()
+            task["id"] = progress.add_task("prefill", total=total)
+        progress.update(task["id"], completed=done, total=total)
+        if done >= total:
+            progress.stop()
+            del task["id"]
+
+    agent = KVAgent(args.model, cache_dir=args.cache_dir, progress=on_progress)
+    try:
+        yield agent
+    finally:
+        progress.stop()
+        agent.close()
+
+
+def _info_line(info: Any) -> str:
+    if info.status == "prefill":
+        return f"miss → prefilled {info.prefilled_tokens} tokens in {info.prefill_seconds:.2f}s ({info.reason})"
+    if info.status == "local":
+        return f"hit (local store): {info.cached_tokens} tokens loaded in {info.load_seconds * 1000:.0f} ms, checksum verified"
+    if info.status == "prefix":
+        return f"prefix hit: {info.cached_tokens} tokens reused, {info.prefilled_tokens} prefilled ({info.reason})"
+    return f"hit (memory): {info.cached_tokens} tokens"
+
+
+# -- commands --------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .agent import KVAgent
+
+    console = _console()
+    text = resources.files("kvagent").joinpath("data/sample.txt").read_text(encoding="utf-8")
+    console.print("[bold]kvagent demo[/] — embedded SmolLM2-135M-Instruct, offline\n")
+    with _agent(args) as agent:
+        console.print(f"model: {agent.loaded.name} (loaded in {agent.loaded.load_seconds:.1f}s)")
+        agent.store.delete(agent.key_of(agent.document_ids(text)))  # start cold, so the demo shows a prefill
+        t0 = time.perf_counter()
+        doc = agent.read(text)
+        cold = time.perf_counter() - t0
+        console.print(f"agent A reads the sample document ({doc.n_tokens} tokens): {_info_line(doc.cache)}")
+        answers = [agent.ask(doc, q, max_new_tokens=args.max_new_tokens) for q in DEMO_QUESTIONS[:1]]
+
+        # A second agent in the same cache dir: a fresh KVAgent with nothing in memory.
+        agent_b = KVAgent(agent.loaded.model, tokenizer=agent.tokenizer, cache_dir=agent.config.cache_dir)
+        t1 = time.perf_counter()
+        doc_b = agent_b.read(text)
+        warm = time.perf_counter() - t1
+        console.print(f"agent B reads the same document: {_info_line(doc_b.cache)}")
+        answers += [agent_b.ask(doc_b, q, max_new_tokens=args.max_new_tokens) for q in DEMO_QUESTIONS[1:]]
+
+        table = Table(title="answers (greedy)", show_lines=True)
+        for col in ("agent", "question", "answer", "time to first token"):
+            table.add_column(col)
+        for i, (q, ans) in enumerate(zip(DEMO_QUESTIONS, answers)):
+            table.add_row("A" if i == 0 else "B", q, ans.text or "(empty)", f"{ans.first_token_seconds * 1000:.0f} ms")
+        console.print(table)
+        report = agent_b.verify(doc_b, DEMO_QUESTIONS[0])
+        verdict = "[green]token-exact[/]" if report.exact else f"[red]DIVERGED at token {report.first_divergence}[/]"
+        console.print(
+            f"verify: {report.compared_tokens} greedy tokens after reuse vs full prefill: {verdict}\n"
+            f"reading the document: prefill {cold:.2f}s vs cache hit {warm:.3f}s ({cold / max(warm, 1e-9):.0f}x faster)"
+        )
+        agent_b.close()
+        return 0 if report.exact else 1
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    with _agent(args) as agent:
+        doc = agent.read(args.file)
+        if args.json:
+            print(json.dumps({"key": doc.key, "tokens": doc.n_tokens, "source": doc.source, "cache": asdict(doc.cache)}))
+        else:
+            _console().print(f"{doc.source}: {doc.n_tokens} tokens, key {doc.key}\n{_info_line(doc.cache)}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    console = _console()
+    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
+    with _agent(args) as agent:
+        doc = agent.read(args.file)
+        if not args.json:
+            console.print(f"[dim]{doc.source}: {doc.n_tokens} tokens — {_info_line(doc.cache)}[/]")
+        for q in args.questions:
+            if args.json:
+                ans = agent.ask(doc, q, **gen)
+                print(json.dumps({"question": q, "answer": ans.text, "key": doc.key, "read": asdict(doc.cache),
+                                  "finish_reason": ans.finish_reason, "first_token_seconds": ans.first_token_seconds}))
+            elif args.no_stream:
+                ans = agent.ask(doc, q, **gen)
+                console.print(f"[bold]Q:[/] {q}\n[bold]A:[/] {ans.text}\n")
+            else:
+                console.print(f"[bold]Q:[/] {q}\n[bold]A:[/] ", end="")
+                for piece in agent.stream(doc, q, **gen):
+                    console.print(piece, end="", markup=False)
+                console.print("\n")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with _agent(args) as agent:
+        doc = agent.read(args.file)
+        rep = agent.verify(doc, args.question, max_new_tokens=args.tokens)
+        if args.json:
+            print(json.dumps(asdict(rep)))
+        else:
+            verdict = "token-exact" if rep.exact else f"DIVERGED at token {rep.first_divergence}"
+            _console().print(
+                f"{doc.source}: {doc.n_tokens} document tokens ({_info_line(doc.cache)})\n"
+                f"{rep.compared_tokens} greedy tokens after reuse vs full prefill: {verdict}\n"
+                f"reuse {rep.reuse_seconds:.2f}s vs full prefill + decode {rep.full_seconds:.2f}s"
+            )
+        return 0 if rep.exact else 1
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from .config import Config
+    from .store import KVStore
+
+    cfg = Config.resolve(cache_dir=args.cache_dir)
+    return KVStore(cfg.store_dir, size_limit=cfg.cache_size_bytes)
+
+
+def cmd_cache_ls(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    with _store(args) as store:
+        table = Table()
+        for col in ("key", "tokens", "MB", "dtype", "created"):
+            table.add_column(col)
+        for e in sorted(store.entries(), key=lambda e: e.created_at):
+            created = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created_at))
+            table.add_row(e.key, str(e.token_count), f"{e.nbytes / 1e6:.1f}", e.dtype, created)
+        _console().print(table)
+    return 0
+
+
+def cmd_cache_stats(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        print(json.dumps({"directory": str(store.directory), **store.stats()}, indent=2))
+    return 0
+
+
+def cmd_cache_rm(args: argparse.Namespace) -> int:
+    from .errors import InvalidKeyError
+
+    with _store(args) as store:
+        keys = [e.key for e in store.entries()]
+        for prefix in args.keys:
+            matches = [k for k in keys if k.startswith(prefix.lower())]
+            if len(matches) != 1:
+                raise InvalidKeyError(f"{prefix!r} matches {len(matches)} cached keys; give a longer prefix")
+            store.delete(matches[0])
+            print(f"removed {matches[0]}")
+    return 0
+
+
+def cmd_cache_clear(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        n = store.clear()
+        print(f"removed {n} entries from {store.directory}")
+    return 0
+
+
+def cmd_economics(args: argparse.Namespace) -> int:
+    from . import economics
+
+    return int(economics.main(args.rest))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
