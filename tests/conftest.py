@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random models of several architectures, and the embedded model loaded once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+# Tests never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SAMPLE = Path(__file__).resolve().parents[1] / "kvagent" / "data" / "sample.txt"
+
+TINY_ARCHS = ("llama", "qwen3", "qwen2", "mistral", "gpt2")
+
+
+def tiny_config(arch: str, vocab: int = 512) -> Any:
+    """A small config of ``arch``. Exactness does not depend on the weights, so random init is fine."""
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen3":
+        return Qwen3Config(**common, head_dim=16)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=4096,
+                          bos_token_id=0, eos_token_id=0)
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[[str], Any]:
+    """Factory: a seeded tiny random model of the given architecture (cached per arch)."""
+    from transformers import AutoModelForCausalLM
+
+    made: dict[str, Any] = {}
+
+    def make(arch: str) -> Any:
+        if arch not in made:
+            torch.manual_seed(1234)
+            made[arch] = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+        return made[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def embedded() -> Any:
+    """The embedded SmolLM2-135M-Instruct (converted once into the user cache), loaded once per session."""
+    from kvagent.config import Config
+    from kvagent.models import load_model
+
+    return load_model(None, Config.resolve().models_dir)
+
+
+@pytest.fixture()
+def embedded_agent(embedded: Any, tmp_path: Path) -> Any:
+    """A KVAgent on the session's embedded model with a fresh, empty cache directory."""
+    from kvagent import KVAgent
+
+    agent = KVAgent(embedded.model, tokenizer=embedded.tokenizer, cache_dir=tmp_path / "cache")
+    yield agent
+    agent.close()
+
+
+def long_text(tokens_wanted: int, tokenizer: Any) -> str:
+    """Real English text of at least ``tokens_wanted`` tokens: the sample document's paragraphs, varied."""
+    paras = [p for p in SAMPLE.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    out: list[str] = []
+    i = 0
+    while len(tokenizer.encode("\n\n".join(out), add_special_tokens=False)) < tokens_wanted:
+        p = paras[i % len(paras)]
+        out.append(f"Section {i + 1}. {p}")
+        i += 1
+    return "\n\n".join(out)

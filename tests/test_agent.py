@@ -1,0 +1,125 @@
+"""KVAgent on the embedded SmolLM2 model: exactness after reuse, cache tiers, misses with reasons."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from kvagent import EngineError, KVAgent, KVAgentError
+from tests.conftest import SAMPLE, long_text
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "What does the document say about fares?"
+
+
+def _fresh(agent: KVAgent) -> KVAgent:
+    """A second agent on the same model and cache dir with nothing in memory (another process, in effect)."""
+    return KVAgent(agent.loaded.model, tokenizer=agent.tokenizer, cache_dir=agent.config.cache_dir)
+
+
+@pytest.mark.parametrize("doc_tokens", [300, 1000, 2500])
+def test_answer_from_cache_equals_full_prefill(embedded_agent, doc_tokens):
+    agent = embedded_agent
+    ids = agent.document_ids(long_text(doc_tokens, agent.tokenizer))[:doc_tokens]
+    first = agent.read_ids(ids)
+    assert first.cache.status == "prefill" and first.cache.prefilled_tokens == doc_tokens
+    other = _fresh(agent)
+    doc = other.read_ids(ids)
+    assert doc.key == first.key and doc.cache.status == "local" and doc.cache.bytes_read > 0
+    q_ids = agent.template.question_ids(agent.tokenizer, QUESTION)
+    reused = other.ask(doc, QUESTION, max_new_tokens=32, stop_token_ids=())
+    full = agent.generate_full(list(ids) + q_ids, max_new_tokens=32, stop_token_ids=())
+    assert len(reused.token_ids) == 32
+    assert reused.token_ids == full.token_ids
+    other.close()
+
+
+def test_read_ask_stream_and_stats(embedded_agent):
+    agent = embedded_agent
+    doc = agent.read(SAMPLE)  # a Path
+    assert doc.source == str(SAMPLE) and doc.cache.status == "prefill"
+    again = agent.read(SAMPLE.read_text(encoding="utf-8"))  # the same text as a str
+    assert again.key == doc.key and again.cache.status == "memory"
+    ans = agent.ask(doc, "Who founded the company?", max_new_tokens=24)
+    streamed = "".join(agent.stream(doc, "Who founded the company?", max_new_tokens=24))
+    assert ans.text and streamed.strip() == ans.text
+    assert ans.cache.hit and ans.prompt_tokens > doc.n_tokens
+    stats = agent.stats()
+    assert stats["prefills"] == 1 and stats["memory_hits"] >= 2 and stats["artifacts"] == 1
+
+
+def test_verify_reports_token_exact(embedded_agent):
+    doc = embedded_agent.read(SAMPLE)
+    rep = embedded_agent.verify(doc, "Summarise the timetable.", max_new_tokens=32)
+    assert rep.exact and rep.compared_tokens == 32 and rep.first_divergence is None
+    assert rep.reused_ids == rep.full_ids
+
+
+def test_corrupt_local_entry_is_a_logged_miss_and_the_answer_is_unchanged(embedded_agent, caplog):
+    agent = embedded_agent
+    doc = agent.read(SAMPLE)
+    expected = agent.ask(doc, QUESTION, max_new_tokens=16, stop_token_ids=()).token_ids
+    # Flip one byte in the middle of the stored artifact file.
+    files = sorted(Path(agent.config.store_dir).rglob("*.val"), key=lambda p: p.stat().st_size)
+    target = files[-1]
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    target.write_bytes(bytes(data))
+    other = _fresh(agent)
+    with caplog.at_level(logging.WARNING, logger="kvagent"):
+        doc2 = other.read(SAMPLE)
+    assert doc2.cache.status == "prefill"
+    assert "checksum" in doc2.cache.reason.lower() and "evicted" in doc2.cache.reason
+    assert any("evicting" in r.message for r in caplog.records)
+    assert other.ask(doc2, QUESTION, max_new_tokens=16, stop_token_ids=()).token_ids == expected
+    other.close()
+
+
+def test_prompt_that_starts_with_a_cached_document_hits_its_prefix(embedded_agent):
+    agent = embedded_agent
+    base = long_text(700, agent.tokenizer)
+    doc = agent.read(base)
+    extended_ids = list(doc.token_ids) + agent.tokenizer.encode("\n\nAppendix: the cafe also sells tea.", add_special_tokens=False)
+    other = _fresh(agent)
+    ext = other.read_ids(extended_ids)
+    assert ext.cache.status == "prefix"
+    assert ext.cache.cached_tokens == doc.n_tokens
+    assert ext.cache.prefilled_tokens == len(extended_ids) - doc.n_tokens
+    q = agent.template.question_ids(agent.tokenizer, QUESTION)
+    got = other.ask(ext, QUESTION, max_new_tokens=32, stop_token_ids=()).token_ids
+    assert got == agent.generate_full(extended_ids + q, max_new_tokens=32, stop_token_ids=()).token_ids
+    other.close()
+
+
+def test_short_document_miss_reason_mentions_the_block_size(embedded_agent):
+    doc = embedded_agent.read("A very short note.")
+    assert doc.cache.status == "prefill" and "block" in doc.cache.reason
+
+
+def test_bad_input_is_a_clear_error(embedded_agent, tmp_path):
+    with pytest.raises(EngineError):
+        embedded_agent.read("")
+    with pytest.raises(KVAgentError, match="cannot read document"):
+        embedded_agent.read(tmp_path / "missing.txt")
+    with pytest.raises(TypeError):
+        embedded_agent.read(b"bytes are not text")  # type: ignore[arg-type]
+    doc = embedded_agent.read("Some text for the agent.")
+    with pytest.raises(EngineError):
+        embedded_agent.ask(doc, "   ")
+    with pytest.raises(EngineError):
+        embedded_agent.ask(doc, "ok?", max_new_tokens=0)
+    with pytest.raises(EngineError):
+        embedded_agent.ask(doc, "ok?", not_a_parameter=1)
+
+
+def test_memory_tier_is_bounded(embedded, tmp_path):
+    agent = KVAgent(embedded.model, tokenizer=embedded.tokenizer, cache_dir=tmp_path, memory_slots=1)
+    a = agent.read("First document about ferries.")
+    agent.read("Second document about lighthouses.")
+    assert agent.stats()["memory_entries"] == 1
+    assert agent.read("First document about ferries.").cache.status == "local"
+    assert a.key == agent.read("First document about ferries.").key
+    agent.close()
