@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvagent", description="Read a document once; answer from its cached KV.")
     p.add_argument("--model", help="model: 'smollm2' (embedded, default), a local HF directory, or a cached hub id")
     p.add_argument("--cache-dir", help="KV cache directory (default: KVAGENT_CACHE_DIR or the user cache dir)")
+    p.add_argument("--registry", help="registry URL (default: KVAGENT_REGISTRY_URL; none means local only)")
+    p.add_argument("--token", help="registry bearer token (default: KVAGENT_REGISTRY_TOKEN)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log cache decisions (-vv for debug)")
     sub = p.add_subparsers(dest="command")
 
@@ -75,9 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
 
+    pub = sub.add_parser("publish", help="read a file and publish its KV to the registry")
+    pub.add_argument("file", type=Path)
+    pub.add_argument("--public", action="store_true", help="visible to every principal (default: restricted)")
+    pub.set_defaults(func=cmd_publish)
+
     c = sub.add_parser("cache", help="inspect or clean the local KV store")
     csub = c.add_subparsers(dest="cache_command", required=True)
-    csub.add_parser("ls", help="list cached artifacts").set_defaults(func=cmd_cache_ls)
+    ls = csub.add_parser("ls", help="list cached artifacts")
+    ls.add_argument("--json", action="store_true", help="one JSON record per line")
+    ls.set_defaults(func=cmd_cache_ls)
     csub.add_parser("stats", help="store size and counts").set_defaults(func=cmd_cache_stats)
     rm = csub.add_parser("rm", help="remove artifacts by key (or unique key prefix)")
     rm.add_argument("keys", nargs="+")
@@ -122,7 +131,10 @@ def _agent(args: argparse.Namespace) -> Iterator[Any]:
             progress.stop()
             del task["id"]
 
-    agent = KVAgent(args.model, cache_dir=args.cache_dir, progress=on_progress)
+    agent = KVAgent(
+        args.model, cache_dir=args.cache_dir, progress=on_progress,
+        registry_url=getattr(args, "registry", None), token=getattr(args, "token", None),
+    )
     try:
         yield agent
     finally:
@@ -137,6 +149,10 @@ def _info_line(info: Any) -> str:
         return f"hit (local store): {info.cached_tokens} tokens loaded in {info.load_seconds * 1000:.0f} ms, checksum verified"
     if info.status == "prefix":
         return f"prefix hit: {info.cached_tokens} tokens reused, {info.prefilled_tokens} prefilled ({info.reason})"
+    if info.status == "remote":
+        return f"hit (registry): {info.cached_tokens} tokens fetched ({info.bytes_read / 1e6:.1f} MB), verified ({info.reason})"
+    if info.status == "remote-generate":
+        return f"registry generates from its copy: {info.cached_tokens} tokens ({info.reason})"
     return f"hit (memory): {info.cached_tokens} tokens"
 
 
@@ -231,6 +247,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 0 if rep.exact else 1
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    with _agent(args) as agent:
+        doc = agent.read(args.file)
+        handle = agent.publish(doc, "public" if args.public else "restricted")
+        print(json.dumps({"key": handle.key, "size": handle.size, "visibility": handle.visibility,
+                          "owner": handle.owner, "tokens": doc.n_tokens}))
+    return 0
+
+
 def _store(args: argparse.Namespace) -> Any:
     from .config import Config
     from .store import KVStore
@@ -243,10 +268,16 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     with _store(args) as store:
+        entries = sorted(store.entries(), key=lambda e: e.created_at)
+        if args.json:
+            for e in entries:
+                print(json.dumps(asdict(e)))
+            return 0
         table = Table()
-        for col in ("key", "tokens", "MB", "dtype", "created"):
+        table.add_column("key", no_wrap=True, min_width=64)
+        for col in ("tokens", "MB", "dtype", "created"):
             table.add_column(col)
-        for e in sorted(store.entries(), key=lambda e: e.created_at):
+        for e in entries:
             created = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created_at))
             table.add_row(e.key, str(e.token_count), f"{e.nbytes / 1e6:.1f}", e.dtype, created)
         _console().print(table)
