@@ -14,6 +14,7 @@ unpickles anything.
 from __future__ import annotations
 
 import json
+import mmap
 import math
 import re
 import time
@@ -31,7 +32,7 @@ from .errors import (
     ArtifactTooLargeError,
 )
 from .hashing import payload_digest
-from .identity import FORMAT_VERSION
+from .identity import FORMAT_VERSION, KeyContext, document_key
 from .kv import KVCache, KVLayout
 
 FORMAT_NAME = "kvagent-kv"
@@ -40,7 +41,7 @@ CODECS = ("raw",)
 
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ST_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")  # \Z, not $: "$" also matches before a trailing newline
 _TENSOR_NAME = re.compile(r"^(k|v)\.(0|[1-9][0-9]{0,3})$")
 
 
@@ -127,7 +128,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def encode(
     kv: KVCache,
     *,
-    key: str,
+    key: str | None = None,
     model_fingerprint: str,
     tokenizer_fingerprint: str,
     template_hash: str,
@@ -135,8 +136,22 @@ def encode(
     publisher: str | None = None,
     created_at: float | None = None,
 ) -> tuple[ArtifactHeader, bytes]:
-    """Serialise ``kv`` into artifact bytes; returns the header written and the bytes."""
+    """Serialise ``kv`` into artifact bytes; returns the header written and the bytes.
+
+    The key is derived from the other fields and the token ids; a ``key`` passed in must equal it.
+    """
     from safetensors.torch import save
+
+    ctx = KeyContext(
+        model_fingerprint=model_fingerprint,
+        tokenizer_fingerprint=tokenizer_fingerprint,
+        dtype=dtype_name(kv.dtype),
+        position_offset=position_offset,
+        template_hash=template_hash,
+    )
+    derived = document_key(ctx, kv.token_ids.numpy())
+    if key is not None and key != derived:
+        raise ArtifactMismatchError(f"key {key[:16]}… does not match the key {derived[:16]}… its fields and token ids derive")
 
     tensors: dict[str, torch.Tensor] = {}
     for i, (k, v) in enumerate(zip(kv.keys, kv.values)):
@@ -148,7 +163,7 @@ def encode(
     st_header = json.loads(blob[8 : 8 + n])
     data = memoryview(blob)[8 + n :]
     header = ArtifactHeader(
-        key=key,
+        key=derived,
         model_fingerprint=model_fingerprint,
         tokenizer_fingerprint=tokenizer_fingerprint,
         dtype=dtype_name(kv.dtype),
@@ -175,7 +190,7 @@ def read_header(buf: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LI
 
 
 def decode(
-    buf: bytes | bytearray | memoryview,
+    buf: bytes | bytearray | memoryview | mmap.mmap,
     *,
     expect: Expectation | None = None,
     limits: Limits = DEFAULT_LIMITS,
@@ -206,7 +221,28 @@ def decode(
         values=tuple(tensors[f"v.{i}"] for i in range(L)),
         token_ids=tensors["token_ids"],
     )
+    ids = kv.token_ids
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= 2**32):
+        raise ArtifactFormatError("artifact token ids are out of range")
+    derived = document_key(context_of(h), ids.numpy())
+    if derived != h.key:
+        raise ArtifactIntegrityError(
+            f"artifact claims key {h.key[:16]}… but its header fields and token ids derive {derived[:16]}… "
+            "(the header or the token ids were altered)"
+        )
     return Artifact(header=h, kv=kv)
+
+
+def context_of(h: ArtifactHeader) -> KeyContext:
+    """The key context an artifact header commits to."""
+    return KeyContext(
+        model_fingerprint=h.model_fingerprint,
+        tokenizer_fingerprint=h.tokenizer_fingerprint,
+        dtype=h.dtype,
+        position_offset=h.position_offset,
+        template_hash=h.template_hash,
+        format_version=h.format_version,
+    )
 
 
 def check_expectation(h: ArtifactHeader, expect: Expectation) -> None:

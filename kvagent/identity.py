@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 #: Tokens per block of the prefix hash chain.
 DEFAULT_BLOCK_SIZE = 256
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")  # \Z, not $: "$" also matches before a trailing newline
 
 
 def canonical_json(obj: Any) -> bytes:

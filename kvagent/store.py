@@ -13,9 +13,12 @@ logged, evicted and reported with a reason, never raised to the reader.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import mmap
+import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +62,7 @@ class StoreEntry:
     dtype: str
     created_at: float
     publisher: str | None
+    last_used: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,10 @@ class KVStore:
             self._cache = diskcache.Cache(
                 str(self.directory),
                 size_limit=size_limit,
-                eviction_policy="least-recently-used",
+                # kvagent evicts whole artifacts itself (see _make_room): diskcache's own culling
+                # removes rows one at a time, up to ten per write, including the row just written.
+                eviction_policy="none",
+                cull_limit=0,
                 disk=SafeDisk,
                 timeout=30,
             )
@@ -98,8 +105,11 @@ class KVStore:
 
     # -- writes ---------------------------------------------------------------------------
     def put(self, header: art.ArtifactHeader, blob: bytes, block_hashes: Sequence[str] = ()) -> None:
-        """Store an artifact and index its block hashes. The artifact row appears atomically."""
+        """Store an artifact and index its block hashes, then evict least-recently-used artifacts
+        (never this one) until the store is within its size limit. The artifact row appears atomically."""
         key = validate_key(header.key)
+        if len(blob) > self.size_limit:
+            raise StoreError(f"artifact of {len(blob)} bytes exceeds the store's {self.size_limit}-byte size limit")
         meta = StoreEntry(
             key=key,
             token_count=header.token_count,
@@ -107,19 +117,56 @@ class KVStore:
             dtype=header.dtype,
             created_at=header.created_at,
             publisher=header.publisher,
+            last_used=time.time(),
         )
         try:
             self._cache.set(f"kv:{key}", blob)
             self._cache.set(f"meta:{key}", json.dumps(meta.__dict__))
             for h in block_hashes:
                 self._cache.set(f"blk:{h}", key)
-        except (OSError, diskcache.Timeout) as exc:
+            self._make_room(keep=key)
+        except (OSError, diskcache.Timeout, sqlite3.Error) as exc:
             raise StoreError(f"could not write artifact {key[:16]}… to {self.directory}: {exc}") from exc
+
+    @property
+    def size_limit(self) -> int:
+        return int(self._cache.size_limit)
+
+    def _make_room(self, keep: str) -> None:
+        """Delete whole artifacts, least recently used first and never ``keep``, until under the limit."""
+        if self._cache.volume() <= self.size_limit:
+            return
+        for entry in sorted(self.entries(), key=lambda e: e.last_used):
+            if self._cache.volume() <= self.size_limit:
+                return
+            if entry.key != keep:
+                log.info("evicting %s… (%d bytes) to stay under the %d-byte limit", entry.key[:16], entry.nbytes, self.size_limit)
+                self.delete(entry.key)
+        self._drop_orphans()
+
+    def _drop_orphans(self) -> None:
+        """Remove block-index rows whose artifact is gone."""
+        for k in list(self._cache.iterkeys()):
+            if isinstance(k, str) and k.startswith("blk:"):
+                target = self._cache.get(k, default=None)
+                if not isinstance(target, str) or f"kv:{target}" not in self._cache:
+                    self._cache.delete(k)
+
+    def _touch(self, key: str) -> None:
+        raw = self._cache.get(f"meta:{key}", default=None)
+        if isinstance(raw, str):
+            try:
+                meta = json.loads(raw)
+                meta["last_used"] = time.time()
+                self._cache.set(f"meta:{key}", json.dumps(meta))
+            except (ValueError, TypeError, diskcache.Timeout, sqlite3.Error) as exc:
+                log.debug("could not record use of %s…: %s", key[:16], exc)
 
     def delete(self, key: str) -> bool:
         validate_key(key)
+        removed = bool(self._cache.delete(f"kv:{key}"))
         self._cache.delete(f"meta:{key}")
-        return bool(self._cache.delete(f"kv:{key}"))
+        return removed
 
     def clear(self) -> int:
         return int(self._cache.clear())
@@ -140,6 +187,8 @@ class KVStore:
             return StoreLookup(None, f"store read failed: {exc}")
         if handle is None:
             return StoreLookup(None, "not in the local store")
+        if isinstance(handle, bytes):  # values under diskcache's min_file_size live inline in SQLite
+            handle = io.BytesIO(handle)
         try:
             buf = _map(handle)
             result = art.decode(buf, expect=expect, limits=self.limits)
@@ -151,6 +200,7 @@ class KVStore:
             handle.close()
         if result.header.key != key:
             return self._evict(key, f"entry holds artifact {result.header.key[:16]}…, not the key it is stored under")
+        self._touch(key)
         return StoreLookup(result, "hit", nbytes=len(buf))
 
     def _evict(self, key: str, why: str) -> StoreLookup:
@@ -189,7 +239,7 @@ class KVStore:
             "artifacts": len(entries),
             "artifact_bytes": sum(e.nbytes for e in entries),
             "disk_bytes": self.volume(),
-            "size_limit": int(self._cache.size_limit),
+            "size_limit": self.size_limit,
         }
 
 

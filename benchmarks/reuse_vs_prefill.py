@@ -1,0 +1,174 @@
+"""Prefill vs reuse, side by side in one run: time to first token and analytic FLOPs.
+
+Three paths per document length, interleaved and repeated (median reported):
+
+* cold  — full prefill of document + question ids, then the first token (what every agent does today);
+* raw   — the document's KV already in memory, forward the question ids only (the paper's "reuse");
+* sdk   — kvagent end to end on a store hit: key, store read, checksum, deserialise, resume, first token.
+
+    python -m benchmarks.reuse_vs_prefill                         # embedded SmolLM2, fp32, CPU
+    python -m benchmarks.reuse_vs_prefill --config qwen3-4b --dtype bfloat16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvagent import KVAgent
+from kvagent.engine import GenerationParams, TransformersEngine
+
+PAPER_LENGTHS = [255, 485, 945, 1888, 3774]
+ONE_TOKEN = GenerationParams(max_new_tokens=1, stop_token_ids=())
+QUESTION = "Which vessel is the largest, and how many cars can it carry?"
+
+QWEN3_4B = dict(  # Qwen/Qwen3-4B config.json (architecture only; weights are random)
+    vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0,
+    rms_norm_eps=1e-6, tie_word_embeddings=True,
+)
+
+
+def flops(n_params: int, layers: int, d_model: int, doc: int, suffix: int) -> tuple[float, float]:
+    """(prefill, reuse) FLOPs: 2·P per token for the weights plus causal attention (QKᵀ and AV)."""
+    n = doc + suffix
+    prefill = 2 * n_params * n + 2 * layers * d_model * n * n
+    reuse = 2 * n_params * suffix + 2 * layers * d_model * (n * n - doc * doc)
+    return prefill, reuse
+
+
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def build(args: argparse.Namespace, cache_dir: Path) -> tuple[KVAgent, Any]:
+    if args.config == "qwen3-4b":
+        from transformers import AutoModelForCausalLM, Qwen3Config
+
+        torch.manual_seed(0)
+        cfg = Qwen3Config(**QWEN3_4B)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, args.dtype or "bfloat16")).to(args.device).eval()
+        agent = KVAgent(model, tokenizer=None, cache_dir=cache_dir)
+        return agent, None
+    agent = KVAgent(args.model, cache_dir=cache_dir, dtype=args.dtype)
+    if args.device != "cpu":
+        agent.loaded.model.to(args.device)
+        agent.engine = TransformersEngine(agent.loaded.model)
+    return agent, agent.tokenizer
+
+
+def document_ids(agent: KVAgent, tokenizer: Any, n: int, seed: int) -> list[int]:
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, agent.engine.config.vocab_size, (n,), generator=g).tolist()
+    from tests.conftest import long_text
+
+    return agent.document_ids(long_text(n + 64, tokenizer))[:n]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cache_dir = Path(tempfile.mkdtemp(prefix="kvagent-bench-"))
+    agent, tok = build(args, cache_dir)
+    engine = agent.engine
+    model = agent.loaded.model
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = engine.config.get_text_config(decoder=True)
+    suffix = agent.template.question_ids(tok, QUESTION) if tok is not None else list(range(1, 14))
+    rows = []
+    for n in args.lengths:
+        ids = document_ids(agent, tok, n, seed=n)
+        handle = agent.read_ids(ids)  # prefill + store once (not timed)
+        kv = engine.prefill(ids)
+        first_cold = engine.generate(None, ids + suffix, ONE_TOKEN).token_ids
+        cold, raw, sdk = [], [], []
+        for _ in range(args.repeats):
+            cold.append(_timed(lambda: engine.generate(None, ids + suffix, ONE_TOKEN)))
+            raw.append(_timed(lambda: engine.generate(kv, suffix, ONE_TOKEN)))
+
+            def sdk_path() -> None:
+                agent.forget_memory()
+                h = agent.read_ids(ids)
+                assert h.cache.status == "local", h.cache.reason
+                kv_loaded, _ = agent._kv_for(h.key, h.token_ids)
+                out = engine.generate(kv_loaded, suffix, ONE_TOKEN).token_ids
+                assert out == first_cold, "first token after reuse differs from full prefill"
+
+            sdk.append(_timed(sdk_path))
+        f_pre, f_reuse = flops(n_params, cfg.num_hidden_layers, cfg.hidden_size, n, len(suffix))
+        c, r, s = statistics.median(cold), statistics.median(raw), statistics.median(sdk)
+        row = {
+            "tokens": n, "suffix_tokens": len(suffix), "cold_s": c, "raw_reuse_s": r, "sdk_warm_s": s,
+            "raw_ratio": c / r, "sdk_ratio": c / s, "sdk_keeps": (c / s) / (c / r),
+            "flops_prefill": f_pre, "flops_reuse": f_reuse, "flops_ratio": f_pre / f_reuse,
+            "kv_bytes": kv.nbytes, "artifact_key": handle.key,
+            "cold_all_s": cold, "raw_all_s": raw, "sdk_all_s": sdk,
+        }
+        rows.append(row)
+        print(f"{n:>6} tokens  cold {c * 1000:8.1f} ms  raw {r * 1000:7.1f} ms ({row['raw_ratio']:5.1f}x)  "
+              f"sdk {s * 1000:7.1f} ms ({row['sdk_ratio']:5.1f}x, keeps {row['sdk_keeps']:.0%})  "
+              f"FLOPs {row['flops_ratio']:5.1f}x", file=sys.stderr, flush=True)
+    agent.close()
+    return {
+        "benchmark": "reuse_vs_prefill",
+        "model": args.config or agent.loaded.name,
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "device": args.device,
+        "params": n_params,
+        "threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+        "repeats": args.repeats,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"prefill vs reuse — {result['model']} {result['dtype']} on {result['device']} (median of {result['repeats']})")
+    for col in ("tokens", "cold TTFT", "raw reuse", "raw x", "SDK warm", "SDK x", "SDK keeps", "FLOPs x", "KV MB"):
+        t.add_column(col, justify="right")
+    for r in result["rows"]:
+        t.add_row(str(r["tokens"]), f"{r['cold_s'] * 1000:.0f} ms", f"{r['raw_reuse_s'] * 1000:.1f} ms", f"{r['raw_ratio']:.1f}",
+                  f"{r['sdk_warm_s'] * 1000:.1f} ms", f"{r['sdk_ratio']:.1f}", f"{r['sdk_keeps']:.0%}",
+                  f"{r['flops_ratio']:.1f}", f"{r['kv_bytes'] / 1e6:.0f}")
+    Console().print(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    p.add_argument("--paper-lengths", action="store_true", help=f"use the paper's lengths {PAPER_LENGTHS}")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", default=None, help="model spec (default: embedded SmolLM2)")
+    p.add_argument("--config", choices=["qwen3-4b"], help="random-init model of this architecture instead")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, default=Path("benchmarks/results/reuse_vs_prefill.json"))
+    args = p.parse_args(argv)
+    if args.paper_lengths:
+        args.lengths = PAPER_LENGTHS
+    result = run(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print_table(result)
+    print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
