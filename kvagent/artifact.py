@@ -14,8 +14,8 @@ unpickles anything.
 from __future__ import annotations
 
 import json
-import mmap
 import math
+import mmap
 import re
 import time
 import warnings
@@ -154,7 +154,7 @@ def encode(
         raise ArtifactMismatchError(f"key {key[:16]}… does not match the key {derived[:16]}… its fields and token ids derive")
 
     tensors: dict[str, torch.Tensor] = {}
-    for i, (k, v) in enumerate(zip(kv.keys, kv.values)):
+    for i, (k, v) in enumerate(zip(kv.keys, kv.values, strict=True)):
         tensors[f"k.{i}"] = k.detach().contiguous()
         tensors[f"v.{i}"] = v.detach().contiguous()
     tensors["token_ids"] = kv.token_ids.detach().to(torch.int64).contiguous()

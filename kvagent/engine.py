@@ -126,7 +126,7 @@ class TransformersEngine:
             return DynamicCache(config=self.config)
         self._check_kv(kv)
         return DynamicCache(
-            ddp_cache_data=[(k.to(self.device), v.to(self.device)) for k, v in zip(kv.keys, kv.values)],
+            ddp_cache_data=[(k.to(self.device), v.to(self.device)) for k, v in zip(kv.keys, kv.values, strict=True)],
             config=self.config,
         )
 

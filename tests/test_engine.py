@@ -47,7 +47,7 @@ def test_resume_logits_match_full_prefill(tiny_model, arch):
     kv = engine.prefill(doc)
     with torch.inference_mode():
         full = model(input_ids=torch.tensor([doc + suffix])).logits[0, -len(suffix):]
-        cache = DynamicCache(ddp_cache_data=list(zip(kv.keys, kv.values)), config=model.config)
+        cache = DynamicCache(ddp_cache_data=list(zip(kv.keys, kv.values, strict=True)), config=model.config)
         reused = model(input_ids=torch.tensor([suffix]), past_key_values=cache).logits[0]
     torch.testing.assert_close(reused, full, rtol=1e-4, atol=1e-4)
 
@@ -79,7 +79,7 @@ def test_resume_never_mutates_the_cached_kv(tiny_model):
     before = [t.clone() for t in (*kv.keys, *kv.values)]
     for seed in range(3):
         list(engine.stream(kv, _ids(5, 10 + seed), GREEDY))
-    assert all(torch.equal(a, b) for a, b in zip(before, (*kv.keys, *kv.values)))
+    assert all(torch.equal(a, b) for a, b in zip(before, (*kv.keys, *kv.values), strict=True))
     assert kv.n_tokens == 200
 
 
