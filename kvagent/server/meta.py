@@ -1,0 +1,290 @@
+"""Metadata backends: artifact rows, prefix block index, entitlements and the usage ledger.
+
+One small protocol (:class:`MetaStore`) with two implementations sharing the same SQL:
+SQLite (default; WAL, in the data dir) and PostgreSQL (psycopg 3). Every write is one transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import StoreError
+
+VISIBILITIES = ("public", "restricted")
+
+
+@dataclass(frozen=True)
+class ArtifactRow:
+    key: str
+    owner: str
+    visibility: str
+    size: int
+    payload_sha256: str
+    header_json: str
+    signature_json: str | None
+    blob: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    principal: str
+    key: str
+    owner: str
+    bytes: int
+    mode: str
+    tokens: int = 0
+    ts: float = 0.0
+
+
+class MetaStore(Protocol):
+    """What the server needs from its metadata database."""
+
+    def get(self, key: str) -> ArtifactRow | None: ...
+
+    def insert(self, row: ArtifactRow, block_hashes: Sequence[str]) -> ArtifactRow | None:
+        """Insert ``row`` and its block index atomically; returns the existing row instead if the key is taken."""
+
+    def delete(self, key: str) -> ArtifactRow | None: ...
+
+    def grant(self, key: str, principal: str) -> None: ...
+
+    def is_entitled(self, key: str, principal: str) -> bool: ...
+
+    def longest_prefix(self, block_hashes: Sequence[str], principal: str) -> tuple[str, int] | None:
+        """The visible artifact sharing the most leading blocks with ``block_hashes``: (key, n_blocks)."""
+
+    def record(self, entry: LedgerEntry) -> None: ...
+
+    def ledger(self, principal: str, *, role: str = "owner", key: str | None = None, limit: int = 100) -> list[LedgerEntry]:
+        """Ledger rows of artifacts ``principal`` owns (role "owner") or of their own use (role "consumer")."""
+
+    def blob_names(self) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+def can_see(meta: MetaStore, row: ArtifactRow, principal: str) -> bool:
+    """Visibility rule: public, or owned by, or granted to ``principal``."""
+    return row.visibility == "public" or row.owner == principal or meta.is_entitled(row.key, principal)
+
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS artifacts (
+        key TEXT PRIMARY KEY, owner TEXT NOT NULL, visibility TEXT NOT NULL, size BIGINT NOT NULL,
+        payload_sha256 TEXT NOT NULL, header TEXT NOT NULL, signature TEXT, blob TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS blocks (
+        hash TEXT NOT NULL, key TEXT NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (hash, key))""",
+    "CREATE INDEX IF NOT EXISTS blocks_key ON blocks (key)",
+    """CREATE TABLE IF NOT EXISTS entitlements (
+        key TEXT NOT NULL, principal TEXT NOT NULL, PRIMARY KEY (key, principal))""",
+    """CREATE TABLE IF NOT EXISTS ledger (
+        id {serial}, ts DOUBLE PRECISION NOT NULL, principal TEXT NOT NULL, key TEXT NOT NULL,
+        owner TEXT NOT NULL, bytes BIGINT NOT NULL, mode TEXT NOT NULL, tokens INTEGER NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS ledger_owner ON ledger (owner, ts)",
+    "CREATE INDEX IF NOT EXISTS ledger_principal ON ledger (principal, ts)",
+]
+_COLS = "key, owner, visibility, size, payload_sha256, header, signature, blob, created_at"
+
+
+class _SQLMeta:
+    """The SQL shared by both backends; subclasses supply connections, placeholders and transactions."""
+
+    ph = "?"
+    serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        with self._tx() as cur:
+            for stmt in _SCHEMA:
+                cur.execute(stmt.format(serial=self.serial))
+
+    # -- subclass hooks ------------------------------------------------------------------
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        raise NotImplementedError
+        yield
+
+    def _q(self, sql: str) -> str:
+        return sql.replace("?", self.ph)
+
+    def _in(self, values: Sequence[str]) -> tuple[str, list[Any]]:
+        return "IN (" + ",".join("?" * len(values)) + ")", list(values)
+
+    # -- protocol ------------------------------------------------------------------------
+    def get(self, key: str) -> ArtifactRow | None:
+        with self._tx() as cur:
+            cur.execute(self._q(f"SELECT {_COLS} FROM artifacts WHERE key = ?"), (key,))
+            r = cur.fetchone()
+        return ArtifactRow(*r) if r else None
+
+    def insert(self, row: ArtifactRow, block_hashes: Sequence[str]) -> ArtifactRow | None:
+        with self._tx() as cur:
+            cur.execute(
+                self._q(f"INSERT INTO artifacts ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (key) DO NOTHING"),
+                (row.key, row.owner, row.visibility, row.size, row.payload_sha256, row.header_json,
+                 row.signature_json, row.blob, row.created_at),
+            )
+            if cur.rowcount != 1:
+                cur.execute(self._q(f"SELECT {_COLS} FROM artifacts WHERE key = ?"), (row.key,))
+                r = cur.fetchone()
+                return ArtifactRow(*r) if r else row
+            if block_hashes:
+                cur.executemany(
+                    self._q("INSERT INTO blocks (hash, key, idx) VALUES (?,?,?) ON CONFLICT DO NOTHING"),
+                    [(h, row.key, i) for i, h in enumerate(block_hashes)],
+                )
+        return None
+
+    def delete(self, key: str) -> ArtifactRow | None:
+        with self._tx() as cur:
+            cur.execute(self._q(f"SELECT {_COLS} FROM artifacts WHERE key = ?"), (key,))
+            r = cur.fetchone()
+            if r is None:
+                return None
+            for table in ("blocks", "entitlements", "artifacts"):
+                cur.execute(self._q(f"DELETE FROM {table} WHERE key = ?"), (key,))
+        return ArtifactRow(*r)
+
+    def grant(self, key: str, principal: str) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                self._q("INSERT INTO entitlements (key, principal) VALUES (?,?) ON CONFLICT DO NOTHING"), (key, principal)
+            )
+
+    def is_entitled(self, key: str, principal: str) -> bool:
+        with self._tx() as cur:
+            cur.execute(self._q("SELECT 1 FROM entitlements WHERE key = ? AND principal = ?"), (key, principal))
+            return cur.fetchone() is not None
+
+    def longest_prefix(self, block_hashes: Sequence[str], principal: str) -> tuple[str, int] | None:
+        if not block_hashes:
+            return None
+        pos = {h: i for i, h in reversed(list(enumerate(block_hashes)))}
+        frag, params = self._in(list(pos))
+        sql = (
+            "SELECT b.hash, b.key, b.idx FROM blocks b JOIN artifacts a ON a.key = b.key "
+            f"WHERE b.hash {frag} AND (a.visibility = 'public' OR a.owner = ? OR EXISTS "
+            "(SELECT 1 FROM entitlements e WHERE e.key = a.key AND e.principal = ?))"
+        )
+        with self._tx() as cur:
+            cur.execute(self._q(sql), (*params, principal, principal))
+            rows = cur.fetchall()
+        best: tuple[int, str] | None = None
+        for h, key, idx in rows:
+            if pos[h] != idx:  # a chained hash commits to its position; anything else is not a prefix match
+                continue
+            cand = (idx + 1, key)
+            if best is None or cand[0] > best[0] or (cand[0] == best[0] and key < best[1]):
+                best = cand
+        return (best[1], best[0]) if best else None
+
+    def record(self, entry: LedgerEntry) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                self._q("INSERT INTO ledger (ts, principal, key, owner, bytes, mode, tokens) VALUES (?,?,?,?,?,?,?)"),
+                (entry.ts or time.time(), entry.principal, entry.key, entry.owner, entry.bytes, entry.mode, entry.tokens),
+            )
+
+    def ledger(self, principal: str, *, role: str = "owner", key: str | None = None, limit: int = 100) -> list[LedgerEntry]:
+        col = "owner" if role == "owner" else "principal"
+        sql = f"SELECT principal, key, owner, bytes, mode, tokens, ts FROM ledger WHERE {col} = ?"
+        params: list[Any] = [principal]
+        if key is not None:
+            sql += " AND key = ?"
+            params.append(key)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(int(limit))
+        with self._tx() as cur:
+            cur.execute(self._q(sql), params)
+            return [LedgerEntry(*r) for r in cur.fetchall()]
+
+    def blob_names(self) -> list[str]:
+        with self._tx() as cur:
+            cur.execute("SELECT blob FROM artifacts")
+            return [r[0] for r in cur.fetchall()]
+
+
+class SQLiteMeta(_SQLMeta):
+    """SQLite in WAL mode; one connection guarded by a lock (the server is one process)."""
+
+    def __init__(self, path: Path):
+        try:
+            self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open metadata database {path}: {exc}") from exc
+        super().__init__()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            else:
+                cur.execute("COMMIT")
+            finally:
+                cur.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class PostgresMeta(_SQLMeta):
+    """PostgreSQL via psycopg 3; one connection guarded by a lock, reconnected if it breaks."""
+
+    ph = "%s"
+    serial = "BIGSERIAL PRIMARY KEY"
+
+    def __init__(self, dsn: str):
+        self._dsn = dsn
+        self._conn: Any = None
+        self._connect()
+        super().__init__()
+
+    def _connect(self) -> None:
+        import psycopg
+
+        try:
+            self._conn = psycopg.connect(self._dsn, autocommit=True)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+
+    def _in(self, values: Sequence[str]) -> tuple[str, list[Any]]:
+        return "= ANY(?)", [list(values)]
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        with self._lock:
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._connect()
+            with self._conn.transaction(), self._conn.cursor() as cur:
+                yield cur
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+
+
+def open_meta(data_dir: Path, postgres_dsn: str | None = None) -> MetaStore:
+    """The backend chosen by the settings: PostgreSQL when a DSN is given, else SQLite in ``data_dir``."""
+    if postgres_dsn:
+        return PostgresMeta(postgres_dsn)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return SQLiteMeta(data_dir / "meta.sqlite3")
