@@ -2,7 +2,9 @@
 
 It only composes the parts: a model (``models``), an engine (``engine``), a prompt template
 (``prompt``), content keys (``identity``), artifacts (``artifact``) and the local store
-(``store``). Tiers, fastest first: this process's memory, the local store, then prefill.
+(``store``). Tiers, fastest first: this process's memory, the local store, the registry (when
+configured; ``policy`` decides whether fetching pays, and any registry failure is a logged fallback),
+then prefill.
 """
 
 from __future__ import annotations
@@ -13,19 +15,23 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import artifact as art
+from . import policy as pol
 from .config import Config
 from .engine import Generation, GenerationParams, TransformersEngine
-from .errors import ConfigError, EngineError, KVAgentError, StoreError
+from .errors import ArtifactError, ConfigError, EngineError, KVAgentError, RegistryError, StoreError
 from .identity import KeyContext, block_hashes, document_key
 from .kv import KVCache
 from .models import LoadedModel, load_model, model_fingerprint
 from .prompt import PromptTemplate, build_template
 from .store import KVStore
+
+if TYPE_CHECKING:  # the registry client is imported only when a registry is configured
+    from .registry import Handle, RegistryClient
 
 log = logging.getLogger("kvagent")
 
@@ -37,7 +43,7 @@ Progress = Callable[[str, int, int], None]
 class CacheInfo:
     """What the cache did for one read or ask, and why (shown to users; never silent)."""
 
-    status: str  # "memory" | "local" | "prefix" | "prefill"
+    status: str  # "memory" | "local" | "prefix" | "remote" | "remote-generate" | "prefill"
     reason: str
     cached_tokens: int
     prefilled_tokens: int
@@ -47,7 +53,7 @@ class CacheInfo:
 
     @property
     def hit(self) -> bool:
-        return self.status in ("memory", "local", "prefix")
+        return self.status in ("memory", "local", "prefix", "remote", "remote-generate")
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,12 @@ class KVAgent:
         publisher: str | None = None,
         progress: Progress | None = None,
         prefill_chunk_size: int | None = None,
+        registry_url: str | None = None,
+        token: str | None = None,
+        publish: bool | str = False,
+        policy: pol.PolicyParams | None = None,
+        trusted_keys: Sequence[str] | None = None,
+        registry_client: RegistryClient | None = None,
     ) -> None:
         spec = model if isinstance(model, str) or model is None else None
         self.config = Config.resolve(
@@ -124,9 +136,24 @@ class KVAgent:
             local_only=local_only,
             memory_slots=memory_slots,
             publisher=publisher,
+            registry_url=registry_url or (registry_client.base_url if registry_client is not None else None),
+            registry_token=token,
         )
+        if publish not in (False, True, "public", "restricted"):
+            raise ConfigError(f"publish must be False, True, 'public' or 'restricted', got {publish!r}")
+        self.publish_visibility: str | None = "restricted" if publish is True else (publish or None)
+        self.policy = policy if policy is not None else pol.PolicyParams()
+        self.registry: RegistryClient | None = None
         if not self.config.local_only:
-            raise ConfigError("only local_only=True is available in this version (no registry configured)")
+            from .registry import RegistryClient
+
+            self.registry = registry_client or RegistryClient(
+                self.config.registry_url or "", self.config.registry_token, trusted_keys=trusted_keys
+            )
+        self._remote: dict[str, Handle] = {}  # documents whose questions the registry answers
+        self._remote_generate_ok = True
+        self._prefill_rate: float | None = None  # measured tokens/s
+        self._bandwidth: float | None = None  # measured bytes/s
         self._progress = progress
         if spec is None and model is not None:
             mfp = model_fingerprint(model)
@@ -157,7 +184,10 @@ class KVAgent:
         self.store = KVStore(self.config.store_dir, size_limit=self.config.cache_size_bytes)
         self._memory: OrderedDict[str, KVCache] = OrderedDict()
         self._lock = threading.RLock()
-        self.counters = {"memory_hits": 0, "local_hits": 0, "prefix_hits": 0, "prefills": 0, "tokens_saved": 0}
+        self.counters = {
+            "memory_hits": 0, "local_hits": 0, "prefix_hits": 0, "prefills": 0, "tokens_saved": 0,
+            "remote_hits": 0, "remote_generates": 0, "publishes": 0, "registry_failures": 0,
+        }
 
     # -- reading ---------------------------------------------------------------------------
     def read(self, source: str | os.PathLike[str]) -> DocumentHandle:
@@ -200,7 +230,13 @@ class KVAgent:
         return source, "<text>"
 
     def _kv_for(self, key: str, ids: tuple[int, ...]) -> tuple[KVCache, CacheInfo]:
-        """The KV of ``ids`` from memory, the local store, a cached prefix, or a prefill (stored)."""
+        """The KV of ``ids`` from memory, the local store, the registry, a cached prefix, or a prefill."""
+        kv, info = self._resolve(key, ids, remote_generate=False)
+        assert kv is not None
+        return kv, info
+
+    def _resolve(self, key: str, ids: tuple[int, ...], *, remote_generate: bool) -> tuple[KVCache | None, CacheInfo]:
+        """Like ``_kv_for``; with ``remote_generate`` the answer may be "let the registry generate" (kv None)."""
         with self._lock:
             kv = self._memory.get(key)
             if kv is not None:
@@ -218,22 +254,145 @@ class KVAgent:
                 "local", "found in the local store", len(ids), 0, load_seconds=time.perf_counter() - t0, bytes_read=found.nbytes
             )
         miss_reason = found.reason
+        if self.registry is not None:
+            kv_remote, info, remote_reason = self._from_registry(key, ids, remote_generate=remote_generate)
+            if info is not None:
+                return kv_remote, info
+            miss_reason = f"{miss_reason}; {remote_reason}"
         prefix_kv, prefix_reason = self._cached_prefix(ids)
         t1 = time.perf_counter()
         kv = self._prefill(ids, prefix_kv)
         prefill_s = time.perf_counter() - t1
-        self._save(key, kv, ids)
+        if prefill_s > 0 and len(ids) - (prefix_kv.n_tokens if prefix_kv is not None else 0) >= 32:
+            self._prefill_rate = (len(ids) - (prefix_kv.n_tokens if prefix_kv is not None else 0)) / prefill_s
+        blob = self._save(key, kv, ids)
         self._remember(key, kv)
         self.counters["prefills"] += 1
+        publish_note = self._maybe_publish(key, blob, len(ids))
         if prefix_kv is not None:
             self.counters["prefix_hits"] += 1
             self.counters["tokens_saved"] += prefix_kv.n_tokens
             return kv, CacheInfo(
-                "prefix", f"{miss_reason}; {prefix_reason}", prefix_kv.n_tokens, len(ids) - prefix_kv.n_tokens,
-                load_seconds=t1 - t0, prefill_seconds=prefill_s,
+                "prefix", f"{miss_reason}; {prefix_reason}{publish_note}", prefix_kv.n_tokens,
+                len(ids) - prefix_kv.n_tokens, load_seconds=t1 - t0, prefill_seconds=prefill_s,
             )
         log.info("prefilling %d tokens of %s…: %s; %s", len(ids), key[:16], miss_reason, prefix_reason)
-        return kv, CacheInfo("prefill", f"{miss_reason}; {prefix_reason}", 0, len(ids), prefill_seconds=prefill_s)
+        return kv, CacheInfo(
+            "prefill", f"{miss_reason}; {prefix_reason}{publish_note}", 0, len(ids), prefill_seconds=prefill_s
+        )
+
+    # -- the registry ----------------------------------------------------------------------
+    def _from_registry(
+        self, key: str, ids: tuple[int, ...], *, remote_generate: bool
+    ) -> tuple[KVCache | None, CacheInfo | None, str]:
+        """Consult the registry and the policy. Returns (kv, info, "") on success, else (None, None, why)."""
+        assert self.registry is not None
+        if len(ids) < self.policy.min_tokens:
+            return None, None, f"registry not consulted ({len(ids)} tokens < {self.policy.min_tokens}-token threshold)"
+        t0 = time.perf_counter()
+        try:
+            hit = self._remote_lookup(key, ids)
+        except (RegistryError, ArtifactError) as exc:
+            return None, None, self._registry_failed(f"registry lookup of {key[:16]}… failed", exc)
+        handle, covered = hit if hit is not None else (None, 0)
+        decision = pol.decide(
+            pol.Request(
+                n_tokens=len(ids),
+                remote_artifact=handle is not None,
+                remote_tokens=covered,
+                artifact_bytes=handle.size if handle is not None else None,
+                bytes_per_token=self.engine.layout.bytes_per_token(self.engine.dtype),
+                remote_generate=remote_generate and self._remote_generate_ok and covered == len(ids),
+                bandwidth_bytes_per_s=self._bandwidth,
+                prefill_tokens_per_s=self._prefill_rate,
+            ),
+            self.policy,
+        )
+        log.info("registry policy for %s…: %s (%s)", key[:16], decision.choice, decision.reason)
+        if decision.choice == pol.REMOTE_GENERATE and handle is not None:
+            self._remote[key] = handle
+            return None, CacheInfo("remote-generate", f"policy: {decision.reason}", len(ids), 0,
+                                   load_seconds=time.perf_counter() - t0), ""
+        if decision.choice != pol.FETCH or handle is None:
+            return None, None, f"policy: {decision.reason}"
+        try:
+            artifact, blob = self.registry.download_verified(handle, replace(self.expect, key=handle.key))
+        except (RegistryError, ArtifactError) as exc:
+            return None, None, self._registry_failed(f"fetching {handle.key[:16]}… from the registry failed", exc)
+        seconds = self.registry.last_download_seconds
+        if seconds > 0:
+            self._bandwidth = len(blob) / seconds
+        remote_kv = artifact.kv
+        try:
+            self.store.put(artifact.header, bytes(blob), block_hashes(self.context, remote_kv.token_ids.tolist(),
+                                                                       self.config.block_size))
+        except StoreError as exc:
+            log.warning("could not cache the fetched %s… locally (the answer is unaffected): %s", handle.key[:16], exc)
+        self.counters["remote_hits"] += 1
+        if handle.key == key:
+            self._remember(key, remote_kv)
+            self.counters["tokens_saved"] += len(ids)
+            return remote_kv, CacheInfo(
+                "remote", f"fetched from the registry and verified; policy: {decision.reason}", len(ids), 0,
+                load_seconds=time.perf_counter() - t0, bytes_read=len(blob),
+            ), ""
+        n = _common_prefix(remote_kv.token_ids.tolist(), ids)
+        if n == 0:
+            return None, None, "the registry's prefix artifact shares no tokens"
+        t1 = time.perf_counter()
+        kv = self._prefill(ids, remote_kv.truncate(n))
+        prefill_s = time.perf_counter() - t1
+        self._save(key, kv, ids)
+        self._remember(key, kv)
+        self.counters["tokens_saved"] += n
+        return kv, CacheInfo(
+            "remote", f"fetched a {n}-token prefix from the registry; policy: {decision.reason}", n, len(ids) - n,
+            load_seconds=t1 - t0, prefill_seconds=prefill_s, bytes_read=len(blob),
+        ), ""
+
+    def _remote_lookup(self, key: str, ids: tuple[int, ...]) -> tuple[Handle, int] | None:
+        """The registry's exact artifact (covering every token) or its longest usable prefix artifact."""
+        assert self.registry is not None
+        handle = self.registry.lookup(key)
+        if handle is not None:
+            return handle, len(ids)
+        hashes = block_hashes(self.context, ids, self.config.block_size)
+        found = self.registry.lookup_prefix(hashes) if hashes else None
+        if found is None:
+            return None
+        handle, blocks = found
+        covered = min(blocks * self.config.block_size, handle.header.token_count, len(ids) - 1)
+        return (handle, covered) if covered > 0 else None
+
+    def _registry_failed(self, what: str, exc: KVAgentError) -> str:
+        self.counters["registry_failures"] += 1
+        reason = f"{what} ({type(exc).__name__}: {exc}); prefilling locally"
+        log.warning("%s", reason)
+        return reason
+
+    def _maybe_publish(self, key: str, blob: bytes | None, n_tokens: int) -> str:
+        if self.registry is None or self.publish_visibility is None or blob is None:
+            return ""
+        ok, why = pol.should_publish(n_tokens, self.policy)
+        if not ok:
+            return f"; not published ({why})"
+        try:
+            self.registry.publish(blob, self.publish_visibility)
+        except (RegistryError, ArtifactError) as exc:
+            log.warning("publishing %s… to the registry failed (the answer is unaffected): %s", key[:16], exc)
+            return f"; publishing failed ({type(exc).__name__})"
+        self.counters["publishes"] += 1
+        return f"; published ({self.publish_visibility})"
+
+    def publish(self, handle: DocumentHandle, visibility: str = "restricted", signing_key: Any = None) -> Handle:
+        """Publish a read document's KV to the registry (regardless of the publish threshold)."""
+        if self.registry is None:
+            raise ConfigError("no registry configured: pass registry_url= or set KVAGENT_REGISTRY_URL")
+        kv, _info = self._kv_for(handle.key, handle.token_ids)
+        _header, blob = self._encode(handle.key, kv)
+        result = self.registry.publish(blob, visibility, signing_key=signing_key)
+        self.counters["publishes"] += 1
+        return result
 
     def _cached_prefix(self, ids: tuple[int, ...]) -> tuple[KVCache | None, str]:
         """The longest cached KV whose tokens are a prefix of ``ids`` (at least one block, leaving one token)."""
@@ -262,8 +421,8 @@ class KVAgent:
             return self.engine.prefill(ids, progress=progress)
         return self.engine.prefill_from(prefix, ids[prefix.n_tokens :], progress=progress)
 
-    def _save(self, key: str, kv: KVCache, ids: tuple[int, ...]) -> None:
-        header, blob = art.encode(
+    def _encode(self, key: str, kv: KVCache) -> tuple[art.ArtifactHeader, bytes]:
+        return art.encode(
             kv,
             key=key,
             model_fingerprint=self.context.model_fingerprint,
@@ -272,10 +431,14 @@ class KVAgent:
             position_offset=self.context.position_offset,
             publisher=self.config.publisher,
         )
+
+    def _save(self, key: str, kv: KVCache, ids: tuple[int, ...]) -> bytes:
+        header, blob = self._encode(key, kv)
         try:
             self.store.put(header, blob, block_hashes(self.context, ids, self.config.block_size))
         except StoreError as exc:
             log.warning("could not cache %s… locally (the answer is unaffected): %s", key[:16], exc)
+        return blob
 
     def _remember(self, key: str, kv: KVCache) -> None:
         with self._lock:
@@ -290,29 +453,42 @@ class KVAgent:
             self._memory.clear()
 
     # -- asking ----------------------------------------------------------------------------
-    def ask(self, handle: DocumentHandle, question: str, **gen: Any) -> Answer:
-        """Answer ``question`` about a read document, resuming from its cached KV."""
+    def ask(self, handle: DocumentHandle, question: str, *, mode: str = "auto", **gen: Any) -> Answer:
+        """Answer ``question`` about a read document, resuming from its cached KV.
+
+        ``mode``: "local" always decodes here; "remote" asks the registry to generate from its copy;
+        "auto" lets the policy choose. Registry failures fall back to local decoding.
+        """
         pieces: list[int] = []
         t0 = time.perf_counter()
         first = None
-        kv, info, suffix, params = self._prepare(handle, question, gen)
-        for tok in self.engine.stream(kv, suffix, params):
+        run, suffix, params = self._prepare(handle, question, gen, mode)
+        for tok in run.tokens():
             if first is None:
                 first = time.perf_counter() - t0
             pieces.append(tok)
-        return self._answer(handle, pieces, params, info, len(suffix), t0, first)
+        return self._answer(handle, pieces, params, run.info, len(suffix), t0, first)
+
+    def ask_ids(self, handle: DocumentHandle, suffix_ids: Sequence[int], *, mode: str = "auto", **gen: Any) -> Answer:
+        """Continue a read document with ``suffix_ids`` (no tokenizer needed); ``mode`` as in ``ask``."""
+        t0 = time.perf_counter()
+        params = self.params(**gen)
+        suffix = [int(t) for t in suffix_ids]
+        run = self._run(handle, suffix, params, mode)
+        ids = list(run.tokens())
+        return self._answer(handle, ids, params, run.info, len(suffix), t0, None)
 
     def ask_many(self, handle: DocumentHandle, questions: Sequence[str], **gen: Any) -> list[Answer]:
         """Answer several questions over one document; its KV is loaded or prefilled once."""
         return [self.ask(handle, q, **gen) for q in questions]
 
-    def stream(self, handle: DocumentHandle, question: str, **gen: Any) -> Iterator[str]:
+    def stream(self, handle: DocumentHandle, question: str, *, mode: str = "auto", **gen: Any) -> Iterator[str]:
         """Yield the answer's text as it is generated (stop tokens are not shown)."""
-        kv, _info, suffix, params = self._prepare(handle, question, gen)
+        run, _suffix, params = self._prepare(handle, question, gen, mode)
         ids: list[int] = []
         shown = ""
         stops = set(params.stop_token_ids)
-        for tok in self.engine.stream(kv, suffix, params):
+        for tok in run.tokens():
             if tok in stops:
                 break
             ids.append(tok)
@@ -324,14 +500,64 @@ class KVAgent:
                 shown = text
 
     def _prepare(
-        self, handle: DocumentHandle, question: str, gen: dict[str, Any]
-    ) -> tuple[KVCache, CacheInfo, list[int], GenerationParams]:
+        self, handle: DocumentHandle, question: str, gen: dict[str, Any], mode: str
+    ) -> tuple[_Run, list[int], GenerationParams]:
         if not isinstance(question, str) or not question.strip():
             raise EngineError("the question must be a non-empty string")
         params = self.params(**gen)
-        kv, info = self._kv_for(handle.key, handle.token_ids)
         suffix = self._template().question_ids(self.tokenizer, question)
-        return kv, info, suffix, params
+        return self._run(handle, suffix, params, mode), suffix, params
+
+    def _run(self, handle: DocumentHandle, suffix: list[int], params: GenerationParams, mode: str) -> _Run:
+        """Where the answer's tokens will come from: the local engine, or the registry (with local fallback)."""
+        if mode not in ("auto", "local", "remote"):
+            raise ConfigError(f"mode must be 'auto', 'local' or 'remote', got {mode!r}")
+        if self.registry is None or mode == "local":
+            kv, info = self._kv_for(handle.key, handle.token_ids)
+            return _Run(self, handle, suffix, params, kv, info)
+        if mode == "remote":
+            with self._lock:
+                local = self._memory.get(handle.key)
+            if handle.key not in self._remote:
+                try:
+                    found = self.registry.lookup(handle.key)
+                except (RegistryError, ArtifactError) as exc:
+                    found = None
+                    self._registry_failed(f"registry lookup of {handle.key[:16]}… failed", exc)
+                if found is not None:
+                    self._remote[handle.key] = found
+            if handle.key in self._remote:
+                info = CacheInfo("remote-generate", "mode='remote': the registry generates from its copy",
+                                 handle.n_tokens, 0)
+                return _Run(self, handle, suffix, params, None, info)
+            log.warning("mode='remote' but the registry has no artifact %s…; answering locally", handle.key[:16])
+            if local is not None:
+                return _Run(self, handle, suffix, params, local, CacheInfo("memory", "in this process's memory",
+                                                                           handle.n_tokens, 0))
+        kv_or_none, info = self._resolve(handle.key, handle.token_ids, remote_generate=mode == "auto")
+        return _Run(self, handle, suffix, params, kv_or_none, info)
+
+    def _remote_tokens(self, run: _Run) -> Iterator[int]:
+        """Tokens from the registry; on any failure, the rest from a local KV (exact for greedy decoding)."""
+        assert self.registry is not None
+        key = run.handle.key
+        produced: list[int] = []
+        try:
+            for tok in self.registry.generate_stream(key, run.suffix, run.params):
+                produced.append(tok)
+                yield tok
+            self.counters["remote_generates"] += 1
+            return
+        except RegistryError as exc:
+            self._remote.pop(key, None)
+            if "HTTP 501" in str(exc):
+                self._remote_generate_ok = False
+            reason = self._registry_failed(f"remote generate for {key[:16]}… failed after {len(produced)} tokens", exc)
+        kv, info = self._kv_for(key, run.handle.token_ids)
+        run.info = replace(info, reason=f"{reason}; {info.reason}")
+        left = run.params.max_new_tokens - len(produced)
+        if left > 0:
+            yield from self.engine.stream(kv, run.suffix + produced, replace(run.params, max_new_tokens=left))
 
     def params(self, **gen: Any) -> GenerationParams:
         """GenerationParams with this model's stop tokens unless ``stop_token_ids`` is given."""
@@ -372,7 +598,7 @@ class KVAgent:
         t1 = time.perf_counter()
         full = self.engine.generate(None, list(handle.token_ids) + suffix, params).token_ids
         t2 = time.perf_counter()
-        div = next((i for i, (a, b) in enumerate(zip(reused, full)) if a != b), None)
+        div = next((i for i, (a, b) in enumerate(zip(reused, full, strict=True)) if a != b), None)
         if div is None and len(reused) != len(full):
             div = min(len(reused), len(full))
         return VerifyReport(
@@ -402,3 +628,24 @@ class KVAgent:
         if self.template is None or self.tokenizer is None:
             raise ConfigError("this agent has no tokenizer; pass tokenizer= or use read_ids()/engine APIs")
         return self.template
+
+
+class _Run:
+    """One answer's token source; ``info`` is updated if a remote run falls back to local decoding."""
+
+    def __init__(self, agent: KVAgent, handle: DocumentHandle, suffix: list[int], params: GenerationParams,
+                 kv: KVCache | None, info: CacheInfo) -> None:
+        self.agent, self.handle, self.suffix, self.params, self.kv, self.info = agent, handle, suffix, params, kv, info
+
+    def tokens(self) -> Iterator[int]:
+        if self.kv is not None:
+            return self.agent.engine.stream(self.kv, self.suffix, self.params)
+        return self.agent._remote_tokens(self)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share, leaving at least one token of ``b`` to prefill."""
+    n, limit = 0, min(len(a), len(b) - 1)
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n

@@ -25,7 +25,11 @@ DEMO_QUESTIONS = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "command", None) in ("serve", "economics"):
+        args.rest = extra + list(args.rest)  # these parse their own options (including --help)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -92,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("keys", nargs="+")
     rm.set_defaults(func=cmd_cache_rm)
     csub.add_parser("clear", help="remove every cached artifact").set_defaults(func=cmd_cache_clear)
+
+    srv = sub.add_parser("serve", help="run the registry/host server (see docs/registry-api.md)", add_help=False)
+    srv.add_argument("rest", nargs=argparse.REMAINDER)
+    srv.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("economics", help="cost of re-prefill vs reuse vs shipping vs hosting", add_help=False)
     e.add_argument("rest", nargs=argparse.REMAINDER)
@@ -185,7 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         table = Table(title="answers (greedy)", show_lines=True)
         for col in ("agent", "question", "answer", "time to first token"):
             table.add_column(col)
-        for i, (q, ans) in enumerate(zip(DEMO_QUESTIONS, answers)):
+        for i, (q, ans) in enumerate(zip(DEMO_QUESTIONS, answers, strict=True)):
             table.add_row("A" if i == 0 else "B", q, ans.text or "(empty)", f"{ans.first_token_seconds * 1000:.0f} ms")
         console.print(table)
         report = agent_b.verify(doc_b, DEMO_QUESTIONS[0])
@@ -309,6 +317,14 @@ def cmd_cache_clear(args: argparse.Namespace) -> int:
         n = store.clear()
         print(f"removed {n} entries from {store.directory}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server.__main__ import main as serve_main
+    except ImportError as exc:
+        raise KVAgentError(f"the server needs its extra: pip install 'kvagent[server]' ({exc})") from exc
+    return int(serve_main(args.rest))
 
 
 def cmd_economics(args: argparse.Namespace) -> int:

@@ -59,6 +59,8 @@ class Config:
     memory_slots: int = 2
     publisher: str | None = None
     models_dir: Path = field(default_factory=lambda: _default_cache_dir() / "models")
+    registry_url: str | None = None
+    registry_token: str | None = field(default=None, repr=False)
 
     @property
     def store_dir(self) -> Path:
@@ -77,25 +79,34 @@ class Config:
         memory_slots: int | None = None,
         publisher: str | None = None,
         models_dir: str | os.PathLike[str] | None = None,
+        registry_url: str | None = None,
+        registry_token: str | None = None,
     ) -> Config:
         """Build a Config from arguments, then KVAGENT_* variables, then defaults."""
         env_dir = os.environ.get("KVAGENT_CACHE_DIR") or None
         d = cls()
+        registry = registry_url or os.environ.get("KVAGENT_REGISTRY_URL") or None
         cfg = cls(
             model=model or os.environ.get("KVAGENT_MODEL") or d.model,
             cache_dir=Path(cache_dir or env_dir or d.cache_dir).expanduser(),
             cache_size_bytes=_first(cache_size_bytes, _env_int("KVAGENT_CACHE_SIZE"), d.cache_size_bytes),
             dtype=dtype or os.environ.get("KVAGENT_DTYPE") or None,
             block_size=_first(block_size, _env_int("KVAGENT_BLOCK_SIZE"), d.block_size),
-            local_only=_first(local_only, _env_bool("KVAGENT_LOCAL_ONLY"), d.local_only),
+            local_only=_first(local_only, _env_bool("KVAGENT_LOCAL_ONLY"), registry is None),
             memory_slots=_first(memory_slots, _env_int("KVAGENT_MEMORY_SLOTS"), d.memory_slots),
             publisher=publisher or os.environ.get("KVAGENT_PUBLISHER") or None,
             models_dir=Path(models_dir or os.environ.get("KVAGENT_MODELS_DIR") or d.models_dir).expanduser(),
+            registry_url=registry,
+            registry_token=registry_token or os.environ.get("KVAGENT_REGISTRY_TOKEN") or None,
         )
         if cfg.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {cfg.dtype!r}")
         if cfg.block_size <= 0:
             raise ConfigError("block_size must be positive")
+        if not cfg.local_only and cfg.registry_url is None:
+            raise ConfigError("local_only=False needs a registry URL (registry_url= or KVAGENT_REGISTRY_URL)")
+        if cfg.registry_url is not None and not cfg.registry_url.startswith(("http://", "https://")):
+            raise ConfigError(f"registry URL must start with http:// or https://, got {cfg.registry_url!r}")
         if cfg.cache_size_bytes <= 0:
             raise ConfigError("cache_size_bytes must be positive")
         return cfg

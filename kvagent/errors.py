@@ -13,6 +13,11 @@
     ├── StoreError             the local store cannot be opened or written
     ├── EngineError            generation parameters or inputs the engine cannot run
     └── RegistryError          the remote registry refused or failed (see kvagent.registry)
+        ├── RegistryUnavailableError  unreachable, timed out, 5xx or 429 (retried)
+        ├── RegistryAuthError         401 / 403
+        ├── RegistryConflictError     409
+        ├── RegistryRejectedError     413 / 422
+        └── RegistryProtocolError     malformed or unexpected response
 
 Storage and integrity errors are cache misses for the agent: the facade logs them and prefills.
 """
@@ -70,3 +75,27 @@ class EngineError(KVAgentError, ValueError):
 
 class RegistryError(KVAgentError):
     """The registry refused a request or could not be reached."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The registry could not be reached, timed out, or answered 5xx/429 (transient; retried)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RegistryAuthError(RegistryError):
+    """The registry refused the token (401) or the principal may not do this (403)."""
+
+
+class RegistryConflictError(RegistryError):
+    """The key is owned by another principal, or the artifact is for another model (409)."""
+
+
+class RegistryRejectedError(RegistryError):
+    """The registry refused the request body: too large (413) or an invalid artifact (422)."""
+
+
+class RegistryProtocolError(RegistryError):
+    """The registry answered with malformed JSON or an unexpected shape."""
