@@ -1,0 +1,65 @@
+"""Prefix reuse on a tiny random model: exact vs full prefill, found in memory and in the store."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvagent import GenerationParams, KVAgent
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from langchain_kvagent._reuse import PromptRunner, longest_cached_prefix, shared_prefix
+
+
+@pytest.fixture(scope="module")
+def tiny_agent(tmp_path_factory: pytest.TempPathFactory) -> KVAgent:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(cfg)
+    return KVAgent(model, cache_dir=tmp_path_factory.mktemp("tiny"), block_size=16, memory_slots=2)
+
+
+def _ids(seed: int, n: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 512, (n,), generator=g).tolist()
+
+
+def test_shared_prefix() -> None:
+    a = torch.tensor([1, 2, 3, 4])
+    assert shared_prefix(a, torch.tensor([1, 2, 9])) == 2
+    assert shared_prefix(a, torch.tensor([1, 2, 3, 4, 5])) == 4
+    assert shared_prefix(a, torch.tensor([7])) == 0
+
+
+def test_second_prompt_resumes_and_matches_full_prefill(tiny_agent: KVAgent) -> None:
+    doc = _ids(1, 80)
+    q1, q2 = _ids(2, 7), _ids(3, 9)
+    params = GenerationParams(max_new_tokens=12)
+    runner = PromptRunner(tiny_agent, min_save_tokens=1)
+    first, _ = runner.start(doc + q1)
+    assert first is not None and runner.start(doc + q1)[1].cached_tokens == len(doc) + len(q1) - 1
+    kv, info = runner.start(doc + q2)
+    assert info.status == "prefix" and info.cached_tokens >= len(doc)
+    assert info.prefilled_tokens == len(doc) + len(q2) - info.cached_tokens
+    reused = tiny_agent.engine.generate(kv, (doc + q2)[-1:], params).token_ids
+    full = tiny_agent.engine.generate(None, doc + q2, params).token_ids
+    assert reused == full
+
+
+def test_prefix_is_found_in_the_store_after_memory_is_dropped(tiny_agent: KVAgent) -> None:
+    doc = _ids(4, 64)
+    PromptRunner(tiny_agent, min_save_tokens=1).start(doc + [5, 6, 7])
+    tiny_agent.forget_memory()
+    kv, why = longest_cached_prefix(tiny_agent, doc + [9, 9])
+    assert kv is not None and kv.n_tokens == len(doc), why
+    assert "local store" in why
+    assert kv.token_ids.tolist() == doc
+
+
+def test_reuse_off_prefills_everything(tiny_agent: KVAgent) -> None:
+    ids = _ids(5, 40)
+    PromptRunner(tiny_agent, min_save_tokens=1).start(ids)
+    kv, info = PromptRunner(tiny_agent, reuse=False).start(ids)
+    assert kv is None and info.status == "disabled" and info.prefilled_tokens == len(ids)
