@@ -125,11 +125,13 @@ class KVAgent:
         policy: pol.PolicyParams | None = None,
         trusted_keys: Sequence[str] | None = None,
         registry_client: RegistryClient | None = None,
+        models_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         spec = model if isinstance(model, str) or model is None else None
         self.config = Config.resolve(
             model=spec,
             cache_dir=cache_dir,
+            models_dir=models_dir,
             cache_size_bytes=cache_size_bytes,
             dtype=dtype,
             block_size=block_size,
