@@ -1,7 +1,7 @@
 """Cost model of one document read by N agents: re-prefill vs KV reuse vs shipping vs provider hosting.
 
 Pure arithmetic on a frozen `CostParams`; the defaults reproduce the figures of "Can I Buy Your KV
-Cache?" (arXiv 2606.13361) for Qwen3-4B fp16 and a 3774-token document (see /work/shared/paper-notes.md).
+Cache?" (arXiv 2606.13361) for Qwen3-4B fp16 and a 3774-token document.
 
 Strategies, each with a one-off publish cost (one prefill by whoever makes the KV) and a per-load cost:
 
@@ -443,14 +443,60 @@ def build_parser(prog: str = "kvagent economics") -> argparse.ArgumentParser:
         help=f"number of agents (default {PAPER_AGENTS:,})",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--from-benchmark",
+        metavar="FILE",
+        help="take tokens, r and bytes/token from a benchmarks.reuse_vs_prefill JSON result (row nearest --tokens)",
+    )
+    parser.add_argument(
+        "--dollars-per-hour",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="price of the measured machine per hour, with --from-benchmark (default 1.0)",
+    )
+    parser.add_argument(
+        "--reuse-path",
+        choices=("raw", "sdk"),
+        default="sdk",
+        help="with --from-benchmark: reuse time of the raw engine or kvagent end to end (default sdk)",
+    )
     return parser
+
+
+def params_from_benchmark(result: dict[str, Any], tokens: int, dollars_per_hour: float, reuse_path: str,
+                          **overrides: Any) -> CostParams:
+    """Parameters from a ``benchmarks.reuse_vs_prefill`` result: the row whose length is nearest ``tokens``."""
+    rows = result.get("rows") if isinstance(result, dict) else None
+    if not rows:
+        raise ConfigError("the benchmark result has no rows")
+    row = min(rows, key=lambda r: abs(int(r["tokens"]) - tokens))
+    reuse = row["sdk_warm_s"] if reuse_path == "sdk" else row["raw_reuse_s"]
+    return params_from_measurement(
+        bytes_per_token=int(row["kv_bytes"]) // int(row["tokens"]),
+        prefill_seconds=float(row["cold_s"]),
+        reuse_seconds=float(reuse),
+        tokens=int(row["tokens"]),
+        gpu_dollars_per_hour=dollars_per_hour,
+        **overrides,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `kvagent economics`: print the table (or JSON); 2 on invalid parameters."""
     args = build_parser().parse_args(argv)
     try:
-        params = CostParams(**{name: getattr(args, name) for name in _FLAGS})
+        if args.from_benchmark:
+            try:
+                with open(args.from_benchmark, encoding="utf-8") as fh:
+                    measured = json.load(fh)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot read benchmark result {args.from_benchmark}: {exc}") from exc
+            keep = {n: getattr(args, n) for n in _FLAGS if n not in
+                    ("document_tokens", "prefill_usd_per_mtok", "reuse_ratio", "kv_bytes_per_token")}
+            params = params_from_benchmark(measured, args.document_tokens, args.dollars_per_hour, args.reuse_path, **keep)
+        else:
+            params = CostParams(**{name: getattr(args, name) for name in _FLAGS})
         result = report(params, args.agents)
     except ConfigError as exc:
         print(f"kvagent economics: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvagent import economics as econ
+from kvagent.economics import main
 from kvagent.errors import ConfigError
 
 # Figures as published (abstract or summaries of arXiv 2606.13361); the model must land on them.
@@ -216,3 +217,30 @@ def test_main_text_and_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert "re-prefill" in capsys.readouterr().out
     assert econ.main(["--compression", "0"]) == 2
     assert "compression_ratio" in capsys.readouterr().err
+
+
+def test_cli_derives_parameters_from_a_benchmark_result(tmp_path, capsys) -> None:
+    bench = {"rows": [
+        {"tokens": 1024, "cold_s": 2.0, "raw_reuse_s": 0.1, "sdk_warm_s": 0.125, "kv_bytes": 1024 * 46080},
+        {"tokens": 4096, "cold_s": 12.0, "raw_reuse_s": 0.3, "sdk_warm_s": 0.4, "kv_bytes": 4096 * 46080},
+    ]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench))
+    assert main(["--from-benchmark", str(path), "--tokens", "4000", "--dollars-per-hour", "3.6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    text = json.dumps(out)
+    assert "4096" in text and "46080" in text
+    # r = 12.0 / 0.4 = 30 for the SDK path (nearest row to 4000 tokens)
+    assert any(abs(v - 30.0) < 1e-9 for v in _numbers(out))
+    assert main(["--from-benchmark", str(tmp_path / "missing.json")]) == 2
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield float(obj)
