@@ -126,12 +126,14 @@ class KVAgent:
         trusted_keys: Sequence[str] | None = None,
         registry_client: RegistryClient | None = None,
         models_dir: str | os.PathLike[str] | None = None,
+        codec: str | None = None,
     ) -> None:
         spec = model if isinstance(model, str) or model is None else None
         self.config = Config.resolve(
             model=spec,
             cache_dir=cache_dir,
             models_dir=models_dir,
+            codec=codec,
             cache_size_bytes=cache_size_bytes,
             dtype=dtype,
             block_size=block_size,
@@ -432,6 +434,7 @@ class KVAgent:
             template_hash=self.context.template_hash,
             position_offset=self.context.position_offset,
             publisher=self.config.publisher,
+            codec=self.config.codec,
         )
 
     def _save(self, key: str, kv: KVCache, ids: tuple[int, ...]) -> bytes:

@@ -13,18 +13,20 @@ unpickles anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
+from . import codecs
 from .errors import (
     ArtifactFormatError,
     ArtifactIntegrityError,
@@ -36,11 +38,14 @@ from .identity import FORMAT_VERSION, KeyContext, document_key
 from .kv import KVCache, KVLayout
 
 FORMAT_NAME = "kvagent-kv"
-#: Codecs this version can decode. "raw" stores tensors as plain safetensors tensors.
-CODECS = ("raw",)
+#: Codecs an artifact may use: "raw" stores K/V as plain safetensors tensors; the others store each
+#: K/V tensor's encoded bytes as a uint8 tensor (see kvagent.codecs). All are lossless.
+CODECS = codecs.ARTIFACT_CODECS
 
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_ST_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "U8": torch.uint8,
+}
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")  # \Z, not $: "$" also matches before a trailing newline
 _TENSOR_NAME = re.compile(r"^(k|v)\.(0|[1-9][0-9]{0,3})$")
 
@@ -77,6 +82,7 @@ class ArtifactHeader:
     publisher: str | None
     payload_sha256: str
     payload_bytes: int
+    content_sha256: str
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -135,6 +141,7 @@ def encode(
     position_offset: int = 0,
     publisher: str | None = None,
     created_at: float | None = None,
+    codec: str = "raw",
 ) -> tuple[ArtifactHeader, bytes]:
     """Serialise ``kv`` into artifact bytes; returns the header written and the bytes.
 
@@ -153,10 +160,16 @@ def encode(
     if key is not None and key != derived:
         raise ArtifactMismatchError(f"key {key[:16]}… does not match the key {derived[:16]}… its fields and token ids derive")
 
+    if codec not in CODECS:
+        raise ArtifactFormatError(f"codec {codec!r} cannot be used for artifacts (lossless codecs: {list(CODECS)})")
+    ordered = _ordered(kv)
     tensors: dict[str, torch.Tensor] = {}
-    for i, (k, v) in enumerate(zip(kv.keys, kv.values, strict=True)):
-        tensors[f"k.{i}"] = k.detach().contiguous()
-        tensors[f"v.{i}"] = v.detach().contiguous()
+    if codec == "raw":
+        tensors.update((name, t.detach().contiguous()) for name, t in ordered)
+    else:
+        enc = codecs.get(codec).encode
+        blobs = list(codecs.pool().map(lambda item: enc(item[1]), ordered))
+        tensors.update((name, torch.frombuffer(bytearray(b), dtype=torch.uint8)) for (name, _), b in zip(ordered, blobs, strict=True))
     tensors["token_ids"] = kv.token_ids.detach().to(torch.int64).contiguous()
     blob = save(tensors, metadata={"kvagent": "{}"})
     n = int.from_bytes(blob[:8], "little")
@@ -171,11 +184,12 @@ def encode(
         position_offset=position_offset,
         template_hash=template_hash,
         layout=kv.layout,
-        codec="raw",
+        codec=codec,
         created_at=float(time.time() if created_at is None else created_at),
         publisher=publisher,
         payload_sha256=payload_digest(data),
         payload_bytes=len(data),
+        content_sha256=content_digest(t for _, t in ordered),
     )
     _validate_header_fields(header.to_json(), DEFAULT_LIMITS)  # never write what we would refuse to read
     st_header["__metadata__"] = {"kvagent": json.dumps(header.to_json(), sort_keys=True, separators=(",", ":"))}
@@ -216,6 +230,18 @@ def decode(
         )
     tensors = {name: _tensor(buf, parsed.data_offset, e) for name, e in parsed.entries.items()}
     L = h.layout.num_layers
+    if h.codec != "raw":
+        shape = (1, h.layout.num_kv_heads, h.token_count, h.layout.head_dim)
+        dec = codecs.get(h.codec).decode
+        names = [n for n in tensors if n != "token_ids"]
+        decoded = codecs.pool().map(lambda n: dec(memoryview(tensors[n].numpy()), _DTYPES[h.dtype], shape), names)
+        tensors.update(zip(names, decoded, strict=True))
+        got = content_digest(tensors[n] for n, _ in _ordered_names(L))
+        if got != h.content_sha256:
+            raise ArtifactIntegrityError(
+                f"decoded tensors of {h.key[:16]}… hash to {got[:16]}…, the header says {h.content_sha256[:16]}… "
+                f"({h.codec} decoding went wrong)"
+            )
     kv = KVCache(
         keys=tuple(tensors[f"k.{i}"] for i in range(L)),
         values=tuple(tensors[f"v.{i}"] for i in range(L)),
@@ -231,6 +257,26 @@ def decode(
             "(the header or the token ids were altered)"
         )
     return Artifact(header=h, kv=kv)
+
+
+def _ordered_names(num_layers: int) -> list[tuple[str, int]]:
+    return [(f"{kind}.{i}", i) for i in range(num_layers) for kind in ("k", "v")]
+
+
+def _ordered(kv: KVCache) -> list[tuple[str, torch.Tensor]]:
+    """K/V tensors in canonical order: k.0, v.0, k.1, v.1, ..."""
+    out = []
+    for i, (k, v) in enumerate(zip(kv.keys, kv.values, strict=True)):
+        out += [(f"k.{i}", k), (f"v.{i}", v)]
+    return out
+
+
+def content_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """sha256 over the tree hashes of the decoded K/V tensors' bytes, in canonical order."""
+    h = hashlib.sha256(b"kvagent-content-v1\0")
+    for t in tensors:
+        h.update(bytes.fromhex(payload_digest(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)))
+    return h.hexdigest()
 
 
 def context_of(h: ArtifactHeader) -> KeyContext:
@@ -337,6 +383,7 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "publisher": (str, type(None)),
     "payload_sha256": (str,),
     "payload_bytes": (int,),
+    "content_sha256": (str,),
 }
 
 
@@ -357,7 +404,7 @@ def _validate_header_fields(hj: Any, limits: Limits) -> ArtifactHeader:
         raise ArtifactFormatError(
             f"artifact format version {hj['format_version']} is not supported by this kvagent (reads {FORMAT_VERSION})"
         )
-    for name in ("key", "model_fingerprint", "tokenizer_fingerprint", "template_hash", "payload_sha256"):
+    for name in ("key", "model_fingerprint", "tokenizer_fingerprint", "template_hash", "payload_sha256", "content_sha256"):
         if not _HEX64.match(hj[name]):
             raise ArtifactFormatError(f"kvagent header field {name!r} is not a sha256 hex digest")
     if hj["dtype"] not in _DTYPES:
@@ -404,7 +451,12 @@ def _validate_entries(st: dict[str, Any], h: ArtifactHeader, data_len: int) -> d
             raise ArtifactFormatError(f"tensor entry {name!r} is malformed")
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, *offs)):
             raise ArtifactFormatError(f"tensor entry {name!r} has a non-integer shape or offset")
-        want_dt, want_shape = (torch.int64, (h.token_count,)) if name == "token_ids" else (kv_dtype, kv_shape)
+        if name == "token_ids":
+            want_dt, want_shape = torch.int64, (h.token_count,)
+        elif h.codec == "raw":
+            want_dt, want_shape = kv_dtype, kv_shape
+        else:  # encoded bytes; the codec checks their structure against kv_shape when decoding
+            want_dt, want_shape = torch.uint8, (shape[0] if len(shape) == 1 else -1,)
         if dt != want_dt or tuple(shape) != want_shape:
             raise ArtifactFormatError(
                 f"tensor {name!r} is {info['dtype']}{shape}; the header implies {want_dt}{list(want_shape)}"

@@ -59,6 +59,7 @@ class Config:
     memory_slots: int = 2
     publisher: str | None = None
     models_dir: Path = field(default_factory=lambda: _default_cache_dir() / "models")
+    codec: str = "raw"
     registry_url: str | None = None
     registry_token: str | None = field(default=None, repr=False)
 
@@ -79,6 +80,7 @@ class Config:
         memory_slots: int | None = None,
         publisher: str | None = None,
         models_dir: str | os.PathLike[str] | None = None,
+        codec: str | None = None,
         registry_url: str | None = None,
         registry_token: str | None = None,
     ) -> Config:
@@ -96,11 +98,16 @@ class Config:
             memory_slots=_first(memory_slots, _env_int("KVAGENT_MEMORY_SLOTS"), d.memory_slots),
             publisher=publisher or os.environ.get("KVAGENT_PUBLISHER") or None,
             models_dir=Path(models_dir or os.environ.get("KVAGENT_MODELS_DIR") or d.models_dir).expanduser(),
+            codec=codec or os.environ.get("KVAGENT_CODEC") or d.codec,
             registry_url=registry,
             registry_token=registry_token or os.environ.get("KVAGENT_REGISTRY_TOKEN") or None,
         )
         if cfg.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {cfg.dtype!r}")
+        from .codecs import ARTIFACT_CODECS
+
+        if cfg.codec not in ARTIFACT_CODECS:
+            raise ConfigError(f"codec must be one of {list(ARTIFACT_CODECS)} (lossless), got {cfg.codec!r}")
         if cfg.block_size <= 0:
             raise ConfigError("block_size must be positive")
         if not cfg.local_only and cfg.registry_url is None:

@@ -123,3 +123,19 @@ def test_memory_tier_is_bounded(embedded, tmp_path):
     assert agent.read("First document about ferries.").cache.status == "local"
     assert a.key == agent.read("First document about ferries.").key
     agent.close()
+
+
+def test_compressed_artifacts_are_exact_too(embedded, tmp_path):
+    agent = KVAgent(embedded.model, tokenizer=embedded.tokenizer, cache_dir=tmp_path, codec="bplane-zstd")
+    ids = agent.document_ids(long_text(400, agent.tokenizer))[:400]
+    agent.read_ids(ids)
+    entry = next(iter(agent.store.entries()))
+    assert entry.nbytes < 400 * agent.engine.layout.bytes_per_token(agent.engine.dtype)  # it did compress
+    other = KVAgent(embedded.model, tokenizer=embedded.tokenizer, cache_dir=tmp_path)  # any codec reads any
+    doc = other.read_ids(ids)
+    assert doc.cache.status == "local"
+    q = agent.template.question_ids(agent.tokenizer, QUESTION)
+    assert other.ask(doc, QUESTION, max_new_tokens=32, stop_token_ids=()).token_ids == \
+        agent.generate_full(list(ids) + q, max_new_tokens=32, stop_token_ids=()).token_ids
+    other.close()
+    agent.close()
