@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import artifact as art
 from ..errors import ArtifactFormatError, ArtifactIntegrityError, ArtifactMismatchError
-from ..identity import KeyContext, block_hashes, document_key
+from ..identity import block_hashes
 
 _SIG = re.compile(r"^ed25519:([0-9a-f]{64}):([0-9a-f]{128})\Z")
 
@@ -67,17 +67,9 @@ def validate_upload(path: Path, key: str, signature: Signature | None, block_siz
     header = art.read_header(buf)
     if header.key != key:
         raise ArtifactMismatchError(f"artifact header key {header.key[:16]}… does not match the URL key {key[:16]}…")
-    ids = art.decode(buf).kv.token_ids.numpy().copy()  # verifies the payload tree hash
-    ctx = KeyContext(
-        model_fingerprint=header.model_fingerprint,
-        tokenizer_fingerprint=header.tokenizer_fingerprint,
-        dtype=header.dtype,
-        position_offset=header.position_offset,
-        template_hash=header.template_hash,
-        format_version=header.format_version,
-    )
-    if document_key(ctx, ids) != key:
-        raise ArtifactMismatchError("the key is not the content address of the artifact's context and token ids")
+    # decode verifies the payload tree hash, the decoded content, and that the key is the content
+    # address of the header's context and the token ids
+    ids = art.decode(buf).kv.token_ids.numpy().copy()
     if signature is not None:
         verify_signature(signature, header.payload_sha256)
-    return Validated(header, size, block_hashes(ctx, ids, block_size), signature)
+    return Validated(header, size, block_hashes(art.context_of(header), ids, block_size), signature)
