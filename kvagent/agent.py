@@ -28,7 +28,8 @@ from .identity import KeyContext, block_hashes, document_key
 from .kv import KVCache
 from .models import LoadedModel, load_model, model_fingerprint
 from .prompt import PromptTemplate, build_template
-from .store import KVStore
+from .singleflight import single_flight
+from .store import KVStore, StoreLookup
 
 if TYPE_CHECKING:  # the registry client is imported only when a registry is configured
     from .registry import Handle, RegistryClient
@@ -250,14 +251,29 @@ class KVAgent:
         t0 = time.perf_counter()
         found = self.store.get(key, expect=self.expect)
         if found.artifact is not None:
-            kv = found.artifact.kv
-            self._remember(key, kv)
-            self.counters["local_hits"] += 1
-            self.counters["tokens_saved"] += len(ids)
-            return kv, CacheInfo(
-                "local", "found in the local store", len(ids), 0, load_seconds=time.perf_counter() - t0, bytes_read=found.nbytes
-            )
-        miss_reason = found.reason
+            return self._local_hit(key, ids, found, t0, "found in the local store")
+        with single_flight(self.config.store_dir / "locks", key, self.config.lock_timeout) as flight:
+            if flight.waited:  # another process was computing this key: it is probably stored now
+                again = self.store.get(key, expect=self.expect)
+                if again.artifact is not None:
+                    why = f"computed by another process while we waited {flight.seconds:.1f} s"
+                    return self._local_hit(key, ids, again, t0, why)
+            return self._resolve_miss(key, ids, found.reason, t0, remote_generate=remote_generate)
+
+    def _local_hit(
+        self, key: str, ids: tuple[int, ...], found: StoreLookup, t0: float, why: str
+    ) -> tuple[KVCache, CacheInfo]:
+        assert found.artifact is not None
+        kv = found.artifact.kv
+        self._remember(key, kv)
+        self.counters["local_hits"] += 1
+        self.counters["tokens_saved"] += len(ids)
+        return kv, CacheInfo("local", why, len(ids), 0, load_seconds=time.perf_counter() - t0, bytes_read=found.nbytes)
+
+    def _resolve_miss(
+        self, key: str, ids: tuple[int, ...], miss_reason: str, t0: float, *, remote_generate: bool
+    ) -> tuple[KVCache | None, CacheInfo]:
+        """Registry, cached prefix, or prefill, for a key the local store does not hold (under its lock)."""
         if self.registry is not None:
             kv_remote, info, remote_reason = self._from_registry(key, ids, remote_generate=remote_generate)
             if info is not None:

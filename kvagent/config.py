@@ -60,6 +60,7 @@ class Config:
     publisher: str | None = None
     models_dir: Path = field(default_factory=lambda: _default_cache_dir() / "models")
     codec: str = "raw"
+    lock_timeout: float = 600.0
     registry_url: str | None = None
     registry_token: str | None = field(default=None, repr=False)
 
