@@ -23,13 +23,22 @@ from . import artifact as art
 from . import policy as pol
 from .config import Config
 from .engine import Generation, GenerationParams, TransformersEngine
-from .errors import ArtifactError, ConfigError, EngineError, KVAgentError, RegistryError, StoreError
+from .errors import (
+    ArtifactError,
+    ArtifactIntegrityError,
+    ConfigError,
+    EngineError,
+    KVAgentError,
+    RegistryError,
+    StoreError,
+)
 from .identity import KeyContext, block_hashes, document_key
 from .kv import KVCache
 from .models import LoadedModel, load_model, model_fingerprint
 from .prompt import PromptTemplate, build_template
 from .singleflight import single_flight
 from .store import KVStore, StoreLookup
+from .verification import verify_kv
 
 if TYPE_CHECKING:  # the registry client is imported only when a registry is configured
     from .registry import Handle, RegistryClient
@@ -128,6 +137,7 @@ class KVAgent:
         registry_client: RegistryClient | None = None,
         models_dir: str | os.PathLike[str] | None = None,
         codec: str | None = None,
+        verify: str | None = None,
     ) -> None:
         spec = model if isinstance(model, str) or model is None else None
         self.config = Config.resolve(
@@ -135,6 +145,7 @@ class KVAgent:
             cache_dir=cache_dir,
             models_dir=models_dir,
             codec=codec,
+            verify=verify,
             cache_size_bytes=cache_size_bytes,
             dtype=dtype,
             block_size=block_size,
@@ -191,7 +202,7 @@ class KVAgent:
         self._lock = threading.RLock()
         self.counters = {
             "memory_hits": 0, "local_hits": 0, "prefix_hits": 0, "prefills": 0, "tokens_saved": 0,
-            "remote_hits": 0, "remote_generates": 0, "publishes": 0, "registry_failures": 0,
+            "remote_hits": 0, "remote_generates": 0, "publishes": 0, "registry_failures": 0, "poisoned": 0,
         }
 
     # -- reading ---------------------------------------------------------------------------
@@ -343,6 +354,13 @@ class KVAgent:
         if seconds > 0:
             self._bandwidth = len(blob) / seconds
         remote_kv = artifact.kv
+        check = verify_kv(self.engine, remote_kv, self.config.verify, seed=int.from_bytes(os.urandom(4), "little"))
+        if not check.ok:
+            self.counters["poisoned"] += 1
+            return None, None, self._registry_failed(
+                f"artifact {handle.key[:16]}… from the registry failed {check.mode} verification",
+                ArtifactIntegrityError(check.reason),
+            )
         try:
             self.store.put(artifact.header, bytes(blob), block_hashes(self.context, remote_kv.token_ids.tolist(),
                                                                        self.config.block_size))
@@ -353,7 +371,8 @@ class KVAgent:
             self._remember(key, remote_kv)
             self.counters["tokens_saved"] += len(ids)
             return remote_kv, CacheInfo(
-                "remote", f"fetched from the registry and verified; policy: {decision.reason}", len(ids), 0,
+                "remote", f"fetched from the registry, checksum verified, KV {check.mode}-verified against its "
+                f"tokens ({check.seconds * 1000:.0f} ms); policy: {decision.reason}", len(ids), 0,
                 load_seconds=time.perf_counter() - t0, bytes_read=len(blob),
             ), ""
         n = _common_prefix(remote_kv.token_ids.tolist(), ids)

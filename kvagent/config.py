@@ -61,6 +61,7 @@ class Config:
     models_dir: Path = field(default_factory=lambda: _default_cache_dir() / "models")
     codec: str = "raw"
     lock_timeout: float = 600.0
+    verify: str = "sample"
     registry_url: str | None = None
     registry_token: str | None = field(default=None, repr=False)
 
@@ -82,6 +83,7 @@ class Config:
         publisher: str | None = None,
         models_dir: str | os.PathLike[str] | None = None,
         codec: str | None = None,
+        verify: str | None = None,
         registry_url: str | None = None,
         registry_token: str | None = None,
     ) -> Config:
@@ -100,6 +102,7 @@ class Config:
             publisher=publisher or os.environ.get("KVAGENT_PUBLISHER") or None,
             models_dir=Path(models_dir or os.environ.get("KVAGENT_MODELS_DIR") or d.models_dir).expanduser(),
             codec=codec or os.environ.get("KVAGENT_CODEC") or d.codec,
+            verify=verify or os.environ.get("KVAGENT_VERIFY") or d.verify,
             registry_url=registry,
             registry_token=registry_token or os.environ.get("KVAGENT_REGISTRY_TOKEN") or None,
         )
@@ -107,6 +110,8 @@ class Config:
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {cfg.dtype!r}")
         from .codecs import ARTIFACT_CODECS
 
+        if cfg.verify not in ("none", "sample", "full"):
+            raise ConfigError(f"verify must be none, sample or full, got {cfg.verify!r}")
         if cfg.codec not in ARTIFACT_CODECS:
             raise ConfigError(f"codec must be one of {list(ARTIFACT_CODECS)} (lossless), got {cfg.codec!r}")
         if cfg.block_size <= 0:

@@ -1,0 +1,96 @@
+"""Poisoned KV: an artifact whose tensors are not the KV of the token ids it claims is caught."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvagent import KVAgent
+from kvagent import artifact as art
+from kvagent.engine import TransformersEngine
+from kvagent.kv import KVCache
+from kvagent.policy import PolicyParams
+from kvagent.registry import RegistryClient
+from kvagent.verification import verify_kv
+from tests.conftest import tiny_config
+from tests.registry_server import start_server
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _tampered(engine: TransformersEngine, ids: list[int], kind: str) -> KVCache:
+    honest = engine.prefill(ids)
+    if kind == "changed-token":
+        alt = list(ids)
+        alt[len(ids) // 2] = (alt[len(ids) // 2] + 1) % 512
+        bad = engine.prefill(alt)
+    elif kind == "swapped-document":
+        bad = engine.prefill(_ids(len(ids), 999))
+    elif kind == "perturbed-layer":
+        keys = [k.clone() for k in honest.keys]
+        keys[0][:, :, 40:60] += 0.05 * keys[0].abs().max()
+        values = [v.clone() for v in honest.values]
+        values[-2][:, :, 100:120] *= 1.1
+        return KVCache(tuple(keys), tuple(values), honest.token_ids)
+    else:
+        raise ValueError(kind)
+    return KVCache(bad.keys, bad.values, honest.token_ids)  # claims the original ids
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+def test_sample_verification_passes_honest_kv_and_catches_tampering(tiny_model, arch):
+    engine = TransformersEngine(tiny_model(arch))
+    ids = _ids(400, 1)
+    honest = verify_kv(engine, engine.prefill(ids), "sample", seed=3)
+    assert honest.ok and honest.checked_positions > len(ids), honest
+    for kind in ("changed-token", "swapped-document", "perturbed-layer"):
+        rep = verify_kv(engine, _tampered(engine, ids, kind), "sample", seed=3)
+        assert not rep.ok, (kind, rep)
+        assert "does not match" in rep.reason
+    assert verify_kv(engine, _tampered(engine, ids, "perturbed-layer"), "full").ok is False
+    assert verify_kv(engine, engine.prefill(ids), "full").ok
+
+
+@pytest.mark.slow
+def test_an_agent_refuses_a_poisoned_artifact_from_the_registry(tmp_path: Path, caplog):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    model_dir = tmp_path / "model"
+    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    tokens = {"mallory-token-01": {"principal": "mallory", "publish": True},
+              "bob-token-000002": {"principal": "bob", "publish": False}}
+    server = start_server(tmp_path / "data", tokens)
+    try:
+        policy = PolicyParams(min_tokens=256)
+        bob = KVAgent(model, cache_dir=tmp_path / "bob", registry_url=server.url, token="bob-token-000002",
+                      policy=policy)
+        ids = _ids(600, 2)
+        poisoned = _tampered(bob.engine, ids, "swapped-document")
+        _, blob = art.encode(poisoned, model_fingerprint=bob.context.model_fingerprint,
+                             tokenizer_fingerprint=bob.context.tokenizer_fingerprint,
+                             template_hash=bob.context.template_hash)
+        with RegistryClient(server.url, token="mallory-token-01") as mallory:
+            mallory.publish(blob, visibility="public")  # checksum and key are valid: only the KV lies
+        with caplog.at_level(logging.WARNING):
+            doc = bob.read_ids(ids)
+        assert doc.cache.status == "prefill", doc.cache
+        assert "verification" in doc.cache.reason and bob.stats()["poisoned"] == 1
+        assert doc.key not in bob.store or bob.store.get(doc.key).artifact.kv.keys[0].equal(
+            bob.engine.prefill(ids).keys[0])  # only the honest, locally computed KV was stored
+        got = bob.ask_ids(doc, [1, 2, 3], mode="local", max_new_tokens=12, stop_token_ids=()).token_ids
+        assert got == bob.generate_full(ids + [1, 2, 3], max_new_tokens=12, stop_token_ids=()).token_ids
+        bob.close()
+        # Without verification the same artifact is accepted: the check above is what stops it.
+        trusting = KVAgent(model, cache_dir=tmp_path / "trusting", registry_url=server.url,
+                           token="bob-token-000002", policy=policy, verify="none")
+        assert trusting.read_ids(ids).cache.status == "remote"
+        trusting.close()
+    finally:
+        server.stop()
