@@ -1,0 +1,78 @@
+"""A loopback TCP proxy that injects faults between a client and the registry server.
+
+Modes: ``delay`` holds every upstream→client chunk for ``delay`` seconds (a slow or hung registry);
+``cut`` forwards only ``cut_after`` bytes of each response stream and then drops the connection (a
+server killed mid-download, from the client's point of view).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+from tests.registry_server import free_port
+
+
+@dataclass
+class FaultProxy:
+    upstream_port: int
+    mode: str = "pass"
+    delay: float = 0.0
+    cut_after: int = 0
+
+    def __post_init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, downstream: bool) -> None:
+            sent = 0
+            try:
+                while data := await src.read(65536):
+                    if downstream and self.mode == "delay":
+                        await asyncio.sleep(self.delay)
+                    if downstream and self.mode == "cut":
+                        data = data[: max(0, self.cut_after - sent)]
+                        if not data:
+                            break
+                    dst.write(data)
+                    sent += len(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_w, False), pipe(up_r, writer, True))
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.sleep(0)  # let cancelled transports finish closing
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
