@@ -1,7 +1,7 @@
 """Poisoned-KV detection: how often `sample` verification catches planted tampering, whether the
 tampering would have changed the answer, and what `sample` costs next to a full prefill (one run).
 
-    python -m benchmarks.poisoning [--lengths 512 2048] [--trials 10]
+    python -m benchmarks.poisoning [--lengths 512 2048] [--trials 10] [--probes 64]
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--probes", type=int, default=64, help="positions `sample` recomputes in every layer")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/poisoning.json"))
     args = p.parse_args(argv)
     from tests.conftest import long_text
@@ -92,22 +93,28 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n in args.lengths:
         ids = all_ids[:n]
-        others = [agent.document_ids(text[len(text) // 3 * k :])[:n] for k in (1, 2)]
-        t0 = time.perf_counter()
-        kv = engine.prefill(ids)
-        prefill_s = time.perf_counter() - t0
-        honest = [verify_kv(engine, kv, "sample", seed=s) for s in range(3)]
+        others = [all_ids[n : 2 * n], all_ids[n // 2 : n // 2 + n]]  # other text of the same length
+        prefill_times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            kv = engine.prefill(ids)
+            prefill_times.append(time.perf_counter() - t0)
+        prefill_s = statistics.median(prefill_times)
+        honest = [verify_kv(engine, kv, "sample", probes=args.probes, seed=s) for s in range(3)]
         sample_s = statistics.median(r.seconds for r in honest)
         reference = engine.generate(kv, suffix, ANSWER).token_ids
-        row: dict[str, Any] = {"tokens": n, "prefill_s": prefill_s, "sample_s": sample_s,
+        row: dict[str, Any] = {"tokens": n, "probes": args.probes, "prefill_s": prefill_s, "sample_s": sample_s,
                                "sample_cost_fraction": sample_s / prefill_s,
                                "honest_false_alarms": sum(not r.ok for r in honest),
-                               "honest_max_rel_diff": max(r.max_rel_diff for r in honest), "kinds": {}}
+                               "honest_max_rel_diff": max(r.max_rel_diff for r in honest),
+                               # a 32-position span in the last layer escapes every probe with this chance
+                               "last_layer_span_expected_detection": 1 - (1 - 32 / n) ** min(args.probes, n),
+                               "kinds": {}}
         for kind in KINDS:
             detected = harmful = harmful_missed = 0
             for _ in range(args.trials):
                 bad = tamper(agent, kv, ids, kind, rng, others)
-                rep = verify_kv(engine, bad, "sample", seed=rng.randrange(1 << 30))
+                rep = verify_kv(engine, bad, "sample", probes=args.probes, seed=rng.randrange(1 << 30))
                 changed = engine.generate(bad, suffix, ANSWER).token_ids != reference
                 detected += not rep.ok
                 harmful += changed
@@ -116,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
                                   "changed_answer_but_missed": harmful_missed}
             print(f"{n:>5} {kind:24} detected {detected}/{args.trials}  changed the answer {harmful}/{args.trials}"
                   f"  harmful and missed {harmful_missed}", file=sys.stderr, flush=True)
-        print(f"{n:>5} sample verification {sample_s * 1e3:.0f} ms vs prefill {prefill_s * 1e3:.0f} ms "
+        print(f"{n:>5} last-layer-span expected detection {row['last_layer_span_expected_detection']:.0%}",
+              file=sys.stderr, flush=True)
+        print(f"{n:>5} sample verification ({args.probes} probes) {sample_s * 1e3:.0f} ms vs prefill {prefill_s * 1e3:.0f} ms "
               f"= {row['sample_cost_fraction']:.1%}; false alarms on honest KV {row['honest_false_alarms']}/3",
               file=sys.stderr, flush=True)
         rows.append(row)
     agent.close()
-    result = {"benchmark": "poisoning", "model": agent.loaded.name, "trials": args.trials,
+    result = {"benchmark": "poisoning", "model": agent.loaded.name, "trials": args.trials, "probes": args.probes,
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))

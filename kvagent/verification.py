@@ -6,10 +6,12 @@ Modes:
 
 * ``none``   — trust the artifact (right for the local store, which holds only what this machine computed);
 * ``sample`` — (1) recompute layer 0's K and V for *every* position (they depend only on each token and
-  its position, so one layer's work, not a prefill) and compare; (2) recompute whole chunks of tokens in
-  *all* layers from the artifact's own prefix — the last chunk of the document always, plus random
-  ones — and compare. A chunk attends to every earlier position, so tampering with any earlier position
-  in any layer but the last shows up in the chunk's deeper layers;
+  its position: the embedding and two projections, no attention or MLP) and compare; (2) recompute all
+  layers' K/V at ``probes`` random positions (the last one always) in one batched forward pass, each
+  probe attending only to the artifact's own K/V before it, and compare. A probe at position p checks
+  every layer at p *and*, through attention, that the earlier positions' K/V are consistent with p's;
+  tampering confined to the last layer is seen only at probed positions, so a span of w tampered
+  positions among n escapes with probability (1 - w/n) ** probes;
 * ``full``   — recompute the whole KV and compare.
 
 Comparisons allow for float noise between a chunked and a one-shot computation: an element fails when
@@ -45,7 +47,7 @@ class VerificationReport:
 
 
 class _StopAfterLayer0(Exception):
-    """Raised by a forward hook to end a forward pass once layer 0 has written its K/V."""
+    """Raised by the cache to end a forward pass once layer 0 has computed its K/V."""
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -58,75 +60,101 @@ def verify_kv(
     kv: KVCache,
     mode: str = "sample",
     *,
-    chunks: int = 2,
-    chunk_len: int = 32,
+    probes: int = 64,
     seed: int | None = None,
 ) -> VerificationReport:
     """Check that ``kv`` is the KV of ``kv.token_ids`` under ``engine``'s model."""
     if mode not in MODES:
         raise ConfigError(f"verification mode must be one of {MODES}, got {mode!r}")
+    if probes < 0:
+        raise ConfigError(f"probes must be >= 0, got {probes}")
     t0 = time.perf_counter()
     tol = tolerance(kv.dtype)
     if mode == "none":
         return VerificationReport(mode, True, 0, 0, 0.0, tol, 0.0, "not verified (mode none)")
-    worst = 0.0
-    positions = 0
     if mode == "full":
         fresh = engine.prefill(kv.token_ids.tolist())
         worst, where = _compare_layers(fresh, kv, 0, kv.n_tokens, range(len(kv.keys)))
-        positions = kv.n_tokens
+        positions, layers = kv.n_tokens, len(kv.keys)
     else:
         worst, where = _layer0(engine, kv)
-        positions = kv.n_tokens
-        if worst <= tol:
-            for start in _chunk_starts(kv.n_tokens, chunks, chunk_len, seed):
-                end = min(kv.n_tokens, start + chunk_len)
-                recomputed = engine.prefill_from(kv.truncate(start), kv.token_ids[start:end].tolist())
-                diff, w = _compare_layers(recomputed, kv, start, end, range(len(kv.keys)))
-                positions += end - start
-                if diff > worst:
-                    worst, where = diff, w
-                if worst > tol:
-                    break
+        positions, layers = kv.n_tokens, 1
+        picked = probe_positions(kv.n_tokens, probes, seed)
+        if worst <= tol and picked:
+            diff, w = _probe(engine, kv, picked)
+            positions, layers = positions + len(picked), len(kv.keys)
+            if diff > worst:
+                worst, where = diff, w
     ok = worst <= tol
-    layers = len(kv.keys) if mode == "full" or positions > kv.n_tokens else 1
     reason = "KV matches its token ids" if ok else f"KV does not match its token ids ({where}: relative diff {worst:.3g} > {tol:g})"
     return VerificationReport(mode, ok, positions, layers, worst, tol, time.perf_counter() - t0, reason)
 
 
-def _chunk_starts(n: int, chunks: int, chunk_len: int, seed: int | None) -> list[int]:
-    """The last chunk of the document always, plus ``chunks - 1`` random ones; all start at >= 1."""
-    if n < 2 or chunks <= 0:
+def probe_positions(n: int, probes: int, seed: int | None) -> list[int]:
+    """``probes`` distinct positions in ``[0, n)``, sorted: the last one always, the rest at random."""
+    if n <= 0 or probes <= 0:
         return []
-    last = max(1, n - chunk_len)
     rng = random.Random(seed)
-    starts = [last] + [rng.randint(1, last) for _ in range(max(0, chunks - 1))] if last > 1 else [last]
-    return sorted(set(starts))
+    rest = rng.sample(range(n - 1), min(probes - 1, n - 1))
+    return sorted([n - 1, *rest])
+
+
+@torch.inference_mode()
+def _probe(engine: TransformersEngine, kv: KVCache, positions: list[int]) -> tuple[float, str]:
+    """Recompute every layer's K/V at ``positions`` from the artifact's own earlier K/V, in one pass.
+
+    The probes are appended after the artifact's ``n`` positions with their true position ids and a
+    mask letting probe i see the artifact's positions ``< positions[i]`` and itself only — exactly what
+    a prefill computes at that position if the earlier K/V are honest.
+    """
+    n, k = kv.n_tokens, len(positions)
+    pos = torch.tensor(positions, dtype=torch.long)
+    allowed = torch.zeros(k, n + k, dtype=torch.bool)
+    allowed[:, :n] = torch.arange(n).view(1, -1) < pos.view(-1, 1)
+    allowed[torch.arange(k), n + torch.arange(k)] = True
+    dtype = engine.model.dtype
+    mask = torch.zeros(1, 1, k, n + k, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    cache = engine._cache(kv)
+    engine.model(
+        input_ids=kv.token_ids[pos].view(1, -1).to(engine.device),
+        position_ids=pos.view(1, -1).to(engine.device),
+        attention_mask=mask.to(engine.device),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    worst, where = 0.0, ""
+    for i, layer in enumerate(cache.layers):
+        for name, fresh, stored in (("keys", layer.keys, kv.keys[i]), ("values", layer.values, kv.values[i])):
+            d = _rel(fresh[:, :, n:].cpu(), stored[:, :, pos])
+            if d > worst:
+                worst, where = d, f"layer {i} {name}, probed positions"
+    return worst, where
 
 
 @torch.inference_mode()
 def _layer0(engine: TransformersEngine, kv: KVCache) -> tuple[float, str]:
-    """Recompute layer 0's K/V for all positions (stopping the forward pass after layer 0)."""
+    """Recompute layer 0's K/V for all positions, ending the forward pass as layer 0 hands them to its cache."""
     from transformers import DynamicCache
 
-    layers = engine._layers
-    if not layers:
-        fresh = engine.prefill(kv.token_ids.tolist())
-        return _compare_layers(fresh, kv, 0, kv.n_tokens, [0])
-    cache = DynamicCache(config=engine.config)
+    captured: list[torch.Tensor] = []
 
-    def stop(*_: Any) -> None:
-        raise _StopAfterLayer0
+    class _Layer0Cache(DynamicCache):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *a: Any, **kw: Any) -> Any:
+            if layer_idx == 0:
+                captured.extend((key_states, value_states))
+                raise _StopAfterLayer0
+            return super().update(key_states, value_states, layer_idx, *a, **kw)
 
-    hook = layers[0].register_forward_hook(stop)
     try:
-        engine.model(input_ids=kv.token_ids.view(1, -1).to(engine.device), past_key_values=cache, use_cache=True)
+        engine.model(input_ids=kv.token_ids.view(1, -1).to(engine.device),
+                     past_key_values=_Layer0Cache(config=engine.config), use_cache=True)
     except _StopAfterLayer0:
         pass
-    finally:
-        hook.remove()
-    layer = cache.layers[0]
-    k, v = layer.keys, layer.values
+    if len(captured) != 2:  # a model that never hands layer 0's K/V to the cache: recompute it the long way
+        fresh = engine.prefill(kv.token_ids.tolist())
+        return _compare_layers(fresh, kv, 0, kv.n_tokens, [0])
+    k, v = (t.cpu() for t in captured)
     return max((_rel(k, kv.keys[0]), "layer 0 keys"), (_rel(v, kv.values[0]), "layer 0 values"))
 
 

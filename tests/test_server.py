@@ -184,6 +184,10 @@ def test_auth_and_visibility(server: ServerProcess, local: Any) -> None:
     assert post(server, f"/v1/artifacts/{key}/generate", BOB, json=gen).status_code == 200
     assert post(server, "/v1/lookup/prefix", BOB, json=hashes).json()["key"] == key
     assert get(server, f"/v1/artifacts/{key}", CAROL).status_code == 404
+    # another publisher probing the restricted key with a bogus upload learns what a missing key would tell it
+    probe = shape(put(server, key, b"not an artifact", CAROL), key)
+    assert probe == shape(put(server, missing, b"not an artifact", CAROL), missing)
+    assert 400 <= probe[0] < 500
     # only the owner deletes
     assert httpx.delete(f"{server.url}/v1/artifacts/{key}", headers=BOB).status_code == 403
     assert httpx.delete(f"{server.url}/v1/artifacts/{key}", headers=ALICE).status_code == 204

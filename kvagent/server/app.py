@@ -366,7 +366,9 @@ def create_app(settings: Settings) -> FastAPI:
             st.metrics.publishes.labels("too_large").inc()
             raise ApiError(413, "too_large", f"artifact exceeds the {limit}-byte limit")
         existing = await run_in_threadpool(st.meta.get, key)
-        if existing is not None and existing.owner != p.name:
+        # refuse early only when the caller can see the row: for a restricted key it may not see, the answer
+        # must not differ from a missing key's until it has uploaded a valid artifact for that very key
+        if existing is not None and existing.owner != p.name and can_see(st.meta, existing, p.name):
             st.metrics.publishes.labels("conflict").inc()
             raise ApiError(409, "conflict", "this key is already published by another principal")
         tmp = st.blobs.new_temp()

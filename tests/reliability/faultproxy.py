@@ -2,13 +2,15 @@
 
 Modes: ``delay`` holds every upstream→client chunk for ``delay`` seconds (a slow or hung registry);
 ``cut`` forwards only ``cut_after`` bytes of each response stream and then drops the connection (a
-server killed mid-download, from the client's point of view).
+server killed mid-download, from the client's point of view); ``on_cut``, if set, runs at that moment
+(a test kills the real server there).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tests.registry_server import free_port
@@ -20,6 +22,7 @@ class FaultProxy:
     mode: str = "pass"
     delay: float = 0.0
     cut_after: int = 0
+    on_cut: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         self.port = free_port()
@@ -52,6 +55,8 @@ class FaultProxy:
                     if downstream and self.mode == "cut":
                         data = data[: max(0, self.cut_after - sent)]
                         if not data:
+                            if self.on_cut is not None:
+                                self.on_cut()
                             break
                     dst.write(data)
                     sent += len(data)

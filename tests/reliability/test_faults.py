@@ -159,3 +159,40 @@ def _key(model, ids: list[int]) -> str:
         return probe.key_of(ids)
     finally:
         probe.close()
+
+
+def test_the_server_killed_mid_download_leaves_nothing_partial(model, tmp_path):
+    """kill -9 of the registry process while an agent downloads: local prefill, an exact answer, nothing
+    partial stored; after a restart the registry serves the whole artifact again."""
+    data = tmp_path / "data"
+    server = start_server(data, TOKENS)
+    ids = _ids(600, 4)
+    a = KVAgent(model, cache_dir=tmp_path / "a", registry_url=server.url, token="alice-token-0001",
+                publish="public", policy=PolicyParams(min_tokens=256))
+    assert "published" in a.read_ids(ids).cache.reason
+    a.close()
+    with RegistryClient(server.url, "bob-token-000002") as c:
+        handle = c.lookup(_key(model, ids))
+        assert handle is not None
+    port = int(server.url.rsplit(":", 1)[1])
+    proxy = FaultProxy(port, mode="cut", cut_after=handle.size // 3, on_cut=server.kill9)
+    try:
+        bob = _bob(model, tmp_path / "bob", proxy.url, timeout=5)
+        doc = bob.read_ids(ids)
+        assert doc.cache.status == "prefill" and "from the registry failed" in doc.cache.reason, doc.cache
+        assert server.proc.poll() is not None, "the server should have been killed mid-download"
+        assert [e.key for e in bob.store.entries()] == [doc.key]
+        assert bob.ask_ids(doc, SUFFIX, max_new_tokens=8, stop_token_ids=()).token_ids == \
+            bob.generate_full(ids + SUFFIX, max_new_tokens=8, stop_token_ids=()).token_ids
+        bob.close()
+    finally:
+        proxy.close()
+        server.stop()
+    server = start_server(data, TOKENS)
+    try:
+        carol = _bob(model, tmp_path / "carol", server.url, timeout=5)
+        again = carol.read_ids(ids)
+        assert again.cache.status == "remote", again.cache
+        carol.close()
+    finally:
+        server.stop()

@@ -56,6 +56,34 @@ def test_sample_verification_passes_honest_kv_and_catches_tampering(tiny_model, 
     assert verify_kv(engine, engine.prefill(ids), "full").ok
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "mistral", "gpt2"])
+def test_probes_recompute_every_layer_and_catch_a_last_layer_span(tiny_model, arch, monkeypatch):
+    engine = TransformersEngine(tiny_model(arch))
+    ids = _ids(300, 2)
+    honest = engine.prefill(ids)
+    # layer 0 comes from the cut-short forward pass, never from the full-prefill fallback
+    monkeypatch.setattr(engine, "prefill", lambda *_a, **_k: pytest.fail("layer-0 check ran a full prefill"))
+    rep = verify_kv(engine, honest, "sample", probes=300, seed=1)
+    assert rep.ok and rep.checked_layers == len(honest.keys) and rep.checked_positions == 600, rep
+    assert rep.max_rel_diff < rep.tolerance / 4, rep  # honest noise sits well inside the tolerance
+    values = [v.clone() for v in honest.values]
+    values[-1][:, :, 150] += 0.05 * values[-1].abs().max()  # one position, last layer only
+    last = KVCache(honest.keys, tuple(values), honest.token_ids)
+    assert verify_kv(engine, last, "sample", probes=0).ok  # invisible to the layer-0 check alone...
+    bad = verify_kv(engine, last, "sample", probes=300, seed=1)  # ...seen by a probe at that position
+    assert not bad.ok and f"layer {len(values) - 1} values" in bad.reason, bad
+
+
+def test_probe_positions_are_distinct_sorted_and_include_the_last():
+    from kvagent.verification import probe_positions
+
+    assert probe_positions(0, 5, 1) == [] and probe_positions(10, 0, 1) == []
+    assert probe_positions(10, 100, 1) == list(range(10))
+    picked = probe_positions(1000, 64, 7)
+    assert len(picked) == 64 and picked == sorted(set(picked)) and picked[-1] == 999
+    assert picked == probe_positions(1000, 64, 7) != probe_positions(1000, 64, 8)
+
+
 @pytest.mark.slow
 def test_an_agent_refuses_a_poisoned_artifact_from_the_registry(tmp_path: Path, caplog):
     from transformers import AutoModelForCausalLM
