@@ -138,6 +138,7 @@ class KVAgent:
         models_dir: str | os.PathLike[str] | None = None,
         codec: str | None = None,
         verify: str | None = None,
+        verify_probes: int | None = None,
     ) -> None:
         spec = model if isinstance(model, str) or model is None else None
         self.config = Config.resolve(
@@ -146,6 +147,7 @@ class KVAgent:
             models_dir=models_dir,
             codec=codec,
             verify=verify,
+            verify_probes=verify_probes,
             cache_size_bytes=cache_size_bytes,
             dtype=dtype,
             block_size=block_size,
@@ -354,7 +356,8 @@ class KVAgent:
         if seconds > 0:
             self._bandwidth = len(blob) / seconds
         remote_kv = artifact.kv
-        check = verify_kv(self.engine, remote_kv, self.config.verify, seed=int.from_bytes(os.urandom(4), "little"))
+        check = verify_kv(self.engine, remote_kv, self.config.verify, probes=self.config.verify_probes,
+                          seed=int.from_bytes(os.urandom(4), "little"))
         if not check.ok:
             self.counters["poisoned"] += 1
             return None, None, self._registry_failed(

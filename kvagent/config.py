@@ -62,6 +62,7 @@ class Config:
     codec: str = "raw"
     lock_timeout: float = 600.0
     verify: str = "sample"
+    verify_probes: int = 64
     registry_url: str | None = None
     registry_token: str | None = field(default=None, repr=False)
 
@@ -84,6 +85,7 @@ class Config:
         models_dir: str | os.PathLike[str] | None = None,
         codec: str | None = None,
         verify: str | None = None,
+        verify_probes: int | None = None,
         registry_url: str | None = None,
         registry_token: str | None = None,
     ) -> Config:
@@ -103,6 +105,7 @@ class Config:
             models_dir=Path(models_dir or os.environ.get("KVAGENT_MODELS_DIR") or d.models_dir).expanduser(),
             codec=codec or os.environ.get("KVAGENT_CODEC") or d.codec,
             verify=verify or os.environ.get("KVAGENT_VERIFY") or d.verify,
+            verify_probes=_first(verify_probes, _env_int("KVAGENT_VERIFY_PROBES"), d.verify_probes),
             registry_url=registry,
             registry_token=registry_token or os.environ.get("KVAGENT_REGISTRY_TOKEN") or None,
         )
@@ -112,6 +115,8 @@ class Config:
 
         if cfg.verify not in ("none", "sample", "full"):
             raise ConfigError(f"verify must be none, sample or full, got {cfg.verify!r}")
+        if cfg.verify_probes < 0:
+            raise ConfigError(f"verify_probes must be >= 0, got {cfg.verify_probes}")
         if cfg.codec not in ARTIFACT_CODECS:
             raise ConfigError(f"codec must be one of {list(ARTIFACT_CODECS)} (lossless), got {cfg.codec!r}")
         if cfg.block_size <= 0:

@@ -120,5 +120,21 @@ def test_an_agent_refuses_a_poisoned_artifact_from_the_registry(tmp_path: Path, 
                            token="bob-token-000002", policy=policy, verify="none")
         assert trusting.read_ids(ids).cache.status == "remote"
         trusting.close()
+        # A last-layer-only tampering: the agent's verify_probes decide whether it is seen.
+        other = _ids(600, 5)
+        honest = bob.engine.prefill(other)
+        values = [v.clone() for v in honest.values]
+        values[-1][:, :, 300:] *= 1.5
+        _, blob = art.encode(KVCache(honest.keys, tuple(values), honest.token_ids),
+                             model_fingerprint=bob.context.model_fingerprint,
+                             tokenizer_fingerprint=bob.context.tokenizer_fingerprint,
+                             template_hash=bob.context.template_hash)
+        with RegistryClient(server.url, token="mallory-token-01") as mallory:
+            mallory.publish(blob, visibility="public")
+        for probes, status in ((0, "remote"), (16, "prefill")):
+            agent = KVAgent(model, cache_dir=tmp_path / f"probes{probes}", registry_url=server.url,
+                            token="bob-token-000002", policy=policy, verify_probes=probes)
+            assert agent.read_ids(other).cache.status == status, (probes, agent.read_ids(other).cache)
+            agent.close()
     finally:
         server.stop()
