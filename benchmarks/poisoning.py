@@ -25,6 +25,7 @@ from kvagent.verification import verify_kv
 
 QUESTION = "Who founded the company?"
 ANSWER = GenerationParams(max_new_tokens=8, stop_token_ids=())
+SPAN = 32  # positions a span tampering touches
 
 
 def _replace(kv: KVCache, layer: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> KVCache:
@@ -48,10 +49,10 @@ def tamper(agent: KVAgent, kv: KVCache, ids: list[int], kind: str, rng: random.R
     if kind.startswith("layer-span-noise"):
         rel = float(kind.rsplit("-", 1)[1])
         layer = rng.randrange(0, L - 1)
-        s = rng.randrange(0, n - 32)
+        s = rng.randrange(0, n - SPAN)
         v = kv.values[layer].clone()
         g = torch.Generator().manual_seed(rng.randrange(1 << 30))
-        v[:, :, s : s + 32] += rel * v.std() * torch.randn(v[:, :, s : s + 32].shape, generator=g)
+        v[:, :, s : s + SPAN] += rel * v.std() * torch.randn(v[:, :, s : s + SPAN].shape, generator=g)
         return _replace(kv, layer, values=v)
     if kind == "one-position-mid-layer":
         layer, p = L // 2, rng.randrange(0, n - 1)
@@ -60,9 +61,9 @@ def tamper(agent: KVAgent, kv: KVCache, ids: list[int], kind: str, rng: random.R
         v[:, :, p] *= 1.5
         return _replace(kv, layer, keys=k, values=v)
     if kind == "last-layer-span":
-        s = rng.randrange(0, n - 32)
+        s = rng.randrange(0, n - SPAN)
         v = kv.values[L - 1].clone()
-        v[:, :, s : s + 32] *= 1.5
+        v[:, :, s : s + SPAN] *= 1.5
         return _replace(kv, L - 1, values=v)
     raise ValueError(kind)
 
@@ -107,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                                "sample_cost_fraction": sample_s / prefill_s,
                                "honest_false_alarms": sum(not r.ok for r in honest),
                                "honest_max_rel_diff": max(r.max_rel_diff for r in honest),
-                               # a 32-position span in the last layer escapes every probe with this chance
-                               "last_layer_span_expected_detection": 1 - (1 - 32 / n) ** min(args.probes, n),
+                               # a SPAN-position span in the last layer escapes every probe with 1 minus this chance
+                               "last_layer_span_expected_detection": 1 - (1 - SPAN / n) ** min(args.probes, n),
                                "kinds": {}}
         for kind in KINDS:
             detected = harmful = harmful_missed = 0

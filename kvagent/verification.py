@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .engine import TransformersEngine
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModelError
 from .kv import KVCache
 
 MODES = ("none", "sample", "full")
@@ -123,13 +124,11 @@ def _probe(engine: TransformersEngine, kv: KVCache, positions: list[int]) -> tup
         use_cache=True,
         logits_to_keep=1,
     )
-    worst, where = 0.0, ""
-    for i, layer in enumerate(cache.layers):
-        for name, fresh, stored in (("keys", layer.keys, kv.keys[i]), ("values", layer.values, kv.values[i])):
-            d = _rel(fresh[:, :, n:].cpu(), stored[:, :, pos])
-            if d > worst:
-                worst, where = d, f"layer {i} {name}, probed positions"
-    return worst, where
+    return _worst(
+        (f"layer {i} {name}, probed positions", fresh[:, :, n:].cpu(), stored[:, :, pos])
+        for i, layer in enumerate(cache.layers)
+        for name, fresh, stored in (("keys", layer.keys, kv.keys[i]), ("values", layer.values, kv.values[i]))
+    )
 
 
 @torch.inference_mode()
@@ -151,20 +150,27 @@ def _layer0(engine: TransformersEngine, kv: KVCache) -> tuple[float, str]:
                      past_key_values=_Layer0Cache(config=engine.config), use_cache=True)
     except _StopAfterLayer0:
         pass
-    if len(captured) != 2:  # a model that never hands layer 0's K/V to the cache: recompute it the long way
-        fresh = engine.prefill(kv.token_ids.tolist())
-        return _compare_layers(fresh, kv, 0, kv.n_tokens, [0])
+    if len(captured) != 2:  # the engine reads every KV out of this same cache, so no supported model gets here
+        raise UnsupportedModelError("the model did not hand layer 0's K/V to its cache; kvagent cannot verify it")
     k, v = (t.cpu() for t in captured)
-    return max((_rel(k, kv.keys[0]), "layer 0 keys"), (_rel(v, kv.values[0]), "layer 0 values"))
+    return _worst((("layer 0 keys", k, kv.keys[0]), ("layer 0 values", v, kv.values[0])))
 
 
-def _compare_layers(fresh: KVCache, kv: KVCache, start: int, end: int, layers: Any) -> tuple[float, str]:
+def _compare_layers(fresh: KVCache, kv: KVCache, start: int, end: int, layers: Iterable[int]) -> tuple[float, str]:
+    return _worst(
+        (f"layer {i} {name}, positions {start}-{end - 1}", a[:, :, start:end], b[:, :, start:end])
+        for i in layers
+        for name, a, b in (("keys", fresh.keys[i], kv.keys[i]), ("values", fresh.values[i], kv.values[i]))
+    )
+
+
+def _worst(pairs: Iterable[tuple[str, torch.Tensor, torch.Tensor]]) -> tuple[float, str]:
+    """The largest :func:`_rel` difference over ``(label, recomputed, stored)`` pairs, and its label."""
     worst, where = 0.0, ""
-    for i in layers:
-        for name, a, b in (("keys", fresh.keys[i], kv.keys[i]), ("values", fresh.values[i], kv.values[i])):
-            d = _rel(a[:, :, start:end], b[:, :, start:end])
-            if d > worst:
-                worst, where = d, f"layer {i} {name}, positions {start}-{end - 1}"
+    for label, fresh, stored in pairs:
+        d = _rel(fresh, stored)
+        if d > worst:
+            worst, where = d, label
     return worst, where
 
 

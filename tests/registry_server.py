@@ -32,6 +32,10 @@ class ServerProcess:
     data_dir: Path
     args: list[str] = field(default_factory=list)
 
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

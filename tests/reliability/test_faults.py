@@ -115,8 +115,7 @@ def _bob(model, cache: Path, url: str, timeout: float) -> KVAgent:
 
 def test_a_slow_registry_falls_back_in_bounded_time(published, model, tmp_path, caplog):
     server, ids = published
-    port = int(server.url.rsplit(":", 1)[1])
-    proxy = FaultProxy(port, mode="delay", delay=3.0)
+    proxy = FaultProxy(server.port, mode="delay", delay=3.0)
     try:
         bob = _bob(model, tmp_path, proxy.url, timeout=0.5)
         with caplog.at_level(logging.WARNING, logger="kvagent"):
@@ -133,11 +132,10 @@ def test_a_slow_registry_falls_back_in_bounded_time(published, model, tmp_path, 
 
 def test_a_download_cut_mid_stream_leaves_nothing_partial(published, model, tmp_path):
     server, ids = published
-    port = int(server.url.rsplit(":", 1)[1])
     with RegistryClient(server.url, "bob-token-000002") as c:
         handle = c.lookup(_key(model, ids))
         assert handle is not None
-    proxy = FaultProxy(port, mode="cut", cut_after=handle.size // 2)  # lookups fit; the blob is cut in half
+    proxy = FaultProxy(server.port, mode="cut", cut_after=handle.size // 2)  # lookups fit; the blob is cut in half
     try:
         bob = _bob(model, tmp_path, proxy.url, timeout=5)
         doc = bob.read_ids(ids)
@@ -174,8 +172,7 @@ def test_the_server_killed_mid_download_leaves_nothing_partial(model, tmp_path):
     with RegistryClient(server.url, "bob-token-000002") as c:
         handle = c.lookup(_key(model, ids))
         assert handle is not None
-    port = int(server.url.rsplit(":", 1)[1])
-    proxy = FaultProxy(port, mode="cut", cut_after=handle.size // 3, on_cut=server.kill9)
+    proxy = FaultProxy(server.port, mode="cut", cut_after=handle.size // 3, on_cut=server.kill9)
     try:
         bob = _bob(model, tmp_path / "bob", proxy.url, timeout=5)
         doc = bob.read_ids(ids)

@@ -4,7 +4,6 @@ every document from the registry — all answers equal a full prefill's."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 
 from kvagent.registry import RegistryClient
 from tests.registry_server import start_server
+from tests.reliability.procs import run_workers
 
 pytestmark = pytest.mark.slow
 
@@ -24,17 +24,8 @@ SUFFIX = [5, 6, 7]
 WRITERS, READERS, DOCS = 4, 3, 3
 
 
-def _worker(*args: Any) -> None:  # runs in a spawned process; a failure is reported, not left to a timeout
-    out = args[-1]
-    try:
-        _work(*args)
-    except BaseException as exc:
-        out.put(("error", repr(exc)))
-        raise
-
-
 def _work(model_dir: str, cache_dir: str, url: str, token: str, docs: list[list[int]], barrier: Any,
-          out: Any) -> None:
+          out: Any) -> None:  # runs in a spawned process
     from transformers import AutoModelForCausalLM
 
     from kvagent import GenerationParams, KVAgent
@@ -55,31 +46,17 @@ def _work(model_dir: str, cache_dir: str, url: str, token: str, docs: list[list[
     agent.close()
 
 
-def _run(ctx: Any, n: int, args: Any) -> list[Any]:
-    barrier, out = ctx.Barrier(n, timeout=120), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(*args(i), barrier, out)) for i in range(n)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=300) for _ in procs]
-    assert not [r for r in results if r[0] == "error"], results
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    return results
-
-
 def test_processes_sharing_a_cache_dir_and_a_registry(tmp_path: Path, tiny_model) -> None:
     model_dir = tmp_path / "model"
     tiny_model("llama").save_pretrained(model_dir)
     docs = [torch.randint(0, 512, (900,), generator=torch.Generator().manual_seed(40 + d)).tolist()
             for d in range(DOCS)]
     server = start_server(tmp_path / "data", TOKENS)
-    ctx = mp.get_context("spawn")
     try:
         t0 = time.perf_counter()
         # writers: one shared cache dir, each reading the documents in a different order
-        writers = _run(ctx, WRITERS, lambda i: (str(model_dir), str(tmp_path / "shared"), server.url,
-                                                 "alice-token-0001", docs[i % DOCS:] + docs[: i % DOCS]))
+        writers = run_workers(_work, WRITERS, lambda i: (str(model_dir), str(tmp_path / "shared"), server.url,
+                                                         "alice-token-0001", docs[i % DOCS:] + docs[: i % DOCS]))
         assert sum(prefills for prefills, _ in writers) == DOCS, writers  # one prefill per document, in all
         assert all(exact for _, rows in writers for *_, exact in rows), writers
         keys = {key for _, rows in writers for key, *_ in rows}
@@ -89,8 +66,8 @@ def test_processes_sharing_a_cache_dir_and_a_registry(tmp_path: Path, tiny_model
         metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
         assert f'kvagent_publishes_total{{result="created"}} {float(DOCS)}' in metrics, metrics
         # readers: empty caches of their own, everything comes from the registry, intact
-        readers = _run(ctx, READERS, lambda i: (str(model_dir), str(tmp_path / f"reader{i}"), server.url,
-                                                 "bob-token-000002", docs))
+        readers = run_workers(_work, READERS, lambda i: (str(model_dir), str(tmp_path / f"reader{i}"), server.url,
+                                                         "bob-token-000002", docs))
         assert sum(prefills for prefills, _ in readers) == 0, readers
         assert {status for _, rows in readers for _, status, _ in rows} == {"remote"}, readers
         assert all(exact for _, rows in readers for *_, exact in rows), readers

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.reliability.procs import run_workers
 
 pytestmark = pytest.mark.slow
 
@@ -32,16 +33,7 @@ def test_one_prefill_across_processes(tmp_path: Path, tiny_model) -> None:
     model_dir = tmp_path / "model"
     tiny_model("llama").save_pretrained(model_dir)
     ids = torch.randint(0, 512, (1500,), generator=torch.Generator().manual_seed(5)).tolist()
-    ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(N_PROC), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(str(model_dir), str(tmp_path / "cache"), ids, barrier, out))
-             for _ in range(N_PROC)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=240) for _ in procs]
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    results = run_workers(_worker, N_PROC, lambda _: (str(model_dir), str(tmp_path / "cache"), ids), timeout=240)
     assert sum(prefills for _, prefills, _ in results) == 1, results
     assert sorted(status for status, _, _ in results) == ["local"] * (N_PROC - 1) + ["prefill"]
     assert all(exact for *_, exact in results)
