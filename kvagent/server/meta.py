@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,6 +46,15 @@ class LedgerEntry:
 
 class MetaStore(Protocol):
     """What the server needs from its metadata database."""
+
+    #: the SQL type of an auto-incrementing integer primary key on this backend
+    serial: str
+
+    def transaction(self) -> AbstractContextManager[Any]:
+        """One transaction yielding a DB-API cursor; commit on success, roll back on error."""
+
+    def q(self, sql: str) -> str:
+        """``sql`` with ``?`` placeholders rewritten for this backend."""
 
     def get(self, key: str) -> ArtifactRow | None: ...
 
@@ -103,15 +112,21 @@ class _SQLMeta:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        with self._tx() as cur:
+        with self.transaction() as cur:
             for stmt in _SCHEMA:
                 cur.execute(stmt.format(serial=self.serial))
 
     # -- subclass hooks ------------------------------------------------------------------
     @contextmanager
-    def _tx(self) -> Iterator[Any]:
+    def transaction(self) -> Iterator[Any]:
+        """One database transaction: yields a DB-API cursor (``?`` placeholders go through ``q``); commits on
+        success, rolls back on any exception. Other server modules (ledger, quotas) use it for their own tables."""
         raise NotImplementedError
         yield
+
+    def q(self, sql: str) -> str:
+        """``sql`` with ``?`` placeholders rewritten for this backend."""
+        return self._q(sql)
 
     def _q(self, sql: str) -> str:
         return sql.replace("?", self.ph)
@@ -121,13 +136,13 @@ class _SQLMeta:
 
     # -- protocol ------------------------------------------------------------------------
     def get(self, key: str) -> ArtifactRow | None:
-        with self._tx() as cur:
+        with self.transaction() as cur:
             cur.execute(self._q(f"SELECT {_COLS} FROM artifacts WHERE key = ?"), (key,))
             r = cur.fetchone()
         return ArtifactRow(*r) if r else None
 
     def insert(self, row: ArtifactRow, block_hashes: Sequence[str]) -> ArtifactRow | None:
-        with self._tx() as cur:
+        with self.transaction() as cur:
             cur.execute(
                 self._q(f"INSERT INTO artifacts ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (key) DO NOTHING"),
                 (row.key, row.owner, row.visibility, row.size, row.payload_sha256, row.header_json,
@@ -145,7 +160,7 @@ class _SQLMeta:
         return None
 
     def delete(self, key: str) -> ArtifactRow | None:
-        with self._tx() as cur:
+        with self.transaction() as cur:
             cur.execute(self._q(f"SELECT {_COLS} FROM artifacts WHERE key = ?"), (key,))
             r = cur.fetchone()
             if r is None:
@@ -155,13 +170,13 @@ class _SQLMeta:
         return ArtifactRow(*r)
 
     def grant(self, key: str, principal: str) -> None:
-        with self._tx() as cur:
+        with self.transaction() as cur:
             cur.execute(
                 self._q("INSERT INTO entitlements (key, principal) VALUES (?,?) ON CONFLICT DO NOTHING"), (key, principal)
             )
 
     def is_entitled(self, key: str, principal: str) -> bool:
-        with self._tx() as cur:
+        with self.transaction() as cur:
             cur.execute(self._q("SELECT 1 FROM entitlements WHERE key = ? AND principal = ?"), (key, principal))
             return cur.fetchone() is not None
 
@@ -175,7 +190,7 @@ class _SQLMeta:
             f"WHERE b.hash {frag} AND (a.visibility = 'public' OR a.owner = ? OR EXISTS "
             "(SELECT 1 FROM entitlements e WHERE e.key = a.key AND e.principal = ?))"
         )
-        with self._tx() as cur:
+        with self.transaction() as cur:
             cur.execute(self._q(sql), (*params, principal, principal))
             rows = cur.fetchall()
         best: tuple[int, str] | None = None
@@ -188,7 +203,7 @@ class _SQLMeta:
         return (best[1], best[0]) if best else None
 
     def record(self, entry: LedgerEntry) -> None:
-        with self._tx() as cur:
+        with self.transaction() as cur:
             cur.execute(
                 self._q("INSERT INTO ledger (ts, principal, key, owner, bytes, mode, tokens) VALUES (?,?,?,?,?,?,?)"),
                 (entry.ts or time.time(), entry.principal, entry.key, entry.owner, entry.bytes, entry.mode, entry.tokens),
@@ -203,12 +218,12 @@ class _SQLMeta:
             params.append(key)
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(int(limit))
-        with self._tx() as cur:
+        with self.transaction() as cur:
             cur.execute(self._q(sql), params)
             return [LedgerEntry(*r) for r in cur.fetchall()]
 
     def blob_names(self) -> list[str]:
-        with self._tx() as cur:
+        with self.transaction() as cur:
             cur.execute("SELECT blob FROM artifacts")
             return [r[0] for r in cur.fetchall()]
 
@@ -226,7 +241,7 @@ class SQLiteMeta(_SQLMeta):
         super().__init__()
 
     @contextmanager
-    def _tx(self) -> Iterator[Any]:
+    def transaction(self) -> Iterator[Any]:
         with self._lock:
             cur = self._conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -269,7 +284,7 @@ class PostgresMeta(_SQLMeta):
         return "= ANY(?)", [list(values)]
 
     @contextmanager
-    def _tx(self) -> Iterator[Any]:
+    def transaction(self) -> Iterator[Any]:
         with self._lock:
             if self._conn is None or self._conn.closed or self._conn.broken:
                 self._connect()

@@ -1,0 +1,162 @@
+"""HTTP plumbing shared by every route module: the error answer, bounded JSON bodies, byte ranges, the access log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from ..errors import (
+    ArtifactError,
+    ArtifactTooLargeError,
+    ConfigError,
+    EngineError,
+    InvalidKeyError,
+    KVAgentError,
+    RegistryError,
+)
+from .metrics import Metrics
+from .settings import MAX_JSON_BODY
+
+log = logging.getLogger("kvagent.server")
+access_log = logging.getLogger("kvagent.server.access")
+
+
+class ApiError(RegistryError):
+    """An HTTP error answer: status, machine code and human detail."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers
+
+
+def not_found(key: str) -> ApiError:
+    return ApiError(404, "not_found", f"no artifact {key[:16]}… is visible to you")
+
+
+def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+_KVAGENT_STATUS: list[tuple[type[KVAgentError], int, str]] = [
+    (ApiError, 0, ""),
+    (ArtifactTooLargeError, 413, "too_large"),
+    (ArtifactError, 422, "invalid_artifact"),
+    (InvalidKeyError, 422, "invalid_key"),
+    (EngineError, 422, "invalid_generation"),
+    (ConfigError, 422, "invalid_request"),
+]
+
+
+def kvagent_response(exc: KVAgentError) -> JSONResponse:
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc.code, exc.detail, exc.headers)
+    for cls, status, code in _KVAGENT_STATUS:
+        if isinstance(exc, cls):
+            return error_response(status, code, str(exc)[:1000])
+    log.error("unmapped kvagent error: %s", exc)
+    return error_response(500, "internal", "internal server error")
+
+
+def validation_detail(exc: Any) -> str:
+    parts = []
+    for e in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()))
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)[:1000] or "invalid request"
+
+
+async def read_json(request: Request, model: type[BaseModel]) -> Any:
+    """Read a JSON body of at most MAX_JSON_BODY bytes into ``model`` (413 / 422 on failure)."""
+    size = 0
+    chunks = []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_JSON_BODY:
+            raise ApiError(413, "too_large", f"request body exceeds {MAX_JSON_BODY} bytes")
+        chunks.append(chunk)
+    try:
+        return model.model_validate_json(b"".join(chunks))
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", validation_detail(exc)) from exc
+
+
+class RangeNotSatisfiable(Exception):
+    pass
+
+
+def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
+    """The inclusive byte span of a single ``Range: bytes=a-b | a- | -n`` header, or None for the whole file.
+
+    Raises RangeNotSatisfiable for a malformed, multi-part or out-of-bounds byte range.
+    """
+    if value is None:
+        return None
+    unit, _, spec = value.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        raise RangeNotSatisfiable(value)
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or last.isdigit()) or (first and not first.isdigit()) or (last and not last.isdigit()):
+        raise RangeNotSatisfiable(value)
+    if not first:
+        n = int(last)
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable(value)
+        return max(0, size - n), size - 1
+    a = int(first)
+    b = int(last) if last else size - 1
+    if a >= size or b < a:
+        raise RangeNotSatisfiable(value)
+    return a, min(b, size - 1)
+
+
+
+# -- access log / latency middleware ----------------------------------------------------------
+class AccessLog:
+    """Pure ASGI middleware: one JSON access-log line and one latency observation per request."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status, sent = 500, 0
+
+        async def send_wrapper(message: Any) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            dt = time.perf_counter() - t0
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.latency.labels(scope["method"], route).observe(dt)
+            access_log.info(
+                json.dumps(
+                    {
+                        "ts": round(time.time(), 3),
+                        "method": scope["method"],
+                        "path": scope["path"][:200],
+                        "route": route,
+                        "status": status,
+                        "bytes": sent,
+                        "ms": round(dt * 1000, 2),
+                        "principal": (scope.get("state") or {}).get("principal"),
+                    },
+                    separators=(",", ":"),
+                )
+            )
+
