@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -22,7 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.reuse_vs_prefill import ONE_TOKEN, QUESTION, _timed, sdk_path
+from benchmarks.reuse_vs_prefill import (
+    ONE_TOKEN,
+    QUESTION,
+    STAGES,
+    _timed,
+    breakdown_line,
+    sdk_path,
+    warm_breakdown,
+)
 from kvagent import KVAgent
 from kvagent.models import locate_gguf
 
@@ -40,6 +49,7 @@ def run(lengths: list[int], repeats: int, threads: int) -> dict[str, Any]:
         raise SystemExit(f"this benchmark needs llama-cpp-python: pip install llama-cpp-python ({exc})") from exc
     from tests.conftest import long_text
 
+    load_before = os.getloadavg()[0]
     agent = KVAgent(cache_dir=tempfile.mkdtemp(prefix="kvagent-peer-"))
     engine = agent.engine
     suffix = agent.template.question_ids(agent.tokenizer, QUESTION)
@@ -77,6 +87,8 @@ def run(lengths: list[int], repeats: int, threads: int) -> dict[str, Any]:
             kr.append(_timed(lambda kv=kv: engine.generate(kv, suffix, ONE_TOKEN)))
             ks.append(_timed(lambda ids=ids, want=want: sdk_path(agent, ids, suffix, want)))
         m = statistics.median
+        stages = [warm_breakdown(agent, ids, suffix) for _ in range(repeats)]
+        breakdown = {k: m(b[k] for b in stages) * 1000 for k in STAGES}
         row = {
             "tokens": n,
             "llamacpp_cold_s": m(lc), "llamacpp_warm_s": m(lw), "llamacpp_ratio": m(lc) / m(lw),
@@ -84,14 +96,17 @@ def run(lengths: list[int], repeats: int, threads: int) -> dict[str, Any]:
             "llamacpp_first_token_matches_kvagent": llama_matches_kvagent,
             "kvagent_cold_s": m(kc), "kvagent_raw_s": m(kr), "kvagent_sdk_s": m(ks),
             "kvagent_raw_ratio": m(kc) / m(kr), "kvagent_sdk_ratio": m(kc) / m(ks),
+            "kvagent_sdk_over_raw": m(kr) / m(ks), "kvagent_sdk_over_llamacpp_warm": m(ks) / m(lw),
+            "kvagent_sdk_breakdown_ms": breakdown,
         }
         rows.append(row)
         print(f"{n:>5}: llama.cpp {row['llamacpp_cold_s'] * 1e3:7.0f} → {row['llamacpp_warm_s'] * 1e3:6.1f} ms "
               f"({row['llamacpp_ratio']:.1f}x) | kvagent {row['kvagent_cold_s'] * 1e3:7.0f} → raw "
               f"{row['kvagent_raw_s'] * 1e3:6.1f} ms ({row['kvagent_raw_ratio']:.1f}x), sdk {row['kvagent_sdk_s'] * 1e3:6.1f} ms "
-              f"({row['kvagent_sdk_ratio']:.1f}x)", file=sys.stderr, flush=True)
+              f"({row['kvagent_sdk_ratio']:.1f}x)\n       warm read: {breakdown_line(breakdown)}", file=sys.stderr, flush=True)
     agent.close()
     return {"benchmark": "peer_llamacpp", "threads": threads, "repeats": repeats,
+            "load_avg_1min": [load_before, os.getloadavg()[0]],
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
 
 
@@ -109,13 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     t = Table(title="llama.cpp state restore vs kvagent (same GGUF weights, same ids; median)")
-    for col in ("tokens", "llama.cpp cold", "llama.cpp warm", "x", "state MB", "kvagent cold", "raw", "x", "SDK", "x"):
+    for col in ("tokens", "llama.cpp cold", "llama.cpp warm", "x", "state MB", "kvagent cold", "raw", "x", "SDK", "x",
+                "SDK/raw", "SDK/llama warm"):
         t.add_column(col, justify="right")
     for r in result["rows"]:
         t.add_row(str(r["tokens"]), f"{r['llamacpp_cold_s'] * 1e3:.0f} ms", f"{r['llamacpp_warm_s'] * 1e3:.1f} ms",
                   f"{r['llamacpp_ratio']:.1f}", f"{r['llamacpp_state_bytes'] / 1e6:.0f}",
                   f"{r['kvagent_cold_s'] * 1e3:.0f} ms", f"{r['kvagent_raw_s'] * 1e3:.1f} ms", f"{r['kvagent_raw_ratio']:.1f}",
-                  f"{r['kvagent_sdk_s'] * 1e3:.1f} ms", f"{r['kvagent_sdk_ratio']:.1f}")
+                  f"{r['kvagent_sdk_s'] * 1e3:.1f} ms", f"{r['kvagent_sdk_ratio']:.1f}",
+                  f"{r['kvagent_sdk_over_raw']:.0%}", f"{r['kvagent_sdk_over_llamacpp_warm']:.0%}")
     Console().print(t)
     print(f"results written to {args.json}")
     return 0

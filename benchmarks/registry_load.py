@@ -1,31 +1,49 @@
-"""Registry load on loopback: lookup throughput and latency under many concurrent clients, and blob
-fetch throughput. Bounded in requests and time; talks only to a server process it starts on 127.0.0.1.
+"""Registry load on loopback, measured with ``wrk`` (a compiled load generator, not a Python client on the
+same cores): lookups/s and p50/p99 latency for 1 vs 2 worker processes at 64 connections, then blob
+download MB/s through the app (local blobs) vs through presigned S3 URLs (moto_server on loopback).
+Talks only to processes it starts on 127.0.0.1; every run is bounded in time.
 
-    python -m benchmarks.registry_load [--clients 64] [--requests 6400] [--blob-mb 48]
+    python -m benchmarks.registry_load [--connections 64] [--seconds 20] [--threads 2]
+
+Needs ``wrk`` (apt-get install wrk) and, for the presigned figure, ``moto_server`` (pip install 'moto[server]').
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import secrets
+import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
 from kvagent import artifact as art
 from kvagent.kv import KVCache
 from kvagent.registry import RegistryClient
 
-TOKENS = {"tok-publisher": {"principal": "publisher", "publish": True}, "tok-reader": {"principal": "reader", "publish": False}}
+TOKENS = {"tok-publisher": {"principal": "publisher", "publish": True},
+          "tok-reader": {"principal": "reader", "publish": False}}
 FP = "ab" * 32
+LUA = """
+local keys = {%s}
+local i = 0
+wrk.headers["Authorization"] = "Bearer tok-reader"
+request = function()
+  i = i + 1
+  local key = keys[(i %% #keys) + 1]
+  if i %% 10 == 0 then key = string.rep("0", 64) end -- 1 in 10 is a miss
+  return wrk.format("GET", "/v1/artifacts/" .. key)
+end
+"""
 
 
 def synthetic_artifact(tokens: int, layers: int, seed: int) -> bytes:
@@ -38,32 +56,38 @@ def synthetic_artifact(tokens: int, layers: int, seed: int) -> bytes:
     return art.encode(kv, model_fingerprint=FP, tokenizer_fingerprint=FP, template_hash=FP)[1]
 
 
-async def lookups(url: str, keys: list[str], clients: int, total: int, max_seconds: float) -> dict[str, Any]:
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    counter = iter(range(total))
-    deadline = time.perf_counter() + max_seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": "Bearer tok-reader"}, limits=limits,
-                                 timeout=30) as client:
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
-        async def worker() -> None:
-            for i in counter:
-                if time.perf_counter() > deadline:
-                    return
-                key = keys[i % len(keys)] if i % 10 else secrets.token_hex(32)  # 1 in 10 is a miss
-                t0 = time.perf_counter()
-                resp = await client.get(f"/v1/artifacts/{key}")
-                latencies.append(time.perf_counter() - t0)
-                statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - t0
-    lat = sorted(latencies)
-    return {"clients": clients, "requests": len(lat), "seconds": wall, "requests_per_s": len(lat) / wall,
-            "p50_ms": 1e3 * lat[len(lat) // 2], "p99_ms": 1e3 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-            "max_ms": 1e3 * lat[-1], "statuses": statuses}
+def parse_wrk(out: str) -> dict[str, Any]:
+    """Requests/s, p50/p99 latency (ms), request count and non-2xx/3xx count from ``wrk --latency`` output."""
+    lat = {p: _ms(v, u) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:.*", out)
+    if not (rps and total and "50" in lat and "99" in lat):
+        raise RuntimeError(f"cannot parse wrk output:\n{out}")
+    return {"requests_per_s": float(rps.group(1)), "p50_ms": lat["50"], "p99_ms": lat["99"],
+            "requests": int(total.group(1)), "non_2xx_3xx": int(bad.group(1)) if bad else 0,
+            "socket_errors": errors.group(0) if errors else None}
+
+
+def wrk_lookups(url: str, keys: list[str], connections: int, threads: int, seconds: int, work: Path) -> dict[str, Any]:
+    script = work / "lookup.lua"
+    script.write_text(LUA % ",".join(f'"{k}"' for k in keys))
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s",
+           "-s", str(script), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    return {**parse_wrk(out), "connections": connections, "threads": threads, "seconds": seconds}
+
+
+def publish_set(url: str, n: int, big_tokens: int) -> tuple[list[str], str, int]:
+    with RegistryClient(url, token="tok-publisher") as pub:
+        keys = [pub.publish(synthetic_artifact(8, 2, seed=i), visibility="public").key for i in range(n)]
+        big = synthetic_artifact(big_tokens, 30, seed=10_000)
+        return keys, pub.publish(big, visibility="public").key, len(big)
 
 
 def blob_fetch(url: str, key: str, size: int, repeats: int) -> dict[str, Any]:
@@ -80,38 +104,71 @@ def blob_fetch(url: str, key: str, size: int, repeats: int) -> dict[str, Any]:
     return {"bytes": size, "repeats": repeats, "median_s": med, "MBps": size / med / 1e6}
 
 
+def presigned_fetch(work: Path, blob_tokens: int) -> dict[str, Any]:
+    """Blob MB/s through a presigned URL: the registry on an S3 bucket of moto_server on loopback."""
+    from tests.registry_server import start_server
+    from tests.s3_server import aws_env, new_bucket, s3_endpoint
+
+    with ExitStack() as stack:
+        s3 = stack.enter_context(s3_endpoint(work))
+        stack.enter_context(aws_env(s3))
+        srv = start_server(work / "s3", TOKENS, extra_args=["--blobs", f"s3://{new_bucket(s3)}/kv"])
+        try:
+            _, big_key, big_size = publish_set(srv.url, 1, blob_tokens)
+            return {**blob_fetch(srv.url, big_key, big_size, repeats=5),
+                    "object_store": "moto_server (Python) on loopback"}
+        finally:
+            srv.stop()
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=64)
-    p.add_argument("--requests", type=int, default=6400)
-    p.add_argument("--max-seconds", type=float, default=60)
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seconds", type=int, default=20)
+    p.add_argument("--workers", default="1,2", help="worker counts to compare")
     p.add_argument("--artifacts", type=int, default=32)
     p.add_argument("--blob-tokens", type=int, default=1024, help="tokens of the fetched artifact (46 KB each)")
+    p.add_argument("--skip-presigned", action="store_true", help="no S3 (moto_server) run")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/registry_load.json"))
     args = p.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+        return 2
     from tests.registry_server import start_server
 
     work = Path(tempfile.mkdtemp(prefix="kvagent-load-"))
-    server = start_server(work / "data", TOKENS)
-    try:
-        keys = []
-        with RegistryClient(server.url, token="tok-publisher") as pub:
-            for i in range(args.artifacts):
-                keys.append(pub.publish(synthetic_artifact(8, 2, seed=i), visibility="public").key)
-            big = synthetic_artifact(args.blob_tokens, 30, seed=10_000)
-            big_key = pub.publish(big, visibility="public").key
-        load = asyncio.run(lookups(server.url, keys, args.clients, args.requests, args.max_seconds))
-        fetch = blob_fetch(server.url, big_key, len(big), repeats=5)
-    finally:
-        server.stop()
-    result = {"benchmark": "registry_load", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "lookup": load, "blob_fetch": fetch}
+    result: dict[str, Any] = {"benchmark": "registry_load", "cpus": os.cpu_count(),
+                              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "lookup": {}}
+    for workers in [int(w) for w in args.workers.split(",")]:
+        srv = start_server(work / f"w{workers}", TOKENS, extra_args=["--workers", str(workers), "--log-level", "warning"])
+        try:
+            keys, big_key, big_size = publish_set(srv.url, args.artifacts, args.blob_tokens)
+            wrk_lookups(srv.url, keys, args.connections, args.threads, 3, work)  # warm-up
+            load_before = load_average()
+            r = wrk_lookups(srv.url, keys, args.connections, args.threads, args.seconds, work)
+            result["lookup"][f"{workers}_workers"] = {**r, "load_average_before": load_before}
+            if workers == 1:
+                result["blob_through_app"] = blob_fetch(srv.url, big_key, big_size, repeats=5)
+        finally:
+            srv.stop()
+    if not args.skip_presigned:
+        result["blob_presigned"] = presigned_fetch(work, args.blob_tokens)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(f"lookups: {load['requests']} requests from {load['clients']} concurrent clients in {load['seconds']:.1f} s "
-          f"= {load['requests_per_s']:.0f} req/s; p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, "
-          f"max {load['max_ms']:.1f} ms; statuses {load['statuses']}")
-    print(f"blob fetch: {fetch['bytes'] / 1e6:.1f} MB in {fetch['median_s'] * 1e3:.0f} ms = {fetch['MBps']:.0f} MB/s (median of 5)")
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    for name, r in result["lookup"].items():
+        print(f"lookups, {name.replace('_', ' ')}: {r['requests_per_s']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, "
+              f"p99 {r['p99_ms']:.1f} ms ({r['requests']} requests, {r['connections']} connections, "
+              f"wrk -t{r['threads']} {r['seconds']} s; load average before {r['load_average_before']})")
+    for name in ("blob_through_app", "blob_presigned"):
+        if name not in result:
+            continue
+        b = result[name]
+        print(f"{name.replace('_', ' ')}: {b['bytes'] / 1e6:.0f} MB in {b['median_s'] * 1e3:.0f} ms = {b['MBps']:.0f} MB/s")
     print(f"results written to {args.json}")
     return 0
 

@@ -6,6 +6,10 @@ Three paths per document length, interleaved and repeated (median reported):
 * raw   — the document's KV already in memory, forward the question ids only (the paper's "reuse");
 * sdk   — kvagent end to end on a store hit: key, store read, checksum, deserialise, resume, first token.
 
+Then, per length, where a warm read spends its time (``warm_breakdown``, the SDK's own code path with
+its stage timers): key, store lookup, read (open + map), header parse, integrity check, decode
+(tensors + key re-derivation), LRU touch, building the transformers cache, resume (first token).
+
     python -m benchmarks.reuse_vs_prefill                         # embedded SmolLM2, fp32, CPU
     python -m benchmarks.reuse_vs_prefill --config qwen3-4b --dtype bfloat16 --device cuda
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -79,17 +84,47 @@ def document_ids(agent: KVAgent, tokenizer: Any, n: int, seed: int) -> list[int]
     return agent.document_ids(long_text(n + 64, tokenizer))[:n]
 
 
+#: Stages of a warm read, in order (see ``warm_breakdown``).
+STAGES = ("key", "lookup", "read", "parse", "integrity", "decode", "touch", "cache", "resume")
+
+
+def warm_breakdown(agent: KVAgent, ids: list[int], suffix: list[int]) -> dict[str, float]:
+    """Seconds per stage of one warm read from the local store through the first token."""
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    key = agent.key_of(ids)
+    t["key"] = time.perf_counter() - t0
+    found = agent.store.get(key, expect=agent.expect, timings=t)
+    assert found.artifact is not None, found.reason
+    kv = found.artifact.kv
+    engine = agent.engine
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        cache = engine.new_cache(kv)
+        t1 = time.perf_counter()
+        out = engine.forward(cache, input_ids=torch.tensor([suffix], device=engine.device), logits_to_keep=1)
+        int(out.logits[0, -1].argmax())
+        t2 = time.perf_counter()
+    t.update(cache=t1 - t0, resume=t2 - t1)
+    return {stage: t[stage] for stage in STAGES}
+
+
+def breakdown_line(ms: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.1f}" for k, v in ms.items()) + f"  (ms; sum {sum(ms.values()):.1f})"
+
+
 def sdk_path(agent: KVAgent, ids: list[int], suffix: list[int], want: list[int]) -> None:
     """kvagent end to end on a store hit: key, store read, checksum, deserialise, resume, first token."""
     agent.forget_memory()
     handle = agent.read_ids(ids)
     assert handle.cache.status == "local", handle.cache.reason
-    kv, _ = agent._kv_for(handle.key, handle.token_ids)  # the memory tier now holds what read_ids loaded
+    kv = agent.kv_of(handle)  # the memory tier now holds what read_ids loaded
     out = agent.engine.generate(kv, suffix, ONE_TOKEN).token_ids
     assert out == want, "first token after reuse differs from full prefill"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
     cache_dir = Path(tempfile.mkdtemp(prefix="kvagent-bench-"))
     agent, tok = build(args, cache_dir)
     engine = agent.engine
@@ -108,6 +143,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cold.append(_timed(lambda ids=ids: engine.generate(None, ids + suffix, ONE_TOKEN)))
             raw.append(_timed(lambda ids=ids, kv=kv: engine.generate(kv, suffix, ONE_TOKEN)))
             sdk.append(_timed(lambda ids=ids, want=first_cold: sdk_path(agent, ids, suffix, want)))
+        stages = [warm_breakdown(agent, ids, suffix) for _ in range(args.repeats)]
+        breakdown = {k: statistics.median(b[k] for b in stages) * 1000 for k in STAGES}
         f_pre, f_reuse = flops(n_params, cfg.num_hidden_layers, cfg.hidden_size, n, len(suffix))
         c, r, s = statistics.median(cold), statistics.median(raw), statistics.median(sdk)
         row = {
@@ -116,11 +153,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "flops_prefill": f_pre, "flops_reuse": f_reuse, "flops_ratio": f_pre / f_reuse,
             "kv_bytes": kv.nbytes, "artifact_key": handle.key,
             "cold_all_s": cold, "raw_all_s": raw, "sdk_all_s": sdk,
+            "sdk_over_raw": r / s, "sdk_breakdown_ms": breakdown,
         }
         rows.append(row)
         print(f"{n:>6} tokens  cold {c * 1000:8.1f} ms  raw {r * 1000:7.1f} ms ({row['raw_ratio']:5.1f}x)  "
               f"sdk {s * 1000:7.1f} ms ({row['sdk_ratio']:5.1f}x, keeps {row['sdk_keeps']:.0%})  "
-              f"FLOPs {row['flops_ratio']:5.1f}x", file=sys.stderr, flush=True)
+              f"FLOPs {row['flops_ratio']:5.1f}x\n        warm read: {breakdown_line(breakdown)}", file=sys.stderr, flush=True)
     agent.close()
     return {
         "benchmark": "reuse_vs_prefill",
@@ -131,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "machine": platform.platform(),
         "repeats": args.repeats,
+        "load_avg_1min": [load_before, os.getloadavg()[0]],
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows,
     }
@@ -148,6 +187,13 @@ def print_table(result: dict[str, Any]) -> None:
                   f"{r['sdk_warm_s'] * 1000:.1f} ms", f"{r['sdk_ratio']:.1f}", f"{r['sdk_keeps']:.0%}",
                   f"{r['flops_ratio']:.1f}", f"{r['kv_bytes'] / 1e6:.0f}")
     Console().print(t)
+    b = Table(title="where a warm read spends its time (ms, median)")
+    for col in ("tokens", *STAGES, "sum"):
+        b.add_column(col, justify="right")
+    for r in result["rows"]:
+        ms = r["sdk_breakdown_ms"]
+        b.add_row(str(r["tokens"]), *(f"{ms[k]:.1f}" for k in STAGES), f"{sum(ms.values()):.1f}")
+    Console().print(b)
 
 
 def main(argv: list[str] | None = None) -> int:

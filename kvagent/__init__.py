@@ -27,9 +27,19 @@ from .errors import (
     StoreError,
     UnsupportedModelError,
 )
-from .identity import FORMAT_VERSION, KeyContext, block_hashes, document_key
+from .identity import FORMAT_VERSION, KeyContext, block_hashes, document_key, salted
 from .kv import KVCache, KVLayout
+from .resolver import (
+    ClientSource,
+    KVMemory,
+    RegistrySource,
+    Resolution,
+    Resolver,
+    ResolverSettings,
+    shared_prefix,
+)
 from .store import KVStore
+from .textstream import TextStream, scan_stops
 
 __version__ = "0.1.0"
 
@@ -44,6 +54,7 @@ __all__ = [
     "ArtifactMismatchError",
     "ArtifactTooLargeError",
     "CacheInfo",
+    "ClientSource",
     "Config",
     "ConfigError",
     "DocumentHandle",
@@ -56,16 +67,25 @@ __all__ = [
     "KVAgentError",
     "KVCache",
     "KVLayout",
+    "KVMemory",
     "KVStore",
     "KeyContext",
     "Limits",
     "ModelLoadError",
     "RegistryError",
+    "RegistrySource",
+    "Resolution",
+    "Resolver",
+    "ResolverSettings",
     "StoreError",
+    "TextStream",
     "TransformersEngine",
     "UnsupportedModelError",
     "VerifyReport",
     "__version__",
     "block_hashes",
     "document_key",
+    "salted",
+    "scan_stops",
+    "shared_prefix",
 ]

@@ -1,19 +1,16 @@
 """The KVAgent facade: read a document once, answer many questions from its cached KV.
 
 It only composes the parts: a model (``models``), an engine (``engine``), a prompt template
-(``prompt``), content keys (``identity``), artifacts (``artifact``) and the local store
-(``store``). Tiers, fastest first: this process's memory, the local store, the registry (when
-configured; ``policy`` decides whether fetching pays, and any registry failure is a logged fallback),
-then prefill.
+(``prompt``), and the :class:`~kvagent.resolver.Resolver`, which finds or computes a KV through the
+tiers (this process's memory, the local store, the registry when configured, a cached prefix, then
+prefill) — the same resolver the LangChain models and the OpenAI-compatible endpoint use.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,22 +22,22 @@ from .config import Config
 from .engine import Generation, GenerationParams, TransformersEngine
 from .errors import (
     ArtifactError,
-    ArtifactIntegrityError,
     ConfigError,
     EngineError,
     KVAgentError,
     RegistryError,
-    StoreError,
+    RegistryPaymentRequiredError,
 )
-from .identity import KeyContext, block_hashes, document_key
+from .identity import KeyContext
 from .kv import KVCache
 from .models import LoadedModel, load_model, model_fingerprint
 from .prompt import PromptTemplate, build_template
-from .singleflight import single_flight
-from .store import KVStore, StoreLookup
-from .verification import verify_kv
+from .resolver import CacheInfo, ClientSource, KVMemory, Resolution, Resolver, ResolverSettings
+from .store import KVStore
+from .textstream import TextStream
 
 if TYPE_CHECKING:  # the registry client is imported only when a registry is configured
+    from .calibration import CostModel
     from .registry import Handle, RegistryClient
 
 log = logging.getLogger("kvagent")
@@ -48,22 +45,7 @@ log = logging.getLogger("kvagent")
 #: progress(task, done, total): task is "prefill" or a message shown while loading.
 Progress = Callable[[str, int, int], None]
 
-
-@dataclass(frozen=True)
-class CacheInfo:
-    """What the cache did for one read or ask, and why (shown to users; never silent)."""
-
-    status: str  # "memory" | "local" | "prefix" | "remote" | "remote-generate" | "prefill"
-    reason: str
-    cached_tokens: int
-    prefilled_tokens: int
-    load_seconds: float = 0.0
-    prefill_seconds: float = 0.0
-    bytes_read: int = 0
-
-    @property
-    def hit(self) -> bool:
-        return self.status in ("memory", "local", "prefix", "remote", "remote-generate")
+__all__ = ["Answer", "CacheInfo", "DocumentHandle", "KVAgent", "Progress", "VerifyReport"]
 
 
 @dataclass(frozen=True)
@@ -110,8 +92,8 @@ class KVAgent:
     """Read documents once and answer questions by resuming from their KV.
 
     ``model`` is a model spec (``"smollm2"`` for the embedded default, a local Hugging Face
-    directory, or a hub id already cached) or an already-loaded transformers model, in which case
-    ``tokenizer`` must be given for the text APIs.
+    directory, or a hub id already cached), a ``kvagent.models.LoadedModel``, or an already-loaded
+    transformers model, in which case ``tokenizer`` must be given for the text APIs.
     """
 
     def __init__(
@@ -139,8 +121,15 @@ class KVAgent:
         codec: str | None = None,
         verify: str | None = None,
         verify_probes: int | None = None,
+        allow_context_overflow: bool | None = None,
+        max_price_per_load: int | None = None,
+        budget: int | None = None,
+        prefill_cost_per_token: int | None = None,
+        calibration: str | os.PathLike[str] | bool | None = None,
     ) -> None:
         spec = model if isinstance(model, str) or model is None else None
+        if isinstance(model, LoadedModel):
+            spec, tokenizer = model.name, model.tokenizer
         self.config = Config.resolve(
             model=spec,
             cache_dir=cache_dir,
@@ -156,6 +145,10 @@ class KVAgent:
             publisher=publisher,
             registry_url=registry_url or (registry_client.base_url if registry_client is not None else None),
             registry_token=token,
+            allow_context_overflow=allow_context_overflow,
+            max_price_per_load=max_price_per_load,
+            budget=budget,
+            prefill_cost_per_token=prefill_cost_per_token,
         )
         if publish not in (False, True, "public", "restricted"):
             raise ConfigError(f"publish must be False, True, 'public' or 'restricted', got {publish!r}")
@@ -170,10 +163,10 @@ class KVAgent:
             )
         self._remote: dict[str, Handle] = {}  # documents whose questions the registry answers
         self._remote_generate_ok = True
-        self._prefill_rate: float | None = None  # measured tokens/s
-        self._bandwidth: float | None = None  # measured bytes/s
         self._progress = progress
-        if spec is None and model is not None:
+        if isinstance(model, LoadedModel):
+            self.loaded = model
+        elif spec is None and model is not None:
             mfp = model_fingerprint(model)
             from .identity import sha256_hex, tokenizer_fingerprint
 
@@ -193,19 +186,38 @@ class KVAgent:
             dtype=art.dtype_name(self.engine.dtype),
             template_hash=self.template.hash if self.template else KeyContext.template_hash,
         )
-        self.expect = art.Expectation(
-            model_fingerprint=self.context.model_fingerprint,
-            tokenizer_fingerprint=self.context.tokenizer_fingerprint,
-            dtype=self.context.dtype,
-            layout=self.engine.layout,
-        )
         self.store = KVStore(self.config.store_dir, size_limit=self.config.cache_size_bytes)
-        self._memory: OrderedDict[str, KVCache] = OrderedDict()
-        self._lock = threading.RLock()
-        self.counters = {
-            "memory_hits": 0, "local_hits": 0, "prefix_hits": 0, "prefills": 0, "tokens_saved": 0,
-            "remote_hits": 0, "remote_generates": 0, "publishes": 0, "registry_failures": 0, "poisoned": 0,
-        }
+        self.resolver = Resolver(
+            self.engine,
+            self.context,
+            self.store,
+            memory=KVMemory(self.config.memory_slots),
+            registry=ClientSource(self.registry) if self.registry is not None else None,
+            settings=ResolverSettings(
+                block_size=self.config.block_size, verify=self.config.verify, verify_probes=self.config.verify_probes,
+                lock_timeout=self.config.lock_timeout, allow_context_overflow=self.config.allow_context_overflow,
+                policy=self.policy, max_price_per_load=self.config.max_price_per_load, budget=self.config.budget,
+                prefill_cost_per_token=self.config.prefill_cost_per_token,
+            ),
+            publisher=self.config.publisher,
+            codec=self.config.codec,
+            on_saved=self._maybe_publish,
+            cost=self._cost_model(calibration),
+        )
+        self.expect = self.resolver.expect
+        self.counters = self.resolver.counters
+
+    def _cost_model(self, calibration: str | os.PathLike[str] | bool | None) -> CostModel | None:
+        """Measured costs shared by this machine's processes (``calibration``: a file, or False for none)."""
+        if calibration is False:
+            return None
+        from .calibration import CostModel
+
+        path = None if calibration in (None, True) else calibration
+        return CostModel.for_engine(
+            self.engine, self.context.model_fingerprint, cache_dir=self.config.cache_dir, params=self.policy,
+            path=path, verify=self.config.verify, verify_probes=self.config.verify_probes,  # type: ignore[arg-type]
+        )
 
     # -- reading ---------------------------------------------------------------------------
     def read(self, source: str | os.PathLike[str]) -> DocumentHandle:
@@ -220,7 +232,7 @@ class KVAgent:
 
     def key_of(self, token_ids: Sequence[int]) -> str:
         """The content key of a document's token ids under this agent's model, tokenizer and dtype."""
-        return document_key(self.context, token_ids)
+        return self.resolver.key_of(token_ids)
 
     def read_file(self, path: str | os.PathLike[str]) -> DocumentHandle:
         return self.read(Path(path))
@@ -230,9 +242,23 @@ class KVAgent:
         ids = tuple(int(t) for t in token_ids)
         if not ids:
             raise EngineError("cannot read an empty document")
-        key = document_key(self.context, ids)
-        _, info = self._kv_for(key, ids)
-        return DocumentHandle(key=key, token_ids=ids, source=source, cache=info)
+        res = self._resolve(ids)
+        return DocumentHandle(key=res.key, token_ids=ids, source=source, cache=res.info)
+
+    def kv_of(self, handle: DocumentHandle) -> KVCache:
+        """The KV of a read document (from memory, the store, the registry, or a prefill)."""
+        kv = self._resolve(handle.token_ids).kv
+        assert kv is not None
+        return kv
+
+    def artifact_bytes(self, handle: DocumentHandle) -> bytes:
+        """A read document's KV as artifact bytes (what the local store and the registry hold)."""
+        return self.resolver.encode(handle.key, self.kv_of(handle))[1]
+
+    def _resolve(self, ids: tuple[int, ...], *, remote_generate: bool = False) -> Resolution:
+        report = self._progress
+        progress = (lambda done, total: report("prefill", done, total)) if report is not None else None
+        return self.resolver.resolve(ids, remote_generate=remote_generate, progress=progress)
 
     def _source_text(self, source: str | os.PathLike[str]) -> tuple[str, str]:
         if isinstance(source, os.PathLike):
@@ -247,173 +273,9 @@ class KVAgent:
             raise EngineError("cannot read an empty document")
         return source, "<text>"
 
-    def _kv_for(self, key: str, ids: tuple[int, ...]) -> tuple[KVCache, CacheInfo]:
-        """The KV of ``ids`` from memory, the local store, the registry, a cached prefix, or a prefill."""
-        kv, info = self._resolve(key, ids, remote_generate=False)
-        assert kv is not None
-        return kv, info
-
-    def _resolve(self, key: str, ids: tuple[int, ...], *, remote_generate: bool) -> tuple[KVCache | None, CacheInfo]:
-        """Like ``_kv_for``; with ``remote_generate`` the answer may be "let the registry generate" (kv None)."""
-        with self._lock:
-            kv = self._memory.get(key)
-            if kv is not None:
-                self._memory.move_to_end(key)
-                self.counters["memory_hits"] += 1
-                return kv, CacheInfo("memory", "in this process's memory", len(ids), 0)
-        t0 = time.perf_counter()
-        found = self.store.get(key, expect=self.expect)
-        if found.artifact is not None:
-            return self._local_hit(key, ids, found, t0, "found in the local store")
-        with single_flight(self.config.store_dir / "locks", key, self.config.lock_timeout) as flight:
-            if flight.waited:  # another process was computing this key: it is probably stored now
-                again = self.store.get(key, expect=self.expect)
-                if again.artifact is not None:
-                    why = f"computed by another process while we waited {flight.seconds:.1f} s"
-                    return self._local_hit(key, ids, again, t0, why)
-            return self._resolve_miss(key, ids, found.reason, t0, remote_generate=remote_generate)
-
-    def _local_hit(
-        self, key: str, ids: tuple[int, ...], found: StoreLookup, t0: float, why: str
-    ) -> tuple[KVCache, CacheInfo]:
-        assert found.artifact is not None
-        kv = found.artifact.kv
-        self._remember(key, kv)
-        self.counters["local_hits"] += 1
-        self.counters["tokens_saved"] += len(ids)
-        return kv, CacheInfo("local", why, len(ids), 0, load_seconds=time.perf_counter() - t0, bytes_read=found.nbytes)
-
-    def _resolve_miss(
-        self, key: str, ids: tuple[int, ...], miss_reason: str, t0: float, *, remote_generate: bool
-    ) -> tuple[KVCache | None, CacheInfo]:
-        """Registry, cached prefix, or prefill, for a key the local store does not hold (under its lock)."""
-        if self.registry is not None:
-            kv_remote, info, remote_reason = self._from_registry(key, ids, remote_generate=remote_generate)
-            if info is not None:
-                return kv_remote, info
-            miss_reason = f"{miss_reason}; {remote_reason}"
-        prefix_kv, prefix_reason = self._cached_prefix(ids)
-        t1 = time.perf_counter()
-        kv = self._prefill(ids, prefix_kv)
-        prefill_s = time.perf_counter() - t1
-        if prefill_s > 0 and len(ids) - (prefix_kv.n_tokens if prefix_kv is not None else 0) >= 32:
-            self._prefill_rate = (len(ids) - (prefix_kv.n_tokens if prefix_kv is not None else 0)) / prefill_s
-        blob = self._save(key, kv, ids)
-        self._remember(key, kv)
-        self.counters["prefills"] += 1
-        publish_note = self._maybe_publish(key, blob, len(ids))
-        if prefix_kv is not None:
-            self.counters["prefix_hits"] += 1
-            self.counters["tokens_saved"] += prefix_kv.n_tokens
-            return kv, CacheInfo(
-                "prefix", f"{miss_reason}; {prefix_reason}{publish_note}", prefix_kv.n_tokens,
-                len(ids) - prefix_kv.n_tokens, load_seconds=t1 - t0, prefill_seconds=prefill_s,
-            )
-        log.info("prefilling %d tokens of %s…: %s; %s", len(ids), key[:16], miss_reason, prefix_reason)
-        return kv, CacheInfo(
-            "prefill", f"{miss_reason}; {prefix_reason}{publish_note}", 0, len(ids), prefill_seconds=prefill_s
-        )
-
     # -- the registry ----------------------------------------------------------------------
-    def _from_registry(
-        self, key: str, ids: tuple[int, ...], *, remote_generate: bool
-    ) -> tuple[KVCache | None, CacheInfo | None, str]:
-        """Consult the registry and the policy. Returns (kv, info, "") on success, else (None, None, why)."""
-        assert self.registry is not None
-        if len(ids) < self.policy.min_tokens:
-            return None, None, f"registry not consulted ({len(ids)} tokens < {self.policy.min_tokens}-token threshold)"
-        t0 = time.perf_counter()
-        try:
-            hit = self._remote_lookup(key, ids)
-        except (RegistryError, ArtifactError) as exc:
-            return None, None, self._registry_failed(f"registry lookup of {key[:16]}… failed", exc)
-        handle, covered = hit if hit is not None else (None, 0)
-        decision = pol.decide(
-            pol.Request(
-                n_tokens=len(ids),
-                remote_artifact=handle is not None,
-                remote_tokens=covered,
-                artifact_bytes=handle.size if handle is not None else None,
-                bytes_per_token=self.engine.layout.bytes_per_token(self.engine.dtype),
-                remote_generate=remote_generate and self._remote_generate_ok and covered == len(ids),
-                bandwidth_bytes_per_s=self._bandwidth,
-                prefill_tokens_per_s=self._prefill_rate,
-            ),
-            self.policy,
-        )
-        log.info("registry policy for %s…: %s (%s)", key[:16], decision.choice, decision.reason)
-        if decision.choice == pol.REMOTE_GENERATE and handle is not None:
-            self._remote[key] = handle
-            return None, CacheInfo("remote-generate", f"policy: {decision.reason}", len(ids), 0,
-                                   load_seconds=time.perf_counter() - t0), ""
-        if decision.choice != pol.FETCH or handle is None:
-            return None, None, f"policy: {decision.reason}"
-        try:
-            artifact, blob = self.registry.download_verified(handle, replace(self.expect, key=handle.key))
-        except (RegistryError, ArtifactError) as exc:
-            return None, None, self._registry_failed(f"fetching {handle.key[:16]}… from the registry failed", exc)
-        seconds = self.registry.last_download_seconds
-        if seconds > 0:
-            self._bandwidth = len(blob) / seconds
-        remote_kv = artifact.kv
-        check = verify_kv(self.engine, remote_kv, self.config.verify, probes=self.config.verify_probes,
-                          seed=int.from_bytes(os.urandom(4), "little"))
-        if not check.ok:
-            self.counters["poisoned"] += 1
-            return None, None, self._registry_failed(
-                f"artifact {handle.key[:16]}… from the registry failed {check.mode} verification",
-                ArtifactIntegrityError(check.reason),
-            )
-        try:
-            self.store.put(artifact.header, bytes(blob), block_hashes(self.context, remote_kv.token_ids.tolist(),
-                                                                       self.config.block_size))
-        except StoreError as exc:
-            log.warning("could not cache the fetched %s… locally (the answer is unaffected): %s", handle.key[:16], exc)
-        self.counters["remote_hits"] += 1
-        if handle.key == key:
-            self._remember(key, remote_kv)
-            self.counters["tokens_saved"] += len(ids)
-            return remote_kv, CacheInfo(
-                "remote", f"fetched from the registry, checksum verified, KV {check.mode}-verified against its "
-                f"tokens ({check.seconds * 1000:.0f} ms); policy: {decision.reason}", len(ids), 0,
-                load_seconds=time.perf_counter() - t0, bytes_read=len(blob),
-            ), ""
-        n = _common_prefix(remote_kv.token_ids.tolist(), ids)
-        if n == 0:
-            return None, None, "the registry's prefix artifact shares no tokens"
-        t1 = time.perf_counter()
-        kv = self._prefill(ids, remote_kv.truncate(n))
-        prefill_s = time.perf_counter() - t1
-        self._save(key, kv, ids)
-        self._remember(key, kv)
-        self.counters["tokens_saved"] += n
-        return kv, CacheInfo(
-            "remote", f"fetched a {n}-token prefix from the registry; policy: {decision.reason}", n, len(ids) - n,
-            load_seconds=t1 - t0, prefill_seconds=prefill_s, bytes_read=len(blob),
-        ), ""
-
-    def _remote_lookup(self, key: str, ids: tuple[int, ...]) -> tuple[Handle, int] | None:
-        """The registry's exact artifact (covering every token) or its longest usable prefix artifact."""
-        assert self.registry is not None
-        handle = self.registry.lookup(key)
-        if handle is not None:
-            return handle, len(ids)
-        hashes = block_hashes(self.context, ids, self.config.block_size)
-        found = self.registry.lookup_prefix(hashes) if hashes else None
-        if found is None:
-            return None
-        handle, blocks = found
-        covered = min(blocks * self.config.block_size, handle.header.token_count, len(ids) - 1)
-        return (handle, covered) if covered > 0 else None
-
-    def _registry_failed(self, what: str, exc: KVAgentError) -> str:
-        self.counters["registry_failures"] += 1
-        reason = f"{what} ({type(exc).__name__}: {exc}); prefilling locally"
-        log.warning("%s", reason)
-        return reason
-
-    def _maybe_publish(self, key: str, blob: bytes | None, n_tokens: int) -> str:
-        if self.registry is None or self.publish_visibility is None or blob is None:
+    def _maybe_publish(self, key: str, blob: bytes, n_tokens: int) -> str:
+        if self.registry is None or self.publish_visibility is None:
             return ""
         ok, why = pol.should_publish(n_tokens, self.policy)
         if not ok:
@@ -426,74 +288,19 @@ class KVAgent:
         self.counters["publishes"] += 1
         return f"; published ({self.publish_visibility})"
 
-    def publish(self, handle: DocumentHandle, visibility: str = "restricted", signing_key: Any = None) -> Handle:
-        """Publish a read document's KV to the registry (regardless of the publish threshold)."""
+    def publish(self, handle: DocumentHandle, visibility: str = "restricted", signing_key: Any = None,
+                price: int | None = None) -> Handle:
+        """Publish a read document's KV to the registry (regardless of the publish threshold);
+        ``price``: what a load costs buyers, in integer micro-units of the registry's currency."""
         if self.registry is None:
             raise ConfigError("no registry configured: pass registry_url= or set KVAGENT_REGISTRY_URL")
-        kv, _info = self._kv_for(handle.key, handle.token_ids)
-        _header, blob = self._encode(handle.key, kv)
-        result = self.registry.publish(blob, visibility, signing_key=signing_key)
+        result = self.registry.publish(self.artifact_bytes(handle), visibility, signing_key=signing_key, price=price)
         self.counters["publishes"] += 1
         return result
 
-    def _cached_prefix(self, ids: tuple[int, ...]) -> tuple[KVCache | None, str]:
-        """The longest cached KV whose tokens are a prefix of ``ids`` (at least one block, leaving one token)."""
-        hashes = block_hashes(self.context, ids, self.config.block_size)
-        if not hashes:
-            return None, f"no prefix lookup (document shorter than one {self.config.block_size}-token block)"
-        hit = self.store.find_prefix(hashes)
-        if hit is None:
-            return None, "no cached document shares its first block"
-        key, _blocks = hit
-        found = self.store.get(key, expect=self.expect)
-        if found.artifact is None:
-            return None, f"prefix candidate unusable: {found.reason}"
-        cached = found.artifact.kv.token_ids.tolist()
-        n = 0
-        limit = min(len(cached), len(ids) - 1)
-        while n < limit and cached[n] == ids[n]:
-            n += 1
-        if n == 0:
-            return None, "prefix candidate shares no tokens"
-        return found.artifact.kv.truncate(n), f"reused a cached prefix of {n} tokens"
-
-    def _prefill(self, ids: tuple[int, ...], prefix: KVCache | None) -> KVCache:
-        progress = (lambda done, total: self._progress("prefill", done, total)) if self._progress else None
-        if prefix is None:
-            return self.engine.prefill(ids, progress=progress)
-        return self.engine.prefill_from(prefix, ids[prefix.n_tokens :], progress=progress)
-
-    def _encode(self, key: str, kv: KVCache) -> tuple[art.ArtifactHeader, bytes]:
-        return art.encode(
-            kv,
-            key=key,
-            model_fingerprint=self.context.model_fingerprint,
-            tokenizer_fingerprint=self.context.tokenizer_fingerprint,
-            template_hash=self.context.template_hash,
-            position_offset=self.context.position_offset,
-            publisher=self.config.publisher,
-            codec=self.config.codec,
-        )
-
-    def _save(self, key: str, kv: KVCache, ids: tuple[int, ...]) -> bytes:
-        header, blob = self._encode(key, kv)
-        try:
-            self.store.put(header, blob, block_hashes(self.context, ids, self.config.block_size))
-        except StoreError as exc:
-            log.warning("could not cache %s… locally (the answer is unaffected): %s", key[:16], exc)
-        return blob
-
-    def _remember(self, key: str, kv: KVCache) -> None:
-        with self._lock:
-            self._memory[key] = kv
-            self._memory.move_to_end(key)
-            while len(self._memory) > max(0, self.config.memory_slots):
-                self._memory.popitem(last=False)
-
     def forget_memory(self) -> None:
         """Drop this process's in-memory KV copies (the local store keeps them)."""
-        with self._lock:
-            self._memory.clear()
+        self.resolver.memory.clear()
 
     # -- asking ----------------------------------------------------------------------------
     def ask(self, handle: DocumentHandle, question: str, *, mode: str = "auto", **gen: Any) -> Answer:
@@ -528,19 +335,16 @@ class KVAgent:
     def stream(self, handle: DocumentHandle, question: str, *, mode: str = "auto", **gen: Any) -> Iterator[str]:
         """Yield the answer's text as it is generated (stop tokens are not shown)."""
         run, _suffix, params = self._prepare(handle, question, gen, mode)
-        ids: list[int] = []
-        shown = ""
-        stops = set(params.stop_token_ids)
+        text = TextStream(self.tokenizer, params.stop_token_ids)
         for tok in run.tokens():
-            if tok in stops:
-                break
-            ids.append(tok)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                continue
-            if len(text) > len(shown):
-                yield text[len(shown) :]
-                shown = text
+            delta = text.push(tok)
+            if delta:
+                yield delta
+            if text.stopped:
+                return
+        tail = text.finish()
+        if tail:
+            yield tail
 
     def _prepare(
         self, handle: DocumentHandle, question: str, gen: dict[str, Any], mode: str
@@ -556,29 +360,30 @@ class KVAgent:
         if mode not in ("auto", "local", "remote"):
             raise ConfigError(f"mode must be 'auto', 'local' or 'remote', got {mode!r}")
         if self.registry is None or mode == "local":
-            kv, info = self._kv_for(handle.key, handle.token_ids)
-            return _Run(self, handle, suffix, params, kv, info)
+            res = self._resolve(handle.token_ids)
+            return _Run(self, handle, suffix, params, res.kv, res.info)
         if mode == "remote":
-            with self._lock:
-                local = self._memory.get(handle.key)
+            local = self.resolver.memory.get("", handle.key)
             if handle.key not in self._remote:
                 try:
                     found = self.registry.lookup(handle.key)
                 except (RegistryError, ArtifactError) as exc:
                     found = None
-                    self._registry_failed(f"registry lookup of {handle.key[:16]}… failed", exc)
+                    self.resolver.note_registry_failure(f"registry lookup of {handle.key[:16]}… failed", exc)
                 if found is not None:
                     self._remote[handle.key] = found
             if handle.key in self._remote:
                 info = CacheInfo("remote-generate", "mode='remote': the registry generates from its copy",
-                                 handle.n_tokens, 0)
+                                 handle.n_tokens, 0, source="registry")
                 return _Run(self, handle, suffix, params, None, info)
             log.warning("mode='remote' but the registry has no artifact %s…; answering locally", handle.key[:16])
             if local is not None:
-                return _Run(self, handle, suffix, params, local, CacheInfo("memory", "in this process's memory",
-                                                                           handle.n_tokens, 0))
-        kv_or_none, info = self._resolve(handle.key, handle.token_ids, remote_generate=mode == "auto")
-        return _Run(self, handle, suffix, params, kv_or_none, info)
+                info = CacheInfo("memory", "in this process's memory", handle.n_tokens, 0, source="memory")
+                return _Run(self, handle, suffix, params, local, info)
+        res = self._resolve(handle.token_ids, remote_generate=mode == "auto" and self._remote_generate_ok)
+        if res.remote is not None:
+            self._remote[handle.key] = res.remote
+        return _Run(self, handle, suffix, params, res.kv, res.info)
 
     def _remote_tokens(self, run: _Run) -> Iterator[int]:
         """Tokens from the registry; on any failure, the rest from a local KV (exact for greedy decoding)."""
@@ -586,21 +391,27 @@ class KVAgent:
         key = run.handle.key
         produced: list[int] = []
         try:
-            for tok in self.registry.generate_stream(key, run.suffix, run.params):
+            self.registry.last_charge = 0
+            for tok in self.registry.generate_stream(key, run.suffix, run.params, max_price=self.resolver.price_cap()):
                 produced.append(tok)
                 yield tok
             self.counters["remote_generates"] += 1
             return
         except RegistryError as exc:
             self._remote.pop(key, None)
+            if isinstance(exc, RegistryPaymentRequiredError):
+                self._remote_generate_ok = False
             if "HTTP 501" in str(exc):
                 self._remote_generate_ok = False
-            reason = self._registry_failed(f"remote generate for {key[:16]}… failed after {len(produced)} tokens", exc)
-        kv, info = self._kv_for(key, run.handle.token_ids)
-        run.info = replace(info, reason=f"{reason}; {info.reason}")
+            what = f"remote generate for {key[:16]}… failed after {len(produced)} tokens"
+            reason = self.resolver.note_registry_failure(what, exc)
+        finally:
+            self.resolver.note_spent(self.registry.last_charge)
+        res = self._resolve(run.handle.token_ids)
+        run.info = replace(res.info, reason=f"{reason}; {res.info.reason}")
         left = run.params.max_new_tokens - len(produced)
-        if left > 0:
-            yield from self.engine.stream(kv, run.suffix + produced, replace(run.params, max_new_tokens=left))
+        if left > 0 and res.kv is not None:
+            yield from self.engine.stream(res.kv, run.suffix + produced, replace(run.params, max_new_tokens=left))
 
     def params(self, **gen: Any) -> GenerationParams:
         """GenerationParams with this model's stop tokens unless ``stop_token_ids`` is given."""
@@ -634,7 +445,7 @@ class KVAgent:
     def verify(self, handle: DocumentHandle, question: str = "Summarise the document.", max_new_tokens: int = 32) -> VerifyReport:
         """Greedy answer after reuse vs a full prefill of the same ids, with ``max_new_tokens`` forced."""
         params = GenerationParams(max_new_tokens=max_new_tokens, stop_token_ids=())
-        kv, _info = self._kv_for(handle.key, handle.token_ids)
+        kv = self.kv_of(handle)
         suffix = self._template().question_ids(self.tokenizer, question)
         t0 = time.perf_counter()
         reused = self.engine.generate(kv, suffix, params).token_ids
@@ -656,7 +467,7 @@ class KVAgent:
 
     # -- housekeeping ----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        return {**self.counters, "memory_entries": len(self._memory), **self.store.stats()}
+        return {**self.counters, "memory_entries": len(self.resolver.memory), **self.store.stats()}
 
     def close(self) -> None:
         self.store.close()
@@ -685,10 +496,3 @@ class _Run:
             return self.agent.engine.stream(self.kv, self.suffix, self.params)
         return self.agent._remote_tokens(self)
 
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share, leaving at least one token of ``b`` to prefill."""
-    n, limit = 0, min(len(a), len(b) - 1)
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n

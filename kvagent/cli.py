@@ -53,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", help="registry URL (default: KVAGENT_REGISTRY_URL; none means local only)")
     p.add_argument("--token", help="registry bearer token (default: KVAGENT_REGISTRY_TOKEN)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log cache decisions (-vv for debug)")
+    p.add_argument("--max-price-per-load", type=int, default=None, metavar="MICROS",
+                   help="never buy a registry load above this (micro-units; default: KVAGENT_MAX_PRICE_PER_LOAD)")
+    p.add_argument("--budget", type=int, default=None, metavar="MICROS",
+                   help="spend at most this on purchases in this run (default: KVAGENT_BUDGET)")
+    p.add_argument("--prefill-cost-per-token", type=int, default=None, metavar="MICROS",
+                   help="what a local prefill costs you per token (default 5, the paper's $5/M tokens)")
+    p.add_argument("--allow-context-overflow", action="store_true",
+                   help="read documents longer than the model's context (only for models known to extrapolate; "
+                        "default: KVAGENT_ALLOW_CONTEXT_OVERFLOW or refuse)")
     sub = p.add_subparsers(dest="command")
 
     d = sub.add_parser("demo", help="offline demo on the embedded model: read once, answer from the cache")
@@ -84,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     pub = sub.add_parser("publish", help="read a file and publish its KV to the registry")
     pub.add_argument("file", type=Path)
     pub.add_argument("--public", action="store_true", help="visible to every principal (default: restricted)")
+    pub.add_argument("--price", type=int, default=None,
+                     help="price per load in integer micro-units of the registry's currency (default: free)")
     pub.set_defaults(func=cmd_publish)
 
     c = sub.add_parser("cache", help="inspect or clean the local KV store")
@@ -100,6 +111,27 @@ def _parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="run the registry/host server (see docs/registry-api.md)", add_help=False)
     srv.add_argument("rest", nargs=argparse.REMAINDER)
     srv.set_defaults(func=cmd_serve)
+
+    acc = sub.add_parser("account", help="your registry account: balance, statement; credit (admin)")
+    asub = acc.add_subparsers(dest="account_command", required=True)
+    bal = asub.add_parser("balance", help="your balance in integer micro-units")
+    bal.add_argument("--json", action="store_true")
+    bal.set_defaults(func=cmd_account_balance)
+    stm = asub.add_parser("statement", help="purchases and sales per artifact: loads, amounts, royalties, refunds")
+    stm.add_argument("--json", action="store_true")
+    stm.set_defaults(func=cmd_account_statement)
+    cre = asub.add_parser("credit", help="credit PRINCIPAL with AMOUNT micro-units (admin token only)")
+    cre.add_argument("principal")
+    cre.add_argument("amount", type=int)
+    cre.add_argument("--memo", default="")
+    cre.add_argument("--json", action="store_true")
+    cre.set_defaults(func=cmd_account_credit)
+
+    cal = sub.add_parser("calibrate", help="measure prefill, load and registry costs for the cost policy")
+    cal.add_argument("--show", action="store_true", help="print what is stored; measure nothing")
+    cal.add_argument("--json", action="store_true", help="print a JSON record")
+    cal.add_argument("--lengths", default="128,512,1024", help="prefill lengths to time (default 128,512,1024)")
+    cal.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("economics", help="cost of re-prefill vs reuse vs shipping vs hosting", add_help=False)
     e.add_argument("rest", nargs=argparse.REMAINDER)
@@ -142,6 +174,9 @@ def _agent(args: argparse.Namespace) -> Iterator[Any]:
     agent = KVAgent(
         args.model, cache_dir=args.cache_dir, progress=on_progress,
         registry_url=getattr(args, "registry", None), token=getattr(args, "token", None),
+        allow_context_overflow=True if getattr(args, "allow_context_overflow", False) else None,
+        max_price_per_load=getattr(args, "max_price_per_load", None), budget=getattr(args, "budget", None),
+        prefill_cost_per_token=getattr(args, "prefill_cost_per_token", None),
     )
     try:
         yield agent
@@ -258,7 +293,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     with _agent(args) as agent:
         doc = agent.read(args.file)
-        handle = agent.publish(doc, "public" if args.public else "restricted")
+        visibility = "public" if args.public else "restricted"
+        if args.price is None:
+            handle = agent.publish(doc, visibility)
+        else:
+            with _registry(args) as reg:
+                handle = reg.publish(agent.artifact_bytes(doc), visibility, price=args.price)
         print(json.dumps({"key": handle.key, "size": handle.size, "visibility": handle.visibility,
                           "owner": handle.owner, "tokens": doc.n_tokens}))
     return 0
@@ -327,10 +367,121 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return int(serve_main(args.rest))
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Run the probes (or, with --show, only read the store) and print the calibration."""
+    import tempfile
+
+    from rich.table import Table
+
+    from . import calibration as cal
+    from .config import Config
+
+    cfg = Config.resolve(model=args.model, cache_dir=args.cache_dir, registry_url=args.registry,
+                         registry_token=args.token)
+    store = cal.CalibrationFile(cal.default_path(cfg.cache_dir))
+    rows: list[dict[str, Any]] = []
+    if not args.show:
+        from .engine import TransformersEngine
+        from .models import load_model
+        from .registry import RegistryClient
+
+        loaded = load_model(cfg.model, cfg.models_dir, dtype=cfg.dtype)
+        engine = TransformersEngine(loaded.model)
+        cost = cal.CostModel.for_engine(engine, loaded.model_fingerprint, cache_dir=cfg.cache_dir)
+        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+        registry = RegistryClient(cfg.registry_url, cfg.registry_token) if cfg.registry_url else None
+        with tempfile.TemporaryDirectory() as scratch:
+            rows = cal.calibrate(cost, engine, lengths=lengths, scratch_dir=scratch, registry=registry)
+        if registry is not None:
+            registry.close()
+    stored = cal.summary(store.read())
+    if args.json:
+        print(json.dumps({"file": str(store.path), "measured_now": rows, **stored}, indent=2))
+        return 0
+    console = _console()
+    if rows:
+        now = Table(title="measured now")
+        for col in ("what", "seconds", "rate"):
+            now.add_column(col)
+        for r in rows:
+            now.add_row(r["what"], f"{r['seconds']:.3f}", r["rate"])
+        console.print(now)
+    table = Table(title=f"stored in {store.path}")
+    for col in ("estimate", "value", "provenance"):
+        table.add_column(col)
+    for key, p in stored["prefill"].items():
+        for n, secs in p["seconds"].items():
+            table.add_row(f"prefill {n} tokens [dim]({key})[/]", f"{secs:.2f} s ({int(n) / secs:.0f} tok/s)",
+                          f"{p['provenance']} ({p['samples']} samples)")
+    for machine, ld in stored["load"].items():
+        rate = f"{ld['bytes_per_s'] / 1e6:.0f} MB/s" if ld["bytes_per_s"] else "n/a"
+        table.add_row(f"local load [dim]({machine})[/]", rate, f"measured {ld['samples']}x")
+    for url, link in stored["links"].items():
+        if link.get("rtt_n"):
+            table.add_row(f"round trip {url}", f"{link['rtt_s'] * 1000:.1f} ms", f"measured {int(link['rtt_n'])}x")
+        if link.get("bps_n"):
+            table.add_row(f"download {url}", f"{link['bps'] / 1e6:.1f} MB/s", f"measured {int(link['bps_n'])}x")
+    for url, b in stored["breakers"].items():
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(b["failing_since"]))
+        table.add_row(f"breaker {url}", f"open, {b['failures']} failures", f"failing since {since}")
+    if not table.rows:
+        table.add_row("(nothing stored)", "", "estimates are assumed until something is measured")
+    console.print(table)
+    return 0
+
+
 def cmd_economics(args: argparse.Namespace) -> int:
     from . import economics
 
     return int(economics.main(args.rest))
+
+
+
+# -- account -----------------------------------------------------------------------------------
+def _registry(args: argparse.Namespace) -> Any:
+    from .config import Config
+    from .errors import ConfigError
+    from .registry import RegistryClient
+
+    cfg = Config.resolve(registry_url=args.registry, registry_token=args.token)
+    if cfg.registry_url is None:
+        raise ConfigError("no registry configured: pass --registry URL or set KVAGENT_REGISTRY_URL")
+    return RegistryClient(cfg.registry_url, cfg.registry_token)
+
+
+def cmd_account_balance(args: argparse.Namespace) -> int:
+    with _registry(args) as reg:
+        acct = reg.account()
+    print(json.dumps(acct) if args.json else f"{acct['principal']}: {acct['balance']} {acct['currency']}")
+    return 0
+
+
+def cmd_account_credit(args: argparse.Namespace) -> int:
+    with _registry(args) as reg:
+        out = reg.credit(args.principal, args.amount, args.memo)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"credited {out['credited']} {out['currency']} to {out['principal']} (receipt {out['receipt']}); "
+              f"balance {out['balance']}")
+    return 0
+
+
+def cmd_account_statement(args: argparse.Namespace) -> int:
+    with _registry(args) as reg:
+        s = reg.statement()
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    cur = s["currency"]
+    lines = [f"{s['principal']}: balance {s['balance']} {cur}, credits {s['credits']} {cur}"]
+    for title, rows, cols in (("purchases", s["purchases"], ("loads", "amount", "refunds")),
+                              ("sales", s["sales"], ("loads", "amount", "royalties", "refunds"))):
+        lines.append(f"{title}:" if rows else f"{title}: none")
+        for r in rows:
+            lines.append(f"  {r['key'][:16]}…  " + "  ".join(f"{c} {r[c]}" for c in cols))
+    print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -65,6 +65,11 @@ class Config:
     verify_probes: int = 64
     registry_url: str | None = None
     registry_token: str | None = field(default=None, repr=False)
+    allow_context_overflow: bool = False
+    # money, in integer micro-units of the registry's currency (kvagent.market): None = no limit
+    max_price_per_load: int | None = None
+    budget: int | None = None
+    prefill_cost_per_token: int = 5  # the buyer's own prefill: $5 per million input tokens
 
     @property
     def store_dir(self) -> Path:
@@ -88,6 +93,10 @@ class Config:
         verify_probes: int | None = None,
         registry_url: str | None = None,
         registry_token: str | None = None,
+        allow_context_overflow: bool | None = None,
+        max_price_per_load: int | None = None,
+        budget: int | None = None,
+        prefill_cost_per_token: int | None = None,
     ) -> Config:
         """Build a Config from arguments, then KVAGENT_* variables, then defaults."""
         env_dir = os.environ.get("KVAGENT_CACHE_DIR") or None
@@ -108,6 +117,14 @@ class Config:
             verify_probes=_first(verify_probes, _env_int("KVAGENT_VERIFY_PROBES"), d.verify_probes),
             registry_url=registry,
             registry_token=registry_token or os.environ.get("KVAGENT_REGISTRY_TOKEN") or None,
+            allow_context_overflow=_first(
+                allow_context_overflow, _env_bool("KVAGENT_ALLOW_CONTEXT_OVERFLOW"), d.allow_context_overflow
+            ),
+            max_price_per_load=_money(max_price_per_load, "KVAGENT_MAX_PRICE_PER_LOAD", None),
+            budget=_money(budget, "KVAGENT_BUDGET", None),
+            prefill_cost_per_token=_first(
+                _money(prefill_cost_per_token, "KVAGENT_PREFILL_COST_PER_TOKEN", None), d.prefill_cost_per_token
+            ),
         )
         if cfg.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {cfg.dtype!r}")
@@ -128,6 +145,18 @@ class Config:
         if cfg.cache_size_bytes <= 0:
             raise ConfigError("cache_size_bytes must be positive")
         return cfg
+
+
+def _money(arg: int | None, env: str, default: int | None) -> int | None:
+    """An amount of integer micro-units: the argument, else the variable, else ``default`` (floats refused)."""
+    from .market import amount
+
+    if arg is not None:
+        return amount(arg, env.removeprefix("KVAGENT_").lower())
+    raw = os.environ.get(env)
+    if raw is None or raw.strip() == "":
+        return default
+    return amount(raw, env)
 
 
 def _first(*values):  # type: ignore[no-untyped-def]

@@ -403,6 +403,84 @@ def format_table(result: CostReport) -> str:
     return "\n".join(lines)
 
 
+# -- the market: a price both sides gain from ---------------------------------------------------------
+MICROS_PER_USD = 1_000_000
+DELIVERIES = ("shipped", "hosted")
+
+
+@dataclass(frozen=True)
+class MarketBand:
+    """Selling one document's KV per load, delivered ``shipped`` (the buyer downloads it and pays its own
+    reuse compute; the seller pays egress) or ``hosted`` (the seller generates next to the KV: reuse compute
+    and storage are the seller's). The publisher made the KV once (one prefill).
+
+    Both sides gain at a price P with ``floor < P < ceiling``: the floor is the seller's per-load cost plus
+    the production cost spread over ``n_sales``; the ceiling is what the buyer saves against prefilling.
+    """
+
+    delivery: str
+    n_sales: int
+    production_usd: float  # one prefill, made once by the publisher
+    serve_usd: float  # seller's cost per load
+    floor_usd: float  # serve + production / n_sales
+    ceiling_usd: float  # buyer's prefill cost minus the buyer's own cost of using the KV
+    band_open: bool
+    min_sales: float  # the fewest sales for which some price lets both sides gain (inf: none)
+    tariff_price_usd: float  # the cache-read tariff x the prefill price
+    tariff_break_even_sales: float  # the publisher's break-even number of sales at the tariff price
+    tariff_buyer_saving_usd: float  # per load, at the tariff price
+    tariff_buyer_savings_total_usd: float  # over n_sales loads
+
+    def micros(self, usd: float) -> int:
+        """``usd`` as integer micro-units (rounded to nearest), the unit the registry charges in."""
+        return round(usd * MICROS_PER_USD)
+
+
+def market_band(p: CostParams, delivery: str, n_sales: int) -> MarketBand:
+    """The price band of one delivery mode for ``n_sales`` loads (see MarketBand)."""
+    _check_agents(n_sales)
+    prefill, reuse = prefill_cost(p), reuse_compute_cost(p)
+    if delivery == "shipped":
+        serve, ceiling = egress_cost(p), prefill - reuse
+    elif delivery == "hosted":
+        serve, ceiling = reuse + storage_cost(p) / n_sales, prefill
+    else:
+        raise ConfigError(f"delivery must be one of {DELIVERIES}, got {delivery!r}")
+    floor = serve + prefill / n_sales
+    price = p.cache_read_tariff * prefill
+    return MarketBand(
+        delivery=delivery, n_sales=n_sales, production_usd=prefill, serve_usd=serve, floor_usd=floor,
+        ceiling_usd=ceiling, band_open=floor < ceiling,
+        min_sales=break_even(prefill, serve, ceiling),
+        tariff_price_usd=price, tariff_break_even_sales=break_even(prefill, serve, price),
+        tariff_buyer_saving_usd=ceiling - price, tariff_buyer_savings_total_usd=n_sales * (ceiling - price),
+    )
+
+
+def market_report(p: CostParams, n_sales: int) -> tuple[MarketBand, ...]:
+    return tuple(market_band(p, d, n_sales) for d in DELIVERIES)
+
+
+def _uusd(x: float) -> str:
+    return "never" if not math.isfinite(x) else f"{round(x * MICROS_PER_USD):,} uUSD"
+
+
+def format_market(bands: tuple[MarketBand, ...], p: CostParams) -> str:
+    """Plain-text market summary: per delivery, the band, the break-even sales and the buyer's saving."""
+    lines = [f"market for one {p.document_tokens:,}-token document (prices in uUSD = 1e-6 USD, as the registry charges)"]
+    for b in bands:
+        band = (f"{_uusd(b.floor_usd)} < price < {_uusd(b.ceiling_usd)}" if b.band_open
+                else f"empty (floor {_uusd(b.floor_usd)} >= ceiling {_uusd(b.ceiling_usd)})")
+        lines += [
+            f"{b.delivery}: seller's cost {_uusd(b.serve_usd)}/load + production {_uusd(b.production_usd)} once",
+            f"  band at {b.n_sales:,} sales: {band}; both gain from {_count(b.min_sales)} sales on",
+            f"  at the {p.cache_read_tariff:g}x tariff ({_uusd(b.tariff_price_usd)}/load): publisher breaks even after "
+            f"{_count(b.tariff_break_even_sales)} sales; buyer saves {_uusd(b.tariff_buyer_saving_usd)}/load, "
+            f"{_usd(b.tariff_buyer_savings_total_usd)} over {b.n_sales:,} loads",
+        ]
+    return "\n".join(lines)
+
+
 # -- CLI ---------------------------------------------------------------------------------------------
 _FLAGS: dict[str, tuple[str, type, str]] = {
     "document_tokens": ("--tokens", int, "document length in tokens"),
@@ -443,6 +521,9 @@ def build_parser(prog: str = "kvagent economics") -> argparse.ArgumentParser:
         help=f"number of agents (default {PAPER_AGENTS:,})",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--market", action="store_true",
+                        help="also show the price band where seller and buyer both gain, break-even sales, "
+                             "and buyers' savings at the tariff (N = --agents sales)")
     parser.add_argument(
         "--from-benchmark",
         metavar="FILE",
@@ -501,10 +582,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kvagent economics: {exc}", file=sys.stderr)
         return 2
+    bands = market_report(params, args.agents) if args.market else ()
     if args.json:
-        print(json.dumps(to_dict(result), indent=2, allow_nan=False))
+        out = to_dict(result)
+        if args.market:
+            out["market"] = [_json_safe(asdict(b)) for b in bands]
+        print(json.dumps(out, indent=2, allow_nan=False))
     else:
         print(format_table(result))
+        if args.market:
+            print("\n" + format_market(bands, params))
     return 0
 
 

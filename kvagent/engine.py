@@ -2,11 +2,13 @@
 
 Exactness is defined on token ids: a resume feeds ``suffix_ids`` after the cached ids, exactly
 as a full prefill of ``cached_ids + suffix_ids`` would see them. The cached tensors are never
-modified: the per-call transformers cache copies them before it extends them.
+modified: the per-call transformers cache starts from them as they are (no copy) and extends them
+by concatenation, which always allocates new tensors.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,10 +16,26 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import EngineError, UnsupportedModelError
+from .errors import ContextLengthError, EngineError, UnsupportedModelError
 from .kv import KVCache, KVLayout
 
 LayerProgress = Callable[[int, int], None]
+
+
+def check_context(n_tokens: int, max_positions: int | None, allow_overflow: bool = False) -> None:
+    """Refuse a document of ``n_tokens`` that does not fit the model's ``max_positions`` (None: unknown).
+
+    Called before any prefill: the model never saw later positions, so its KV and answers there are
+    untrustworthy. ``allow_overflow`` (``KVAGENT_ALLOW_CONTEXT_OVERFLOW=1``) is for models known to extrapolate.
+    """
+    if allow_overflow or not max_positions or n_tokens <= max_positions:
+        return
+    raise ContextLengthError(
+        f"the document is {n_tokens} tokens but the model's context is {max_positions} positions; "
+        "split it, or opt in with allow_context_overflow=True / KVAGENT_ALLOW_CONTEXT_OVERFLOW=1 / "
+        "--allow-context-overflow if the model is known to extrapolate",
+        n_tokens, max_positions,
+    )
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,9 @@ class TransformersEngine:
             text_cfg, "n_positions", None
         )
         self._layers = _decoder_layers(model, self.layout.num_layers)
+        # transformers >= 5.x names the forward argument ``cache`` and warns about ``past_key_values``
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     # -- prefill --------------------------------------------------------------------------
     def prefill(self, token_ids: Sequence[int], progress: LayerProgress | None = None) -> KVCache:
@@ -94,7 +115,7 @@ class TransformersEngine:
     ) -> KVCache:
         """The KV of ``prefix`` tokens followed by ``token_ids``, computing only the new tokens."""
         ids = self._ids(token_ids)
-        cache = self._cache(prefix)
+        cache = self.new_cache(prefix)
         n = ids.shape[1]
         chunk = self.chunk_size or n
         chunks = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
@@ -111,24 +132,43 @@ class TransformersEngine:
             hooks = [layer.register_forward_hook(_tick) for layer in self._layers]
         try:
             for s, e in chunks:
-                self.model(input_ids=ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                self.forward(cache, input_ids=ids[:, s:e], logits_to_keep=1)
         finally:
             for h in hooks:
                 h.remove()
         all_ids = ids[0].cpu() if prefix is None else torch.cat([prefix.token_ids, ids[0].cpu()])
         return self._extract(cache, all_ids)
 
-    def _cache(self, kv: KVCache | None) -> Any:
-        """A fresh transformers cache holding a copy of ``kv`` (so extending it never touches ``kv``)."""
-        from transformers import DynamicCache
+    def new_cache(self, kv: KVCache | None) -> Any:
+        """A fresh transformers cache that starts from ``kv`` and never writes to its tensors.
 
+        Plain layers take ``kv``'s tensors as they are: a ``DynamicLayer`` only ever replaces its
+        tensors with ``torch.cat`` results, so the first forward allocates the extended K/V and ``kv``
+        stays untouched, without the full copy a ``DynamicCache(ddp_cache_data=...)`` makes first.
+        Other layer kinds (sliding window) get a copy through their own ``update``.
+        """
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache(config=self.config)
         if kv is None:
-            return DynamicCache(config=self.config)
+            return cache
         self._check_kv(kv)
-        return DynamicCache(
-            ddp_cache_data=[(k.to(self.device), v.to(self.device)) for k, v in zip(kv.keys, kv.values, strict=True)],
-            config=self.config,
-        )
+        pairs = [(k.to(self.device), v.to(self.device)) for k, v in zip(kv.keys, kv.values, strict=True)]
+        if len(cache.layers) != len(pairs):  # layers not known from the config: let transformers build them
+            return DynamicCache(ddp_cache_data=pairs, config=self.config)
+        layer: Any
+        for layer, (k, v) in zip(cache.layers, pairs, strict=True):
+            if type(layer) is DynamicLayer:
+                layer.update(k[:, :, :0], v[:, :, :0])  # initialise dtype/device state on an empty slice
+                layer.keys, layer.values = k, v
+            else:
+                layer.update(k, v)
+        return cache
+
+    def forward(self, cache: Any, **inputs: Any) -> Any:
+        """One model call that reads and extends ``cache`` (from :meth:`new_cache`); returns the model output."""
+        return self.model(**inputs, use_cache=True, **{self._cache_arg: cache})
 
     def _extract(self, cache: Any, ids: torch.Tensor) -> KVCache:
         n = int(ids.numel())
@@ -150,7 +190,7 @@ class TransformersEngine:
         """Yield new token ids after ``kv`` (if any) followed by ``token_ids``."""
         ids = self._ids(token_ids)
         past = kv.n_tokens if kv is not None else 0
-        cache = self._cache(kv)
+        cache = self.new_cache(kv)
         if self.max_positions and past + ids.shape[1] + params.max_new_tokens > self.max_positions:
             raise EngineError(
                 f"{past} cached + {ids.shape[1]} new + {params.max_new_tokens} generated tokens exceed the "
@@ -164,7 +204,7 @@ class TransformersEngine:
         stops = set(params.stop_token_ids)
         step_input = ids
         for _ in range(params.max_new_tokens):
-            out = self.model(input_ids=step_input, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.forward(cache, input_ids=step_input, logits_to_keep=1)
             nxt = _pick(out.logits[0, -1].float().cpu(), params, gen)
             yield nxt
             if nxt in stops:

@@ -12,9 +12,13 @@
     │   └── ArtifactMismatchError   artifact is for another model, tokenizer, dtype or layout
     ├── StoreError             the local store cannot be opened or written
     ├── EngineError            generation parameters or inputs the engine cannot run
+    │   └── ContextLengthError     a document longer than the model's context (refused before prefill)
+    ├── ToolsUnsupportedError  tools asked of a model whose chat template cannot render them
     └── RegistryError          the remote registry refused or failed (see kvagent.registry)
         ├── RegistryUnavailableError  unreachable, timed out, 5xx or 429 (retried)
+        │   └── RegistrySkippedError  not asked: its circuit breaker is open (kvagent.calibration)
         ├── RegistryAuthError         401 / 403
+        ├── RegistryPaymentRequiredError  402: price above the stated maximum or the balance (never retried)
         ├── RegistryConflictError     409
         ├── RegistryRejectedError     413 / 422
         └── RegistryProtocolError     malformed or unexpected response
@@ -23,6 +27,8 @@ Storage and integrity errors are cache misses for the agent: the facade logs the
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class KVAgentError(Exception):
@@ -73,6 +79,18 @@ class EngineError(KVAgentError, ValueError):
     """Generation inputs or parameters are invalid."""
 
 
+class ContextLengthError(EngineError):
+    """A document has more tokens than the model has positions; refused before any prefill."""
+
+    def __init__(self, message: str, n_tokens: int, max_positions: int):
+        super().__init__(message)
+        self.n_tokens, self.max_positions = n_tokens, max_positions
+
+
+class ToolsUnsupportedError(KVAgentError, ValueError):
+    """Tools were given to a model whose chat template has no (known) tool-call format."""
+
+
 class RegistryError(KVAgentError):
     """The registry refused a request or could not be reached."""
 
@@ -85,8 +103,23 @@ class RegistryUnavailableError(RegistryError):
         self.retry_after = retry_after
 
 
+class RegistrySkippedError(RegistryUnavailableError):
+    """The registry was not asked: it failed recently and is skipped until its back-off ends."""
+
+
 class RegistryAuthError(RegistryError):
     """The registry refused the token (401) or the principal may not do this (403)."""
+
+
+class RegistryPaymentRequiredError(RegistryError):
+    """402: the registry refused to charge (price above the caller's maximum, or above its balance).
+
+    ``quote`` is the server's machine-readable quote: ``{"key", "price", "currency", "balance", "reason"}``.
+    """
+
+    def __init__(self, message: str, quote: dict[str, Any]):
+        super().__init__(message)
+        self.quote = quote
 
 
 class RegistryConflictError(RegistryError):

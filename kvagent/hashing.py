@@ -1,19 +1,28 @@
-"""sha256 tree hash of large payloads, computed on several threads.
+"""Digests of large payloads, computed on several threads.
 
-``payload_digest(data) = sha256("kvagent-tree-v1" || chunk_size || sha256(chunk_0) || sha256(chunk_1) || ...)``
-over fixed-size chunks. It is as collision-resistant as sha256 itself, and unlike one sha256 stream
-its chunks can be hashed in parallel (hashlib releases the GIL) and verified independently.
+* ``payload_digest`` — the content address: ``sha256("kvagent-tree-v1" || chunk_size || sha256(chunk_0) ||
+  sha256(chunk_1) || ...)`` over fixed-size chunks. As collision-resistant as sha256 itself, and unlike one
+  sha256 stream its chunks can be hashed in parallel (hashlib releases the GIL) and verified independently.
+* ``local_digest`` — the local store's integrity check: an xxh3-128 tree over the same chunks, about 15x
+  faster than sha256. It detects accidental damage (bit flips, truncation, torn writes) with a 2^-128
+  chance of a miss, and is **not** a content address: it never leaves the machine that computed it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+
+import xxhash
 
 #: Bytes per leaf of the tree hash. Part of the artifact format: changing it changes every digest.
 CHUNK_SIZE = 4 * 1024 * 1024
 _TAG = b"kvagent-tree-v1\0"
+#: Name recorded with every local digest, so a later change of algorithm reads as "unknown", never as damage.
+LOCAL_ALGORITHM = "xxh3-128-tree-v1"
+_LOCAL_TAG = b"kvagent-local-v1\0"
 
 _pool: ThreadPoolExecutor | None = None
 
@@ -29,19 +38,39 @@ def _leaf(view: memoryview) -> bytes:
     return hashlib.sha256(view).digest()
 
 
-def chunk_digests(data: bytes | bytearray | memoryview, chunk_size: int = CHUNK_SIZE) -> list[bytes]:
-    """sha256 of each ``chunk_size`` slice of ``data`` (the last may be shorter), in order."""
+def _local_leaf(view: memoryview) -> bytes:
+    return xxhash.xxh3_128_digest(view)
+
+
+def _leaves(data: bytes | bytearray | memoryview, chunk_size: int, leaf: Callable[[memoryview], bytes]) -> list[bytes]:
     view = memoryview(data).cast("B")
     n = len(view)
     slices = [view[i : i + chunk_size] for i in range(0, n, chunk_size)] or [view[0:0]]
     if len(slices) == 1:
-        return [_leaf(slices[0])]
-    return list(_executor().map(_leaf, slices))
+        return [leaf(slices[0])]
+    return list(_executor().map(leaf, slices))
+
+
+def chunk_digests(data: bytes | bytearray | memoryview, chunk_size: int = CHUNK_SIZE) -> list[bytes]:
+    """sha256 of each ``chunk_size`` slice of ``data`` (the last may be shorter), in order."""
+    return _leaves(data, chunk_size, _leaf)
 
 
 def payload_digest(data: bytes | bytearray | memoryview, chunk_size: int = CHUNK_SIZE) -> str:
     """The tree hash of ``data`` as 64 lowercase hex characters."""
     root = hashlib.sha256(_TAG + chunk_size.to_bytes(8, "little"))
     for d in chunk_digests(data, chunk_size):
+        root.update(d)
+    return root.hexdigest()
+
+
+def local_digest(data: bytes | bytearray | memoryview, chunk_size: int = CHUNK_SIZE) -> str:
+    """The local store's integrity digest of ``data``: xxh3-128 over the length and the xxh3-128 of each chunk.
+
+    32 lowercase hex characters. The length is hashed too, so a truncation at a chunk boundary changes it.
+    """
+    view = memoryview(data).cast("B")
+    root = xxhash.xxh3_128(_LOCAL_TAG + chunk_size.to_bytes(8, "little") + len(view).to_bytes(8, "little"))
+    for d in _leaves(view, chunk_size, _local_leaf):
         root.update(d)
     return root.hexdigest()

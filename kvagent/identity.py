@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -153,3 +153,15 @@ def block_hashes(
 def template_hash(prefix_token_ids: Sequence[int], template_text: str | None) -> str:
     """Hash of the prompt-template prefix placed before a document (its ids and the template source)."""
     return sha256_hex(b"kvagent-template\0", token_bytes(prefix_token_ids), canonical_json(template_text))
+
+
+def salted(ctx: KeyContext, salt: str) -> KeyContext:
+    """``ctx`` in a private namespace: keys and block hashes under it differ from every other namespace's.
+
+    The salt is folded into the template hash (which every key and block hash commits to), so a
+    principal's private prompt KV can never be found from another principal's token ids. Salts are
+    derived by the server from the authenticated identity, never chosen by clients.
+    """
+    if not salt:
+        return ctx
+    return replace(ctx, template_hash=sha256_hex(b"kvagent-salt\0", salt.encode(), b"\0", ctx.template_hash.encode()))

@@ -63,8 +63,13 @@ def load_model(
     *,
     dtype: str | None = None,
     notify: ProgressFn | None = None,
+    require_tokenizer: bool = True,
 ) -> LoadedModel:
-    """Load the model named by ``spec`` (embedded name, directory, or cached hub id)."""
+    """Load the model named by ``spec`` (embedded name, directory, or cached hub id).
+
+    With ``require_tokenizer=False`` a model directory without a tokenizer loads with ``tokenizer`` None
+    (generation on token ids still works; a server hosting it answers text requests with a clear error).
+    """
     t0 = time.perf_counter()
     spec = spec or EMBEDDED_NAMES[0]
     if spec.lower() in EMBEDDED_NAMES:
@@ -73,13 +78,13 @@ def load_model(
     else:
         path = Path(spec).expanduser()
         name = spec
-    model, tokenizer = _load_pretrained(str(path) if path.exists() else spec, dtype)
+    model, tokenizer = _load_pretrained(str(path) if path.exists() else spec, dtype, require_tokenizer)
     mfp = model_fingerprint_cached(model, path if path.exists() else None, models_dir)
     tfp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else sha256_hex(b"no-tokenizer")
     return LoadedModel(model, tokenizer, name, mfp, tfp, time.perf_counter() - t0)
 
 
-def _load_pretrained(source: str, dtype: str | None) -> tuple[Any, Any]:
+def _load_pretrained(source: str, dtype: str | None, require_tokenizer: bool = True) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,7 +101,10 @@ def _load_pretrained(source: str, dtype: str | None) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"model {source!r} loaded but its tokenizer did not: {exc}") from exc
+        if require_tokenizer:
+            raise ModelLoadError(f"model {source!r} loaded but its tokenizer did not: {exc}") from exc
+        log.warning("model %s has no loadable tokenizer (%s): only token-id requests will work", source, exc)
+        tokenizer = None
     model.eval()
     return model, tokenizer
 

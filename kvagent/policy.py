@@ -2,14 +2,27 @@
 
 Choices: ``local-hit`` (already here), ``fetch-and-resume`` (download the artifact from the registry,
 then decode locally), ``remote-generate`` (the registry continues from its copy; only the answer
-crosses the network) and ``local-prefill`` (compute it). A fetch must pay: its estimated time
-(round trip + transfer + loading, which costs 1/``reuse_cost_ratio`` of a prefill, + prefilling what
-the remote artifact does not cover) must beat a local prefill. Defaults follow the paper's figures
-(egress $0.09/GB, reuse 49.7x cheaper than re-prefill); measured rates override the assumed ones.
+crosses the network) and ``local-prefill`` (compute it).
+
+**Time.** A fetch must pay: its estimated time (round trip + transfer + loading + verifying + prefilling
+what the remote artifact does not cover) must beat a local prefill of the whole document.
+
+**Money** is a second term in the same comparison, not a separate path. When the registry sells the load
+(``Request.price_micros``, integer µUSD), the purchase is refused if it exceeds
+``PolicyParams.max_price_per_load_micros`` or ``budget_left_micros``; otherwise a fetch must also be
+free or cheaper than prefilling the tokens it covers here (``covered × prefill_cost_micros_per_token``),
+*and* still pay in time. Egress (``egress_usd_per_gb``, capped by ``max_egress_usd``) is reported.
+
+**Estimates** are inputs (``kvagent.calibration.CostModel`` measures them), each an ``Estimate`` that
+says where it came from: ``measured n times``, ``first-use probe``, ``assumed`` (the built-in constants,
+the last resort) or ``fixed``. Setting ``PolicyParams.prefill_tokens_per_s`` or
+``bandwidth_bytes_per_s`` fixes that rate: it replaces every measured estimate (for debugging and
+benchmarks, e.g. ``bandwidth_bytes_per_s=1e12`` forces fetches, ``min_tokens=10**9`` forces prefill).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,37 +32,80 @@ FETCH = "fetch-and-resume"
 LOCAL_PREFILL = "local-prefill"
 CHOICES = (LOCAL_HIT, REMOTE_GENERATE, FETCH, LOCAL_PREFILL)
 
+MEASURED, PROBE, ASSUMED, FIXED = "measured", "probe", "assumed", "fixed"
+SOURCES = (MEASURED, PROBE, ASSUMED, FIXED)
+
+ASSUMED_PREFILL_TOKENS_PER_S = 2000.0  # a small model on CPU: the last resort when nothing was measured
+ASSUMED_BANDWIDTH_BYTES_PER_S = 100e6  # ~0.8 Gbit/s
+LOOKUP_DEADLINE_FLOOR_S = 0.5
+LOOKUP_DEADLINE_CEILING_S = 20.0  # the registry client's read timeout
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A quantity (seconds or bytes/s) and where it came from."""
+
+    value: float
+    source: str = ASSUMED
+    n: int = 0  # how many measurements a ``measured`` estimate rests on (0: measured in this process)
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"Estimate.source must be one of {SOURCES}, got {self.source!r}")
+        if not (math.isfinite(self.value) and self.value >= 0):
+            raise ValueError(f"Estimate.value must be finite and >= 0, got {self.value!r}")
+
+    @property
+    def provenance(self) -> str:
+        """``measured 12x``, ``first-use probe``, ``assumed`` or ``fixed by PolicyParams``."""
+        if self.source == MEASURED:
+            return f"measured {self.n}x" if self.n else "measured in this process"
+        if self.source == PROBE:
+            return "first-use probe"
+        return "fixed by PolicyParams" if self.source == FIXED else "assumed"
+
+    def scaled(self, factor: float) -> Estimate:
+        return Estimate(self.value * factor, self.source, self.n)
+
 
 @dataclass(frozen=True)
 class PolicyParams:
-    """Assumptions of the cost model; every field can be overridden."""
+    """Settings of the cost model. ``prefill_tokens_per_s`` / ``bandwidth_bytes_per_s`` fix a rate
+    (replacing measured ones); left None, measured estimates are used, else the assumed constants."""
 
     min_tokens: int = 256  # below this, nothing is fetched or published
-    bandwidth_bytes_per_s: float = 100e6  # assumed link to the registry (~0.8 Gbit/s)
-    rtt_s: float = 0.05  # one request round trip
+    bandwidth_bytes_per_s: float | None = None  # fixed link rate to the registry
+    rtt_s: float = 0.05  # one request round trip, when none was measured
     egress_usd_per_gb: float = 0.09
     max_egress_usd: float | None = None  # refuse fetches that would cost more than this
-    prefill_tokens_per_s: float = 2000.0  # assumed local prefill rate (a small model on CPU)
-    reuse_cost_ratio: float = 49.7  # prefill costs this many times more than loading its KV
+    prefill_tokens_per_s: float | None = None  # fixed local prefill rate
+    reuse_cost_ratio: float = 49.7  # prefill costs this many times more than loading its KV (when unmeasured)
     remote_generate_overhead_s: float = 0.1  # server-side queueing and suffix prefill
     latency_budget_s: float | None = None  # time to first token we aim for
+    prefill_cost_micros_per_token: int = 5  # what a local prefill costs us, per token, in µUSD
+    max_price_per_load_micros: int | None = None  # refuse purchases above this (None: no limit)
+    budget_left_micros: int | None = None  # refuse purchases above what is left (None: unlimited)
 
     def __post_init__(self) -> None:
         for name in ("bandwidth_bytes_per_s", "prefill_tokens_per_s", "reuse_cost_ratio"):
-            if not getattr(self, name) > 0:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
                 raise ValueError(f"PolicyParams.{name} must be positive")
         if (
             self.min_tokens < 0
             or self.rtt_s < 0
             or self.egress_usd_per_gb < 0
             or self.remote_generate_overhead_s < 0
+            or self.prefill_cost_micros_per_token < 0
+            or (self.max_price_per_load_micros or 0) < 0
+            or (self.budget_left_micros or 0) < 0
         ):
             raise ValueError("PolicyParams thresholds, latencies and prices must not be negative")
 
 
 @dataclass(frozen=True)
 class Request:
-    """What is known when a document's KV is needed."""
+    """What is known when a document's KV is needed; the estimates are optional inputs."""
 
     n_tokens: int
     local_hit: bool = False
@@ -58,8 +114,15 @@ class Request:
     artifact_bytes: int | None = None  # its size; estimated from bytes_per_token when unknown
     bytes_per_token: int | None = None
     remote_generate: bool = False  # the registry can continue generation from its copy
-    bandwidth_bytes_per_s: float | None = None  # measured; overrides the assumed bandwidth
-    prefill_tokens_per_s: float | None = None  # measured; overrides the assumed rate
+    bandwidth_bytes_per_s: float | None = None  # measured in this process (prefer ``link_bytes_per_s``)
+    prefill_tokens_per_s: float | None = None  # measured in this process (prefer ``prefill_s``)
+    price_micros: int | None = None  # what the registry charges for this load, µUSD (None: not sold)
+    prefill_s: Estimate | None = None  # prefilling all n_tokens here
+    rest_prefill_s: Estimate | None = None  # prefilling what the remote artifact leaves, after its prefix
+    load_s: Estimate | None = None  # decoding and checking the artifact's bytes here
+    verify_s: Estimate | None = None  # checking the fetched KV against its tokens
+    link_rtt_s: Estimate | None = None
+    link_bytes_per_s: Estimate | None = None
 
 
 @dataclass(frozen=True)
@@ -69,15 +132,69 @@ class Decision:
     estimates: dict[str, Any] = field(default_factory=dict)
 
 
+def _prefill_estimates(req: Request, params: PolicyParams, covered: int) -> tuple[Estimate, Estimate]:
+    """(whole document, the part a ``covered``-token artifact leaves), by precedence fixed > given > assumed."""
+    rest = req.n_tokens - covered
+    if params.prefill_tokens_per_s is not None:
+        rate = params.prefill_tokens_per_s
+        return Estimate(req.n_tokens / rate, FIXED), Estimate(rest / rate, FIXED)
+    if req.prefill_s is not None:
+        whole = req.prefill_s
+        share = rest / req.n_tokens if req.n_tokens else 0.0
+        return whole, req.rest_prefill_s if req.rest_prefill_s is not None else whole.scaled(share)
+    if req.prefill_tokens_per_s is not None:
+        rate = req.prefill_tokens_per_s
+        return Estimate(req.n_tokens / rate, MEASURED), Estimate(rest / rate, MEASURED)
+    rate = ASSUMED_PREFILL_TOKENS_PER_S
+    return Estimate(req.n_tokens / rate, ASSUMED), Estimate(rest / rate, ASSUMED)
+
+
+def _bandwidth(req: Request, params: PolicyParams) -> Estimate:
+    if params.bandwidth_bytes_per_s is not None:
+        return Estimate(params.bandwidth_bytes_per_s, FIXED)
+    if req.link_bytes_per_s is not None and req.link_bytes_per_s.value > 0:
+        return req.link_bytes_per_s
+    if req.bandwidth_bytes_per_s is not None:
+        return Estimate(req.bandwidth_bytes_per_s, MEASURED)
+    return Estimate(ASSUMED_BANDWIDTH_BYTES_PER_S, ASSUMED)
+
+
+def _money_refusal(req: Request, params: PolicyParams, covered: int) -> tuple[str | None, str]:
+    """(why the purchase is refused or None, what to say about the price when accepted)."""
+    price = req.price_micros
+    if price is None:
+        return None, ""
+    if price <= 0:
+        return None, "free; "
+    local_cost = covered * params.prefill_cost_micros_per_token
+    cap = params.max_price_per_load_micros
+    if cap is not None and price > cap:
+        return f"price {price} µUSD exceeds the {cap} µUSD limit per load", ""
+    budget = params.budget_left_micros
+    if budget is not None and price > budget:
+        return f"price {price} µUSD exceeds the {budget} µUSD budget left", ""
+    if price >= local_cost:
+        return f"price {price} µUSD ≥ local prefill cost of {local_cost} µUSD: buying does not pay", ""
+    return None, f"bought for {price} µUSD: below local prefill cost of {local_cost} µUSD; "
+
+
 def decide(req: Request, params: PolicyParams = PolicyParams()) -> Decision:
-    """Pick where the KV of ``req`` should come from, with the reason in words and numbers."""
+    """Pick where the KV of ``req`` should come from, with the reason in words, numbers and provenance."""
     if req.local_hit:
         return Decision(LOCAL_HIT, "the KV is already cached locally", {})
-    rate = req.prefill_tokens_per_s or params.prefill_tokens_per_s
-    bw = req.bandwidth_bytes_per_s or params.bandwidth_bytes_per_s
-    prefill_s = req.n_tokens / rate
-    est: dict[str, Any] = {"prefill_s": prefill_s, "prefill_tokens_per_s": rate, "bandwidth_bytes_per_s": bw}
-    prefill_txt = f"prefill of {req.n_tokens} tokens ≈ {prefill_s:.2f} s at {rate:.0f} tok/s"
+    covered = min(req.n_tokens, req.remote_tokens if req.remote_tokens is not None else req.n_tokens)
+    prefill, rest = _prefill_estimates(req, params, covered)
+    bw = _bandwidth(req, params)
+    prefill_s = prefill.value
+    rate = req.n_tokens / prefill_s if prefill_s > 0 else math.inf
+    est: dict[str, Any] = {
+        "prefill_s": prefill_s, "prefill_tokens_per_s": rate, "bandwidth_bytes_per_s": bw.value,
+        "sources": {"prefill": prefill.provenance, "link": bw.provenance},
+    }
+    where = " on this machine" if prefill.source in (MEASURED, PROBE) else ""
+    prefill_txt = (
+        f"prefill of {req.n_tokens} tokens ≈ {prefill_s:.2f} s at {rate:.0f} tok/s ({prefill.provenance}{where})"
+    )
     if req.n_tokens < params.min_tokens:
         return Decision(
             LOCAL_PREFILL,
@@ -87,42 +204,49 @@ def decide(req: Request, params: PolicyParams = PolicyParams()) -> Decision:
     if not req.remote_artifact and not req.remote_generate:
         return Decision(LOCAL_PREFILL, f"the registry has nothing for it; {prefill_txt}", est)
 
+    rtt = req.link_rtt_s if req.link_rtt_s is not None else Estimate(params.rtt_s, ASSUMED)
     notes: list[str] = []
-    fetch_s: float | None = None
     if req.remote_artifact:
-        covered = min(req.n_tokens, req.remote_tokens if req.remote_tokens is not None else req.n_tokens)
         nbytes = (
             req.artifact_bytes if req.artifact_bytes is not None else covered * (req.bytes_per_token or 0)
         )
-        transfer_s = nbytes / bw
-        fetch_s = (
-            params.rtt_s
-            + transfer_s
-            + covered / rate / params.reuse_cost_ratio
-            + (req.n_tokens - covered) / rate
+        transfer_s = nbytes / bw.value
+        covered_share = covered / req.n_tokens if req.n_tokens else 0.0
+        load = req.load_s if req.load_s is not None else Estimate(
+            prefill_s * covered_share / params.reuse_cost_ratio, ASSUMED
         )
+        verify_s = req.verify_s.value if req.verify_s is not None else 0.0
+        fetch_s = rtt.value + transfer_s + load.value + verify_s + rest.value
         usd = nbytes / 1e9 * params.egress_usd_per_gb
-        est.update(fetch_s=fetch_s, fetch_bytes=nbytes, fetch_usd=usd, fetch_covered_tokens=covered)
+        est.update(
+            fetch_s=fetch_s, fetch_bytes=nbytes, fetch_usd=usd, fetch_covered_tokens=covered,
+            rtt_s=rtt.value, load_s=load.value, verify_s=verify_s, rest_prefill_s=rest.value,
+        )
+        est["sources"].update(rtt=rtt.provenance, load=load.provenance)
         fetch_txt = (
-            f"fetch {nbytes / 1e6:.1f} MB at {bw / 1e6:.0f} MB/s ≈ {fetch_s:.2f} s (${usd:.4f} egress)"
+            f"fetch {nbytes / 1e6:.1f} MB at {bw.value / 1e6:.0f} MB/s ≈ {fetch_s:.2f} s "
+            f"(link {bw.provenance}, load {load.provenance}; ${usd:.4f} egress)"
         )
         if covered < req.n_tokens:
             fetch_txt += f" + prefill of the other {req.n_tokens - covered} tokens"
+        refused, bought = _money_refusal(req, params, covered)
+        if req.price_micros is not None:
+            est["price_micros"] = req.price_micros
+            est["local_prefill_cost_micros"] = covered * params.prefill_cost_micros_per_token
         if params.max_egress_usd is not None and usd > params.max_egress_usd:
             notes.append(f"{fetch_txt} exceeds the ${params.max_egress_usd:.4f} egress cap")
-            fetch_s = None
+        elif refused is not None:
+            notes.append(f"not bought: {refused}")
         elif fetch_s >= prefill_s:
-            notes.append(f"{fetch_txt} ≥ {prefill_txt}: fetching does not pay")
-            fetch_s = None
+            notes.append(f"{bought}{fetch_txt} ≥ {prefill_txt}: fetching does not pay")
         elif (
             params.latency_budget_s is not None and fetch_s > params.latency_budget_s and req.remote_generate
         ):
             notes.append(f"{fetch_txt} exceeds the {params.latency_budget_s:.2f} s latency budget")
-            fetch_s = None
         else:
-            return Decision(FETCH, f"{fetch_txt} < {prefill_txt}", est)
+            return Decision(FETCH, f"{bought}{fetch_txt} < {prefill_txt}", est)
     if req.remote_generate:
-        gen_s = params.rtt_s + params.remote_generate_overhead_s
+        gen_s = rtt.value + params.remote_generate_overhead_s
         est["remote_generate_s"] = gen_s
         if gen_s < prefill_s:
             why = "; ".join(notes) or "no artifact to fetch"
@@ -131,6 +255,25 @@ def decide(req: Request, params: PolicyParams = PolicyParams()) -> Decision:
             )
         notes.append(f"remote generate ≈ {gen_s:.2f} s does not beat the prefill")
     return Decision(LOCAL_PREFILL, "; ".join(notes) or prefill_txt, est)
+
+
+def lookup_deadline(
+    prefill_estimate_s: float,
+    *,
+    rtt_s: float | None = None,
+    fraction: float = 0.5,
+    floor: float = LOOKUP_DEADLINE_FLOOR_S,
+    ceiling: float = LOOKUP_DEADLINE_CEILING_S,
+) -> float:
+    """How long to wait for registry metadata: waiting longer than the prefill it could save is pointless.
+
+    ``fraction`` of the prefill estimate, at least 4 measured round trips (never more than the prefill
+    itself), bounded below by ``floor`` and above by ``ceiling`` (the client's own timeout).
+    """
+    want = fraction * prefill_estimate_s
+    if rtt_s is not None:
+        want = max(want, min(4 * rtt_s, prefill_estimate_s))
+    return min(ceiling, max(floor, want))
 
 
 def should_publish(n_tokens: int, params: PolicyParams = PolicyParams()) -> tuple[bool, str]:

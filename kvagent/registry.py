@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ from tenacity import (
 )
 
 from . import artifact as art
+from . import signing
 from .engine import GenerationParams
 from .errors import (
     ArtifactError,
@@ -34,11 +36,13 @@ from .errors import (
     RegistryAuthError,
     RegistryConflictError,
     RegistryError,
+    RegistryPaymentRequiredError,
     RegistryProtocolError,
     RegistryRejectedError,
     RegistryUnavailableError,
 )
 from .identity import validate_key
+from .signing import Signature
 
 T = TypeVar("T")
 
@@ -47,15 +51,6 @@ DEFAULT_TIMEOUT = httpx.Timeout(connect=3.0, read=20.0, write=20.0, pool=3.0)
 _MAX_JSON_BYTES = 1 << 20
 _MAX_RETRY_AFTER_S = 30.0
 _HEX64_LEN, _SIG_HEX_LEN = 64, 128
-
-
-@dataclass(frozen=True)
-class Signature:
-    """An ed25519 signature by ``public_key`` over the artifact's payload digest (see ``signed_message``)."""
-
-    alg: str
-    public_key: str
-    signature: str
 
 
 @dataclass(frozen=True)
@@ -69,44 +64,20 @@ class Handle:
     owner: str
     blob_url: str
     signature: Signature | None
+    price: int | None = None  # per load, integer micro-units of ``currency`` (None: the registry sells nothing)
+    currency: str | None = None
 
 
-def signed_message(payload_sha256: str) -> bytes:
-    """The bytes a publisher signs: the 32-byte payload tree hash."""
-    return bytes.fromhex(payload_sha256)
-
-
-def sign(payload_sha256: str, private_key: Any) -> str:
-    """The ``X-KVAgent-Signature`` value for ``payload_sha256`` signed by an ed25519 private key."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    if isinstance(private_key, (bytes, bytearray)):
-        private_key = Ed25519PrivateKey.from_private_bytes(bytes(private_key))
-    pub = private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-    return f"ed25519:{pub}:{private_key.sign(signed_message(payload_sha256)).hex()}"
+def sign(header: art.ArtifactHeader, private_key: Any) -> str:
+    """The ``X-KVAgent-Signature`` value of an ed25519-v2 signature of ``header`` (see kvagent.signing)."""
+    return signing.sign(header, private_key).header_value()
 
 
 def verify_signature(handle: Handle, trusted_keys: Collection[str]) -> None:
-    """Raise ArtifactIntegrityError unless ``handle`` is signed by one of ``trusted_keys`` (hex)."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    sig = handle.signature
-    if sig is None:
+    """Raise ArtifactIntegrityError unless ``handle`` is v2-signed over its header by one of ``trusted_keys``."""
+    if handle.signature is None:
         raise ArtifactIntegrityError(f"artifact {handle.key[:16]}… is unsigned but trusted keys are required")
-    if sig.public_key not in {k.lower() for k in trusted_keys}:
-        raise ArtifactIntegrityError(
-            f"artifact {handle.key[:16]}… is signed by {sig.public_key[:16]}…, which is not a trusted key"
-        )
-    try:
-        Ed25519PublicKey.from_public_bytes(bytes.fromhex(sig.public_key)).verify(
-            bytes.fromhex(sig.signature), signed_message(handle.header.payload_sha256)
-        )
-    except (InvalidSignature, ValueError) as exc:
-        raise ArtifactIntegrityError(
-            f"signature on artifact {handle.key[:16]}… does not verify against its payload digest"
-        ) from exc
+    signing.verify(handle.signature, handle.header, trusted_keys)
 
 
 # -- strict parsing of responses --------------------------------------------------------------
@@ -149,18 +120,24 @@ def parse_handle(obj: Any, *, key: str | None = None, limits: art.Limits = art.D
     url = obj["blob_url"]
     if not isinstance(url, str) or not url.startswith("/") or url.startswith("//"):
         raise RegistryProtocolError(f"blob_url must be a path on the registry, got {url!r:.80}")
+    price, currency = obj.get("price"), obj.get("currency")
+    if price is not None and (isinstance(price, bool) or not isinstance(price, int) or price < 0):
+        raise RegistryProtocolError(f"handle price must be a non-negative integer, got {price!r:.40}")
+    if currency is not None and not isinstance(currency, str):
+        raise RegistryProtocolError("handle currency must be a string")
     return Handle(
-        hkey, header, size, obj["visibility"], obj["owner"], url, _parse_signature(obj["signature"])
+        hkey, header, size, obj["visibility"], obj["owner"], url, _parse_signature(obj["signature"]),
+        price, currency,
     )
 
 
 def _parse_signature(sig: Any) -> Signature | None:
     if sig is None:
         return None
-    if not isinstance(sig, Mapping) or sig.get("alg") != "ed25519":
+    if not isinstance(sig, Mapping) or sig.get("alg") not in signing.ALGS:
         raise RegistryProtocolError(f"unsupported signature record {sig!r:.80}")
     return Signature(
-        "ed25519",
+        sig["alg"],
         _hex(sig.get("public_key"), _HEX64_LEN, "a public key"),
         _hex(sig.get("signature"), _SIG_HEX_LEN, "a signature"),
     )
@@ -194,6 +171,8 @@ def _error_for(resp: httpx.Response, what: str) -> RegistryError:
         detail = ""
     msg = f"registry {what} failed with HTTP {resp.status_code}{detail}"
     code = resp.status_code
+    if code == 402:
+        return RegistryPaymentRequiredError(msg, _quote(resp))
     if code == 429 or code >= 500 and code != 501:
         return RegistryUnavailableError(msg, retry_after=_retry_after(resp))
     if code in (401, 403):
@@ -203,6 +182,67 @@ def _error_for(resp: httpx.Response, what: str) -> RegistryError:
     if code in (413, 422):
         return RegistryRejectedError(msg)
     return RegistryError(msg)
+
+
+def _quote(resp: httpx.Response) -> dict[str, Any]:
+    """The machine-readable quote of a 402 answer (validated; empty if the registry sent none)."""
+    try:
+        q = json.loads(resp.content[:4096]).get("quote")
+    except (ValueError, RecursionError, AttributeError, httpx.ResponseNotRead):
+        return {}
+    if not isinstance(q, Mapping):
+        return {}
+    ints = all(isinstance(q.get(f), int) and not isinstance(q.get(f), bool) for f in ("price", "balance"))
+    if not ints or not isinstance(q.get("currency"), str):
+        return {}
+    return {f: q.get(f) for f in ("key", "price", "currency", "balance", "reason")}
+
+
+def _payment_headers(max_price: int | None, idempotency_key: str | None) -> dict[str, str]:
+    headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+    if max_price is not None:
+        headers["X-KVAgent-Max-Price"] = str(int(max_price))
+    return headers
+
+
+def _int_field(body: Any, name: str, what: str) -> int:
+    v = body.get(name) if isinstance(body, Mapping) else None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise RegistryProtocolError(f"registry {what} answer lacks an integer {name!r}")
+    return v
+
+
+class _Deadline:
+    """A limit on one call's total time, every attempt and back-off included (None: the client's timeouts)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"a registry call timeout must be positive, got {seconds!r}")
+        self.seconds = seconds
+        self._end = time.monotonic() + seconds if seconds is not None else None
+        self.last_error = ""  # what the last attempt failed with, named when the deadline passes
+
+    def left(self) -> float:
+        return max(0.0, self._end - time.monotonic()) if self._end is not None else float("inf")
+
+    def kw(self, what: str, base: httpx.Timeout) -> dict[str, Any]:
+        """The per-request ``timeout``: the client's own, shortened to what is left; raises once it has passed."""
+        if self._end is None:
+            return {}
+        left = self.left()
+        if left <= 0.001:
+            after = f" after {self.last_error}" if self.last_error else ""
+            raise RegistryUnavailableError(f"registry {what} gave up: its {self.seconds:.2f} s deadline passed{after}")
+
+        def cap(t: float | None) -> float:
+            return left if t is None else min(left, t)
+
+        return {"timeout": httpx.Timeout(connect=cap(base.connect), read=cap(base.read), write=cap(base.write),
+                                         pool=cap(base.pool))}
+
+    def cap(self, wait: Callable[[RetryCallState], float]) -> Callable[[RetryCallState], float]:
+        """``wait``, never sleeping past the deadline."""
+        return lambda state: min(float(wait(state)), self.left())
 
 
 class _Wait:
@@ -219,11 +259,16 @@ class _Wait:
 
 
 class RegistryClient:
-    """Talks to one registry. ``trusted_keys`` (hex ed25519 public keys) makes signatures mandatory."""
+    """Talks to a registry. ``trusted_keys`` (hex ed25519 public keys) makes signatures mandatory.
+
+    ``base_url`` may name several stateless nodes of one registry (a list, or one comma-separated
+    string): a refused connection moves to the next node at once, and any other failed attempt is
+    retried on the next node.
+    """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         token: str | None = None,
         *,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
@@ -238,7 +283,8 @@ class RegistryClient:
         if retries < 1:
             raise ValueError("retries counts attempts and must be at least 1")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.base_url = base_url.rstrip("/")
+        self.base_urls = _node_urls(base_url)
+        self.base_url = self.base_urls[0]
         self._owns_client = client is None
         self._http = client or httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
         if client is not None:
@@ -252,9 +298,13 @@ class RegistryClient:
             retry=retry_if_exception_type(RegistryUnavailableError),
             reraise=True,
         )
+        if len(self.base_urls) > 1:
+            self._retry_kw["before_sleep"] = lambda _state: self._next_node()
         if sleep is not None:
             self._retry_kw["sleep"] = sleep
         self.last_download_seconds = 0.0
+        self.last_receipt: str | None = None  # X-KVAgent-Receipt of the last paid download or generate
+        self.last_charge = 0  # what that cost, integer micro-units (0: free, or a replayed purchase)
 
     def close(self) -> None:
         if self._owns_client:
@@ -267,16 +317,43 @@ class RegistryClient:
         self.close()
 
     # -- plumbing -------------------------------------------------------------------------
-    def _retrying(self, fn: Callable[[], T]) -> T:
-        return Retrying(**self._retry_kw)(fn)
+    def _retrying(self, fn: Callable[[], T], deadline: _Deadline | None = None) -> T:
+        kw = self._retry_kw
+        if deadline is None or deadline.seconds is None:
+            return Retrying(**kw)(fn)
+        kw = {**kw, "stop": kw["stop"] | stop_after_delay(deadline.seconds), "wait": deadline.cap(kw["wait"])}
+
+        def attempt() -> T:
+            try:
+                return fn()
+            except RegistryUnavailableError as exc:
+                if "deadline passed" not in str(exc):
+                    deadline.last_error = str(exc)[:300]
+                raise
+
+        return Retrying(**kw)(attempt)
+
+    def _next_node(self) -> None:
+        """Send what follows to the next registry node."""
+        i = self.base_urls.index(self.base_url) if self.base_url in self.base_urls else -1
+        self.base_url = self.base_urls[(i + 1) % len(self.base_urls)]
+        self._http.base_url = httpx.URL(self.base_url)
 
     def _send(self, method: str, url: str, what: str, **kw: Any) -> httpx.Response:
-        try:
-            return self._http.request(method, url, **kw)
-        except httpx.TransportError as exc:
-            raise RegistryUnavailableError(
-                f"registry {what} at {self.base_url} failed: {type(exc).__name__}: {exc}"
-            ) from exc
+        for _ in range(len(self.base_urls)):
+            try:
+                return self._http.request(method, url, **kw)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # never reached the node: any request is safe to send to the next one at once
+                err: httpx.TransportError = exc
+                if len(self.base_urls) > 1:
+                    self._next_node()
+            except httpx.TransportError as exc:
+                err = exc
+                break
+        raise RegistryUnavailableError(
+            f"registry {what} at {self.base_url} failed: {type(err).__name__}: {err}"
+        ) from err
 
     # -- API --------------------------------------------------------------------------------
     def healthy(self) -> bool:
@@ -285,29 +362,40 @@ class RegistryClient:
         except httpx.TransportError:
             return False
 
-    def lookup(self, key: str) -> Handle | None:
-        """The handle of ``key``, or None if the registry has none visible to us."""
+    def lookup(self, key: str, *, timeout: float | None = None) -> Handle | None:
+        """The handle of ``key``, or None if the registry has none visible to us.
+
+        ``timeout`` bounds the whole call, retries included (a stalled registry then costs at most that).
+        """
         validate_key(key)
+        deadline = _Deadline(timeout)
 
         def once() -> Handle | None:
-            resp = self._send("GET", f"/v1/artifacts/{key}", "lookup")
+            resp = self._send("GET", f"/v1/artifacts/{key}", "lookup", **deadline.kw("lookup", self._http.timeout))
             if resp.status_code == 404:
                 return None
             if resp.status_code != 200:
                 raise _error_for(resp, "lookup")
             return parse_handle(_json(resp), key=key, limits=self.limits)
 
-        return self._retrying(once)
+        return self._retrying(once, deadline)
 
-    def lookup_prefix(self, block_hashes: Sequence[str]) -> tuple[Handle, int] | None:
-        """The artifact sharing the longest block-hash prefix with ``block_hashes`` and how many blocks."""
+    def lookup_prefix(
+        self, block_hashes: Sequence[str], *, timeout: float | None = None
+    ) -> tuple[Handle, int] | None:
+        """The artifact sharing the longest block-hash prefix with ``block_hashes`` and how many blocks.
+
+        ``timeout`` bounds the whole call, retries included.
+        """
         hashes = [_hex(h, _HEX64_LEN, "a block hash") for h in block_hashes]
         if not hashes:
             return None
+        deadline = _Deadline(timeout)
 
         def once() -> tuple[Handle, int] | None:
             resp = self._send(
-                "POST", "/v1/lookup/prefix", "prefix lookup", json={"block_hashes": hashes[:4096]}
+                "POST", "/v1/lookup/prefix", "prefix lookup", json={"block_hashes": hashes[:4096]},
+                **deadline.kw("prefix lookup", self._http.timeout),
             )
             if resp.status_code == 404:
                 return None
@@ -323,45 +411,54 @@ class RegistryClient:
                 body["handle"], key=_hex(body["key"], _HEX64_LEN, "a key"), limits=self.limits
             ), blocks
 
-        return self._retrying(once)
+        return self._retrying(once, deadline)
 
-    def download_blob(self, handle: Handle) -> bytearray:
-        """The artifact bytes of ``handle``, streamed and cut off at the handle's declared size."""
+    def download_blob(self, handle: Handle, *, max_price: int | None = None,
+                      idempotency_key: str | None = None) -> bytearray:
+        """The artifact bytes of ``handle``, streamed and cut off at the handle's declared size.
+
+        Every attempt carries the same ``Idempotency-Key`` (a fresh one per call unless given), so a
+        retried download is charged once; a priced artifact above ``max_price`` or the balance raises
+        RegistryPaymentRequiredError (not retried). The receipt id lands in ``last_receipt``.
+        """
+        pay = _payment_headers(max_price, idempotency_key)
+        self.last_receipt, self.last_charge = None, 0
 
         def once() -> bytearray:
-            buf = bytearray()
             try:
-                with self._http.stream("GET", handle.blob_url) as resp:
+                with self._http.stream("GET", handle.blob_url, headers=pay) as resp:
+                    if resp.status_code in _REDIRECTS:  # a presigned object-store URL: bytes bypass the registry
+                        resp.read()
+                        self._note_charge(resp)
+                        req = self._http.build_request("GET", _presigned_location(resp))
+                        req.headers.pop("authorization", None)  # the bearer token never goes to the object store
+                        obj = self._http.send(req, stream=True)
+                        try:
+                            if obj.status_code != 200:  # expired or refused: the next attempt asks for a fresh URL
+                                obj.read()
+                                raise RegistryUnavailableError(
+                                    f"object store answered HTTP {obj.status_code} for {handle.key[:16]}…"
+                                )
+                            return _read_blob(obj, handle)
+                        finally:
+                            obj.close()
                     if resp.status_code != 200:
                         resp.read()
                         raise _error_for(resp, "download")
-                    declared = resp.headers.get("content-length")
-                    if declared is not None and declared.isdigit() and int(declared) != handle.size:
-                        raise ArtifactIntegrityError(
-                            f"registry serves {declared} bytes for {handle.key[:16]}… but its handle says {handle.size}"
-                        )
-                    for chunk in resp.iter_bytes():
-                        buf += chunk
-                        if len(buf) > handle.size:
-                            raise ArtifactIntegrityError(
-                                f"download of {handle.key[:16]}… exceeded its declared {handle.size} bytes"
-                            )
+                    self._note_charge(resp)
+                    return _read_blob(resp, handle)
             except httpx.TransportError as exc:
                 raise RegistryUnavailableError(
                     f"download of {handle.key[:16]}… failed: {type(exc).__name__}: {exc}"
                 ) from exc
-            if len(buf) != handle.size:
-                raise RegistryUnavailableError(
-                    f"download of {handle.key[:16]}… stopped at {len(buf)}/{handle.size} bytes"
-                )
-            return buf
 
         return self._retrying(once)
 
-    def download_verified(self, handle: Handle, expect: art.Expectation) -> tuple[art.Artifact, bytearray]:
+    def download_verified(self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None,
+                          idempotency_key: str | None = None) -> tuple[art.Artifact, bytearray]:
         """Download, verify (tree hash, header == handle, signature when keys are trusted) and decode."""
         t0 = time.perf_counter()
-        buf = self.download_blob(handle)
+        buf = self.download_blob(handle, max_price=max_price, idempotency_key=idempotency_key)
         self.last_download_seconds = time.perf_counter() - t0
         artifact = art.decode(buf, expect=expect, limits=self.limits)
         if artifact.header != handle.header:
@@ -372,17 +469,22 @@ class RegistryClient:
             verify_signature(handle, self.trusted_keys)
         return artifact, buf
 
-    def download(self, handle: Handle, expect: art.Expectation) -> art.Artifact:
-        return self.download_verified(handle, expect)[0]
+    def download(self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None,
+                 idempotency_key: str | None = None) -> art.Artifact:
+        return self.download_verified(handle, expect, max_price=max_price, idempotency_key=idempotency_key)[0]
 
-    def publish(self, blob: bytes, visibility: str = "restricted", signing_key: Any = None) -> Handle:
-        """Publish artifact bytes under their header's key (PUT is idempotent for identical bytes)."""
+    def publish(self, blob: bytes, visibility: str = "restricted", signing_key: Any = None,
+                price: int | None = None) -> Handle:
+        """Publish artifact bytes under their header's key (PUT is idempotent for identical bytes);
+        ``price`` (micro-units per load) is set before the artifact becomes visible."""
         if visibility not in VISIBILITIES:
             raise ValueError(f"visibility must be one of {VISIBILITIES}, got {visibility!r}")
         header = art.read_header(blob, self.limits)
         headers = {"X-KVAgent-Visibility": visibility, "Content-Type": "application/octet-stream"}
+        if price is not None:
+            headers["X-KVAgent-Price"] = str(int(price))
         if signing_key is not None:
-            headers["X-KVAgent-Signature"] = sign(header.payload_sha256, signing_key)
+            headers["X-KVAgent-Signature"] = sign(header, signing_key)
 
         def once() -> Handle:
             resp = self._send("PUT", f"/v1/artifacts/{header.key}", "publish", content=blob, headers=headers)
@@ -405,12 +507,15 @@ class RegistryClient:
 
         self._retrying(once)
 
-    def generate_stream(self, key: str, suffix_ids: Sequence[int], params: GenerationParams) -> Iterator[int]:
+    def generate_stream(self, key: str, suffix_ids: Sequence[int], params: GenerationParams, *,
+                        max_price: int | None = None, idempotency_key: str | None = None) -> Iterator[int]:
         """Continue generation on the registry from ``key``'s KV; yields token ids as they arrive.
 
-        The request is retried until the stream starts, never after a token has been yielded.
+        The request is retried until the stream starts, never after a token has been yielded; every
+        attempt carries the same ``Idempotency-Key``, so it is charged once (receipt in ``last_receipt``).
         """
         validate_key(key)
+        pay = _payment_headers(max_price, idempotency_key)
         body = {
             "suffix_ids": [int(t) for t in suffix_ids],
             "max_new_tokens": params.max_new_tokens,
@@ -423,7 +528,7 @@ class RegistryClient:
 
         def start() -> httpx.Response:
             try:
-                req = self._http.build_request("POST", f"/v1/artifacts/{key}/generate", json=body)
+                req = self._http.build_request("POST", f"/v1/artifacts/{key}/generate", json=body, headers=pay)
                 resp = self._http.send(req, stream=True)
             except httpx.TransportError as exc:
                 raise RegistryUnavailableError(
@@ -433,6 +538,7 @@ class RegistryClient:
                 resp.read()
                 resp.close()
                 raise _error_for(resp, "generate")
+            self._note_charge(resp)
             return resp
 
         resp = self._retrying(start)
@@ -444,6 +550,107 @@ class RegistryClient:
             ) from exc
         finally:
             resp.close()
+
+    # -- market -----------------------------------------------------------------------------
+    def _note_charge(self, resp: httpx.Response) -> None:
+        """Keep a paid answer's receipt id and amount (``X-KVAgent-Receipt`` / ``X-KVAgent-Charged``)."""
+        self.last_receipt = resp.headers.get("x-kvagent-receipt")
+        charged = resp.headers.get("x-kvagent-charged", "0")
+        self.last_charge = int(charged) if charged.isdigit() and resp.headers.get("x-kvagent-replayed") != "1" else 0
+
+    def _call(self, method: str, url: str, what: str, **kw: Any) -> Any:
+        def once() -> Any:
+            resp = self._send(method, url, what, **kw)
+            if resp.status_code != 200:
+                raise _error_for(resp, what)
+            body = _json(resp)
+            if not isinstance(body, Mapping):
+                raise RegistryProtocolError(f"registry {what} answer must be a JSON object")
+            return body
+
+        return self._retrying(once)
+
+    def account(self) -> dict[str, Any]:
+        """``{"principal", "balance", "currency"}`` of our account (balance in integer micro-units)."""
+        body = self._call("GET", "/v1/account", "account")
+        _int_field(body, "balance", "account")
+        return dict(body)
+
+    def account_balance(self) -> int:
+        return _int_field(self._call("GET", "/v1/account", "account"), "balance", "account")
+
+    def statement(self) -> dict[str, Any]:
+        """Our purchases and sales per artifact (loads, amounts, royalties, refunds), credits and balance."""
+        body = self._call("GET", "/v1/account/statement", "statement")
+        _int_field(body, "balance", "statement")
+        return dict(body)
+
+    def credit(self, principal: str, amount: int, memo: str = "") -> dict[str, Any]:
+        """Admin only: credit ``principal`` with ``amount`` micro-units (not retried: a credit is not idempotent)."""
+        resp = self._send("POST", "/v1/account/credit", "credit",
+                          json={"principal": principal, "amount": int(amount), "memo": memo})
+        if resp.status_code != 200:
+            raise _error_for(resp, "credit")
+        body = _json(resp)
+        _int_field(body, "balance", "credit")
+        return dict(body)
+
+    def price(self, key: str) -> dict[str, Any]:
+        """``{"key", "price", "currency", "balance"}``: what one load of ``key`` costs us."""
+        validate_key(key)
+        body = self._call("GET", f"/v1/artifacts/{key}/price", "price")
+        _int_field(body, "price", "price")
+        return dict(body)
+
+    def set_price(self, key: str, price: int) -> int:
+        """Set the price per load of an artifact we own (micro-units; 0 makes it free)."""
+        validate_key(key)
+        body = self._call("PUT", f"/v1/artifacts/{key}/price", "set price", json={"price": int(price)})
+        return _int_field(body, "price", "set price")
+
+    def dispute(self, key: str, receipt: str, *, layer: int | None = None, position: int | None = None,
+                difference: float | None = None, detail: str = "") -> dict[str, Any]:
+        """Dispute a purchase whose verification failed; the answer says ``refunded``, ``rejected`` or ``open``."""
+        validate_key(key)
+        body = {"receipt": receipt, "layer": layer, "position": position, "difference": difference,
+                "detail": detail[:500]}
+        return dict(self._call("POST", f"/v1/artifacts/{key}/disputes", "dispute", json=body))
+
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+def _node_urls(base_url: str | Sequence[str]) -> list[str]:
+    """The registry node URLs of ``base_url`` (a list, or one comma-separated string)."""
+    raw = base_url.split(",") if isinstance(base_url, str) else list(base_url)
+    urls = [u.strip().rstrip("/") for u in raw if u.strip()]
+    if not urls:
+        raise ValueError("RegistryClient needs at least one registry URL")
+    return urls
+
+
+def _presigned_location(resp: httpx.Response) -> str:
+    url = resp.headers.get("location", "")
+    if not url.startswith(("https://", "http://")) or len(url) > 8192:
+        raise RegistryProtocolError(f"registry redirected a download to {url[:80]!r}, not an http(s) URL")
+    return url
+
+
+def _read_blob(resp: httpx.Response, handle: Handle) -> bytearray:
+    """The body of a blob response, checked against the handle's declared size."""
+    declared = resp.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) != handle.size:
+        raise ArtifactIntegrityError(
+            f"registry serves {declared} bytes for {handle.key[:16]}… but its handle says {handle.size}"
+        )
+    buf = bytearray()
+    for chunk in resp.iter_bytes():
+        buf += chunk
+        if len(buf) > handle.size:
+            raise ArtifactIntegrityError(f"download of {handle.key[:16]}… exceeded its declared {handle.size} bytes")
+    if len(buf) != handle.size:
+        raise RegistryUnavailableError(f"download of {handle.key[:16]}… stopped at {len(buf)}/{handle.size} bytes")
+    return buf
 
 
 def _ndjson_tokens(resp: httpx.Response, max_new_tokens: int) -> Iterator[int]:

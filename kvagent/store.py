@@ -4,11 +4,15 @@ Entries (all keys are strings, all values bytes; nothing is ever pickled):
 
 * ``kv:<key>``   the artifact bytes (a file in the cache directory; diskcache writes the file
   first and commits its row after, so a crash never leaves a visible partial entry)
-* ``meta:<key>`` a small JSON summary used by ``ls``
+* ``meta:<key>`` a small JSON summary used by ``ls``, with the artifact's local integrity digest
 * ``blk:<hash>`` the key of an artifact whose token ids start with that block-hash chain prefix
 
-Every read re-checks the artifact's checksum. A corrupt or foreign entry is a miss: it is
-logged, evicted and reported with a reason, never raised to the reader.
+Every read re-checks the whole artifact file against the xxh3-128 digest (``hashing.local_digest``)
+recorded in ``meta:<key>`` when it was written, then decodes it without a second pass (zero-copy:
+tensors are views of a private mmap of the file). An entry without a recorded digest (written by an
+older kvagent, or its metadata row lost) is checked against its sha256 ``payload_sha256`` instead and
+its local digest recorded then. A damaged, truncated or foreign entry is a miss: it is logged,
+evicted and reported with a reason, never raised to the reader.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ from typing import Any
 import diskcache
 
 from . import artifact as art
-from .errors import ArtifactError, StoreError
+from .errors import ArtifactError, ArtifactIntegrityError, StoreError
+from .hashing import LOCAL_ALGORITHM, local_digest
 from .identity import validate_key
 
 log = logging.getLogger("kvagent.store")
 
 DEFAULT_SIZE_LIMIT = 10 * 1024**3
+_MADV_POPULATE_READ = 22  # Linux >= 5.14: map a file's cached pages in one call instead of one fault per 64 KiB
 
 
 class SafeDisk(diskcache.Disk):
@@ -63,6 +69,8 @@ class StoreEntry:
     created_at: float
     publisher: str | None
     last_used: float = 0.0
+    #: "<algorithm>:<hex>" of the whole artifact file, recorded when it was written here (None: unknown)
+    check: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,10 +126,12 @@ class KVStore:
             created_at=header.created_at,
             publisher=header.publisher,
             last_used=time.time(),
+            check=f"{LOCAL_ALGORITHM}:{local_digest(blob)}",
         )
         try:
-            self._cache.set(f"kv:{key}", blob)
-            self._cache.set(f"meta:{key}", json.dumps(meta.__dict__))
+            with self._cache.transact():  # the file and the digest it is checked against appear together
+                self._cache.set(f"kv:{key}", blob)
+                self._cache.set(f"meta:{key}", json.dumps(meta.__dict__))
             for h in block_hashes:
                 self._cache.set(f"blk:{h}", key)
             self._make_room(keep=key)
@@ -152,15 +162,20 @@ class KVStore:
                 if not isinstance(target, str) or f"kv:{target}" not in self._cache:
                     self._cache.delete(k)
 
-    def _touch(self, key: str) -> None:
-        raw = self._cache.get(f"meta:{key}", default=None)
-        if isinstance(raw, str):
-            try:
+    def _touch(self, key: str, check: str | None = None) -> None:
+        """Record a use of ``key`` (for LRU eviction), and its local digest when ``check`` is given."""
+        try:
+            with self._cache.transact():
+                raw = self._cache.get(f"meta:{key}", default=None)
+                if not isinstance(raw, str):
+                    return
                 meta = json.loads(raw)
                 meta["last_used"] = time.time()
+                if check is not None:
+                    meta["check"] = check
                 self._cache.set(f"meta:{key}", json.dumps(meta))
-            except (ValueError, TypeError, diskcache.Timeout, sqlite3.Error) as exc:
-                log.debug("could not record use of %s…: %s", key[:16], exc)
+        except (ValueError, TypeError, diskcache.Timeout, sqlite3.Error) as exc:
+            log.debug("could not record use of %s…: %s", key[:16], exc)
 
     def delete(self, key: str) -> bool:
         validate_key(key)
@@ -175,10 +190,18 @@ class KVStore:
     def __contains__(self, key: str) -> bool:
         return f"kv:{validate_key(key)}" in self._cache
 
-    def get(self, key: str, expect: art.Expectation | None = None) -> StoreLookup:
-        """Read, verify and decode an artifact; any problem is a logged miss, never an exception."""
+    def get(
+        self, key: str, expect: art.Expectation | None = None, timings: dict[str, float] | None = None
+    ) -> StoreLookup:
+        """Read, verify and decode an artifact; any problem is a logged miss, never an exception.
+
+        ``timings``, if given, receives the seconds spent per stage of a hit: "lookup" (index rows),
+        "read" (open and map the file), then ``artifact.decode``'s stages, then "touch" (LRU record).
+        """
         validate_key(key)
+        t0 = time.perf_counter()
         try:
+            meta = self._cache.get(f"meta:{key}", default=None)
             handle = self._cache.get(f"kv:{key}", default=None, read=True)
         except StoreError as exc:
             return self._evict(key, f"unreadable entry: {exc}")
@@ -189,9 +212,13 @@ class KVStore:
             return StoreLookup(None, "not in the local store")
         if isinstance(handle, bytes):  # values under diskcache's min_file_size live inline in SQLite
             handle = io.BytesIO(handle)
+        recorded = _recorded_check(meta)
+        t1 = time.perf_counter()
         try:
             buf = _map(handle)
-            result = art.decode(buf, expect=expect, limits=self.limits)
+            t2 = time.perf_counter()
+            integrity = _local_check(key, recorded) if recorded is not None else None
+            result = art.decode(buf, expect=expect, limits=self.limits, integrity=integrity, timings=timings)
         except ArtifactError as exc:
             return self._evict(key, f"{type(exc).__name__}: {exc}")
         except (OSError, ValueError) as exc:
@@ -200,7 +227,11 @@ class KVStore:
             handle.close()
         if result.header.key != key:
             return self._evict(key, f"entry holds artifact {result.header.key[:16]}…, not the key it is stored under")
-        self._touch(key)
+        # sha256 just passed on an entry without a local digest: record one, so the next read is fast
+        t3 = time.perf_counter()
+        self._touch(key, None if recorded is not None else f"{LOCAL_ALGORITHM}:{local_digest(memoryview(buf))}")
+        if timings is not None:
+            timings.update(lookup=t1 - t0, read=t2 - t1, touch=time.perf_counter() - t3)
         return StoreLookup(result, "hit", nbytes=len(buf))
 
     def _evict(self, key: str, why: str) -> StoreLookup:
@@ -243,8 +274,39 @@ class KVStore:
         }
 
 
+def _recorded_check(meta: Any) -> str | None:
+    """The local digest recorded in an entry's metadata, if it is one this kvagent computes."""
+    if not isinstance(meta, str):
+        return None
+    try:
+        check = json.loads(meta).get("check")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(check, str) and check.startswith(f"{LOCAL_ALGORITHM}:"):
+        return check[len(LOCAL_ALGORITHM) + 1 :]
+    return None
+
+
+def _local_check(key: str, recorded: str) -> art.IntegrityCheck:
+    """An integrity check of a whole artifact file against the local digest recorded when it was written."""
+
+    def check(data: memoryview) -> None:
+        got = local_digest(data)
+        if got != recorded:
+            raise ArtifactIntegrityError(
+                f"local checksum mismatch for artifact {key[:16]}…: the store recorded {LOCAL_ALGORITHM} "
+                f"{recorded[:16]}…, the {len(data)}-byte file hashes to {got[:16]}… (damaged on disk)"
+            )
+
+    return check
+
+
 def _map(handle: Any) -> bytearray | mmap.mmap:
-    """A writable private view of an entry: a copy-on-write mmap for files, a bytearray otherwise."""
+    """A writable private view of an entry: a copy-on-write mmap for files, a bytearray otherwise.
+
+    The mapping's pages are populated up front (read-only, shared with the page cache until written),
+    which is faster than faulting them in one by one while hashing.
+    """
     try:
         fileno = handle.fileno()
     except (AttributeError, OSError, ValueError):
@@ -252,4 +314,9 @@ def _map(handle: Any) -> bytearray | mmap.mmap:
     size = Path(handle.name).stat().st_size if hasattr(handle, "name") else None
     if not size:
         return bytearray(handle.read())
-    return mmap.mmap(fileno, 0, access=mmap.ACCESS_COPY)
+    buf = mmap.mmap(fileno, 0, access=mmap.ACCESS_COPY)
+    try:
+        buf.madvise(_MADV_POPULATE_READ)
+    except (OSError, AttributeError, ValueError):  # older kernel or platform: pages fault in on first touch
+        pass
+    return buf

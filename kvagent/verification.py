@@ -115,13 +115,12 @@ def _probe(engine: TransformersEngine, kv: KVCache, positions: list[int]) -> tup
     allowed[torch.arange(k), n + torch.arange(k)] = True
     dtype = engine.model.dtype
     mask = torch.zeros(1, 1, k, n + k, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    cache = engine._cache(kv)
-    engine.model(
+    cache = engine.new_cache(kv)
+    engine.forward(
+        cache,
         input_ids=kv.token_ids[pos].view(1, -1).to(engine.device),
         position_ids=pos.view(1, -1).to(engine.device),
         attention_mask=mask.to(engine.device),
-        past_key_values=cache,
-        use_cache=True,
         logits_to_keep=1,
     )
     return _worst(
@@ -146,8 +145,7 @@ def _layer0(engine: TransformersEngine, kv: KVCache) -> tuple[float, str]:
             return super().update(key_states, value_states, layer_idx, *a, **kw)
 
     try:
-        engine.model(input_ids=kv.token_ids.view(1, -1).to(engine.device),
-                     past_key_values=_Layer0Cache(config=engine.config), use_cache=True)
+        engine.forward(_Layer0Cache(config=engine.config), input_ids=kv.token_ids.view(1, -1).to(engine.device))
     except _StopAfterLayer0:
         pass
     if len(captured) != 2:  # the engine reads every KV out of this same cache, so no supported model gets here

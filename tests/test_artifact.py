@@ -522,3 +522,22 @@ def test_damaged_artifacts_decode_exactly_or_raise_artifact_errors(buf: bytes) -
         except ArtifactError:
             continue
         assert same_kv(out.kv, _SMALL_KV)
+
+
+def test_an_integrity_check_replaces_the_payload_sha256(valid: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``integrity`` sees the whole artifact (header included) after the header checks; sha256 is skipped."""
+    kv, header, blob = valid
+    seen: list[bytes] = []
+    monkeypatch.setattr(art, "payload_digest", lambda *_: "0" * 64)  # would fail if it were consulted
+    timings: dict[str, float] = {}
+    out = art.decode(bytearray(blob), integrity=lambda view: seen.append(bytes(view)), timings=timings)
+    assert seen == [blob] and same_kv(out.kv, kv)
+    assert set(timings) == {"parse", "integrity", "decode"} and all(v >= 0 for v in timings.values())
+
+    def refuse(view: memoryview) -> None:
+        raise ArtifactIntegrityError("damaged")
+
+    with pytest.raises(ArtifactIntegrityError, match="damaged"):
+        art.decode(bytearray(blob), integrity=refuse)
+    with pytest.raises(ArtifactMismatchError):  # the expectation is checked before the integrity hook runs
+        art.decode(bytearray(blob), expect=art.Expectation(dtype="bfloat16"), integrity=refuse)

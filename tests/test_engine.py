@@ -48,7 +48,7 @@ def test_resume_logits_match_full_prefill(tiny_model, arch):
     with torch.inference_mode():
         full = model(input_ids=torch.tensor([doc + suffix])).logits[0, -len(suffix):]
         cache = DynamicCache(ddp_cache_data=list(zip(kv.keys, kv.values, strict=True)), config=model.config)
-        reused = model(input_ids=torch.tensor([suffix]), past_key_values=cache).logits[0]
+        reused = engine.forward(cache, input_ids=torch.tensor([suffix])).logits[0]
     torch.testing.assert_close(reused, full, rtol=1e-4, atol=1e-4)
 
 
@@ -81,6 +81,65 @@ def test_resume_never_mutates_the_cached_kv(tiny_model):
         list(engine.stream(kv, _ids(5, 10 + seed), GREEDY))
     assert all(torch.equal(a, b) for a, b in zip(before, (*kv.keys, *kv.values), strict=True))
     assert kv.n_tokens == 200
+
+
+def test_resume_from_a_stored_artifact_leaves_its_tensors_and_file_unchanged(tiny_model, tmp_path):
+    """The cache starts from the stored tensors without copying them, and nothing writes to them:
+    not a resume, a stream, a sampled generation nor a prefix extension, on the store's mmap'd tensors."""
+    from _kvfixtures import same_kv
+
+    from kvagent import artifact as art
+    from kvagent.identity import sha256_hex
+    from kvagent.kv import KVCache
+    from kvagent.store import KVStore
+
+    engine = TransformersEngine(tiny_model("qwen3"))
+    doc = _ids(300, 15)
+    fresh = engine.prefill(doc)
+    header, blob = art.encode(fresh, model_fingerprint=sha256_hex(b"m"), tokenizer_fingerprint=sha256_hex(b"t"),
+                              template_hash=sha256_hex(b"p"))
+    with KVStore(tmp_path / "kv") as store:
+        store.put(header, blob)
+        kv = store.get(header.key).artifact.kv  # tensors are views of a private mmap of the stored file
+        snapshot = KVCache(tuple(t.clone() for t in kv.keys), tuple(t.clone() for t in kv.values), kv.token_ids.clone())
+        cache = engine.new_cache(kv)
+        assert all(layer.keys.data_ptr() == k.data_ptr() for layer, k in zip(cache.layers, kv.keys, strict=True))
+        eight = GenerationParams(max_new_tokens=8)
+        want = engine.generate(None, doc + [1, 2, 3], eight).token_ids
+        assert engine.generate(kv, [1, 2, 3], eight).token_ids == want
+        list(engine.stream(kv, [4, 5], GenerationParams(max_new_tokens=8, temperature=0.9, seed=1)))
+        longer = engine.prefill_from(kv.truncate(200), doc[200:])
+        assert same_kv(kv, snapshot) and same_kv(kv, fresh)
+        assert torch.equal(longer.keys[1], fresh.keys[1])
+        (path,) = (tmp_path / "kv").rglob("*.val")
+        assert path.read_bytes() == blob
+        assert store.get(header.key).artifact is not None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_no_future_warning_from_prefill_resume_or_stream(tiny_model, arch):
+    """transformers 5 deprecates ``past_key_values=``; the engine uses the argument the model declares."""
+    import warnings
+
+    engine = TransformersEngine(tiny_model(arch))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        kv = engine.prefill_from(engine.prefill(_ids(40, 16)), _ids(8, 17))
+        assert len(engine.generate(kv, [1, 2], GenerationParams(max_new_tokens=3)).token_ids) == 3
+        assert len(list(engine.stream(None, [3, 4], GenerationParams(max_new_tokens=3)))) == 3
+
+
+@pytest.mark.slow
+def test_no_future_warning_on_the_embedded_model(embedded):
+    import warnings
+
+    engine = TransformersEngine(embedded.model)
+    ids = embedded.tokenizer.encode("The ferry leaves at nine and returns at five.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        kv = engine.prefill(ids)
+        assert len(engine.generate(kv, ids[:3], GenerationParams(max_new_tokens=2)).token_ids) == 2
+        assert len(list(engine.stream(kv, ids[:3], GenerationParams(max_new_tokens=2)))) == 2
 
 
 def test_sampling_is_seeded_and_params_validated(tiny_model):

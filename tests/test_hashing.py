@@ -1,4 +1,4 @@
-"""The sha256 tree hash: equal to a plain single-threaded recomputation of the documented tree."""
+"""The sha256 tree hash and the local xxh3-128 tree: equal to plain single-threaded recomputations of the documented trees."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import random
 
 import numpy as np
 import pytest
+import xxhash
 
-from kvagent.hashing import CHUNK_SIZE, chunk_digests, payload_digest
+from kvagent.hashing import CHUNK_SIZE, chunk_digests, local_digest, payload_digest
 
 
 def reference_digest(data: bytes, chunk_size: int = CHUNK_SIZE) -> str:
@@ -81,3 +82,47 @@ def test_chunk_size_is_part_of_the_digest() -> None:
 def test_not_a_plain_sha256() -> None:
     data = _data(64, seed=6)
     assert payload_digest(data) != hashlib.sha256(data).hexdigest()
+
+
+# -- the local store's xxh3-128 tree ----------------------------------------------------------
+
+
+def reference_local(data: bytes, chunk_size: int = CHUNK_SIZE) -> str:
+    """xxh3_128("kvagent-local-v1\\0" || chunk_size u64 LE || len u64 LE || xxh3_128(chunk_0) || ...)."""
+    chunks = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
+    head = b"kvagent-local-v1\0" + chunk_size.to_bytes(8, "little") + len(data).to_bytes(8, "little")
+    return xxhash.xxh3_128(head + b"".join(xxhash.xxh3_128_digest(c) for c in chunks)).hexdigest()
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 70, 1000])
+def test_local_digest_matches_reference(n: int) -> None:
+    data = _data(n, seed=7)
+    assert local_digest(data, chunk_size=7) == reference_local(data, chunk_size=7)
+    assert local_digest(memoryview(bytearray(data)), chunk_size=7) == reference_local(data, chunk_size=7)
+
+
+def test_local_digest_default_chunks_and_typed_views() -> None:
+    data = _data(CHUNK_SIZE + 4096, seed=8)
+    assert local_digest(data) == reference_local(data)
+    floats = np.frombuffer(data[:4096], dtype=np.float32)
+    assert local_digest(floats.data) == reference_local(data[:4096])  # bytes, not elements, are counted
+
+
+def test_local_digest_catches_every_bit_flip_and_every_truncation() -> None:
+    data = bytearray(_data(48, seed=9))
+    base = local_digest(data, chunk_size=8)
+    seen = {base}
+    for i in range(len(data)):
+        for bit in range(8):
+            data[i] ^= 1 << bit
+            seen.add(local_digest(data, chunk_size=8))
+            data[i] ^= 1 << bit
+    assert len(seen) == 1 + 8 * len(data)
+    truncated = {local_digest(data[:n], chunk_size=8) for n in range(len(data))}
+    assert len(truncated) == len(data) and base not in truncated  # chunk boundaries (8, 16, ...) included
+    assert local_digest(data, chunk_size=8) == base
+
+
+def test_local_digest_is_not_the_content_address() -> None:
+    data = _data(100, seed=10)
+    assert len(local_digest(data)) == 32 and local_digest(data) != payload_digest(data)[:32]

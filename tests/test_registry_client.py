@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 
@@ -218,18 +219,18 @@ def _keypair() -> tuple[Ed25519PrivateKey, str]:
 
 
 def _sig_record(value: str) -> dict:
-    _alg, pub, sig = value.split(":")
-    return {"alg": "ed25519", "public_key": pub, "signature": sig}
+    alg, pub, sig = value.split(":")
+    return {"alg": alg, "public_key": pub, "signature": sig}
 
 
 def test_signature_verification():
     sk, pub = _keypair()
-    good = _sig_record(sign(HEADER.payload_sha256, sk))
+    good = _sig_record(sign(HEADER, sk))
     c, _ = client_for(blob_server(BLOB, handle_json(signature=good)), trusted_keys={pub})
     assert same_kv(c.download(c.lookup(KEY), EXPECT).kv, KV)
     # unsigned, signed by a stranger, or a signature over another digest: all refused
     other_sk, _ = _keypair()
-    for sig in (None, _sig_record(sign(HEADER.payload_sha256, other_sk)), _sig_record(sign("0" * 64, sk))):
+    for sig in (None, _sig_record(sign(HEADER, other_sk)), _sig_record(sign(dataclasses.replace(HEADER, codec="x"), sk))):
         c, _ = client_for(blob_server(BLOB, handle_json(signature=sig)), trusted_keys={pub})
         with pytest.raises(ArtifactIntegrityError):
             c.download(c.lookup(KEY), EXPECT)
@@ -248,7 +249,7 @@ def test_publish_sends_visibility_and_signature():
     req = seen[0]
     assert h.key == KEY and req.method == "PUT" and req.content == BLOB
     assert req.headers["x-kvagent-visibility"] == "public"
-    assert req.headers["x-kvagent-signature"].startswith(f"ed25519:{pub}:")
+    assert req.headers["x-kvagent-signature"].startswith(f"ed25519-v2:{pub}:")
     with pytest.raises(ValueError):
         c.publish(BLOB, "everyone")
 

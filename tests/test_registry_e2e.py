@@ -135,7 +135,7 @@ def test_misbehaving_registry_falls_back(failure, model, tmp_path, caplog):
     ids = doc_ids(5)
     honest = agent(model, tmp_path / "honest")
     doc0 = honest.read_ids(ids)
-    blob = honest._encode(doc0.key, honest._kv_for(doc0.key, doc0.token_ids)[0])[1]
+    blob = honest.artifact_bytes(doc0)
     hdr = json.loads(json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])["__metadata__"]["kvagent"])
     handle = {
         "key": doc0.key,

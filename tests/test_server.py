@@ -17,6 +17,7 @@ from _kvfixtures import make_artifact, make_kv
 from registry_server import ServerProcess, start_server
 
 from kvagent import artifact as art
+from kvagent import signing
 from kvagent.engine import GenerationParams, TransformersEngine
 from kvagent.identity import KeyContext, block_hashes, document_key, sha256_hex
 from kvagent.models import model_fingerprint
@@ -107,18 +108,18 @@ def test_publish_lookup_download_round_trip(server: ServerProcess, local: Any) -
     key = header.key
     sk = Ed25519PrivateKey.generate()
     pub = sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-    bad_sig = f"ed25519:{pub}:{sk.sign(b'other').hex()}"
+    bad_sig = f"ed25519-v2:{pub}:{sk.sign(b'other').hex()}"
     r = put(server, key, blob, ALICE, **{"X-KVAgent-Signature": bad_sig})
     assert r.status_code == 422, r.text
     assert get(server, f"/v1/artifacts/{key}", ALICE).status_code == 404
 
-    sig = f"ed25519:{pub}:{sk.sign(bytes.fromhex(header.payload_sha256)).hex()}"
+    sig = signing.sign(header, sk).header_value()
     r = put(server, key, blob, ALICE, **{"X-KVAgent-Signature": sig})
     assert r.status_code == 201, r.text
     h = r.json()
     assert (h["key"], h["size"], h["owner"], h["visibility"]) == (key, len(blob), "alice", "public")
     assert h["header"] == header.to_json()
-    assert h["signature"] == {"alg": "ed25519", "public_key": pub, "signature": sig.split(":")[2]}
+    assert h["signature"] == {"alg": "ed25519-v2", "public_key": pub, "signature": sig.split(":")[2]}
 
     assert get(server, f"/v1/artifacts/{key}", BOB).json() == h
     r = get(server, h["blob_url"], BOB)

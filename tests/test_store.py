@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -17,6 +18,7 @@ from _kvfixtures import MODEL_FP, TOKENIZER_FP, key_for, make_artifact, make_kv,
 
 from kvagent import artifact as art
 from kvagent.errors import InvalidKeyError, StoreError
+from kvagent.hashing import CHUNK_SIZE, LOCAL_ALGORITHM, local_digest
 from kvagent.identity import KeyContext, block_hashes, sha256_hex
 from kvagent.store import KVStore, SafeDisk
 
@@ -111,6 +113,73 @@ def test_wrong_model_expectation_is_a_miss(store: KVStore) -> None:
     found = store.get(header.key, expect=art.Expectation(model_fingerprint=sha256_hex(b"another model")))
     assert found.artifact is None
     assert "ArtifactMismatchError" in found.reason
+
+
+# ~12 MiB: three 4 MiB leaves of the local digest, on the file path with the mmap.
+BIG: dict[str, Any] = {"num_layers": 4, "heads": 4, "tokens": 1536, "head_dim": 64}
+
+
+def test_local_digest_is_recorded_and_replaces_the_sha256_pass(
+    store: KVStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    header, blob = make_artifact(make_kv(seed=6, **BIG))
+    store.put(header, blob)
+    (entry,) = store.entries()
+    assert entry.check == f"{LOCAL_ALGORITHM}:{local_digest(blob)}"
+
+    def no_sha256(*_: Any) -> str:
+        raise AssertionError("the payload sha256 was recomputed on a local read")
+
+    monkeypatch.setattr(art, "payload_digest", no_sha256)
+    found = store.get(header.key)
+    assert found.reason == "hit" and found.artifact is not None and found.artifact.header == header
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "chunk boundary", "last"])
+def test_bit_flip_in_a_large_artifact_is_caught_by_the_local_digest(
+    store: KVStore, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    header, blob = make_artifact(make_kv(seed=7, **BIG))
+    store.put(header, blob)
+    (path,) = _val_files(store.directory)
+    data_start = 8 + int.from_bytes(blob[:8], "little")
+    pos = {"first": data_start, "middle": len(blob) // 2, "chunk boundary": CHUNK_SIZE, "last": len(blob) - 1}[where]
+    monkeypatch.setattr(art, "payload_digest", lambda *_: "0" * 64)  # only the local digest can catch it
+    raw = bytearray(path.read_bytes())
+    raw[pos] ^= 0x20
+    path.write_bytes(bytes(raw))
+    found = store.get(header.key)
+    assert found.artifact is None
+    assert "local checksum mismatch" in found.reason and "evicted" in found.reason
+    assert header.key not in store and not path.exists()
+
+
+def test_truncation_at_a_chunk_boundary_is_caught(store: KVStore) -> None:
+    header, blob = make_artifact(make_kv(seed=8, **BIG))
+    store.put(header, blob)
+    (path,) = _val_files(store.directory)
+    path.write_bytes(blob[: 2 * CHUNK_SIZE])
+    found = store.get(header.key)
+    assert found.artifact is None and "evicted" in found.reason
+
+
+def test_entry_without_a_local_digest_is_checked_with_sha256_then_upgraded(store: KVStore) -> None:
+    header, blob = make_artifact(make_kv(seed=9, **LARGE))
+    store.put(header, blob)
+    meta_key = f"meta:{header.key}"
+    legacy = {k: v for k, v in json.loads(store._cache.get(meta_key)).items() if k != "check"}
+    store._cache.set(meta_key, json.dumps(legacy))  # as an older kvagent wrote it
+    assert next(iter(store.entries())).check is None
+    assert store.get(header.key).reason == "hit"
+    assert next(iter(store.entries())).check == f"{LOCAL_ALGORITHM}:{local_digest(blob)}"
+    # and a damaged legacy entry is still caught, by the payload sha256
+    store._cache.set(meta_key, json.dumps(legacy))
+    (path,) = _val_files(store.directory)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x01
+    path.write_bytes(bytes(raw))
+    found = store.get(header.key)
+    assert found.artifact is None and "payload checksum mismatch" in found.reason
 
 
 def test_entries_and_stats(tmp_path: Path) -> None:

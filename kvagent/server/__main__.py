@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ..errors import KVAgentError
-from .settings import DEFAULT_MAX_ARTIFACT_BYTES, Settings
+from .limits import ConnectionLimits
+from .settings import DEFAULT_MAX_ARTIFACT_BYTES, SETTINGS_ENV, Settings, to_env
 
 
 def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentParser:
@@ -24,6 +28,31 @@ def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentPar
     ap.add_argument("--postgres-dsn", default=None, help="use PostgreSQL for metadata instead of SQLite")
     ap.add_argument("--max-artifact-bytes", type=int, default=DEFAULT_MAX_ARTIFACT_BYTES)
     ap.add_argument("--kv-cache-items", type=int, default=2, help="decoded KVs kept in memory for generate")
+    ap.add_argument("--prices", type=Path, default=None,
+                    help="host price file (JSON: currency, input/cached_input/output_per_mtok, commission_bps)")
+    ap.add_argument("--currency", default=None, help="the currency amounts count micro-units of (default uUSD)")
+    ap.add_argument("--dispute-verify", choices=("sample", "full"), default="full",
+                    help="how a disputed artifact is re-verified when a model runs here")
+    ap.add_argument("--blobs", default=None, metavar="DIR|s3://BUCKET/PREFIX",
+                    help="where blobs live: a directory (default <data-dir>/blobs) or an S3-compatible bucket "
+                         "(credentials, region and AWS_ENDPOINT_URL from the standard AWS_* variables)")
+    ap.add_argument("--presign-expiry", type=int, default=300, help="seconds a presigned blob URL stays valid")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes serving the same port")
+    ap.add_argument("--max-queue", type=int, default=8,
+                    help="chat/completion requests queued or running at once; more get 429 + Retry-After")
+    ap.add_argument("--default-max-tokens", type=int, default=512,
+                    help="completion length of a chat request that sets no max_tokens")
+    ap.add_argument("--prompt-cache-bytes", type=int, default=2 << 30,
+                    help="disk budget of the host's private prompt-KV cache (chat endpoint)")
+    d = ConnectionLimits()
+    ap.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                    help="seconds a client has to send its request headers (slowloris guard)")
+    ap.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                    help="seconds a request body may stall between chunks before the connection is closed")
+    ap.add_argument("--keep-alive", type=int, default=d.keep_alive_s, help="seconds an idle keep-alive connection stays open")
+    ap.add_argument("--max-connections", type=int, default=d.max_connections,
+                    help="concurrent connections + requests before new requests get 503")
+    ap.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes, help="largest request head accepted")
     ap.add_argument("--log-level", default="info")
     return ap
 
@@ -37,23 +66,48 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         postgres_dsn=args.postgres_dsn,
         max_artifact_bytes=args.max_artifact_bytes,
         kv_cache_items=args.kv_cache_items,
+        prices_file=args.prices,
+        currency=args.currency,
+        dispute_verify=args.dispute_verify,
+        blobs=args.blobs,
+        presign_expiry_s=args.presign_expiry,
+        max_queue=args.max_queue,
+        default_max_tokens=args.default_max_tokens,
+        prompt_cache_bytes=args.prompt_cache_bytes,
     )
 
 
-def serve(settings: Settings, host: str, port: int, log_level: str = "info") -> None:
+def limits_from_args(args: argparse.Namespace) -> ConnectionLimits:
+    return ConnectionLimits(
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive,
+        max_connections=args.max_connections, max_header_bytes=args.max_header_bytes,
+    )
+
+
+def serve(settings: Settings, host: str, port: int, log_level: str = "info", workers: int = 1,
+          limits: ConnectionLimits | None = None) -> None:
+    """Run the registry; ``workers`` > 1 runs that many processes (uvicorn's supervisor) on one socket."""
     import uvicorn
 
     from .app import create_app
+    from .state import build_state
 
-    app = create_app(settings)
     # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then re-raises the signal it caught;
     # this handler turns that re-raise into a clean exit status 0.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=10,
-        lifespan="on",
+    common: dict[str, Any] = dict(
+        host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=10, lifespan="on"
     )
-    uvicorn.Server(config).run()
+    limits = limits or ConnectionLimits()
+    limits.export()  # the protocol's deadlines, here and in worker processes
+    common.update(limits.uvicorn_options())
+    if workers <= 1:
+        uvicorn.Server(uvicorn.Config(create_app(settings), **common)).run()
+        return
+    # create the schema and clean up once, here, before the workers start (and fail early on bad settings)
+    build_state(replace(settings, model=None)).meta.close()
+    os.environ[SETTINGS_ENV] = to_env(settings)
+    uvicorn.run("kvagent.server.app:create_app_from_env", factory=True, workers=workers, **common)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -64,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
     try:
-        serve(settings_from_args(args), args.host, args.port, args.log_level)
+        serve(settings_from_args(args), args.host, args.port, args.log_level, args.workers, limits_from_args(args))
     except KVAgentError as exc:
         print(f"kvagent serve: {exc}", file=sys.stderr)
         return 2

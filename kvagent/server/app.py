@@ -7,6 +7,7 @@ Routes live in their own modules (``registry_routes``, ``generate_routes``, ...)
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,10 +18,19 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import KVAgentError
-from . import generate_routes, registry_routes
-from .http import AccessLog, error_response, kvagent_response, validation_detail
-from .settings import Settings
+from ..errors import ConfigError, KVAgentError
+from . import generate_routes, market_routes, openai_routes, registry_routes
+from .http import (
+    AccessLog,
+    error_response,
+    is_openai_path,
+    kvagent_response,
+    openai_error_response,
+    openai_response,
+    validation_detail,
+)
+from .quotas import RateLimit
+from .settings import SETTINGS_ENV, Settings, from_env
 from .state import State, build_state
 
 log = logging.getLogger("kvagent.server")
@@ -38,28 +48,35 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="kvagent registry", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.kv = st
+    app.add_middleware(RateLimit, resolve=st.tokens.resolve, quotas=st.quotas)  # inner: 429s are logged too
     app.add_middleware(AccessLog, metrics=st.metrics)
 
     @app.exception_handler(KVAgentError)
-    async def _on_kvagent(_: Request, exc: KVAgentError) -> JSONResponse:
-        return kvagent_response(exc)
+    async def _on_kvagent(request: Request, exc: KVAgentError) -> JSONResponse:
+        return openai_response(exc) if is_openai_path(request.url.path) else kvagent_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if is_openai_path(request.url.path):
+            return openai_error_response(400, "invalid_request_error", validation_detail(exc))
         return error_response(422, "invalid_request", validation_detail(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        if is_openai_path(request.url.path):
+            return openai_error_response(exc.status_code, code, str(exc.detail)[:200], getattr(exc, "headers", None))
         return error_response(exc.status_code, code, str(exc.detail)[:200], getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        if is_openai_path(request.url.path):
+            return openai_error_response(500, "server_error", "internal server error")
         return error_response(500, "internal", "internal server error")
 
     @app.get("/v1/healthz")
-    def healthz() -> dict[str, Any]:
+    async def healthz() -> dict[str, Any]:  # no I/O: answers without waiting for the worker thread pool
         return {"ok": True, "model_fingerprint": st.host.fingerprint if st.host else None}
 
     @app.get("/metrics")
@@ -68,7 +85,17 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(registry_routes.routes(st))
     app.include_router(generate_routes.routes(st))
+    app.include_router(openai_routes.routes(st))
+    app.include_router(market_routes.routes(st))
     return app
 
 
-__all__ = ["State", "create_app"]
+def create_app_from_env() -> FastAPI:
+    """The app for the settings in ``KVAGENT_SERVER_SETTINGS`` (the factory ``--workers`` processes run)."""
+    value = os.environ.get(SETTINGS_ENV)
+    if not value:
+        raise ConfigError(f"{SETTINGS_ENV} is not set; start workers with `kvagent serve --workers N`")
+    return create_app(from_env(value))
+
+
+__all__ = ["State", "create_app", "create_app_from_env"]

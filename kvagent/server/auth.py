@@ -1,4 +1,5 @@
-"""Bearer-token authentication from a JSON token file ``{"<token>": {"principal": "alice", "publish": true}}``.
+"""Bearer-token authentication from a JSON token file ``{"<token>": {"principal": "alice", "publish": true}}``
+(``"admin": true`` lets a principal credit accounts).
 
 Tokens are kept only as sha256 digests in memory, so a lookup does not compare secrets byte by byte.
 """
@@ -8,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from .quotas import Limits
 
 _PRINCIPAL = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}\Z")
 
@@ -20,6 +22,8 @@ _PRINCIPAL = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}\Z")
 class Principal:
     name: str
     publish: bool = False
+    admin: bool = False  # may credit accounts and read the market audit
+    limits: Limits = field(default_factory=Limits)  # rate limits and quotas (kvagent.server.quotas)
 
 
 def valid_principal_name(name: object) -> bool:
@@ -57,7 +61,11 @@ class TokenTable:
             publish = info.get("publish", False)
             if not isinstance(publish, bool):
                 raise ConfigError(f"{source}: 'publish' must be true or false")
-            out[token] = Principal(info["principal"], publish)
+            admin = info.get("admin", False)
+            if not isinstance(admin, bool):
+                raise ConfigError(f"{source}: 'admin' must be true or false")
+            limits = Limits.from_mapping(info.get("limits"), source)
+            out[token] = Principal(info["principal"], publish, admin, limits)
         return cls(out)
 
     def resolve(self, authorization: str | None) -> Principal | None:

@@ -17,7 +17,8 @@ from starlette.concurrency import run_in_threadpool
 
 from ..engine import GenerationParams
 from ..errors import KVAgentError
-from .http import ApiError, read_json
+from . import market_routes
+from .http import ApiError, finish, read_json
 from .meta import LedgerEntry
 from .state import State
 
@@ -56,7 +57,14 @@ def routes(st: State) -> APIRouter:
         if json.loads(row.header_json)["model_fingerprint"] != st.host.fingerprint:
             st.metrics.generates.labels("wrong_model").inc()
             raise ApiError(409, "wrong_model", "the artifact was computed by another model than this server runs")
-        kv = await run_in_threadpool(st.host.kv_for, key, st.blobs.path(row.blob))
+        lease = await run_in_threadpool(st.quotas.acquire, p.name, p.limits)  # or 429 too_many_generates
+        try:
+            kv = await run_in_threadpool(st.host.kv_for, key, row.blob, st.blobs.read_bytes)
+            n_in, n_max = len(req.suffix_ids), req.max_new_tokens
+            rec = await run_in_threadpool(market_routes.charge_generate, st, p, row, request, n_in, n_max)  # or 402
+        except BaseException:
+            await run_in_threadpool(st.quotas.release, lease)
+            raise
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         cancelled = threading.Event()
@@ -70,6 +78,9 @@ def routes(st: State) -> APIRouter:
         first = await queue.get()
         if first[0] == "error":
             st.metrics.generates.labels("error").inc()
+            await run_in_threadpool(st.quotas.release, lease)
+            if rec is not None and not rec.replayed:
+                await run_in_threadpool(st.market.refund, rec.receipt, "generation failed before its first token")
             raise first[1] if isinstance(first[1], KVAgentError) else ApiError(500, "internal", "generation failed")
         st.metrics.generates.labels("ok").inc()
 
@@ -88,13 +99,20 @@ def routes(st: State) -> APIRouter:
                         yield json.dumps({"error": "generation_failed", "detail": "generation failed"}).encode() + b"\n"
                         return
                     ev = await queue.get()
-            finally:
+            finally:  # runs to the end even when the client went away and this task is cancelled
                 cancelled.set()
                 st.metrics.tokens.inc(n)
-                await run_in_threadpool(
-                    st.meta.record, LedgerEntry(p.name, key, row.owner, row.size, "generate", n, time.time())
-                )
+                await finish(_close, lease, LedgerEntry(p.name, key, row.owner, row.size, "generate", n, time.time()),
+                             rec, n)
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        def _close(lease: str | None, entry: LedgerEntry, rec: Any, n: int) -> None:
+            try:
+                st.quotas.release(lease)
+                st.meta.record(entry)
+            finally:
+                market_routes.settle_generate(st, rec, row, n_in, n_max, n)
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson",
+                                 headers=market_routes.receipt_headers(rec))
 
     return app

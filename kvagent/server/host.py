@@ -1,21 +1,21 @@
-"""Provider-side generation: one model loaded once, an LRU of decoded KVs, one generation at a time."""
+"""The model host: one model loaded once (with its tokenizer and resolver), an LRU of decoded KVs, one generation
+at a time."""
 
 from __future__ import annotations
 
 import logging
-import mmap
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import artifact as art
-from ..engine import GenerationParams, TransformersEngine
+from ..agent import KVAgent
+from ..engine import GenerationParams
 from ..errors import KVAgentError, ModelLoadError
 from ..kv import KVCache
-from ..models import EMBEDDED_NAMES, ensure_embedded, model_fingerprint_cached
+from ..models import EMBEDDED_NAMES, load_model
 
 log = logging.getLogger("kvagent.server")
 
@@ -23,51 +23,46 @@ log = logging.getLogger("kvagent.server")
 Event = tuple[Any, ...]
 
 
-@dataclass
-class _Loaded:
-    model: Any
-    fingerprint: str
-    name: str
+def load_host_agent(spec: str, models_dir: Path, cache_dir: Path, *, memory_slots: int = 2,
+                    prompt_cache_bytes: int = 2 << 30) -> KVAgent:
+    """The host's model, tokenizer and resolver: a local-only KVAgent, so its keys, block hashes and chat
+    rendering are exactly those of an SDK agent on the same model (published artifacts match).
 
-
-def load_server_model(spec: str, models_dir: Path) -> _Loaded:
-    """Load only the model (generation works on token ids, so no tokenizer is needed)."""
-    from transformers import AutoModelForCausalLM
-
-    if spec.lower() in EMBEDDED_NAMES:
-        path = ensure_embedded(models_dir)
-    else:
-        path = Path(spec).expanduser()
-        if not path.is_dir():
-            raise ModelLoadError(f"--model {spec!r} is neither 'smollm2' nor a local model directory")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model from {path}: {exc}") from exc
-    return _Loaded(model, model_fingerprint_cached(model, path, models_dir), spec)
+    ``cache_dir`` holds the host's own prompt cache (private prompt KVs, salted per principal).
+    """
+    if spec.lower() not in EMBEDDED_NAMES and not Path(spec).expanduser().is_dir():
+        raise ModelLoadError(f"--model {spec!r} is neither 'smollm2' nor a local model directory")
+    loaded = load_model(spec, models_dir, require_tokenizer=False)
+    return KVAgent(
+        loaded, models_dir=models_dir, cache_dir=cache_dir, local_only=True, memory_slots=memory_slots,
+        cache_size_bytes=prompt_cache_bytes,
+    )
 
 
 class ModelHost:
-    def __init__(self, loaded: _Loaded, kv_cache_items: int = 2):
-        self.engine = TransformersEngine(loaded.model)
-        self.fingerprint = loaded.fingerprint
-        self.name = loaded.name
+    """One model loaded once: its agent (tokenizer, resolver), an LRU of decoded published KVs, one generation
+    at a time (``lock``)."""
+
+    def __init__(self, agent: KVAgent, name: str, kv_cache_items: int = 2):
+        self.agent = agent
+        self.engine = agent.engine
+        self.fingerprint = agent.context.model_fingerprint
+        self.name = name
         self.lock = threading.Lock()  # one model: generations run one at a time
         self._kv_lock = threading.Lock()
         self._kvs: OrderedDict[str, KVCache] = OrderedDict()
         self._capacity = kv_cache_items
 
-    def kv_for(self, key: str, blob_path: Path) -> KVCache:
-        """The decoded KV of a published blob (checksum verified), from the LRU when possible."""
-        cache_id = f"{key}:{blob_path.name}"
+    def kv_for(self, key: str, blob: str, read: Callable[[str], memoryview]) -> KVCache:
+        """The decoded KV of published blob ``blob`` (checksum verified), from the LRU when possible;
+        ``read`` is the blob store's ``read_bytes``."""
+        cache_id = f"{key}:{blob}"
         with self._kv_lock:
             kv = self._kvs.get(cache_id)
             if kv is not None:
                 self._kvs.move_to_end(cache_id)
                 return kv
-        with open(blob_path, "rb") as f:
-            buf = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
-        kv = art.decode(buf, expect=art.Expectation(key=key)).kv
+        kv = art.decode(read(blob), expect=art.Expectation(key=key)).kv
         if self._capacity:
             with self._kv_lock:
                 self._kvs[cache_id] = kv

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from ..errors import (
     ArtifactError,
@@ -30,9 +33,12 @@ access_log = logging.getLogger("kvagent.server.access")
 class ApiError(RegistryError):
     """An HTTP error answer: status, machine code and human detail."""
 
-    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None, param: str | None = None):
         super().__init__(detail)
         self.status, self.code, self.detail, self.headers = status, code, detail, headers
+        self.extra = extra  # more fields of the JSON answer (e.g. a 402's quote)
+        self.param = param  # the request field at fault (OpenAI-shaped answers)
 
 
 def not_found(key: str) -> ApiError:
@@ -53,8 +59,39 @@ _KVAGENT_STATUS: list[tuple[type[KVAgentError], int, str]] = [
 ]
 
 
+#: Paths answered in OpenAI's error shape, so OpenAI clients raise their usual exceptions.
+OPENAI_PATHS = ("/v1/chat/", "/v1/completions", "/v1/models")
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
+                 403: "permission_error", 404: "invalid_request_error", 413: "invalid_request_error",
+                 422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(OPENAI_PATHS)
+
+
+def openai_error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                          param: str | None = None, extra: dict[str, Any] | None = None) -> JSONResponse:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    err = {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"), "param": param, "code": code}
+    return JSONResponse({"error": {**(extra or {}), **err}}, status_code=status, headers=headers)
+
+
+def openai_response(exc: KVAgentError) -> JSONResponse:
+    """``exc`` as an OpenAI-shaped error answer (the kvagent status and code mapping, OpenAI's body)."""
+    if isinstance(exc, ApiError):
+        code = "invalid_api_key" if exc.status == 401 else exc.code
+        return openai_error_response(exc.status, code, exc.detail, exc.headers, exc.param, exc.extra)
+    plain = kvagent_response(exc)
+    body = json.loads(bytes(plain.body))
+    return openai_error_response(plain.status_code, body.get("error", "server_error"), body.get("detail", ""))
+
+
 def kvagent_response(exc: KVAgentError) -> JSONResponse:
     if isinstance(exc, ApiError):
+        if exc.extra:
+            body = {**exc.extra, "error": exc.code, "detail": exc.detail}
+            return JSONResponse(body, status_code=exc.status, headers=exc.headers)
         return error_response(exc.status, exc.code, exc.detail, exc.headers)
     for cls, status, code in _KVAGENT_STATUS:
         if isinstance(exc, cls):
@@ -160,3 +197,12 @@ class AccessLog:
                 )
             )
 
+
+async def finish(fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn(*args)`` in a worker thread to completion, even when the calling task is being cancelled.
+
+    For the clean-up of a streamed answer (releasing a quota lease, metering, settling a charge): when the
+    client disconnects, Starlette cancels the stream's task, and a plain ``await`` in its ``finally`` would
+    be cancelled too, losing the clean-up. The shielded work goes on; the cancellation still propagates.
+    """
+    await asyncio.shield(asyncio.ensure_future(run_in_threadpool(fn, *args)))

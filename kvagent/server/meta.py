@@ -111,10 +111,13 @@ class _SQLMeta:
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         with self.transaction() as cur:
+            self._schema_lock(cur)
             for stmt in _SCHEMA:
                 cur.execute(stmt.format(serial=self.serial))
+
+    def _schema_lock(self, cur: Any) -> None:
+        """Serialise schema creation across processes (nodes starting together)."""
 
     # -- subclass hooks ------------------------------------------------------------------
     @contextmanager
@@ -123,6 +126,12 @@ class _SQLMeta:
         success, rolls back on any exception. Other server modules (ledger, quotas) use it for their own tables."""
         raise NotImplementedError
         yield
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:
+        """A cursor for read-only statements (no write lock taken); defaults to a transaction."""
+        with self.transaction() as cur:
+            yield cur
 
     def q(self, sql: str) -> str:
         """``sql`` with ``?`` placeholders rewritten for this backend."""
@@ -136,7 +145,7 @@ class _SQLMeta:
 
     # -- protocol ------------------------------------------------------------------------
     def get(self, key: str) -> ArtifactRow | None:
-        with self.transaction() as cur:
+        with self._read() as cur:
             cur.execute(self._q(f"SELECT {_COLS} FROM artifacts WHERE key = ?"), (key,))
             r = cur.fetchone()
         return ArtifactRow(*r) if r else None
@@ -176,7 +185,7 @@ class _SQLMeta:
             )
 
     def is_entitled(self, key: str, principal: str) -> bool:
-        with self.transaction() as cur:
+        with self._read() as cur:
             cur.execute(self._q("SELECT 1 FROM entitlements WHERE key = ? AND principal = ?"), (key, principal))
             return cur.fetchone() is not None
 
@@ -190,7 +199,7 @@ class _SQLMeta:
             f"WHERE b.hash {frag} AND (a.visibility = 'public' OR a.owner = ? OR EXISTS "
             "(SELECT 1 FROM entitlements e WHERE e.key = a.key AND e.principal = ?))"
         )
-        with self.transaction() as cur:
+        with self._read() as cur:
             cur.execute(self._q(sql), (*params, principal, principal))
             rows = cur.fetchall()
         best: tuple[int, str] | None = None
@@ -218,83 +227,112 @@ class _SQLMeta:
             params.append(key)
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(int(limit))
-        with self.transaction() as cur:
+        with self._read() as cur:
             cur.execute(self._q(sql), params)
             return [LedgerEntry(*r) for r in cur.fetchall()]
 
     def blob_names(self) -> list[str]:
-        with self.transaction() as cur:
+        with self._read() as cur:
             cur.execute("SELECT blob FROM artifacts")
             return [r[0] for r in cur.fetchall()]
 
 
 class SQLiteMeta(_SQLMeta):
-    """SQLite in WAL mode; one connection guarded by a lock (the server is one process)."""
+    """SQLite in WAL mode, one connection per thread: reads run concurrently without a lock, writes are
+    serialised by ``BEGIN IMMEDIATE`` (across threads and across ``--workers`` processes alike)."""
 
     def __init__(self, path: Path):
-        try:
-            self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open metadata database {path}: {exc}") from exc
+        self._path = str(path)
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._conn()
         super().__init__()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open metadata database {self._path}: {exc}") from exc
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:
-        with self._lock:
-            cur = self._conn.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                yield cur
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            else:
-                cur.execute("COMMIT")
-            finally:
-                cur.close()
+        cur = self._conn().cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        else:
+            cur.execute("COMMIT")
+        finally:
+            cur.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:
+        cur = self._conn().cursor()
+        try:
+            yield cur
+        finally:
+            cur.close()
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        with self._conns_lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
 
 
 class PostgresMeta(_SQLMeta):
-    """PostgreSQL via psycopg 3; one connection guarded by a lock, reconnected if it breaks."""
+    """PostgreSQL via psycopg 3 and a connection pool (broken connections are replaced by the pool)."""
 
     ph = "%s"
     serial = "BIGSERIAL PRIMARY KEY"
 
-    def __init__(self, dsn: str):
-        self._dsn = dsn
-        self._conn: Any = None
-        self._connect()
-        super().__init__()
-
-    def _connect(self) -> None:
+    def __init__(self, dsn: str, min_size: int = 1, max_size: int = 16):
         import psycopg
+        from psycopg_pool import ConnectionPool, PoolTimeout
 
+        self._errors: tuple[type[BaseException], ...] = (psycopg.OperationalError, PoolTimeout)
         try:
-            self._conn = psycopg.connect(self._dsn, autocommit=True)
+            self._pool = ConnectionPool(
+                dsn, min_size=min_size, max_size=max_size, kwargs={"autocommit": True}, timeout=10,
+                check=ConnectionPool.check_connection, open=True, name="kvagent-meta",
+            )
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            self._pool.wait(timeout=10)
+        except PoolTimeout as exc:
+            self._pool.close()
+            raise StoreError(f"cannot connect to PostgreSQL within 10 s: {exc}") from exc
+        super().__init__()
+
+    def _schema_lock(self, cur: Any) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(7463531)")  # any fixed id: "kvagent schema"
 
     def _in(self, values: Sequence[str]) -> tuple[str, list[Any]]:
         return "= ANY(?)", [list(values)]
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:
-        with self._lock:
-            if self._conn is None or self._conn.closed or self._conn.broken:
-                self._connect()
-            with self._conn.transaction(), self._conn.cursor() as cur:
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 yield cur
+        except self._errors as exc:
+            raise StoreError(f"PostgreSQL is unavailable: {exc}") from exc
 
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
+        self._pool.close()
 
 
 def open_meta(data_dir: Path, postgres_dsn: str | None = None) -> MetaStore:

@@ -17,4 +17,19 @@ class Metrics:
         self.latency = Histogram(
             "kvagent_request_seconds", "Request latency (to the end of the body)", ["method", "route"], registry=r
         )
-
+        # hosted chat / completions (OpenAI-compatible endpoint); prefix-cache counters in tokens, as vLLM's
+        self.prefix_cache_queries = Counter(
+            "kvagent_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "kvagent_prefix_cache_hits", "Prompt tokens served from a cached KV", ["source"], registry=r
+        )
+        self.ttft = Histogram(
+            "kvagent_time_to_first_token_seconds", "Time from request to first generated token", ["endpoint"],
+            buckets=(0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 51.2), registry=r,
+        )
+        self.requests = Counter("kvagent_completion_requests", "Chat/completion requests", ["endpoint", "result"],
+                                registry=r)
+        self.prompt_tokens = Counter("kvagent_prompt_tokens", "Prompt tokens of hosted requests", registry=r)
+        self.generation_tokens = Counter("kvagent_generation_tokens", "Tokens generated for hosted requests",
+                                         registry=r)

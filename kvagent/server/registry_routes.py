@@ -17,12 +17,14 @@ from starlette.requests import ClientDisconnect
 
 from ..errors import KVAgentError
 from ..identity import validate_key
+from . import market_routes, records
 from .auth import Principal, valid_principal_name
 from .http import ApiError, RangeNotSatisfiable, error_response, not_found, parse_range, read_json
 from .meta import VISIBILITIES, ArtifactRow, LedgerEntry, can_see
 from .publish import Validated, parse_signature, validate_upload
+from .quotas import UploadMeter
 from .settings import MAX_PREFIX_HASHES
-from .state import State, handle
+from .state import State, handle, handle_json
 
 log = logging.getLogger("kvagent.server")
 
@@ -47,15 +49,17 @@ def routes(st: State) -> APIRouter:
 
     # -- lookup -------------------------------------------------------------------------------
     @app.get("/v1/artifacts/{key}")
-    def get_artifact(key: str, request: Request) -> dict[str, Any]:
+    async def get_artifact(key: str, request: Request) -> Response:
         p = st.principal(request)
         try:
-            row = st.visible(key, p)
+            row = await run_in_threadpool(st.visible, key, p)
         except ApiError:
             st.metrics.lookups.labels("key", "miss").inc()
             raise
         st.metrics.lookups.labels("key", "hit").inc()
-        return handle(row)
+        price = await run_in_threadpool(st.market.price, row.key, row.owner)  # so a buyer can decide first
+        body = handle_json(row, price=price, currency=st.market.currency)
+        return Response(body, media_type="application/json")  # no response model, no re-encoding
 
     @app.post("/v1/lookup/prefix")
     async def lookup_prefix(request: Request) -> dict[str, Any]:
@@ -63,13 +67,14 @@ def routes(st: State) -> APIRouter:
         body: PrefixRequest = await read_json(request, PrefixRequest)
         for h in body.block_hashes:
             validate_key(h)
-        found = await run_in_threadpool(st.meta.longest_prefix, body.block_hashes, p.name)
-        row = await run_in_threadpool(st.meta.get, found[0]) if found else None
-        if found is None or row is None:
+        found = await run_in_threadpool(records.longest_prefix, st.meta, st.copies, body.block_hashes, p.name)
+        if found is None:
             st.metrics.lookups.labels("prefix", "miss").inc()
             raise ApiError(404, "not_found", "no visible artifact shares a prefix block with these hashes")
         st.metrics.lookups.labels("prefix", "hit").inc()
-        return {"key": found[0], "blocks": found[1], "handle": handle(row)}
+        row, blocks = found
+        priced = await run_in_threadpool(market_routes.priced, st, handle(row), row)
+        return {"key": row.key, "blocks": blocks, "handle": priced}
 
     # -- publish ------------------------------------------------------------------------------
     @app.put("/v1/artifacts/{key}")
@@ -88,17 +93,21 @@ def routes(st: State) -> APIRouter:
             st.metrics.publishes.labels("too_large").inc()
             raise ApiError(413, "too_large", f"artifact exceeds the {limit}-byte limit")
         existing = await run_in_threadpool(st.meta.get, key)
+        entitled = await run_in_threadpool(st.meta.is_entitled, key, p.name)  # asked for a missing key too (timing)
         # refuse early only when the caller can see the row: for a restricted key it may not see, the answer
-        # must not differ from a missing key's until it has uploaded a valid artifact for that very key
-        if existing is not None and existing.owner != p.name and can_see(st.meta, existing, p.name):
+        # must not differ from a missing key's (it gets its own record once it uploads a valid artifact)
+        if existing is not None and existing.owner != p.name and (existing.visibility == "public" or entitled):
             st.metrics.publishes.labels("conflict").inc()
             raise ApiError(409, "conflict", "this key is already published by another principal")
+        incoming = int(declared) if declared is not None and declared.isdigit() else None
+        meter = await run_in_threadpool(UploadMeter, st.quotas, p.name, p.limits, incoming)  # or 429
         tmp = st.blobs.new_temp()
         try:
             size = 0
             with open(tmp, "wb") as f:
                 async for chunk in request.stream():
                     size += len(chunk)
+                    meter.add(len(chunk))  # 429 once the daily upload quota is spent
                     if size > limit:
                         st.metrics.publishes.labels("too_large").inc()
                         raise ApiError(413, "too_large", f"artifact exceeds the {limit}-byte limit")
@@ -108,12 +117,14 @@ def routes(st: State) -> APIRouter:
             except KVAgentError:
                 st.metrics.publishes.labels("invalid").inc()
                 raise
+            await run_in_threadpool(market_routes.publish_price, st, key, p, request)
             status, row = await run_in_threadpool(_commit, st, tmp, key, p, visibility, v)
         except ClientDisconnect:
             log.info("client disconnected during upload of %s…", key[:16])
             return error_response(400, "incomplete", "upload was interrupted")
         finally:
             tmp.unlink(missing_ok=True)
+            await run_in_threadpool(meter.charge)
         st.metrics.publishes.labels("created" if status == 201 else "identical").inc()
         return JSONResponse(handle(row), status_code=status)
 
@@ -122,9 +133,13 @@ def routes(st: State) -> APIRouter:
     def download(key: str, request: Request) -> Response:
         p = st.principal(request)
         row = st.visible(key, p)
-        path = st.blobs.path(row.blob)
+        url = st.blobs.presign(row.blob, st.settings.presign_expiry_s)
+        if url is not None:  # the bytes bypass the app (object store / CDN); metered once, at issue time
+            charged = market_routes.charge_download(st, p, row, request)
+            st.meta.record(LedgerEntry(p.name, key, row.owner, row.size, "download", 0, time.time()))
+            return Response(status_code=307, headers={**charged, "Location": url, "Cache-Control": "no-store"})
         try:
-            f = open(path, "rb")  # an open file survives a concurrent delete
+            f = st.blobs.open_read(row.blob)  # a local open file survives a concurrent delete
         except FileNotFoundError as exc:
             raise not_found(key) from exc
         try:
@@ -142,6 +157,11 @@ def routes(st: State) -> APIRouter:
         }
         if span:
             headers["Content-Range"] = f"bytes {start}-{end}/{row.size}"
+        try:
+            headers.update(market_routes.charge_download(st, p, row, request))  # 402 before any byte is sent
+        except BaseException:
+            f.close()
+            raise
         st.meta.record(LedgerEntry(p.name, key, row.owner, length, "download", 0, time.time()))
 
         def body() -> Iterator[bytes]:
@@ -168,14 +188,14 @@ def routes(st: State) -> APIRouter:
         body: GrantRequest = await read_json(request, GrantRequest)
         if not valid_principal_name(body.principal):
             raise ApiError(422, "invalid_request", "principal must match [A-Za-z0-9_.@:-]{1,128}")
-        await run_in_threadpool(st.meta.grant, row.key, body.principal)
+        await run_in_threadpool(records.grant_owned, st.meta, st.copies, row.key, p.name, body.principal)
         return {"key": row.key, "principal": body.principal, "granted": True}
 
     @app.delete("/v1/artifacts/{key}", status_code=204)
     def delete(key: str, request: Request) -> Response:
         p = st.principal(request)
         st.owned(key, p)
-        row = st.meta.delete(key)
+        row = records.delete_owned(st.meta, st.copies, key, p.name)
         if row is not None:
             st.blobs.remove(row.blob)
             if st.host is not None:
@@ -214,8 +234,12 @@ def _commit(st: State, tmp: Path, key: str, p: Principal, visibility: str, v: Va
         return 200, existing
 
     existing = st.meta.get(key)
+    if existing is not None and existing.owner != p.name and not can_see(st.meta, existing, p.name):
+        # no existence oracle: a key held out of the caller's sight gets the caller its own record
+        return _commit_copy(st, tmp, key, p, visibility, v)
     if existing is not None:
         return settle(existing)
+    st.quotas.check_storage(p.name, p.limits, v.size)  # 413 storage_quota
     name = st.blobs.publish(tmp, key)
     row = ArtifactRow(
         key=key, owner=p.name, visibility=visibility, size=v.size, payload_sha256=digest,
@@ -230,5 +254,38 @@ def _commit(st: State, tmp: Path, key: str, p: Principal, visibility: str, v: Va
         raise
     if existing is not None:  # lost a race with a concurrent publish of the same key
         st.blobs.remove(name)
+        if existing.owner != p.name and not can_see(st.meta, existing, p.name):
+            return _commit_copy(st, tmp, key, p, visibility, v)
         return settle(existing)
     return 201, row
+
+
+def _commit_copy(st: State, tmp: Path, key: str, p: Principal, visibility: str,
+                 v: Validated) -> tuple[int, ArtifactRow]:
+    """Publish the caller's own record of a key another principal holds hidden from it: 201 as if fresh,
+    200 for an identical re-publish, 409 only for a different payload of the caller's own record."""
+    mine = st.copies.get(key, p.name)
+    if mine is None:
+        st.quotas.check_storage(p.name, p.limits, v.size)  # 413 storage_quota
+        name = st.blobs.publish(tmp, key)
+        row = _row(key, p, visibility, v, name)
+        try:
+            mine = st.copies.insert(row, v.block_hashes)
+        except BaseException:
+            st.blobs.remove(name)
+            raise
+        if mine is None:
+            return 201, row
+        st.blobs.remove(name)  # lost a race with the caller's own concurrent publish
+    if mine.payload_sha256 != v.header.payload_sha256:
+        raise ApiError(409, "conflict", "this key is already published with a different payload; delete it first")
+    return 200, mine
+
+
+def _row(key: str, p: Principal, visibility: str, v: Validated, blob: str) -> ArtifactRow:
+    return ArtifactRow(
+        key=key, owner=p.name, visibility=visibility, size=v.size, payload_sha256=v.header.payload_sha256,
+        header_json=json.dumps(v.header.to_json(), sort_keys=True),
+        signature_json=json.dumps(v.signature.to_json()) if v.signature else None,
+        blob=blob, created_at=time.time(),
+    )

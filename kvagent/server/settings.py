@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -25,13 +27,47 @@ class Settings:
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
     kv_cache_items: int = 2
     block_size: int = 256
+    prices_file: Path | None = None  # the host's price file (kvagent.market.HostPrices); None: free hosting
+    currency: str | None = None  # overrides the price file's currency (default uUSD)
+    dispute_verify: str = "full"  # how a model-running host re-verifies a disputed artifact
+    blobs: str | None = None  # None: <data_dir>/blobs; a directory; or s3://BUCKET[/PREFIX] (AWS_* variables)
+    presign_expiry_s: int = 300  # lifetime of a presigned blob URL (S3 backend)
+    prompt_cache_bytes: int = 2 << 30  # the host's private prompt-KV cache on disk (chat endpoint)
+    max_queue: int = 8  # chat/completion requests waiting or running at once; more get 429 + Retry-After
+    default_max_tokens: int = 512  # completion length when a request gives no max_tokens
+    orphan_grace_s: float = 600.0  # unreferenced blobs / temp files younger than this are left alone at startup
 
     def __post_init__(self) -> None:
         if self.max_artifact_bytes <= 0:
             raise ConfigError("max_artifact_bytes must be positive")
         if self.kv_cache_items < 0:
             raise ConfigError("kv_cache_items must be >= 0")
+        if not 1 <= self.presign_expiry_s <= 7 * 24 * 3600:
+            raise ConfigError("presign_expiry_s must be in 1..604800 (S3 allows at most 7 days)")
         if self.block_size <= 0:
             raise ConfigError("block_size must be positive")
+        if self.dispute_verify not in ("sample", "full"):
+            raise ConfigError("dispute_verify must be 'sample' or 'full'")
         if self.model is not None and self.model.lower() == "none":
             object.__setattr__(self, "model", None)
+
+
+#: Environment variable carrying the settings to ``--workers`` processes (see ``to_env`` / ``from_env``).
+SETTINGS_ENV = "KVAGENT_SERVER_SETTINGS"
+
+
+def to_env(settings: Settings) -> str:
+    """``settings`` as JSON, for a worker process to rebuild with ``from_env``."""
+    raw = {f.name: getattr(settings, f.name) for f in fields(settings)}
+    return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in raw.items()})
+
+
+def from_env(value: str) -> Settings:
+    """The settings that ``to_env`` encoded (path fields become ``Path`` again)."""
+    try:
+        raw = json.loads(value)
+    except ValueError as exc:
+        raise ConfigError(f"{SETTINGS_ENV} is not valid JSON: {exc}") from exc
+    paths = {f.name for f in fields(Settings) if "Path" in str(f.type)}
+    kw: dict[str, Any] = {k: Path(v) if k in paths and v is not None else v for k, v in raw.items()}
+    return Settings(**kw)

@@ -12,10 +12,12 @@ from fastapi import Request
 
 from ..identity import validate_key
 from .auth import Principal, TokenTable
-from .blobs import BlobDir
+from .blobs import BlobStore, open_blobs
 from .http import ApiError, not_found
-from .meta import ArtifactRow, MetaStore, can_see, open_meta
+from .meta import ArtifactRow, MetaStore, open_meta
 from .metrics import Metrics
+from .quotas import Quotas
+from .records import OwnerCopies, visible_row
 from .settings import Settings
 
 log = logging.getLogger("kvagent.server")
@@ -26,9 +28,12 @@ class State:
     settings: Settings
     tokens: TokenTable
     meta: MetaStore
-    blobs: BlobDir
+    blobs: BlobStore
     metrics: Metrics
     host: Any = None  # ModelHost | None
+    market: Any = None  # kvagent.server.ledger.Ledger: prices, accounts and charges
+    quotas: Any = None  # kvagent.server.quotas.Quotas: rate limits and quotas per principal
+    copies: Any = None  # kvagent.server.records.OwnerCopies: later publishers' own records of hidden keys
 
     def principal(self, request: Request) -> Principal:
         p = self.tokens.resolve(request.headers.get("authorization"))
@@ -39,8 +44,8 @@ class State:
 
     def visible(self, key: str, principal: Principal) -> ArtifactRow:
         validate_key(key)
-        row = self.meta.get(key)
-        if row is None or not can_see(self.meta, row, principal.name):
+        row = visible_row(self.meta, self.copies, key, principal.name)  # the caller's own copy included
+        if row is None:
             raise not_found(key)
         return row
 
@@ -64,23 +69,34 @@ def handle(row: ArtifactRow) -> dict[str, Any]:
     }
 
 
+def handle_json(row: ArtifactRow, **extra: Any) -> bytes:
+    """``handle(row)`` (plus ``extra`` fields) as JSON bytes: the stored header and signature JSON are spliced
+    in, not re-encoded (the lookup hot path)."""
+    head = json.dumps({"key": row.key, "size": row.size, "visibility": row.visibility, "owner": row.owner,
+                       "blob_url": f"/v1/artifacts/{row.key}/blob", **extra}, separators=(",", ":"))
+    return f'{head[:-1]},"header":{row.header_json},"signature":{row.signature_json or "null"}}}'.encode()
+
+
 def build_state(settings: Settings) -> State:
     """Open the data dir and database, clean up after crashes, and load the model (if any)."""
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     tokens = TokenTable.from_file(settings.token_file)
     meta = open_meta(data_dir, settings.postgres_dsn)
-    blobs = BlobDir(data_dir / "blobs")
-    stale = blobs.clean_temp()
-    if stale:
-        log.info("removed %d stale upload temp file(s)", stale)
-    blobs.reconcile(meta.blob_names())
+    blobs = open_blobs(settings.blobs, data_dir)
+    copies = OwnerCopies(meta)
+    blobs.cleanup(lambda: [*meta.blob_names(), *copies.blob_names()], settings.orphan_grace_s)
     host = None
     if settings.model:
         from ..config import Config
-        from .host import ModelHost, load_server_model
+        from .host import ModelHost, load_host_agent
 
         models_dir = Path(settings.models_dir) if settings.models_dir else Config.resolve().models_dir
-        host = ModelHost(load_server_model(settings.model, models_dir), settings.kv_cache_items)
+        agent = load_host_agent(settings.model, models_dir, data_dir / "host-cache",
+                                memory_slots=settings.kv_cache_items, prompt_cache_bytes=settings.prompt_cache_bytes)
+        host = ModelHost(agent, settings.model, settings.kv_cache_items)
         log.info("serving model %s (fingerprint %s…)", settings.model, host.fingerprint[:16])
-    return State(settings, tokens, meta, blobs, Metrics(), host)
+    from .ledger import open_ledger
+
+    market = open_ledger(meta, settings.prices_file, settings.currency)
+    return State(settings, tokens, meta, blobs, Metrics(), host, market, Quotas(meta), copies)

@@ -21,12 +21,17 @@ class KVDocumentLoader(BaseLoader):
     ``"local"``...), ``kv_tokens`` and ``kv_reason`` in its metadata. A document's KV is cached under
     the agent's prompt layout, so a prompt that starts with the document the same way resumes from it.
     ``agent`` may be a ``KVAgent`` or a ``KVAgentLLM``/``ChatKVAgent`` (whose agent is used).
+
+    A document longer than the model's context raises ``kvagent.errors.ContextLengthError`` before any
+    prefill, unless the agent opts in (``KVAgent(allow_context_overflow=True)``,
+    ``KVAGENT_ALLOW_CONTEXT_OVERFLOW=1``) for a model known to extrapolate.
     """
 
     def __init__(self, source: Source | Iterable[Source], *, agent: Any) -> None:
         self.agent: KVAgent = agent if isinstance(agent, KVAgent) else agent.kv_agent
-        is_one = isinstance(source, (BaseLoader, Document, str, os.PathLike))
-        self.sources: list[Source] = [source] if is_one else list(source)  # type: ignore[arg-type]
+        self.sources: list[Source] = (
+            [source] if isinstance(source, (BaseLoader, Document, str, os.PathLike)) else list(source)
+        )
 
     def lazy_load(self) -> Iterator[Document]:
         for source in self.sources:

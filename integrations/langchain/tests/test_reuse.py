@@ -1,13 +1,13 @@
-"""Prefix reuse on a tiny random model: exact vs full prefill, found in memory and in the store."""
+"""Prefix reuse through kvagent's resolver on a tiny random model: exact vs full prefill, found in memory and in the store."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kvagent import GenerationParams, KVAgent
+from kvagent import GenerationParams, KVAgent, shared_prefix
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from langchain_kvagent._reuse import PromptRunner, longest_cached_prefix, shared_prefix
+from langchain_kvagent._reuse import PromptRunner
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +50,13 @@ def test_second_prompt_resumes_and_matches_full_prefill(tiny_agent: KVAgent) -> 
 
 def test_prefix_is_found_in_the_store_after_memory_is_dropped(tiny_agent: KVAgent) -> None:
     doc = _ids(4, 64)
-    PromptRunner(tiny_agent, min_save_tokens=1).start(doc + [5, 6, 7])
+    runner = PromptRunner(tiny_agent, min_save_tokens=1)
+    runner.start(doc + [5, 6, 7])
     tiny_agent.forget_memory()
-    kv, why = longest_cached_prefix(tiny_agent, doc + [9, 9])
-    assert kv is not None and kv.n_tokens == len(doc), why
-    assert "local store" in why
-    assert kv.token_ids.tolist() == doc
+    kv, info = runner.start(doc + [9, 9, 1])
+    assert kv is not None and info.cached_tokens == len(doc), info.reason
+    assert info.source == "store" and "local store" in info.reason
+    assert kv.token_ids.tolist() == doc + [9, 9]
 
 
 def test_reuse_off_prefills_everything(tiny_agent: KVAgent) -> None:

@@ -1,0 +1,404 @@
+"""The market's double-entry ledger in the registry's database (SQLite or PostgreSQL).
+
+Tables (created here, through ``MetaStore.transaction()``): ``market_accounts`` (one balance per principal
+and per system account), ``market_transactions`` (one row per charge, credit, refund or adjustment, with
+its public receipt id), ``market_postings`` (the legs of each transaction; they sum to zero),
+``market_idempotency`` (buyer + client key -> transaction), ``market_prices`` (an artifact's price per
+load), ``market_disputes`` and ``market_quarantine``.
+
+Every money movement is one database transaction: the buyer's idempotency key is claimed first (a
+concurrent duplicate waits on it, then finds the receipt), the accounts touched are locked in name order
+(``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serialises writers), the
+balance is checked, then the postings and balances are written. The rules themselves are kvagent.market's.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .. import market as mk
+from ..errors import ConfigError
+from .meta import MetaStore, PostgresMeta
+
+_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS market_accounts (principal TEXT PRIMARY KEY, balance BIGINT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS market_transactions (
+        id {serial}, receipt TEXT NOT NULL UNIQUE, ts DOUBLE PRECISION NOT NULL, kind TEXT NOT NULL,
+        buyer TEXT, key TEXT, publisher TEXT, amount BIGINT NOT NULL, ref BIGINT, memo TEXT)""",
+    "CREATE INDEX IF NOT EXISTS market_transactions_ref ON market_transactions (ref)",
+    """CREATE TABLE IF NOT EXISTS market_postings (
+        txn BIGINT NOT NULL, account TEXT NOT NULL, amount BIGINT NOT NULL, PRIMARY KEY (txn, account))""",
+    "CREATE INDEX IF NOT EXISTS market_postings_account ON market_postings (account, txn)",
+    """CREATE TABLE IF NOT EXISTS market_idempotency (
+        principal TEXT NOT NULL, idem_key TEXT NOT NULL, key TEXT NOT NULL, txn BIGINT,
+        created_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (principal, idem_key))""",
+    """CREATE TABLE IF NOT EXISTS market_prices (
+        key TEXT NOT NULL, owner TEXT NOT NULL, price BIGINT NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (key, owner))""",
+    """CREATE TABLE IF NOT EXISTS market_disputes (
+        id {serial}, ts DOUBLE PRECISION NOT NULL, receipt TEXT NOT NULL, buyer TEXT NOT NULL, key TEXT NOT NULL,
+        evidence TEXT NOT NULL, status TEXT NOT NULL, outcome TEXT, refund_receipt TEXT)""",
+    """CREATE TABLE IF NOT EXISTS market_quarantine (
+        key TEXT NOT NULL, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, dispute BIGINT, reason TEXT NOT NULL,
+        visibility TEXT NOT NULL, entitlements TEXT NOT NULL, PRIMARY KEY (key, owner))""",
+]
+
+QUARANTINED = "quarantined"
+_MAX_IDEM = 128
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """A committed charge: its public id, the amount the buyer paid, and whether it was a replay."""
+
+    receipt: str
+    txn: int
+    amount: int
+    currency: str
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class Audit:
+    """Ledger-wide checks: the sum of all balances (always 0), unbalanced transactions, negative principals."""
+
+    total: int
+    unbalanced: list[int]
+    negative: dict[str, int]
+    money_issued: int
+    host: int  # the host's commissions and token fees
+    transactions: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Dispute:
+    id: int
+    receipt: str
+    key: str
+    status: str  # "refunded" | "rejected" | "open"
+    outcome: str
+    refund_receipt: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class IdempotencyConflict(ConfigError):
+    """An idempotency key reused for another artifact or another kind of purchase."""
+
+
+class Ledger:
+    """Accounts, prices, charges, credits, refunds, disputes and quarantine over one MetaStore."""
+
+    def __init__(self, meta: MetaStore, prices: mk.HostPrices | None = None):
+        self.meta = meta
+        self.prices = prices or mk.HostPrices()
+        self._lock_sql = " FOR UPDATE" if isinstance(meta, PostgresMeta) else ""
+        with meta.transaction() as cur:
+            for stmt in _SCHEMA:
+                cur.execute(stmt.format(serial=meta.serial))
+
+    @property
+    def currency(self) -> str:
+        return self.prices.currency
+
+    # -- reads ----------------------------------------------------------------------------------
+    def balance(self, account: str) -> int:
+        with self.meta.transaction() as cur:
+            cur.execute(self.meta.q("SELECT balance FROM market_accounts WHERE principal = ?"), (account,))
+            r = cur.fetchone()
+        return int(r[0]) if r else 0
+
+    def price(self, key: str, owner: str) -> int:
+        """The price per load of ``owner``'s record of ``key`` (0, free, when it set none)."""
+        with self.meta.transaction() as cur:
+            return self._price(cur, key, owner)
+
+    def _price(self, cur: Any, key: str, owner: str) -> int:
+        cur.execute(self.meta.q("SELECT price FROM market_prices WHERE key = ? AND owner = ?"), (key, owner))
+        r = cur.fetchone()
+        return int(r[0]) if r else 0
+
+    def set_price(self, key: str, owner: str, price: int) -> int:
+        """Set ``owner``'s price for its record of ``key`` (each owner of a key prices its own record).
+
+        Publishing sets it *before* the record commits, so an artifact is never visible unpriced; a price
+        left by a publish that then failed prices nothing (no record of that owner exists to be sold).
+        """
+        price = mk.amount(price, "price")
+        with self.meta.transaction() as cur:
+            cur.execute(
+                self.meta.q("INSERT INTO market_prices (key, owner, price, updated_at) VALUES (?,?,?,?) "
+                            "ON CONFLICT (key, owner) DO UPDATE SET price = excluded.price, "
+                            "updated_at = excluded.updated_at"),
+                (key, owner, price, time.time()),
+            )
+        return price
+
+    # -- money movements ------------------------------------------------------------------------
+    def credit(self, principal: str, value: int, memo: str = "") -> Receipt:
+        """Admin credit: money enters from #mint (the payment-processor hook; see docs/market.md)."""
+        value = mk.amount(value, "credit", allow_zero=False)
+        with self.meta.transaction() as cur:
+            return self._post(cur, mk.CREDIT, mk.credit_postings(principal, value), value, memo=memo[:200],
+                              buyer=principal)
+
+    def charge_load(self, buyer: str, key: str, publisher: str, idem: str | None, max_price: int | None) -> Receipt | None:
+        """Charge one load of ``key`` at its price; ``None`` when free (price 0 or the publisher itself).
+
+        Raises :class:`kvagent.market.PaymentRefused` (nothing charged) when the price is above
+        ``max_price`` or the buyer's balance; a repeated ``idem`` returns the first receipt.
+        """
+        return self._charge(buyer, key, publisher, idem, max_price, mk.SALE, lambda price: (price, 0))
+
+    def charge_generate(self, buyer: str, key: str, publisher: str, idem: str | None, max_price: int | None,
+                        input_tokens: int, cached_tokens: int, max_output_tokens: int) -> Receipt | None:
+        """Charge a hosted generation up front for ``max_output_tokens``; :meth:`settle_generate` returns the rest."""
+
+        def bill(price: int) -> tuple[int, int]:
+            b = mk.generate_bill(self.prices, input_tokens, cached_tokens, max_output_tokens, price)
+            return b.royalty, b.host_fee
+
+        return self._charge(buyer, key, publisher, idem, max_price, mk.GENERATE, bill)
+
+    def settle_generate(self, receipt: Receipt, input_tokens: int, cached_tokens: int, max_output_tokens: int,
+                        used_output_tokens: int) -> Receipt | None:
+        """Give back what the unused output tokens of a pre-paid generation cost (one adjustment, #host -> buyer)."""
+        if receipt.replayed:
+            return None
+        full = mk.generate_bill(self.prices, input_tokens, cached_tokens, max_output_tokens, 0).host_fee
+        used = mk.generate_bill(self.prices, input_tokens, cached_tokens, used_output_tokens, 0).host_fee
+        back = full - used
+        if back <= 0:
+            return None
+        with self.meta.transaction() as cur:
+            cur.execute(self.meta.q("SELECT buyer, key, publisher FROM market_transactions WHERE id = ?"),
+                        (receipt.txn,))
+            buyer, key, publisher = cur.fetchone()
+            postings = [mk.Posting(mk.HOST, -back), mk.Posting(buyer, back)]
+            return self._post(cur, mk.ADJUST, postings, -back, buyer=buyer, key=key, publisher=publisher,
+                              ref=receipt.txn, check_negative=False)
+
+    def _charge(self, buyer: str, key: str, publisher: str, idem: str | None, max_price: int | None, kind: str,
+                bill: Any) -> Receipt | None:
+        if idem is not None and not 1 <= len(idem) <= _MAX_IDEM:
+            raise ConfigError(f"Idempotency-Key must be 1..{_MAX_IDEM} characters")
+        idem = idem or "srv-" + secrets.token_hex(16)
+        scope = f"{kind}:{key}"
+        with self.meta.transaction() as cur:
+            replay = self._claim(cur, buyer, idem, scope)
+            if replay is not None:
+                return replay
+            price = self._price(cur, key, publisher)
+            royalty, host_fee = bill(price if buyer != publisher else 0)
+            total = royalty + host_fee
+            if total == 0:
+                cur.execute(self.meta.q("DELETE FROM market_idempotency WHERE principal = ? AND idem_key = ?"),
+                            (buyer, idem))
+                return None
+            postings = mk.sale_postings(buyer, publisher, royalty, self.prices.commission_bps, host_fee)
+            balances = self._lock(cur, [p.account for p in postings])
+            why = mk.refusal(total, balances[buyer], max_price)
+            if why:
+                raise mk.PaymentRefused(mk.Quote(key, total, self.currency, balances[buyer], why))
+            rec = self._post(cur, kind, postings, total, buyer=buyer, key=key, publisher=publisher, locked=True)
+            cur.execute(self.meta.q("UPDATE market_idempotency SET txn = ? WHERE principal = ? AND idem_key = ?"),
+                        (rec.txn, buyer, idem))
+            return rec
+
+    def _claim(self, cur: Any, buyer: str, idem: str, scope: str) -> Receipt | None:
+        """Claim ``idem`` for this purchase, or return the receipt of the purchase that already holds it."""
+        cur.execute(
+            self.meta.q("INSERT INTO market_idempotency (principal, idem_key, key, txn, created_at) "
+                        "VALUES (?,?,?,NULL,?) ON CONFLICT DO NOTHING"),
+            (buyer, idem, scope, time.time()),
+        )
+        if cur.rowcount == 1:
+            return None
+        cur.execute(
+            self.meta.q("SELECT i.key, t.id, t.receipt, t.amount FROM market_idempotency i "
+                        "LEFT JOIN market_transactions t ON t.id = i.txn WHERE i.principal = ? AND i.idem_key = ?"),
+            (buyer, idem),
+        )
+        held, txn, receipt, amount = cur.fetchone()
+        if held != scope or txn is None:
+            raise IdempotencyConflict("this Idempotency-Key was already used for another purchase; send a new one")
+        return Receipt(receipt, int(txn), int(amount), self.currency, replayed=True)
+
+    def _lock(self, cur: Any, accounts: Sequence[str]) -> dict[str, int]:
+        """Create missing accounts and lock them all, in name order (no deadlock between two charges)."""
+        names = sorted(set(accounts))
+        for a in names:
+            cur.execute(self.meta.q("INSERT INTO market_accounts (principal, balance) VALUES (?, 0) "
+                                    "ON CONFLICT DO NOTHING"), (a,))
+        out: dict[str, int] = {}
+        for a in names:
+            cur.execute(self.meta.q("SELECT balance FROM market_accounts WHERE principal = ?" + self._lock_sql), (a,))
+            out[a] = int(cur.fetchone()[0])
+        return out
+
+    def _post(self, cur: Any, kind: str, postings: list[mk.Posting], amount: int, *, buyer: str | None = None,
+              key: str | None = None, publisher: str | None = None, ref: int | None = None, memo: str = "",
+              locked: bool = False, check_negative: bool = False) -> Receipt:
+        if not mk.balanced(postings):
+            raise AssertionError(f"unbalanced postings {postings}")  # a bug in kvagent.market, never user input
+        if not locked:
+            self._lock(cur, [p.account for p in postings])
+        receipt = "rcpt_" + secrets.token_hex(12)
+        cur.execute(
+            self.meta.q("INSERT INTO market_transactions (receipt, ts, kind, buyer, key, publisher, amount, ref, memo) "
+                        "VALUES (?,?,?,?,?,?,?,?,?) RETURNING id"),
+            (receipt, time.time(), kind, buyer, key, publisher, amount, ref, memo),
+        )
+        txn = int(cur.fetchone()[0])
+        for p in postings:
+            cur.execute(self.meta.q("INSERT INTO market_postings (txn, account, amount) VALUES (?,?,?)"),
+                        (txn, p.account, p.amount))
+            cur.execute(self.meta.q("UPDATE market_accounts SET balance = balance + ? WHERE principal = ?"),
+                        (p.amount, p.account))
+        return Receipt(receipt, txn, amount, self.currency)
+
+    def refund(self, receipt: str, memo: str = "") -> Receipt | None:
+        """Reverse a charge (and its adjustments) once; ``None`` if it was refunded already or is unknown."""
+        with self.meta.transaction() as cur:
+            return self._refund(cur, receipt, memo)
+
+    def _refund(self, cur: Any, receipt: str, memo: str) -> Receipt | None:
+        cur.execute(self.meta.q("SELECT id, kind, buyer, key, publisher FROM market_transactions WHERE receipt = ?"),
+                    (receipt,))
+        r = cur.fetchone()
+        if r is None or r[1] not in (mk.SALE, mk.GENERATE):
+            return None
+        txn, _, buyer, key, publisher = r
+        cur.execute(self.meta.q("SELECT 1 FROM market_transactions WHERE ref = ? AND kind = ?"), (txn, mk.REFUND))
+        if cur.fetchone() is not None:
+            return None
+        cur.execute(self.meta.q("SELECT p.account, p.amount FROM market_postings p JOIN market_transactions t "
+                                "ON t.id = p.txn WHERE t.id = ? OR (t.ref = ? AND t.kind = ?)"),
+                    (txn, txn, mk.ADJUST))
+        net = mk.merge(mk.Posting(a, int(v)) for a, v in cur.fetchall())
+        back = mk.reversal(net)
+        paid = -sum(p.amount for p in net if p.account == buyer)
+        return self._post(cur, mk.REFUND, back, paid, buyer=buyer, key=key, publisher=publisher, ref=int(txn),
+                          memo=memo[:200])
+
+    # -- disputes and quarantine ----------------------------------------------------------------
+    def purchase(self, receipt: str, buyer: str) -> tuple[int, str, str] | None:
+        """(transaction id, artifact key, publisher) of ``buyer``'s purchase with this receipt id."""
+        with self.meta.transaction() as cur:
+            cur.execute(self.meta.q("SELECT id, key, publisher FROM market_transactions WHERE receipt = ? "
+                                    "AND buyer = ? AND kind IN (?, ?)"), (receipt, buyer, mk.SALE, mk.GENERATE))
+            r = cur.fetchone()
+        return (int(r[0]), str(r[1]), str(r[2])) if r else None
+
+    def file_dispute(self, receipt: str, buyer: str, key: str, evidence: dict[str, Any]) -> int:
+        with self.meta.transaction() as cur:
+            cur.execute(
+                self.meta.q("INSERT INTO market_disputes (ts, receipt, buyer, key, evidence, status) "
+                            "VALUES (?,?,?,?,?,?) RETURNING id"),
+                (time.time(), receipt, buyer, key, json.dumps(evidence, sort_keys=True), "open"),
+            )
+            return int(cur.fetchone()[0])
+
+    def resolve_dispute(self, dispute_id: int, proven: bool, outcome: str) -> Dispute:
+        """Close a dispute: a proven one refunds the buyer and quarantines the artifact, in one transaction."""
+        with self.meta.transaction() as cur:
+            cur.execute(self.meta.q("SELECT d.receipt, d.key, t.publisher FROM market_disputes d JOIN "
+                                    "market_transactions t ON t.receipt = d.receipt WHERE d.id = ?"), (dispute_id,))
+            receipt, key, publisher = cur.fetchone()
+            refund = None
+            if proven:
+                rec = self._refund(cur, receipt, f"dispute {dispute_id}")
+                refund = rec.receipt if rec else None
+                self._quarantine(cur, key, publisher, dispute_id, outcome)
+            status = "refunded" if proven else "rejected"
+            cur.execute(self.meta.q("UPDATE market_disputes SET status = ?, outcome = ?, refund_receipt = ? "
+                                    "WHERE id = ?"), (status, outcome[:500], refund, dispute_id))
+        return Dispute(dispute_id, receipt, key, status, outcome[:500], refund)
+
+    def record_open(self, dispute_id: int, outcome: str) -> Dispute:
+        """Leave a dispute open for the operator (this host runs no model that could re-verify it)."""
+        with self.meta.transaction() as cur:
+            cur.execute(self.meta.q("UPDATE market_disputes SET outcome = ? WHERE id = ?"), (outcome[:500], dispute_id))
+            cur.execute(self.meta.q("SELECT receipt, key FROM market_disputes WHERE id = ?"), (dispute_id,))
+            receipt, key = cur.fetchone()
+        return Dispute(dispute_id, receipt, key, "open", outcome[:500], None)
+
+    def disputes(self, buyer: str | None = None) -> list[Dispute]:
+        sql = "SELECT id, receipt, key, status, outcome, refund_receipt FROM market_disputes"
+        params: tuple[Any, ...] = ()
+        if buyer is not None:
+            sql, params = sql + " WHERE buyer = ?", (buyer,)
+        with self.meta.transaction() as cur:
+            cur.execute(self.meta.q(sql + " ORDER BY id"), params)
+            return [Dispute(int(r[0]), r[1], r[2], r[3], r[4] or "", r[5]) for r in cur.fetchall()]
+
+    def is_quarantined(self, key: str, owner: str) -> bool:
+        with self.meta.transaction() as cur:
+            cur.execute(self.meta.q("SELECT 1 FROM market_quarantine WHERE key = ? AND owner = ?"), (key, owner))
+            return cur.fetchone() is not None
+
+    def _quarantine(self, cur: Any, key: str, owner: str, dispute_id: int | None, reason: str) -> None:
+        """Hide ``owner``'s record of ``key`` from everyone but ``owner``: lookups, prefix lookups, downloads
+        and generate then answer as for a missing key. The record's visibility and grants are kept in the
+        quarantine row. The record is the key's first row (``artifacts``) or the owner's copy
+        (``owner_copies``, kvagent.server.records)."""
+        q = self.meta.q
+        for table, grants, where in (("artifacts", "entitlements", "key = ?"),
+                                     ("owner_copies", "owner_copy_grants", "key = ? AND owner = ?")):
+            params: tuple[Any, ...] = (key,) if table == "artifacts" else (key, owner)
+            cur.execute(q(f"SELECT visibility, owner FROM {table} WHERE {where}"), params)
+            r = cur.fetchone()
+            if r is None or r[1] != owner:
+                continue
+            if r[0] == QUARANTINED:
+                return
+            cur.execute(q(f"SELECT principal FROM {grants} WHERE {where}"), params)
+            granted = sorted(x[0] for x in cur.fetchall())
+            cur.execute(
+                q("INSERT INTO market_quarantine (key, owner, ts, dispute, reason, visibility, entitlements) "
+                  "VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"),
+                (key, owner, time.time(), dispute_id, reason[:500], r[0], json.dumps(granted)),
+            )
+            cur.execute(q(f"DELETE FROM {grants} WHERE {where}"), params)
+            cur.execute(q(f"UPDATE {table} SET visibility = ? WHERE {where}"), (QUARANTINED, *params))
+            return
+
+    # -- statements and audit -------------------------------------------------------------------
+    def statement(self, principal: str) -> mk.Statement:
+        with self.meta.transaction() as cur:
+            cur.execute(self.meta.q(
+                "SELECT t.id, t.kind, t.key, t.buyer, p.account, p.amount FROM market_postings p "
+                "JOIN market_transactions t ON t.id = p.txn WHERE p.account = ? ORDER BY t.id"), (principal,))
+            rows = [mk.StatementRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5])) for r in cur.fetchall()]
+        return mk.statement(principal, rows)
+
+    def audit(self) -> Audit:
+        with self.meta.transaction() as cur:
+            cur.execute("SELECT principal, balance FROM market_accounts")
+            balances = {a: int(b) for a, b in cur.fetchall()}
+            cur.execute("SELECT txn FROM market_postings GROUP BY txn HAVING SUM(amount) <> 0")
+            unbalanced = [int(r[0]) for r in cur.fetchall()]
+            cur.execute("SELECT account, SUM(amount) FROM market_postings GROUP BY account")
+            posted = {a: int(s) for a, s in cur.fetchall()}
+            cur.execute("SELECT kind, COUNT(*) FROM market_transactions GROUP BY kind")
+            kinds = {k: int(n) for k, n in cur.fetchall()}
+        drift = [a for a in set(balances) | set(posted) if balances.get(a, 0) != posted.get(a, 0)]
+        if drift:  # balances are a cache of the postings; they must agree
+            unbalanced.append(-1)
+        negative = {a: b for a, b in balances.items() if b < 0 and a not in mk.SYSTEM_ACCOUNTS}
+        return Audit(sum(balances.values()), unbalanced, negative, -balances.get(mk.MINT, 0),
+                     balances.get(mk.HOST, 0), kinds)
+
+
+def open_ledger(meta: MetaStore, prices_file: Any = None, currency: str | None = None) -> Ledger:
+    """The ledger of a server: its price file (if any), with ``currency`` overriding the file's."""
+    prices = mk.HostPrices.from_file(prices_file) if prices_file else mk.HostPrices()
+    if currency:
+        prices = mk.HostPrices(**{**prices.__dict__, "currency": currency})
+    return Ledger(meta, prices)

@@ -1,0 +1,128 @@
+"""Slow and idle clients: connection limits of the HTTP server and an h11 protocol with read deadlines.
+
+uvicorn bounds idle keep-alive connections (``timeout_keep_alive``), header size
+(``h11_max_incomplete_event_size``) and concurrent connections (``limit_concurrency``, then 503), but
+never times out a client that sends its headers or body slowly (slowloris): such a connection is held
+forever. :class:`GuardedH11Protocol` adds two deadlines:
+
+* **headers**: the request line and headers must be complete ``header_timeout_s`` after the connection
+  opened (or the previous response ended) — a fixed deadline that trickling bytes does not extend;
+* **body**: while the request body streams in, each chunk must follow the last within ``body_timeout_s``.
+
+A connection that misses either is closed; the app then sees a client disconnect (an upload in progress
+is discarded). While the app works on a request (e.g. generation) no deadline runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ..errors import ConfigError
+
+log = logging.getLogger("kvagent.server")
+
+#: Environment variable carrying the deadlines to the protocol (also in ``--workers`` processes).
+LIMITS_ENV = "KVAGENT_CONNECTION_LIMITS"
+PROTOCOL = "kvagent.server.limits:GuardedH11Protocol"
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Timeouts and sizes that bound what one client connection may hold."""
+
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: int = 5
+    max_connections: int = 1024
+    max_header_bytes: int = 32 << 10
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value!r}")
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        """The ``uvicorn.Config`` options these limits set (the protocol reads its deadlines from LIMITS_ENV)."""
+        return {
+            "http": PROTOCOL,
+            "timeout_keep_alive": self.keep_alive_s,
+            "limit_concurrency": self.max_connections,
+            "h11_max_incomplete_event_size": self.max_header_bytes,
+        }
+
+    def export(self) -> None:
+        """Publish the deadlines to the protocol instances of this process and of worker processes."""
+        os.environ[LIMITS_ENV] = json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> ConnectionLimits:
+        raw = os.environ.get(LIMITS_ENV)
+        return cls(**json.loads(raw)) if raw else cls()
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a header deadline and a body idle timeout (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        limits = ConnectionLimits.from_env()
+        self._header_timeout, self._body_timeout = limits.header_timeout_s, limits.body_timeout_s
+        self._deadline: asyncio.TimerHandle | None = None
+        self._phase = ""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch(data_arrived=True)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _watch(self, data_arrived: bool = False) -> None:
+        """Arm the deadline that fits what the connection is waiting for."""
+        if self.transport is None or self.transport.is_closing():
+            self._disarm()
+            return
+        state = self.conn.their_state
+        waiting_headers = state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+        if waiting_headers:
+            if self._phase != "headers":  # a fixed deadline: trickled bytes do not extend it
+                self._arm("headers", self._header_timeout)
+        elif state is h11.SEND_BODY:
+            if self._phase != "body" or data_arrived:  # an idle timeout: each chunk re-arms it
+                self._arm("body", self._body_timeout)
+        else:
+            self._disarm()
+            self._phase = "app"
+
+    def _arm(self, phase: str, seconds: float) -> None:
+        self._disarm()
+        self._phase = phase
+        self._deadline = self.loop.call_later(seconds, self._expired, phase, seconds)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self, phase: str, seconds: float) -> None:
+        self._deadline = None
+        if self.transport is not None and not self.transport.is_closing():
+            log.info("closed a connection from %s: no complete %s within %.0f s", self.client, phase, seconds)
+            self.transport.close()

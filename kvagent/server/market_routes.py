@@ -1,0 +1,261 @@
+"""Market routes (accounts, statements, credits, prices, disputes) and the charging hooks of the paid routes.
+
+``charge_download`` and ``charge_generate`` are called by the blob-download and generate routes before
+anything is served: a refused charge is a 402 with a machine-readable quote and nothing is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from starlette.concurrency import run_in_threadpool
+
+from .. import market as mk
+from ..errors import ConfigError
+from ..identity import validate_key
+from .auth import Principal, valid_principal_name
+from .http import ApiError, not_found, read_json
+from .ledger import Ledger, Receipt
+from .meta import ArtifactRow
+from .state import State
+
+log = logging.getLogger("kvagent.server")
+
+RECEIPT_HEADER = "X-KVAgent-Receipt"
+MAX_PRICE_HEADER = "x-kvagent-max-price"
+IDEMPOTENCY_HEADER = "idempotency-key"
+PRICE_HEADER = "x-kvagent-price"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreditRequest(_Body):
+    principal: str
+    amount: StrictInt
+    memo: str = Field(default="", max_length=200)
+
+
+class PriceRequest(_Body):
+    price: StrictInt
+
+
+class DisputeRequest(_Body):
+    receipt: str = Field(min_length=1, max_length=64)
+    layer: StrictInt | None = None
+    position: StrictInt | None = None
+    difference: StrictFloat | StrictInt | None = None
+    detail: str = Field(default="", max_length=500)
+
+
+def _max_price(request: Request) -> int | None:
+    raw = request.headers.get(MAX_PRICE_HEADER)
+    if raw is None:
+        return None
+    try:
+        return mk.amount(raw, "X-KVAgent-Max-Price")
+    except ConfigError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from exc
+
+
+def _payment_required(exc: mk.PaymentRefused) -> ApiError:
+    q = exc.quote
+    what = ("the price is above your X-KVAgent-Max-Price" if q.reason == "price_above_max"
+            else "your balance is below the price")
+    return ApiError(402, "payment_required", f"{what}: {q.price} {q.currency}, balance {q.balance}",
+                    extra={"quote": q.to_json()})
+
+
+def publish_price(st: State, key: str, p: Principal, request: Request) -> None:
+    """Apply a publish's ``X-KVAgent-Price`` header before the artifact becomes visible."""
+    raw = request.headers.get(PRICE_HEADER)
+    if raw is None:
+        return
+    try:
+        st.market.set_price(key, p.name, mk.amount(raw, "X-KVAgent-Price"))
+    except ConfigError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from exc
+
+
+def receipt_headers(rec: Receipt | None) -> dict[str, str]:
+    """Headers of a paid answer: the receipt id and what was charged (nothing for a free one)."""
+    if rec is None:
+        return {}
+    out = {RECEIPT_HEADER: rec.receipt, "X-KVAgent-Charged": str(rec.amount), "X-KVAgent-Currency": rec.currency}
+    if rec.replayed:  # the same Idempotency-Key again: the first purchase's receipt, nothing new charged
+        out["X-KVAgent-Replayed"] = "1"
+    return out
+
+
+def priced(st: State, handle: dict[str, Any], row: ArtifactRow) -> dict[str, Any]:
+    """A lookup's handle with the artifact's price per load and the currency, so a buyer can decide first."""
+    return {**handle, "price": st.market.price(row.key, row.owner), "currency": st.market.currency}
+
+
+def charge_download(st: State, p: Principal, row: ArtifactRow, request: Request) -> dict[str, str]:
+    """Charge one load of ``row`` to ``p`` (idempotent per ``Idempotency-Key``); the receipt headers to send."""
+    try:
+        rec = st.market.charge_load(p.name, row.key, row.owner, request.headers.get(IDEMPOTENCY_HEADER),
+                                    _max_price(request))
+    except mk.PaymentRefused as exc:
+        raise _payment_required(exc) from exc
+    return receipt_headers(rec)
+
+
+def charge_generate(st: State, p: Principal, row: ArtifactRow, request: Request, input_tokens: int,
+                    max_output_tokens: int) -> Receipt | None:
+    """Pre-charge a hosted generation for ``max_output_tokens``; settle with :func:`settle_generate`."""
+    cached = int(json.loads(row.header_json).get("token_count", 0))
+    try:
+        return st.market.charge_generate(  # type: ignore[no-any-return]
+            p.name, row.key, row.owner, request.headers.get(IDEMPOTENCY_HEADER), _max_price(request),
+            input_tokens, cached, max_output_tokens)
+    except mk.PaymentRefused as exc:
+        raise _payment_required(exc) from exc
+
+
+def settle_generate(st: State, rec: Receipt | None, row: ArtifactRow, input_tokens: int, max_output_tokens: int,
+                    used_output_tokens: int) -> None:
+    """Give back the unused output tokens of a pre-charged generation."""
+    if rec is None:
+        return
+    cached = int(json.loads(row.header_json).get("token_count", 0))
+    st.market.settle_generate(rec, input_tokens, cached, max_output_tokens, used_output_tokens)
+
+
+#: The statement line of hosted chat that reused no published artifact (nobody is owed a royalty).
+HOSTED_CHAT = "hosted-chat"
+
+
+def charge_chat(st: State, p: Principal, request: Request, input_tokens: int, cached_tokens: int,
+                max_output_tokens: int, row: ArtifactRow | None = None) -> Receipt | None:
+    """Pre-charge a chat completion: host token prices, plus the royalty of ``row`` when it resumed from a
+    published artifact (``cached_tokens`` then counts the tokens that artifact supplied). Settle with
+    :func:`settle_chat` when the answer is done; 402 (nothing served) when refused."""
+    key, owner = (row.key, row.owner) if row is not None else (HOSTED_CHAT, mk.HOST)
+    try:
+        return st.market.charge_generate(  # type: ignore[no-any-return]
+            p.name, key, owner, request.headers.get(IDEMPOTENCY_HEADER), _max_price(request),
+            input_tokens, cached_tokens, max_output_tokens)
+    except mk.PaymentRefused as exc:
+        raise _payment_required(exc) from exc
+
+
+def settle_chat(st: State, rec: Receipt | None, input_tokens: int, cached_tokens: int, max_output_tokens: int,
+                used_output_tokens: int) -> None:
+    if rec is not None:
+        st.market.settle_generate(rec, input_tokens, cached_tokens, max_output_tokens, used_output_tokens)
+
+
+def routes(st: State) -> APIRouter:
+    """Account, statement, credit, price, dispute and audit routes over ``st.market``."""
+    app = APIRouter()
+    ledger: Ledger = st.market
+
+    def admin(request: Request) -> Principal:
+        p = st.principal(request)
+        if not p.admin:
+            raise ApiError(403, "forbidden", "only an admin principal may do this")
+        return p
+
+    @app.get("/v1/account")
+    def account(request: Request) -> dict[str, Any]:
+        p = st.principal(request)
+        return {"principal": p.name, "balance": ledger.balance(p.name), "currency": ledger.currency}
+
+    @app.get("/v1/account/statement")
+    def statement(request: Request) -> dict[str, Any]:
+        p = st.principal(request)
+        return {**ledger.statement(p.name).to_json(), "balance": ledger.balance(p.name),
+                "currency": ledger.currency}
+
+    @app.get("/v1/account/disputes")
+    def my_disputes(request: Request) -> dict[str, Any]:
+        p = st.principal(request)
+        return {"disputes": [d.to_json() for d in ledger.disputes(p.name)]}
+
+    @app.post("/v1/account/credit")
+    async def credit(request: Request) -> dict[str, Any]:
+        p = admin(request)
+        body: CreditRequest = await read_json(request, CreditRequest)
+        if not valid_principal_name(body.principal):
+            raise ApiError(422, "invalid_request", "principal must match [A-Za-z0-9_.@:-]{1,128}")
+        rec = await run_in_threadpool(ledger.credit, body.principal, body.amount, body.memo or f"by {p.name}")
+        log.info("credit of %d %s to %s by %s (%s)", body.amount, ledger.currency, body.principal, p.name, rec.receipt)
+        return {"principal": body.principal, "credited": body.amount, "receipt": rec.receipt,
+                "balance": ledger.balance(body.principal), "currency": ledger.currency}
+
+    @app.get("/v1/market/audit")
+    def audit(request: Request) -> dict[str, Any]:
+        admin(request)
+        a = ledger.audit()
+        return {**a.__dict__, "currency": ledger.currency}
+
+    @app.get("/v1/artifacts/{key}/price")
+    def get_price(key: str, request: Request) -> dict[str, Any]:
+        p = st.principal(request)
+        row = st.visible(key, p)
+        return {"key": row.key, "price": ledger.price(row.key, row.owner), "currency": ledger.currency,
+                "balance": ledger.balance(p.name)}
+
+    @app.put("/v1/artifacts/{key}/price")
+    async def put_price(key: str, request: Request) -> dict[str, Any]:
+        p = st.principal(request)
+        row = await run_in_threadpool(st.owned, key, p)
+        body: PriceRequest = await read_json(request, PriceRequest)
+        price = await run_in_threadpool(ledger.set_price, row.key, p.name, body.price)
+        return {"key": row.key, "price": price, "currency": ledger.currency}
+
+    @app.post("/v1/artifacts/{key}/disputes")
+    async def dispute(key: str, request: Request) -> dict[str, Any]:
+        p = st.principal(request)
+        validate_key(key)
+        body: DisputeRequest = await read_json(request, DisputeRequest)
+        bought = await run_in_threadpool(ledger.purchase, body.receipt, p.name)
+        if bought is None or bought[1] != key:
+            raise not_found(key)  # no purchase of this key with this receipt by this principal
+        row = await run_in_threadpool(_record, st, key, bought[2])
+        if row is None:
+            raise not_found(key)  # the publisher has deleted it since
+        evidence = {"layer": body.layer, "position": body.position, "difference": body.difference,
+                    "detail": body.detail}
+        did = await run_in_threadpool(ledger.file_dispute, body.receipt, p.name, key, evidence)
+        d = await run_in_threadpool(_adjudicate, st, row, did)
+        log.info("dispute %d on %s… by %s: %s (%s)", did, key[:16], p.name, d.status, d.outcome)
+        return d.to_json()
+
+    return app
+
+
+def _record(st: State, key: str, owner: str) -> ArtifactRow | None:
+    """``owner``'s record of ``key``: the key's first row, or that owner's copy (kvagent.server.records)."""
+    row = st.meta.get(key)
+    if row is not None and row.owner == owner:
+        return row
+    return st.copies.get(key, owner) if st.copies is not None else None
+
+
+def _adjudicate(st: State, row: ArtifactRow, dispute_id: int) -> Any:
+    """Re-verify a disputed artifact on this host's model; refund and quarantine if it fails the check."""
+    ledger: Ledger = st.market
+    if ledger.is_quarantined(row.key, row.owner):
+        return ledger.resolve_dispute(dispute_id, True, "artifact already proven poisoned and quarantined")
+    if st.host is None:
+        return ledger.record_open(dispute_id, "this host runs no model: recorded for the operator")
+    if json.loads(row.header_json)["model_fingerprint"] != st.host.fingerprint:
+        return ledger.record_open(dispute_id, "computed by another model than this host runs: recorded for the operator")
+    from ..verification import verify_kv
+
+    kv = st.host.kv_for(row.key, row.blob, st.blobs.read_bytes)
+    with st.host.lock:
+        report = verify_kv(st.host.engine, kv, st.settings.dispute_verify)
+    if report.ok:
+        return ledger.resolve_dispute(dispute_id, False, f"host re-verified ({report.mode}): {report.reason}")
+    d = ledger.resolve_dispute(dispute_id, True, f"host re-verified ({report.mode}): {report.reason}")
+    st.host.forget(row.key)
+    return d

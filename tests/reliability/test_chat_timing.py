@@ -1,0 +1,89 @@
+"""Timing side channel of the chat endpoint's prompt cache: principal B's time to first token must not tell
+whether principal A has a prompt cached (AUC over >= 200 samples each), while A's own hits are visible to A
+(the positive control that shows the measurement can see a hit at all)."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.registry_server import start_server
+
+pytestmark = pytest.mark.slow
+
+TOKENS = {"alice-token-0001": {"principal": "alice"}, "bob-token-000002": {"principal": "bob"}}
+SAMPLES = 200
+WORDS = "river harbour ferry lantern meadow copper violet granite orchard signal beacon thistle".split()
+
+
+def auc(pos: list[float], neg: list[float]) -> float:
+    """P(a sample of ``pos`` is slower than one of ``neg``), ties counting half (Mann-Whitney U / n1 n2)."""
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory, embedded):  # type: ignore[no-untyped-def]
+    """A server hosting a tiny random Llama with the embedded model's tokenizer and chat template (fast prefill)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    d = tmp_path_factory.mktemp("tiny-chat-model")
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=len(embedded.tokenizer), hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=4096)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    embedded.tokenizer.save_pretrained(d)
+    srv = start_server(tmp_path_factory.mktemp("timing") / "data", TOKENS, model=str(d),
+                       extra_args=["--kv-cache-items", "1"])
+    yield srv
+    srv.stop()
+
+
+def _prompt(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(900))
+
+
+def _ttft(http: httpx.Client, token: str, text: str) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    r = http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {token}"}, json={
+        "model": http.headers["x-model"], "max_tokens": 1, "temperature": 0,
+        "messages": [{"role": "user", "content": text}]})
+    dt = time.perf_counter() - t0
+    r.raise_for_status()
+    return dt, r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_another_principals_cached_prompt_is_not_visible_in_ttft(tiny_server, tmp_path: Path) -> None:
+    rng = random.Random(7)
+    model = tiny_server.args[tiny_server.args.index("--model") + 1]
+    with httpx.Client(base_url=tiny_server.url, timeout=60, headers={"x-model": model}) as http:
+        a_prompts = [_prompt(rng) for _ in range(SAMPLES)]
+        for text in a_prompts:  # A caches each of its prompts
+            _ttft(http, "alice-token-0001", text)
+        # B asks A's cached prompts and fresh ones, interleaved; every one is new to B
+        fresh = [_prompt(rng) for _ in range(SAMPLES)]
+        order = [("a", t) for t in a_prompts] + [("fresh", t) for t in fresh]
+        rng.shuffle(order)
+        b_times: dict[str, list[float]] = {"a": [], "fresh": []}
+        for kind, text in order:
+            dt, cached = _ttft(http, "bob-token-000002", text)
+            assert cached < 16, "B was served A's private prompt KV"  # at most a shared template prefix
+            b_times[kind].append(dt)
+        # positive control: A asking its own cached prompts again vs fresh ones is clearly separable
+        own_hit = [_ttft(http, "alice-token-0001", t)[0] for t in a_prompts[:50]]
+        own_miss = [_ttft(http, "alice-token-0001", _prompt(rng))[0] for _ in range(50)]
+    leak = auc(b_times["fresh"], b_times["a"])  # > 0.5 would mean A's prompts answer B faster
+    control = auc(own_miss, own_hit)
+    print(f"\nchat TTFT AUC, B on A's cached prompts vs fresh: {leak:.3f} (n={SAMPLES} each); "
+          f"control, A's own hits vs misses: {control:.3f}")
+    assert control > 0.8, f"the measurement cannot see a cache hit (AUC {control:.3f})"
+    assert leak < 0.6, f"B's TTFT separates A's cached prompts from fresh ones (AUC {leak:.3f})"
+
+
+def test_auc_helper() -> None:
+    assert auc([2, 3], [0, 1]) == 1.0 and auc([0, 1], [2, 3]) == 0.0 and auc([1], [1]) == 0.5

@@ -1,0 +1,223 @@
+"""The server's double-entry ledger (kvagent.server.ledger) on SQLite and on PostgreSQL.
+
+PostgreSQL cases need KVAGENT_TEST_POSTGRES_DSN (see tests/test_server_postgres.py; they fail under CI=true
+without it).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvagent import market as mk
+from kvagent.server.ledger import QUARANTINED, IdempotencyConflict, Ledger
+from kvagent.server.meta import ArtifactRow, MetaStore, PostgresMeta, SQLiteMeta, can_see
+from kvagent.server.records import OwnerCopies
+from tests.test_server_postgres import pg_schema_dsn, row  # noqa: F401  (pg_schema_dsn is a fixture)
+
+PRICES = mk.HostPrices(input_per_mtok=5_000_000, cached_input_per_mtok=500_000, output_per_mtok=20_000_000,
+                       commission_bps=1000)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def meta(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MetaStore]:
+    store: MetaStore
+    if request.param == "sqlite":
+        store = SQLiteMeta(tmp_path / "meta.sqlite3")
+    else:
+        store = PostgresMeta(request.getfixturevalue("pg_schema_dsn"))
+    OwnerCopies(store)  # the server's per-owner records (their tables), as build_state makes them
+    yield store
+    store.close()
+
+
+def test_quote_credit_purchase_replay_statement(meta: MetaStore) -> None:
+    led = Ledger(meta, PRICES)
+    led.set_price("k1", "alice", 1000)
+    with pytest.raises(mk.PaymentRefused) as e:
+        led.charge_load("bob", "k1", "alice", "idem-1", None)
+    assert e.value.quote.to_json() == {"key": "k1", "price": 1000, "currency": "uUSD", "balance": 0,
+                                       "reason": "insufficient_balance"}
+    led.credit("bob", 5000)
+    with pytest.raises(mk.PaymentRefused) as e:
+        led.charge_load("bob", "k1", "alice", "idem-1", 999)
+    assert e.value.quote.reason == "price_above_max" and led.balance("bob") == 5000
+    r1 = led.charge_load("bob", "k1", "alice", "idem-1", 1000)
+    assert r1 is not None and r1.amount == 1000 and r1.receipt.startswith("rcpt_")
+    r2 = led.charge_load("bob", "k1", "alice", "idem-1", 1000)
+    assert r2 is not None and (r2.receipt, r2.txn, r2.replayed) == (r1.receipt, r1.txn, True)
+    with pytest.raises(IdempotencyConflict):
+        led.charge_load("bob", "k2", "alice", "idem-1", None)
+    assert (led.balance("bob"), led.balance("alice"), led.balance(mk.HOST)) == (4000, 900, 100)
+    assert led.charge_load("alice", "k1", "alice", "idem-9", None) is None  # the owner loads for free
+    assert led.charge_load("bob", "free", "alice", "idem-2", None) is None  # unpriced: free, no transaction
+    s = led.statement("bob").to_json()
+    assert s["credits"] == 5000 and s["purchases"] == [
+        {"key": "k1", "loads": 1, "amount": 1000, "royalties": 0, "refunds": 0}]
+    assert led.statement("alice").to_json()["sales"] == [
+        {"key": "k1", "loads": 1, "amount": 900, "royalties": 0, "refunds": 0}]
+    a = led.audit()
+    assert (a.total, a.unbalanced, a.negative, a.money_issued) == (0, [], {}, 5000)
+    assert a.transactions == {"credit": 1, "sale": 1}
+
+
+def test_each_owner_prices_its_own_record(meta: MetaStore) -> None:
+    led = Ledger(meta)
+    led.set_price("k", "mallory", 7)  # a publish that then lost the key to alice, or mallory's own copy
+    assert led.price("k", "alice") == 0
+    led.set_price("k", "alice", 50)
+    assert led.set_price("k", "mallory", 1) == 1 and led.price("k", "alice") == 50  # never overwrites alice's
+    assert led.price("k", "mallory") == 1
+
+
+def test_generate_is_prepaid_then_settled(meta: MetaStore) -> None:
+    led = Ledger(meta, PRICES)
+    led.set_price("k", "alice", 300)
+    led.credit("bob", 10_000)
+    rec = led.charge_generate("bob", "k", "alice", "g1", None, 10, 2000, 64)
+    assert rec is not None and rec.amount == 300 + 50 + 1000 + 1280
+    led.settle_generate(rec, 10, 2000, 64, 4)  # only 4 of 64 output tokens were generated
+    assert led.balance("bob") == 10_000 - (300 + 50 + 1000 + 80)
+    assert led.balance("alice") == 270 and led.balance(mk.HOST) == 30 + 1050 + 80
+    assert led.statement("alice").to_json()["sales"][0]["royalties"] == 270
+    refund = led.refund(rec.receipt)
+    assert refund is not None and led.refund(rec.receipt) is None  # once only
+    assert (led.balance("bob"), led.balance("alice"), led.balance(mk.HOST)) == (10_000, 0, 0)
+    assert led.audit().unbalanced == []
+
+
+def test_hosted_chat_without_an_artifact_pays_the_host_only(meta: MetaStore) -> None:
+    from kvagent.server.market_routes import HOSTED_CHAT
+
+    led = Ledger(meta, PRICES)
+    led.credit("bob", 1000)
+    rec = led.charge_generate("bob", HOSTED_CHAT, mk.HOST, "c1", None, 100, 0, 10)
+    assert rec is not None and rec.amount == 500 + 200
+    assert (led.balance("bob"), led.balance(mk.HOST)) == (300, 700)
+    assert led.statement("bob").to_json()["purchases"][0]["key"] == HOSTED_CHAT
+
+
+def test_proven_dispute_refunds_and_quarantines(meta: MetaStore) -> None:
+    led = Ledger(meta)
+    r = row(1, owner="mallory", visibility="restricted")
+    meta.insert(r, [])
+    meta.grant(r.key, "bob")
+    meta.grant(r.key, "carol")
+    led.set_price(r.key, "mallory", 400)
+    led.credit("bob", 1000)
+    rec = led.charge_load("bob", r.key, "mallory", "i", None)
+    assert rec is not None and led.purchase(rec.receipt, "bob") == (rec.txn, r.key, "mallory")
+    assert led.purchase(rec.receipt, "carol") is None  # a receipt is only its buyer's
+    did = led.file_dispute(rec.receipt, "bob", r.key, {"layer": 1, "position": 7, "difference": 3.5})
+    d = led.resolve_dispute(did, True, "re-verified: mismatch")
+    assert d.status == "refunded" and d.refund_receipt is not None
+    assert (led.balance("bob"), led.balance("mallory")) == (1000, 0)
+    got = meta.get(r.key)
+    assert got is not None and got.visibility == QUARANTINED and led.is_quarantined(r.key, "mallory")
+    assert not can_see(meta, got, "carol") and not can_see(meta, got, "bob")  # nobody else is served it
+    assert meta.longest_prefix([], "carol") is None
+    assert [x.status for x in led.disputes("bob")] == ["refunded"]
+
+
+def test_quarantine_hits_only_the_sold_record(meta: MetaStore) -> None:
+    """A key published first by alice (restricted) and independently by mallory (her own copy, public): a
+    proven dispute of a purchase from mallory quarantines mallory's copy and leaves alice's row alone."""
+    led, copies = Ledger(meta), OwnerCopies(meta)
+    first = row(2, owner="alice", visibility="restricted")
+    meta.insert(first, [])
+    copies.insert(ArtifactRow(**{**first.__dict__, "owner": "mallory", "visibility": "public", "blob": "m"}), [])
+    copies.grant(first.key, "mallory", "carol")
+    led.set_price(first.key, "mallory", 10)
+    led.credit("bob", 100)
+    rec = led.charge_load("bob", first.key, "mallory", "i", None)
+    assert rec is not None
+    led.resolve_dispute(led.file_dispute(rec.receipt, "bob", first.key, {}), True, "mismatch")
+    copy = copies.get(first.key, "mallory")
+    assert copy is not None and copy.visibility == QUARANTINED and copies.visible(first.key, "carol") is None
+    assert meta.get(first.key) == first and not led.is_quarantined(first.key, "alice")
+
+
+def test_two_nodes_never_overspend(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Two ledgers on separate connections (two server nodes) race 24 threads over few balances: the row
+    locks keep every buyer non-negative and every charge counted (PostgreSQL only; SQLite is one node)."""
+    dsn = request.getfixturevalue("pg_schema_dsn")
+    nodes = [Ledger(PostgresMeta(dsn)), Ledger(PostgresMeta(dsn))]
+    for i in range(3):
+        nodes[0].set_price(f"k{i}", f"pub{i}", 100 + i)
+    for b in range(6):
+        nodes[0].credit(f"buyer{b}", 1000)
+    ok: list[int] = []
+
+    def buy(t: int) -> None:
+        node = nodes[t % 2]
+        for j in range(8):
+            try:
+                rec = node.charge_load(f"buyer{t % 6}", f"k{j % 3}", f"pub{j % 3}", f"t{t}-{j}", None)
+                assert rec is not None
+                ok.append(rec.amount)
+            except mk.PaymentRefused:
+                pass
+
+    threads = [threading.Thread(target=buy, args=(t,)) for t in range(24)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    a = nodes[1].audit()
+    assert a.negative == {} and a.unbalanced == [] and a.total == 0
+    assert a.transactions.get("sale", 0) == len(ok)
+    assert sum(nodes[1].balance(f"pub{i}") for i in range(3)) == sum(ok)
+    for n in nodes:
+        n.meta.close()
+
+
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("credit"), st.sampled_from(["a", "b", "c"]), st.integers(1, 500)),
+    st.tuples(st.just("buy"), st.sampled_from(["a", "b", "c"]), st.integers(0, 2), st.integers(0, 4)),
+    st.tuples(st.just("refund"), st.integers(0, 10)),
+), max_size=25)
+
+
+@settings(max_examples=20, deadline=None)
+@given(ops=_ops)
+def test_sqlite_ledger_matches_the_pure_book(ops: list[tuple]) -> None:
+    """The SQL ledger and kvagent.market.Book agree on every balance after any sequence of operations."""
+    prices = {0: 0, 1: 120, 2: 333}
+    owners = {0: "c", 1: "a", 2: "b"}
+    with tempfile.TemporaryDirectory() as d:
+        meta = SQLiteMeta(Path(d) / "m.sqlite3")
+        led, book = Ledger(meta, mk.HostPrices(commission_bps=700)), mk.Book(commission_bps=700)
+        for k, p in prices.items():
+            led.set_price(f"k{k}", owners[k], p)
+        receipts: list[tuple[str, int]] = []
+        for op in ops:
+            if op[0] == "credit":
+                led.credit(op[1], op[2])
+                book.credit(op[1], op[2])
+            elif op[0] == "buy":
+                _, buyer, k, idem = op
+                args = (buyer, f"k{k}", owners[k])
+                try:
+                    rec = led.charge_load(*args, f"i{idem}-{k}", None)
+                except mk.PaymentRefused as e:
+                    with pytest.raises(mk.PaymentRefused):
+                        book.charge(buyer, owners[k], f"k{k}", prices[k], f"i{idem}-{k}")
+                    assert e.quote.balance == book.balance(buyer)
+                    continue
+                txn = book.charge(buyer, owners[k], f"k{k}", prices[k], f"i{idem}-{k}")
+                assert (rec is None) == (txn is None)
+                if rec is not None and txn is not None and not rec.replayed:
+                    receipts.append((rec.receipt, txn))
+            elif receipts:
+                receipt, txn = receipts[op[1] % len(receipts)]
+                assert (led.refund(receipt) is None) == (book.refund(txn) is None)
+        for acct in ["a", "b", "c", mk.HOST, mk.MINT]:
+            assert led.balance(acct) == book.balance(acct), acct
+        assert led.audit().unbalanced == [] and led.audit().total == 0
+        meta.close()
