@@ -162,7 +162,8 @@ def encode(
 
     if codec not in CODECS:
         raise ArtifactFormatError(f"codec {codec!r} cannot be used for artifacts (lossless codecs: {list(CODECS)})")
-    ordered = _ordered(kv)
+    # artifacts are host bytes: a KV on an accelerator is copied to the CPU once, here
+    ordered = [(name, t.detach().cpu()) for name, t in _ordered(kv)]
     tensors: dict[str, torch.Tensor] = {}
     if codec == "raw":
         tensors.update((name, t.detach().contiguous()) for name, t in ordered)
@@ -170,7 +171,7 @@ def encode(
         enc = codecs.get(codec).encode
         blobs = list(codecs.pool().map(lambda item: enc(item[1]), ordered))
         tensors.update((name, torch.frombuffer(bytearray(b), dtype=torch.uint8)) for (name, _), b in zip(ordered, blobs, strict=True))
-    tensors["token_ids"] = kv.token_ids.detach().to(torch.int64).contiguous()
+    tensors["token_ids"] = kv.token_ids.detach().to("cpu", torch.int64).contiguous()
     blob = save(tensors, metadata={"kvagent": "{}"})
     n = int.from_bytes(blob[:8], "little")
     st_header = json.loads(blob[8 : 8 + n])
