@@ -335,16 +335,7 @@ class KVAgent:
     def stream(self, handle: DocumentHandle, question: str, *, mode: str = "auto", **gen: Any) -> Iterator[str]:
         """Yield the answer's text as it is generated (stop tokens are not shown)."""
         run, _suffix, params = self._prepare(handle, question, gen, mode)
-        text = TextStream(self.tokenizer, params.stop_token_ids)
-        for tok in run.tokens():
-            delta = text.push(tok)
-            if delta:
-                yield delta
-            if text.stopped:
-                return
-        tail = text.finish()
-        if tail:
-            yield tail
+        yield from TextStream(self.tokenizer, params.stop_token_ids).deltas(run.tokens())
 
     def _prepare(
         self, handle: DocumentHandle, question: str, gen: dict[str, Any], mode: str

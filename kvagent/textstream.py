@@ -7,7 +7,7 @@ multi-byte characters the same way.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 
@@ -66,6 +66,18 @@ class TextStream:
         if hit:
             self.finish_reason = "stop"
         return self._show(safe)
+
+    def deltas(self, tokens: Iterable[int]) -> Iterator[str]:
+        """Push every token of ``tokens``, yielding the showable text, until a stop; then the held-back tail."""
+        for tok in tokens:
+            delta = self.push(tok)
+            if delta:
+                yield delta
+            if self.stopped:
+                break
+        tail = self.finish()
+        if tail:
+            yield tail
 
     def finish(self, reason: str = "length") -> str:
         """End of generation: flush a held-back tail that never became a stop string."""

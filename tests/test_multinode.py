@@ -90,7 +90,7 @@ def agent(model_dir: Path, cache: Path, **kw: Any) -> KVAgent:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True).eval()
-    return KVAgent(model, cache_dir=cache, policy=PolicyParams(min_tokens=256), **kw)
+    return KVAgent(model, cache_dir=cache, policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0), **kw)
 
 
 def test_publish_on_one_read_on_two_then_fail_over(nodes: tuple[Any, ...], model_dir: Path, tmp_path: Path) -> None:

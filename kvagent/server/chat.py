@@ -173,19 +173,14 @@ class ChatService:
                 document=False, defer_save=True,
             )
             infos.append(res.info)
-            text = TextStream(tokenizer, job.params.stop_token_ids)
-            for tok in host.engine.stream(res.kv, ids[-1:], job.params):
-                if cancelled.is_set():
-                    return
-                generated[0] += 1
-                delta = text.push(tok)
-                if delta:
-                    yield delta
-                if text.stopped:
-                    return
-            tail = text.finish()
-            if tail:
-                yield tail
+            def tokens() -> Iterator[int]:
+                for tok in host.engine.stream(res.kv, ids[-1:], job.params):
+                    if cancelled.is_set():
+                        return
+                    generated[0] += 1
+                    yield tok
+
+            yield from TextStream(tokenizer, job.params.stop_token_ids).deltas(tokens())
 
         out = guide(continue_)
         emit(("cache", infos[0] if infos else CacheInfo("prefill", "guided reply fixed by its schema", 0, 0)))

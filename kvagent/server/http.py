@@ -108,17 +108,23 @@ def validation_detail(exc: Any) -> str:
     return "; ".join(parts)[:1000] or "invalid request"
 
 
-async def read_json(request: Request, model: type[BaseModel]) -> Any:
-    """Read a JSON body of at most MAX_JSON_BODY bytes into ``model`` (413 / 422 on failure)."""
+async def read_body(request: Request, limit: int, code: str = "too_large") -> bytes:
+    """The request body, refused with 413 ``code`` as soon as it passes ``limit`` bytes."""
     size = 0
     chunks = []
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_JSON_BODY:
-            raise ApiError(413, "too_large", f"request body exceeds {MAX_JSON_BODY} bytes")
+        if size > limit:
+            raise ApiError(413, code, f"request body exceeds {limit} bytes")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, model: type[BaseModel]) -> Any:
+    """Read a JSON body of at most MAX_JSON_BODY bytes into ``model`` (413 / 422 on failure)."""
+    body = await read_body(request, MAX_JSON_BODY)
     try:
-        return model.model_validate_json(b"".join(chunks))
+        return model.model_validate_json(body)
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", validation_detail(exc)) from exc
 

@@ -31,7 +31,7 @@ from ..resolver import CacheInfo
 from ..textstream import TextStream
 from . import market_routes
 from .chat import ChatJob, ChatService, load_secret
-from .http import ApiError, finish
+from .http import ApiError, finish, read_body
 from .state import State
 
 MAX_CHAT_BODY = 8 << 20
@@ -109,14 +109,9 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> Api
 
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
-    size, chunks = 0, []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_CHAT_BODY:
-            raise ApiError(413, "request_too_large", f"request body exceeds {MAX_CHAT_BODY} bytes")
-        chunks.append(chunk)
+    body = await read_body(request, MAX_CHAT_BODY, "request_too_large")
     try:
-        return model.model_validate_json(b"".join(chunks))
+        return model.model_validate_json(body)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("str", "list[TextPart]"))

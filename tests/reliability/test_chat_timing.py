@@ -45,7 +45,8 @@ def tiny_server(tmp_path_factory: pytest.TempPathFactory, embedded):  # type: ig
 
 
 def _prompt(rng: random.Random) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(900))
+    """~1000 tokens that share nothing with another prompt beyond the chat template (a unique first line)."""
+    return f"note {rng.getrandbits(64):016x}\n" + " ".join(rng.choice(WORDS) for _ in range(900))
 
 
 def _ttft(http: httpx.Client, token: str, text: str) -> tuple[float, int]:
@@ -72,7 +73,9 @@ def test_another_principals_cached_prompt_is_not_visible_in_ttft(tiny_server, tm
         b_times: dict[str, list[float]] = {"a": [], "fresh": []}
         for kind, text in order:
             dt, cached = _ttft(http, "bob-token-000002", text)
-            assert cached < 16, "B was served A's private prompt KV"  # at most a shared template prefix
+            # B's own earlier prompts give it the chat template's prefix (a few dozen tokens); A's ~1000-token
+            # prompt would show up as ~1000
+            assert cached < 64, f"B was served A's private prompt KV ({cached} cached tokens)"
             b_times[kind].append(dt)
         # positive control: A asking its own cached prompts again vs fresh ones is clearly separable
         own_hit = [_ttft(http, "alice-token-0001", t)[0] for t in a_prompts[:50]]

@@ -101,7 +101,7 @@ def published(tmp_path_factory, model):
     server = start_server(tmp_path_factory.mktemp("registry") / "data", TOKENS)
     ids = _ids(600, 3)
     a = KVAgent(model, cache_dir=tmp_path_factory.mktemp("a"), registry_url=server.url, token="alice-token-0001",
-                publish="public", policy=PolicyParams(min_tokens=256))
+                publish="public", policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0))
     assert "published" in a.read_ids(ids).cache.reason
     a.close()
     yield server, ids
@@ -109,8 +109,9 @@ def published(tmp_path_factory, model):
 
 
 def _bob(model, cache: Path, url: str, timeout: float) -> KVAgent:
+    """A reader whose policy fetches (a fixed slow prefill estimate: the tiny model would rightly prefill)."""
     client = RegistryClient(url, "bob-token-000002", timeout=timeout, retries=2, backoff_initial=0.05)
-    return KVAgent(model, cache_dir=cache, registry_client=client, policy=PolicyParams(min_tokens=256))
+    return KVAgent(model, cache_dir=cache, registry_client=client, policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0))
 
 
 def test_a_slow_registry_falls_back_in_bounded_time(published, model, tmp_path, caplog):
@@ -166,7 +167,7 @@ def test_the_server_killed_mid_download_leaves_nothing_partial(model, tmp_path):
     server = start_server(data, TOKENS)
     ids = _ids(600, 4)
     a = KVAgent(model, cache_dir=tmp_path / "a", registry_url=server.url, token="alice-token-0001",
-                publish="public", policy=PolicyParams(min_tokens=256))
+                publish="public", policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0))
     assert "published" in a.read_ids(ids).cache.reason
     a.close()
     with RegistryClient(server.url, "bob-token-000002") as c:

@@ -34,7 +34,7 @@ def _work(model_dir: str, cache_dir: str, url: str, token: str, docs: list[list[
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     publish = "public" if token.startswith("alice") else False
     agent = KVAgent(model, tokenizer=None, cache_dir=cache_dir, registry_url=url, token=token, publish=publish,
-                    policy=PolicyParams(min_tokens=256))
+                    policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0))
     barrier.wait()
     rows = []
     for ids in docs:

@@ -96,7 +96,7 @@ def test_an_agent_refuses_a_poisoned_artifact_from_the_registry(tmp_path: Path, 
               "bob-token-000002": {"principal": "bob", "publish": False}}
     server = start_server(tmp_path / "data", tokens)
     try:
-        policy = PolicyParams(min_tokens=256)
+        policy = PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0)
         bob = KVAgent(model, cache_dir=tmp_path / "bob", registry_url=server.url, token="bob-token-000002",
                       policy=policy)
         ids = _ids(600, 2)

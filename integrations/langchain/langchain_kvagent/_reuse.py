@@ -106,15 +106,7 @@ class PromptRunner:
     ) -> Iterator[str]:
         text = TextStream(self.agent.tokenizer, params.stop_token_ids, stops)
         done.token_ids = text.token_ids
-        for tok in tokens:
-            delta = text.push(tok)
-            if delta:
-                yield delta
-            if text.stopped:
-                break
-        tail = text.finish()
-        if tail:
-            yield tail
+        yield from text.deltas(tokens)
         done.finish_reason = text.finish_reason or "length"
         done.text = text.text
         done.seconds = time.perf_counter() - t0
