@@ -40,6 +40,7 @@ TOKENS: dict[str, dict[str, Any]] = {
     "mallory-token-01": {"principal": "mallory", "publish": True},
     "bob-token-000001": {"principal": "bob"},
     "carol-token-0001": {"principal": "carol"},
+    "dave-token-00001": {"principal": "dave"},  # a buyer no other test funds
     **{f"pub-token-{i:04d}": {"principal": f"pub{i}", "publish": True} for i in range(N_PUBLISHERS)},
     **{f"buyer-token-{i:04d}": {"principal": f"buyer{i}"} for i in range(N_BUYERS)},
 }
@@ -322,16 +323,16 @@ def test_the_sdk_buys_within_its_limits_and_prefills_on_402(server: ServerProces
     fetch_pays = PolicyParams(min_tokens=64, prefill_tokens_per_s=20)  # time favours fetching: money decides
 
     def buyer(name: str, **kw: Any) -> KVAgent:
-        return KVAgent(model, cache_dir=tmp_path / name, registry_url=server.url, token="carol-token-0001",
+        return KVAgent(model, cache_dir=tmp_path / name, registry_url=server.url, token="dave-token-00001",
                        policy=fetch_pays, calibration=False, **kw)
 
-    broke = buyer("broke").read_ids(ids)  # carol has no money yet: 402
+    broke = buyer("broke").read_ids(ids)  # dave has no money yet: 402
     assert broke.cache.status == "prefill" and "not bought" in broke.cache.reason, broke.cache.reason
-    client(server, "admin-token-0001").credit("carol", 5000)
+    client(server, "admin-token-0001").credit("dave", 5000)
     capped = buyer("capped", max_price_per_load=500).read_ids(ids)
     assert capped.cache.status == "prefill" and "exceeds the 500" in capped.cache.reason, capped.cache.reason
     agent = buyer("funded", budget=4000)
     doc = agent.read_ids(ids)
     assert doc.cache.status == "remote" and "bought for 1000" in doc.cache.reason, doc.cache.reason
-    assert agent.resolver.spent == 1000 and client(server, "carol-token-0001").account_balance() == 4000
+    assert agent.resolver.spent == 1000 and client(server, "dave-token-00001").account_balance() == 4000
     agent.close()

@@ -359,17 +359,20 @@ class _Run:
         m = self.st.metrics
         if ev[0] == "cache":
             self.info = ev[1]
+            m.prompt_tokens.inc(len(self.job.ids))
             m.prefix_cache_queries.inc(len(self.job.ids))
             if self.info and self.info.cached_tokens and self.info.source:
                 m.prefix_cache_hits.labels(self.info.source).inc(self.info.cached_tokens)
         elif ev[0] == "token":
             self.n_generated += 1
+            m.generation_tokens.inc()
             if self.ttft is None:
                 self.ttft = time.perf_counter() - self.job.started
                 m.ttft.labels(self.kind).observe(self.ttft)
         elif ev[0] == "guided":
             self.guided = True
             self.n_generated = int(ev[2])
+            m.generation_tokens.inc(self.n_generated)
             self.ttft = time.perf_counter() - self.job.started
 
     def _deltas(self, ev: tuple[Any, ...]) -> tuple[str, list[tl.ToolCallDelta]]:
@@ -407,8 +410,6 @@ class _Run:
     def _usage(self) -> dict[str, Any]:
         n_prompt = len(self.job.ids)
         cached = self.info.cached_tokens if self.info else 0
-        self.st.metrics.prompt_tokens.inc(n_prompt)
-        self.st.metrics.generation_tokens.inc(self.n_generated)
         return {
             "prompt_tokens": n_prompt,
             "completion_tokens": self.n_generated,
@@ -528,12 +529,12 @@ class _Run:
                             yield b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
                         yield b"data: [DONE]\n\n"
                         ok = True
-            finally:
+            finally:  # the client may be gone and this task cancelled: count first, then clean up for sure
+                self.st.metrics.requests.labels(self.kind, "ok" if ok else "cancelled").inc()
                 try:
                     await events.aclose()
                 finally:
                     await self._settle()
-                self.st.metrics.requests.labels(self.kind, "ok" if ok else "cancelled").inc()
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
