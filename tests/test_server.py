@@ -121,7 +121,8 @@ def test_publish_lookup_download_round_trip(server: ServerProcess, local: Any) -
     assert h["header"] == header.to_json()
     assert h["signature"] == {"alg": "ed25519-v2", "public_key": pub, "signature": sig.split(":")[2]}
 
-    assert get(server, f"/v1/artifacts/{key}", BOB).json() == h
+    looked_up = get(server, f"/v1/artifacts/{key}", BOB).json()
+    assert looked_up == {**h, "price": 0, "currency": "uUSD"}  # a lookup also says what a load costs
     r = get(server, h["blob_url"], BOB)
     assert r.status_code == 200 and r.content == blob
     assert art.decode(r.content).header == header
