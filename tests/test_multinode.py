@@ -7,8 +7,6 @@ Needs KVAGENT_TEST_POSTGRES_DSN (.ci/postgres.sh); skips without it, except unde
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from s3_server import aws_env, list_objects, new_bucket, s3_endpoint
 from kvagent import KVAgent
 from kvagent.policy import PolicyParams
 from tests.conftest import tiny_config
+from tests.test_server_postgres import fresh_schema
 
 pytestmark = pytest.mark.slow
 
@@ -29,29 +28,14 @@ TOKENS = {
     "alice-token-0001": {"principal": "alice", "publish": True},
     "bob-token-000002": {"principal": "bob", "publish": False},
 }
-PG_ENV = "KVAGENT_TEST_POSTGRES_DSN"
 SUFFIX = [11, 22, 33, 44]
 
 
 @pytest.fixture(scope="module")
 def pg_dsn() -> Iterator[str]:
     """A DSN on a fresh schema of the test PostgreSQL, dropped afterwards."""
-    dsn = os.environ.get(PG_ENV)
-    if not dsn:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{PG_ENV} is not set under CI=true; run .ci/postgres.sh and source .ci/postgres.env")
-        pytest.skip(f"{PG_ENV} not set (run .ci/postgres.sh and source .ci/postgres.env)")
-    import psycopg
-    from psycopg.conninfo import make_conninfo
-
-    schema = f"kvnodes_{secrets.token_hex(6)}"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield make_conninfo(dsn, options=f"-c search_path={schema}")
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with fresh_schema("kvnodes") as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -33,14 +34,14 @@ def _postgres_dsn() -> str:
     return dsn
 
 
-@pytest.fixture()
-def pg_schema_dsn() -> Iterator[str]:
-    """A DSN whose search_path is a fresh schema, dropped afterwards (tests never see each other's rows)."""
+@contextmanager
+def fresh_schema(prefix: str = "kvtest") -> Iterator[str]:
+    """A DSN whose search_path is a fresh schema of the test PostgreSQL, dropped afterwards."""
     import psycopg
     from psycopg.conninfo import make_conninfo
 
     dsn = _postgres_dsn()
-    schema = f"kvtest_{secrets.token_hex(6)}"
+    schema = f"{prefix}_{secrets.token_hex(6)}"
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
     try:
@@ -48,6 +49,13 @@ def pg_schema_dsn() -> Iterator[str]:
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture()
+def pg_schema_dsn() -> Iterator[str]:
+    """A DSN on a fresh schema (tests never see each other's rows)."""
+    with fresh_schema() as dsn:
+        yield dsn
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
