@@ -131,7 +131,7 @@ def _sdk_warm(agent: Any, doc: str, nonce: int) -> float:
     return time.perf_counter() - t0
 
 
-def run(lengths: list[int], repeats: int, threads: int) -> dict[str, Any]:
+def run(lengths: list[int], repeats: int, threads: int, peer: bool = True) -> dict[str, Any]:
     from kvagent import KVAgent
     from tests.conftest import long_text
 
@@ -141,7 +141,7 @@ def run(lengths: list[int], repeats: int, threads: int) -> dict[str, Any]:
     servers: list[tuple[str, Callable[[], None]]] = []
     url_k, proc_k = _start_kvagent(tmp, threads)
     servers.append(("kvagent", lambda: _stop(proc_k)))
-    llama = _start_llamacpp(tmp, max(lengths) + 256, threads)
+    llama = _start_llamacpp(tmp, max(lengths) + 256, threads) if peer else None
     if llama is not None:
         servers.append(("llama.cpp", lambda: _stop(llama[1])))
     rows = []
@@ -191,9 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp's server even where it is installed")
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "openai_endpoint.json")
     args = ap.parse_args(argv)
-    result = run(args.lengths, args.repeats, args.threads)
+    result = run(args.lengths, args.repeats, args.threads, peer=not args.no_peer)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")

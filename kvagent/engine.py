@@ -186,8 +186,16 @@ class TransformersEngine:
 
     # -- decoding -------------------------------------------------------------------------
     @torch.inference_mode()
-    def stream(self, kv: KVCache | None, token_ids: Sequence[int], params: GenerationParams) -> Iterator[int]:
-        """Yield new token ids after ``kv`` (if any) followed by ``token_ids``."""
+    def stream(
+        self, kv: KVCache | None, token_ids: Sequence[int], params: GenerationParams,
+        on_prompt: Callable[[KVCache], object] | None = None,
+    ) -> Iterator[int]:
+        """Yield new token ids after ``kv`` (if any) followed by ``token_ids``.
+
+        ``on_prompt``, if given, receives the KV of the whole prompt (``kv`` then ``token_ids``) right after the
+        first forward, before the first token is yielded: a caller that left a prompt's tail to this call
+        (``Resolver.resolve(..., max_tail=...)``) keeps it from there, without a second pass over the prompt.
+        """
         ids = self._ids(token_ids)
         past = kv.n_tokens if kv is not None else 0
         cache = self.new_cache(kv)
@@ -203,8 +211,11 @@ class TransformersEngine:
             gen.seed()
         stops = set(params.stop_token_ids)
         step_input = ids
-        for _ in range(params.max_new_tokens):
+        for step in range(params.max_new_tokens):
             out = self.forward(cache, input_ids=step_input, logits_to_keep=1)
+            if step == 0 and on_prompt is not None:
+                prompt = ids[0].cpu() if kv is None else torch.cat([kv.token_ids, ids[0].cpu()])
+                on_prompt(self._extract(cache, prompt))  # views of this step's tensors; later steps replace them
             nxt = _pick(out.logits[0, -1].float().cpu(), params, gen)
             yield nxt
             if nxt in stops:

@@ -98,6 +98,9 @@ class Resolution:
     info: CacheInfo
     remote: Handle | None = None
     save: Callable[[], None] | None = None  # with ``defer_save``: writes the computed KV to the store
+    #: with ``max_tail``: the last requested ids that ``kv`` does not cover yet; the caller feeds them with its own
+    #: first forward (``TransformersEngine.stream(..., on_prompt=...)``) and keeps the result (``Resolver.keep``)
+    tail: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -303,8 +306,9 @@ class Resolver:
         remote_generate: bool = False,
         progress: PrefillProgress | None = None,
         defer_save: bool = False,
+        max_tail: int = 0,
     ) -> Resolution:
-        """The KV of exactly ``token_ids``.
+        """The KV of exactly ``token_ids`` (or of all but a short tail of them, see ``max_tail``).
 
         ``namespace``: private cache namespace (server-derived salt), or None for the shared one.
         ``registry``: the registry source to consult (default: the resolver's own; None for none).
@@ -312,7 +316,10 @@ class Resolver:
         ``document``: a document read (exact-key registry lookup first, single flight across processes) rather
         than a prompt (prefix lookups only). ``remote_generate``: the answer may be "let the registry generate"
         (``Resolution.remote`` set, ``kv`` None). ``defer_save``: do not write the computed KV to the store
-        now; ``Resolution.save`` does it when called (e.g. after the answer has been sent).
+        now; ``Resolution.save`` does it when called (e.g. after the answer has been sent). ``max_tail``: when a
+        cached prefix leaves at most this many ids to compute, do not prefill them: ``Resolution.kv`` is the prefix
+        and ``Resolution.tail`` the rest, for a caller whose next forward runs them anyway (a chat turn's first
+        token) — one pass over the cached KV instead of two. Nothing is saved for such a resolution.
         """
         ids = tuple(int(t) for t in token_ids)
         if not ids:
@@ -333,7 +340,7 @@ class Resolver:
             return self._local_hit(ns, key, ids, found.artifact.kv, found.nbytes, t0, "found in the local store")
         if not document:
             return self._miss(ns, ctx, key, ids, found.reason, t0, source, min_save_tokens, False, remote_generate,
-                              progress, defer_save)
+                              progress, defer_save, max_tail)
         with single_flight(self.store.directory / "locks", key, self.settings.lock_timeout) as flight:
             if flight.waited:  # another process was computing this key: it is probably stored now
                 again = self.store.get(key, expect=self.expect)
@@ -341,7 +348,7 @@ class Resolver:
                     why = f"computed by another process while we waited {flight.seconds:.1f} s"
                     return self._local_hit(ns, key, ids, again.artifact.kv, again.nbytes, t0, why)
             return self._miss(ns, ctx, key, ids, found.reason, t0, source, min_save_tokens, True, remote_generate,
-                              progress, defer_save)
+                              progress, defer_save, max_tail)
 
     def check_context(self, n_tokens: int) -> None:
         """Refuse ``n_tokens`` beyond the model's positions, before any prefill (unless overflow is allowed)."""
@@ -349,6 +356,16 @@ class Resolver:
 
     def remember(self, key: str, kv: KVCache, namespace: str | None = None) -> None:
         self.memory.put(namespace or "", key, kv)
+
+    def keep(self, kv: KVCache, namespace: str | None = None, store: bool = True) -> str:
+        """Keep a KV the caller computed (e.g. after a ``max_tail`` resolution): in memory, and in the local
+        store unless ``store`` is False. Returns its key."""
+        ids = tuple(int(t) for t in kv.token_ids.tolist())
+        key = document_key(self._ctx(namespace), ids)
+        self.memory.put(namespace or "", key, kv)
+        if store:
+            self._save(namespace or "", key, kv, ids)
+        return key
 
     def encode(self, key: str, kv: KVCache, namespace: str | None = None) -> tuple[art.ArtifactHeader, bytes]:
         """Artifact bytes of ``kv`` under this resolver's (possibly salted) context."""
@@ -385,7 +402,7 @@ class Resolver:
     def _miss(
         self, ns: str, ctx: KeyContext, key: str, ids: tuple[int, ...], miss_reason: str, t0: float,
         source: RegistrySource | None, min_save_tokens: int, document: bool, remote_generate: bool,
-        progress: PrefillProgress | None, defer_save: bool = False,
+        progress: PrefillProgress | None, defer_save: bool = False, max_tail: int = 0,
     ) -> Resolution:
         """Longest local prefix, then the registry if it can cover more, then prefill the rest."""
         reasons = [miss_reason]
@@ -400,6 +417,14 @@ class Resolver:
                 best = remote
         t1 = time.perf_counter()
         n_cached = best.n if best else 0
+        if best is not None and 0 < len(ids) - n_cached <= max_tail:
+            status = "remote" if best.source == "registry" else "prefix"
+            self._count("remote_hits" if status == "remote" else "prefix_hits")
+            self._count("tokens_saved", n_cached)
+            reason = "; ".join(r for r in reasons if r) + f"; the last {len(ids) - n_cached} tokens run with the reply"
+            info = CacheInfo(status, reason, n_cached, len(ids) - n_cached, load_seconds=t1 - t0,
+                             bytes_read=best.nbytes, source=best.source, origin=best.origin)
+            return Resolution(key, best.kv, info, tail=ids[n_cached:])
         if best is not None and n_cached == len(ids):
             kv, prefill_s = best.kv, 0.0
         else:

@@ -139,3 +139,34 @@ def test_compressed_artifacts_are_exact_too(embedded, tmp_path):
         agent.generate_full(list(ids) + q, max_new_tokens=32, stop_token_ids=()).token_ids
     other.close()
     agent.close()
+
+
+def test_a_short_tail_runs_with_the_reply_and_is_kept_exactly(embedded_agent):
+    """``max_tail``: the cached prefix comes back with the uncovered ids; the reply's first forward runs them,
+    ``on_prompt`` hands back the whole prompt's KV, and both the answer and that KV equal a full prefill."""
+    import torch
+
+    from kvagent import GenerationParams
+
+    agent = embedded_agent
+    resolver, engine = agent.resolver, agent.engine
+    doc = agent.read(long_text(600, agent.tokenizer))
+    q = agent.template.question_ids(agent.tokenizer, QUESTION)
+    prompt = list(doc.token_ids) + q
+    res = resolver.resolve(prompt[:-1], document=False, max_tail=64)
+    assert res.kv is not None and res.kv.n_tokens == doc.n_tokens and res.tail == tuple(prompt[doc.n_tokens : -1])
+    assert res.info.cached_tokens == doc.n_tokens and res.info.prefilled_tokens == len(res.tail) and res.save is None
+    kept = []
+    params = GenerationParams(max_new_tokens=24, stop_token_ids=())
+    got = list(engine.stream(res.kv, [*res.tail, prompt[-1]], params, on_prompt=kept.append))
+    assert got == agent.generate_full(prompt, max_new_tokens=24, stop_token_ids=()).token_ids
+    (full,) = kept
+    assert full.token_ids.tolist() == prompt
+    want = engine.prefill(prompt)
+    for a, b in zip(full.keys + full.values, want.keys + want.values, strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+    # a tail longer than max_tail is prefilled as before
+    longer = resolver.resolve(prompt[:-1], document=False, max_tail=len(q) - 2, min_save_tokens=10**6)
+    assert longer.tail == () and longer.kv is not None and longer.kv.n_tokens == len(prompt) - 1
+    key = resolver.keep(full)
+    assert resolver.memory.get("", key) is not None and key in agent.store

@@ -6,6 +6,7 @@ Routes live in their own modules (``registry_routes``, ``generate_routes``, ...)
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, KVAgentError
 from . import generate_routes, market_routes, openai_routes, registry_routes
+from .fast_lookup import FastLookup
 from .http import (
     AccessLog,
     error_response,
@@ -42,12 +44,17 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # everything loaded so far (libraries, the model, the app) lives as long as the process: keep it out of
+        # the collector's full passes, which would otherwise walk it all and stall every request in flight
+        gc.collect()
+        gc.freeze()
         yield
         st.meta.close()
         log.info("registry stopped")
 
     app = FastAPI(title="kvagent registry", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.kv = st
+    app.add_middleware(FastLookup, st=st)  # innermost: rate limits and the access log still apply
     app.add_middleware(RateLimit, resolve=st.tokens.resolve, quotas=st.quotas)  # inner: 429s are logged too
     app.add_middleware(AccessLog, metrics=st.metrics)
 

@@ -10,6 +10,7 @@ and beyond that are refused with 429 and ``Retry-After``.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import logging
@@ -25,7 +26,8 @@ from typing import Any
 
 from ..engine import GenerationParams
 from ..errors import KVAgentError
-from ..resolver import CacheInfo
+from ..kv import KVCache
+from ..resolver import CacheInfo, Resolver
 from ..textstream import TextStream
 from .auth import Principal
 from .http import ApiError
@@ -33,6 +35,9 @@ from .source import ServerSource
 from .state import State
 
 log = logging.getLogger("kvagent.server")
+
+#: A cached prefix that leaves at most this many prompt tokens runs them in the reply's first forward
+MAX_TAIL = 512
 
 #: ("cache", CacheInfo) first, then ("token", id)..., then ("done", reason, n) or ("error", exc)
 Event = tuple[Any, ...]
@@ -83,6 +88,7 @@ class ChatService:
         self._active = 0
         self._lock = threading.Lock()
         self._recent_s = 1.0  # a moving estimate of one job's duration, for Retry-After
+        self.saves = QuietSaver(self)
 
     def namespace(self, principal: Principal) -> str:
         """The private cache namespace of ``principal``: HMAC of its name under the server secret."""
@@ -105,6 +111,11 @@ class ChatService:
             with self._lock:
                 self._active -= 1
                 self._recent_s = 0.8 * self._recent_s + 0.2 * (time.perf_counter() - t0)
+            self.saves.poke()
+
+    def busy(self) -> bool:
+        """Whether a request is queued or running."""
+        return self._active > 0
 
     def run(self, job: ChatJob, emit: Callable[[Event], None], cancelled: threading.Event) -> None:
         """Resolve the prompt's KV and generate, emitting events; never raises (errors are emitted)."""
@@ -122,16 +133,23 @@ class ChatService:
                     return
                 kv = None
                 info = CacheInfo("prefill", "one-token prompt", 0, len(job.ids))
+                feed = job.ids
+                on_prompt: Callable[[KVCache], None] | None = None
                 if len(job.ids) > 1:
-                    res = host.agent.resolver.resolve(
-                        job.ids[:-1], namespace=self.namespace(job.principal),
-                        registry=ServerSource(self.st, job.principal), document=False, defer_save=True,
+                    resolver = host.agent.resolver
+                    ns = self.namespace(job.principal)
+                    res = resolver.resolve(
+                        job.ids[:-1], namespace=ns, registry=ServerSource(self.st, job.principal),
+                        document=False, defer_save=True, max_tail=MAX_TAIL,
                     )
-                    kv, save = res.kv, res.save
-                    info = res.info
+                    kv, save, info = res.kv, res.save, res.info
+                    if kv is not None:
+                        feed = [*res.tail, job.ids[-1]]
+                    if res.tail:  # the reply's first forward computes the rest of the prompt: keep its KV
+                        on_prompt, save = _keeper(resolver, ns)
                 emit(("cache", info))
                 stops = set(job.params.stop_token_ids)
-                it = host.engine.stream(kv, job.ids[-1:] if kv is not None else job.ids, job.params)
+                it = host.engine.stream(kv, feed, job.params, on_prompt=on_prompt)
                 try:
                     for tok in it:
                         if cancelled.is_set():
@@ -150,11 +168,8 @@ class ChatService:
         except Exception as exc:  # reported to the client as a generic 500, logged here
             log.exception("chat generation failed")
             emit(("error", exc))
-        if save is not None:  # keep the prompt's KV for the next turn, after the answer went out
-            try:
-                save()
-            except KVAgentError as exc:
-                log.warning("could not keep the prompt KV (the answer is unaffected): %s", exc)
+        if save is not None:  # keep the prompt's KV for the next turn, once the answer went out
+            self.saves.submit(save)
 
     def _guided(self, job: ChatJob, emit: Callable[[Event], None], cancelled: threading.Event) -> int:
         """Run a guided reply (under the model lock): every continuation resumes through the resolver, so each
@@ -186,3 +201,94 @@ class ChatService:
         emit(("cache", infos[0] if infos else CacheInfo("prefill", "guided reply fixed by its schema", 0, 0)))
         emit(("guided", out, generated[0]))
         return generated[0]
+
+
+class QuietSaver:
+    """Writes prompt KVs to the local store on one background thread, when no request is queued or running.
+
+    A prompt's KV is in memory as soon as it is computed, so the next turn finds it at once; the store copy
+    (encoding, hashing and writing the whole KV) only has to outlive memory. Writing it while the next request
+    runs would slow that request down (an agent often asks its follow-up the moment an answer arrives), so
+    a save waits until the server has been quiet for ``quiet_s``, but never longer than ``max_wait_s``.
+    At most ``max_pending`` saves wait; beyond that the oldest is dropped, with a log line.
+    """
+
+    def __init__(self, service: ChatService, quiet_s: float = 0.5, max_wait_s: float = 5.0, max_pending: int = 32):
+        self._service, self.quiet_s, self.max_wait_s, self.max_pending = service, quiet_s, max_wait_s, max_pending
+        self._pending: collections.deque[tuple[float, Callable[[], None]]] = collections.deque()
+        self._cv = threading.Condition()
+        self._quiet_since = time.monotonic()
+        self._running = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, save: Callable[[], None]) -> None:
+        with self._cv:
+            if len(self._pending) >= self.max_pending:
+                self._pending.popleft()
+                log.warning("dropped a pending prompt-KV save: %d are waiting for a quiet moment", self.max_pending)
+            self._pending.append((time.monotonic(), save))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True, name="kvagent-prompt-saver")
+                self._thread.start()
+            self._cv.notify_all()
+
+    def poke(self) -> None:
+        """A request ended: the quiet period starts now."""
+        with self._cv:
+            self._quiet_since = time.monotonic()
+            self._cv.notify_all()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every submitted save has been written (True) or ``timeout`` passed (False)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._pending or self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 0.05))
+        return True
+
+    def _next(self) -> Callable[[], None]:
+        with self._cv:
+            while True:
+                now = time.monotonic()
+                if self._pending:
+                    waited = now - self._pending[0][0]
+                    quiet = not self._service.busy() and now - self._quiet_since >= self.quiet_s
+                    if quiet or waited >= self.max_wait_s:
+                        self._running = True
+                        return self._pending.popleft()[1]
+                    self._cv.wait(min(self.quiet_s, self.max_wait_s - waited))
+                else:
+                    self._cv.wait()
+
+    def _loop(self) -> None:
+        while True:
+            save = self._next()
+            try:
+                save()
+            except KVAgentError as exc:  # a cache write: the answer went out already
+                log.warning("could not keep the prompt KV (the answer is unaffected): %s", exc)
+            except Exception:
+                log.exception("saving a prompt KV failed (the answer is unaffected)")
+            finally:
+                with self._cv:
+                    self._running = False
+                    self._cv.notify_all()
+
+
+def _keeper(resolver: Resolver, namespace: str) -> tuple[Callable[[KVCache], None], Callable[[], None]]:
+    """(on_prompt, save) for a prompt whose tail the reply computes: the prompt's KV goes to memory as soon as
+    the first forward has it (for the next turn), and to the local store once the answer has been sent."""
+    kept: list[KVCache] = []
+
+    def on_prompt(kv: KVCache) -> None:
+        kept.append(kv)
+        resolver.keep(kv, namespace=namespace, store=False)
+
+    def save() -> None:
+        if kept:
+            resolver.keep(kept[0], namespace=namespace)
+
+    return on_prompt, save

@@ -187,21 +187,22 @@ class AccessLog:
             dt = time.perf_counter() - t0
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.latency.labels(scope["method"], route).observe(dt)
-            access_log.info(
-                json.dumps(
-                    {
-                        "ts": round(time.time(), 3),
-                        "method": scope["method"],
-                        "path": scope["path"][:200],
-                        "route": route,
-                        "status": status,
-                        "bytes": sent,
-                        "ms": round(dt * 1000, 2),
-                        "principal": (scope.get("state") or {}).get("principal"),
-                    },
-                    separators=(",", ":"),
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(
+                    json.dumps(
+                        {
+                            "ts": round(time.time(), 3),
+                            "method": scope["method"],
+                            "path": scope["path"][:200],
+                            "route": route,
+                            "status": status,
+                            "bytes": sent,
+                            "ms": round(dt * 1000, 2),
+                            "principal": (scope.get("state") or {}).get("principal"),
+                        },
+                        separators=(",", ":"),
+                    )
                 )
-            )
 
 
 async def finish(fn: Callable[..., Any], *args: Any) -> None:

@@ -109,14 +109,14 @@ class Ledger:
 
     # -- reads ----------------------------------------------------------------------------------
     def balance(self, account: str) -> int:
-        with self.meta.transaction() as cur:
+        with self.meta.read() as cur:
             cur.execute(self.meta.q("SELECT balance FROM market_accounts WHERE principal = ?"), (account,))
             r = cur.fetchone()
         return int(r[0]) if r else 0
 
     def price(self, key: str, owner: str) -> int:
         """The price per load of ``owner``'s record of ``key`` (0, free, when it set none)."""
-        with self.meta.transaction() as cur:
+        with self.meta.read() as cur:
             return self._price(cur, key, owner)
 
     def _price(self, cur: Any, key: str, owner: str) -> int:
@@ -334,12 +334,12 @@ class Ledger:
         params: tuple[Any, ...] = ()
         if buyer is not None:
             sql, params = sql + " WHERE buyer = ?", (buyer,)
-        with self.meta.transaction() as cur:
+        with self.meta.read() as cur:
             cur.execute(self.meta.q(sql + " ORDER BY id"), params)
             return [Dispute(int(r[0]), r[1], r[2], r[3], r[4] or "", r[5]) for r in cur.fetchall()]
 
     def is_quarantined(self, key: str, owner: str) -> bool:
-        with self.meta.transaction() as cur:
+        with self.meta.read() as cur:
             cur.execute(self.meta.q("SELECT 1 FROM market_quarantine WHERE key = ? AND owner = ?"), (key, owner))
             return cur.fetchone() is not None
 

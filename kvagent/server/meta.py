@@ -49,9 +49,15 @@ class MetaStore(Protocol):
 
     #: the SQL type of an auto-incrementing integer primary key on this backend
     serial: str
+    #: reads take microseconds and never wait on the network (a local SQLite file): the lookup routes run them
+    #: on the event loop instead of handing each to a worker thread (the hand-off costs more than the query)
+    inline_reads: bool
 
     def transaction(self) -> AbstractContextManager[Any]:
         """One transaction yielding a DB-API cursor; commit on success, roll back on error."""
+
+    def read(self) -> AbstractContextManager[Any]:
+        """A cursor for read-only statements: no write lock (a lookup must never queue behind writers)."""
 
     def q(self, sql: str) -> str:
         """``sql`` with ``?`` placeholders rewritten for this backend."""
@@ -109,6 +115,7 @@ class _SQLMeta:
 
     ph = "?"
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    inline_reads = False
 
     def __init__(self) -> None:
         with self.transaction() as cur:
@@ -132,6 +139,10 @@ class _SQLMeta:
         """A cursor for read-only statements (no write lock taken); defaults to a transaction."""
         with self.transaction() as cur:
             yield cur
+
+    def read(self) -> AbstractContextManager[Any]:
+        """A cursor for read-only statements: no write lock (a lookup must never queue behind writers)."""
+        return self._read()
 
     def q(self, sql: str) -> str:
         """``sql`` with ``?`` placeholders rewritten for this backend."""
@@ -240,6 +251,8 @@ class _SQLMeta:
 class SQLiteMeta(_SQLMeta):
     """SQLite in WAL mode, one connection per thread: reads run concurrently without a lock, writes are
     serialised by ``BEGIN IMMEDIATE`` (across threads and across ``--workers`` processes alike)."""
+
+    inline_reads = True
 
     def __init__(self, path: Path):
         self._path = str(path)

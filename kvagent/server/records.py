@@ -45,7 +45,7 @@ class OwnerCopies:
                 cur.execute(stmt)
 
     def _one(self, sql: str, params: Sequence[Any]) -> ArtifactRow | None:
-        with self.meta.transaction() as cur:
+        with self.meta.read() as cur:
             cur.execute(self.meta.q(sql), tuple(params))
             r = cur.fetchone()
         return ArtifactRow(*r) if r else None
@@ -104,7 +104,7 @@ class OwnerCopies:
         marks = ",".join("?" * len(pos))
         sql = (f"SELECT b.hash, b.key, b.owner, b.idx FROM owner_copy_blocks b JOIN owner_copies c "
                f"ON c.key = b.key AND c.owner = b.owner WHERE b.hash IN ({marks}) AND {_VISIBLE}")
-        with self.meta.transaction() as cur:
+        with self.meta.read() as cur:
             cur.execute(self.meta.q(sql), (*pos, principal, principal))
             rows = cur.fetchall()
         best: tuple[int, str, str] | None = None
@@ -120,7 +120,7 @@ class OwnerCopies:
         return (row, best[0]) if row is not None else None
 
     def blob_names(self) -> list[str]:
-        with self.meta.transaction() as cur:
+        with self.meta.read() as cur:
             cur.execute("SELECT blob FROM owner_copies")
             return [r[0] for r in cur.fetchall()]
 

@@ -43,6 +43,18 @@ class GrantRequest(_Body):
     principal: str
 
 
+def lookup_body(st: State, key: str, p: Principal) -> bytes:
+    """The JSON answer to ``p``'s lookup of ``key``: the handle and its price (so a buyer can decide first).
+    Raises a 404 ``ApiError`` for a key ``p`` cannot see; counts the lookup either way."""
+    try:
+        row = st.visible(key, p)
+    except ApiError:
+        st.metrics.lookups.labels("key", "miss").inc()
+        raise
+    st.metrics.lookups.labels("key", "hit").inc()
+    return handle_json(row, price=st.market.price(row.key, row.owner), currency=st.market.currency)
+
+
 def routes(st: State) -> APIRouter:
     """The registry's routes over ``st``."""
     app = APIRouter()
@@ -50,15 +62,9 @@ def routes(st: State) -> APIRouter:
     # -- lookup -------------------------------------------------------------------------------
     @app.get("/v1/artifacts/{key}")
     async def get_artifact(key: str, request: Request) -> Response:
+        # with a SQLite backend, kvagent.server.fast_lookup answers this path before FastAPI sees it
         p = st.principal(request)
-        try:
-            row = await run_in_threadpool(st.visible, key, p)
-        except ApiError:
-            st.metrics.lookups.labels("key", "miss").inc()
-            raise
-        st.metrics.lookups.labels("key", "hit").inc()
-        price = await run_in_threadpool(st.market.price, row.key, row.owner)  # so a buyer can decide first
-        body = handle_json(row, price=price, currency=st.market.currency)
+        body = lookup_body(st, key, p) if st.meta.inline_reads else await run_in_threadpool(lookup_body, st, key, p)
         return Response(body, media_type="application/json")  # no response model, no re-encoding
 
     @app.post("/v1/lookup/prefix")
@@ -67,14 +73,20 @@ def routes(st: State) -> APIRouter:
         body: PrefixRequest = await read_json(request, PrefixRequest)
         for h in body.block_hashes:
             validate_key(h)
-        found = await run_in_threadpool(records.longest_prefix, st.meta, st.copies, body.block_hashes, p.name)
-        if found is None:
+
+        def lookup() -> dict[str, Any] | None:
+            found = records.longest_prefix(st.meta, st.copies, body.block_hashes, p.name)
+            if found is None:
+                return None
+            row, blocks = found
+            return {"key": row.key, "blocks": blocks, "handle": market_routes.priced(st, handle(row), row)}
+
+        answer = lookup() if st.meta.inline_reads else await run_in_threadpool(lookup)
+        if answer is None:
             st.metrics.lookups.labels("prefix", "miss").inc()
             raise ApiError(404, "not_found", "no visible artifact shares a prefix block with these hashes")
         st.metrics.lookups.labels("prefix", "hit").inc()
-        row, blocks = found
-        priced = await run_in_threadpool(market_routes.priced, st, handle(row), row)
-        return {"key": row.key, "blocks": blocks, "handle": priced}
+        return answer
 
     # -- publish ------------------------------------------------------------------------------
     @app.put("/v1/artifacts/{key}")

@@ -113,3 +113,39 @@ def test_slowloris_and_stalled_uploads(server: ServerProcess, tmp_path: Path) ->
     assert statistics.median(lookup) < 100, report
     assert _probe(server)[0] < 100
     assert "client disconnected during upload" in server.log()  # the stalled uploads were discarded
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    return data
+
+
+def test_oversized_headers_are_refused_and_the_server_keeps_answering(server: ServerProcess) -> None:
+    # 64 KB of headers, over the default 32 KB cap, sent in one go and then trickled in pieces
+    huge = b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(64))
+    assert _raw(server.port, huge + b"\r\n").startswith(b"HTTP/1.1 431"), "a 64 KB header block was accepted"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        for i in range(0, len(huge), 4096):
+            try:
+                s.sendall(huge[i : i + 4096])
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        reply = b""
+        try:
+            while chunk := s.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            pass
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:100]
+    # a request just under the cap, and pipelined requests on one connection, are answered
+    ok = b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"X-Pad: " + b"a" * 30000 + b"\r\n\r\n"
+    assert _raw(server.port, ok).startswith(b"HTTP/1.1 200")
+    two = b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    assert _raw(server.port, two).count(b"HTTP/1.1 200") == 2

@@ -11,7 +11,7 @@ sharing its beginning resumes from it. Only kvagent's public API is used here.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,10 @@ class Completion:
         }
 
 
+#: A cached prefix that leaves at most this many prompt tokens runs them in the reply's first forward
+MAX_TAIL = 512
+
+
 class PromptRunner:
     """Runs prompts (as token ids) on one agent, resuming through its resolver."""
 
@@ -62,18 +66,24 @@ class PromptRunner:
         self.save = save
         self.min_save_tokens = min_save_tokens
 
-    def start(self, ids: Sequence[int]) -> tuple[KVCache | None, CacheInfo]:
-        """The KV of ``ids[:-1]`` (None with reuse off: the caller prefills everything) and what it cost."""
+    def start(self, ids: Sequence[int]) -> tuple[KVCache | None, list[int], CacheInfo]:
+        """The KV of a prefix of ``ids`` (None with reuse off: the caller prefills everything), the ids the first
+        forward still has to run after it, and what it cost.
+
+        A cached prefix that leaves a short tail (a new question) does not prefill it separately: the reply's
+        first forward runs it with the last token, one pass over the cached KV instead of two.
+        """
         ids = [int(t) for t in ids]
         if not self.reuse:
-            return None, CacheInfo("disabled", "KV reuse disabled: full prefill", 0, len(ids))
+            return None, ids, CacheInfo("disabled", "KV reuse disabled: full prefill", 0, len(ids))
         context = ids[:-1]
         if not context:
-            return None, CacheInfo("prefill", "one-token prompt", 0, len(ids))
+            return None, ids, CacheInfo("prefill", "one-token prompt", 0, len(ids))
         min_save = self.min_save_tokens if self.save else len(ids) + 1
-        res = self.agent.resolver.resolve(context, document=False, min_save_tokens=min_save)
+        res = self.agent.resolver.resolve(context, document=False, min_save_tokens=min_save, max_tail=MAX_TAIL)
         info = res.info
-        return res.kv, CacheInfo(
+        feed = [*res.tail, ids[-1]] if res.kv is not None else ids
+        return res.kv, feed, CacheInfo(
             info.status, info.reason, info.cached_tokens, len(ids) - info.cached_tokens,
             load_seconds=info.load_seconds, prefill_seconds=info.prefill_seconds, bytes_read=info.bytes_read,
             source=info.source,
@@ -85,8 +95,12 @@ class PromptRunner:
         """Start a generation; iterate the returned deltas to drive it (the Completion fills in as it goes)."""
         t0 = time.perf_counter()
         ids = [int(t) for t in ids]
-        kv, info = self.start(ids)
-        tokens = self.agent.engine.stream(kv, ids[-1:] if kv is not None else ids, params)
+        kv, feed, info = self.start(ids)
+        keep: Callable[[KVCache], object] | None = None  # keeps the prompt's KV for the next turn
+        if self.save and kv is not None and len(feed) >= max(2, self.min_save_tokens):  # a tail runs with the reply
+            keep = self.agent.resolver.keep
+
+        tokens = self.agent.engine.stream(kv, feed, params, on_prompt=keep)
         done = Completion(info=info, prompt_tokens=len(ids))
         return done, self._deltas(done, tokens, params, stops, t0)
 

@@ -38,14 +38,21 @@ def test_second_prompt_resumes_and_matches_full_prefill(tiny_agent: KVAgent) -> 
     q1, q2 = _ids(2, 7), _ids(3, 9)
     params = GenerationParams(max_new_tokens=12)
     runner = PromptRunner(tiny_agent, min_save_tokens=1)
-    first, _ = runner.start(doc + q1)
-    assert first is not None and runner.start(doc + q1)[1].cached_tokens == len(doc) + len(q1) - 1
-    kv, info = runner.start(doc + q2)
-    assert info.status == "prefix" and info.cached_tokens >= len(doc)
+    first, feed, _ = runner.start(doc + q1)  # nothing cached: the context is prefilled and kept
+    assert first is not None and feed == q1[-1:]
+    assert runner.start(doc + q1)[2].cached_tokens == len(doc) + len(q1) - 1
+    kv, feed, info = runner.start(doc + q2)  # the shared prefix; the new question runs with the reply
+    assert info.status == "prefix" and info.cached_tokens >= len(doc) and kv is not None
     assert info.prefilled_tokens == len(doc) + len(q2) - info.cached_tokens
-    reused = tiny_agent.engine.generate(kv, (doc + q2)[-1:], params).token_ids
+    assert kv.token_ids.tolist() + feed == doc + q2
+    reused = tiny_agent.engine.generate(kv, feed, params).token_ids
     full = tiny_agent.engine.generate(None, doc + q2, params).token_ids
     assert reused == full
+    # what run() does: the reply's first forward hands the whole prompt's KV to the resolver to keep
+    kept = list(tiny_agent.engine.stream(kv, feed, params, on_prompt=tiny_agent.resolver.keep))
+    assert kept == full
+    again = runner.start(doc + q2 + [5])[2]
+    assert again.cached_tokens == len(doc) + len(q2), again.reason
 
 
 def test_prefix_is_found_in_the_store_after_memory_is_dropped(tiny_agent: KVAgent) -> None:
@@ -53,14 +60,14 @@ def test_prefix_is_found_in_the_store_after_memory_is_dropped(tiny_agent: KVAgen
     runner = PromptRunner(tiny_agent, min_save_tokens=1)
     runner.start(doc + [5, 6, 7])
     tiny_agent.forget_memory()
-    kv, info = runner.start(doc + [9, 9, 1])
+    kv, feed, info = runner.start(doc + [9, 9, 1])
     assert kv is not None and info.cached_tokens == len(doc), info.reason
     assert info.source == "store" and "local store" in info.reason
-    assert kv.token_ids.tolist() == doc + [9, 9]
+    assert kv.token_ids.tolist() == doc and feed == [9, 9, 1]
 
 
 def test_reuse_off_prefills_everything(tiny_agent: KVAgent) -> None:
     ids = _ids(5, 40)
     PromptRunner(tiny_agent, min_save_tokens=1).start(ids)
-    kv, info = PromptRunner(tiny_agent, reuse=False).start(ids)
-    assert kv is None and info.status == "disabled" and info.prefilled_tokens == len(ids)
+    kv, feed, info = PromptRunner(tiny_agent, reuse=False).start(ids)
+    assert kv is None and feed == ids and info.status == "disabled" and info.prefilled_tokens == len(ids)
