@@ -90,8 +90,24 @@ def publish_set(url: str, n: int, big_tokens: int) -> tuple[list[str], str, int]
         return keys, pub.publish(big, visibility="public").key, len(big)
 
 
-def blob_fetch(url: str, key: str, size: int, repeats: int) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its children (Linux /proc; 0.0 elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:  # fields[1]: the parent's pid
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def blob_fetch(url: str, key: str, size: int, repeats: int, server_pid: int | None = None) -> dict[str, Any]:
+    """Median download time of one blob, and the registry's CPU seconds per GB downloaded (``server_pid``)."""
     times = []
+    cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
     with RegistryClient(url, token="tok-reader") as client:
         handle = client.lookup(key)
         assert handle is not None
@@ -101,7 +117,10 @@ def blob_fetch(url: str, key: str, size: int, repeats: int) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
             assert len(data) == size
     med = statistics.median(times)
-    return {"bytes": size, "repeats": repeats, "median_s": med, "MBps": size / med / 1e6}
+    out = {"bytes": size, "repeats": repeats, "median_s": med, "MBps": size / med / 1e6}
+    if server_pid:
+        out["registry_cpu_s_per_GB"] = (cpu_seconds(server_pid) - cpu0) / (size * repeats / 1e9)
+    return out
 
 
 def presigned_fetch(work: Path, blob_tokens: int) -> dict[str, Any]:
@@ -115,7 +134,7 @@ def presigned_fetch(work: Path, blob_tokens: int) -> dict[str, Any]:
         srv = start_server(work / "s3", TOKENS, extra_args=["--blobs", f"s3://{new_bucket(s3)}/kv"])
         try:
             _, big_key, big_size = publish_set(srv.url, 1, blob_tokens)
-            return {**blob_fetch(srv.url, big_key, big_size, repeats=5),
+            return {**blob_fetch(srv.url, big_key, big_size, repeats=5, server_pid=srv.proc.pid),
                     "object_store": "moto_server (Python) on loopback"}
         finally:
             srv.stop()
@@ -153,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             r = wrk_lookups(srv.url, keys, args.connections, args.threads, args.seconds, work)
             result["lookup"][f"{workers}_workers"] = {**r, "load_average_before": load_before}
             if workers == 1:
-                result["blob_through_app"] = blob_fetch(srv.url, big_key, big_size, repeats=5)
+                result["blob_through_app"] = blob_fetch(srv.url, big_key, big_size, repeats=5, server_pid=srv.proc.pid)
         finally:
             srv.stop()
     if not args.skip_presigned:
@@ -168,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         if name not in result:
             continue
         b = result[name]
-        print(f"{name.replace('_', ' ')}: {b['bytes'] / 1e6:.0f} MB in {b['median_s'] * 1e3:.0f} ms = {b['MBps']:.0f} MB/s")
+        print(f"{name.replace('_', ' ')}: {b['bytes'] / 1e6:.0f} MB in {b['median_s'] * 1e3:.0f} ms = {b['MBps']:.0f} MB/s; "
+              f"registry CPU {b.get('registry_cpu_s_per_GB', float('nan')):.2f} s per GB served")
     print(f"results written to {args.json}")
     return 0
 

@@ -1,19 +1,18 @@
-"""Slow and idle clients: connection limits of the HTTP server and an h11 protocol with read deadlines.
+"""Slow and idle clients: connection limits of the HTTP server and an HTTP protocol with read deadlines.
 
 uvicorn bounds idle keep-alive connections (``timeout_keep_alive``) and concurrent connections
 (``limit_concurrency``, then 503), but never times out a client that sends its headers or body slowly
 (slowloris): such a connection is held forever. :class:`GuardedHttpToolsProtocol` (uvicorn's httptools
-protocol, the fast one, used when ``httptools`` is installed) and :class:`GuardedH11Protocol` (the pure-Python
-one) add two deadlines:
+protocol, the C parser) adds two deadlines:
 
 * **headers**: the request line and headers must be complete ``header_timeout_s`` after the connection
   opened (or the previous response ended) — a fixed deadline that trickling bytes does not extend;
 * **body**: while the request body streams in, each chunk must follow the last within ``body_timeout_s``.
 
 A connection that misses either is closed; the app then sees a client disconnect (an upload in progress
-is discarded). While the app works on a request (e.g. generation) no deadline runs. Both also cap the
-request line plus headers at ``max_header_bytes`` (h11 through ``h11_max_incomplete_event_size``; for
-httptools, which has no limit of its own, the protocol counts them and answers 431).
+is discarded). While the app works on a request (e.g. generation) no deadline runs. It also caps the
+request line plus headers at ``max_header_bytes`` (httptools has no limit of its own): beyond it the
+connection gets 431 and is closed.
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..errors import ConfigError
@@ -35,12 +32,8 @@ log = logging.getLogger("kvagent.server")
 
 #: Environment variable carrying the deadlines to the protocol (also in ``--workers`` processes).
 LIMITS_ENV = "KVAGENT_CONNECTION_LIMITS"
-H11_PROTOCOL = "kvagent.server.limits:GuardedH11Protocol"
-HTTPTOOLS_PROTOCOL = "kvagent.server.limits:GuardedHttpToolsProtocol"
-
-
 #: The HTTP protocol class ``kvagent serve`` runs (uvicorn's ``http`` option).
-PROTOCOL = HTTPTOOLS_PROTOCOL
+PROTOCOL = "kvagent.server.limits:GuardedHttpToolsProtocol"
 
 
 @dataclass(frozen=True)
@@ -64,7 +57,6 @@ class ConnectionLimits:
             "http": PROTOCOL,
             "timeout_keep_alive": self.keep_alive_s,
             "limit_concurrency": self.max_connections,
-            "h11_max_incomplete_event_size": self.max_header_bytes,
         }
 
     def export(self) -> None:
@@ -190,63 +182,3 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
         self.transport.close()
-
-
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a header deadline and a body idle timeout (see the module docstring)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        limits = ConnectionLimits.from_env()
-        self._header_timeout, self._body_timeout = limits.header_timeout_s, limits.body_timeout_s
-        self._deadline: asyncio.TimerHandle | None = None
-        self._phase = ""
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._watch()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        self._watch(data_arrived=True)
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._watch()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-    def _watch(self, data_arrived: bool = False) -> None:
-        """Arm the deadline that fits what the connection is waiting for."""
-        if self.transport is None or self.transport.is_closing():
-            self._disarm()
-            return
-        state = self.conn.their_state
-        waiting_headers = state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
-        if waiting_headers:
-            if self._phase != "headers":  # a fixed deadline: trickled bytes do not extend it
-                self._arm("headers", self._header_timeout)
-        elif state is h11.SEND_BODY:
-            if self._phase != "body" or data_arrived:  # an idle timeout: each chunk re-arms it
-                self._arm("body", self._body_timeout)
-        else:
-            self._disarm()
-            self._phase = "app"
-
-    def _arm(self, phase: str, seconds: float) -> None:
-        self._disarm()
-        self._phase = phase
-        self._deadline = self.loop.call_later(seconds, self._expired, phase, seconds)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _expired(self, phase: str, seconds: float) -> None:
-        self._deadline = None
-        if self.transport is not None and not self.transport.is_closing():
-            log.info("closed a connection from %s: no complete %s within %.0f s", self.client, phase, seconds)
-            self.transport.close()

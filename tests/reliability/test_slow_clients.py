@@ -115,16 +115,21 @@ def test_slowloris_and_stalled_uploads(server: ServerProcess, tmp_path: Path) ->
     assert "client disconnected during upload" in server.log()  # the stalled uploads were discarded
 
 
+def _read_all(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a reset ends it too)."""
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
 def _raw(port: int, request: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(request)
-        data = b""
-        try:
-            while chunk := s.recv(65536):
-                data += chunk
-        except ConnectionResetError:
-            pass
-    return data
+        return _read_all(s)
 
 
 def test_oversized_headers_are_refused_and_the_server_keeps_answering(server: ServerProcess) -> None:
@@ -137,12 +142,7 @@ def test_oversized_headers_are_refused_and_the_server_keeps_answering(server: Se
                 s.sendall(huge[i : i + 4096])
             except (BrokenPipeError, ConnectionResetError):
                 break
-        reply = b""
-        try:
-            while chunk := s.recv(65536):
-                reply += chunk
-        except ConnectionResetError:
-            pass
+        reply = _read_all(s)
     assert reply.startswith(b"HTTP/1.1 431"), reply[:100]
     # a request just under the cap, and pipelined requests on one connection, are answered
     ok = b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"X-Pad: " + b"a" * 30000 + b"\r\n\r\n"
