@@ -89,6 +89,11 @@ class CacheInfo:
         return self.status in ("memory", "local", "prefix", "remote", "remote-generate")
 
 
+#: How many uncovered prompt ids a chat turn leaves to its reply's first forward (``resolve(max_tail=)``): a new
+#: question or tool result, not a new document (those prefill in chunks, with progress)
+MAX_TAIL = 512
+
+
 @dataclass(frozen=True)
 class Resolution:
     """The KV of exactly the requested ids (``kv``), or a registry handle to generate from (``remote``)."""
@@ -360,7 +365,7 @@ class Resolver:
     def keep(self, kv: KVCache, namespace: str | None = None, store: bool = True) -> str:
         """Keep a KV the caller computed (e.g. after a ``max_tail`` resolution): in memory, and in the local
         store unless ``store`` is False. Returns its key."""
-        ids = tuple(int(t) for t in kv.token_ids.tolist())
+        ids = tuple(kv.token_ids.tolist())
         key = document_key(self._ctx(namespace), ids)
         self.memory.put(namespace or "", key, kv)
         if store:
@@ -418,13 +423,8 @@ class Resolver:
         t1 = time.perf_counter()
         n_cached = best.n if best else 0
         if best is not None and 0 < len(ids) - n_cached <= max_tail:
-            status = "remote" if best.source == "registry" else "prefix"
-            self._count("remote_hits" if status == "remote" else "prefix_hits")
-            self._count("tokens_saved", n_cached)
             reason = "; ".join(r for r in reasons if r) + f"; the last {len(ids) - n_cached} tokens run with the reply"
-            info = CacheInfo(status, reason, n_cached, len(ids) - n_cached, load_seconds=t1 - t0,
-                             bytes_read=best.nbytes, source=best.source, origin=best.origin)
-            return Resolution(key, best.kv, info, tail=ids[n_cached:])
+            return Resolution(key, best.kv, self._hit(best, reason, len(ids), t1 - t0, 0.0), tail=ids[n_cached:])
         if best is not None and n_cached == len(ids):
             kv, prefill_s = best.kv, 0.0
         else:
@@ -449,18 +449,15 @@ class Resolver:
             self._count("prefills")
             log.info("prefilling %d tokens of %s…: %s", len(ids), key[:16], reason)
             return Resolution(key, kv, CacheInfo("prefill", reason, 0, len(ids), prefill_seconds=prefill_s), save=save)
-        self._count("tokens_saved", n_cached)
-        if best.source == "registry":
-            self._count("remote_hits")
-            status = "remote"
-        else:
-            self._count("prefix_hits")
-            status = "prefix"
-        info = CacheInfo(
-            status, reason, n_cached, computed, load_seconds=t1 - t0, prefill_seconds=prefill_s,
-            bytes_read=best.nbytes, source=best.source, origin=best.origin,
-        )
-        return Resolution(key, kv, info, save=save)
+        return Resolution(key, kv, self._hit(best, reason, len(ids), t1 - t0, prefill_s), save=save)
+
+    def _hit(self, best: _Candidate, reason: str, n_ids: int, load_s: float, prefill_s: float) -> CacheInfo:
+        """Count a resolution that reused ``best`` (a cached prefix or a registry copy) and describe it."""
+        status = "remote" if best.source == "registry" else "prefix"
+        self._count("remote_hits" if status == "remote" else "prefix_hits")
+        self._count("tokens_saved", best.n)
+        return CacheInfo(status, reason, best.n, n_ids - best.n, load_seconds=load_s, prefill_seconds=prefill_s,
+                         bytes_read=best.nbytes, source=best.source, origin=best.origin)
 
     def _local_prefix(self, ns: str, ctx: KeyContext, ids: tuple[int, ...]) -> tuple[_Candidate | None, str]:
         """The longest KV in memory or the local store whose tokens are a prefix of ``ids``."""

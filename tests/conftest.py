@@ -39,6 +39,15 @@ def tiny_config(arch: str, vocab: int = 512) -> Any:
     raise ValueError(arch)
 
 
+def save_tiny_llama(directory: Path, seed: int) -> Path:
+    """Save a seeded tiny random llama (``tiny_config("llama")``) to ``directory`` for a server to load."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Callable[[str], Any]:
     """Factory: a seeded tiny random model of the given architecture (cached per arch)."""

@@ -25,7 +25,7 @@ from kvagent.models import model_fingerprint
 from kvagent.registry import RegistryClient
 from kvagent.verification import verify_kv
 from tests._kvfixtures import TEMPLATE_HASH, TOKENIZER_FP, make_artifact, make_kv
-from tests.conftest import tiny_config
+from tests.conftest import save_tiny_llama
 from tests.registry_server import ServerProcess, start_server
 from tests.test_server_postgres import _postgres_dsn
 
@@ -50,11 +50,9 @@ TOKENS: dict[str, dict[str, Any]] = {
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random llama and a 512-word tokenizer for it: the host loads both."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    torch.manual_seed(7)
-    d = tmp_path_factory.mktemp("tiny-llama")
-    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(d)
+    d = save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=7)
     words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(512)}, unk_token="t0"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", eos_token="t1", bos_token="t2")

@@ -19,7 +19,7 @@ from s3_server import aws_env, list_objects, new_bucket, s3_endpoint
 
 from kvagent import KVAgent
 from kvagent.policy import PolicyParams
-from tests.conftest import tiny_config
+from tests.conftest import save_tiny_llama
 from tests.test_server_postgres import fresh_schema
 
 pytestmark = pytest.mark.slow
@@ -40,12 +40,7 @@ def pg_dsn() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(99)
-    d = tmp_path_factory.mktemp("tiny-llama")
-    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(d)
-    return d
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=99)
 
 
 @pytest.fixture(scope="module")

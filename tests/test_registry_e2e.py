@@ -14,7 +14,7 @@ import torch
 from kvagent import KVAgent
 from kvagent.policy import PolicyParams
 from kvagent.registry import RegistryClient
-from tests.conftest import tiny_config
+from tests.conftest import save_tiny_llama
 from tests.registry_server import free_port, start_server
 
 pytestmark = pytest.mark.slow
@@ -32,12 +32,7 @@ POLICY = PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(99)
-    d = tmp_path_factory.mktemp("tiny-llama")
-    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(d)
-    return d
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=99)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from typing import Any
 from ..engine import GenerationParams
 from ..errors import KVAgentError
 from ..kv import KVCache
-from ..resolver import CacheInfo, Resolver
+from ..resolver import MAX_TAIL, CacheInfo, Resolver
 from ..textstream import TextStream
 from .auth import Principal
 from .http import ApiError
@@ -35,9 +35,6 @@ from .source import ServerSource
 from .state import State
 
 log = logging.getLogger("kvagent.server")
-
-#: A cached prefix that leaves at most this many prompt tokens runs them in the reply's first forward
-MAX_TAIL = 512
 
 #: ("cache", CacheInfo) first, then ("token", id)..., then ("done", reason, n) or ("error", exc)
 Event = tuple[Any, ...]

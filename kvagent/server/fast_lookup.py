@@ -17,7 +17,7 @@ from typing import Any
 from starlette.responses import Response
 
 from ..errors import KVAgentError
-from .http import error_response, kvagent_response
+from .http import authorization_of, error_response, kvagent_response
 from .registry_routes import lookup_body
 from .state import State
 
@@ -49,18 +49,14 @@ class FastLookup:
             await self.app(scope, receive, send)
             return
         scope["route"] = _ROUTE
-        auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
-        p = self.st.tokens.resolve(auth)
         response: Response
-        if p is None:
-            response = error_response(401, "unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
-        else:
+        try:
+            p = self.st.authenticate(authorization_of(scope))
             scope.setdefault("state", {})["principal"] = p.name
-            try:
-                response = Response(lookup_body(self.st, m.group(1), p), media_type="application/json")
-            except KVAgentError as exc:
-                response = kvagent_response(exc)
-            except Exception:
-                log.exception("unhandled error on GET %s", scope["path"][:100])
-                response = error_response(500, "internal", "internal server error")
+            response = Response(lookup_body(self.st, m.group(1), p), media_type="application/json")
+        except KVAgentError as exc:
+            response = kvagent_response(exc)
+        except Exception:
+            log.exception("unhandled error on GET %s", scope["path"][:100])
+            response = error_response(500, "internal", "internal server error")
         await response(scope, receive, send)

@@ -45,6 +45,11 @@ def not_found(key: str) -> ApiError:
     return ApiError(404, "not_found", f"no artifact {key[:16]}… is visible to you")
 
 
+def authorization_of(scope: Any) -> str | None:
+    """The ``Authorization`` header of an ASGI request scope (for middleware that runs before routing)."""
+    return next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), None)
+
+
 def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from .http import ApiError, error_response
+from .http import ApiError, authorization_of, error_response
 from .meta import MetaStore
 
 DAY = 86_400
@@ -213,7 +213,7 @@ class RateLimit:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            auth = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), None)
+            auth = authorization_of(scope)
             p = self.resolve(auth) if auth else None
             if p is not None and p.limits.rps is not None:
                 from starlette.concurrency import run_in_threadpool

@@ -36,10 +36,15 @@ class State:
     copies: Any = None  # kvagent.server.records.OwnerCopies: later publishers' own records of hidden keys
 
     def principal(self, request: Request) -> Principal:
-        p = self.tokens.resolve(request.headers.get("authorization"))
+        p = self.authenticate(request.headers.get("authorization"))
+        request.state.principal = p.name
+        return p
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The principal of an ``Authorization`` header value; 401 for a missing or unknown token."""
+        p = self.tokens.resolve(authorization)
         if p is None:
             raise ApiError(401, "unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
-        request.state.principal = p.name
         return p
 
     def visible(self, key: str, principal: Principal) -> ArtifactRow:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvagent import CacheInfo, GenerationParams, KVAgent, KVCache, TextStream
+from kvagent.resolver import MAX_TAIL
 
 
 def chat_template_ids(tokenizer: Any, messages: list[dict[str, Any]], **template_kw: Any) -> list[int]:
@@ -51,10 +52,6 @@ class Completion:
             "finish_reason": self.finish_reason,
             "seconds": round(self.seconds, 4),
         }
-
-
-#: A cached prefix that leaves at most this many prompt tokens runs them in the reply's first forward
-MAX_TAIL = 512
 
 
 class PromptRunner:
