@@ -85,6 +85,7 @@ def run(lengths: list[int], repeats: int, threads: int) -> dict[str, Any]:
             lw.append(_timed(l_warm))
             kc.append(_timed(lambda ids=ids: engine.generate(None, ids + suffix, ONE_TOKEN)))
             kr.append(_timed(lambda kv=kv: engine.generate(kv, suffix, ONE_TOKEN)))
+            agent.forget_memory()  # outside the clock, as in reuse_vs_prefill
             ks.append(_timed(lambda ids=ids, want=want: sdk_path(agent, ids, suffix, want)))
         m = statistics.median
         stages = [warm_breakdown(agent, ids, suffix) for _ in range(repeats)]

@@ -28,7 +28,7 @@ from .errors import (
     RegistryError,
     RegistryPaymentRequiredError,
 )
-from .identity import KeyContext
+from .identity import KeyContext, token_tuple
 from .kv import KVCache
 from .models import LoadedModel, load_model, model_fingerprint
 from .prompt import PromptTemplate, build_template
@@ -239,7 +239,7 @@ class KVAgent:
 
     def read_ids(self, token_ids: Sequence[int], *, source: str = "<ids>") -> DocumentHandle:
         """Make sure the KV of exactly ``token_ids`` is cached (memory and local store)."""
-        ids = tuple(int(t) for t in token_ids)
+        ids = token_tuple(token_ids)
         if not ids:
             raise EngineError("cannot read an empty document")
         res = self._resolve(ids)

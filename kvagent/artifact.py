@@ -246,7 +246,9 @@ def decode(
                 f"data hashes to {digest[:16]}… (corrupted or tampered; it will be recomputed)"
             )
     t2 = time.perf_counter()
-    tensors = {name: _tensor(buf, parsed.data_offset, e) for name, e in parsed.entries.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only buffer (the caller's); we never write to it
+        tensors = {name: _tensor(buf, parsed.data_offset, e) for name, e in parsed.entries.items()}
     L = h.layout.num_layers
     if h.codec != "raw":
         shape = (1, h.layout.num_kv_heads, h.token_count, h.layout.head_dim)
@@ -332,10 +334,7 @@ def _tensor(buf: Any, base: int, e: _Entry) -> torch.Tensor:
     count = math.prod(e.shape)
     if count == 0:
         return torch.empty(e.shape, dtype=e.dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only mmap buffers; we never write to them
-        t = torch.frombuffer(buf, dtype=e.dtype, count=count, offset=base + e.start)
-    return t.view(e.shape)
+    return torch.frombuffer(buf, dtype=e.dtype, count=count, offset=base + e.start).view(e.shape)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -74,13 +74,18 @@ def verdict(state: BreakerState | None, now: float) -> Verdict:
     """Whether a request may go to the registry now."""
     if state is None:
         return Verdict(True, False, None)
-    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(state.failing_since))
-    head = f"registry skipped: failing since {since} ({state.failures} failure{'s' * (state.failures > 1)}"
+    head = skipped(state)
     if now < state.open_until:
         return Verdict(False, False, f"{head}, next probe in {state.open_until - now:.0f} s)")
     if now < state.probe_until:
         return Verdict(False, False, f"{head}, another process is probing it)")
     return Verdict(True, True, None)
+
+
+def skipped(state: BreakerState) -> str:
+    """The start of the reason a read gives for skipping the registry: "registry skipped: failing since … (n failures"."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(state.failing_since))
+    return f"registry skipped: failing since {since} ({state.failures} failure{'s' * (state.failures > 1)}"
 
 
 def claim_probe(state: BreakerState, now: float, policy: BreakerPolicy) -> BreakerState:

@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -50,6 +51,7 @@ MIN_DOWNLOAD_BYTES = 256 * 1024
 EWMA_ALPHA = 0.3
 PROBE_BUDGET_S = 1.0
 PROBE_LOOKUP_DEADLINE_S = 1.0  # a half-open breaker's probe waits at most this long
+PROBE_WAIT_S = 0.25  # ...and the read that sent it at most this long: the probe goes on without it
 
 Row = tuple[float, ...]
 T = TypeVar("T")
@@ -553,18 +555,46 @@ class CostModel:
 
         Raises RegistrySkippedError (with "registry skipped: failing since …") while the breaker is open.
         A RegistryUnavailableError (unreachable, timed out, 5xx) opens or extends it and is re-raised; any
-        answer (a 404, even a 401) counts as the registry working and measures its round trip.
+        answer (a 404, even a 401) counts as the registry working and measures its round trip. The half-open
+        probe is waited for at most ``PROBE_WAIT_S``; past that it is skipped like an open breaker, while the
+        probe finishes in the background and closes or re-opens the breaker for the next reads.
         """
         why = self.breaker_open(url)
         if why is not None:
             raise RegistrySkippedError(why)
         deadline = self.lookup_deadline(n_tokens, url)
+        if url.rstrip("/") not in self._probing:
+            return self._timed_lookup(url, call, deadline)
+        # the half-open probe: it runs aside and the read waits for it only briefly, so a registry that still
+        # stalls costs this read PROBE_WAIT_S, not the probe's deadline; a recovered one answers well within it
+        outcome: dict[str, Any] = {}
+        done = threading.Event()
+
+        def probe() -> None:
+            try:
+                outcome["result"] = self._timed_lookup(url, call, deadline)
+            except BaseException as exc:  # handed to the read if it still waits; recorded by _timed_lookup
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=probe, daemon=True, name="kvagent-registry-probe").start()
+        if not done.wait(PROBE_WAIT_S):
+            raw = self.calibration.read()["breakers"].get(url.rstrip("/"))
+            head = brk.skipped(brk.BreakerState.from_json(raw)) if raw else "registry skipped: failing"
+            raise RegistrySkippedError(f"{head}; its probe got no answer in {PROBE_WAIT_S:g} s and goes on in the background)")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]  # type: ignore[no-any-return]
+
+    def _timed_lookup(self, url: str, call: Callable[[float], T], deadline: float) -> T:
+        """``call(deadline)``, its round trip recorded; an unavailable registry opens or extends its breaker."""
         t0 = time.perf_counter()
         try:
             result = call(deadline)
         except RegistryUnavailableError as exc:
             self.record_lookup(url, time.perf_counter() - t0, ok=False, error=f"{type(exc).__name__}: {exc}")
-            raise
+            raise RegistryUnavailableError(f"{exc} (lookup deadline {deadline:.2f} s)") from exc
         except RegistryError:
             self.record_lookup(url, time.perf_counter() - t0, ok=True)
             raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -46,6 +47,20 @@ def validate_key(key: str) -> str:
     if not isinstance(key, str) or not _HEX64.match(key):
         raise InvalidKeyError(f"expected a 64-character lowercase hex sha256 key, got {key!r:.80}")
     return key
+
+
+def token_tuple(token_ids: Sequence[int] | np.ndarray | Any) -> tuple[int, ...]:
+    """``token_ids`` (a sequence of ints, a NumPy array or a tensor) as a tuple of Python ints.
+
+    Integers only: a float or string id is a caller's bug, which ``int()`` would silently truncate or parse.
+    """
+    if hasattr(token_ids, "tolist") and not isinstance(token_ids, (list, tuple)):  # NumPy array or tensor
+        token_ids = token_ids.tolist()
+    try:
+        ids = tuple(map(operator.index, token_ids))
+    except TypeError as exc:
+        raise InvalidKeyError(f"token ids must be integers: {exc}") from None
+    return ids
 
 
 def token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:

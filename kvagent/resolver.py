@@ -48,7 +48,7 @@ from .errors import (
     RegistryUnavailableError,
     StoreError,
 )
-from .identity import KeyContext, block_hashes, document_key, salted
+from .identity import KeyContext, block_hashes, document_key, salted, token_tuple
 from .kv import KVCache
 from .singleflight import single_flight
 from .store import KVStore
@@ -71,7 +71,9 @@ class CacheInfo:
 
     ``status``: "memory" | "local" | "prefix" | "remote" | "remote-generate" | "prefill".
     ``source``: where the reused tokens came from: "memory", "store", "registry", or "" (none);
-    ``origin``: the key of the cached KV (or published artifact) that supplied them.
+    ``origin``: the key of the cached KV (or published artifact) that supplied them;
+    ``lookup_seconds``: on a prefill, what looking for a cached copy first cost (local store, prefix index,
+    registry lookup), i.e. the read's time over the prefill alone.
     """
 
     status: str
@@ -83,6 +85,7 @@ class CacheInfo:
     bytes_read: int = 0
     source: str = ""
     origin: str = ""
+    lookup_seconds: float = 0.0
 
     @property
     def hit(self) -> bool:
@@ -295,6 +298,7 @@ class Resolver:
         self.bandwidth: dict[str, float] = {}  # measured bytes/s per registry label
         self._verified: set[tuple[str, str]] = set()  # (key, payload digest) already checked against its tokens
         self._lock = threading.Lock()
+        self._last_key: tuple[KeyContext, tuple[int, ...], str] | None = None
 
     # -- public ------------------------------------------------------------------------------
     def key_of(self, token_ids: Sequence[int], namespace: str | None = None) -> str:
@@ -326,14 +330,14 @@ class Resolver:
         and ``Resolution.tail`` the rest, for a caller whose next forward runs them anyway (a chat turn's first
         token) — one pass over the cached KV instead of two. Nothing is saved for such a resolution.
         """
-        ids = tuple(int(t) for t in token_ids)
+        ids = token_tuple(token_ids)
         if not ids:
             raise KVAgentError("cannot resolve an empty token sequence")
         self.check_context(len(ids))
         source = self.registry if isinstance(registry, _Default) else registry
         ns = namespace or ""
         ctx = self._ctx(namespace)
-        key = document_key(ctx, ids)
+        key = self._key(ctx, ids)
         kv = self.memory.get(ns, key)
         if kv is not None:
             self._count("memory_hits")
@@ -384,6 +388,15 @@ class Resolver:
     # -- tiers ---------------------------------------------------------------------------------
     def _ctx(self, namespace: str | None) -> KeyContext:
         return salted(self.context, namespace) if namespace else self.context
+
+    def _key(self, ctx: KeyContext, ids: tuple[int, ...]) -> str:
+        """``document_key(ctx, ids)``, remembered for the last sequence (a read is often followed by its use)."""
+        last = self._last_key
+        if last is not None and last[0] == ctx and last[1] == ids:
+            return last[2]
+        key = document_key(ctx, ids)
+        self._last_key = (ctx, ids, key)
+        return key
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -448,7 +461,8 @@ class Resolver:
         if best is None:
             self._count("prefills")
             log.info("prefilling %d tokens of %s…: %s", len(ids), key[:16], reason)
-            return Resolution(key, kv, CacheInfo("prefill", reason, 0, len(ids), prefill_seconds=prefill_s), save=save)
+            info = CacheInfo("prefill", reason, 0, len(ids), prefill_seconds=prefill_s, lookup_seconds=t1 - t0)
+            return Resolution(key, kv, info, save=save)
         return Resolution(key, kv, self._hit(best, reason, len(ids), t1 - t0, prefill_s), save=save)
 
     def _hit(self, best: _Candidate, reason: str, n_ids: int, load_s: float, prefill_s: float) -> CacheInfo:

@@ -279,6 +279,29 @@ def test_a_stalled_registry_costs_one_deadline_then_is_skipped(tmp_path: Path, s
     short.close()
 
 
+def test_a_half_open_probe_costs_a_read_little_and_finishes_in_the_background(tmp_path: Path, stalled_registry: str):
+    clock = Clock()
+    path = tmp_path / "c.json"
+    m = model(path, clock)
+    m.record_failure(stalled_registry, "ReadTimeout")
+    clock.t += 3600  # the back-off is over: the next read sends the half-open probe
+    client = RegistryClient(stalled_registry, retries=1)
+    t0 = time.perf_counter()
+    with pytest.raises(RegistrySkippedError, match="^registry skipped: failing since .*goes on in the background"):
+        m.guarded_lookup(stalled_registry, 1000, lambda deadline: client.lookup("0" * 64, timeout=deadline))
+    assert time.perf_counter() - t0 < cal.PROBE_WAIT_S + 0.3  # not the probe's 1 s deadline
+    other = model(path, clock)  # meanwhile the other processes keep skipping it
+    assert "another process is probing" in (other.breaker_open(stalled_registry) or "")
+    deadline = time.monotonic() + cal.PROBE_LOOKUP_DEADLINE_S + 3
+    while "2 failures" not in (other.breaker_open(stalled_registry) or ""):  # the probe timed out aside
+        assert time.monotonic() < deadline, other.breaker_open(stalled_registry)
+        time.sleep(0.05)
+    client.close()
+    clock.t += 3600  # a registry that recovered answers the probe within the wait: the read uses the answer
+    assert m.guarded_lookup(stalled_registry, 1000, lambda deadline: "handle") == "handle"
+    assert other.breaker_open(stalled_registry) is None  # closed for everyone
+
+
 def test_calibrate_show_prints_what_is_stored(tmp_path: Path, capsys, monkeypatch):
     from kvagent.cli import main
 
