@@ -1,7 +1,8 @@
 """Registry load on loopback, measured with ``wrk`` (a compiled load generator, not a Python client on the
 same cores): lookups/s and p50/p99 latency for 1 vs 2 worker processes at 64 connections, then blob
-download MB/s through the app (local blobs) vs through presigned S3 URLs (moto_server on loopback).
-Talks only to processes it starts on 127.0.0.1; every run is bounded in time.
+download MB/s through the app (local blobs) vs through presigned S3 URLs (moto_server on loopback, or the
+S3 server ``KVAGENT_TEST_S3_URL`` names with its AWS_* credentials, e.g. the Ceph RGW of benchmarks/ceph_rgw.sh),
+each with the kvagent client and with curl. Talks only to processes on 127.0.0.1; every run is bounded in time.
 
     python -m benchmarks.registry_load [--connections 64] [--seconds 20] [--threads 2]
 
@@ -23,6 +24,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 import torch
 
@@ -120,11 +122,31 @@ def blob_fetch(url: str, key: str, size: int, repeats: int, server_pid: int | No
     out = {"bytes": size, "repeats": repeats, "median_s": med, "MBps": size / med / 1e6}
     if server_pid:
         out["registry_cpu_s_per_GB"] = (cpu_seconds(server_pid) - cpu0) / (size * repeats / 1e9)
+    if shutil.which("curl"):  # a compiled client too: the Python client's own ceiling is not the server's
+        blob_url = urljoin(url.rstrip("/") + "/", handle.blob_url)
+        curl = statistics.median(curl_download(blob_url, size) for _ in range(repeats))
+        out["curl_MBps"] = size / curl / 1e6
     return out
 
 
-def presigned_fetch(work: Path, blob_tokens: int) -> dict[str, Any]:
-    """Blob MB/s through a presigned URL: the registry on an S3 bucket of moto_server on loopback."""
+def curl_download(url: str, size: int) -> float:
+    """Seconds for ``curl`` to download a blob: the registry's answer, and for a redirect the presigned URL it names
+    (fetched without the bearer token, as the kvagent client does)."""
+    t0 = time.perf_counter()
+    cmd = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{redirect_url}", "--max-time", "120"]
+    status, got, *location = subprocess.run([*cmd, "-H", "Authorization: Bearer tok-reader", url],
+                                            capture_output=True, text=True, check=True).stdout.split()
+    if status in ("302", "303", "307") and location:
+        status, got, *_ = subprocess.run([*cmd, location[0]], capture_output=True, text=True, check=True).stdout.split()
+    seconds = time.perf_counter() - t0
+    if status != "200" or int(got) != size:
+        raise RuntimeError(f"curl got HTTP {status} and {got} of {size} bytes from {url}")
+    return seconds
+
+
+def presigned_fetch(work: Path, blob_tokens: int, store_name: str | None) -> dict[str, Any]:
+    """Blob MB/s through a presigned URL: the registry on an S3 bucket of moto_server on loopback, or of the
+    server ``KVAGENT_TEST_S3_URL`` names (with its AWS_* credentials), e.g. benchmarks/ceph_rgw.sh's Ceph RGW."""
     from tests.registry_server import start_server
     from tests.s3_server import aws_env, new_bucket, s3_endpoint
 
@@ -135,7 +157,7 @@ def presigned_fetch(work: Path, blob_tokens: int) -> dict[str, Any]:
         try:
             _, big_key, big_size = publish_set(srv.url, 1, blob_tokens)
             return {**blob_fetch(srv.url, big_key, big_size, repeats=5, server_pid=srv.proc.pid),
-                    "object_store": "moto_server (Python) on loopback"}
+                    "object_store": store_name or f"the S3 API server at {s3}"}
         finally:
             srv.stop()
 
@@ -153,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifacts", type=int, default=32)
     p.add_argument("--blob-tokens", type=int, default=1024, help="tokens of the fetched artifact (46 KB each)")
     p.add_argument("--skip-presigned", action="store_true", help="no S3 (moto_server) run")
+    p.add_argument("--object-store", help="what KVAGENT_TEST_S3_URL runs, for the record (e.g. 'Ceph RGW 16.2')")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/registry_load.json"))
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -176,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             srv.stop()
     if not args.skip_presigned:
-        result["blob_presigned"] = presigned_fetch(work, args.blob_tokens)
+        named = os.environ.get("KVAGENT_TEST_S3_URL")
+        result["blob_presigned"] = presigned_fetch(
+            work, args.blob_tokens, args.object_store or (None if named else "moto_server (Python) on loopback"))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     for name, r in result["lookup"].items():
@@ -188,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         b = result[name]
         print(f"{name.replace('_', ' ')}: {b['bytes'] / 1e6:.0f} MB in {b['median_s'] * 1e3:.0f} ms = {b['MBps']:.0f} MB/s; "
+              f"with curl {b.get('curl_MBps', float('nan')):.0f} MB/s; "
               f"registry CPU {b.get('registry_cpu_s_per_GB', float('nan')):.2f} s per GB served")
     print(f"results written to {args.json}")
     return 0

@@ -72,8 +72,9 @@ class CacheInfo:
     ``status``: "memory" | "local" | "prefix" | "remote" | "remote-generate" | "prefill".
     ``source``: where the reused tokens came from: "memory", "store", "registry", or "" (none);
     ``origin``: the key of the cached KV (or published artifact) that supplied them;
-    ``lookup_seconds``: on a prefill, what looking for a cached copy first cost (local store, prefix index,
-    registry lookup), i.e. the read's time over the prefill alone.
+    ``lookup_seconds``: when tokens were computed (a prefill, or a prefix extended), what finding the best
+    cached start cost first (local store, prefix index, registry lookup and any download), i.e. the read's
+    time over the computing alone.
     """
 
     status: str
@@ -471,7 +472,8 @@ class Resolver:
         self._count("remote_hits" if status == "remote" else "prefix_hits")
         self._count("tokens_saved", best.n)
         return CacheInfo(status, reason, best.n, n_ids - best.n, load_seconds=load_s, prefill_seconds=prefill_s,
-                         bytes_read=best.nbytes, source=best.source, origin=best.origin)
+                         bytes_read=best.nbytes, source=best.source, origin=best.origin,
+                         lookup_seconds=load_s if n_ids > best.n else 0.0)
 
     def _local_prefix(self, ns: str, ctx: KeyContext, ids: tuple[int, ...]) -> tuple[_Candidate | None, str]:
         """The longest KV in memory or the local store whose tokens are a prefix of ``ids``."""

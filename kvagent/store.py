@@ -47,6 +47,10 @@ class SafeDisk(diskcache.Disk):
     def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
         if not read and not isinstance(value, (bytes, str)):
             raise StoreError(f"the kvagent store only holds bytes or str, not {type(value).__name__}")
+        if not read and type(value) is bytes and len(value) >= self.min_file_size:
+            # as a file-like object: diskcache writes it in 4 MiB chunks, where for bytes it iterates a BytesIO,
+            # i.e. one write() per b"\n" in the data (80,000 calls and ~150 ms for a 24 MB artifact)
+            return super().store(io.BytesIO(value), True, key=key)
         return super().store(value, read, key=key)
 
     def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:

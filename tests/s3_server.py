@@ -64,20 +64,34 @@ def s3_endpoint(log_dir: Path) -> Iterator[str]:
         proc.wait(10)
 
 
+def _aws() -> dict[str, str]:
+    """The credentials: a server the environment names comes with its own AWS_* variables (a real store, e.g.
+    Ceph RGW or MinIO); moto_server takes any, so the fixed test ones otherwise."""
+    if os.environ.get(ENV):
+        return {k: os.environ.get(k) or v for k, v in AWS_ENV.items()}
+    return dict(AWS_ENV)
+
+
 @contextmanager
 def aws_env(url: str) -> Iterator[None]:
-    """The AWS_* variables (endpoint and test credentials) set for this process and the servers it starts."""
+    """The AWS_* variables (endpoint and credentials) set for this process and the servers it starts."""
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {**AWS_ENV, "AWS_ENDPOINT_URL": url}.items():
+        for k, v in {**_aws(), "AWS_ENDPOINT_URL": url}.items():
             mp.setenv(k, v)
         yield
 
 
 def new_bucket(url: str) -> str:
-    """A fresh, empty bucket on the server."""
+    """A fresh, empty bucket on the server (a signed CreateBucket, as a real object store requires)."""
+    import boto3
+    from botocore.config import Config
+
+    aws = _aws()
     name = f"kvtest-{secrets.token_hex(6)}"
-    r = httpx.put(f"{url}/{name}", timeout=10)
-    assert r.status_code == 200, r.text
+    s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=aws["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"], region_name=aws["AWS_REGION"],
+                      config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}))
+    s3.create_bucket(Bucket=name)
     return name
 
 
@@ -91,5 +105,6 @@ def list_objects(url: str, bucket: str) -> list[str]:
 
 
 def _creds() -> dict[str, str]:
-    return {"access_key_id": AWS_ENV["AWS_ACCESS_KEY_ID"], "secret_access_key": AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-            "region": AWS_ENV["AWS_REGION"]}
+    aws = _aws()
+    return {"access_key_id": aws["AWS_ACCESS_KEY_ID"], "secret_access_key": aws["AWS_SECRET_ACCESS_KEY"],
+            "region": aws["AWS_REGION"]}

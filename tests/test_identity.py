@@ -232,3 +232,15 @@ def test_tensor_fingerprint_changes_with_name_dtype_shape_and_config() -> None:
         tensor_fingerprint(w[:2], CONFIG),
     ]
     assert len({fp, *others}) == len(others) + 1
+
+
+def test_token_tuple_takes_integers_only():
+    from kvagent.identity import token_tuple
+
+    assert token_tuple([1, 2, 3]) == (1, 2, 3)
+    assert token_tuple(np.array([4, 5], dtype=np.int64)) == (4, 5)
+    assert token_tuple(torch.tensor([6, 7])) == (6, 7)
+    assert all(type(t) is int for t in token_tuple(np.array([8], dtype=np.uint32)))
+    for bad in ([1.5], ["3"], [1, None], torch.tensor([0.5])):
+        with pytest.raises(InvalidKeyError, match="token ids must be integers"):
+            token_tuple(bad)

@@ -64,6 +64,10 @@ class MetaStore(Protocol):
 
     def get(self, key: str) -> ArtifactRow | None: ...
 
+    def access(self, key: str) -> tuple[str, str] | None:
+        """``(owner, visibility)`` of ``key``'s first row, or None: what deciding visibility needs, and no more,
+        so that a hidden key and a missing one cost the same (the full row is read only once it is visible)."""
+
     def insert(self, row: ArtifactRow, block_hashes: Sequence[str]) -> ArtifactRow | None:
         """Insert ``row`` and its block index atomically; returns the existing row instead if the key is taken."""
 
@@ -160,6 +164,12 @@ class _SQLMeta:
             cur.execute(self._q(f"SELECT {_COLS} FROM artifacts WHERE key = ?"), (key,))
             r = cur.fetchone()
         return ArtifactRow(*r) if r else None
+
+    def access(self, key: str) -> tuple[str, str] | None:
+        with self._read() as cur:
+            cur.execute(self._q("SELECT owner, visibility FROM artifacts WHERE key = ?"), (key,))
+            r = cur.fetchone()
+        return (r[0], r[1]) if r else None
 
     def insert(self, row: ArtifactRow, block_hashes: Sequence[str]) -> ArtifactRow | None:
         with self.transaction() as cur:

@@ -128,11 +128,14 @@ class OwnerCopies:
 def visible_row(meta: MetaStore, copies: OwnerCopies, key: str, principal: str) -> ArtifactRow | None:
     """The row of ``key`` that ``principal`` sees: the first publisher's if visible to it, else a copy.
 
-    Asks the same questions whether the key is missing or hidden, so both cost the same time.
+    Asks the same questions whether the key is missing or hidden, and reads the full row only once it is
+    visible, so a hidden key and a missing one cost the same time.
     """
-    row = meta.get(key)
+    access = meta.access(key)
     entitled = meta.is_entitled(key, principal)  # asked even for a missing row (timing)
-    first_visible = row is not None and (row.owner == principal or row.visibility == "public" or entitled)
+    first_visible = access is not None and (access[0] == principal or access[1] == "public" or entitled)
+    row = meta.get(key) if first_visible else None
+    first_visible = row is not None and first_visible  # deleted in between: not visible after all
     if first_visible and row is not None and row.owner == principal:
         return row
     copy = copies.visible(key, principal)
