@@ -54,13 +54,12 @@ def token_tuple(token_ids: Sequence[int] | np.ndarray | Any) -> tuple[int, ...]:
 
     Integers only: a float or string id is a caller's bug, which ``int()`` would silently truncate or parse.
     """
-    if hasattr(token_ids, "tolist") and not isinstance(token_ids, (list, tuple)):  # NumPy array or tensor
+    if hasattr(token_ids, "tolist"):  # NumPy array or tensor: one conversion, not one 0-d object per element
         token_ids = token_ids.tolist()
     try:
-        ids = tuple(map(operator.index, token_ids))
+        return tuple(map(operator.index, token_ids))
     except TypeError as exc:
         raise InvalidKeyError(f"token ids must be integers: {exc}") from None
-    return ids
 
 
 def token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:

@@ -519,7 +519,7 @@ class Resolver:
         if len(ids) - n_local < params.min_tokens:
             return None, f"registry not consulted ({len(ids) - n_local} uncached tokens < {params.min_tokens}-token threshold)"
         t0 = time.perf_counter()
-        shared_key = document_key(self.context, ids)
+        shared_key = self._key(self.context, ids)  # the read's own key unless it is in a private namespace
         try:
             if self.cost is not None and source.remote:
                 hit = self.cost.guarded_lookup(

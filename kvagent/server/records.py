@@ -134,14 +134,13 @@ def visible_row(meta: MetaStore, copies: OwnerCopies, key: str, principal: str) 
     access = meta.access(key)
     entitled = meta.is_entitled(key, principal)  # asked even for a missing row (timing)
     first_visible = access is not None and (access[0] == principal or access[1] == "public" or entitled)
-    row = meta.get(key) if first_visible else None
-    first_visible = row is not None and first_visible  # deleted in between: not visible after all
-    if first_visible and row is not None and row.owner == principal:
+    row = meta.get(key) if first_visible else None  # None also when deleted in between
+    if row is not None and row.owner == principal:
         return row
     copy = copies.visible(key, principal)
     if copy is not None and copy.owner == principal:  # the caller's own record wins (it may delete it)
         return copy
-    return row if first_visible else copy
+    return row if row is not None else copy
 
 
 def delete_owned(meta: MetaStore, copies: OwnerCopies, key: str, owner: str) -> ArtifactRow | None:
