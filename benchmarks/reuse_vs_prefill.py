@@ -129,12 +129,40 @@ def sdk_path(agent: KVAgent, ids: list[int], suffix: list[int], want: list[int])
     assert out == want, "first token after reuse differs from full prefill"
 
 
-def sdk_cold_read(agent: KVAgent, ids: list[int]) -> None:
-    """kvagent reading a never-seen document: key, prefill, local store write (encode, both digests, file)."""
+def forget_document(agent: KVAgent, ids: list[int]) -> None:
+    """Make ``ids`` a never-seen document again (outside the clock: deleting is no part of a read)."""
     agent.forget_memory()
     agent.store.delete(agent.key_of(ids))
+
+
+def sdk_cold_read(agent: KVAgent, ids: list[int]) -> None:
+    """kvagent reading a never-seen document: key, lookups, prefill, local store write (encode, digests, file)."""
     handle = agent.read_ids(ids)
     assert handle.cache.status == "prefill", handle.cache.reason
+
+
+#: What a cold SDK read adds to a prefill, timed apart (see ``cold_breakdown``).
+COLD_STAGES = ("key", "lookup", "encode", "store")
+
+
+def cold_breakdown(agent: KVAgent, ids: list[int], kv: Any) -> dict[str, float]:
+    """Seconds per stage a cold read adds to its prefill: key, store lookup (a miss), encode, store write."""
+    from kvagent.resolver import block_hashes
+
+    forget_document(agent, ids)
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    key = agent.key_of(ids)
+    t1 = time.perf_counter()
+    missed = agent.store.get(key, expect=agent.expect)
+    assert missed.artifact is None
+    t2 = time.perf_counter()
+    header, blob = agent.resolver.encode(key, kv)
+    t3 = time.perf_counter()
+    agent.store.put(header, blob, block_hashes(agent.resolver.context, ids, agent.resolver.settings.block_size))
+    t4 = time.perf_counter()
+    t.update(key=t1 - t0, lookup=t2 - t1, encode=t3 - t2, store=t4 - t3)
+    return t
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -167,9 +195,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.repeats):
             cold.append(_timed(lambda ids=ids: engine.generate(None, ids + suffix, ONE_TOKEN)))
             warm_pair(i)
-            if not args.skip_sdk_cold:
-                prefill.append(_timed(lambda ids=ids: engine.prefill(ids)))
-                sdk_cold.append(_timed(lambda ids=ids: sdk_cold_read(agent, ids)))
+            if not args.skip_sdk_cold:  # alternating which goes first, as the warm pairs do
+                for path in ("prefill", "sdk") if i % 2 == 0 else ("sdk", "prefill"):
+                    if path == "prefill":
+                        prefill.append(_timed(lambda ids=ids: engine.prefill(ids)))
+                    else:
+                        forget_document(agent, ids)
+                        sdk_cold.append(_timed(lambda ids=ids: sdk_cold_read(agent, ids)))
         for i in range(args.repeats, max(args.repeats, args.warm_repeats)):  # warm pairs cost ~1 s, a cold one minutes
             warm_pair(i)
         if sdk_cold:  # what the cold read stored resumes to the same first token
@@ -188,12 +220,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "warm_pairs": len(sdk), "sdk_keeps_paired": statistics.median(a / b for a, b in zip(raw, sdk, strict=True)),
         }
         if sdk_cold:  # the cold path kept honest: a never-seen document read by the SDK vs a plain prefill
+            cold_stages = [cold_breakdown(agent, ids, kv) for _ in range(args.repeats)]
             row.update(prefill_s=statistics.median(prefill), sdk_cold_s=statistics.median(sdk_cold),
                        prefill_all_s=prefill, sdk_cold_all_s=sdk_cold,
-                       sdk_cold_over_prefill=statistics.median(sdk_cold) / statistics.median(prefill))
+                       sdk_cold_over_prefill=statistics.median(sdk_cold) / statistics.median(prefill),
+                       sdk_cold_paired=statistics.median(b / a for a, b in zip(prefill, sdk_cold, strict=True)),
+                       sdk_cold_breakdown_ms={k: statistics.median(b[k] for b in cold_stages) * 1000 for k in COLD_STAGES})
         rows.append(row)
         if sdk_cold:
-            print(f"        SDK cold read {row['sdk_cold_s'] * 1000:8.1f} ms = {row['sdk_cold_over_prefill']:.1%} of a plain prefill",
+            print(f"        SDK cold read {row['sdk_cold_s'] * 1000:8.1f} ms = {row['sdk_cold_over_prefill']:.1%} of a plain prefill "
+                  f"(paired {row['sdk_cold_paired']:.1%}); added to the prefill: {breakdown_line(row['sdk_cold_breakdown_ms'])}",
                   file=sys.stderr, flush=True)
         print(f"{n:>6} tokens  cold {c * 1000:8.1f} ms  raw {r * 1000:7.1f} ms ({row['raw_ratio']:5.1f}x)  "
               f"sdk {s * 1000:7.1f} ms ({row['sdk_ratio']:5.1f}x, keeps {row['sdk_keeps']:.1%}, "

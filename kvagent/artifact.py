@@ -13,6 +13,7 @@ unpickles anything.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ from .errors import (
     ArtifactMismatchError,
     ArtifactTooLargeError,
 )
-from .hashing import payload_digest
+from .hashing import payload_digest, tree_digests
 from .identity import FORMAT_VERSION, KeyContext, document_key
 from .kv import KVCache, KVLayout
 
@@ -46,6 +47,7 @@ _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.fl
 _ST_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "U8": torch.uint8,
 }
+_ST_NAMES = {dt: name for name, dt in _ST_DTYPES.items()}
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")  # \Z, not $: "$" also matches before a trailing newline
 _TENSOR_NAME = re.compile(r"^(k|v)\.(0|[1-9][0-9]{0,3})$")
 
@@ -147,8 +149,6 @@ def encode(
 
     The key is derived from the other fields and the token ids; a ``key`` passed in must equal it.
     """
-    from safetensors.torch import save
-
     ctx = KeyContext(
         model_fingerprint=model_fingerprint,
         tokenizer_fingerprint=tokenizer_fingerprint,
@@ -172,10 +172,11 @@ def encode(
         blobs = list(codecs.pool().map(lambda item: enc(item[1]), ordered))
         tensors.update((name, torch.frombuffer(bytearray(b), dtype=torch.uint8)) for (name, _), b in zip(ordered, blobs, strict=True))
     tensors["token_ids"] = kv.token_ids.detach().to("cpu", torch.int64).contiguous()
-    blob = save(tensors, metadata={"kvagent": "{}"})
-    n = int.from_bytes(blob[:8], "little")
-    st_header = json.loads(blob[8 : 8 + n])
-    data = memoryview(blob)[8 + n :]
+    # the container is laid out as safetensors would, but hashed and written from the tensors' own memory: one
+    # parallel pass for both digests and a single copy into the artifact (not serialise, hash, re-join)
+    st_header, parts = _container(tensors)
+    data_bytes = sum(len(p) for p in parts)
+    payload, *content = tree_digests([parts] + [[_bytes_of(t)] for _, t in ordered])
     header = ArtifactHeader(
         key=derived,
         model_fingerprint=model_fingerprint,
@@ -188,15 +189,60 @@ def encode(
         codec=codec,
         created_at=float(time.time() if created_at is None else created_at),
         publisher=publisher,
-        payload_sha256=payload_digest(data),
-        payload_bytes=len(data),
-        content_sha256=content_digest(t for _, t in ordered),
+        payload_sha256=payload,
+        payload_bytes=data_bytes,
+        content_sha256=_content_root(content),
     )
     _validate_header_fields(header.to_json(), DEFAULT_LIMITS)  # never write what we would refuse to read
     st_header["__metadata__"] = {"kvagent": json.dumps(header.to_json(), sort_keys=True, separators=(",", ":"))}
     hb = json.dumps(st_header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
-    return header, b"".join([len(hb).to_bytes(8, "little"), hb, data])
+    return header, b"".join([len(hb).to_bytes(8, "little"), hb, *parts])
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _container(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], list[memoryview]]:
+    """The safetensors header (``__metadata__`` to be filled) and the data section's pieces, in file order."""
+    order = _st_order(tuple((name, _ST_NAMES[t.dtype]) for name, t in tensors.items()))
+    st: dict[str, Any] = {}
+    parts: list[memoryview] = []
+    offset = 0
+    for name in order:
+        if name == "__metadata__":
+            st[name] = {}
+            continue
+        t = tensors[name]
+        b = _bytes_of(t)
+        st[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        parts.append(b)
+        offset += len(b)
+    return st, parts
+
+
+@functools.lru_cache(maxsize=64)
+def _st_order(spec: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+    """The order safetensors writes these (name, dtype) tensors in, and its header keys, asked of safetensors itself.
+
+    It sorts by dtype, then name, never by size: a one-element tensor of each stands in, so an artifact stays
+    byte-for-byte what ``safetensors.torch.save`` would write (the same KV gives the same payload digest).
+    """
+    from safetensors.torch import save
+
+    blob = save({name: torch.zeros(1, dtype=_ST_DTYPES[dt]) for name, dt in spec}, metadata={"kvagent": "{}"})
+    n = int.from_bytes(blob[:8], "little")
+    st = json.loads(blob[8 : 8 + n])
+    return tuple(st)
+
+
+def _content_root(tensor_digests: Iterable[str]) -> str:
+    h = hashlib.sha256(b"kvagent-content-v1\0")
+    for d in tensor_digests:
+        h.update(bytes.fromhex(d))
+    return h.hexdigest()
 
 
 def read_header(buf: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> ArtifactHeader:
@@ -295,10 +341,7 @@ def _ordered(kv: KVCache) -> list[tuple[str, torch.Tensor]]:
 
 def content_digest(tensors: Iterable[torch.Tensor]) -> str:
     """sha256 over the tree hashes of the decoded K/V tensors' bytes, in canonical order."""
-    h = hashlib.sha256(b"kvagent-content-v1\0")
-    for t in tensors:
-        h.update(bytes.fromhex(payload_digest(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)))
-    return h.hexdigest()
+    return _content_root(tree_digests([[_bytes_of(t.detach().contiguous())] for t in tensors]))
 
 
 def context_of(h: ArtifactHeader) -> KeyContext:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import xxhash
@@ -62,6 +62,49 @@ def payload_digest(data: bytes | bytearray | memoryview, chunk_size: int = CHUNK
     for d in chunk_digests(data, chunk_size):
         root.update(d)
     return root.hexdigest()
+
+
+def tree_digests(sequences: Sequence[Sequence[bytes | bytearray | memoryview]], chunk_size: int = CHUNK_SIZE) -> list[str]:
+    """``payload_digest`` of each sequence's concatenation, without concatenating anything.
+
+    The leaves of all the trees are hashed in one parallel pass, so several digests of many small buffers
+    (an artifact's data section and each of its tensors) keep every core busy.
+    """
+    trees = [_pieces(seq, chunk_size) for seq in sequences]
+    flat = [leaf for tree in trees for leaf in tree]
+    digests = list(_executor().map(_leaf_of_pieces, flat)) if len(flat) > 1 else [_leaf_of_pieces(p) for p in flat]
+    out, i = [], 0
+    for tree in trees:
+        root = hashlib.sha256(_TAG + chunk_size.to_bytes(8, "little"))
+        for d in digests[i : i + len(tree)]:
+            root.update(d)
+        i += len(tree)
+        out.append(root.hexdigest())
+    return out
+
+
+def _pieces(seq: Sequence[bytes | bytearray | memoryview], chunk_size: int) -> list[list[memoryview]]:
+    """The ``chunk_size`` leaves of the concatenation of ``seq``, each as the slices of ``seq`` it spans."""
+    leaves: list[list[memoryview]] = [[]]
+    room = chunk_size
+    for buf in seq:
+        view = memoryview(buf).cast("B")
+        while len(view):
+            if room == 0:
+                leaves.append([])
+                room = chunk_size
+            take = view[:room]
+            leaves[-1].append(take)
+            room -= len(take)
+            view = view[len(take) :]
+    return leaves
+
+
+def _leaf_of_pieces(pieces: list[memoryview]) -> bytes:
+    h = hashlib.sha256()
+    for p in pieces:
+        h.update(p)
+    return h.digest()
 
 
 def local_digest(data: bytes | bytearray | memoryview, chunk_size: int = CHUNK_SIZE) -> str:

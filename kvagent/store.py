@@ -133,11 +133,11 @@ class KVStore:
             check=f"{LOCAL_ALGORITHM}:{local_digest(blob)}",
         )
         try:
-            with self._cache.transact():  # the file and the digest it is checked against appear together
+            with self._cache.transact():  # the file, the digest it is checked against and its block index appear together
                 self._cache.set(f"kv:{key}", blob)
                 self._cache.set(f"meta:{key}", json.dumps(meta.__dict__))
-            for h in block_hashes:
-                self._cache.set(f"blk:{h}", key)
+                for h in block_hashes:
+                    self._cache.set(f"blk:{h}", key)
             self._make_room(keep=key)
         except (OSError, diskcache.Timeout, sqlite3.Error) as exc:
             raise StoreError(f"could not write artifact {key[:16]}… to {self.directory}: {exc}") from exc

@@ -62,6 +62,52 @@ def test_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
     assert out.kv.dtype == dtype
 
 
+def _safetensors_reference(blob: bytes, header: art.ArtifactHeader, kv: Any) -> bytes:
+    """What the encoder wrote before it laid containers out itself: safetensors' own file, then its header rewritten.
+
+    Tensors and digests come from the artifact under test (a codec's bytes are its own business); the layout, key
+    order and padding come from ``safetensors.torch.save``.
+    """
+    import hashlib
+
+    from safetensors.torch import save
+
+    tensors = _stored_tensors(blob)
+    ref = save(tensors, metadata={"kvagent": "{}"})
+    n = int.from_bytes(ref[:8], "little")
+    st = json.loads(ref[8 : 8 + n])
+    st["__metadata__"] = {"kvagent": json.dumps(header.to_json(), sort_keys=True, separators=(",", ":"))}
+    hb = json.dumps(st, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    data = ref[8 + n :]
+    assert header.payload_sha256 == payload_digest(data)
+    content = hashlib.sha256(b"kvagent-content-v1\0")  # the format's definition, one tensor at a time
+    for i in range(len(kv.keys)):
+        for t in (kv.keys[i], kv.values[i]):
+            content.update(bytes.fromhex(payload_digest(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())))
+    assert header.content_sha256 == content.hexdigest()
+    return len(hb).to_bytes(8, "little") + hb + data
+
+
+def _stored_tensors(blob: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return {k: v.clone() for k, v in load(blob).items()}
+
+
+@pytest.mark.parametrize("codec", art.CODECS)
+@pytest.mark.parametrize(("dtype", "layers", "tokens"), [
+    (torch.float32, 3, 17), (torch.bfloat16, 12, 5), (torch.float16, 2, 1), (torch.float32, 11, 300),
+], ids=str)
+def test_encode_writes_what_safetensors_would(codec: str, dtype: torch.dtype, layers: int, tokens: int) -> None:
+    """The container, its key order ("k.10" before "k.2"), offsets, padding and both digests are those of the
+    reference path, so one KV has one payload digest whichever kvagent version encoded it."""
+    kv = make_kv(num_layers=layers, tokens=tokens, dtype=dtype, seed=layers)
+    header, blob = make_artifact(kv, codec=codec)
+    assert blob == _safetensors_reference(blob, header, kv)
+    assert same_kv(art.decode(blob).kv, kv)
+
+
 def test_header_fields_are_preserved(valid: Any) -> None:
     kv, header, blob = valid
     h = art.decode(blob).header
