@@ -202,7 +202,7 @@ def encode(
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy().data).cast("B")
 
 
 def _container(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], list[memoryview]]:
