@@ -274,14 +274,14 @@ class KVAgent:
         return source, "<text>"
 
     # -- the registry ----------------------------------------------------------------------
-    def _maybe_publish(self, key: str, blob: bytes, n_tokens: int) -> str:
+    def _maybe_publish(self, key: str, artifact_bytes: Callable[[], bytes], n_tokens: int) -> str:
         if self.registry is None or self.publish_visibility is None:
             return ""
         ok, why = pol.should_publish(n_tokens, self.policy)
         if not ok:
             return f"; not published ({why})"
         try:
-            self.registry.publish(blob, self.publish_visibility)
+            self.registry.publish(artifact_bytes(), self.publish_visibility)
         except (RegistryError, ArtifactError) as exc:
             log.warning("publishing %s… to the registry failed (the answer is unaffected): %s", key[:16], exc)
             return f"; publishing failed ({type(exc).__name__})"

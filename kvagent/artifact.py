@@ -133,7 +133,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ArtifactFormatError(f"KV dtype {dtype} is not supported; expected one of {sorted(_DTYPES)}")
 
 
-def encode(
+def encode_parts(
     kv: KVCache,
     *,
     key: str | None = None,
@@ -144,10 +144,10 @@ def encode(
     publisher: str | None = None,
     created_at: float | None = None,
     codec: str = "raw",
-) -> tuple[ArtifactHeader, bytes]:
-    """Serialise ``kv`` into artifact bytes; returns the header written and the bytes.
+) -> tuple[ArtifactHeader, list[memoryview]]:
+    """``encode``, with the artifact as the buffers it concatenates (the last ones share ``kv``'s memory).
 
-    The key is derived from the other fields and the token ids; a ``key`` passed in must equal it.
+    For a writer that needs no single copy of the bytes (the local store writes them to a file in turn).
     """
     ctx = KeyContext(
         model_fingerprint=model_fingerprint,
@@ -197,7 +197,31 @@ def encode(
     st_header["__metadata__"] = {"kvagent": json.dumps(header.to_json(), sort_keys=True, separators=(",", ":"))}
     hb = json.dumps(st_header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
-    return header, b"".join([len(hb).to_bytes(8, "little"), hb, *parts])
+    return header, [memoryview(len(hb).to_bytes(8, "little")), memoryview(hb), *parts]
+
+
+def encode(
+    kv: KVCache,
+    *,
+    key: str | None = None,
+    model_fingerprint: str,
+    tokenizer_fingerprint: str,
+    template_hash: str,
+    position_offset: int = 0,
+    publisher: str | None = None,
+    created_at: float | None = None,
+    codec: str = "raw",
+) -> tuple[ArtifactHeader, bytes]:
+    """Serialise ``kv`` into artifact bytes; returns the header written and the bytes.
+
+    The key is derived from the other fields and the token ids; a ``key`` passed in must equal it.
+    """
+    header, parts = encode_parts(
+        kv, key=key, model_fingerprint=model_fingerprint, tokenizer_fingerprint=tokenizer_fingerprint,
+        template_hash=template_hash, position_offset=position_offset, publisher=publisher, created_at=created_at,
+        codec=codec,
+    )
+    return header, b"".join(parts)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

@@ -24,6 +24,9 @@ _TAG = b"kvagent-tree-v1\0"
 LOCAL_ALGORITHM = "xxh3-128-tree-v1"
 _LOCAL_TAG = b"kvagent-local-v1\0"
 
+#: What the digests take: any buffer of bytes.
+Buffer = bytes | bytearray | memoryview
+
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -64,7 +67,7 @@ def payload_digest(data: bytes | bytearray | memoryview, chunk_size: int = CHUNK
     return root.hexdigest()
 
 
-def tree_digests(sequences: Sequence[Sequence[bytes | bytearray | memoryview]], chunk_size: int = CHUNK_SIZE) -> list[str]:
+def tree_digests(sequences: Sequence[Sequence[Buffer]], chunk_size: int = CHUNK_SIZE) -> list[str]:
     """``payload_digest`` of each sequence's concatenation, without concatenating anything.
 
     The leaves of all the trees are hashed in one parallel pass, so several digests of many small buffers
@@ -83,7 +86,7 @@ def tree_digests(sequences: Sequence[Sequence[bytes | bytearray | memoryview]], 
     return out
 
 
-def _pieces(seq: Sequence[bytes | bytearray | memoryview], chunk_size: int) -> list[list[memoryview]]:
+def _pieces(seq: Sequence[Buffer], chunk_size: int) -> list[list[memoryview]]:
     """The ``chunk_size`` leaves of the concatenation of ``seq``, each as the slices of ``seq`` it spans."""
     leaves: list[list[memoryview]] = [[]]
     room = chunk_size
@@ -107,13 +110,27 @@ def _leaf_of_pieces(pieces: list[memoryview]) -> bytes:
     return h.digest()
 
 
-def local_digest(data: bytes | bytearray | memoryview, chunk_size: int = CHUNK_SIZE) -> str:
+def local_digest(data: Buffer | Sequence[Buffer], chunk_size: int = CHUNK_SIZE) -> str:
     """The local store's integrity digest of ``data``: xxh3-128 over the length and the xxh3-128 of each chunk.
 
     32 lowercase hex characters. The length is hashed too, so a truncation at a chunk boundary changes it.
+    ``data`` may be a sequence of buffers: the digest is that of their concatenation, taken without one.
     """
-    view = memoryview(data).cast("B")
-    root = xxhash.xxh3_128(_LOCAL_TAG + chunk_size.to_bytes(8, "little") + len(view).to_bytes(8, "little"))
-    for d in _leaves(view, chunk_size, _local_leaf):
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        view = memoryview(data).cast("B")
+        n, leaves = len(view), _leaves(view, chunk_size, _local_leaf)
+    else:
+        pieces = _pieces(data, chunk_size)
+        n = sum(len(p) for leaf in pieces for p in leaf)
+        leaves = list(_executor().map(_local_leaf_of_pieces, pieces)) if len(pieces) > 1 else [_local_leaf_of_pieces(pieces[0])]
+    root = xxhash.xxh3_128(_LOCAL_TAG + chunk_size.to_bytes(8, "little") + n.to_bytes(8, "little"))
+    for d in leaves:
         root.update(d)
     return root.hexdigest()
+
+
+def _local_leaf_of_pieces(pieces: list[memoryview]) -> bytes:
+    h = xxhash.xxh3_128()
+    for p in pieces:
+        h.update(p)
+    return h.digest()

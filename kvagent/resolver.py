@@ -269,7 +269,7 @@ class Resolver:
         settings: ResolverSettings | None = None,
         publisher: str | None = None,
         codec: str = "raw",
-        on_saved: Callable[[str, bytes, int], str] | None = None,
+        on_saved: Callable[[str, Callable[[], bytes], int], str] | None = None,
         cost: CostModel | None = None,
     ) -> None:
         self.engine = engine
@@ -280,7 +280,9 @@ class Resolver:
         self.settings = settings or ResolverSettings()
         self.publisher = publisher
         self.codec = codec
-        self.on_saved = on_saved  # called with (key, blob, n_tokens) after a computed KV is stored (publishing)
+        # called with (key, artifact_bytes, n_tokens) after a computed KV is stored (publishing); artifact_bytes()
+        # joins the artifact's bytes only when asked, so a reader that does not publish never copies them
+        self.on_saved = on_saved
         self.cost = cost  # calibrated estimates + circuit breaker (kvagent.calibration); None: in-process rates
         self.spent = 0  # micro-units spent on purchases by this resolver
         self._probed = False
@@ -379,8 +381,12 @@ class Resolver:
 
     def encode(self, key: str, kv: KVCache, namespace: str | None = None) -> tuple[art.ArtifactHeader, bytes]:
         """Artifact bytes of ``kv`` under this resolver's (possibly salted) context."""
+        header, parts = self._encode_parts(key, kv, namespace)
+        return header, b"".join(parts)
+
+    def _encode_parts(self, key: str, kv: KVCache, namespace: str | None) -> tuple[art.ArtifactHeader, list[memoryview]]:
         ctx = self._ctx(namespace)
-        return art.encode(
+        return art.encode_parts(
             kv, key=key, model_fingerprint=ctx.model_fingerprint, tokenizer_fingerprint=ctx.tokenizer_fingerprint,
             template_hash=ctx.template_hash, position_offset=ctx.position_offset, publisher=self.publisher,
             codec=self.codec,
@@ -691,12 +697,12 @@ class Resolver:
 
     def _save(self, ns: str, key: str, kv: KVCache, ids: tuple[int, ...]) -> str:
         """Store a computed KV locally (and hand it to ``on_saved``); returns a note for the reason."""
-        header, blob = self.encode(key, kv, ns or None)
+        header, parts = self._encode_parts(key, kv, ns or None)  # written as they are: no joined copy for the store
         try:
-            self.store.put(header, blob, block_hashes(self._ctx(ns or None), ids, self.settings.block_size))
+            self.store.put(header, parts, block_hashes(self._ctx(ns or None), ids, self.settings.block_size))
         except StoreError as exc:
             log.warning("could not cache %s… locally (the answer is unaffected): %s", key[:16], exc)
         if self.on_saved is not None and not ns:
-            return self.on_saved(key, blob, len(ids))
+            return self.on_saved(key, lambda: b"".join(parts), len(ids))
         return ""
 

@@ -1,4 +1,10 @@
-"""Start the registry server as a real separate process on 127.0.0.1 for tests."""
+"""Start the registry server as a real separate process on 127.0.0.1 for tests.
+
+``KVAGENT_TEST_BLOBS=s3`` runs every server these tests start on the S3 blob backend instead of a local
+directory: a fresh bucket per data directory (a restart on the same directory finds the same bucket) on the
+S3-API server named by ``KVAGENT_TEST_S3_URL`` (.ci/s3.sh starts one). A test that picks its own ``--blobs``
+keeps it.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+BLOBS_ENV = "KVAGENT_TEST_BLOBS"
 
 
 def free_port() -> int:
@@ -31,6 +38,10 @@ class ServerProcess:
     log_path: Path
     data_dir: Path
     args: list[str] = field(default_factory=list)
+    #: the ``--blobs`` spec (``s3://bucket/prefix``), or None for the local directory under ``data_dir``
+    blobs: str | None = None
+    #: the S3 endpoint the server was given (``AWS_ENDPOINT_URL``), when ``blobs`` is set
+    s3_endpoint: str | None = None
 
     @property
     def port(self) -> int:
@@ -62,10 +73,17 @@ def start_server(
     model: str | None = None,
     extra_args: Sequence[str] = (),
     timeout: float = 120,
+    s3_endpoint: str | None = None,
 ) -> ServerProcess:
-    """Run ``python -m kvagent.server`` on a free loopback port and wait until /v1/healthz answers."""
+    """Run ``python -m kvagent.server`` on a free loopback port and wait until /v1/healthz answers.
+
+    ``s3_endpoint`` overrides the endpoint an S3 backend is given (a fault proxy in front of the S3 server).
+    """
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    blobs, blob_env = _blob_backend(data_dir, extra_args, s3_endpoint)
+    if blobs is not None and "--blobs" not in extra_args:
+        extra_args = [*extra_args, "--blobs", blobs]
     token_file = data_dir.parent / f"{data_dir.name}.tokens.json"
     token_file.write_text(json.dumps(tokens))
     port = free_port()
@@ -74,11 +92,12 @@ def start_server(
         "--data-dir", str(data_dir), "--token-file", str(token_file), "--model", model or "none", *extra_args,
     ]
     log_path = data_dir.parent / f"{data_dir.name}.server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **blob_env}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path, data_dir, args)
+    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path, data_dir, args, blobs,
+                           blob_env.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") if blobs else None)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -91,3 +110,46 @@ def start_server(
         time.sleep(0.1)
     server.kill9()
     raise RuntimeError(f"registry server did not become healthy in {timeout} s:\n{server.log()[-4000:]}")
+
+
+def blob_backend() -> str:
+    """"local" or "s3": the backend servers started without their own ``--blobs`` use."""
+    kind = os.environ.get(BLOBS_ENV, "local")
+    if kind not in ("local", "s3"):
+        raise RuntimeError(f"{BLOBS_ENV}={kind!r}: expected 'local' or 's3'")
+    return kind
+
+
+def _blob_backend(data_dir: Path, extra_args: Sequence[str], endpoint: str | None) -> tuple[str | None, dict[str, str]]:
+    """The ``--blobs`` spec and the environment (AWS_*) a server on ``data_dir`` runs with."""
+    if "--blobs" in extra_args:
+        spec = list(extra_args)[list(extra_args).index("--blobs") + 1]
+        return spec, ({"AWS_ENDPOINT_URL": endpoint} if endpoint else {})
+    if blob_backend() == "local":
+        return None, {}
+    from tests.s3_server import ENV, aws_settings, new_bucket
+
+    url = os.environ.get(ENV)
+    if not url:
+        raise RuntimeError(f"{BLOBS_ENV}=s3 needs the S3-API server named by {ENV} (start one with .ci/s3.sh)")
+    spec_file = data_dir.parent / f"{data_dir.name}.blobs"
+    if not spec_file.exists():  # one bucket per data directory, found again by a restart
+        spec_file.write_text(f"s3://{new_bucket(url)}/kv")
+    return spec_file.read_text(), aws_settings(endpoint or url)
+
+
+def published_blobs(server: ServerProcess) -> list[str]:
+    """Every published blob of ``server``'s backend: what a reader could ever be pointed at."""
+    if server.blobs is None:
+        root = server.data_dir / "blobs"
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.parent.name != "tmp")
+    from urllib.parse import urlparse
+
+    from tests.s3_server import ENV, list_objects
+
+    return sorted(list_objects(os.environ[ENV], urlparse(server.blobs).netloc))
+
+
+def upload_temp_files(data_dir: Path) -> list[Path]:
+    """Files a server on ``data_dir`` streams uploads into before they are verified (either backend)."""
+    return [p for d in ("blobs/tmp", "upload-tmp") if (data_dir / d).is_dir() for p in (data_dir / d).iterdir()]

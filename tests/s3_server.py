@@ -72,11 +72,16 @@ def _aws() -> dict[str, str]:
     return dict(AWS_ENV)
 
 
+def aws_settings(url: str) -> dict[str, str]:
+    """The AWS_* variables (endpoint and credentials) a process needs to use the S3 server at ``url``."""
+    return {**_aws(), "AWS_ENDPOINT_URL": url}
+
+
 @contextmanager
 def aws_env(url: str) -> Iterator[None]:
     """The AWS_* variables (endpoint and credentials) set for this process and the servers it starts."""
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {**_aws(), "AWS_ENDPOINT_URL": url}.items():
+        for k, v in aws_settings(url).items():
             mp.setenv(k, v)
         yield
 

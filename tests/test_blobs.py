@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 import pytest
 from _kvfixtures import make_artifact, make_kv
-from registry_server import start_server
+from registry_server import published_blobs, start_server, upload_temp_files
 from s3_server import aws_env, list_objects, new_bucket, s3_endpoint
 
 from kvagent import artifact as art
@@ -53,10 +53,6 @@ def stored(kind: str, spec: str | None, data_dir: Path) -> list[str]:
         return sorted(p.name for p in root.rglob("*") if p.is_file() and p.parent.name != "tmp")
     assert spec is not None
     return sorted(list_objects(os.environ["AWS_ENDPOINT_URL"], urlparse(spec).netloc))
-
-
-def temp_files(data_dir: Path) -> list[Path]:
-    return [p for d in ("blobs/tmp", "upload-tmp") if (data_dir / d).is_dir() for p in (data_dir / d).iterdir()]
 
 
 def small_artifact(seed: int, tokens: int = 40) -> tuple[art.ArtifactHeader, bytes]:
@@ -141,8 +137,8 @@ def test_open_blobs_rejects_unknown_schemes(tmp_path: Path) -> None:
 # -- through the server -------------------------------------------------------------------------------
 def test_kill9_mid_upload_leaves_nothing_then_download(backend: tuple[str, str | None], tmp_path: Path) -> None:
     kind, spec = backend
-    extra = ["--max-artifact-bytes", "200000", "--presign-expiry", str(EXPIRY)] + (["--blobs", spec] if spec else [])
     data = tmp_path / "data"
+    extra = ["--max-artifact-bytes", "200000", "--presign-expiry", str(EXPIRY), "--blobs", spec or str(data / "blobs")]
     header, blob = small_artifact(5, tokens=300)
     srv = start_server(data, TOKENS, extra_args=extra)
     try:
@@ -166,21 +162,21 @@ def test_kill9_mid_upload_leaves_nothing_then_download(backend: tuple[str, str |
         t.start()
         assert sent.wait(30)
         deadline = time.monotonic() + 10
-        while not temp_files(data) and time.monotonic() < deadline:
+        while not upload_temp_files(data) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert temp_files(data), "the upload should be streaming into a temp file"
+        assert upload_temp_files(data), "the upload should be streaming into a temp file"
         srv.kill9()
         t.join(30)
     finally:
         srv.stop()
     srv = start_server(data, TOKENS, extra_args=extra)  # a restart cleans up after the dead process
     try:
-        assert temp_files(data) == []
-        assert stored(kind, spec, data) == []
+        assert upload_temp_files(data) == []
+        assert published_blobs(srv) == []
         r = httpx.get(f"{srv.url}/v1/artifacts/{header.key}", headers=BOB, timeout=10)
         assert r.status_code == 404
         check_download(kind, srv.url, header, blob)  # and the full upload now works
-        assert len(stored(kind, spec, data)) == 1
+        assert len(published_blobs(srv)) == 1
     finally:
         assert srv.stop() == 0, srv.log()[-3000:]
     assert "Traceback" not in srv.log(), srv.log()[-3000:]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvagent.hashing import CHUNK_SIZE, chunk_digests, local_digest, payload_digest
+from kvagent.hashing import CHUNK_SIZE, chunk_digests, local_digest, payload_digest, tree_digests
 
 
 def reference_digest(data: bytes, chunk_size: int = CHUNK_SIZE) -> str:
@@ -126,3 +126,21 @@ def test_local_digest_catches_every_bit_flip_and_every_truncation() -> None:
 def test_local_digest_is_not_the_content_address() -> None:
     data = _data(100, seed=10)
     assert len(local_digest(data)) == 32 and local_digest(data) != payload_digest(data)[:32]
+
+
+SPLITS = [[0], [1], [5, 0, 7], [CHUNK_SIZE], [CHUNK_SIZE + 1], [3 << 20, 3 << 20, 5 << 20], [CHUNK_SIZE - 1, 1, 1], [1] * 9]
+
+
+@pytest.mark.parametrize("sizes", SPLITS, ids=str)
+def test_digests_of_buffers_are_those_of_their_concatenation(sizes: list[int]) -> None:
+    """tree_digests and local_digest over several buffers hash what one joined buffer would, for any split
+    (leaves spanning buffers, buffers spanning leaves, empty buffers)."""
+    rng = random.Random(sum(sizes))
+    parts = [rng.randbytes(n) for n in sizes]
+    joined = b"".join(parts)
+    assert tree_digests([parts] + [[p] for p in parts]) == [payload_digest(joined)] + [payload_digest(p) for p in parts]
+    assert local_digest([memoryview(p) for p in parts]) == local_digest(joined)
+    if joined:
+        flipped = bytearray(joined)
+        flipped[len(joined) // 2] ^= 0x10
+        assert local_digest(parts) != local_digest(bytes(flipped))

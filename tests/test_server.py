@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 from _kvfixtures import make_artifact, make_kv
-from registry_server import ServerProcess, start_server
+from registry_server import ServerProcess, published_blobs, start_server, upload_temp_files
 
 from kvagent import artifact as art
 from kvagent import signing
@@ -196,14 +196,10 @@ def test_auth_and_visibility(server: ServerProcess, local: Any) -> None:
     assert get(server, f"/v1/artifacts/{key}", ALICE).status_code == 404
 
 
-def _visible_files(data_dir: Path) -> list[Path]:
-    return [p for p in (data_dir / "blobs").rglob("*") if p.is_file()]
-
-
 def test_invalid_uploads_leave_nothing(server: ServerProcess) -> None:
     kv = make_kv(num_layers=2, heads=2, tokens=40, head_dim=8, seed=11)
     header, blob = make_artifact(kv)
-    before = _visible_files(server.data_dir)
+    before = published_blobs(server), upload_temp_files(server.data_dir)
     flipped = bytearray(blob)
     flipped[-3] ^= 0x01
     r = put(server, header.key, bytes(flipped), ALICE)
@@ -213,7 +209,7 @@ def test_invalid_uploads_leave_nothing(server: ServerProcess) -> None:
     assert put(server, header.key, blob[:-10], ALICE).status_code == 422  # truncated
     assert put(server, header.key, b"", ALICE).status_code == 422
     assert get(server, f"/v1/artifacts/{header.key}", ALICE).status_code == 404
-    assert _visible_files(server.data_dir) == before
+    assert (published_blobs(server), upload_temp_files(server.data_dir)) == before
 
 
 def test_generate_matches_local_full_prefill(server: ServerProcess, local: Any) -> None:
@@ -333,17 +329,17 @@ def test_oversize_and_kill9_during_upload(tmp_path: Path) -> None:
         t.start()
         assert sent.wait(30)
         deadline = time.monotonic() + 10
-        while not list((data / "blobs" / "tmp").iterdir()) and time.monotonic() < deadline:
+        while not upload_temp_files(data) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert list((data / "blobs" / "tmp").iterdir()), "the upload should be streaming into a temp file"
+        assert upload_temp_files(data), "the upload should be streaming into a temp file"
         srv.kill9()
         t.join(30)
     finally:
         srv.stop()
     srv = start_server(data, TOKENS, extra_args=["--max-artifact-bytes", "100000"])
     try:
-        assert list((data / "blobs" / "tmp").iterdir()) == []
-        assert _visible_files(data) == []
+        assert upload_temp_files(data) == []
+        assert published_blobs(srv) == []
         assert get(srv, f"/v1/artifacts/{header.key}", ALICE).status_code == 404
         assert put(srv, header.key, blob, ALICE).status_code == 201  # and the full upload now works
         assert get(srv, f"/v1/artifacts/{header.key}/blob", ALICE).content == blob

@@ -1,13 +1,21 @@
 """Faults: corrupt and truncated artifacts, a full disk, a slow registry, a download cut mid-stream.
-After each, the agent still answers, exactly as a full prefill would, and nothing partial is kept."""
+After each, the agent still answers, exactly as a full prefill would, and nothing partial is kept.
+
+With ``KVAGENT_TEST_BLOBS=s3`` the registry keeps its blobs in S3 and downloads are presigned URLs straight
+to the object store, so a download is cut there: a fault proxy sits between the S3 server and everyone
+who uses it (the registry and its presigned URLs point at the proxy)."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import random
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -16,8 +24,9 @@ from kvagent import KVAgent
 from kvagent.policy import PolicyParams
 from kvagent.registry import RegistryClient
 from tests.conftest import tiny_config
-from tests.registry_server import start_server
+from tests.registry_server import ServerProcess, blob_backend, start_server
 from tests.reliability.faultproxy import FaultProxy
+from tests.s3_server import ENV as S3_ENV
 
 pytestmark = pytest.mark.slow
 SUFFIX = [7, 8, 9]
@@ -95,17 +104,54 @@ def test_a_full_disk_does_not_break_a_read(model, tmp_path, monkeypatch, caplog)
     agent.close()
 
 
+@contextmanager
+def _object_store() -> Iterator[FaultProxy | None]:
+    """In S3 mode, a fault proxy (passing everything for now) in front of the S3 server; None for local blobs."""
+    if blob_backend() != "s3":
+        yield None
+        return
+    proxy = FaultProxy(int(urlparse(os.environ[S3_ENV]).port or 80))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def _registry(data: Path, store: FaultProxy | None) -> ServerProcess:
+    return start_server(data, TOKENS, s3_endpoint=store.url if store is not None else None)
+
+
+@contextmanager
+def _cut_downloads(server: ServerProcess, store: FaultProxy | None, cut_after: int,
+                   on_cut: Callable[[], None] | None = None) -> Iterator[str]:
+    """The registry URL a reader should use while every blob download is cut after ``cut_after`` bytes: a
+    proxy in front of the registry (local blobs), or the object store's own proxy (S3: presigned URLs)."""
+    if store is None:
+        proxy = FaultProxy(server.port, mode="cut", cut_after=cut_after, on_cut=on_cut)
+        try:
+            yield proxy.url
+        finally:
+            proxy.close()
+        return
+    store.cut_after, store.on_cut, store.mode = cut_after, on_cut, "cut"
+    try:
+        yield server.url
+    finally:
+        store.mode, store.on_cut = "pass", None
+
+
 @pytest.fixture(scope="module")
 def published(tmp_path_factory, model):
-    """A registry process holding one public artifact, and the document's ids."""
-    server = start_server(tmp_path_factory.mktemp("registry") / "data", TOKENS)
-    ids = _ids(600, 3)
-    a = KVAgent(model, cache_dir=tmp_path_factory.mktemp("a"), registry_url=server.url, token="alice-token-0001",
-                publish="public", policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0))
-    assert "published" in a.read_ids(ids).cache.reason
-    a.close()
-    yield server, ids
-    server.stop()
+    """A registry process holding one public artifact, its object store's proxy (S3 mode), and the document's ids."""
+    with _object_store() as store:
+        server = _registry(tmp_path_factory.mktemp("registry") / "data", store)
+        ids = _ids(600, 3)
+        a = KVAgent(model, cache_dir=tmp_path_factory.mktemp("a"), registry_url=server.url, token="alice-token-0001",
+                    publish="public", policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0))
+        assert "published" in a.read_ids(ids).cache.reason
+        a.close()
+        yield server, store, ids
+        server.stop()
 
 
 def _bob(model, cache: Path, url: str, timeout: float) -> KVAgent:
@@ -115,7 +161,7 @@ def _bob(model, cache: Path, url: str, timeout: float) -> KVAgent:
 
 
 def test_a_slow_registry_falls_back_in_bounded_time(published, model, tmp_path, caplog):
-    server, ids = published
+    server, _, ids = published
     proxy = FaultProxy(server.port, mode="delay", delay=3.0)
     try:
         bob = _bob(model, tmp_path, proxy.url, timeout=0.5)
@@ -132,13 +178,12 @@ def test_a_slow_registry_falls_back_in_bounded_time(published, model, tmp_path, 
 
 
 def test_a_download_cut_mid_stream_leaves_nothing_partial(published, model, tmp_path):
-    server, ids = published
+    server, store, ids = published
     with RegistryClient(server.url, "bob-token-000002") as c:
         handle = c.lookup(_key(model, ids))
         assert handle is not None
-    proxy = FaultProxy(server.port, mode="cut", cut_after=handle.size // 2)  # lookups fit; the blob is cut in half
-    try:
-        bob = _bob(model, tmp_path, proxy.url, timeout=5)
+    with _cut_downloads(server, store, cut_after=handle.size // 2) as url:  # lookups fit; the blob is cut in half
+        bob = _bob(model, tmp_path, url, timeout=5)
         doc = bob.read_ids(ids)
         assert doc.cache.status == "prefill", doc.cache
         assert "from the registry failed" in doc.cache.reason, doc.cache.reason  # the fetch was tried and cut
@@ -148,8 +193,6 @@ def test_a_download_cut_mid_stream_leaves_nothing_partial(published, model, tmp_
         assert bob.ask_ids(doc, SUFFIX, max_new_tokens=8, stop_token_ids=()).token_ids == \
             bob.generate_full(ids + SUFFIX, max_new_tokens=8, stop_token_ids=()).token_ids
         bob.close()
-    finally:
-        proxy.close()
 
 
 def _key(model, ids: list[int]) -> str:
@@ -162,35 +205,36 @@ def _key(model, ids: list[int]) -> str:
 
 def test_the_server_killed_mid_download_leaves_nothing_partial(model, tmp_path):
     """kill -9 of the registry process while an agent downloads: local prefill, an exact answer, nothing
-    partial stored; after a restart the registry serves the whole artifact again."""
+    partial stored; after a restart the registry serves the whole artifact again. (S3: the download from the
+    object store is cut at the moment the registry dies.)"""
     data = tmp_path / "data"
-    server = start_server(data, TOKENS)
-    ids = _ids(600, 4)
-    a = KVAgent(model, cache_dir=tmp_path / "a", registry_url=server.url, token="alice-token-0001",
-                publish="public", policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0))
-    assert "published" in a.read_ids(ids).cache.reason
-    a.close()
-    with RegistryClient(server.url, "bob-token-000002") as c:
-        handle = c.lookup(_key(model, ids))
-        assert handle is not None
-    proxy = FaultProxy(server.port, mode="cut", cut_after=handle.size // 3, on_cut=server.kill9)
-    try:
-        bob = _bob(model, tmp_path / "bob", proxy.url, timeout=5)
-        doc = bob.read_ids(ids)
-        assert doc.cache.status == "prefill" and "from the registry failed" in doc.cache.reason, doc.cache
-        assert server.proc.poll() is not None, "the server should have been killed mid-download"
-        assert [e.key for e in bob.store.entries()] == [doc.key]
-        assert bob.ask_ids(doc, SUFFIX, max_new_tokens=8, stop_token_ids=()).token_ids == \
-            bob.generate_full(ids + SUFFIX, max_new_tokens=8, stop_token_ids=()).token_ids
-        bob.close()
-    finally:
-        proxy.close()
-        server.stop()
-    server = start_server(data, TOKENS)
-    try:
-        carol = _bob(model, tmp_path / "carol", server.url, timeout=5)
-        again = carol.read_ids(ids)
-        assert again.cache.status == "remote", again.cache
-        carol.close()
-    finally:
-        server.stop()
+    with _object_store() as store:
+        server = _registry(data, store)
+        ids = _ids(600, 4)
+        a = KVAgent(model, cache_dir=tmp_path / "a", registry_url=server.url, token="alice-token-0001",
+                    publish="public", policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0))
+        assert "published" in a.read_ids(ids).cache.reason
+        a.close()
+        with RegistryClient(server.url, "bob-token-000002") as c:
+            handle = c.lookup(_key(model, ids))
+            assert handle is not None
+        try:
+            with _cut_downloads(server, store, cut_after=handle.size // 3, on_cut=server.kill9) as url:
+                bob = _bob(model, tmp_path / "bob", url, timeout=5)
+                doc = bob.read_ids(ids)
+                assert doc.cache.status == "prefill" and "from the registry failed" in doc.cache.reason, doc.cache
+                assert server.proc.poll() is not None, "the server should have been killed mid-download"
+                assert [e.key for e in bob.store.entries()] == [doc.key]
+                assert bob.ask_ids(doc, SUFFIX, max_new_tokens=8, stop_token_ids=()).token_ids == \
+                    bob.generate_full(ids + SUFFIX, max_new_tokens=8, stop_token_ids=()).token_ids
+                bob.close()
+        finally:
+            server.stop()
+        server = _registry(data, store)
+        try:
+            carol = _bob(model, tmp_path / "carol", server.url, timeout=5)
+            again = carol.read_ids(ids)
+            assert again.cache.status == "remote", again.cache
+            carol.close()
+        finally:
+            server.stop()
