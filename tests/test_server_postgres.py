@@ -152,7 +152,7 @@ def test_reopen_keeps_rows(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_server_end_to_end_on_postgres(pg_schema_dsn: str, tmp_path: Path) -> None:
-    from registry_server import start_server
+    from registry_server import download, start_server
 
     tokens = {"alice-token-0001": {"principal": "alice", "publish": True}}
     auth = {"Authorization": "Bearer alice-token-0001"}
@@ -167,7 +167,7 @@ def test_server_end_to_end_on_postgres(pg_schema_dsn: str, tmp_path: Path) -> No
         hashes = block_hashes(ctx, kv.token_ids.numpy(), 256)
         r = httpx.post(f"{srv.url}/v1/lookup/prefix", json={"block_hashes": hashes}, headers=auth)
         assert (r.status_code, r.json()["key"], r.json()["blocks"]) == (200, header.key, 1)
-        assert httpx.get(f"{srv.url}/v1/artifacts/{header.key}/blob", headers=auth).content == blob
+        assert download(srv, f"/v1/artifacts/{header.key}/blob", auth).content == blob
         assert (tmp_path / "data" / "meta.sqlite3").exists() is False  # metadata went to PostgreSQL
     finally:
         assert srv.stop() == 0

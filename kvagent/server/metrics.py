@@ -12,6 +12,12 @@ class Metrics:
         self.lookups = Counter("kvagent_lookups_total", "Artifact lookups", ["kind", "result"], registry=r)
         self.publishes = Counter("kvagent_publishes_total", "Publish attempts", ["result"], registry=r)
         self.bytes_served = Counter("kvagent_bytes_served_total", "Blob bytes sent", registry=r)
+        # S3 backend: downloads answered with a presigned object-store URL, and the bytes those URLs cover
+        self.presigned = Counter("kvagent_presigned_downloads_total", "Downloads redirected to a presigned URL",
+                                 registry=r)
+        self.presigned_bytes = Counter("kvagent_presigned_bytes_total",
+                                       "Blob bytes covered by the presigned URLs issued (metered at issue time)",
+                                       registry=r)
         self.generates = Counter("kvagent_generate_total", "Generate calls", ["result"], registry=r)
         self.tokens = Counter("kvagent_generated_tokens_total", "Tokens generated", registry=r)
         self.latency = Histogram(

@@ -149,6 +149,8 @@ def routes(st: State) -> APIRouter:
         if url is not None:  # the bytes bypass the app (object store / CDN); metered once, at issue time
             charged = market_routes.charge_download(st, p, row, request)
             st.meta.record(LedgerEntry(p.name, key, row.owner, row.size, "download", 0, time.time()))
+            st.metrics.presigned.inc()
+            st.metrics.presigned_bytes.inc(row.size)
             return Response(status_code=307, headers={**charged, "Location": url, "Cache-Control": "no-store"})
         try:
             f = st.blobs.open_read(row.blob)  # a local open file survives a concurrent delete
