@@ -42,7 +42,7 @@ def _last_argmax(llm: Any) -> int:
     return int(np.argmax(logits))
 
 
-def run(lengths: list[int], repeats: int, threads: int) -> dict[str, Any]:
+def run(lengths: list[int], repeats: int, threads: int, warm_repeats: int = 0) -> dict[str, Any]:
     try:
         from llama_cpp import Llama
     except ImportError as exc:  # pragma: no cover - optional peer
@@ -80,13 +80,25 @@ def run(lengths: list[int], repeats: int, threads: int) -> dict[str, Any]:
         lc, lw, kc, kr, ks = [], [], [], [], []
         same_llama = l_cold() == l_warm()
         llama_matches_kvagent = l_cold() == want[0]
-        for _ in range(repeats):
+        def warm_triple(i: int, ids: list[int] = ids, kv: Any = kv, want: list[int] = want, l_warm: Any = l_warm,
+                        lw: list[float] = lw, kr: list[float] = kr, ks: list[float] = ks) -> None:
+            """llama.cpp warm, kvagent raw and SDK back to back, the order rotating: a triple shares the machine's state."""
+            paths = ["llama", "raw", "sdk"]
+            for path in paths[i % 3:] + paths[: i % 3]:
+                if path == "llama":
+                    lw.append(_timed(l_warm))
+                elif path == "raw":
+                    kr.append(_timed(lambda: engine.generate(kv, suffix, ONE_TOKEN)))
+                else:
+                    agent.forget_memory()  # outside the clock, as in reuse_vs_prefill
+                    ks.append(_timed(lambda: sdk_path(agent, ids, suffix, want)))
+
+        for i in range(repeats):
             lc.append(_timed(l_cold))
-            lw.append(_timed(l_warm))
             kc.append(_timed(lambda ids=ids: engine.generate(None, ids + suffix, ONE_TOKEN)))
-            kr.append(_timed(lambda kv=kv: engine.generate(kv, suffix, ONE_TOKEN)))
-            agent.forget_memory()  # outside the clock, as in reuse_vs_prefill
-            ks.append(_timed(lambda ids=ids, want=want: sdk_path(agent, ids, suffix, want)))
+            warm_triple(i)
+        for i in range(repeats, max(repeats, warm_repeats)):  # a warm triple costs a second, a cold pair minutes
+            warm_triple(i)
         m = statistics.median
         stages = [warm_breakdown(agent, ids, suffix) for _ in range(repeats)]
         breakdown = {k: m(b[k] for b in stages) * 1000 for k in STAGES}
@@ -98,6 +110,9 @@ def run(lengths: list[int], repeats: int, threads: int) -> dict[str, Any]:
             "kvagent_cold_s": m(kc), "kvagent_raw_s": m(kr), "kvagent_sdk_s": m(ks),
             "kvagent_raw_ratio": m(kc) / m(kr), "kvagent_sdk_ratio": m(kc) / m(ks),
             "kvagent_sdk_over_raw": m(kr) / m(ks), "kvagent_sdk_over_llamacpp_warm": m(ks) / m(lw),
+            "warm_triples": len(ks), "kvagent_sdk_over_raw_paired": m(r / s for r, s in zip(kr, ks, strict=True)),
+            "kvagent_sdk_over_llamacpp_warm_paired": m(s / w for s, w in zip(ks, lw, strict=True)),
+            "llamacpp_warm_all_s": lw, "kvagent_raw_all_s": kr, "kvagent_sdk_all_s": ks,
             "kvagent_sdk_breakdown_ms": breakdown,
         }
         rows.append(row)
@@ -106,7 +121,7 @@ def run(lengths: list[int], repeats: int, threads: int) -> dict[str, Any]:
               f"{row['kvagent_raw_s'] * 1e3:6.1f} ms ({row['kvagent_raw_ratio']:.1f}x), sdk {row['kvagent_sdk_s'] * 1e3:6.1f} ms "
               f"({row['kvagent_sdk_ratio']:.1f}x)\n       warm read: {breakdown_line(breakdown)}", file=sys.stderr, flush=True)
     agent.close()
-    return {"benchmark": "peer_llamacpp", "threads": threads, "repeats": repeats,
+    return {"benchmark": "peer_llamacpp", "threads": threads, "repeats": repeats, "warm_repeats": max(repeats, warm_repeats),
             "load_avg_1min": [load_before, os.getloadavg()[0]],
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
 
@@ -115,10 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warm-repeats", type=int, default=9,
+                   help="llama.cpp warm / raw / SDK triples per length (at least --repeats; the cold runs cost minutes)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/peer_llamacpp.json"))
     args = p.parse_args(argv)
-    result = run(args.lengths, args.repeats, args.threads)
+    result = run(args.lengths, args.repeats, args.threads, args.warm_repeats)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     from rich.console import Console

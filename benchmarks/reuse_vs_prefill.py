@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from kvagent import KVAgent
+from kvagent import artifact as art
 from kvagent.engine import GenerationParams, TransformersEngine
 
 PAPER_LENGTHS = [255, 485, 945, 1888, 3774]
@@ -157,9 +158,12 @@ def cold_breakdown(agent: KVAgent, ids: list[int], kv: Any) -> dict[str, float]:
     missed = agent.store.get(key, expect=agent.expect)
     assert missed.artifact is None
     t2 = time.perf_counter()
-    header, blob = agent.resolver.encode(key, kv)
+    ctx = agent.resolver.context
+    header, parts = art.encode_parts(  # as the read does: the buffers go to the store file without a joined copy
+        kv, key=key, model_fingerprint=ctx.model_fingerprint, tokenizer_fingerprint=ctx.tokenizer_fingerprint,
+        template_hash=ctx.template_hash, position_offset=ctx.position_offset, codec=agent.resolver.codec)
     t3 = time.perf_counter()
-    agent.store.put(header, blob, block_hashes(agent.resolver.context, ids, agent.resolver.settings.block_size))
+    agent.store.put(header, parts, block_hashes(ctx, ids, agent.resolver.settings.block_size))
     t4 = time.perf_counter()
     t.update(key=t1 - t0, lookup=t2 - t1, encode=t3 - t2, store=t4 - t3)
     return t
