@@ -38,10 +38,15 @@ class ServerProcess:
     log_path: Path
     data_dir: Path
     args: list[str] = field(default_factory=list)
-    #: the ``--blobs`` spec (``s3://bucket/prefix``), or None for the local directory under ``data_dir``
+    #: the ``--blobs`` spec (a directory or ``s3://bucket/prefix``), or None for the directory under ``data_dir``
     blobs: str | None = None
     #: the S3 endpoint the server was given (``AWS_ENDPOINT_URL``), when ``blobs`` is set
     s3_endpoint: str | None = None
+
+    @property
+    def on_s3(self) -> bool:
+        """Whether the server keeps its blobs in S3 (downloads are presigned redirects)."""
+        return bool(self.blobs and self.blobs.startswith("s3://"))
 
     @property
     def port(self) -> int:
@@ -140,14 +145,17 @@ def _blob_backend(data_dir: Path, extra_args: Sequence[str], endpoint: str | Non
 
 def published_blobs(server: ServerProcess) -> list[str]:
     """Every published blob of ``server``'s backend: what a reader could ever be pointed at."""
-    if server.blobs is None:
-        root = server.data_dir / "blobs"
+    if not server.on_s3:
+        root = Path(server.blobs.removeprefix("file://")) if server.blobs else server.data_dir / "blobs"
         return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.parent.name != "tmp")
+    assert server.blobs is not None
     from urllib.parse import urlparse
 
     from tests.s3_server import ENV, list_objects
 
-    return sorted(list_objects(os.environ[ENV], urlparse(server.blobs).netloc))
+    endpoint = os.environ.get(ENV) or server.s3_endpoint
+    assert endpoint, "no S3 endpoint to list"
+    return sorted(list_objects(endpoint, urlparse(server.blobs).netloc))
 
 
 def upload_temp_files(data_dir: Path) -> list[Path]:
@@ -160,7 +168,7 @@ def download(server: ServerProcess, path: str, headers: dict[str, str], **kw: ob
     to the object store and no byte of the blob, and the client follows it without credentials (a ``Range``
     header goes along)."""
     r = httpx.get(server.url + path, headers=headers, timeout=60, **kw)  # type: ignore[arg-type]
-    if server.blobs is None or r.status_code != 307:
+    if not server.on_s3 or r.status_code != 307:
         return r
     loc = r.headers["location"]
     assert r.content == b"" and server.s3_endpoint and loc.startswith(server.s3_endpoint + "/"), (loc, r.content[:80])
