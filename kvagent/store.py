@@ -42,7 +42,8 @@ _MADV_POPULATE_READ = 22  # Linux >= 5.14: map a file's cached pages in one call
 
 
 class _Slices:
-    """A file-like reader of buffers whose ``read`` returns slices of them, never copies."""
+    """A file-like reader of buffers for diskcache: ``read(n)`` returns at most ``n`` bytes of one buffer at a
+    time, as a slice of it (never a copy), and an empty view at the end."""
 
     def __init__(self, parts: Sequence[memoryview]) -> None:
         self._parts = [p.cast("B") for p in parts if p.nbytes]
