@@ -168,7 +168,10 @@ def download(server: ServerProcess, path: str, headers: dict[str, str], **kw: ob
     to the object store and no byte of the blob, and the client follows it without credentials (a ``Range``
     header goes along)."""
     r = httpx.get(server.url + path, headers=headers, timeout=60, **kw)  # type: ignore[arg-type]
-    if not server.on_s3 or r.status_code != 307:
+    if not server.on_s3:
+        return r
+    assert r.status_code not in (200, 206), f"an S3-backed registry sent blob bytes itself ({r.status_code})"
+    if r.status_code != 307:
         return r
     loc = r.headers["location"]
     assert r.content == b"" and server.s3_endpoint and loc.startswith(server.s3_endpoint + "/"), (loc, r.content[:80])
