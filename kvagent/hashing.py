@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
 
 import xxhash
 
@@ -37,34 +39,14 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
-def _leaf(view: memoryview) -> bytes:
-    return hashlib.sha256(view).digest()
-
-
-def _local_leaf(view: memoryview) -> bytes:
-    return xxhash.xxh3_128_digest(view)
-
-
-def _leaves(data: bytes | bytearray | memoryview, chunk_size: int, leaf: Callable[[memoryview], bytes]) -> list[bytes]:
-    view = memoryview(data).cast("B")
-    n = len(view)
-    slices = [view[i : i + chunk_size] for i in range(0, n, chunk_size)] or [view[0:0]]
-    if len(slices) == 1:
-        return [leaf(slices[0])]
-    return list(_executor().map(leaf, slices))
-
-
-def chunk_digests(data: bytes | bytearray | memoryview, chunk_size: int = CHUNK_SIZE) -> list[bytes]:
+def chunk_digests(data: Buffer, chunk_size: int = CHUNK_SIZE) -> list[bytes]:
     """sha256 of each ``chunk_size`` slice of ``data`` (the last may be shorter), in order."""
-    return _leaves(data, chunk_size, _leaf)
+    return _hash_leaves(_pieces([data], chunk_size), hashlib.sha256)
 
 
-def payload_digest(data: bytes | bytearray | memoryview, chunk_size: int = CHUNK_SIZE) -> str:
+def payload_digest(data: Buffer, chunk_size: int = CHUNK_SIZE) -> str:
     """The tree hash of ``data`` as 64 lowercase hex characters."""
-    root = hashlib.sha256(_TAG + chunk_size.to_bytes(8, "little"))
-    for d in chunk_digests(data, chunk_size):
-        root.update(d)
-    return root.hexdigest()
+    return tree_digests([[data]], chunk_size)[0]
 
 
 def tree_digests(sequences: Sequence[Sequence[Buffer]], chunk_size: int = CHUNK_SIZE) -> list[str]:
@@ -74,8 +56,7 @@ def tree_digests(sequences: Sequence[Sequence[Buffer]], chunk_size: int = CHUNK_
     (an artifact's data section and each of its tensors) keep every core busy.
     """
     trees = [_pieces(seq, chunk_size) for seq in sequences]
-    flat = [leaf for tree in trees for leaf in tree]
-    digests = list(_executor().map(_leaf_of_pieces, flat)) if len(flat) > 1 else [_leaf_of_pieces(p) for p in flat]
+    digests = _hash_leaves([leaf for tree in trees for leaf in tree], hashlib.sha256)
     out, i = [], 0
     for tree in trees:
         root = hashlib.sha256(_TAG + chunk_size.to_bytes(8, "little"))
@@ -86,8 +67,24 @@ def tree_digests(sequences: Sequence[Sequence[Buffer]], chunk_size: int = CHUNK_
     return out
 
 
+def local_digest(data: Buffer | Sequence[Buffer], chunk_size: int = CHUNK_SIZE) -> str:
+    """The local store's integrity digest of ``data``: xxh3-128 over the length and the xxh3-128 of each chunk.
+
+    32 lowercase hex characters. The length is hashed too, so a truncation at a chunk boundary changes it.
+    ``data`` may be a list or tuple of buffers: the digest is that of their concatenation, taken without one.
+    """
+    parts: Sequence[Buffer] = data if isinstance(data, (list, tuple)) else [cast(Buffer, data)]  # any other buffer is one
+    leaves = _pieces(parts, chunk_size)
+    n = sum(len(p) for leaf in leaves for p in leaf)
+    root = xxhash.xxh3_128(_LOCAL_TAG + chunk_size.to_bytes(8, "little") + n.to_bytes(8, "little"))
+    for d in _hash_leaves(leaves, xxhash.xxh3_128):
+        root.update(d)
+    return root.hexdigest()
+
+
 def _pieces(seq: Sequence[Buffer], chunk_size: int) -> list[list[memoryview]]:
-    """The ``chunk_size`` leaves of the concatenation of ``seq``, each as the slices of ``seq`` it spans."""
+    """The ``chunk_size`` leaves of the concatenation of ``seq``, each as the slices of ``seq`` it spans
+    (at least one leaf: empty data is one empty leaf)."""
     leaves: list[list[memoryview]] = [[]]
     room = chunk_size
     for buf in seq:
@@ -103,34 +100,14 @@ def _pieces(seq: Sequence[Buffer], chunk_size: int) -> list[list[memoryview]]:
     return leaves
 
 
-def _leaf_of_pieces(pieces: list[memoryview]) -> bytes:
-    h = hashlib.sha256()
+def _hash_leaves(leaves: list[list[memoryview]], new: Callable[[], Any]) -> list[bytes]:
+    """The digest of each leaf (the slices it spans) with a fresh ``new()`` hasher, on the pool when there are several."""
+    hash_one = functools.partial(_hash_pieces, new)
+    return list(_executor().map(hash_one, leaves)) if len(leaves) > 1 else [hash_one(leaf) for leaf in leaves]
+
+
+def _hash_pieces(new: Callable[[], Any], pieces: list[memoryview]) -> bytes:
+    h = new()
     for p in pieces:
         h.update(p)
-    return h.digest()
-
-
-def local_digest(data: Buffer | Sequence[Buffer], chunk_size: int = CHUNK_SIZE) -> str:
-    """The local store's integrity digest of ``data``: xxh3-128 over the length and the xxh3-128 of each chunk.
-
-    32 lowercase hex characters. The length is hashed too, so a truncation at a chunk boundary changes it.
-    ``data`` may be a sequence of buffers: the digest is that of their concatenation, taken without one.
-    """
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        view = memoryview(data).cast("B")
-        n, leaves = len(view), _leaves(view, chunk_size, _local_leaf)
-    else:
-        pieces = _pieces(data, chunk_size)
-        n = sum(len(p) for leaf in pieces for p in leaf)
-        leaves = list(_executor().map(_local_leaf_of_pieces, pieces)) if len(pieces) > 1 else [_local_leaf_of_pieces(pieces[0])]
-    root = xxhash.xxh3_128(_LOCAL_TAG + chunk_size.to_bytes(8, "little") + n.to_bytes(8, "little"))
-    for d in leaves:
-        root.update(d)
-    return root.hexdigest()
-
-
-def _local_leaf_of_pieces(pieces: list[memoryview]) -> bytes:
-    h = xxhash.xxh3_128()
-    for p in pieces:
-        h.update(p)
-    return h.digest()
+    return bytes(h.digest())
