@@ -155,7 +155,8 @@ class KVStore:
         """
         key = validate_key(header.key)
         parts = [memoryview(blob)] if isinstance(blob, (bytes, bytearray, memoryview)) else [memoryview(b) for b in blob]
-        nbytes = sum(p.nbytes for p in parts)
+        value = _Slices(parts)
+        nbytes = value.nbytes
         if nbytes > self.size_limit:
             raise StoreError(f"artifact of {nbytes} bytes exceeds the store's {self.size_limit}-byte size limit")
         meta = StoreEntry(
@@ -170,7 +171,7 @@ class KVStore:
         )
         try:
             with self._cache.transact():  # the file, the digest it is checked against and its block index appear together
-                self._cache.set(f"kv:{key}", _Slices(parts), read=True)  # SafeDisk: a file, or inline when small
+                self._cache.set(f"kv:{key}", value, read=True)  # SafeDisk: a file, or inline when small
                 self._cache.set(f"meta:{key}", json.dumps(meta.__dict__))
                 for h in block_hashes:
                     self._cache.set(f"blk:{h}", key)
