@@ -26,7 +26,7 @@ DEMO_QUESTIONS = (
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if getattr(args, "command", None) in ("serve", "economics"):
+    if getattr(args, "command", None) in ("serve", "economics", "db", "token"):
         args.rest = extra + list(args.rest)  # these parse their own options (including --help)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -111,6 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="run the registry/host server (see docs/registry-api.md)", add_help=False)
     srv.add_argument("rest", nargs=argparse.REMAINDER)
     srv.set_defaults(func=cmd_serve)
+
+    dbp = sub.add_parser("db", help="registry database schema: upgrade, current, history", add_help=False)
+    dbp.add_argument("rest", nargs=argparse.REMAINDER)
+    dbp.set_defaults(func=cmd_db)
+
+    tok = sub.add_parser("token", help="registry bearer tokens: issue, ls, revoke, rotate (in its database)",
+                         add_help=False)
+    tok.add_argument("rest", nargs=argparse.REMAINDER)
+    tok.set_defaults(func=cmd_token)
 
     acc = sub.add_parser("account", help="your registry account: balance, statement; credit (admin)")
     asub = acc.add_subparsers(dest="account_command", required=True)
@@ -365,6 +374,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise KVAgentError(f"the server needs its extra: pip install 'kvagent[server]' ({exc})") from exc
     return int(serve_main(args.rest))
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    try:
+        from .server.ops_cli import db_main
+    except ImportError as exc:
+        raise KVAgentError(f"kvagent db needs the server extra: pip install 'kvagent[server]' ({exc})") from exc
+    return db_main(args.rest)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    try:
+        from .server.ops_cli import token_main
+    except ImportError as exc:
+        raise KVAgentError(f"kvagent token needs the server extra: pip install 'kvagent[server]' ({exc})") from exc
+    return token_main(args.rest)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

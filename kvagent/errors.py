@@ -11,6 +11,7 @@
     │   ├── ArtifactIntegrityError  checksum mismatch (corruption or tampering)
     │   └── ArtifactMismatchError   artifact is for another model, tokenizer, dtype or layout
     ├── StoreError             the local store cannot be opened or written
+    │   └── SchemaVersionError     the registry database's schema is newer than this kvagent (or not migrated)
     ├── EngineError            generation parameters or inputs the engine cannot run
     │   └── ContextLengthError     a document longer than the model's context (refused before prefill)
     ├── ToolsUnsupportedError  tools asked of a model whose chat template cannot render them
@@ -73,6 +74,11 @@ class ArtifactMismatchError(ArtifactError):
 
 class StoreError(KVAgentError):
     """The local store could not be opened or written."""
+
+
+class SchemaVersionError(StoreError):
+    """The registry database's schema is at a version this kvagent does not know (newer), or behind it while
+    migrations are off: the message says which versions and what to run."""
 
 
 class EngineError(KVAgentError, ValueError):

@@ -22,7 +22,14 @@ def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentPar
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--data-dir", type=Path, required=True, help="blobs and (by default) the SQLite metadata")
-    ap.add_argument("--token-file", type=Path, required=True, help='JSON {"<token>": {"principal": ..., "publish": bool}}')
+    ap.add_argument("--token-file", type=Path, default=None,
+                    help='JSON {"<token>": {"principal": ..., "publish": bool, "admin": bool, "limits": {...}}}, '
+                         "imported into the database at start (tokens are also issued with `kvagent token`)")
+    ap.add_argument("--no-migrate", action="store_true",
+                    help="do not upgrade the database schema at start; refuse to serve unless it is current "
+                         "(run `kvagent db upgrade` first)")
+    ap.add_argument("--token-cache-seconds", type=float, default=2.0,
+                    help="how long a node trusts a cached token lookup: revocations reach it within this time")
     ap.add_argument("--model", default="none", help="'smollm2', a local model directory, or 'none' (no generate)")
     ap.add_argument("--models-dir", type=Path, default=None, help="where converted models are cached")
     ap.add_argument("--postgres-dsn", default=None, help="use PostgreSQL for metadata instead of SQLite")
@@ -74,6 +81,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_queue=args.max_queue,
         default_max_tokens=args.default_max_tokens,
         prompt_cache_bytes=args.prompt_cache_bytes,
+        migrate=not args.no_migrate,
+        token_cache_s=args.token_cache_seconds,
     )
 
 
@@ -104,9 +113,10 @@ def serve(settings: Settings, host: str, port: int, log_level: str = "info", wor
     if workers <= 1:
         uvicorn.Server(uvicorn.Config(create_app(settings), **common)).run()
         return
-    # create the schema and clean up once, here, before the workers start (and fail early on bad settings)
+    # migrate, import the token file and clean up once, here, before the workers start (and fail early on bad
+    # settings); the workers then only check that the schema is current
     build_state(replace(settings, model=None)).meta.close()
-    os.environ[SETTINGS_ENV] = to_env(settings)
+    os.environ[SETTINGS_ENV] = to_env(replace(settings, migrate=False, token_file=None))
     uvicorn.run("kvagent.server.app:create_app_from_env", factory=True, workers=workers, **common)
 
 

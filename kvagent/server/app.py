@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, KVAgentError
-from . import generate_routes, market_routes, openai_routes, registry_routes
+from . import admin_routes, generate_routes, market_routes, openai_routes, registry_routes
 from .fast_lookup import FastLookup
 from .http import (
     AccessLog,
@@ -55,7 +55,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="kvagent registry", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.kv = st
     app.add_middleware(FastLookup, st=st)  # innermost: rate limits and the access log still apply
-    app.add_middleware(RateLimit, resolve=st.tokens.resolve, quotas=st.quotas)  # inner: 429s are logged too
+    app.add_middleware(RateLimit, resolve=st.tokens.resolve, quotas=st.quotas,  # inner: 429s are logged too
+                       cached=None if st.meta.inline_reads else st.tokens.is_cached)
     app.add_middleware(AccessLog, metrics=st.metrics)
 
     @app.exception_handler(KVAgentError)
@@ -94,6 +95,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(generate_routes.routes(st))
     app.include_router(openai_routes.routes(st))
     app.include_router(market_routes.routes(st))
+    app.include_router(admin_routes.routes(st))
     return app
 
 

@@ -52,7 +52,8 @@ class FastLookup:
         response: Response
         try:
             p = self.st.authenticate(authorization_of(scope))
-            scope.setdefault("state", {})["principal"] = p.name
+            state = scope.setdefault("state", {})
+            state["principal"], state["token_id"] = p.name, p.token_id
             response = Response(lookup_body(self.st, m.group(1), p), media_type="application/json")
         except KVAgentError as exc:
             response = kvagent_response(exc)

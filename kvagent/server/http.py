@@ -204,6 +204,7 @@ class AccessLog:
                             "bytes": sent,
                             "ms": round(dt * 1000, 2),
                             "principal": (scope.get("state") or {}).get("principal"),
+                            "token_id": (scope.get("state") or {}).get("token_id"),  # never the token
                         },
                         separators=(",", ":"),
                     )

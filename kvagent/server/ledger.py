@@ -1,6 +1,6 @@
 """The market's double-entry ledger in the registry's database (SQLite or PostgreSQL).
 
-Tables (created here, through ``MetaStore.transaction()``): ``market_accounts`` (one balance per principal
+Tables (made by the migrations, kvagent.server.schema): ``market_accounts`` (one balance per principal
 and per system account), ``market_transactions`` (one row per charge, credit, refund or adjustment, with
 its public receipt id), ``market_postings`` (the legs of each transaction; they sum to zero),
 ``market_idempotency`` (buyer + client key -> transaction), ``market_prices`` (an artifact's price per
@@ -24,29 +24,6 @@ from typing import Any
 from .. import market as mk
 from ..errors import ConfigError
 from .meta import MetaStore, PostgresMeta
-
-_SCHEMA = [
-    "CREATE TABLE IF NOT EXISTS market_accounts (principal TEXT PRIMARY KEY, balance BIGINT NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS market_transactions (
-        id {serial}, receipt TEXT NOT NULL UNIQUE, ts DOUBLE PRECISION NOT NULL, kind TEXT NOT NULL,
-        buyer TEXT, key TEXT, publisher TEXT, amount BIGINT NOT NULL, ref BIGINT, memo TEXT)""",
-    "CREATE INDEX IF NOT EXISTS market_transactions_ref ON market_transactions (ref)",
-    """CREATE TABLE IF NOT EXISTS market_postings (
-        txn BIGINT NOT NULL, account TEXT NOT NULL, amount BIGINT NOT NULL, PRIMARY KEY (txn, account))""",
-    "CREATE INDEX IF NOT EXISTS market_postings_account ON market_postings (account, txn)",
-    """CREATE TABLE IF NOT EXISTS market_idempotency (
-        principal TEXT NOT NULL, idem_key TEXT NOT NULL, key TEXT NOT NULL, txn BIGINT,
-        created_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (principal, idem_key))""",
-    """CREATE TABLE IF NOT EXISTS market_prices (
-        key TEXT NOT NULL, owner TEXT NOT NULL, price BIGINT NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (key, owner))""",
-    """CREATE TABLE IF NOT EXISTS market_disputes (
-        id {serial}, ts DOUBLE PRECISION NOT NULL, receipt TEXT NOT NULL, buyer TEXT NOT NULL, key TEXT NOT NULL,
-        evidence TEXT NOT NULL, status TEXT NOT NULL, outcome TEXT, refund_receipt TEXT)""",
-    """CREATE TABLE IF NOT EXISTS market_quarantine (
-        key TEXT NOT NULL, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, dispute BIGINT, reason TEXT NOT NULL,
-        visibility TEXT NOT NULL, entitlements TEXT NOT NULL, PRIMARY KEY (key, owner))""",
-]
 
 QUARANTINED = "quarantined"
 _MAX_IDEM = 128
@@ -99,9 +76,6 @@ class Ledger:
         self.meta = meta
         self.prices = prices or mk.HostPrices()
         self._lock_sql = " FOR UPDATE" if isinstance(meta, PostgresMeta) else ""
-        with meta.transaction() as cur:
-            for stmt in _SCHEMA:
-                cur.execute(stmt.format(serial=meta.serial))
 
     @property
     def currency(self) -> str:

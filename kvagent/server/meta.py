@@ -2,6 +2,7 @@
 
 One small protocol (:class:`MetaStore`) with two implementations sharing the same SQL:
 SQLite (default; WAL, in the data dir) and PostgreSQL (psycopg 3). Every write is one transaction.
+The tables are made by the migrations (kvagent.server.schema), which opening a store applies (or checks).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import StoreError
+from .schema import Database, prepare
 
 VISIBILITIES = ("public", "restricted")
 
@@ -47,8 +49,6 @@ class LedgerEntry:
 class MetaStore(Protocol):
     """What the server needs from its metadata database."""
 
-    #: the SQL type of an auto-incrementing integer primary key on this backend
-    serial: str
     #: reads take microseconds and never wait on the network (a local SQLite file): the lookup routes run them
     #: on the event loop instead of handing each to a worker thread (the hand-off costs more than the query)
     inline_reads: bool
@@ -95,22 +95,6 @@ def can_see(meta: MetaStore, row: ArtifactRow, principal: str) -> bool:
     return row.visibility == "public" or row.owner == principal or meta.is_entitled(row.key, principal)
 
 
-_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS artifacts (
-        key TEXT PRIMARY KEY, owner TEXT NOT NULL, visibility TEXT NOT NULL, size BIGINT NOT NULL,
-        payload_sha256 TEXT NOT NULL, header TEXT NOT NULL, signature TEXT, blob TEXT NOT NULL,
-        created_at DOUBLE PRECISION NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS blocks (
-        hash TEXT NOT NULL, key TEXT NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (hash, key))""",
-    "CREATE INDEX IF NOT EXISTS blocks_key ON blocks (key)",
-    """CREATE TABLE IF NOT EXISTS entitlements (
-        key TEXT NOT NULL, principal TEXT NOT NULL, PRIMARY KEY (key, principal))""",
-    """CREATE TABLE IF NOT EXISTS ledger (
-        id {serial}, ts DOUBLE PRECISION NOT NULL, principal TEXT NOT NULL, key TEXT NOT NULL,
-        owner TEXT NOT NULL, bytes BIGINT NOT NULL, mode TEXT NOT NULL, tokens INTEGER NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS ledger_owner ON ledger (owner, ts)",
-    "CREATE INDEX IF NOT EXISTS ledger_principal ON ledger (principal, ts)",
-]
 _COLS = "key, owner, visibility, size, payload_sha256, header, signature, blob, created_at"
 
 
@@ -118,17 +102,15 @@ class _SQLMeta:
     """The SQL shared by both backends; subclasses supply connections, placeholders and transactions."""
 
     ph = "?"
-    serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
     inline_reads = False
 
-    def __init__(self) -> None:
-        with self.transaction() as cur:
-            self._schema_lock(cur)
-            for stmt in _SCHEMA:
-                cur.execute(stmt.format(serial=self.serial))
+    def __init__(self, migrate: bool = True) -> None:
+        prepare(self.database, migrate)
 
-    def _schema_lock(self, cur: Any) -> None:
-        """Serialise schema creation across processes (nodes starting together)."""
+    @property
+    def database(self) -> Database:
+        """Where this store's tables live (what kvagent.server.schema migrates)."""
+        raise NotImplementedError
 
     # -- subclass hooks ------------------------------------------------------------------
     @contextmanager
@@ -264,13 +246,17 @@ class SQLiteMeta(_SQLMeta):
 
     inline_reads = True
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, migrate: bool = True):
         self._path = str(path)
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         self._conn()
-        super().__init__()
+        super().__init__(migrate)
+
+    @property
+    def database(self) -> Database:
+        return Database(sqlite_path=Path(self._path))
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -319,9 +305,8 @@ class PostgresMeta(_SQLMeta):
     """PostgreSQL via psycopg 3 and a connection pool (broken connections are replaced by the pool)."""
 
     ph = "%s"
-    serial = "BIGSERIAL PRIMARY KEY"
 
-    def __init__(self, dsn: str, min_size: int = 1, max_size: int = 16):
+    def __init__(self, dsn: str, min_size: int = 1, max_size: int = 16, migrate: bool = True):
         import psycopg
         from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -338,10 +323,16 @@ class PostgresMeta(_SQLMeta):
         except PoolTimeout as exc:
             self._pool.close()
             raise StoreError(f"cannot connect to PostgreSQL within 10 s: {exc}") from exc
-        super().__init__()
+        self._dsn = dsn
+        try:
+            super().__init__(migrate)
+        except BaseException:
+            self._pool.close()
+            raise
 
-    def _schema_lock(self, cur: Any) -> None:
-        cur.execute("SELECT pg_advisory_xact_lock(7463531)")  # any fixed id: "kvagent schema"
+    @property
+    def database(self) -> Database:
+        return Database(postgres_dsn=self._dsn)
 
     def _in(self, values: Sequence[str]) -> tuple[str, list[Any]]:
         return "= ANY(?)", [list(values)]
@@ -358,9 +349,14 @@ class PostgresMeta(_SQLMeta):
         self._pool.close()
 
 
-def open_meta(data_dir: Path, postgres_dsn: str | None = None) -> MetaStore:
-    """The backend chosen by the settings: PostgreSQL when a DSN is given, else SQLite in ``data_dir``."""
-    if postgres_dsn:
-        return PostgresMeta(postgres_dsn)
+def open_meta(data_dir: Path, postgres_dsn: str | None = None, migrate: bool = True) -> MetaStore:
+    """The backend chosen by the settings: PostgreSQL when a DSN is given, else SQLite in ``data_dir``.
+
+    Its schema is migrated to this kvagent's head first (kvagent.server.schema), or, with ``migrate=False``,
+    checked to be there already (SchemaVersionError otherwise)."""
+    db = Database.of(data_dir, postgres_dsn)
+    if db.postgres_dsn:
+        return PostgresMeta(db.postgres_dsn, migrate=migrate)
     data_dir.mkdir(parents=True, exist_ok=True)
-    return SQLiteMeta(data_dir / "meta.sqlite3")
+    assert db.sqlite_path is not None
+    return SQLiteMeta(db.sqlite_path, migrate=migrate)

@@ -18,6 +18,10 @@ class Metrics:
         self.presigned_bytes = Counter("kvagent_presigned_bytes_total",
                                        "Blob bytes covered by the presigned URLs issued (metered at issue time)",
                                        registry=r)
+        # requests refused at authentication, by reason: missing, malformed, unknown, expired, revoked,
+        # unavailable (the token database could not be asked)
+        self.auth_failures = Counter("kvagent_auth_failures_total", "Requests refused for their bearer token",
+                                     ["reason"], registry=r)
         self.generates = Counter("kvagent_generate_total", "Generate calls", ["result"], registry=r)
         self.tokens = Counter("kvagent_generated_tokens_total", "Tokens generated", registry=r)
         self.latency = Histogram(

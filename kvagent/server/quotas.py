@@ -24,24 +24,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, KVAgentError
 from .http import ApiError, authorization_of, error_response
 from .meta import MetaStore
 
 DAY = 86_400
 LEASE_SECONDS = 600.0
 _KEEP_WINDOWS = 120  # rate windows older than this many seconds are swept
-
-_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS quota_rate (
-        principal TEXT NOT NULL, win BIGINT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (principal, win))""",
-    """CREATE TABLE IF NOT EXISTS quota_upload (
-        principal TEXT NOT NULL, day BIGINT NOT NULL, bytes BIGINT NOT NULL, PRIMARY KEY (principal, day))""",
-    """CREATE TABLE IF NOT EXISTS quota_leases (
-        id TEXT PRIMARY KEY, principal TEXT NOT NULL, kind TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS quota_leases_principal ON quota_leases (principal, kind)",
-    "CREATE TABLE IF NOT EXISTS quota_locks (principal TEXT PRIMARY KEY, touched DOUBLE PRECISION NOT NULL)",
-]
 
 
 @dataclass(frozen=True)
@@ -93,9 +82,6 @@ class Quotas:
 
     def __init__(self, meta: MetaStore, clock: Callable[[], float] = time.time):
         self.meta, self.clock = meta, clock
-        with meta.transaction() as cur:
-            for stmt in _SCHEMA:
-                cur.execute(stmt)
 
     # -- requests per second ----------------------------------------------------------------
     def hit(self, principal: str, limits: Limits) -> None:
@@ -206,15 +192,27 @@ class UploadMeter:
 
 
 class RateLimit:
-    """Pure ASGI middleware: counts every authenticated request against its principal's ``rps`` limit."""
+    """Pure ASGI middleware: counts every authenticated request against its principal's ``rps`` limit.
 
-    def __init__(self, app: Any, resolve: Callable[[str | None], Any], quotas: Quotas):
-        self.app, self.resolve, self.quotas = app, resolve, quotas
+    ``cached(authorization)`` says whether ``resolve`` can answer without the database; when it cannot, the
+    lookup runs in a worker thread, never on the event loop (None: every lookup is cheap enough inline)."""
+
+    def __init__(self, app: Any, resolve: Callable[[str | None], Any], quotas: Quotas,
+                 cached: Callable[[str | None], bool] | None = None):
+        self.app, self.resolve, self.quotas, self.cached = app, resolve, quotas, cached
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             auth = authorization_of(scope)
-            p = self.resolve(auth) if auth else None
+            p = None
+            if auth:
+                from starlette.concurrency import run_in_threadpool
+
+                try:
+                    p = (self.resolve(auth) if self.cached is None or self.cached(auth)
+                         else await run_in_threadpool(self.resolve, auth))
+                except KVAgentError:  # the route's own authentication answers it (503)
+                    p = None
             if p is not None and p.limits.rps is not None:
                 from starlette.concurrency import run_in_threadpool
 

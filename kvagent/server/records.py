@@ -7,7 +7,7 @@ record here — its own blob, visibility, grants and prefix index — answered e
 Lookups, prefix lookups, blob downloads, generate, grant and delete find the caller's own record the same
 way (see :func:`visible`). A later publisher who *can* see the first row still gets 409 (nothing is hidden).
 
-Tables (created here, SQLite and PostgreSQL): ``owner_copies`` (one row per key and owner),
+Tables (made by the migrations, kvagent.server.schema): ``owner_copies`` (one row per key and owner),
 ``owner_copy_blocks`` (their prefix index) and ``owner_copy_grants`` (their entitlements).
 """
 
@@ -19,17 +19,6 @@ from typing import Any
 from .meta import ArtifactRow, MetaStore
 
 _COLS = "key, owner, visibility, size, payload_sha256, header, signature, blob, created_at"
-_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS owner_copies (
-        key TEXT NOT NULL, owner TEXT NOT NULL, visibility TEXT NOT NULL, size BIGINT NOT NULL,
-        payload_sha256 TEXT NOT NULL, header TEXT NOT NULL, signature TEXT, blob TEXT NOT NULL,
-        created_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (key, owner))""",
-    """CREATE TABLE IF NOT EXISTS owner_copy_blocks (
-        hash TEXT NOT NULL, key TEXT NOT NULL, owner TEXT NOT NULL, idx INTEGER NOT NULL,
-        PRIMARY KEY (hash, key, owner))""",
-    """CREATE TABLE IF NOT EXISTS owner_copy_grants (
-        key TEXT NOT NULL, owner TEXT NOT NULL, principal TEXT NOT NULL, PRIMARY KEY (key, owner, principal))""",
-]
 # a copy is visible to its owner, to everyone when public, and to the principals its owner granted
 _VISIBLE = ("(c.owner = ? OR c.visibility = 'public' OR EXISTS (SELECT 1 FROM owner_copy_grants g "
             "WHERE g.key = c.key AND g.owner = c.owner AND g.principal = ?))")
@@ -40,9 +29,6 @@ class OwnerCopies:
 
     def __init__(self, meta: MetaStore):
         self.meta = meta
-        with meta.transaction() as cur:
-            for stmt in _SCHEMA:
-                cur.execute(stmt)
 
     def _one(self, sql: str, params: Sequence[Any]) -> ArtifactRow | None:
         with self.meta.read() as cur:

@@ -20,7 +20,7 @@ class Settings:
     """Where the server keeps its data, who may call it, and which model (if any) it runs."""
 
     data_dir: Path
-    token_file: Path
+    token_file: Path | None  # the JSON tokens imported into the database at start (None: import nothing)
     model: str | None = None
     models_dir: Path | None = None
     postgres_dsn: str | None = None
@@ -36,6 +36,8 @@ class Settings:
     max_queue: int = 8  # chat/completion requests waiting or running at once; more get 429 + Retry-After
     default_max_tokens: int = 512  # completion length when a request gives no max_tokens
     orphan_grace_s: float = 600.0  # unreferenced blobs / temp files younger than this are left alone at startup
+    migrate: bool = True  # upgrade the database schema at start (False: refuse unless it is at head already)
+    token_cache_s: float = 2.0  # how long a node trusts its cached answer for a token (revocations take this long)
 
     def __post_init__(self) -> None:
         if self.max_artifact_bytes <= 0:
@@ -46,6 +48,8 @@ class Settings:
             raise ConfigError("presign_expiry_s must be in 1..604800 (S3 allows at most 7 days)")
         if self.block_size <= 0:
             raise ConfigError("block_size must be positive")
+        if not 0 <= self.token_cache_s <= 60:
+            raise ConfigError("token_cache_s must be in 0..60 seconds")
         if self.dispute_verify not in ("sample", "full"):
             raise ConfigError("dispute_verify must be 'sample' or 'full'")
         if self.model is not None and self.model.lower() == "none":

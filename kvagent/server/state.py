@@ -10,8 +10,9 @@ from typing import Any
 
 from fastapi import Request
 
+from ..errors import StoreError
 from ..identity import validate_key
-from .auth import Principal, TokenTable
+from .auth import Principal, TokenTable, read_token_file
 from .blobs import BlobStore, open_blobs
 from .http import ApiError, not_found
 from .meta import ArtifactRow, MetaStore, open_meta
@@ -19,6 +20,7 @@ from .metrics import Metrics
 from .quotas import Quotas
 from .records import OwnerCopies, visible_row
 from .settings import Settings
+from .token_store import TokenStore
 
 log = logging.getLogger("kvagent.server")
 
@@ -34,18 +36,36 @@ class State:
     market: Any = None  # kvagent.server.ledger.Ledger: prices, accounts and charges
     quotas: Any = None  # kvagent.server.quotas.Quotas: rate limits and quotas per principal
     copies: Any = None  # kvagent.server.records.OwnerCopies: later publishers' own records of hidden keys
+    token_store: TokenStore | None = None  # the tokens in the database (the admin API changes them)
 
     def principal(self, request: Request) -> Principal:
         p = self.authenticate(request.headers.get("authorization"))
         request.state.principal = p.name
+        request.state.token_id = p.token_id
         return p
 
     def authenticate(self, authorization: str | None) -> Principal:
-        """The principal of an ``Authorization`` header value; 401 for a missing or unknown token."""
-        p = self.tokens.resolve(authorization)
+        """The principal of an ``Authorization`` header value; 401 for a missing, unknown, expired or revoked
+        token (counted in ``kvagent_auth_failures_total`` by reason; logs name the token's id, never the token)."""
+        try:
+            p, reason, tid = self.tokens.check(authorization)
+        except StoreError as exc:
+            self.metrics.auth_failures.labels("unavailable").inc()
+            log.warning("cannot check a bearer token: %s", exc)
+            raise ApiError(503, "unavailable", "cannot check the token now: the database is unavailable",
+                           {"Retry-After": "1"}) from exc
         if p is None:
-            raise ApiError(401, "unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+            self.metrics.auth_failures.labels(reason).inc()
+            if tid is not None:
+                log.info("refused %s token %s", reason, tid)
+            detail = {"expired": "the bearer token has expired", "revoked": "the bearer token was revoked"}
+            raise ApiError(401, "unauthorized", detail.get(reason, "missing or invalid bearer token"),
+                           {"WWW-Authenticate": "Bearer"})
         return p
+
+    def known_principal(self, name: str) -> bool:
+        """Whether an active token names ``name`` (the market credits only known principals)."""
+        return self.tokens.known_principal(name)
 
     def visible(self, key: str, principal: Principal) -> ArtifactRow:
         validate_key(key)
@@ -86,8 +106,14 @@ def build_state(settings: Settings) -> State:
     """Open the data dir and database, clean up after crashes, and load the model (if any)."""
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    tokens = TokenTable.from_file(settings.token_file)
-    meta = open_meta(data_dir, settings.postgres_dsn)
+    bootstrap = read_token_file(settings.token_file) if settings.token_file else None
+    meta = open_meta(data_dir, settings.postgres_dsn, migrate=settings.migrate)
+    token_store = TokenStore(meta)
+    if bootstrap is not None:
+        report = token_store.import_tokens(bootstrap, f"token file {settings.token_file}")
+        log.info("token file %s: %d added, %d updated, %d revoked (no longer in it)", settings.token_file,
+                 report.added, report.updated, len(report.revoked))
+    tokens = TokenTable(token_store, ttl=settings.token_cache_s)
     blobs = open_blobs(settings.blobs, data_dir)
     copies = OwnerCopies(meta)
     blobs.cleanup(lambda: [*meta.blob_names(), *copies.blob_names()], settings.orphan_grace_s)
@@ -104,4 +130,4 @@ def build_state(settings: Settings) -> State:
     from .ledger import open_ledger
 
     market = open_ledger(meta, settings.prices_file, settings.currency)
-    return State(settings, tokens, meta, blobs, Metrics(), host, market, Quotas(meta), copies)
+    return State(settings, tokens, meta, blobs, Metrics(), host, market, Quotas(meta), copies, token_store)
