@@ -288,33 +288,38 @@ def test_no_ddl_outside_the_migrations() -> None:
     assert offenders == []
 
 
+def start_together(n: int, base: Path, tokens: dict[str, Any], dsn: str) -> tuple[list[Any], list[BaseException]]:
+    """Start ``n`` registry processes on ``dsn`` at the same moment (a barrier releases all the spawns)."""
+    from registry_server import start_server
+
+    started: list[Any] = [None] * n
+    errors: list[BaseException] = []
+    go = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        go.wait()
+        try:
+            started[i] = start_server(base / f"n{i}", tokens, timeout=180, extra_args=["--postgres-dsn", dsn])
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return started, errors
+
+
 @pytest.mark.slow
 def test_four_nodes_start_together_on_an_emptied_postgres(tmp_path: Path) -> None:
     """Four real ``kvagent serve`` processes (registry only) on one empty PostgreSQL schema, started at the
     same moment, five rounds in a row: every node comes up every time, on the head schema."""
-    from registry_server import start_server
-
     tokens = {"alice-token-0001": {"principal": "alice", "publish": True},
               "admin-token-0001": {"principal": "ops", "admin": True}}
     for rnd in range(5):
         with fresh_schema(f"kvstart{rnd}") as dsn:
-            started: list[Any] = [None] * 4
-            errors: list[BaseException] = []
-            go = threading.Barrier(4)
-
-            def run(i: int, dsn: str = dsn) -> None:
-                go.wait()
-                try:
-                    started[i] = start_server(tmp_path / f"r{rnd}n{i}", tokens, timeout=180,
-                                              extra_args=["--postgres-dsn", dsn])
-                except BaseException as exc:  # noqa: BLE001 - reported below
-                    errors.append(exc)
-
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            started, errors = start_together(4, tmp_path / f"round{rnd}", tokens, dsn)
             try:
                 assert not errors, f"round {rnd}: {errors[0]}"
                 for node in started:
