@@ -39,6 +39,7 @@ class TokenTable:
 
     def __init__(self, tokens: dict[str, Principal]):
         self._by_digest = {_digest(t): p for t, p in tokens.items()}
+        self._principals = frozenset(p.name for p in tokens.values())
 
     @classmethod
     def from_file(cls, path: Path) -> TokenTable:
@@ -67,6 +68,10 @@ class TokenTable:
             limits = Limits.from_mapping(info.get("limits"), source)
             out[token] = Principal(info["principal"], publish, admin, limits)
         return cls(out)
+
+    def knows(self, principal: str) -> bool:
+        """Whether some token names ``principal`` (the market credits only principals that can spend)."""
+        return principal in self._principals
 
     def resolve(self, authorization: str | None) -> Principal | None:
         """The principal of an ``Authorization: Bearer <token>`` header value, or None."""
