@@ -535,3 +535,26 @@ def test_charged_headers_add_up_to_what_the_ledger_moved(server: ServerProcess) 
         with client(server, token_of(f"pub{i}")) as pub:
             earned += sum(x["amount"] for x in pub.statement()["sales"] if x["key"] == handles[i].key)
     assert earned + (after["host"] - before["host"]) == moved  # every charged micro-unit went somewhere
+
+
+def test_a_chat_completion_reports_what_it_moved(server: ServerProcess) -> None:
+    """A non-streamed chat completion is settled before it answers: X-KVAgent-Charged is the prepayment less
+    any unused output tokens given back, exactly the buyer's balance change; its replay reports 0."""
+    with client(server, "admin-token-0001") as admin:
+        admin.credit("bob", 100_000)
+    auth = {"Authorization": f"Bearer {token_of('bob')}"}
+    model = httpx.get(server.url + "/v1/models", headers=auth).json()["data"][0]["id"]
+    body = {"model": model, "max_tokens": 40, "temperature": 0,
+            "messages": [{"role": "user", "content": "t5 t6 t7 t8 t1"}]}
+    with client(server, token_of("bob")) as bob:
+        start = bob.account_balance()
+        key = uuid.uuid4().hex
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120,
+                       headers={**auth, "Idempotency-Key": key})
+        assert r.status_code == 200, r.text
+        spent = start - bob.account_balance()
+        assert int(r.headers["X-KVAgent-Charged"]) == spent > 0
+        again = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120,
+                           headers={**auth, "Idempotency-Key": key})
+        assert again.status_code == 200 and again.headers["X-KVAgent-Replayed"] == "1"
+        assert again.headers["X-KVAgent-Charged"] == "0" and bob.account_balance() == start - spent
