@@ -9,7 +9,10 @@ load), ``market_disputes`` and ``market_quarantine``.
 Every money movement is one database transaction: the buyer's idempotency key is claimed first (a
 concurrent duplicate waits on it, then finds the receipt), the accounts touched are locked in name order
 (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serialises writers), the
-balance is checked, then the postings and balances are written. The rules themselves are kvagent.market's.
+balance is checked, then the postings and balances are written. Admin credits and adjustments claim the
+admin's idempotency key the same way (the claim row also records which admin posted them), and a dispute
+locks the purchase's transaction row, so a receipt has one dispute however many filings race. The rules
+themselves are kvagent.market's.
 """
 
 from __future__ import annotations
