@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("rest", nargs=argparse.REMAINDER)
     tok.set_defaults(func=cmd_token)
 
-    acc = sub.add_parser("account", help="your registry account: balance, statement; credit (admin)")
+    acc = sub.add_parser("account", help="your registry account: balance, statement; credit, adjust (admin)")
     asub = acc.add_subparsers(dest="account_command", required=True)
     bal = asub.add_parser("balance", help="your balance in integer micro-units")
     bal.add_argument("--json", action="store_true")
@@ -133,8 +133,19 @@ def _parser() -> argparse.ArgumentParser:
     cre.add_argument("principal")
     cre.add_argument("amount", type=int)
     cre.add_argument("--memo", default="")
+    cre.add_argument("--create", action="store_true", help="credit a principal no token names yet")
+    cre.add_argument("--idempotency-key", help="repeat a credit safely: the same key credits once")
     cre.add_argument("--json", action="store_true")
     cre.set_defaults(func=cmd_account_credit)
+    adj = asub.add_parser("adjust", help="correct PRINCIPAL's balance by AMOUNT micro-units (negative: a "
+                                         "debit), with a reason (admin token only)")
+    adj.add_argument("principal")
+    adj.add_argument("amount", type=int)
+    adj.add_argument("--reason", required=True, help="why (shown in the principal's statement and the audit)")
+    adj.add_argument("--allow-negative", action="store_true", help="a debit may leave a debt")
+    adj.add_argument("--idempotency-key", help="repeat an adjustment safely: the same key posts once")
+    adj.add_argument("--json", action="store_true")
+    adj.set_defaults(func=cmd_account_adjust)
 
     cal = sub.add_parser("calibrate", help="measure prefill, load and registry costs for the cost policy")
     cal.add_argument("--show", action="store_true", help="print what is stored; measure nothing")
@@ -483,12 +494,27 @@ def cmd_account_balance(args: argparse.Namespace) -> int:
 
 def cmd_account_credit(args: argparse.Namespace) -> int:
     with _registry(args) as reg:
-        out = reg.credit(args.principal, args.amount, args.memo)
+        out = reg.credit(args.principal, args.amount, args.memo, create=args.create,
+                         idempotency_key=args.idempotency_key)
     if args.json:
         print(json.dumps(out))
     else:
+        again = " (a replay: nothing new credited)" if out.get("replayed") else ""
         print(f"credited {out['credited']} {out['currency']} to {out['principal']} (receipt {out['receipt']}); "
-              f"balance {out['balance']}")
+              f"balance {out['balance']}{again}")
+    return 0
+
+
+def cmd_account_adjust(args: argparse.Namespace) -> int:
+    with _registry(args) as reg:
+        out = reg.adjust(args.principal, args.amount, args.reason, allow_negative=args.allow_negative,
+                         idempotency_key=args.idempotency_key)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        again = " (a replay: nothing new posted)" if out.get("replayed") else ""
+        print(f"adjusted {out['principal']} by {out['adjusted']} {out['currency']} "
+              f"(receipt {out['receipt']}); balance {out['balance']}{again}")
     return 0
 
 
@@ -500,6 +526,8 @@ def cmd_account_statement(args: argparse.Namespace) -> int:
         return 0
     cur = s["currency"]
     lines = [f"{s['principal']}: balance {s['balance']} {cur}, credits {s['credits']} {cur}"]
+    for a in s.get("adjustments", []):
+        lines.append(f"  adjustment {a['amount']:+d} {cur} ({a['receipt']}): {a['reason']}")
     for title, rows, cols in (("purchases", s["purchases"], ("loads", "amount", "refunds")),
                               ("sales", s["sales"], ("loads", "amount", "royalties", "refunds"))):
         lines.append(f"{title}:" if rows else f"{title}: none")

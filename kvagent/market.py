@@ -9,9 +9,11 @@ default); no float ever touches an amount. A sale is one transaction of postings
 
 Hosted generation adds the host's token charges (to ``#host``) to the publisher's load price. Credits
 come from ``#mint``, the outside world (a payment processor), whose balance is minus all money issued,
-so the sum over every account is always zero. ``#``-names cannot collide with principals (the token
-file allows ``[A-Za-z0-9_.@:-]`` only). The server's ledger (kvagent.server.ledger) applies these rules
-inside database transactions; :class:`Book` applies them in memory (the model the property tests use).
+so the sum over every account is always zero. An operator's correction (an ``admin_adjust``, either
+sign, with a reason) is posted against ``#adjust``, whose balance is minus the net of all corrections.
+``#``-names cannot collide with principals (the token file allows ``[A-Za-z0-9_.@:-]`` only). The
+server's ledger (kvagent.server.ledger) applies these rules inside database transactions; :class:`Book`
+applies them in memory (the model the property tests use).
 """
 
 from __future__ import annotations
@@ -26,16 +28,51 @@ from .errors import ConfigError
 
 HOST = "#host"
 MINT = "#mint"
-SYSTEM_ACCOUNTS = (HOST, MINT)
+ADJUSTMENTS = "#adjust"
+SYSTEM_ACCOUNTS = (HOST, MINT, ADJUSTMENTS)
 DEFAULT_CURRENCY = "uUSD"
 BPS = 10_000
 TOKENS_PER_MTOK = 1_000_000
 #: The buyer's own prefill price: the paper's $5 per million input tokens = 5 uUSD per token.
 DEFAULT_PREFILL_MICROS_PER_TOKEN = 5
-#: Largest amount accepted anywhere (fits a signed 64-bit column with room for sums).
+
+# -- limits: the validation uses these names, docs/market.md lists them (tests/test_market.py compares) --
+#: Largest amount accepted anywhere: a credit, an adjustment, a price, X-KVAgent-Max-Price (fits a signed
+#: 64-bit column with room for sums: 9.2e18 / 1e15 leaves 9,000 maximal amounts per account).
 MAX_AMOUNT = 10**15
+#: Largest balance in size: of a principal, of the money ever credited (#mint) and of the net of the
+#: adjustments (#adjust). Money enters only through credits and adjustments, which check it, so no sum
+#: in a 64-bit column (at most 9.2e18) can overflow.
+MAX_BALANCE = 10**18
+#: Longest ``Idempotency-Key`` header, in characters.
+MAX_IDEMPOTENCY_KEY = 128
+#: Longest credit memo, in characters.
+MAX_MEMO = 200
+#: Longest reason of an admin adjustment (one character at least: the reason is mandatory).
+MAX_REASON = 200
+#: Longest ``detail`` of a dispute's evidence, in characters.
+MAX_DISPUTE_DETAIL = 500
+#: Longest receipt id a dispute may name (kvagent's are ``rcpt_`` + 24 hex characters).
+MAX_RECEIPT_ID = 64
+#: Longest currency name (``uUSD``).
+MAX_CURRENCY = 16
+#: Every limit by the name docs/market.md's table gives it.
+LIMITS = {
+    "amount": MAX_AMOUNT,
+    "balance": MAX_BALANCE,
+    "commission_bps": BPS,
+    "idempotency_key": MAX_IDEMPOTENCY_KEY,
+    "memo": MAX_MEMO,
+    "reason": MAX_REASON,
+    "dispute_detail": MAX_DISPUTE_DETAIL,
+    "receipt_id": MAX_RECEIPT_ID,
+    "currency": MAX_CURRENCY,
+}
 
 SALE, GENERATE, CREDIT, REFUND, ADJUST = "sale", "generate", "credit", "refund", "adjust"
+#: An operator's correction of a balance (either sign, with a reason), against #adjust; ``adjust`` is the
+#: give-back of a prepaid generation's unused tokens.
+ADMIN_ADJUST = "admin_adjust"
 
 
 def amount(value: Any, what: str = "amount", *, allow_zero: bool = True) -> int:
@@ -46,6 +83,15 @@ def amount(value: Any, what: str = "amount", *, allow_zero: bool = True) -> int:
         raise ConfigError(f"{what} must be an integer count of micro-units, got {value!r:.40}")
     if value < 0 or value > MAX_AMOUNT or (value == 0 and not allow_zero):
         raise ConfigError(f"{what} must be in {0 if allow_zero else 1}..{MAX_AMOUNT}, got {value}")
+    return value
+
+
+def signed_amount(value: Any, what: str = "amount") -> int:
+    """``value`` as a non-zero integer amount of either sign, at most :data:`MAX_AMOUNT` in size."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what} must be an integer count of micro-units, got {value!r:.40}")
+    if value == 0 or abs(value) > MAX_AMOUNT:
+        raise ConfigError(f"{what} must be in -{MAX_AMOUNT}..-1 or 1..{MAX_AMOUNT}, got {value}")
     return value
 
 
@@ -69,7 +115,7 @@ class HostPrices:
     commission_bps: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.currency, str) or not 1 <= len(self.currency) <= 16:
+        if not isinstance(self.currency, str) or not 1 <= len(self.currency) <= MAX_CURRENCY:
             raise ConfigError(f"currency must be a short string such as 'uUSD', got {self.currency!r:.40}")
         for name in ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok"):
             amount(getattr(self, name), name)
@@ -128,6 +174,11 @@ def credit_postings(principal: str, value: int) -> list[Posting]:
     return [Posting(MINT, -value), Posting(principal, value)]
 
 
+def adjustment_postings(principal: str, delta: int) -> list[Posting]:
+    """An operator's correction: ``delta`` (either sign) moves between #adjust and the principal."""
+    return [Posting(ADJUSTMENTS, -delta), Posting(principal, delta)]
+
+
 def reversal(postings: Sequence[Posting]) -> list[Posting]:
     """The postings that undo ``postings`` (a refund)."""
     return [Posting(p.account, -p.amount) for p in postings]
@@ -176,6 +227,23 @@ def refusal(price: int, balance: int, max_price: int | None) -> str | None:
     return None
 
 
+def check_inflow(balances: Mapping[str, int], postings: Sequence[Posting]) -> None:
+    """Refuse money entering (a credit or adjustment) that would take an account past :data:`MAX_BALANCE`."""
+    for p in postings:
+        after = balances.get(p.account, 0) + p.amount
+        if abs(after) > MAX_BALANCE:
+            raise ConfigError(f"this would take the balance of {p.account} to {after}, past the limit of "
+                              f"{MAX_BALANCE} in size")
+
+
+def adjustment_refusal(delta: int, balance: int, allow_negative: bool) -> str | None:
+    """Why an admin adjustment of ``delta`` must not happen: a debit never takes a balance below zero
+    unless the operator says it records a debt (``allow_negative``)."""
+    if delta < 0 and balance + delta < 0 and not allow_negative:
+        return "insufficient_balance"
+    return None
+
+
 # -- statements ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StatementRow:
@@ -187,6 +255,22 @@ class StatementRow:
     buyer: str | None
     account: str
     amount: int
+    receipt: str = ""
+    memo: str = ""
+    ts: float = 0.0
+
+
+@dataclass(frozen=True)
+class AdjustmentLine:
+    """An admin adjustment of a statement's principal: what it moved (signed) and the operator's reason."""
+
+    receipt: str
+    amount: int
+    reason: str
+    ts: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 @dataclass
@@ -207,9 +291,12 @@ class Statement:
     purchases: dict[str, ArtifactLine] = field(default_factory=dict)
     sales: dict[str, ArtifactLine] = field(default_factory=dict)
     credits: int = 0
+    adjustments: list[AdjustmentLine] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"principal": self.principal, "credits": self.credits,
+                "adjusted": sum(a.amount for a in self.adjustments),
+                "adjustments": [a.to_json() for a in self.adjustments],
                 "purchases": [v.to_json() for _, v in sorted(self.purchases.items())],
                 "sales": [v.to_json() for _, v in sorted(self.sales.items())]}
 
@@ -222,6 +309,9 @@ def statement(principal: str, rows: Iterable[StatementRow]) -> Statement:
             continue
         if r.kind == CREDIT:
             st.credits += r.amount
+            continue
+        if r.kind == ADMIN_ADJUST:
+            st.adjustments.append(AdjustmentLine(r.receipt, r.amount, r.memo, r.ts))
             continue
         if r.key is None:
             continue
@@ -252,6 +342,15 @@ class PaymentRefused(Exception):
         self.quote = quote
 
 
+class AdjustmentRefused(ConfigError):
+    """An admin debit larger than the balance, without ``allow_negative``: nothing was posted."""
+
+    def __init__(self, principal: str, delta: int, balance: int):
+        super().__init__(f"a debit of {-delta} would take {principal}'s balance of {balance} below zero; "
+                         "debit at most the balance, or set allow_negative to record a debt")
+        self.principal, self.delta, self.balance = principal, delta, balance
+
+
 @dataclass
 class Book:
     """Balances, transactions and idempotency keys in memory, under exactly the server's rules."""
@@ -276,6 +375,13 @@ class Book:
 
     def credit(self, principal: str, value: int) -> int:
         return self._post(credit_postings(principal, amount(value, allow_zero=False)))
+
+    def adjust(self, principal: str, delta: int, allow_negative: bool = False) -> int:
+        """An admin adjustment; :class:`AdjustmentRefused` if a debit overdraws without ``allow_negative``."""
+        delta = signed_amount(delta)
+        if adjustment_refusal(delta, self.balance(principal), allow_negative):
+            raise AdjustmentRefused(principal, delta, self.balance(principal))
+        return self._post(adjustment_postings(principal, delta))
 
     def charge(self, buyer: str, publisher: str, key: str, price: int, idem: str, max_price: int | None = None) -> int | None:
         """The receipt (transaction id) of buying ``key``; ``None`` when free; the same receipt for a repeated ``idem``."""

@@ -558,10 +558,10 @@ class RegistryClient:
         charged = resp.headers.get("x-kvagent-charged", "0")
         self.last_charge = int(charged) if charged.isdigit() and resp.headers.get("x-kvagent-replayed") != "1" else 0
 
-    def _call(self, method: str, url: str, what: str, **kw: Any) -> Any:
+    def _call(self, method: str, url: str, what: str, ok: tuple[int, ...] = (200,), **kw: Any) -> Any:
         def once() -> Any:
             resp = self._send(method, url, what, **kw)
-            if resp.status_code != 200:
+            if resp.status_code not in ok:
                 raise _error_for(resp, what)
             body = _json(resp)
             if not isinstance(body, Mapping):
@@ -585,15 +585,31 @@ class RegistryClient:
         _int_field(body, "balance", "statement")
         return dict(body)
 
-    def credit(self, principal: str, amount: int, memo: str = "") -> dict[str, Any]:
-        """Admin only: credit ``principal`` with ``amount`` micro-units (not retried: a credit is not idempotent)."""
-        resp = self._send("POST", "/v1/account/credit", "credit",
-                          json={"principal": principal, "amount": int(amount), "memo": memo})
-        if resp.status_code != 200:
-            raise _error_for(resp, "credit")
-        body = _json(resp)
-        _int_field(body, "balance", "credit")
-        return dict(body)
+    def credit(self, principal: str, amount: int, memo: str = "", *, create: bool = False,
+               idempotency_key: str | None = None) -> dict[str, Any]:
+        """Admin only: credit ``principal`` with ``amount`` micro-units. Retried under one Idempotency-Key
+        (``idempotency_key``, or a fresh one per call), so a retry never credits twice; a replay answers
+        ``"replayed": true`` and ``"credited": 0``. ``create`` credits a principal no token names yet."""
+        body: dict[str, Any] = {"principal": principal, "amount": int(amount), "memo": memo}
+        if create:
+            body["create"] = True
+        return self._admin_money("/v1/account/credit", "credit", body, idempotency_key)
+
+    def adjust(self, principal: str, amount: int, reason: str, *, allow_negative: bool = False,
+               idempotency_key: str | None = None) -> dict[str, Any]:
+        """Admin only: correct ``principal``'s balance by ``amount`` (negative debits) with a mandatory
+        ``reason``; a debit below zero is refused (409) unless ``allow_negative`` records a debt. Retried
+        under one Idempotency-Key like :meth:`credit`."""
+        body = {"principal": principal, "amount": int(amount), "reason": reason,
+                "allow_negative": allow_negative}
+        return self._admin_money("/v1/account/adjust", "adjustment", body, idempotency_key)
+
+    def _admin_money(self, url: str, what: str, body: dict[str, Any],
+                     idempotency_key: str | None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        answer = self._call("POST", url, what, json=body, headers=headers)
+        _int_field(answer, "balance", what)
+        return dict(answer)
 
     def price(self, key: str) -> dict[str, Any]:
         """``{"key", "price", "currency", "balance"}``: what one load of ``key`` costs us."""
@@ -614,7 +630,8 @@ class RegistryClient:
         validate_key(key)
         body = {"receipt": receipt, "layer": layer, "position": position, "difference": difference,
                 "detail": detail[:500]}
-        return dict(self._call("POST", f"/v1/artifacts/{key}/disputes", "dispute", json=body))
+        # 201: a new dispute; 200: the receipt's dispute filed before, as it stands
+        return dict(self._call("POST", f"/v1/artifacts/{key}/disputes", "dispute", json=body, ok=(200, 201)))
 
 
 _REDIRECTS = (301, 302, 303, 307, 308)

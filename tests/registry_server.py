@@ -79,8 +79,11 @@ def start_server(
     extra_args: Sequence[str] = (),
     timeout: float = 120,
     s3_endpoint: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> ServerProcess:
     """Run ``python -m kvagent.server`` on a free loopback port and wait until /v1/healthz answers.
+
+    ``extra_env`` adds to the server's environment (e.g. ``OMP_NUM_THREADS``).
 
     ``s3_endpoint`` overrides the endpoint an S3 backend is given (a fault proxy in front of the S3 server).
     """
@@ -97,7 +100,8 @@ def start_server(
         "--data-dir", str(data_dir), "--token-file", str(token_file), "--model", model or "none", *extra_args,
     ]
     log_path = data_dir.parent / f"{data_dir.name}.server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **blob_env}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **blob_env,
+           **(extra_env or {})}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvagent import market as mk
+from kvagent.errors import ConfigError
 from kvagent.server.ledger import QUARANTINED, IdempotencyConflict, Ledger
 from kvagent.server.meta import ArtifactRow, MetaStore, PostgresMeta, SQLiteMeta, can_see
 from kvagent.server.records import OwnerCopies
@@ -114,7 +115,8 @@ def test_proven_dispute_refunds_and_quarantines(meta: MetaStore) -> None:
     rec = led.charge_load("bob", r.key, "mallory", "i", None)
     assert rec is not None and led.purchase(rec.receipt, "bob") == (rec.txn, r.key, "mallory")
     assert led.purchase(rec.receipt, "carol") is None  # a receipt is only its buyer's
-    did = led.file_dispute(rec.receipt, "bob", r.key, {"layer": 1, "position": 7, "difference": 3.5})
+    did, new = led.file_dispute(rec.receipt, "bob", r.key, {"layer": 1, "position": 7, "difference": 3.5})
+    assert new
     d = led.resolve_dispute(did, True, "re-verified: mismatch")
     assert d.status == "refunded" and d.refund_receipt is not None
     assert (led.balance("bob"), led.balance("mallory")) == (1000, 0)
@@ -137,7 +139,7 @@ def test_quarantine_hits_only_the_sold_record(meta: MetaStore) -> None:
     led.credit("bob", 100)
     rec = led.charge_load("bob", first.key, "mallory", "i", None)
     assert rec is not None
-    led.resolve_dispute(led.file_dispute(rec.receipt, "bob", first.key, {}), True, "mismatch")
+    led.resolve_dispute(led.file_dispute(rec.receipt, "bob", first.key, {})[0], True, "mismatch")
     copy = copies.get(first.key, "mallory")
     assert copy is not None and copy.visibility == QUARANTINED and copies.visible(first.key, "carol") is None
     assert meta.get(first.key) == first and not led.is_quarantined(first.key, "alice")
@@ -181,6 +183,8 @@ _ops = st.lists(st.one_of(
     st.tuples(st.just("credit"), st.sampled_from(["a", "b", "c"]), st.integers(1, 500)),
     st.tuples(st.just("buy"), st.sampled_from(["a", "b", "c"]), st.integers(0, 2), st.integers(0, 4)),
     st.tuples(st.just("refund"), st.integers(0, 10)),
+    st.tuples(st.just("adjust"), st.sampled_from(["a", "b", "c"]), st.integers(-600, 300).filter(bool),
+              st.booleans()),
 ), max_size=25)
 
 
@@ -214,10 +218,113 @@ def test_sqlite_ledger_matches_the_pure_book(ops: list[tuple]) -> None:
                 assert (rec is None) == (txn is None)
                 if rec is not None and txn is not None and not rec.replayed:
                     receipts.append((rec.receipt, txn))
+            elif op[0] == "adjust":
+                _, who, delta, negative = op
+                try:
+                    led.adjust(who, delta, "property test", allow_negative=negative)
+                except mk.AdjustmentRefused:
+                    with pytest.raises(mk.AdjustmentRefused):
+                        book.adjust(who, delta, negative)
+                    continue
+                book.adjust(who, delta, negative)
             elif receipts:
                 receipt, txn = receipts[op[1] % len(receipts)]
                 assert (led.refund(receipt) is None) == (book.refund(txn) is None)
-        for acct in ["a", "b", "c", mk.HOST, mk.MINT]:
+        for acct in ["a", "b", "c", mk.HOST, mk.MINT, mk.ADJUSTMENTS]:
             assert led.balance(acct) == book.balance(acct), acct
         assert led.audit().unbalanced == [] and led.audit().total == 0
         meta.close()
+
+
+def test_admin_adjustment_is_its_own_balanced_kind(meta: MetaStore) -> None:
+    """A mistaken credit undone by a debit with a reason; a debit never overdraws unless a debt is recorded;
+    the statement and the audit show each adjustment, the audit with the admin who posted it."""
+    led = Ledger(meta)
+    led.credit("bob", 1000, "top-up")
+    rec = led.adjust("bob", -300, "credited 300 too many on 2026-12-01", idem="fix-1", by="operator")
+    assert rec.amount == -300 and not rec.replayed
+    again = led.adjust("bob", -300, "credited 300 too many on 2026-12-01", idem="fix-1", by="operator")
+    assert (again.receipt, again.replayed) == (rec.receipt, True)  # a retry posts nothing
+    with pytest.raises(IdempotencyConflict):  # the same key for another amount
+        led.adjust("bob", -200, "x", idem="fix-1", by="operator")
+    assert (led.balance("bob"), led.balance(mk.ADJUSTMENTS)) == (700, 300)
+    with pytest.raises(mk.AdjustmentRefused) as e:  # more than the balance: refused, nothing posted
+        led.adjust("bob", -701, "chargeback", by="operator")
+    assert e.value.balance == 700 and led.balance("bob") == 700
+    for bad in (0, mk.MAX_AMOUNT + 1, -mk.MAX_AMOUNT - 1, True, 2.5):
+        with pytest.raises(ConfigError):
+            led.adjust("bob", bad, "why", by="operator")  # type: ignore[arg-type]
+    for reason in ("", "   ", "r" * (mk.MAX_REASON + 1)):
+        with pytest.raises(ConfigError, match="reason"):
+            led.adjust("bob", 5, reason, by="operator")
+    debt = led.adjust("bob", -900, "chargeback of money already spent", by="admin2", allow_negative=True)
+    led.adjust("carol", 50, "goodwill", by="operator")
+    assert (led.balance("bob"), led.balance("carol"), led.balance(mk.ADJUSTMENTS)) == (-200, 50, 1150)
+    s = led.statement("bob").to_json()
+    assert s["credits"] == 1000 and s["adjusted"] == -1200 and s["purchases"] == s["sales"] == []
+    assert [(a["receipt"], a["amount"], a["reason"]) for a in s["adjustments"]] == [
+        (rec.receipt, -300, "credited 300 too many on 2026-12-01"),
+        (debt.receipt, -900, "chargeback of money already spent")]
+    a = led.audit()
+    assert (a.total, a.unbalanced, a.negative) == (0, [], {"bob": -200})
+    assert (a.money_issued, a.adjusted) == (1000, -1150)
+    assert a.transactions == {"credit": 1, "admin_adjust": 3}
+    assert [(x["principal"], x["amount"], x["by"]) for x in a.adjustments] == [
+        ("carol", 50, "operator"), ("bob", -900, "admin2"), ("bob", -300, "operator")]
+    with pytest.raises(mk.PaymentRefused):  # a debt blocks purchases
+        led.set_price("k", "alice", 1)
+        led.charge_load("bob", "k", "alice", None, None)
+
+
+def test_credit_is_idempotent_and_bounded(meta: MetaStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    led = Ledger(meta)
+    first = led.credit("bob", 500, "pi_123", idem="pi_123", by="stripe-hook")
+    again = led.credit("bob", 500, "pi_123", idem="pi_123", by="stripe-hook")
+    assert (again.receipt, again.amount, again.replayed) == (first.receipt, 500, True)
+    assert led.balance("bob") == 500 and led.audit().transactions == {"credit": 1}
+    with pytest.raises(IdempotencyConflict):
+        led.credit("carol", 500, idem="pi_123", by="stripe-hook")
+    assert led.credit("bob", 500, idem="pi_123", by="admin2").receipt != first.receipt  # keys are per admin
+    with pytest.raises(ConfigError, match="Idempotency-Key"):
+        led.credit("bob", 1, idem="k" * (mk.MAX_IDEMPOTENCY_KEY + 1))
+    monkeypatch.setattr(mk, "MAX_BALANCE", 3000)  # money issued stops there (10**18: no 64-bit overflow)
+    led.credit("carol", 1000)
+    with pytest.raises(ConfigError, match="limit"):
+        led.credit("dave", 1001)  # #mint would pass -3000
+    with pytest.raises(ConfigError, match="limit"):
+        led.adjust("carol", 2001, "x")  # carol would pass 3000
+    assert led.audit().money_issued == 2000 and led.balance("dave") == 0
+
+
+def test_a_receipt_has_one_dispute(meta: MetaStore, request: pytest.FixtureRequest) -> None:
+    led = Ledger(meta)
+    led.set_price("k", "mallory", 10)
+    led.credit("bob", 100)
+    rec = led.charge_load("bob", "k", "mallory", None, None)
+    assert rec is not None
+    did, new = led.file_dispute(rec.receipt, "bob", "k", {"detail": "first"})
+    assert new and led.file_dispute(rec.receipt, "bob", "k", {"detail": "second"}) == (did, False)
+    led.record_open(did, "no model here")
+    assert led.dispute(did).to_json() == {"id": did, "receipt": rec.receipt, "key": "k", "status": "open",
+                                          "outcome": "no model here", "refund_receipt": None}
+    # many at once, on as many connections as the store has (two nodes on PostgreSQL): still one dispute
+    other = led.charge_load("bob", "k", "mallory", None, None)
+    assert other is not None
+    nodes = [led] if isinstance(meta, SQLiteMeta) else [led, Ledger(PostgresMeta(request.getfixturevalue(
+        "pg_schema_dsn")))]
+    got: list[tuple[int, bool]] = []
+    barrier = threading.Barrier(8)
+
+    def file(i: int) -> None:
+        barrier.wait()
+        got.append(nodes[i % len(nodes)].file_dispute(other.receipt, "bob", "k", {"n": i}))
+
+    threads = [threading.Thread(target=file, args=(i,)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len({d for d, _ in got}) == 1 and sorted(n for _, n in got) == [False] * 7 + [True]
+    assert len(led.disputes("bob")) == 2
+    for n in nodes[1:]:
+        n.meta.close()

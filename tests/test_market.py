@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -233,3 +234,63 @@ def test_admin_flag_in_the_token_file() -> None:
     assert op is not None and op.admin and bob is not None and not bob.admin
     with pytest.raises(ConfigError):
         TokenTable.from_mapping({"admin-token-01": {"principal": "op", "admin": "yes"}})
+    assert t.known_principal("op") and t.known_principal("bob")
+    assert not t.known_principal("ghost-not-in-token-file") and not t.known_principal(mk.MINT)
+
+
+def test_adjustments_are_signed_balanced_and_never_overdraw_by_default() -> None:
+    assert mk.signed_amount(-5) == -5 and mk.signed_amount(mk.MAX_AMOUNT) == mk.MAX_AMOUNT
+    for bad in (0, mk.MAX_AMOUNT + 1, -mk.MAX_AMOUNT - 1, 1.5, True, "5", None):
+        with pytest.raises(ConfigError):
+            mk.signed_amount(bad)
+    assert mk.balanced(mk.adjustment_postings("bob", -7)) and mk.balanced(mk.adjustment_postings("bob", 7))
+    assert mk.adjustment_refusal(-7, 7, False) is None
+    assert mk.adjustment_refusal(-8, 7, False) == "insufficient_balance"
+    assert mk.adjustment_refusal(-8, 7, True) is None and mk.adjustment_refusal(5, -100, False) is None
+    book = mk.Book()
+    book.credit("bob", 10)
+    with pytest.raises(mk.AdjustmentRefused):
+        book.adjust("bob", -11)
+    book.adjust("bob", -11, allow_negative=True)
+    assert (book.balance("bob"), book.balance(mk.ADJUSTMENTS), sum(book.balances.values())) == (-1, 11, 0)
+    with pytest.raises(ConfigError, match="limit"):
+        mk.check_inflow({mk.MINT: -mk.MAX_BALANCE}, mk.credit_postings("bob", 1))
+    mk.check_inflow({mk.MINT: 1 - mk.MAX_BALANCE}, mk.credit_postings("bob", 1))
+
+
+def test_statement_lists_admin_adjustments_apart() -> None:
+    rows = [mk.StatementRow(1, mk.CREDIT, None, "bob", "bob", 500, "rcpt_a"),
+            mk.StatementRow(2, mk.ADMIN_ADJUST, None, "bob", "bob", -200, "rcpt_b", "mistaken credit", 5.0),
+            mk.StatementRow(3, mk.SALE, "k", "bob", "bob", -100, "rcpt_c")]
+    s = mk.statement("bob", rows).to_json()
+    assert s["credits"] == 500 and s["adjusted"] == -200 and s["purchases"][0]["amount"] == 100
+    assert s["adjustments"] == [{"receipt": "rcpt_b", "amount": -200, "reason": "mistaken credit", "ts": 5.0}]
+
+
+def test_the_documented_limits_are_the_enforced_ones() -> None:
+    """docs/market.md's limits table names each constant and its value; the validation uses the same names."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "market.md").read_text(encoding="utf-8")
+    table = doc.split("## Limits", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = (int(cells[1].split()[0]), cells[2].strip("`"))
+    assert {name: value for name, (value, _) in rows.items()} == mk.LIMITS
+    for name, (value, const) in rows.items():
+        assert getattr(mk, const) == value, name
+    from kvagent.server.market_routes import AdjustRequest, CreditRequest, DisputeRequest
+
+    def max_length(model: Any, name: str) -> int:
+        return int(model.model_json_schema()["properties"][name]["maxLength"])
+
+    assert max_length(CreditRequest, "memo") == mk.MAX_MEMO
+    assert max_length(AdjustRequest, "reason") == mk.MAX_REASON
+    assert max_length(DisputeRequest, "detail") == mk.MAX_DISPUTE_DETAIL
+    assert max_length(DisputeRequest, "receipt") == mk.MAX_RECEIPT_ID
+    with pytest.raises(ConfigError, match=str(mk.MAX_AMOUNT)):
+        mk.amount(mk.MAX_AMOUNT + 1, "price")
+    with pytest.raises(ConfigError):
+        mk.HostPrices(currency="u" * (mk.MAX_CURRENCY + 1))
+    with pytest.raises(ConfigError):
+        mk.HostPrices(commission_bps=mk.BPS + 1)

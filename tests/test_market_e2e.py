@@ -10,6 +10,7 @@ import secrets
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ TOKENS: dict[str, dict[str, Any]] = {
     "bob-token-000001": {"principal": "bob"},
     "carol-token-0001": {"principal": "carol"},
     "dave-token-00001": {"principal": "dave"},  # a buyer no other test funds
+    "erin-token-00001": {"principal": "erin"},  # the adjustments test's
     **{f"pub-token-{i:04d}": {"principal": f"pub{i}", "publish": True} for i in range(N_PUBLISHERS)},
     **{f"buyer-token-{i:04d}": {"principal": f"buyer{i}"} for i in range(N_BUYERS)},
 }
@@ -163,6 +165,10 @@ def test_retry_with_same_idempotency_key_charges_once(server: ServerProcess, mod
         receipt, charged = carol.last_receipt, carol.last_charge
         again = carol.download_blob(h, idempotency_key=key)  # e.g. the connection broke and the SDK retried
         assert again == first and carol.last_receipt == receipt and (charged, carol.last_charge) == (700, 0)
+        raw = httpx.get(server.url + h.blob_url, headers={"Authorization": f"Bearer {token_of('carol')}",
+                                                          "Idempotency-Key": key})
+        assert raw.status_code == 200 and raw.headers["X-KVAgent-Receipt"] == receipt
+        assert (raw.headers["X-KVAgent-Charged"], raw.headers["X-KVAgent-Replayed"]) == ("0", "1")  # no money
         assert carol.account_balance() == 300 and audit(server)["transactions"]["sale"] == before + 1
         with pytest.raises(RegistryPaymentRequiredError):  # a new key is a new purchase, and 300 < 700
             carol.download_blob(h)
@@ -334,3 +340,221 @@ def test_the_sdk_buys_within_its_limits_and_prefills_on_402(server: ServerProces
     assert doc.cache.status == "remote" and "bought for 1000" in doc.cache.reason, doc.cache.reason
     assert agent.resolver.spent == 1000 and client(server, "dave-token-00001").account_balance() == 4000
     agent.close()
+
+
+def _admin_post(srv: ServerProcess, path: str, body: dict[str, Any],
+                key: str | None = None) -> httpx.Response:
+    headers = {"Authorization": "Bearer admin-token-0001", **({"Idempotency-Key": key} if key else {})}
+    return httpx.post(srv.url + path, json=body, headers=headers, timeout=30)
+
+
+def test_admin_adjustments_and_credits_to_known_principals(server: ServerProcess,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistaken credit is undone by a debit with a reason (its own kind, in the statement and the audit);
+    a debit never overdraws unless a debt is recorded; money goes only to principals a token names; a
+    repeated Idempotency-Key posts nothing and says so."""
+    ghost = _admin_post(server, "/v1/account/credit", {"principal": "ghost-not-in-token-file", "amount": 5})
+    assert (ghost.status_code, ghost.json()["error"]) == (422, "unknown_principal"), ghost.text
+    assert "ghost-not-in-token-file" in ghost.json()["detail"]
+    r = _admin_post(server, "/v1/account/adjust", {"principal": "ghost-2", "amount": 5, "reason": "x"})
+    assert (r.status_code, r.json()["error"]) == (422, "unknown_principal")
+    r = _admin_post(server, "/v1/account/credit", {"principal": "#mint", "amount": 5, "create": True})
+    assert r.status_code == 422  # the system accounts are out of reach
+    made = _admin_post(server, "/v1/account/credit", {"principal": "later-user", "amount": 5, "create": True})
+    assert made.status_code == 200 and made.json()["balance"] == 5  # an explicit create
+    with client(server, token_of("erin")) as erin, client(server, "admin-token-0001") as admin:
+        start = erin.account_balance()
+        first = _admin_post(server, "/v1/account/credit", {"principal": "erin", "amount": 1000}, key="pi_42")
+        again = _admin_post(server, "/v1/account/credit", {"principal": "erin", "amount": 1000}, key="pi_42")
+        assert first.json()["credited"] == 1000 and first.json()["replayed"] is False
+        assert again.json()["receipt"] == first.json()["receipt"] and again.json()["credited"] == 0
+        assert again.json()["replayed"] is True and again.headers["X-KVAgent-Replayed"] == "1"
+        assert erin.account_balance() == start + 1000
+        r = _admin_post(server, "/v1/account/credit", {"principal": "erin", "amount": 999}, key="pi_42")
+        assert r.status_code == 422  # the key belongs to another credit
+        # the mistaken credit undone: a debit with a reason, once however often it is sent
+        body = {"principal": "erin", "amount": -1000, "reason": "credited twice by mistake (pi_42)"}
+        fix = _admin_post(server, "/v1/account/adjust", body, key="fix-pi_42")
+        assert fix.status_code == 200, fix.text
+        assert _admin_post(server, "/v1/account/adjust", body, key="fix-pi_42").json()["adjusted"] == 0
+        assert fix.json()["adjusted"] == -1000 and erin.account_balance() == start
+        for bad in ({"principal": "erin", "amount": -1}, {"principal": "erin", "amount": -1, "reason": ""},
+                    {"principal": "erin", "amount": 0, "reason": "r"},
+                    {"principal": "erin", "amount": -(10**15) - 1, "reason": "r"}):
+            assert _admin_post(server, "/v1/account/adjust", bad).status_code == 422, bad
+        over = _admin_post(server, "/v1/account/adjust", {"principal": "erin", "amount": -(start + 1),
+                                                          "reason": "chargeback"})
+        assert (over.status_code, over.json()["error"]) == (409, "insufficient_balance")
+        assert over.json()["balance"] == start
+        debt = admin.adjust("erin", -(start + 1), "chargeback of spent money", allow_negative=True)
+        assert debt["balance"] == -1 and debt["adjusted"] == -(start + 1)
+        assert admin.adjust("erin", 1, "debt forgiven")["balance"] == 0
+        with pytest.raises(RegistryAuthError):
+            erin.adjust("erin", 10**6, "I would like more")
+        s = erin.statement()
+        reasons = [(a["amount"], a["reason"]) for a in s["adjustments"]]
+        assert reasons[-3:] == [(-1000, "credited twice by mistake (pi_42)"),
+                                (-(start + 1), "chargeback of spent money"), (1, "debt forgiven")]
+        a = audit(server)
+        assert a["unbalanced"] == [] and a["total"] == 0 and "erin" not in a["negative"]
+        assert a["adjustments"][0]["by"] == "operator" and a["adjustments"][0]["reason"] == "debt forgiven"
+    base = ["--registry", server.url, "--token", "admin-token-0001", "account"]
+    assert cli.main([*base, "adjust", "erin", "7", "--reason", "goodwill", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["balance"] == 7
+    assert cli.main([*base, "adjust", "erin", "-7", "--reason", "goodwill reversed",
+                     "--idempotency-key", "g1"]) == 0
+    assert "adjusted erin by -7" in capsys.readouterr().out
+    assert cli.main([*base, "credit", "ghost-not-in-token-file", "5"]) != 0
+
+
+def test_a_second_dispute_returns_the_first(server: ServerProcess) -> None:
+    """Filed again, or by 8 threads at once, a receipt's dispute is one dispute (201 once, then 200)."""
+    h_blob = make_artifact(make_kv(tokens=24, seed=404), publisher="alice")[1]  # not the host's model: open
+    with client(server, token_of("alice")) as alice, client(server, token_of("carol")) as carol, \
+            client(server, "admin-token-0001") as admin:
+        h = alice.publish(h_blob, visibility="public", price=10)
+        admin.credit("carol", 100)
+        receipts = []
+        for _ in range(2):
+            carol.download_blob(h)
+            receipts.append(str(carol.last_receipt))
+    auth = {"Authorization": f"Bearer {token_of('carol')}"}
+    before = len(httpx.get(server.url + "/v1/account/disputes", headers=auth).json()["disputes"])
+    url = f"{server.url}/v1/artifacts/{h.key}/disputes"
+    first = httpx.post(url, json={"receipt": receipts[0], "detail": "first"}, headers=auth, timeout=30)
+    second = httpx.post(url, json={"receipt": receipts[0], "detail": "second"}, headers=auth, timeout=30)
+    assert (first.status_code, second.status_code) == (201, 200), (first.text, second.text)
+    assert second.json() == first.json() and second.headers["X-KVAgent-Replayed"] == "1"
+    assert first.json()["status"] == "open"
+    answers: list[httpx.Response] = []
+    barrier = threading.Barrier(8)
+
+    def file() -> None:
+        barrier.wait()
+        answers.append(httpx.post(url, json={"receipt": receipts[1]}, headers=auth, timeout=60))
+
+    threads = [threading.Thread(target=file) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert sorted(r.status_code for r in answers) == [200] * 7 + [201], [r.text for r in answers]
+    assert len({r.json()["id"] for r in answers}) == 1
+    assert len(httpx.get(server.url + "/v1/account/disputes", headers=auth).json()["disputes"]) == before + 2
+    with client(server, token_of("carol")) as carol:  # the SDK takes a repeat's 200 as a first's 201
+        assert carol.dispute(h.key, receipts[1])["id"] == answers[0].json()["id"]
+
+
+def test_charged_headers_add_up_to_what_the_ledger_moved(server: ServerProcess) -> None:
+    """64 concurrent buyers on a real server (SQLite and PostgreSQL), each buying, retrying with the same
+    Idempotency-Key (also two requests of one key at once), refused by 402s: the sum of every answer's
+    X-KVAgent-Charged equals what left the buyers' accounts, replays report 0, and money is conserved."""
+    prices = [130, 170, 210]
+    handles = []
+    for i in range(N_PUBLISHERS):
+        with client(server, token_of(f"pub{i}")) as pub:
+            blob = make_artifact(make_kv(tokens=24, seed=500 + i), publisher=f"pub{i}")[1]
+            handles.append(pub.publish(blob, visibility="public", price=prices[i]))
+    credit = 600
+    with client(server, "admin-token-0001") as admin:
+        for b in range(N_BUYERS):
+            admin.credit(f"buyer{b}", credit)
+    before = audit(server)
+    start = {}
+    for b in range(N_BUYERS):
+        with client(server, token_of(f"buyer{b}")) as c:
+            start[b] = c.account_balance()
+    charged: dict[int, int] = {b: 0 for b in range(N_BUYERS)}
+    receipts: dict[str, int] = {}  # receipt -> the charge its first answer reported
+    replays, refused = [0], [0]
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(N_BUYERS, timeout=120)
+
+    def get(http: httpx.Client, h: Any, key: str) -> httpx.Response:
+        return http.get(h.blob_url, headers={"Idempotency-Key": key})
+
+    def buy(b: int) -> None:
+        auth = {"Authorization": f"Bearer {token_of(f'buyer{b}')}"}
+        with httpx.Client(base_url=server.url, headers=auth, timeout=120) as http:
+            barrier.wait()
+            for j in range(5):
+                h = handles[(b + j) % N_PUBLISHERS]
+                key = f"bb{b}-{j}-{uuid.uuid4().hex[:8]}"
+                tries = 2 + (j == 0)
+                if j == 1:  # two requests of one key at once: one purchase
+                    with ThreadPoolExecutor(2) as pool:
+                        answers = [f.result() for f in [pool.submit(get, http, h, key) for _ in range(2)]]
+                else:
+                    answers = [get(http, h, key) for _ in range(tries)]
+                for r in answers:
+                    if r.status_code == 402:
+                        assert r.json()["quote"]["reason"] == "insufficient_balance"
+                        assert "X-KVAgent-Charged" not in r.headers
+                        with lock:
+                            refused[0] += 1
+                        continue
+                    assert r.status_code == 200 and len(r.content) == h.size, r.text[:200]
+                    amount = int(r.headers["X-KVAgent-Charged"])
+                    rcpt = r.headers["X-KVAgent-Receipt"]
+                    with lock:
+                        charged[b] += amount
+                        if r.headers.get("X-KVAgent-Replayed") == "1":
+                            assert amount == 0
+                            replays[0] += 1
+                        else:
+                            assert amount == prices[(b + j) % N_PUBLISHERS] and rcpt not in receipts
+                            receipts[rcpt] = amount
+
+    def buyer(b: int) -> None:
+        try:
+            buy(b)
+        except BaseException as exc:  # a thread's failure must fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=buyer, args=(b,)) for b in range(N_BUYERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors and not any(t.is_alive() for t in threads), errors[:3]
+    after = audit(server)
+    assert after["negative"] == {} and after["unbalanced"] == [] and after["total"] == 0
+    assert after["money_issued"] == before["money_issued"]  # money only moved
+    sales = after["transactions"]["sale"] - before["transactions"].get("sale", 0)
+    assert sales == len(receipts) and replays[0] >= N_BUYERS and refused[0] > 0
+    moved = 0
+    for b in range(N_BUYERS):
+        with client(server, token_of(f"buyer{b}")) as c:
+            balance = c.account_balance()
+        assert balance >= 0 and start[b] - balance == charged[b], (b, start[b], balance, charged[b])
+        moved += start[b] - balance
+    assert sum(charged.values()) == moved == sum(receipts.values())
+    earned = 0
+    for i in range(N_PUBLISHERS):
+        with client(server, token_of(f"pub{i}")) as pub:
+            earned += sum(x["amount"] for x in pub.statement()["sales"] if x["key"] == handles[i].key)
+    assert earned + (after["host"] - before["host"]) == moved  # every charged micro-unit went somewhere
+
+
+def test_a_chat_completion_reports_what_it_moved(server: ServerProcess) -> None:
+    """A non-streamed chat completion is settled before it answers: X-KVAgent-Charged is the prepayment less
+    any unused output tokens given back, exactly the buyer's balance change; its replay reports 0."""
+    with client(server, "admin-token-0001") as admin:
+        admin.credit("bob", 100_000)
+    auth = {"Authorization": f"Bearer {token_of('bob')}"}
+    model = httpx.get(server.url + "/v1/models", headers=auth).json()["data"][0]["id"]
+    body = {"model": model, "max_tokens": 40, "temperature": 0,
+            "messages": [{"role": "user", "content": "t5 t6 t7 t8 t1"}]}
+    with client(server, token_of("bob")) as bob:
+        start = bob.account_balance()
+        key = uuid.uuid4().hex
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120,
+                       headers={**auth, "Idempotency-Key": key})
+        assert r.status_code == 200, r.text
+        spent = start - bob.account_balance()
+        assert int(r.headers["X-KVAgent-Charged"]) == spent > 0
+        again = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120,
+                           headers={**auth, "Idempotency-Key": key})
+        assert again.status_code == 200 and again.headers["X-KVAgent-Replayed"] == "1"
+        assert again.headers["X-KVAgent-Charged"] == "0" and bob.account_balance() == start - spent

@@ -9,7 +9,10 @@ load), ``market_disputes`` and ``market_quarantine``.
 Every money movement is one database transaction: the buyer's idempotency key is claimed first (a
 concurrent duplicate waits on it, then finds the receipt), the accounts touched are locked in name order
 (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serialises writers), the
-balance is checked, then the postings and balances are written. The rules themselves are kvagent.market's.
+balance is checked, then the postings and balances are written. Admin credits and adjustments claim the
+admin's idempotency key the same way (the claim row also records which admin posted them), and a dispute
+locks the purchase's transaction row, so a receipt has one dispute however many filings race. The rules
+themselves are kvagent.market's.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import market as mk
@@ -26,7 +29,15 @@ from ..errors import ConfigError
 from .meta import MetaStore, PostgresMeta
 
 QUARANTINED = "quarantined"
-_MAX_IDEM = 128
+#: The idempotency owner of an admin operation posted through the library without naming its admin.
+ADMIN = "#admin"
+#: How many of the latest admin adjustments the audit lists.
+AUDIT_ADJUSTMENTS = 100
+
+
+def _check_idem(idem: str | None) -> None:
+    if idem is not None and not 1 <= len(idem) <= mk.MAX_IDEMPOTENCY_KEY:
+        raise ConfigError(f"Idempotency-Key must be 1..{mk.MAX_IDEMPOTENCY_KEY} characters")
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,8 @@ class Audit:
     money_issued: int
     host: int  # the host's commissions and token fees
     transactions: dict[str, int]
+    adjusted: int = 0  # net money admin adjustments added (negative: they took more out than in)
+    adjustments: list[dict[str, Any]] = field(default_factory=list)  # the latest first, with who posted each
 
 
 @dataclass(frozen=True)
@@ -115,12 +128,65 @@ class Ledger:
         return price
 
     # -- money movements ------------------------------------------------------------------------
-    def credit(self, principal: str, value: int, memo: str = "") -> Receipt:
-        """Admin credit: money enters from #mint (the payment-processor hook; see docs/market.md)."""
+    def credit(self, principal: str, value: int, memo: str = "", *, idem: str | None = None,
+               by: str = "") -> Receipt:
+        """Admin credit: money enters from #mint (the payment-processor hook; see docs/market.md).
+
+        With ``idem`` (the admin ``by``'s Idempotency-Key) a repeat returns the first receipt, ``replayed``.
+        """
         value = mk.amount(value, "credit", allow_zero=False)
         with self.meta.transaction() as cur:
-            return self._post(cur, mk.CREDIT, mk.credit_postings(principal, value), value, memo=memo[:200],
-                              buyer=principal)
+            owner, idem = self._admin_key(by, idem)
+            replay = self._claim(cur, owner, idem, f"{mk.CREDIT}:{principal}:{value}")
+            if replay is not None:
+                return replay
+            postings = mk.credit_postings(principal, value)
+            mk.check_inflow(self._lock(cur, [p.account for p in postings]), postings)
+            rec = self._post(cur, mk.CREDIT, postings, value, memo=memo[:mk.MAX_MEMO], buyer=principal,
+                             locked=True)
+            self._bind(cur, owner, idem, rec.txn)
+            return rec
+
+    def adjust(self, principal: str, delta: int, reason: str, *, idem: str | None = None, by: str = "",
+               allow_negative: bool = False) -> Receipt:
+        """An operator's correction of ``principal``'s balance by ``delta`` (either sign), against #adjust.
+
+        ``reason`` is mandatory and shown in the principal's statement and the audit. A debit never takes a
+        balance below zero unless ``allow_negative`` (the operator records a debt, e.g. a chargeback of money
+        already spent): :class:`kvagent.market.AdjustmentRefused` otherwise, nothing posted. With ``idem``
+        a repeat returns the first receipt, ``replayed``.
+        """
+        delta = mk.signed_amount(delta, "adjustment")
+        reason = reason.strip() if isinstance(reason, str) else ""
+        if not 1 <= len(reason) <= mk.MAX_REASON:
+            raise ConfigError(f"an adjustment needs a reason of 1..{mk.MAX_REASON} characters")
+        with self.meta.transaction() as cur:
+            owner, idem = self._admin_key(by, idem)
+            replay = self._claim(cur, owner, idem, f"{mk.ADMIN_ADJUST}:{principal}:{delta}")
+            if replay is not None:
+                return replay
+            postings = mk.adjustment_postings(principal, delta)
+            balances = self._lock(cur, [p.account for p in postings])
+            if mk.adjustment_refusal(delta, balances[principal], allow_negative):
+                raise mk.AdjustmentRefused(principal, delta, balances[principal])
+            mk.check_inflow(balances, postings)
+            rec = self._post(cur, mk.ADMIN_ADJUST, postings, delta, buyer=principal, memo=reason, locked=True)
+            self._bind(cur, owner, idem, rec.txn)
+            return rec
+
+    def has_account(self, principal: str) -> bool:
+        """Whether ``principal`` has an account (an adjustment may correct it after its token is gone)."""
+        with self.meta.read() as cur:
+            cur.execute(self.meta.q("SELECT 1 FROM market_accounts WHERE principal = ?"), (principal,))
+            return cur.fetchone() is not None
+
+    @staticmethod
+    def _admin_key(by: str, idem: str | None) -> tuple[str, str]:
+        """(owner, key) of an admin operation's idempotency claim: the admin's own key, or a fresh one.
+
+        Always claimed, so the row names the admin who posted the transaction (the audit shows it)."""
+        _check_idem(idem)
+        return by or ADMIN, idem or "srv-" + secrets.token_hex(16)
 
     def charge_load(self, buyer: str, key: str, publisher: str, idem: str | None, max_price: int | None) -> Receipt | None:
         """Charge one load of ``key`` at its price; ``None`` when free (price 0 or the publisher itself).
@@ -160,8 +226,7 @@ class Ledger:
 
     def _charge(self, buyer: str, key: str, publisher: str, idem: str | None, max_price: int | None, kind: str,
                 bill: Any) -> Receipt | None:
-        if idem is not None and not 1 <= len(idem) <= _MAX_IDEM:
-            raise ConfigError(f"Idempotency-Key must be 1..{_MAX_IDEM} characters")
+        _check_idem(idem)
         idem = idem or "srv-" + secrets.token_hex(16)
         scope = f"{kind}:{key}"
         with self.meta.transaction() as cur:
@@ -181,12 +246,18 @@ class Ledger:
             if why:
                 raise mk.PaymentRefused(mk.Quote(key, total, self.currency, balances[buyer], why))
             rec = self._post(cur, kind, postings, total, buyer=buyer, key=key, publisher=publisher, locked=True)
-            cur.execute(self.meta.q("UPDATE market_idempotency SET txn = ? WHERE principal = ? AND idem_key = ?"),
-                        (rec.txn, buyer, idem))
+            self._bind(cur, buyer, idem, rec.txn)
             return rec
 
+    def _bind(self, cur: Any, owner: str, idem: str, txn: int) -> None:
+        cur.execute(self.meta.q("UPDATE market_idempotency SET txn = ? WHERE principal = ? AND idem_key = ?"),
+                    (txn, owner, idem))
+
     def _claim(self, cur: Any, buyer: str, idem: str, scope: str) -> Receipt | None:
-        """Claim ``idem`` for this purchase, or return the receipt of the purchase that already holds it."""
+        """Claim ``idem`` for this purchase, or return the receipt of the purchase that already holds it.
+
+        The claim is the first write of the transaction: a concurrent duplicate blocks on the key's row until
+        this transaction ends, then finds the receipt (or, if this one rolled back, claims the key itself)."""
         cur.execute(
             self.meta.q("INSERT INTO market_idempotency (principal, idem_key, key, txn, created_at) "
                         "VALUES (?,?,?,NULL,?) ON CONFLICT DO NOTHING"),
@@ -270,14 +341,34 @@ class Ledger:
             r = cur.fetchone()
         return (int(r[0]), str(r[1]), str(r[2])) if r else None
 
-    def file_dispute(self, receipt: str, buyer: str, key: str, evidence: dict[str, Any]) -> int:
+    def file_dispute(self, receipt: str, buyer: str, key: str, evidence: dict[str, Any]) -> tuple[int, bool]:
+        """(dispute id, whether it is new): a receipt has one dispute; filing again returns the first.
+
+        The purchase's transaction row is locked first (``FOR UPDATE`` on PostgreSQL; SQLite serialises
+        writers), so two filings at once, on one node or two, make one dispute."""
         with self.meta.transaction() as cur:
+            cur.execute(self.meta.q("SELECT id FROM market_transactions WHERE receipt = ?" + self._lock_sql),
+                        (receipt,))
+            cur.fetchall()
+            cur.execute(self.meta.q("SELECT id FROM market_disputes WHERE receipt = ? ORDER BY id LIMIT 1"),
+                        (receipt,))
+            first = cur.fetchone()
+            if first is not None:
+                return int(first[0]), False
             cur.execute(
                 self.meta.q("INSERT INTO market_disputes (ts, receipt, buyer, key, evidence, status) "
                             "VALUES (?,?,?,?,?,?) RETURNING id"),
                 (time.time(), receipt, buyer, key, json.dumps(evidence, sort_keys=True), "open"),
             )
-            return int(cur.fetchone()[0])
+            return int(cur.fetchone()[0]), True
+
+    def dispute(self, dispute_id: int) -> Dispute:
+        """One dispute as it stands (the answer to a repeated filing)."""
+        with self.meta.read() as cur:
+            cur.execute(self.meta.q("SELECT id, receipt, key, status, outcome, refund_receipt "
+                                    "FROM market_disputes WHERE id = ?"), (dispute_id,))
+            r = cur.fetchone()
+        return Dispute(int(r[0]), r[1], r[2], r[3], r[4] or "", r[5])
 
     def resolve_dispute(self, dispute_id: int, proven: bool, outcome: str) -> Dispute:
         """Close a dispute: a proven one refunds the buyer and quarantines the artifact, in one transaction."""
@@ -347,9 +438,11 @@ class Ledger:
     def statement(self, principal: str) -> mk.Statement:
         with self.meta.transaction() as cur:
             cur.execute(self.meta.q(
-                "SELECT t.id, t.kind, t.key, t.buyer, p.account, p.amount FROM market_postings p "
-                "JOIN market_transactions t ON t.id = p.txn WHERE p.account = ? ORDER BY t.id"), (principal,))
-            rows = [mk.StatementRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5])) for r in cur.fetchall()]
+                "SELECT t.id, t.kind, t.key, t.buyer, p.account, p.amount, t.receipt, t.memo, t.ts "
+                "FROM market_postings p JOIN market_transactions t ON t.id = p.txn WHERE p.account = ? "
+                "ORDER BY t.id"), (principal,))
+            rows = [mk.StatementRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), r[6], r[7] or "",
+                                    float(r[8])) for r in cur.fetchall()]
         return mk.statement(principal, rows)
 
     def audit(self) -> Audit:
@@ -362,12 +455,18 @@ class Ledger:
             posted = {a: int(s) for a, s in cur.fetchall()}
             cur.execute("SELECT kind, COUNT(*) FROM market_transactions GROUP BY kind")
             kinds = {k: int(n) for k, n in cur.fetchall()}
+            cur.execute(self.meta.q(
+                "SELECT t.receipt, t.ts, t.buyer, t.amount, t.memo, i.principal FROM market_transactions t "
+                "LEFT JOIN market_idempotency i ON i.txn = t.id WHERE t.kind = ? ORDER BY t.id DESC LIMIT ?"),
+                (mk.ADMIN_ADJUST, AUDIT_ADJUSTMENTS))
+            adjustments = [{"receipt": r[0], "ts": float(r[1]), "principal": r[2], "amount": int(r[3]),
+                            "reason": r[4] or "", "by": r[5]} for r in cur.fetchall()]
         drift = [a for a in set(balances) | set(posted) if balances.get(a, 0) != posted.get(a, 0)]
         if drift:  # balances are a cache of the postings; they must agree
             unbalanced.append(-1)
         negative = {a: b for a, b in balances.items() if b < 0 and a not in mk.SYSTEM_ACCOUNTS}
         return Audit(sum(balances.values()), unbalanced, negative, -balances.get(mk.MINT, 0),
-                     balances.get(mk.HOST, 0), kinds)
+                     balances.get(mk.HOST, 0), kinds, -balances.get(mk.ADJUSTMENTS, 0), adjustments)
 
 
 def open_ledger(meta: MetaStore, prices_file: Any = None, currency: str | None = None) -> Ledger:

@@ -11,7 +11,8 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from starlette.concurrency import run_in_threadpool
 
 from .. import market as mk
@@ -26,6 +27,8 @@ from .state import State
 log = logging.getLogger("kvagent.server")
 
 RECEIPT_HEADER = "X-KVAgent-Receipt"
+CHARGED_HEADER = "X-KVAgent-Charged"
+REPLAYED_HEADER = "X-KVAgent-Replayed"
 MAX_PRICE_HEADER = "x-kvagent-max-price"
 IDEMPOTENCY_HEADER = "idempotency-key"
 PRICE_HEADER = "x-kvagent-price"
@@ -38,7 +41,15 @@ class _Body(BaseModel):
 class CreditRequest(_Body):
     principal: str
     amount: StrictInt
-    memo: str = Field(default="", max_length=200)
+    memo: str = Field(default="", max_length=mk.MAX_MEMO)
+    create: StrictBool = False  # credit a principal no token names yet (its token is issued later)
+
+
+class AdjustRequest(_Body):
+    principal: str
+    amount: StrictInt  # signed: negative debits, positive credits
+    reason: str = Field(min_length=1, max_length=mk.MAX_REASON)
+    allow_negative: StrictBool = False  # a debit may leave a debt (e.g. a chargeback of money already spent)
 
 
 class PriceRequest(_Body):
@@ -46,11 +57,11 @@ class PriceRequest(_Body):
 
 
 class DisputeRequest(_Body):
-    receipt: str = Field(min_length=1, max_length=64)
+    receipt: str = Field(min_length=1, max_length=mk.MAX_RECEIPT_ID)
     layer: StrictInt | None = None
     position: StrictInt | None = None
     difference: StrictFloat | StrictInt | None = None
-    detail: str = Field(default="", max_length=500)
+    detail: str = Field(default="", max_length=mk.MAX_DISPUTE_DETAIL)
 
 
 def _max_price(request: Request) -> int | None:
@@ -82,13 +93,16 @@ def publish_price(st: State, key: str, p: Principal, request: Request) -> None:
         raise ApiError(422, "invalid_request", str(exc)) from exc
 
 
-def receipt_headers(rec: Receipt | None) -> dict[str, str]:
-    """Headers of a paid answer: the receipt id and what was charged (nothing for a free one)."""
+def receipt_headers(rec: Receipt | None, given_back: int = 0) -> dict[str, str]:
+    """Headers of a paid answer: the receipt id and what this request moved from the buyer (nothing for a
+    free one). A replay (the same Idempotency-Key again) names the first purchase's receipt and charged 0;
+    ``given_back`` is what a settled prepayment returned before the headers were sent."""
     if rec is None:
         return {}
-    out = {RECEIPT_HEADER: rec.receipt, "X-KVAgent-Charged": str(rec.amount), "X-KVAgent-Currency": rec.currency}
-    if rec.replayed:  # the same Idempotency-Key again: the first purchase's receipt, nothing new charged
-        out["X-KVAgent-Replayed"] = "1"
+    charged = 0 if rec.replayed else rec.amount - given_back
+    out = {RECEIPT_HEADER: rec.receipt, CHARGED_HEADER: str(charged), "X-KVAgent-Currency": rec.currency}
+    if rec.replayed:
+        out[REPLAYED_HEADER] = "1"
     return out
 
 
@@ -120,12 +134,13 @@ def charge_generate(st: State, p: Principal, row: ArtifactRow, request: Request,
 
 
 def settle_generate(st: State, rec: Receipt | None, row: ArtifactRow, input_tokens: int, max_output_tokens: int,
-                    used_output_tokens: int) -> None:
-    """Give back the unused output tokens of a pre-charged generation."""
+                    used_output_tokens: int) -> int:
+    """Give back the unused output tokens of a pre-charged generation; returns the amount given back."""
     if rec is None:
-        return
+        return 0
     cached = int(json.loads(row.header_json).get("token_count", 0))
-    st.market.settle_generate(rec, input_tokens, cached, max_output_tokens, used_output_tokens)
+    back = st.market.settle_generate(rec, input_tokens, cached, max_output_tokens, used_output_tokens)
+    return -back.amount if back is not None else 0
 
 
 #: The statement line of hosted chat that reused no published artifact (nobody is owed a royalty).
@@ -147,9 +162,12 @@ def charge_chat(st: State, p: Principal, request: Request, input_tokens: int, ca
 
 
 def settle_chat(st: State, rec: Receipt | None, input_tokens: int, cached_tokens: int, max_output_tokens: int,
-                used_output_tokens: int) -> None:
-    if rec is not None:
-        st.market.settle_generate(rec, input_tokens, cached_tokens, max_output_tokens, used_output_tokens)
+                used_output_tokens: int) -> int:
+    """Give back the unused output tokens of a pre-charged chat completion; returns the amount given back."""
+    if rec is None:
+        return 0
+    back = st.market.settle_generate(rec, input_tokens, cached_tokens, max_output_tokens, used_output_tokens)
+    return -back.amount if back is not None else 0
 
 
 def routes(st: State) -> APIRouter:
@@ -179,16 +197,49 @@ def routes(st: State) -> APIRouter:
         p = st.principal(request)
         return {"disputes": [d.to_json() for d in ledger.disputes(p.name)]}
 
+    def known(name: str, create: bool = False, held_money: bool = False) -> None:
+        """Refuse money for a principal no token names (it would land where nobody can use it), unless
+        ``create`` says so or the principal already holds an account (its token may be gone since)."""
+        if not valid_principal_name(name):  # also keeps the system accounts (#host, #mint, ...) out of reach
+            raise ApiError(422, "invalid_request", "principal must match [A-Za-z0-9_.@:-]{1,128}",
+                           param="principal")
+        if not create and not held_money and not st.tokens.known_principal(name):
+            raise ApiError(422, "unknown_principal", f"no token names principal {name!r}: issue its token "
+                           "first, or send \"create\": true to credit it anyway", param="principal")
+
     @app.post("/v1/account/credit")
-    async def credit(request: Request) -> dict[str, Any]:
+    async def credit(request: Request) -> JSONResponse:
         p = admin(request)
         body: CreditRequest = await read_json(request, CreditRequest)
-        if not valid_principal_name(body.principal):
-            raise ApiError(422, "invalid_request", "principal must match [A-Za-z0-9_.@:-]{1,128}")
-        rec = await run_in_threadpool(ledger.credit, body.principal, body.amount, body.memo or f"by {p.name}")
-        log.info("credit of %d %s to %s by %s (%s)", body.amount, ledger.currency, body.principal, p.name, rec.receipt)
-        return {"principal": body.principal, "credited": body.amount, "receipt": rec.receipt,
-                "balance": ledger.balance(body.principal), "currency": ledger.currency}
+        known(body.principal, create=body.create)
+        rec = await run_in_threadpool(lambda: ledger.credit(
+            body.principal, body.amount, body.memo or f"by {p.name}", idem=_idempotency_key(request),
+            by=p.name))
+        if not rec.replayed:
+            log.info("credit of %d %s to %s by %s (%s)", body.amount, ledger.currency, body.principal, p.name,
+                     rec.receipt)
+        return _money_answer(rec, {"principal": body.principal, "credited": 0 if rec.replayed else rec.amount,
+                                   "receipt": rec.receipt, "balance": ledger.balance(body.principal),
+                                   "currency": ledger.currency})
+
+    @app.post("/v1/account/adjust")
+    async def adjust(request: Request) -> JSONResponse:
+        p = admin(request)
+        body: AdjustRequest = await read_json(request, AdjustRequest)
+        known(body.principal, held_money=await run_in_threadpool(ledger.has_account, body.principal))
+        try:
+            rec = await run_in_threadpool(lambda: ledger.adjust(
+                body.principal, body.amount, body.reason, idem=_idempotency_key(request), by=p.name,
+                allow_negative=body.allow_negative))
+        except mk.AdjustmentRefused as exc:
+            raise ApiError(409, "insufficient_balance", str(exc),
+                           extra={"balance": exc.balance, "currency": ledger.currency}) from exc
+        if not rec.replayed:
+            log.info("adjustment of %d %s to %s by %s (%s): %s", rec.amount, ledger.currency, body.principal,
+                     p.name, rec.receipt, body.reason)
+        return _money_answer(rec, {"principal": body.principal, "adjusted": 0 if rec.replayed else rec.amount,
+                                   "reason": body.reason, "receipt": rec.receipt,
+                                   "balance": ledger.balance(body.principal), "currency": ledger.currency})
 
     @app.get("/v1/market/audit")
     def audit(request: Request) -> dict[str, Any]:
@@ -212,7 +263,7 @@ def routes(st: State) -> APIRouter:
         return {"key": row.key, "price": price, "currency": ledger.currency}
 
     @app.post("/v1/artifacts/{key}/disputes")
-    async def dispute(key: str, request: Request) -> dict[str, Any]:
+    async def dispute(key: str, request: Request) -> JSONResponse:
         p = st.principal(request)
         validate_key(key)
         body: DisputeRequest = await read_json(request, DisputeRequest)
@@ -224,12 +275,26 @@ def routes(st: State) -> APIRouter:
             raise not_found(key)  # the publisher has deleted it since
         evidence = {"layer": body.layer, "position": body.position, "difference": body.difference,
                     "detail": body.detail}
-        did = await run_in_threadpool(ledger.file_dispute, body.receipt, p.name, key, evidence)
+        did, new = await run_in_threadpool(ledger.file_dispute, body.receipt, p.name, key, evidence)
+        if not new:  # one dispute per receipt: the first, as it stands (its evidence; this one's is not kept)
+            first = await run_in_threadpool(ledger.dispute, did)
+            return JSONResponse(first.to_json(), headers={REPLAYED_HEADER: "1"})
         d = await run_in_threadpool(_adjudicate, st, row, did)
         log.info("dispute %d on %s… by %s: %s (%s)", did, key[:16], p.name, d.status, d.outcome)
-        return d.to_json()
+        return JSONResponse(d.to_json(), status_code=201)
 
     return app
+
+
+def _idempotency_key(request: Request) -> str | None:
+    return request.headers.get(IDEMPOTENCY_HEADER)
+
+
+def _money_answer(rec: Receipt, body: dict[str, Any]) -> JSONResponse:
+    """An admin money answer; a replay (the same Idempotency-Key again) says so and reports nothing moved."""
+    if rec.replayed:
+        return JSONResponse({**body, "replayed": True}, headers={REPLAYED_HEADER: "1"})
+    return JSONResponse({**body, "replayed": False})
 
 
 def _record(st: State, key: str, owner: str) -> ArtifactRow | None:

@@ -299,6 +299,7 @@ class _Run:
                  fmt: tl.ToolFormat | None, request: Request) -> None:
         self.st, self.svc, self.job, self.kind, self.request = st, svc, job, kind, request
         self.receipt: Any = None  # the market's pre-charge (None when hosting is free)
+        self.given_back = 0  # what settling the pre-charge returned (unused output tokens)
         self.text = TextStream(st.host.agent.tokenizer, job.params.stop_token_ids, stops)
         self.parser = tl.StreamParser(fmt) if fmt else None
         self.calls: list[tl.ToolCall] = []
@@ -352,8 +353,18 @@ class _Run:
 
     async def _settle(self) -> None:
         cached = self.info.cached_tokens if self.info else 0
-        await finish(market_routes.settle_chat, self.st, self.receipt, len(self.job.ids), cached,
-                     self.job.params.max_new_tokens, self.n_generated)
+
+        def settle() -> None:
+            self.given_back = market_routes.settle_chat(self.st, self.receipt, len(self.job.ids), cached,
+                                                        self.job.params.max_new_tokens, self.n_generated)
+
+        await finish(settle)
+
+    async def _refund(self, why: str) -> None:
+        """Reverse the pre-charge of a request that answers nothing (a replay's was never charged here)."""
+        if self.receipt is not None and not self.receipt.replayed:
+            await finish(self.st.market.refund, self.receipt.receipt, why)
+        self.receipt = None
 
     def _observe(self, ev: tuple[Any, ...]) -> None:
         m = self.st.metrics
@@ -449,6 +460,7 @@ class _Run:
                 self._observe(ev)
                 if ev[0] == "error":
                     self.st.metrics.requests.labels(self.kind, "error").inc()
+                    await self._refund("generation failed: nothing was answered")
                     self._raise(ev)
                 if ev[0] == "cache":
                     await self._charge()
@@ -473,7 +485,7 @@ class _Run:
             "id": self.id, "object": obj, "created": self.created, "model": self.st.host.name,
             "system_fingerprint": f"kvagent-{self.st.host.fingerprint[:12]}",
             "choices": [choice], "usage": self._usage(), "kvagent": self._kvagent(),
-        }, headers=market_routes.receipt_headers(self.receipt))
+        }, headers=market_routes.receipt_headers(self.receipt, self.given_back))  # settled: what it moved
 
     async def stream(self, include_usage: bool) -> Response:
         events = self._events()

@@ -38,8 +38,12 @@ def tiny_server(tmp_path_factory: pytest.TempPathFactory, embedded):  # type: ig
                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=4096)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
     embedded.tokenizer.save_pretrained(d)
+    # One intra-op thread: ~650 sequential 1000-token prefills are this test's work. With torch's default (a
+    # thread per core) every parallel region waits for its sibling threads, and on a shared machine one of
+    # them is often descheduled: a prefill then takes 5-7x longer and its time becomes heavy-tailed (measured
+    # on 2 busy cores: 2.4-3.9 s vs 0.53-0.72 s), which pushed this test past the suite's 900 s watchdog.
     srv = start_server(tmp_path_factory.mktemp("timing") / "data", TOKENS, model=str(d),
-                       extra_args=["--kv-cache-items", "1"])
+                       extra_args=["--kv-cache-items", "1"], extra_env={"OMP_NUM_THREADS": "1"})
     yield srv
     srv.stop()
 
