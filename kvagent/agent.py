@@ -26,6 +26,7 @@ from .errors import (
     EngineError,
     KVAgentError,
     RegistryError,
+    RegistryNotImplementedError,
     RegistryPaymentRequiredError,
 )
 from .identity import KeyContext, token_tuple
@@ -381,25 +382,25 @@ class KVAgent:
         assert self.registry is not None
         key = run.handle.key
         produced: list[int] = []
+        stream = self.registry.generate_stream(key, run.suffix, run.params, max_price=self.resolver.price_cap())
         try:
-            self.registry.last_charge = 0
-            for tok in self.registry.generate_stream(key, run.suffix, run.params, max_price=self.resolver.price_cap()):
+            for tok in stream:
                 produced.append(tok)
                 yield tok
             self.counters["remote_generates"] += 1
             return
         except RegistryError as exc:
             self._remote.pop(key, None)
-            if isinstance(exc, RegistryPaymentRequiredError):
-                self._remote_generate_ok = False
-            if "HTTP 501" in str(exc):
+            if isinstance(exc, (RegistryPaymentRequiredError, RegistryNotImplementedError)):
                 self._remote_generate_ok = False
             what = f"remote generate for {key[:16]}… failed after {len(produced)} tokens"
             reason = self.resolver.note_registry_failure(what, exc)
         finally:
-            self.resolver.note_spent(self.registry.last_charge)
+            self.resolver.note_spent(stream.charge)
+            run.info = replace(run.info, charged=run.info.charged + stream.charge)
         res = self._resolve(run.handle.token_ids)
-        run.info = replace(res.info, reason=f"{reason}; {res.info.reason}")
+        run.info = replace(res.info, reason=f"{reason}; {res.info.reason}",
+                           charged=run.info.charged + res.info.charged)
         left = run.params.max_new_tokens - len(produced)
         if left > 0 and res.kv is not None:
             yield from self.engine.stream(res.kv, run.suffix + produced, replace(run.params, max_new_tokens=left))

@@ -74,7 +74,8 @@ class CacheInfo:
     ``origin``: the key of the cached KV (or published artifact) that supplied them;
     ``lookup_seconds``: when tokens were computed (a prefill, or a prefix extended), what finding the best
     cached start cost first (local store, prefix index, registry lookup and any download), i.e. the read's
-    time over the computing alone.
+    time over the computing alone;
+    ``charged``: integer micro-units this read paid the registry (a bought artifact or a remote generation).
     """
 
     status: str
@@ -87,6 +88,7 @@ class CacheInfo:
     source: str = ""
     origin: str = ""
     lookup_seconds: float = 0.0
+    charged: int = 0
 
     @property
     def hit(self) -> bool:
@@ -161,10 +163,8 @@ class ClientSource:
         return self.client.lookup_prefix(hashes, timeout=timeout)
 
     def fetch(self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None) -> Fetched:
-        self.client.last_charge, self.client.last_receipt = 0, None
-        artifact, blob = self.client.download_verified(handle, expect, max_price=max_price)
-        return Fetched(artifact, len(blob), self.client.last_download_seconds, blob,
-                       charged=self.client.last_charge, receipt=self.client.last_receipt)
+        got = self.client.download_verified(handle, expect, max_price=max_price)
+        return Fetched(got.artifact, len(got.data), got.seconds, got.data, charged=got.charge, receipt=got.receipt)
 
     def dispute(self, handle: Handle, receipt: str, reason: str, difference: float) -> str:
         answer = self.client.dispute(handle.key, receipt, difference=difference, detail=reason)
@@ -231,6 +231,7 @@ class _Candidate:
     seconds: float = 0.0
     nbytes: int = 0
     origin: str = ""  # the key of the KV / artifact it came from
+    charged: int = 0  # micro-units paid for it
 
 
 class _Default:
@@ -479,7 +480,7 @@ class Resolver:
         self._count("tokens_saved", best.n)
         return CacheInfo(status, reason, best.n, n_ids - best.n, load_seconds=load_s, prefill_seconds=prefill_s,
                          bytes_read=best.nbytes, source=best.source, origin=best.origin,
-                         lookup_seconds=load_s if n_ids > best.n else 0.0)
+                         lookup_seconds=load_s if n_ids > best.n else 0.0, charged=best.charged)
 
     def _local_prefix(self, ns: str, ctx: KeyContext, ids: tuple[int, ...]) -> tuple[_Candidate | None, str]:
         """The longest KV in memory or the local store whose tokens are a prefix of ``ids``."""
@@ -607,7 +608,7 @@ class Resolver:
             f"{bought}policy: {decision.reason}"
         )
         cand = _Candidate(remote_kv.truncate(n), n, "registry", time.perf_counter() - t0, fetched.nbytes,
-                          origin=handle.key)
+                          origin=handle.key, charged=fetched.charged)
         return cand, why
 
     def _params(self) -> pol.PolicyParams:

@@ -83,7 +83,7 @@ class PromptRunner:
         return res.kv, feed, CacheInfo(
             info.status, info.reason, info.cached_tokens, len(ids) - info.cached_tokens,
             load_seconds=info.load_seconds, prefill_seconds=info.prefill_seconds, bytes_read=info.bytes_read,
-            source=info.source,
+            source=info.source, charged=info.charged,
         )
 
     def run(
