@@ -25,7 +25,7 @@ import sys
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 TOKENS_PER_MTOK = 1_000_000
 SECONDS_PER_HOUR = 3600.0
