@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvagent import economics as econ
+from kvagent.analysis import economics as econ
 
 #: The abstract's "9-50x": reported endpoints of the sweep (summaries: contexts 255-3774 tokens).
 PAPER_RATIO_ENDPOINTS: tuple[tuple[int, float], ...] = ((255, 9.0), (3774, 49.7))

@@ -4,7 +4,7 @@
 
 For each delivery (shipped: the buyer downloads the KV; hosted: the seller generates next to it) the floor
 is the seller's cost per load plus one prefill spread over the sales, the ceiling the buyer's saving
-against its own prefill (kvagent.economics.market_band); the band is shaded where floor < ceiling. The
+against its own prefill (kvagent.analysis.economics.market_band); the band is shaded where floor < ceiling. The
 0.1x cache-read tariff is drawn as a line. Paper parameters by default; measured ones with --from-benchmark.
 Needs matplotlib (the `bench` extra).
 """
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvagent import economics as econ
+from kvagent.analysis import economics as econ
 
 from .economics_plots import _pyplot, agent_grid
 

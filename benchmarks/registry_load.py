@@ -115,7 +115,7 @@ def blob_fetch(url: str, key: str, size: int, repeats: int, server_pid: int | No
         assert handle is not None
         for _ in range(repeats):
             t0 = time.perf_counter()
-            data = client.download_blob(handle)
+            data = client.download_blob(handle).data
             times.append(time.perf_counter() - t0)
             assert len(data) == size
     med = statistics.median(times)

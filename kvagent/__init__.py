@@ -38,6 +38,7 @@ from .resolver import (
     ResolverSettings,
     shared_prefix,
 )
+from .runtime import Runtime, build_runtime
 from .store import KVStore
 from .textstream import TextStream, scan_stops
 
@@ -77,6 +78,7 @@ __all__ = [
     "Resolution",
     "Resolver",
     "ResolverSettings",
+    "Runtime",
     "StoreError",
     "TextStream",
     "TransformersEngine",
@@ -84,6 +86,7 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "block_hashes",
+    "build_runtime",
     "document_key",
     "salted",
     "scan_stops",

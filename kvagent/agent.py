@@ -11,39 +11,34 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import artifact as art
-from . import policy as pol
 from .config import Config
-from .engine import Generation, GenerationParams, TransformersEngine
+from .engine import Generation, GenerationParams
 from .errors import (
     ArtifactError,
     ConfigError,
     EngineError,
     KVAgentError,
     RegistryError,
+    RegistryNotImplementedError,
     RegistryPaymentRequiredError,
 )
-from .identity import KeyContext, token_tuple
+from .identity import token_tuple
 from .kv import KVCache
-from .models import LoadedModel, load_model, model_fingerprint
-from .prompt import PromptTemplate, build_template
-from .resolver import CacheInfo, ClientSource, KVMemory, Resolution, Resolver, ResolverSettings
-from .store import KVStore
+from .models import LoadedModel
+from .prompt import PromptTemplate
+from .resolver import CacheInfo, Resolution
+from .runtime import Progress, Runtime, build_runtime
 from .textstream import TextStream
 
 if TYPE_CHECKING:  # the registry client is imported only when a registry is configured
-    from .calibration import CostModel
     from .registry import Handle, RegistryClient
 
 log = logging.getLogger("kvagent")
-
-#: progress(task, done, total): task is "prefill" or a message shown while loading.
-Progress = Callable[[str, int, int], None]
 
 __all__ = ["Answer", "CacheInfo", "DocumentHandle", "KVAgent", "Progress", "VerifyReport"]
 
@@ -100,124 +95,53 @@ class KVAgent:
         self,
         model: str | Any | None = None,
         *,
+        config: Config | None = None,
         tokenizer: Any | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        cache_size_bytes: int | None = None,
-        dtype: str | None = None,
-        block_size: int | None = None,
-        local_only: bool | None = None,
-        memory_slots: int | None = None,
-        system_prompt: str | None = None,
-        publisher: str | None = None,
-        progress: Progress | None = None,
-        prefill_chunk_size: int | None = None,
-        registry_url: str | None = None,
-        token: str | None = None,
-        publish: bool | str = False,
-        policy: pol.PolicyParams | None = None,
-        trusted_keys: Sequence[str] | None = None,
         registry_client: RegistryClient | None = None,
-        models_dir: str | os.PathLike[str] | None = None,
-        codec: str | None = None,
-        verify: str | None = None,
-        verify_probes: int | None = None,
-        allow_context_overflow: bool | None = None,
-        max_price_per_load: int | None = None,
-        budget: int | None = None,
-        prefill_cost_per_token: int | None = None,
-        calibration: str | os.PathLike[str] | bool | None = None,
+        progress: Progress | None = None,
+        **options: Any,
     ) -> None:
-        spec = model if isinstance(model, str) or model is None else None
+        """``options`` are :class:`~kvagent.config.Config` fields (``cache_dir=``, ``registry_url=``, ``token=``,
+        ``budget=``...; None: not given): they override ``config``, or else KVAGENT_* variables and defaults.
+        An unknown name is a ConfigError naming the closest option. ``tokenizer`` goes with an already-loaded
+        transformers ``model``; ``registry_client`` replaces the client built from the options."""
+        spec = model.name if isinstance(model, LoadedModel) else model if isinstance(model, str) else None
+        if registry_client is not None and options.get("registry_url") is None:
+            options["registry_url"] = registry_client.base_url
+        options["model"] = spec
+        self.config = config.with_options(**options) if config is not None else Config.from_env(**options)
         if isinstance(model, LoadedModel):
-            spec, tokenizer = model.name, model.tokenizer
-        self.config = Config.resolve(
-            model=spec,
-            cache_dir=cache_dir,
-            models_dir=models_dir,
-            codec=codec,
-            verify=verify,
-            verify_probes=verify_probes,
-            cache_size_bytes=cache_size_bytes,
-            dtype=dtype,
-            block_size=block_size,
-            local_only=local_only,
-            memory_slots=memory_slots,
-            publisher=publisher,
-            registry_url=registry_url or (registry_client.base_url if registry_client is not None else None),
-            registry_token=token,
-            allow_context_overflow=allow_context_overflow,
-            max_price_per_load=max_price_per_load,
-            budget=budget,
-            prefill_cost_per_token=prefill_cost_per_token,
-        )
-        if publish not in (False, True, "public", "restricted"):
-            raise ConfigError(f"publish must be False, True, 'public' or 'restricted', got {publish!r}")
-        self.publish_visibility: str | None = "restricted" if publish is True else (publish or None)
-        self.policy = policy if policy is not None else pol.PolicyParams()
-        self.registry: RegistryClient | None = None
-        if not self.config.local_only:
-            from .registry import RegistryClient
+            tokenizer = model.tokenizer
+        self._adopt(build_runtime(self.config, model=None if isinstance(model, str) else model,
+                                  tokenizer=tokenizer, registry_client=registry_client, progress=progress))
+        self._progress = progress
 
-            self.registry = registry_client or RegistryClient(
-                self.config.registry_url or "", self.config.registry_token, trusted_keys=trusted_keys
-            )
+    @classmethod
+    def from_runtime(cls, runtime: Runtime) -> KVAgent:
+        """A facade over an already-built runtime (sharing its model, caches and counters)."""
+        agent = cls.__new__(cls)
+        agent._adopt(runtime)
+        agent._progress = None
+        return agent
+
+    def _adopt(self, runtime: Runtime) -> None:
+        """Take the runtime's parts, under the names the facade has always had."""
+        self.runtime = runtime
+        self.config = runtime.config
+        self.loaded = runtime.loaded
+        self.engine = runtime.engine
+        self.tokenizer = runtime.tokenizer
+        self.template = runtime.template
+        self.context = runtime.context
+        self.store = runtime.store
+        self.registry = runtime.registry
+        self.resolver = runtime.resolver
+        self.policy = runtime.policy
+        self.publish_visibility = runtime.config.publish_visibility
+        self.expect = runtime.resolver.expect
+        self.counters = runtime.resolver.counters
         self._remote: dict[str, Handle] = {}  # documents whose questions the registry answers
         self._remote_generate_ok = True
-        self._progress = progress
-        if isinstance(model, LoadedModel):
-            self.loaded = model
-        elif spec is None and model is not None:
-            mfp = model_fingerprint(model)
-            from .identity import sha256_hex, tokenizer_fingerprint
-
-            tfp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else sha256_hex(b"no-tokenizer")
-            self.loaded = LoadedModel(model, tokenizer, type(model).__name__, mfp, tfp, 0.0)
-        else:
-            notify = (lambda msg: progress(msg, 0, 0)) if progress else None
-            self.loaded = load_model(self.config.model, self.config.models_dir, dtype=self.config.dtype, notify=notify)
-        self.engine = TransformersEngine(self.loaded.model, chunk_size=prefill_chunk_size)
-        self.tokenizer = self.loaded.tokenizer
-        self.template: PromptTemplate | None = (
-            build_template(self.tokenizer, system_prompt) if self.tokenizer is not None else None
-        )
-        self.context = KeyContext(
-            model_fingerprint=self.loaded.model_fingerprint,
-            tokenizer_fingerprint=self.loaded.tokenizer_fingerprint,
-            dtype=art.dtype_name(self.engine.dtype),
-            template_hash=self.template.hash if self.template else KeyContext.template_hash,
-        )
-        self.store = KVStore(self.config.store_dir, size_limit=self.config.cache_size_bytes)
-        self.resolver = Resolver(
-            self.engine,
-            self.context,
-            self.store,
-            memory=KVMemory(self.config.memory_slots),
-            registry=ClientSource(self.registry) if self.registry is not None else None,
-            settings=ResolverSettings(
-                block_size=self.config.block_size, verify=self.config.verify, verify_probes=self.config.verify_probes,
-                lock_timeout=self.config.lock_timeout, allow_context_overflow=self.config.allow_context_overflow,
-                policy=self.policy, max_price_per_load=self.config.max_price_per_load, budget=self.config.budget,
-                prefill_cost_per_token=self.config.prefill_cost_per_token,
-            ),
-            publisher=self.config.publisher,
-            codec=self.config.codec,
-            on_saved=self._maybe_publish,
-            cost=self._cost_model(calibration),
-        )
-        self.expect = self.resolver.expect
-        self.counters = self.resolver.counters
-
-    def _cost_model(self, calibration: str | os.PathLike[str] | bool | None) -> CostModel | None:
-        """Measured costs shared by this machine's processes (``calibration``: a file, or False for none)."""
-        if calibration is False:
-            return None
-        from .calibration import CostModel
-
-        path = None if calibration in (None, True) else calibration
-        return CostModel.for_engine(
-            self.engine, self.context.model_fingerprint, cache_dir=self.config.cache_dir, params=self.policy,
-            path=path, verify=self.config.verify, verify_probes=self.config.verify_probes,  # type: ignore[arg-type]
-        )
 
     # -- reading ---------------------------------------------------------------------------
     def read(self, source: str | os.PathLike[str]) -> DocumentHandle:
@@ -274,20 +198,6 @@ class KVAgent:
         return source, "<text>"
 
     # -- the registry ----------------------------------------------------------------------
-    def _maybe_publish(self, key: str, artifact_bytes: Callable[[], bytes], n_tokens: int) -> str:
-        if self.registry is None or self.publish_visibility is None:
-            return ""
-        ok, why = pol.should_publish(n_tokens, self.policy)
-        if not ok:
-            return f"; not published ({why})"
-        try:
-            self.registry.publish(artifact_bytes(), self.publish_visibility)
-        except (RegistryError, ArtifactError) as exc:
-            log.warning("publishing %s… to the registry failed (the answer is unaffected): %s", key[:16], exc)
-            return f"; publishing failed ({type(exc).__name__})"
-        self.counters["publishes"] += 1
-        return f"; published ({self.publish_visibility})"
-
     def publish(self, handle: DocumentHandle, visibility: str = "restricted", signing_key: Any = None,
                 price: int | None = None) -> Handle:
         """Publish a read document's KV to the registry (regardless of the publish threshold);
@@ -381,37 +291,32 @@ class KVAgent:
         assert self.registry is not None
         key = run.handle.key
         produced: list[int] = []
+        stream = self.registry.generate_stream(key, run.suffix, run.params, max_price=self.resolver.price_cap())
         try:
-            self.registry.last_charge = 0
-            for tok in self.registry.generate_stream(key, run.suffix, run.params, max_price=self.resolver.price_cap()):
+            for tok in stream:
                 produced.append(tok)
                 yield tok
             self.counters["remote_generates"] += 1
             return
         except RegistryError as exc:
             self._remote.pop(key, None)
-            if isinstance(exc, RegistryPaymentRequiredError):
-                self._remote_generate_ok = False
-            if "HTTP 501" in str(exc):
+            if isinstance(exc, (RegistryPaymentRequiredError, RegistryNotImplementedError)):
                 self._remote_generate_ok = False
             what = f"remote generate for {key[:16]}… failed after {len(produced)} tokens"
             reason = self.resolver.note_registry_failure(what, exc)
         finally:
-            self.resolver.note_spent(self.registry.last_charge)
+            self.resolver.note_spent(stream.charge)
+            run.info = replace(run.info, charged=run.info.charged + stream.charge)
         res = self._resolve(run.handle.token_ids)
-        run.info = replace(res.info, reason=f"{reason}; {res.info.reason}")
+        run.info = replace(res.info, reason=f"{reason}; {res.info.reason}",
+                           charged=run.info.charged + res.info.charged)
         left = run.params.max_new_tokens - len(produced)
         if left > 0 and res.kv is not None:
             yield from self.engine.stream(res.kv, run.suffix + produced, replace(run.params, max_new_tokens=left))
 
     def params(self, **gen: Any) -> GenerationParams:
         """GenerationParams with this model's stop tokens unless ``stop_token_ids`` is given."""
-        if "stop_token_ids" not in gen and self.template is not None:
-            gen["stop_token_ids"] = self.template.stop_token_ids
-        try:
-            return GenerationParams(**gen)
-        except TypeError as exc:
-            raise EngineError(f"unknown generation parameter: {exc}") from exc
+        return self.runtime.params(**gen)
 
     def _answer(
         self, handle: DocumentHandle, ids: list[int], params: GenerationParams, info: CacheInfo,

@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -36,7 +35,7 @@ from filelock import FileLock, Timeout
 
 from . import breaker as brk
 from . import policy as pol
-from .errors import RegistryError, RegistrySkippedError, RegistryUnavailableError
+from .breaker import PROBE_LOOKUP_DEADLINE_S, PROBE_WAIT_S  # noqa: F401  (PROBE_WAIT_S: importable from here)
 
 log = logging.getLogger("kvagent.calibration")
 
@@ -50,8 +49,6 @@ MIN_LOAD_BYTES = 64 * 1024
 MIN_DOWNLOAD_BYTES = 256 * 1024
 EWMA_ALPHA = 0.3
 PROBE_BUDGET_S = 1.0
-PROBE_LOOKUP_DEADLINE_S = 1.0  # a half-open breaker's probe waits at most this long
-PROBE_WAIT_S = 0.25  # ...and the read that sent it at most this long: the probe goes on without it
 
 Row = tuple[float, ...]
 T = TypeVar("T")
@@ -436,7 +433,7 @@ class CostModel:
         self.verify_probes = verify_probes
         self.breaker = breaker if breaker is not None else brk.BreakerPolicy()
         self.client_timeout_s = client_timeout_s
-        self._probing: set[str] = set()
+        self._breaker: brk.RegistryBreaker | None = None
 
     @classmethod
     def for_engine(
@@ -513,99 +510,32 @@ class CostModel:
         deadline = pol.lookup_deadline(
             self.estimate_prefill(n_tokens).value, rtt_s=rtt.value if rtt else None, ceiling=self.client_timeout_s
         )
-        if url is not None and url.rstrip("/") in self._probing:
+        if url is not None and self._breaker is not None and self._breaker.probing(url):
             deadline = min(deadline, PROBE_LOOKUP_DEADLINE_S)
         return deadline
 
-    # -- the circuit breaker -----------------------------------------------------------------
+    # -- the circuit breaker (orchestrated by kvagent.breaker.RegistryBreaker) ------------------
+    @property
+    def registry_breaker(self) -> brk.RegistryBreaker:
+        """The circuit breaker over this model's calibration file (one per CostModel)."""
+        if self._breaker is None:
+            self._breaker = brk.RegistryBreaker(self)
+        return self._breaker
+
     def breaker_open(self, url: str) -> str | None:
-        """Why ``url`` must be skipped now ("registry skipped: failing since …"), or None to go ahead.
-
-        After the back-off, the first process to ask claims the one probe; the others keep skipping.
-        """
-        url = url.rstrip("/")
-        now = self.calibration.clock()
-        raw = self.calibration.read()["breakers"].get(url)
-        stored = brk.BreakerState.from_json(raw) if raw else None
-        state = brk.sanitize(stored, now, self.breaker) if stored else None
-        first = brk.verdict(state, now)
-        if state == stored and (not first.allow or not first.probe):
-            return first.reason
-        outcome: list[str | None] = [None]
-
-        def claim(data: dict[str, Any]) -> None:  # also persists times a backwards clock had to bound
-            raw_now = data["breakers"].get(url)
-            if raw_now is None:
-                return  # closed meanwhile
-            current = brk.sanitize(brk.BreakerState.from_json(raw_now), now, self.breaker)
-            v = brk.verdict(current, now)
-            if v.allow:
-                current = brk.claim_probe(current, now, self.breaker)
-            else:
-                outcome[0] = v.reason
-            data["breakers"][url] = current.to_json()
-
-        self.calibration.update(claim)
-        if outcome[0] is None:
-            self._probing.add(url)
-        return outcome[0]
+        """Why ``url`` must be skipped now, or None to go ahead (see ``RegistryBreaker.skip_reason``)."""
+        return self.registry_breaker.skip_reason(url)
 
     def guarded_lookup(self, url: str, n_tokens: int, call: Callable[[float], T]) -> T:
-        """Run ``call(deadline_s)`` (the registry metadata requests for ``n_tokens``) under ``url``'s breaker.
-
-        Raises RegistrySkippedError (with "registry skipped: failing since …") while the breaker is open.
-        A RegistryUnavailableError (unreachable, timed out, 5xx) opens or extends it and is re-raised; any
-        answer (a 404, even a 401) counts as the registry working and measures its round trip. The half-open
-        probe is waited for at most ``PROBE_WAIT_S``; past that it is skipped like an open breaker, while the
-        probe finishes in the background and closes or re-opens the breaker for the next reads.
-        """
-        why = self.breaker_open(url)
-        if why is not None:
-            raise RegistrySkippedError(why)
-        deadline = self.lookup_deadline(n_tokens, url)
-        if url.rstrip("/") not in self._probing:
-            return self._timed_lookup(url, call, deadline)
-        # the half-open probe: it runs aside and the read waits for it only briefly, so a registry that still
-        # stalls costs this read PROBE_WAIT_S, not the probe's deadline; a recovered one answers well within it
-        outcome: dict[str, Any] = {}
-        done = threading.Event()
-
-        def probe() -> None:
-            try:
-                outcome["result"] = self._timed_lookup(url, call, deadline)
-            except BaseException as exc:  # handed to the read if it still waits; recorded by _timed_lookup
-                outcome["error"] = exc
-            finally:
-                done.set()
-
-        threading.Thread(target=probe, daemon=True, name="kvagent-registry-probe").start()
-        if not done.wait(PROBE_WAIT_S):
-            raw = self.calibration.read()["breakers"].get(url.rstrip("/"))
-            head = brk.skipped(brk.BreakerState.from_json(raw)) if raw else "registry skipped: failing"
-            raise RegistrySkippedError(f"{head}; its probe got no answer in {PROBE_WAIT_S:g} s and goes on in the background)")
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["result"]  # type: ignore[no-any-return]
-
-    def _timed_lookup(self, url: str, call: Callable[[float], T], deadline: float) -> T:
-        """``call(deadline)``, its round trip recorded; an unavailable registry opens or extends its breaker."""
-        t0 = time.perf_counter()
-        try:
-            result = call(deadline)
-        except RegistryUnavailableError as exc:
-            self.record_lookup(url, time.perf_counter() - t0, ok=False, error=f"{type(exc).__name__}: {exc}")
-            raise RegistryUnavailableError(f"{exc} (lookup deadline {deadline:.2f} s)") from exc
-        except RegistryError:
-            self.record_lookup(url, time.perf_counter() - t0, ok=True)
-            raise
-        self.record_lookup(url, time.perf_counter() - t0, ok=True)
-        return result
+        """``call(deadline_s)`` under ``url``'s breaker (see ``RegistryBreaker.guarded``)."""
+        return self.registry_breaker.guarded(url, n_tokens, call)
 
     def record_failure(self, url: str, error: str = "") -> None:
         """The registry at ``url`` failed (unreachable, timed out, 5xx): open or extend its breaker."""
         url = url.rstrip("/")
         now = self.calibration.clock()
-        self._probing.discard(url)
+        if self._breaker is not None:
+            self._breaker.done_probing(url)
 
         def change(data: dict[str, Any]) -> None:
             raw = data["breakers"].get(url)
@@ -671,7 +601,8 @@ class CostModel:
     def _link(self, url: str, change: Callable[[dict[str, Any]], None]) -> None:
         url = url.rstrip("/")
         now = self.calibration.clock()
-        self._probing.discard(url)
+        if self._breaker is not None:
+            self._breaker.done_probing(url)
 
         def apply(data: dict[str, Any]) -> None:
             link = data["links"].setdefault(url, {})

@@ -328,7 +328,7 @@ def _store(args: argparse.Namespace) -> Any:
     from .config import Config
     from .store import KVStore
 
-    cfg = Config.resolve(cache_dir=args.cache_dir)
+    cfg = Config.from_env(cache_dir=args.cache_dir)
     return KVStore(cfg.store_dir, size_limit=cfg.cache_size_bytes)
 
 
@@ -412,8 +412,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from . import calibration as cal
     from .config import Config
 
-    cfg = Config.resolve(model=args.model, cache_dir=args.cache_dir, registry_url=args.registry,
-                         registry_token=args.token)
+    cfg = Config.from_env(model=args.model, cache_dir=args.cache_dir, registry_url=args.registry,
+                          registry_token=args.token)
     store = cal.CalibrationFile(cal.default_path(cfg.cache_dir))
     rows: list[dict[str, Any]] = []
     if not args.show:
@@ -467,7 +467,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_economics(args: argparse.Namespace) -> int:
-    from . import economics
+    from .analysis import economics
 
     return int(economics.main(args.rest))
 
@@ -479,7 +479,7 @@ def _registry(args: argparse.Namespace) -> Any:
     from .errors import ConfigError
     from .registry import RegistryClient
 
-    cfg = Config.resolve(registry_url=args.registry, registry_token=args.token)
+    cfg = Config.from_env(registry_url=args.registry, registry_token=args.token)
     if cfg.registry_url is None:
         raise ConfigError("no registry configured: pass --registry URL or set KVAGENT_REGISTRY_URL")
     return RegistryClient(cfg.registry_url, cfg.registry_token)

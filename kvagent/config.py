@@ -1,14 +1,29 @@
-"""Configuration in one place: explicit arguments override KVAGENT_* variables, which override defaults."""
+"""Configuration in one place: every option, its default and its KVAGENT_* variable is declared once, here.
+
+Explicit arguments override KVAGENT_* variables, which override defaults (``Config.from_env``). The
+runtime (``kvagent.runtime``), the ``KVAgent`` facade, the server host and the LangChain models all take
+their options from a ``Config``; an unknown option name is a ``ConfigError`` naming the closest one.
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+from .market import DEFAULT_PREFILL_MICROS_PER_TOKEN
+
+if TYPE_CHECKING:
+    from .policy import PolicyParams
 
 DEFAULT_MODEL = "smollm2"
+PUBLISH_CHOICES = (False, True, "public", "restricted")
+#: other spellings accepted for an option (``KVAgent(token=...)`` as ``RegistryClient(url, token)`` has it)
+ALIASES = {"token": "registry_token"}
 
 
 def _default_cache_dir() -> Path:
@@ -17,10 +32,8 @@ def _default_cache_dir() -> Path:
     return Path(user_cache_dir("kvagent", appauthor=False))
 
 
-def _env_int(name: str) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return None
+# -- reading KVAGENT_* variables ------------------------------------------------------------------
+def _env_int(name: str, raw: str) -> int:
     try:
         value = int(float(raw))
     except ValueError as exc:
@@ -30,10 +43,17 @@ def _env_int(name: str) -> int | None:
     return value
 
 
-def _env_bool(name: str) -> bool | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return None
+def _env_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a number") from exc
+    if not value >= 0:
+        raise ConfigError(f"{name} must not be negative, got {value}")
+    return value
+
+
+def _env_bool(name: str, raw: str) -> bool:
     low = raw.strip().lower()
     if low in ("1", "true", "yes", "on"):
         return True
@@ -42,94 +62,131 @@ def _env_bool(name: str) -> bool | None:
     raise ConfigError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
 
 
+def _env_str(_name: str, raw: str) -> str:
+    return raw
+
+
+def _env_money(name: str, raw: str) -> int:
+    from .market import amount
+
+    return amount(raw, name)
+
+
+def _env_keys(_name: str, raw: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+def _opt(default: Any = MISSING, *, env: str | None = None, parse: Callable[[str, str], Any] = _env_str,
+         factory: Callable[[], Any] | None = None, show: bool = True) -> Any:
+    """A Config field: its default (or ``factory``), its KVAGENT_* variable and how to read that variable."""
+    meta = {"env": env, "parse": parse}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta, repr=show)
+    return field(default=default, metadata=meta, repr=show)
+
+
 @dataclass(frozen=True)
 class Config:
-    """Resolved settings of a KVAgent.
+    """Resolved settings of a kvagent runtime.
 
-    ``cache_dir`` holds the local KV store (``<cache_dir>/kv``); ``models_dir`` holds converted models
-    (the user cache dir by default, shared by every cache_dir, so the embedded model converts once).
+    ``cache_dir`` holds the local KV store (``<cache_dir>/kv``) and the calibration file; ``models_dir``
+    holds converted models (the user cache dir by default, shared by every cache_dir, so the embedded model
+    converts once). Money is in integer micro-units of the registry's currency (``kvagent.market``).
     """
 
-    model: str = DEFAULT_MODEL
-    cache_dir: Path = field(default_factory=_default_cache_dir)
-    cache_size_bytes: int = 10 * 1024**3
-    dtype: str | None = None
-    block_size: int = 256
-    local_only: bool = True
-    memory_slots: int = 2
-    publisher: str | None = None
-    models_dir: Path = field(default_factory=lambda: _default_cache_dir() / "models")
-    codec: str = "raw"
-    lock_timeout: float = 600.0
-    verify: str = "sample"
-    verify_probes: int = 64
-    registry_url: str | None = None
-    registry_token: str | None = field(default=None, repr=False)
-    allow_context_overflow: bool = False
-    # money, in integer micro-units of the registry's currency (kvagent.market): None = no limit
-    max_price_per_load: int | None = None
-    budget: int | None = None
-    prefill_cost_per_token: int = 5  # the buyer's own prefill: $5 per million input tokens
+    # the model
+    model: str = _opt(DEFAULT_MODEL, env="KVAGENT_MODEL")
+    models_dir: Path = _opt(factory=lambda: _default_cache_dir() / "models", env="KVAGENT_MODELS_DIR")
+    dtype: str | None = _opt(None, env="KVAGENT_DTYPE")
+    system_prompt: str | None = _opt(None)  # None: the chat template's own default
+    prefill_chunk_size: int | None = _opt(None, env="KVAGENT_PREFILL_CHUNK_SIZE", parse=_env_int)
+    allow_context_overflow: bool = _opt(False, env="KVAGENT_ALLOW_CONTEXT_OVERFLOW", parse=_env_bool)
+    # the local caches
+    cache_dir: Path = _opt(factory=_default_cache_dir, env="KVAGENT_CACHE_DIR")
+    cache_size_bytes: int = _opt(10 * 1024**3, env="KVAGENT_CACHE_SIZE", parse=_env_int)
+    memory_slots: int = _opt(2, env="KVAGENT_MEMORY_SLOTS", parse=_env_int)
+    block_size: int = _opt(256, env="KVAGENT_BLOCK_SIZE", parse=_env_int)
+    codec: str = _opt("raw", env="KVAGENT_CODEC")
+    lock_timeout: float = _opt(600.0, env="KVAGENT_LOCK_TIMEOUT", parse=_env_float)
+    calibration: str | Path | bool | None = _opt(None, env="KVAGENT_CALIBRATION")  # a file; False: none
+    # checking what comes from elsewhere
+    verify: str = _opt("sample", env="KVAGENT_VERIFY")
+    verify_probes: int = _opt(64, env="KVAGENT_VERIFY_PROBES", parse=_env_int)
+    trusted_keys: tuple[str, ...] | None = _opt(None, env="KVAGENT_TRUSTED_KEYS", parse=_env_keys)
+    # the registry
+    registry_url: str | None = _opt(None, env="KVAGENT_REGISTRY_URL")
+    registry_token: str | None = _opt(None, env="KVAGENT_REGISTRY_TOKEN", show=False)
+    local_only: bool = _opt(True, env="KVAGENT_LOCAL_ONLY", parse=_env_bool)  # default: no registry_url
+    publisher: str | None = _opt(None, env="KVAGENT_PUBLISHER")
+    publish: bool | str = _opt(False)  # publish what is computed: True ("restricted"), "public" or "restricted"
+    policy: PolicyParams | None = _opt(None)  # the cost policy's settings (None: kvagent.policy's defaults)
+    # money, integer micro-units: None = no limit
+    max_price_per_load: int | None = _opt(None, env="KVAGENT_MAX_PRICE_PER_LOAD", parse=_env_money)
+    budget: int | None = _opt(None, env="KVAGENT_BUDGET", parse=_env_money)
+    prefill_cost_per_token: int = _opt(
+        DEFAULT_PREFILL_MICROS_PER_TOKEN, env="KVAGENT_PREFILL_COST_PER_TOKEN", parse=_env_money
+    )
 
     @property
     def store_dir(self) -> Path:
         return self.cache_dir / "kv"
 
+    @property
+    def publish_visibility(self) -> str | None:
+        """The visibility computed KVs are published with, or None when they are not published."""
+        return "restricted" if self.publish is True else (self.publish or None)
+
     @classmethod
-    def resolve(
-        cls,
-        *,
-        model: str | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        cache_size_bytes: int | None = None,
-        dtype: str | None = None,
-        block_size: int | None = None,
-        local_only: bool | None = None,
-        memory_slots: int | None = None,
-        publisher: str | None = None,
-        models_dir: str | os.PathLike[str] | None = None,
-        codec: str | None = None,
-        verify: str | None = None,
-        verify_probes: int | None = None,
-        registry_url: str | None = None,
-        registry_token: str | None = None,
-        allow_context_overflow: bool | None = None,
-        max_price_per_load: int | None = None,
-        budget: int | None = None,
-        prefill_cost_per_token: int | None = None,
-    ) -> Config:
-        """Build a Config from arguments, then KVAGENT_* variables, then defaults."""
-        env_dir = os.environ.get("KVAGENT_CACHE_DIR") or None
-        d = cls()
-        registry = registry_url or os.environ.get("KVAGENT_REGISTRY_URL") or None
-        cfg = cls(
-            model=model or os.environ.get("KVAGENT_MODEL") or d.model,
-            cache_dir=Path(cache_dir or env_dir or d.cache_dir).expanduser(),
-            cache_size_bytes=_first(cache_size_bytes, _env_int("KVAGENT_CACHE_SIZE"), d.cache_size_bytes),
-            dtype=dtype or os.environ.get("KVAGENT_DTYPE") or None,
-            block_size=_first(block_size, _env_int("KVAGENT_BLOCK_SIZE"), d.block_size),
-            local_only=_first(local_only, _env_bool("KVAGENT_LOCAL_ONLY"), registry is None),
-            memory_slots=_first(memory_slots, _env_int("KVAGENT_MEMORY_SLOTS"), d.memory_slots),
-            publisher=publisher or os.environ.get("KVAGENT_PUBLISHER") or None,
-            models_dir=Path(models_dir or os.environ.get("KVAGENT_MODELS_DIR") or d.models_dir).expanduser(),
-            codec=codec or os.environ.get("KVAGENT_CODEC") or d.codec,
-            verify=verify or os.environ.get("KVAGENT_VERIFY") or d.verify,
-            verify_probes=_first(verify_probes, _env_int("KVAGENT_VERIFY_PROBES"), d.verify_probes),
-            registry_url=registry,
-            registry_token=registry_token or os.environ.get("KVAGENT_REGISTRY_TOKEN") or None,
-            allow_context_overflow=_first(
-                allow_context_overflow, _env_bool("KVAGENT_ALLOW_CONTEXT_OVERFLOW"), d.allow_context_overflow
-            ),
-            max_price_per_load=_money(max_price_per_load, "KVAGENT_MAX_PRICE_PER_LOAD", None),
-            budget=_money(budget, "KVAGENT_BUDGET", None),
-            prefill_cost_per_token=_first(
-                _money(prefill_cost_per_token, "KVAGENT_PREFILL_COST_PER_TOKEN", None), d.prefill_cost_per_token
-            ),
-        )
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_env(cls, **options: Any) -> Config:
+        """A Config from ``options`` (None: not given), then KVAGENT_* variables, then defaults; validated."""
+        given = canonical_options(options)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if given.get(f.name) is not None:
+                values[f.name] = given[f.name]
+                continue
+            env = f.metadata.get("env")
+            raw = os.environ.get(env) if env else None
+            if raw is not None and raw.strip() != "":
+                values[f.name] = f.metadata["parse"](env, raw)
+        if "local_only" not in values:
+            values["local_only"] = values.get("registry_url") is None
+        return cls(**values)._checked()
+
+    def with_options(self, **options: Any) -> Config:
+        """This Config with ``options`` replaced (None: keep), validated; KVAGENT_* variables are not read."""
+        given = {k: v for k, v in canonical_options(options).items() if v is not None}
+        if "registry_url" in given and "local_only" not in given:
+            given["local_only"] = False
+        return replace(self, **given)._checked() if given else self
+
+    #: deprecated name of :meth:`from_env`
+    resolve = from_env
+
+    def _checked(self) -> Config:
+        """Normalise types (paths, money, keys) and refuse bad values with what was expected."""
+        from .codecs import ARTIFACT_CODECS
+        from .market import amount
+
+        norm: dict[str, Any] = {
+            "cache_dir": Path(self.cache_dir).expanduser(), "models_dir": Path(self.models_dir).expanduser(),
+        }
+        for name in ("max_price_per_load", "budget", "prefill_cost_per_token"):
+            value = getattr(self, name)
+            if value is not None:
+                norm[name] = amount(value, name)
+        if self.trusted_keys is not None:
+            keys = (self.trusted_keys,) if isinstance(self.trusted_keys, str) else self.trusted_keys
+            norm["trusted_keys"] = tuple(str(k) for k in keys)
+        if isinstance(self.calibration, str) and self.calibration.lower() in ("0", "false", "no", "off", "none"):
+            norm["calibration"] = False
+        cfg = replace(self, **norm)
         if cfg.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {cfg.dtype!r}")
-        from .codecs import ARTIFACT_CODECS
-
         if cfg.verify not in ("none", "sample", "full"):
             raise ConfigError(f"verify must be none, sample or full, got {cfg.verify!r}")
         if cfg.verify_probes < 0:
@@ -138,29 +195,38 @@ class Config:
             raise ConfigError(f"codec must be one of {list(ARTIFACT_CODECS)} (lossless), got {cfg.codec!r}")
         if cfg.block_size <= 0:
             raise ConfigError("block_size must be positive")
+        if cfg.prefill_chunk_size is not None and cfg.prefill_chunk_size <= 0:
+            raise ConfigError(f"prefill_chunk_size must be positive, got {cfg.prefill_chunk_size}")
         if not cfg.local_only and cfg.registry_url is None:
             raise ConfigError("local_only=False needs a registry URL (registry_url= or KVAGENT_REGISTRY_URL)")
         if cfg.registry_url is not None and not cfg.registry_url.startswith(("http://", "https://")):
             raise ConfigError(f"registry URL must start with http:// or https://, got {cfg.registry_url!r}")
         if cfg.cache_size_bytes <= 0:
             raise ConfigError("cache_size_bytes must be positive")
+        if cfg.publish not in PUBLISH_CHOICES:
+            raise ConfigError(f"publish must be False, True, 'public' or 'restricted', got {cfg.publish!r}")
         return cfg
 
 
-def _money(arg: int | None, env: str, default: int | None) -> int | None:
-    """An amount of integer micro-units: the argument, else the variable, else ``default`` (floats refused)."""
-    from .market import amount
+def canonical_options(options: Mapping[str, Any], extra: Iterable[str] = ()) -> dict[str, Any]:
+    """``options`` under Config's field names (aliases such as ``token`` mapped); an unknown name is a
+    ConfigError naming the closest option. ``extra``: further names the caller accepts (passed through)."""
+    names = set(Config.option_names())
+    allowed = names | set(ALIASES) | set(extra)
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        if name not in allowed:
+            raise ConfigError(unknown_option(name, allowed))
+        canon = ALIASES.get(name, name)
+        if canon in out and out[canon] is not None and value is not None and out[canon] != value:
+            raise ConfigError(f"{name}= and {canon}= are the same option; give one of them")
+        if value is not None or canon not in out:
+            out[canon] = value
+    return out
 
-    if arg is not None:
-        return amount(arg, env.removeprefix("KVAGENT_").lower())
-    raw = os.environ.get(env)
-    if raw is None or raw.strip() == "":
-        return default
-    return amount(raw, env)
 
-
-def _first(*values):  # type: ignore[no-untyped-def]
-    for v in values:
-        if v is not None:
-            return v
-    return None
+def unknown_option(name: str, known: Iterable[str]) -> str:
+    """The message of an unknown option: the closest known name, when one is close."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown option {name!r}{hint} (options: {', '.join(sorted(known))})"

@@ -26,6 +26,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .market import DEFAULT_PREFILL_MICROS_PER_TOKEN
+
 LOCAL_HIT = "local-hit"
 REMOTE_GENERATE = "remote-generate"
 FETCH = "fetch-and-resume"
@@ -82,7 +84,7 @@ class PolicyParams:
     reuse_cost_ratio: float = 49.7  # prefill costs this many times more than loading its KV (when unmeasured)
     remote_generate_overhead_s: float = 0.1  # server-side queueing and suffix prefill
     latency_budget_s: float | None = None  # time to first token we aim for
-    prefill_cost_micros_per_token: int = 5  # what a local prefill costs us, per token, in µUSD
+    prefill_cost_micros_per_token: int = DEFAULT_PREFILL_MICROS_PER_TOKEN  # a local prefill's cost, µUSD/token
     max_price_per_load_micros: int | None = None  # refuse purchases above this (None: no limit)
     budget_left_micros: int | None = None  # refuse purchases above what is left (None: unlimited)
 

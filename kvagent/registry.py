@@ -36,6 +36,7 @@ from .errors import (
     RegistryAuthError,
     RegistryConflictError,
     RegistryError,
+    RegistryNotImplementedError,
     RegistryPaymentRequiredError,
     RegistryProtocolError,
     RegistryRejectedError,
@@ -66,6 +67,31 @@ class Handle:
     signature: Signature | None
     price: int | None = None  # per load, integer micro-units of ``currency`` (None: the registry sells nothing)
     currency: str | None = None
+
+
+@dataclass(frozen=True)
+class Download:
+    """One artifact download: its bytes, how long it took, and what it cost (nothing is kept on the client).
+
+    ``charge``: integer micro-units charged by this call (0: free, or a replay of a purchase already paid);
+    ``receipt``: the purchase's ``X-KVAgent-Receipt`` (for a dispute), None when nothing was sold.
+    """
+
+    data: bytearray
+    seconds: float
+    charge: int = 0
+    receipt: str | None = None
+
+
+@dataclass(frozen=True)
+class VerifiedDownload:
+    """A downloaded artifact after its checks (tree hash, header == handle, signature), and what it cost."""
+
+    artifact: art.Artifact
+    data: bytearray
+    seconds: float
+    charge: int = 0
+    receipt: str | None = None
 
 
 def sign(header: art.ArtifactHeader, private_key: Any) -> str:
@@ -173,6 +199,8 @@ def _error_for(resp: httpx.Response, what: str) -> RegistryError:
     code = resp.status_code
     if code == 402:
         return RegistryPaymentRequiredError(msg, _quote(resp))
+    if code == 501:
+        return RegistryNotImplementedError(msg)
     if code == 429 or code >= 500 and code != 501:
         return RegistryUnavailableError(msg, retry_after=_retry_after(resp))
     if code in (401, 403):
@@ -302,9 +330,6 @@ class RegistryClient:
             self._retry_kw["before_sleep"] = lambda _state: self._next_node()
         if sleep is not None:
             self._retry_kw["sleep"] = sleep
-        self.last_download_seconds = 0.0
-        self.last_receipt: str | None = None  # X-KVAgent-Receipt of the last paid download or generate
-        self.last_charge = 0  # what that cost, integer micro-units (0: free, or a replayed purchase)
 
     def close(self) -> None:
         if self._owns_client:
@@ -414,22 +439,23 @@ class RegistryClient:
         return self._retrying(once, deadline)
 
     def download_blob(self, handle: Handle, *, max_price: int | None = None,
-                      idempotency_key: str | None = None) -> bytearray:
+                      idempotency_key: str | None = None) -> Download:
         """The artifact bytes of ``handle``, streamed and cut off at the handle's declared size.
 
         Every attempt carries the same ``Idempotency-Key`` (a fresh one per call unless given), so a
         retried download is charged once; a priced artifact above ``max_price`` or the balance raises
-        RegistryPaymentRequiredError (not retried). The receipt id lands in ``last_receipt``.
+        RegistryPaymentRequiredError (not retried). The returned ``Download`` says what this call cost.
         """
         pay = _payment_headers(max_price, idempotency_key)
-        self.last_receipt, self.last_charge = None, 0
+        paid = _Paid()
+        t0 = time.perf_counter()
 
         def once() -> bytearray:
             try:
                 with self._http.stream("GET", handle.blob_url, headers=pay) as resp:
                     if resp.status_code in _REDIRECTS:  # a presigned object-store URL: bytes bypass the registry
                         resp.read()
-                        self._note_charge(resp)
+                        paid.note(resp)
                         req = self._http.build_request("GET", _presigned_location(resp))
                         req.headers.pop("authorization", None)  # the bearer token never goes to the object store
                         obj = self._http.send(req, stream=True)
@@ -445,33 +471,32 @@ class RegistryClient:
                     if resp.status_code != 200:
                         resp.read()
                         raise _error_for(resp, "download")
-                    self._note_charge(resp)
+                    paid.note(resp)
                     return _read_blob(resp, handle)
             except httpx.TransportError as exc:
                 raise RegistryUnavailableError(
                     f"download of {handle.key[:16]}… failed: {type(exc).__name__}: {exc}"
                 ) from exc
 
-        return self._retrying(once)
+        data = self._retrying(once)
+        return Download(data, time.perf_counter() - t0, paid.charge, paid.receipt)
 
     def download_verified(self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None,
-                          idempotency_key: str | None = None) -> tuple[art.Artifact, bytearray]:
+                          idempotency_key: str | None = None) -> VerifiedDownload:
         """Download, verify (tree hash, header == handle, signature when keys are trusted) and decode."""
-        t0 = time.perf_counter()
-        buf = self.download_blob(handle, max_price=max_price, idempotency_key=idempotency_key)
-        self.last_download_seconds = time.perf_counter() - t0
-        artifact = art.decode(buf, expect=expect, limits=self.limits)
+        got = self.download_blob(handle, max_price=max_price, idempotency_key=idempotency_key)
+        artifact = art.decode(got.data, expect=expect, limits=self.limits)
         if artifact.header != handle.header:
             raise ArtifactIntegrityError(
                 f"downloaded artifact header differs from the registry's handle for {handle.key[:16]}…"
             )
         if self.trusted_keys is not None:
             verify_signature(handle, self.trusted_keys)
-        return artifact, buf
+        return VerifiedDownload(artifact, got.data, got.seconds, got.charge, got.receipt)
 
     def download(self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None,
                  idempotency_key: str | None = None) -> art.Artifact:
-        return self.download_verified(handle, expect, max_price=max_price, idempotency_key=idempotency_key)[0]
+        return self.download_verified(handle, expect, max_price=max_price, idempotency_key=idempotency_key).artifact
 
     def publish(self, blob: bytes, visibility: str = "restricted", signing_key: Any = None,
                 price: int | None = None) -> Handle:
@@ -508,11 +533,12 @@ class RegistryClient:
         self._retrying(once)
 
     def generate_stream(self, key: str, suffix_ids: Sequence[int], params: GenerationParams, *,
-                        max_price: int | None = None, idempotency_key: str | None = None) -> Iterator[int]:
-        """Continue generation on the registry from ``key``'s KV; yields token ids as they arrive.
+                        max_price: int | None = None, idempotency_key: str | None = None) -> GenerationStream:
+        """Continue generation on the registry from ``key``'s KV: iterate the result for token ids as they arrive.
 
-        The request is retried until the stream starts, never after a token has been yielded; every
-        attempt carries the same ``Idempotency-Key``, so it is charged once (receipt in ``last_receipt``).
+        Nothing is sent until the first token is asked for. The request is retried until the stream starts,
+        never after a token has been yielded; every attempt carries the same ``Idempotency-Key``, so it is
+        charged once: the stream's ``charge`` and ``receipt`` say what it cost once it has started.
         """
         validate_key(key)
         pay = _payment_headers(max_price, idempotency_key)
@@ -525,6 +551,7 @@ class RegistryClient:
             "seed": params.seed,
             "stop_token_ids": list(params.stop_token_ids),
         }
+        stream = GenerationStream(params.max_new_tokens)
 
         def start() -> httpx.Response:
             try:
@@ -538,26 +565,13 @@ class RegistryClient:
                 resp.read()
                 resp.close()
                 raise _error_for(resp, "generate")
-            self._note_charge(resp)
+            stream.paid.note(resp)
             return resp
 
-        resp = self._retrying(start)
-        try:
-            yield from _ndjson_tokens(resp, params.max_new_tokens)
-        except httpx.TransportError as exc:
-            raise RegistryUnavailableError(
-                f"registry generate stream broke: {type(exc).__name__}: {exc}"
-            ) from exc
-        finally:
-            resp.close()
+        stream.start = lambda: self._retrying(start)
+        return stream
 
     # -- market -----------------------------------------------------------------------------
-    def _note_charge(self, resp: httpx.Response) -> None:
-        """Keep a paid answer's receipt id and amount (``X-KVAgent-Receipt`` / ``X-KVAgent-Charged``)."""
-        self.last_receipt = resp.headers.get("x-kvagent-receipt")
-        charged = resp.headers.get("x-kvagent-charged", "0")
-        self.last_charge = int(charged) if charged.isdigit() and resp.headers.get("x-kvagent-replayed") != "1" else 0
-
     def _call(self, method: str, url: str, what: str, ok: tuple[int, ...] = (200,), **kw: Any) -> Any:
         def once() -> Any:
             resp = self._send(method, url, what, **kw)
@@ -635,6 +649,60 @@ class RegistryClient:
 
 
 _REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class _Paid:
+    """What one call was charged, summed over its attempts (a replayed purchase adds nothing)."""
+
+    def __init__(self) -> None:
+        self.charge = 0
+        self.receipt: str | None = None
+
+    def note(self, resp: httpx.Response) -> None:
+        """Add a paid answer's amount and keep its receipt id (``X-KVAgent-Charged`` / ``X-KVAgent-Receipt``)."""
+        receipt = resp.headers.get("x-kvagent-receipt")
+        if receipt:
+            self.receipt = receipt
+        charged = resp.headers.get("x-kvagent-charged", "0")
+        if charged.isdigit() and resp.headers.get("x-kvagent-replayed") != "1":
+            self.charge += int(charged)
+
+
+class GenerationStream:
+    """The token ids of one remote generation, in order (iterate once), and what it cost.
+
+    ``charge`` (integer micro-units) and ``receipt`` are known once the stream has started; they belong to
+    this call alone, so concurrent generations on one client never see each other's charges. A hosted
+    generation is pre-charged for ``max_new_tokens`` (docs/market.md): output it did not produce is refunded
+    by the registry afterwards, not reflected here.
+    """
+
+    def __init__(self, max_new_tokens: int) -> None:
+        self.max_new_tokens = max_new_tokens
+        self.paid = _Paid()
+        self.start: Callable[[], httpx.Response] | None = None
+
+    @property
+    def charge(self) -> int:
+        return self.paid.charge
+
+    @property
+    def receipt(self) -> str | None:
+        return self.paid.receipt
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.start = self.start, None
+        if start is None:
+            raise RuntimeError("a GenerationStream can be iterated only once")
+        resp = start()
+        try:
+            yield from _ndjson_tokens(resp, self.max_new_tokens)
+        except httpx.TransportError as exc:
+            raise RegistryUnavailableError(
+                f"registry generate stream broke: {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            resp.close()
 
 
 def _node_urls(base_url: str | Sequence[str]) -> list[str]:

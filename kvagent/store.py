@@ -284,9 +284,15 @@ class KVStore:
         return StoreLookup(None, f"local entry rejected ({why}); evicted")
 
     def find_prefix(self, hashes: Sequence[str]) -> tuple[str, int] | None:
-        """The key indexed under the longest of ``hashes`` present, with how many blocks matched."""
+        """The key indexed under the longest of ``hashes`` present, with how many blocks matched.
+
+        An index row the store refuses to read (foreign data) is a miss, logged: a prefix lookup never fails."""
         for i in range(len(hashes) - 1, -1, -1):
-            key = self._cache.get(f"blk:{hashes[i]}", default=None)
+            try:
+                key = self._cache.get(f"blk:{hashes[i]}", default=None)
+            except StoreError as exc:
+                log.warning("ignoring unreadable block index entry %s…: %s", hashes[i][:16], exc)
+                continue
             if isinstance(key, str) and f"kv:{key}" in self._cache:
                 return key, i + 1
         return None
@@ -294,7 +300,11 @@ class KVStore:
     def entries(self) -> Iterator[StoreEntry]:
         for k in list(self._cache.iterkeys()):
             if isinstance(k, str) and k.startswith("meta:"):
-                raw = self._cache.get(k, default=None)
+                try:
+                    raw = self._cache.get(k, default=None)
+                except StoreError as exc:
+                    log.warning("ignoring unreadable store index entry %s: %s", k[:24], exc)
+                    continue
                 if raw is None or f"kv:{k[5:]}" not in self._cache:
                     continue
                 try:

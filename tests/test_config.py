@@ -1,4 +1,4 @@
-"""Config.resolve: arguments win over KVAGENT_* variables, which win over defaults; bad values are
+"""Config.from_env: arguments win over KVAGENT_* variables, which win over defaults; bad values are
 ConfigErrors naming the setting."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from kvagent.errors import ConfigError
 def test_arguments_beat_variables_beat_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     for name in ("KVAGENT_VERIFY", "KVAGENT_VERIFY_PROBES", "KVAGENT_CODEC"):
         monkeypatch.delenv(name, raising=False)
-    d = Config.resolve(cache_dir=tmp_path)
+    d = Config.from_env(cache_dir=tmp_path)
     assert (d.verify, d.verify_probes, d.codec) == ("sample", 64, "raw")
     monkeypatch.setenv("KVAGENT_VERIFY", "full")
     monkeypatch.setenv("KVAGENT_VERIFY_PROBES", "200")
     monkeypatch.setenv("KVAGENT_CODEC", "zstd")
-    e = Config.resolve(cache_dir=tmp_path)
+    e = Config.from_env(cache_dir=tmp_path)
     assert (e.verify, e.verify_probes, e.codec) == ("full", 200, "zstd")
-    a = Config.resolve(cache_dir=tmp_path, verify="none", verify_probes=0, codec="bplane-zstd")
+    a = Config.from_env(cache_dir=tmp_path, verify="none", verify_probes=0, codec="bplane-zstd")
     assert (a.verify, a.verify_probes, a.codec) == ("none", 0, "bplane-zstd")
 
 
@@ -32,10 +32,61 @@ def test_arguments_beat_variables_beat_defaults(monkeypatch: pytest.MonkeyPatch,
 ])
 def test_bad_values_are_config_errors(tmp_path, kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        Config.resolve(cache_dir=tmp_path, **kwargs)
+        Config.from_env(cache_dir=tmp_path, **kwargs)
 
 
 def test_a_non_integer_variable_is_a_config_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("KVAGENT_VERIFY_PROBES", "many")
     with pytest.raises(ConfigError, match="KVAGENT_VERIFY_PROBES"):
-        Config.resolve(cache_dir=tmp_path)
+        Config.from_env(cache_dir=tmp_path)
+
+
+def test_an_unknown_option_names_the_closest(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="did you mean 'registry_url'"):
+        Config.from_env(cache_dir=tmp_path, registri_url="http://r.test")
+    with pytest.raises(ConfigError, match="did you mean 'max_price_per_load'"):
+        Config.from_env(cache_dir=tmp_path).with_options(max_price_per_lod=3)
+
+
+def test_the_facade_refuses_an_unknown_option_before_loading_anything(tmp_path) -> None:
+    from kvagent import KVAgent
+
+    with pytest.raises(ConfigError, match="did you mean 'registry_url'"):
+        KVAgent(cache_dir=tmp_path, registri_url="http://r.test")
+    with pytest.raises(ConfigError, match="did you mean 'memory_slots'"):
+        KVAgent(config=Config.from_env(cache_dir=tmp_path), memory_slot=3)
+
+
+def test_token_is_registry_token_and_options_override_a_config(tmp_path) -> None:
+    c = Config.from_env(cache_dir=tmp_path, registry_url="http://r.test", token="t-1")
+    assert (c.registry_token, c.local_only) == ("t-1", False)
+    with pytest.raises(ConfigError, match="same option"):
+        Config.from_env(cache_dir=tmp_path, token="a", registry_token="b")
+    d = Config.from_env(cache_dir=tmp_path).with_options(registry_url="http://r.test", budget=10, memory_slots=None)
+    assert (d.registry_url, d.local_only, d.budget, d.memory_slots) == ("http://r.test", False, 10, 2)
+    with pytest.raises(ConfigError, match="budget"):
+        d.with_options(budget=1.5)  # money is integer micro-units
+
+
+def test_new_options_read_their_variables(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("KVAGENT_TRUSTED_KEYS", "ab, cd")
+    monkeypatch.setenv("KVAGENT_CALIBRATION", "off")
+    monkeypatch.setenv("KVAGENT_PREFILL_CHUNK_SIZE", "512")
+    c = Config.from_env(cache_dir=tmp_path)
+    assert (c.trusted_keys, c.calibration, c.prefill_chunk_size) == (("ab", "cd"), False, 512)
+    with pytest.raises(ConfigError, match="publish must be"):
+        Config.from_env(cache_dir=tmp_path, publish="everyone")
+
+
+def test_each_default_is_declared_once() -> None:
+    """The resolver's and the policy's defaults are Config's (one literal each, in config.py or market.py)."""
+    from kvagent.market import DEFAULT_PREFILL_MICROS_PER_TOKEN
+    from kvagent.policy import PolicyParams
+    from kvagent.resolver import ResolverSettings
+
+    c, r = Config(), ResolverSettings()
+    for name in ("block_size", "verify", "verify_probes", "lock_timeout", "allow_context_overflow",
+                 "max_price_per_load", "budget", "prefill_cost_per_token"):
+        assert getattr(r, name) == getattr(c, name), name
+    assert PolicyParams().prefill_cost_micros_per_token == c.prefill_cost_per_token == DEFAULT_PREFILL_MICROS_PER_TOKEN
+    assert Config.resolve == Config.from_env  # the deprecated name still works

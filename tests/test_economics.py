@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvagent import economics as econ
-from kvagent.economics import main
+from kvagent.analysis import economics as econ
+from kvagent.analysis.economics import main
 from kvagent.errors import ConfigError
 
 # Figures as published (abstract or summaries of arXiv 2606.13361); the model must land on them.
@@ -244,3 +244,16 @@ def _numbers(obj):
             yield from _numbers(v)
     elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
         yield float(obj)
+
+
+def test_old_import_path_and_the_command_are_unchanged(capsys: pytest.CaptureFixture[str]) -> None:
+    """The cost model lives in kvagent.analysis; ``kvagent.economics`` is the same module, and
+    ``kvagent economics`` prints exactly what the module's own entry point prints."""
+    import kvagent.economics as old
+    from kvagent import cli
+
+    assert old is econ and old.main is main
+    assert main(["--json"]) == 0
+    direct = capsys.readouterr().out
+    assert cli.main(["economics", "--json"]) == 0
+    assert capsys.readouterr().out == direct and json.loads(direct)

@@ -155,22 +155,30 @@ def test_two_nodes_never_overspend(request: pytest.FixtureRequest, tmp_path: Pat
     for b in range(6):
         nodes[0].credit(f"buyer{b}", 1000)
     ok: list[int] = []
+    errors: list[BaseException] = []
 
     def buy(t: int) -> None:
+        try:
+            charge(t)
+        except BaseException as exc:  # an assert in a thread fails nothing by itself: the test checks this
+            errors.append(exc)
+
+    def charge(t: int) -> None:
         node = nodes[t % 2]
         for j in range(8):
             try:
                 rec = node.charge_load(f"buyer{t % 6}", f"k{j % 3}", f"pub{j % 3}", f"t{t}-{j}", None)
-                assert rec is not None
-                ok.append(rec.amount)
             except mk.PaymentRefused:
-                pass
+                continue
+            assert rec is not None, f"a priced load of k{j % 3} was not charged"
+            ok.append(rec.amount)
 
     threads = [threading.Thread(target=buy, args=(t,)) for t in range(24)]
     for th in threads:
         th.start()
     for th in threads:
-        th.join()
+        th.join(120)
+    assert not errors and not any(th.is_alive() for th in threads), errors[:3]
     a = nodes[1].audit()
     assert a.negative == {} and a.unbalanced == [] and a.total == 0
     assert a.transactions.get("sale", 0) == len(ok)

@@ -204,11 +204,12 @@ def test_client_reuses_one_idempotency_key_across_retries_and_never_retries_402(
     c, _ = client_for(handler)
     h = parse_handle({**handle_json(), "price": 700, "currency": "uUSD"}, key=KEY)
     assert (h.price, h.currency) == (700, "uUSD")
-    assert bytes(c.download_blob(h, max_price=800)) == BLOB
+    got = c.download_blob(h, max_price=800)
+    assert bytes(got.data) == BLOB
     keys = {r.headers["idempotency-key"] for r in seen}
     assert len(seen) == 2 and len(keys) == 1  # the retry carried the same key: the server charges once
     assert seen[0].headers["x-kvagent-max-price"] == "800"
-    assert (c.last_receipt, c.last_charge) == ("rcpt_1", 700)
+    assert (got.receipt, got.charge) == ("rcpt_1", 700)
 
     quote = {"key": KEY, "price": 700, "currency": "uUSD", "balance": 5, "reason": "insufficient_balance"}
     calls = []

@@ -132,7 +132,7 @@ def test_402_quote_then_credit_purchase_and_statement(server: ServerProcess,
             bob.download_blob(h, max_price=1199)
         assert e.value.quote["reason"] == "price_above_max" and bob.account_balance() == 5000
         blob = bob.download_blob(h, max_price=1200)
-        assert art.decode(blob).header.key == h.key and bob.last_receipt
+        assert art.decode(blob.data).header.key == h.key and blob.receipt and blob.charge == 1200
         assert bob.account() == {"principal": "bob", "balance": 3800, "currency": "uUSD"}
         s = bob.statement()
         assert s["credits"] == 5000 and s["purchases"] == [
@@ -140,8 +140,8 @@ def test_402_quote_then_credit_purchase_and_statement(server: ServerProcess,
         assert alice.statement()["sales"] == [
             {"key": h.key, "loads": 1, "amount": 1080, "royalties": 0, "refunds": 0}]
         assert alice.set_price(h.key, 0) == 0
-        bob.download_blob(h)  # free now: no transaction, no receipt
-        assert bob.last_receipt is None and bob.account_balance() == 3800
+        free = bob.download_blob(h)  # free now: no transaction, no receipt
+        assert (free.receipt, free.charge) == (None, 0) and bob.account_balance() == 3800
     # the same through the command line
     base = ["--registry", server.url, "--token"]
     assert cli.main([*base, "admin-token-0001", "account", "credit", "bob", "200", "--json"]) == 0
@@ -162,9 +162,9 @@ def test_retry_with_same_idempotency_key_charges_once(server: ServerProcess, mod
         before = audit(server)["transactions"].get("sale", 0)
         key = uuid.uuid4().hex
         first = carol.download_blob(h, idempotency_key=key)
-        receipt, charged = carol.last_receipt, carol.last_charge
         again = carol.download_blob(h, idempotency_key=key)  # e.g. the connection broke and the SDK retried
-        assert again == first and carol.last_receipt == receipt and (charged, carol.last_charge) == (700, 0)
+        assert again.data == first.data and again.receipt == first.receipt and (first.charge, again.charge) == (700, 0)
+        receipt = first.receipt
         raw = httpx.get(server.url + h.blob_url, headers={"Authorization": f"Bearer {token_of('carol')}",
                                                           "Idempotency-Key": key})
         assert raw.status_code == 200 and raw.headers["X-KVAgent-Receipt"] == receipt
@@ -198,9 +198,9 @@ def test_refund_after_a_proven_poisoned_artifact(server: ServerProcess, model: A
         admin.credit("bob", 1000)
         start = bob.account_balance()
         bought = bob.download_blob(h)
-        receipt = bob.last_receipt
+        receipt = bought.receipt
         assert receipt and bob.account_balance() == start - 900
-        report = verify_kv(TransformersEngine(model), art.decode(bought).kv, "full")  # the buyer's own check
+        report = verify_kv(TransformersEngine(model), art.decode(bought.data).kv, "full")  # the buyer's own check
         assert not report.ok
         d = bob.dispute(h.key, receipt, layer=1, position=20, difference=report.max_rel_diff, detail=report.reason)
         assert d["status"] == "refunded" and d["refund_receipt"], d
@@ -213,11 +213,11 @@ def test_refund_after_a_proven_poisoned_artifact(server: ServerProcess, model: A
         assert bob.dispute(h.key, receipt)["status"] == "refunded"  # and never refunded twice
         assert bob.account_balance() == start
         # an honest artifact's dispute is re-verified and rejected: no refund
-        bob.download_blob(ok)
-        d2 = bob.dispute(ok.key, str(bob.last_receipt), detail="I just do not like it")
+        honest_receipt = str(bob.download_blob(ok).receipt)
+        d2 = bob.dispute(ok.key, honest_receipt, detail="I just do not like it")
         assert d2["status"] == "rejected" and bob.account_balance() == start - 100
         with pytest.raises(Exception, match="404"):  # a receipt is its buyer's only
-            alice.dispute(ok.key, str(bob.last_receipt))
+            alice.dispute(ok.key, honest_receipt)
     a = audit(server)
     assert a["unbalanced"] == [] and a["total"] == 0
 
@@ -258,16 +258,17 @@ def test_64_concurrent_buyers_from_3_publishers(server: ServerProcess) -> None:
                 h = handles[(b + j) % N_PUBLISHERS]
                 key = f"b{b}-{j}"
                 try:
-                    data = c.download_blob(h, idempotency_key=key)
+                    got = c.download_blob(h, idempotency_key=key)
                     if j == 0:
-                        c.download_blob(h, idempotency_key=key)  # a retry: must not charge again
+                        again = c.download_blob(h, idempotency_key=key)  # a retry: must not charge again
+                        assert again.charge == 0 and again.receipt == got.receipt
                 except RegistryPaymentRequiredError:
                     with lock:
                         refused[0] += 1
                     continue
-                assert len(data) == h.size and c.last_receipt
+                assert len(got.data) == h.size and got.receipt and got.charge == prices[(b + j) % N_PUBLISHERS]
                 with lock:
-                    served.append((f"buyer{b}", str(c.last_receipt), prices[(b + j) % N_PUBLISHERS]))
+                    served.append((f"buyer{b}", str(got.receipt), got.charge))
 
     threads = [threading.Thread(target=buyer, args=(b,)) for b in range(N_BUYERS)]
     for t in threads:
@@ -302,8 +303,9 @@ def test_hosted_generate_is_charged_and_pays_a_royalty(server: ServerProcess, mo
         h = alice.publish(blob, visibility="public", price=50)
         admin.credit("carol", 10_000)
         start, royalty_before = carol.account_balance(), _royalties(alice, h.key)
-        toks = list(carol.generate_stream(h.key, [1, 2, 3], GenerationParams(max_new_tokens=5)))
-        assert len(toks) == 5 and carol.last_receipt
+        stream = carol.generate_stream(h.key, [1, 2, 3], GenerationParams(max_new_tokens=5))
+        toks = list(stream)
+        assert len(toks) == 5 and stream.receipt and stream.charge == 15 + 32 + 100 + 50
         # 3 input tokens at 5 uUSD, 64 cached at 0.5, 5 output at 20, plus the publisher's 50
         assert carol.account_balance() == start - (15 + 32 + 100 + 50)
         assert _royalties(alice, h.key) == royalty_before + 45  # 50 less the 10% commission
@@ -416,8 +418,7 @@ def test_a_second_dispute_returns_the_first(server: ServerProcess) -> None:
         admin.credit("carol", 100)
         receipts = []
         for _ in range(2):
-            carol.download_blob(h)
-            receipts.append(str(carol.last_receipt))
+            receipts.append(str(carol.download_blob(h).receipt))
     auth = {"Authorization": f"Bearer {token_of('carol')}"}
     before = len(httpx.get(server.url + "/v1/account/disputes", headers=auth).json()["disputes"])
     url = f"{server.url}/v1/artifacts/{h.key}/disputes"

@@ -80,8 +80,8 @@ def test_presigned_redirect_drops_the_token_and_checks_the_bytes() -> None:
 
     c = client(handler, "http://reg.test")
     h = parse_handle(HANDLE, key=HEADER.key)
-    got = c.download(h, art.Expectation(key=HEADER.key))
-    assert got.header == HEADER and c.last_receipt == "r-1"
+    got = c.download_verified(h, art.Expectation(key=HEADER.key))
+    assert got.artifact.header == HEADER and got.receipt == "r-1"
     assert seen == [("reg.test", "Bearer secret-token-1"), ("objects.test", None)]
     tampered = bytearray(BLOB)
     tampered[-5] ^= 1
@@ -105,7 +105,7 @@ def test_expired_presigned_url_is_asked_for_again() -> None:
         return httpx.Response(307, headers={"Location": issued[-1]})
 
     c = client(handler, "http://reg.test")
-    assert bytes(c.download_blob(parse_handle(HANDLE, key=HEADER.key))) == BLOB
+    assert bytes(c.download_blob(parse_handle(HANDLE, key=HEADER.key)).data) == BLOB
     assert len(issued) == 2
 
 

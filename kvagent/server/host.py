@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import artifact as art
-from ..agent import KVAgent
 from ..engine import GenerationParams
 from ..errors import KVAgentError, ModelLoadError
 from ..kv import KVCache
 from ..models import EMBEDDED_NAMES, load_model
+from ..runtime import Runtime, build_runtime
 
 log = logging.getLogger("kvagent.server")
 
@@ -24,26 +24,27 @@ Event = tuple[Any, ...]
 
 
 def load_host_agent(spec: str, models_dir: Path, cache_dir: Path, *, memory_slots: int = 2,
-                    prompt_cache_bytes: int = 2 << 30) -> KVAgent:
-    """The host's model, tokenizer and resolver: a local-only KVAgent, so its keys, block hashes and chat
-    rendering are exactly those of an SDK agent on the same model (published artifacts match).
+                    prompt_cache_bytes: int = 2 << 30) -> Runtime:
+    """The host's model, tokenizer and resolver: a local-only runtime, built as an SDK agent's is, so its keys,
+    block hashes and chat rendering are exactly those of an SDK agent on the same model (published artifacts match).
 
     ``cache_dir`` holds the host's own prompt cache (private prompt KVs, salted per principal).
     """
     if spec.lower() not in EMBEDDED_NAMES and not Path(spec).expanduser().is_dir():
         raise ModelLoadError(f"--model {spec!r} is neither 'smollm2' nor a local model directory")
     loaded = load_model(spec, models_dir, require_tokenizer=False)
-    return KVAgent(
-        loaded, models_dir=models_dir, cache_dir=cache_dir, local_only=True, memory_slots=memory_slots,
-        cache_size_bytes=prompt_cache_bytes,
-    )
+    from ..config import Config
+
+    config = Config.from_env(model=loaded.name, models_dir=models_dir, cache_dir=cache_dir, local_only=True,
+                             memory_slots=memory_slots, cache_size_bytes=prompt_cache_bytes)
+    return build_runtime(config, model=loaded)
 
 
 class ModelHost:
     """One model loaded once: its agent (tokenizer, resolver), an LRU of decoded published KVs, one generation
     at a time (``lock``)."""
 
-    def __init__(self, agent: KVAgent, name: str, kv_cache_items: int = 2):
+    def __init__(self, agent: Runtime, name: str, kv_cache_items: int = 2):
         self.agent = agent
         self.engine = agent.engine
         self.fingerprint = agent.context.model_fingerprint

@@ -122,7 +122,7 @@ def build_state(settings: Settings) -> State:
         from ..config import Config
         from .host import ModelHost, load_host_agent
 
-        models_dir = Path(settings.models_dir) if settings.models_dir else Config.resolve().models_dir
+        models_dir = Path(settings.models_dir) if settings.models_dir else Config.from_env().models_dir
         agent = load_host_agent(settings.model, models_dir, data_dir / "host-cache",
                                 memory_slots=settings.kv_cache_items, prompt_cache_bytes=settings.prompt_cache_bytes)
         host = ModelHost(agent, settings.model, settings.kv_cache_items)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvagent import CacheInfo, GenerationParams, KVAgent, KVCache, TextStream
+from kvagent import CacheInfo, GenerationParams, KVCache, Runtime, TextStream
 from kvagent.resolver import MAX_TAIL
 
 
@@ -55,9 +55,9 @@ class Completion:
 
 
 class PromptRunner:
-    """Runs prompts (as token ids) on one agent, resuming through its resolver."""
+    """Runs prompts (as token ids) on one runtime, resuming through its resolver."""
 
-    def __init__(self, agent: KVAgent, *, reuse: bool = True, save: bool = True, min_save_tokens: int = 32):
+    def __init__(self, agent: Runtime, *, reuse: bool = True, save: bool = True, min_save_tokens: int = 32):
         self.agent = agent
         self.reuse = reuse
         self.save = save
@@ -83,7 +83,7 @@ class PromptRunner:
         return res.kv, feed, CacheInfo(
             info.status, info.reason, info.cached_tokens, len(ids) - info.cached_tokens,
             load_seconds=info.load_seconds, prefill_seconds=info.prefill_seconds, bytes_read=info.bytes_read,
-            source=info.source,
+            source=info.source, charged=info.charged,
         )
 
     def run(

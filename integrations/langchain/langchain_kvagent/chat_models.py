@@ -142,7 +142,7 @@ class ChatKVAgent(KVAgentSettings, BaseChatModel):
         return llm | parser
 
     def _model_name(self) -> str:
-        agent = self.kv_agent
+        agent = self.runtime
         return self.model or agent.config.model or agent.loaded.name
 
     def _turn(self, messages: list[BaseMessage], kwargs: dict[str, Any]) -> _Turn:
@@ -150,7 +150,7 @@ class ChatKVAgent(KVAgentSettings, BaseChatModel):
         tools = kwargs.pop("tools", None) or []
         choice = kwargs.pop("tool_choice", None)
         structured = kwargs.pop("structured_output", None)
-        tokenizer = self.kv_agent.tokenizer
+        tokenizer = self.runtime.tokenizer
         dicts = to_chat_dicts(messages)
         if structured is not None:
             fmt = tool_format(getattr(tokenizer, "chat_template", None))
@@ -175,7 +175,7 @@ class ChatKVAgent(KVAgentSettings, BaseChatModel):
 
     def _guided(self, turn: _Turn, runner: PromptRunner, params: GenerationParams) -> tuple[str, Completion]:
         """Write the forced call or schema JSON, each value continued by the model from the prompt."""
-        tokenizer = self.kv_agent.tokenizer
+        tokenizer = self.runtime.tokenizer
         first: list[Completion] = []
 
         def continue_(forced: str) -> Iterator[str]:
@@ -220,7 +220,7 @@ class ChatKVAgent(KVAgentSettings, BaseChatModel):
         n_out: int | None = None
         if turn.forced is not None or turn.json_schema is not None:
             text, done = self._guided(turn, runner, params)
-            n_out = len(self.kv_agent.tokenizer.encode(text, add_special_tokens=False))
+            n_out = len(self.runtime.tokenizer.encode(text, add_special_tokens=False))
         else:
             done = runner.complete(turn.ids, params, self._stops(stop))
             text = done.text
@@ -247,7 +247,7 @@ class ChatKVAgent(KVAgentSettings, BaseChatModel):
         if turn.forced is not None or turn.json_schema is not None:
             text, done = self._guided(turn, runner, params)
             deltas: Iterator[str] = iter([text])
-            n_out: int | None = len(self.kv_agent.tokenizer.encode(text, add_special_tokens=False))
+            n_out: int | None = len(self.runtime.tokenizer.encode(text, add_special_tokens=False))
         else:
             done, deltas = runner.run(turn.ids, params, self._stops(stop))
             n_out = None

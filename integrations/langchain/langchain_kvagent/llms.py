@@ -34,7 +34,7 @@ class KVAgentLLM(KVAgentSettings, LLM):
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The token ids a prompt is run as."""
-        agent = self.kv_agent
+        agent = self.runtime
         if not self.chat_template:
             return list(agent.tokenizer.encode(prompt, add_special_tokens=True))
         return chat_template_ids(agent.tokenizer, [{"role": "user", "content": prompt}])

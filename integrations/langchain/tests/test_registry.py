@@ -71,6 +71,16 @@ def test_chat_model_first_question_hits_the_registry(registry, published, agent,
     b.close()
 
 
+def test_chat_model_built_from_registry_url_and_token_fields(registry, published, document, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """What a new user writes first, by analogy with ChatOpenAI(base_url=..., api_key=...): an empty cache, the
+    registry given as fields, and the published document is read from the registry."""
+    chat = ChatKVAgent(registry_url=registry.url, token="bob-token-000002", cache_dir=str(tmp_path), max_tokens=8)
+    msg = chat.invoke([HumanMessage(f"{document}\n\nQuestion: {QUESTION}")])
+    assert msg.usage_metadata["input_token_details"]["cache_read"] >= 0.9 * published.n_tokens, msg.response_metadata
+    assert msg.response_metadata["kv_source"] == "registry", msg.response_metadata
+    chat.runtime.close()
+
+
 def test_llm_and_lcel_chain_hit_the_registry(registry, published, agent, document, tmp_path) -> None:  # type: ignore[no-untyped-def]
     b = reader(agent, tmp_path / "llm", registry_url=registry.url, token="bob-token-000002")
     llm = KVAgentLLM(agent=b, max_tokens=12)

@@ -1,0 +1,65 @@
+"""The memory tier: this process's LRU of KVs per namespace, and the token-level prefix match every tier uses."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from .kv import KVCache
+
+__all__ = ["KVMemory", "shared_prefix"]
+
+
+def shared_prefix(a: torch.Tensor | Sequence[int], b: torch.Tensor | Sequence[int]) -> int:
+    """How many leading tokens two id sequences share."""
+    ta = torch.as_tensor(a, dtype=torch.int64)
+    tb = torch.as_tensor(b, dtype=torch.int64)
+    m = min(int(ta.numel()), int(tb.numel()))
+    if m == 0:
+        return 0
+    diff = (ta[:m] != tb[:m]).nonzero()
+    return int(diff[0]) if diff.numel() else m
+
+
+class KVMemory:
+    """A bounded LRU of KVs per namespace (thread-safe). Entries are immutable KVCaches."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = max(0, slots)
+        self._entries: OrderedDict[tuple[str, str], KVCache] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, namespace: str, key: str) -> KVCache | None:
+        with self._lock:
+            kv = self._entries.get((namespace, key))
+            if kv is not None:
+                self._entries.move_to_end((namespace, key))
+            return kv
+
+    def put(self, namespace: str, key: str, kv: KVCache) -> None:
+        with self._lock:
+            self._entries[(namespace, key)] = kv
+            self._entries.move_to_end((namespace, key))
+            while len(self._entries) > self.slots:
+                self._entries.popitem(last=False)
+
+    def longest_prefix(self, namespace: str, ids: torch.Tensor) -> tuple[str, KVCache, int] | None:
+        """The entry of ``namespace`` sharing the most leading tokens with ``ids``: (key, kv, n)."""
+        with self._lock:
+            entries = [(k[1], kv) for k, kv in self._entries.items() if k[0] == namespace]
+        best: tuple[str, KVCache, int] | None = None
+        for key, kv in entries:
+            n = shared_prefix(kv.token_ids, ids)
+            if n > 0 and (best is None or n > best[2]):
+                best = (key, kv, n)
+        return best
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
