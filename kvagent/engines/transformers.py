@@ -401,4 +401,6 @@ class TransformersBatchEngine:
                 if not self._emit_token(seq, tok):
                     return
         finally:
-            it.close()
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from ..engines import Cancel, Finish, Usage
@@ -19,7 +19,7 @@ log = logging.getLogger("kvagent.server")
 Start = Callable[[Callable[[Any], None], Cancel], None]
 
 
-async def thread_events(start: Start, name: str = "kvagent-turn") -> AsyncIterator[Any]:
+async def thread_events(start: Start, name: str = "kvagent-turn") -> AsyncGenerator[Any, None]:
     """Run ``start`` on a new thread and yield the events it (or the engine it submits to) sends, up to and
     including the Finish. An exception from ``start`` becomes ``Finish("error")``."""
     loop = asyncio.get_running_loop()
