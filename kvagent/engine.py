@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from .errors import ContextLengthError, EngineError, UnsupportedModelError
 from .kv import KVCache, KVLayout
+
+if TYPE_CHECKING:
+    from .engines.transformers import TransformersBatchEngine
 
 LayerProgress = Callable[[int, int], None]
 
@@ -80,7 +84,11 @@ class Engine(Protocol):
 
 
 class TransformersEngine:
-    """Engine over a Hugging Face causal LM on the CPU (or the model's device)."""
+    """Engine over a Hugging Face causal LM on the CPU (or the model's device).
+
+    Every model call holds ``lock`` (re-entrant), so prefills, single streams and the batch engine's decode steps
+    (:meth:`batch`) can share one model from several threads.
+    """
 
     def __init__(self, model: Any, *, chunk_size: int | None = None):
         self.model = model.eval()
@@ -102,7 +110,9 @@ class TransformersEngine:
         self._layers = _decoder_layers(model, self.layout.num_layers)
         # transformers >= 5.x names the forward argument ``cache`` and warns about ``past_key_values``
         params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.lock = threading.RLock()
+        self._batch: TransformersBatchEngine | None = None
 
     # -- prefill --------------------------------------------------------------------------
     def prefill(self, token_ids: Sequence[int], progress: LayerProgress | None = None) -> KVCache:
@@ -114,7 +124,7 @@ class TransformersEngine:
         self, prefix: KVCache | None, token_ids: Sequence[int], progress: LayerProgress | None = None
     ) -> KVCache:
         """The KV of ``prefix`` tokens followed by ``token_ids``, computing only the new tokens."""
-        ids = self._ids(token_ids)
+        ids = self.check_ids(token_ids)
         cache = self.new_cache(prefix)
         n = ids.shape[1]
         chunk = self.chunk_size or n
@@ -137,7 +147,7 @@ class TransformersEngine:
             for h in hooks:
                 h.remove()
         all_ids = ids[0].cpu() if prefix is None else torch.cat([prefix.token_ids, ids[0].cpu()])
-        return self._extract(cache, all_ids)
+        return self.extract(cache, all_ids)
 
     def new_cache(self, kv: KVCache | None) -> Any:
         """A fresh transformers cache that starts from ``kv`` and never writes to its tensors.
@@ -153,7 +163,7 @@ class TransformersEngine:
         cache = DynamicCache(config=self.config)
         if kv is None:
             return cache
-        self._check_kv(kv)
+        self.check_kv(kv)
         pairs = [(k.to(self.device), v.to(self.device)) for k, v in zip(kv.keys, kv.values, strict=True)]
         if len(cache.layers) != len(pairs):  # layers not known from the config: let transformers build them
             return DynamicCache(ddp_cache_data=pairs, config=self.config)
@@ -168,9 +178,23 @@ class TransformersEngine:
 
     def forward(self, cache: Any, **inputs: Any) -> Any:
         """One model call that reads and extends ``cache`` (from :meth:`new_cache`); returns the model output."""
-        return self.model(**inputs, use_cache=True, **{self._cache_arg: cache})
+        with self.lock:
+            return self.model(**inputs, use_cache=True, **{self.cache_arg: cache})
 
-    def _extract(self, cache: Any, ids: torch.Tensor) -> KVCache:
+    def batch(self, tokenizer: Any = None, max_batch: int = 8) -> TransformersBatchEngine:
+        """This engine's batching front (:class:`~kvagent.engines.transformers.TransformersBatchEngine`), made on
+        first use and shared by every later caller; ``tokenizer`` serves stop strings."""
+        with self.lock:
+            if self._batch is None:
+                from .engines.transformers import TransformersBatchEngine
+
+                self._batch = TransformersBatchEngine(self, max_batch=max_batch, tokenizer=tokenizer)
+            elif tokenizer is not None and self._batch.tokenizer is None:
+                self._batch.tokenizer = tokenizer
+            return self._batch
+
+    def extract(self, cache: Any, ids: torch.Tensor) -> KVCache:
+        """The KV of ``ids`` held in a transformers ``cache`` (views of its tensors)."""
         n = int(ids.numel())
         keys, values = [], []
         for i, layer in enumerate(cache.layers):
@@ -196,7 +220,7 @@ class TransformersEngine:
         first forward, before the first token is yielded: a caller that left a prompt's tail to this call
         (``Resolver.resolve(..., max_tail=...)``) keeps it from there, without a second pass over the prompt.
         """
-        ids = self._ids(token_ids)
+        ids = self.check_ids(token_ids)
         past = kv.n_tokens if kv is not None else 0
         cache = self.new_cache(kv)
         if self.max_positions and past + ids.shape[1] + params.max_new_tokens > self.max_positions:
@@ -215,8 +239,8 @@ class TransformersEngine:
             out = self.forward(cache, input_ids=step_input, logits_to_keep=1)
             if step == 0 and on_prompt is not None:
                 prompt = ids[0].cpu() if kv is None else torch.cat([kv.token_ids, ids[0].cpu()])
-                on_prompt(self._extract(cache, prompt))  # views of this step's tensors; later steps replace them
-            nxt = _pick(out.logits[0, -1].float().cpu(), params, gen)
+                on_prompt(self.extract(cache, prompt))  # views of this step's tensors; later steps replace them
+            nxt = pick_token(out.logits[0, -1].float().cpu(), params, gen)
             yield nxt
             if nxt in stops:
                 return
@@ -232,7 +256,8 @@ class TransformersEngine:
         return out
 
     # -- helpers --------------------------------------------------------------------------
-    def _ids(self, token_ids: Sequence[int]) -> torch.Tensor:
+    def check_ids(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """``token_ids`` as a ``(1, n)`` tensor on the model's device; EngineError unless non-empty and in vocab."""
         ids = torch.as_tensor(list(token_ids) if not isinstance(token_ids, torch.Tensor) else token_ids, dtype=torch.long)
         if ids.dim() != 1 or ids.numel() == 0:
             raise EngineError("token_ids must be a non-empty flat sequence of ints")
@@ -241,14 +266,16 @@ class TransformersEngine:
             raise EngineError(f"token ids must lie in [0, {vocab}) for this model")
         return ids.view(1, -1).to(self.device)
 
-    def _check_kv(self, kv: KVCache) -> None:
+    def check_kv(self, kv: KVCache) -> None:
+        """EngineError unless ``kv`` has this model's layout and dtype."""
         if kv.layout != self.layout or kv.dtype != self.dtype:
             raise EngineError(
                 f"KV of layout {kv.layout} / {kv.dtype} does not fit this model ({self.layout} / {self.dtype})"
             )
 
 
-def _pick(logits: torch.Tensor, params: GenerationParams, gen: torch.Generator) -> int:
+def pick_token(logits: torch.Tensor, params: GenerationParams, gen: torch.Generator) -> int:
+    """The next token from one position's logits: argmax at temperature 0, else sampled with ``gen``."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
     logits = logits / params.temperature

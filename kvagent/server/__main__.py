@@ -47,6 +47,8 @@ def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentPar
     ap.add_argument("--workers", type=int, default=1, help="worker processes serving the same port")
     ap.add_argument("--max-queue", type=int, default=8,
                     help="chat/completion requests queued or running at once; more get 429 + Retry-After")
+    ap.add_argument("--max-batch", type=int, default=8,
+                    help="sequences decoded together in one forward per step; more admitted requests wait for a slot")
     ap.add_argument("--default-max-tokens", type=int, default=512,
                     help="completion length of a chat request that sets no max_tokens")
     ap.add_argument("--prompt-cache-bytes", type=int, default=2 << 30,
@@ -79,6 +81,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         blobs=args.blobs,
         presign_expiry_s=args.presign_expiry,
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
         default_max_tokens=args.default_max_tokens,
         prompt_cache_bytes=args.prompt_cache_bytes,
         migrate=not args.no_migrate,

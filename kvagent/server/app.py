@@ -41,6 +41,8 @@ log = logging.getLogger("kvagent.server")
 def create_app(settings: Settings) -> FastAPI:
     """The registry app for ``settings`` (opens its data dir and loads its model now)."""
     st = build_state(settings)
+    if st.host is not None:
+        st.metrics.watch(st.host.batch)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -1,11 +1,12 @@
-"""Hosted chat generation: admission, per-principal cache namespaces, and the generation thread.
+"""Hosted chat generation: admission, per-principal cache namespaces, and the prompt turn on the host's engine.
 
 A request's prompt ids resume through the host's :class:`~kvagent.resolver.Resolver` (memory → the host's
-prompt cache → this server's published artifacts the caller may see → prefill). Private prompt KVs live in
-a namespace derived from the caller's identity with a server secret (HMAC), never from anything the
-client sends, so one principal's prompts can never be found from another's ids (vLLM's ``cache_salt``
-lesson, CVE-2025-46570). The model runs one generation at a time; requests queue up to ``max_queue``
-and beyond that are refused with 429 and ``Retry-After``.
+prompt cache → this server's published artifacts the caller may see → prefill), by way of the prompt-turn core
+(:mod:`kvagent.engines.turn`). Private prompt KVs live in a namespace derived from the caller's identity with a
+server secret (HMAC), never from anything the client sends, so one principal's prompts can never be found from
+another's ids (vLLM's ``cache_salt`` lesson, CVE-2025-46570). Generations decode together in the engine's batch
+(up to ``--max-batch``); requests queued or running are bounded by ``max_queue``, beyond which they are refused
+with 429 and ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -25,19 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from ..engine import GenerationParams
+from ..engines import Cached, Cancel, Finish, Guide, Guided, PromptTurns, Usage
 from ..errors import KVAgentError
-from ..kv import KVCache
-from ..resolver import MAX_TAIL, CacheInfo, Resolver
-from ..textstream import TextStream
+from ..resolver import CacheInfo
 from .auth import Principal
 from .http import ApiError
 from .source import ServerSource
 from .state import State
 
 log = logging.getLogger("kvagent.server")
-
-#: ("cache", CacheInfo) first, then ("token", id)..., then ("done", reason, n) or ("error", exc)
-Event = tuple[Any, ...]
 
 
 def load_secret(data_dir: Path) -> bytes:
@@ -64,7 +61,7 @@ def load_secret(data_dir: Path) -> bytes:
 
 @dataclass
 class ChatJob:
-    """One generation: the full prompt ids, decoding settings, and who asks."""
+    """One generation: the full prompt ids, decoding settings, stop strings, and who asks."""
 
     ids: list[int]
     params: GenerationParams
@@ -72,11 +69,12 @@ class ChatJob:
     started: float = field(default_factory=time.perf_counter)
     #: a guided reply (a forced tool call, a JSON schema): writes the text, asking the model to continue
     #: the prompt (plus what is written so far) for every value; see kvagent.guided
-    guide: Callable[[Callable[[str], Iterator[str]]], str] | None = None
+    guide: Guide | None = None
+    stops: tuple[str, ...] = ()
 
 
 class ChatService:
-    """Runs chat/completion jobs on the host's model, one at a time, with a bounded queue."""
+    """Runs chat/completion jobs on the host's engine (batched), with a bounded queue."""
 
     def __init__(self, st: State, secret: bytes, max_queue: int) -> None:
         self.st = st
@@ -86,6 +84,8 @@ class ChatService:
         self._lock = threading.Lock()
         self._recent_s = 1.0  # a moving estimate of one job's duration, for Retry-After
         self.saves = QuietSaver(self)
+        host = st.host
+        self.turns = PromptTurns(host.batch, host.agent.resolver, host.agent.tokenizer)
 
     def namespace(self, principal: Principal) -> str:
         """The private cache namespace of ``principal``: HMAC of its name under the server secret."""
@@ -96,7 +96,8 @@ class ChatService:
         """Hold a queue slot for a job; 429 with Retry-After when the queue is full."""
         with self._lock:
             if self._active >= self.max_queue:
-                wait = max(1, round(self._recent_s * self._active / 2))
+                batch = max(1, self.st.host.batch.max_batch)
+                wait = max(1, round(self._recent_s * self._active / batch / 2))
                 raise ApiError(429, "rate_limit_exceeded",
                                f"the server is busy ({self._active} requests queued or running); retry later",
                                {"Retry-After": str(wait)})
@@ -114,90 +115,30 @@ class ChatService:
         """Whether a request is queued or running."""
         return self._active > 0
 
-    def run(self, job: ChatJob, emit: Callable[[Event], None], cancelled: threading.Event) -> None:
-        """Resolve the prompt's KV and generate, emitting events; never raises (errors are emitted)."""
-        host = self.st.host
-        n, reason = 0, "length"
-        save: Callable[[], None] | None = None
-        try:
-            with host.lock:
-                if cancelled.is_set():
-                    emit(("done", "cancelled", 0))
-                    return
-                if job.guide is not None:
-                    n = self._guided(job, emit, cancelled)
-                    emit(("done", "stop", n))
-                    return
-                kv = None
-                info = CacheInfo("prefill", "one-token prompt", 0, len(job.ids))
-                feed = job.ids
-                on_prompt: Callable[[KVCache], None] | None = None
-                if len(job.ids) > 1:
-                    resolver = host.agent.resolver
-                    ns = self.namespace(job.principal)
-                    res = resolver.resolve(
-                        job.ids[:-1], namespace=ns, registry=ServerSource(self.st, job.principal),
-                        document=False, defer_save=True, max_tail=MAX_TAIL,
-                    )
-                    kv, save, info = res.kv, res.save, res.info
-                    if kv is not None:
-                        feed = [*res.tail, job.ids[-1]]
-                    if res.tail:  # the reply's first forward computes the rest of the prompt: keep its KV
-                        on_prompt, save = _keeper(resolver, ns)
-                emit(("cache", info))
-                stops = set(job.params.stop_token_ids)
-                it = host.engine.stream(kv, feed, job.params, on_prompt=on_prompt)
-                try:
-                    for tok in it:
-                        if cancelled.is_set():
-                            reason = "cancelled"
-                            break
-                        n += 1
-                        emit(("token", tok))
-                        if tok in stops:
-                            reason = "stop"
-                            break
-                finally:
-                    it.close()
-            emit(("done", reason, n))
-        except KVAgentError as exc:
-            emit(("error", exc))
-        except Exception as exc:  # reported to the client as a generic 500, logged here
-            log.exception("chat generation failed")
-            emit(("error", exc))
-        if save is not None:  # keep the prompt's KV for the next turn, once the answer went out
-            self.saves.submit(save)
+    def run(self, job: ChatJob, sink: Callable[[Any], None], cancel: Cancel) -> None:
+        """Resolve the prompt's KV and start the generation (blocking until it is submitted; a guided reply until it
+        is written). Events go to ``sink``: Cached, then Token... (or one Guided), then one Finish."""
+        if cancel.is_set():
+            sink(Finish("cancelled", Usage(len(job.ids), 0, 0)))
+            return
+        resolve: dict[str, Any] = {"namespace": self.namespace(job.principal),
+                                   "registry": ServerSource(self.st, job.principal)}
+        if job.guide is not None:
+            reply = self.turns.guided(job.ids, job.params, job.guide, cancel=cancel, **resolve)
+            sink(Cached(reply.info or CacheInfo("prefill", "guided reply fixed by its schema", 0, 0)))
+            sink(Guided(reply.text, reply.n_tokens))
+            sink(Finish("stop", reply.usage))
+            return
+        turn = self.turns.prepare(job.ids, job.params, stops=job.stops, **resolve)
+        sink(Cached(turn.info))
+        save = turn.save
 
-    def _guided(self, job: ChatJob, emit: Callable[[Event], None], cancelled: threading.Event) -> int:
-        """Run a guided reply (under the model lock): every continuation resumes through the resolver, so each
-        value's prompt reuses the previous one's KV. Emits ("cache", info) then ("guided", text, n_tokens)."""
-        host = self.st.host
-        tokenizer = host.agent.tokenizer
-        guide = job.guide
-        assert guide is not None
-        infos: list[CacheInfo] = []
-        generated = [0]
+        def on_event(ev: Any) -> None:
+            sink(ev)
+            if isinstance(ev, Finish) and save is not None:  # keep the prompt's KV once the answer went out
+                self.saves.submit(save)
 
-        def continue_(forced: str) -> Iterator[str]:
-            ids = job.ids + list(tokenizer.encode(forced, add_special_tokens=False)) if forced else job.ids
-            res = host.agent.resolver.resolve(
-                ids[:-1], namespace=self.namespace(job.principal), registry=ServerSource(self.st, job.principal),
-                document=False, defer_save=True,
-            )
-            infos.append(res.info)
-            def tokens() -> Iterator[int]:
-                for tok in host.engine.stream(res.kv, ids[-1:], job.params):
-                    if cancelled.is_set():
-                        return
-                    generated[0] += 1
-                    yield tok
-
-            yield from TextStream(tokenizer, job.params.stop_token_ids).deltas(tokens())
-
-        out = guide(continue_)
-        emit(("cache", infos[0] if infos else CacheInfo("prefill", "guided reply fixed by its schema", 0, 0)))
-        emit(("guided", out, generated[0]))
-        return generated[0]
+        self.turns.submit(turn, on_event, cancel)
 
 
 class QuietSaver:
@@ -273,19 +214,3 @@ class QuietSaver:
                 with self._cv:
                     self._running = False
                     self._cv.notify_all()
-
-
-def _keeper(resolver: Resolver, namespace: str) -> tuple[Callable[[KVCache], None], Callable[[], None]]:
-    """(on_prompt, save) for a prompt whose tail the reply computes: the prompt's KV goes to memory as soon as
-    the first forward has it (for the next turn), and to the local store once the answer has been sent."""
-    kept: list[KVCache] = []
-
-    def on_prompt(kv: KVCache) -> None:
-        kept.append(kv)
-        resolver.keep(kv, namespace=namespace, store=False)
-
-    def save() -> None:
-        if kept:
-            resolver.keep(kept[0], namespace=namespace)
-
-    return on_prompt, save

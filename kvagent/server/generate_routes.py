@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,8 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from starlette.concurrency import run_in_threadpool
 
 from ..engine import GenerationParams
+from ..engines import Finish, Token
 from ..errors import KVAgentError
 from . import market_routes
+from .events import thread_events
 from .http import ApiError, finish, read_json
 from .meta import LedgerEntry
 from .state import State
@@ -65,42 +65,38 @@ def routes(st: State) -> APIRouter:
         except BaseException:
             await run_in_threadpool(st.quotas.release, lease)
             raise
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def emit(ev: tuple[Any, ...]) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
-
-        threading.Thread(
-            target=st.host.run, args=(kv, req.suffix_ids, params, emit, cancelled), daemon=True, name="kvagent-gen"
-        ).start()
-        first = await queue.get()
-        if first[0] == "error":
+        host = st.host
+        events = thread_events(lambda sink, cancel: host.generate(kv, req.suffix_ids, params, sink, cancel),
+                               "kvagent-gen")
+        first = await events.__anext__()
+        if isinstance(first, Finish) and first.reason == "error":
+            await events.aclose()
             st.metrics.generates.labels("error").inc()
             await run_in_threadpool(st.quotas.release, lease)
             if rec is not None and not rec.replayed:
                 await run_in_threadpool(st.market.refund, rec.receipt, "generation failed before its first token")
-            raise first[1] if isinstance(first[1], KVAgentError) else ApiError(500, "internal", "generation failed")
+            exc = first.error
+            raise exc if isinstance(exc, KVAgentError) else ApiError(500, "internal", "generation failed")
         st.metrics.generates.labels("ok").inc()
 
         async def lines() -> AsyncIterator[bytes]:
             ev, n = first, 0
             try:
                 while True:
-                    if ev[0] == "token":
+                    if isinstance(ev, Token):
                         n += 1
-                        yield b'{"token":%d}\n' % ev[1]
-                    elif ev[0] == "done":
-                        yield json.dumps({"done": True, "finish_reason": ev[1], "generated": ev[2]}).encode() + b"\n"
+                        yield b'{"token":%d}\n' % ev.token_id
+                    elif ev.reason != "error":
+                        st.metrics.observe_finish("generate", ev.usage)
+                        yield json.dumps({"done": True, "finish_reason": ev.reason, "generated": n}).encode() + b"\n"
                         return
                     else:
-                        log.warning("generation for %s… failed mid-stream: %s", key[:16], ev[1])
+                        log.warning("generation for %s… failed mid-stream: %s", key[:16], ev.error)
                         yield json.dumps({"error": "generation_failed", "detail": "generation failed"}).encode() + b"\n"
                         return
-                    ev = await queue.get()
+                    ev = await events.__anext__()
             finally:  # runs to the end even when the client went away and this task is cancelled
-                cancelled.set()
+                await events.aclose()
                 st.metrics.tokens.inc(n)
                 await finish(_close, lease, LedgerEntry(p.name, key, row.owner, row.size, "generate", n, time.time()),
                              rec, n)

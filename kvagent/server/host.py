@@ -1,5 +1,5 @@
-"""The model host: one model loaded once (with its tokenizer and resolver), an LRU of decoded KVs, one generation
-at a time."""
+"""The model host: one model loaded once (with its tokenizer and resolver), its batching engine, and an LRU of
+decoded published KVs."""
 
 from __future__ import annotations
 
@@ -8,19 +8,16 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from .. import artifact as art
 from ..engine import GenerationParams
-from ..errors import KVAgentError, ModelLoadError
+from ..engines import Cancel, GenerationRequest, Sink
+from ..errors import ModelLoadError
 from ..kv import KVCache
 from ..models import EMBEDDED_NAMES, load_model
 from ..runtime import Runtime, build_runtime
 
 log = logging.getLogger("kvagent.server")
-
-#: ("token", id) | ("done", finish_reason, n_generated) | ("error", exception)
-Event = tuple[Any, ...]
 
 
 def load_host_agent(spec: str, models_dir: Path, cache_dir: Path, *, memory_slots: int = 2,
@@ -41,15 +38,17 @@ def load_host_agent(spec: str, models_dir: Path, cache_dir: Path, *, memory_slot
 
 
 class ModelHost:
-    """One model loaded once: its agent (tokenizer, resolver), an LRU of decoded published KVs, one generation
-    at a time (``lock``)."""
+    """One model loaded once: its agent (tokenizer, resolver), its batching engine (``batch``, up to ``max_batch``
+    sequences decoding together) and an LRU of decoded published KVs. ``lock`` is the engine's model lock: held,
+    no forward runs."""
 
-    def __init__(self, agent: Runtime, name: str, kv_cache_items: int = 2):
+    def __init__(self, agent: Runtime, name: str, kv_cache_items: int = 2, max_batch: int = 8):
         self.agent = agent
         self.engine = agent.engine
+        self.batch = agent.engine.batch(agent.tokenizer, max_batch=max_batch)
         self.fingerprint = agent.context.model_fingerprint
         self.name = name
-        self.lock = threading.Lock()  # one model: generations run one at a time
+        self.lock = agent.engine.lock
         self._kv_lock = threading.Lock()
         self._kvs: OrderedDict[str, KVCache] = OrderedDict()
         self._capacity = kv_cache_items
@@ -76,37 +75,8 @@ class ModelHost:
             for cid in [c for c in self._kvs if c.startswith(key + ":")]:
                 del self._kvs[cid]
 
-    def run(
-        self,
-        kv: KVCache,
-        suffix_ids: Sequence[int],
-        params: GenerationParams,
-        emit: Callable[[Event], None],
-        cancelled: threading.Event,
-    ) -> None:
-        """Generate under the model lock, emitting events; never raises (errors are emitted)."""
-        stops = set(params.stop_token_ids)
-        n, reason = 0, "length"
-        try:
-            with self.lock:
-                it = self.engine.stream(kv, suffix_ids, params)
-                try:
-                    for tok in it:
-                        if cancelled.is_set():
-                            reason = "cancelled"
-                            break
-                        emit(("token", tok))
-                        n += 1
-                        if tok in stops:
-                            reason = "stop"
-                            break
-                finally:
-                    close = getattr(it, "close", None)
-                    if close is not None:
-                        close()
-            emit(("done", reason, n))
-        except KVAgentError as exc:
-            emit(("error", exc))
-        except Exception as exc:  # reported to the client as a generic 500 / error line, logged here
-            log.exception("generation failed")
-            emit(("error", exc))
+    def generate(self, kv: KVCache, suffix_ids: Sequence[int], params: GenerationParams, sink: Sink,
+                 cancel: Cancel) -> None:
+        """Continue from a published artifact's ``kv`` with ``suffix_ids``: Token events, then one Finish, to
+        ``sink``. Raises EngineError for a request the model cannot run."""
+        cancel.attach(self.batch.submit(GenerationRequest(tuple(suffix_ids), kv, params), sink))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 51.2, 102.4)
 
 
 class Metrics:
@@ -43,3 +47,36 @@ class Metrics:
         self.prompt_tokens = Counter("kvagent_prompt_tokens", "Prompt tokens of hosted requests", registry=r)
         self.generation_tokens = Counter("kvagent_generation_tokens", "Tokens generated for hosted requests",
                                          registry=r)
+        # the batching engine (vLLM's names: num_requests_running/waiting, request_queue/inference_time_seconds)
+        self.batch_size = Histogram("kvagent_batch_size", "Sequences decoded together, per decode step",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.step_seconds = Histogram("kvagent_decode_step_seconds", "Duration of one batched decode step",
+                                      buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28), registry=r)
+        self.queue_seconds = Histogram("kvagent_request_queue_time_seconds",
+                                       "Time a request waited for a batch slot (after its prompt's KV was resolved)",
+                                       ["endpoint"], buckets=_SECONDS, registry=r)
+        self.compute_seconds = Histogram("kvagent_request_inference_time_seconds",
+                                         "Time from a request's first forward to its last token", ["endpoint"],
+                                         buckets=_SECONDS, registry=r)
+        self.running = Gauge("kvagent_num_requests_running", "Requests in the decode batch", registry=r)
+        self.waiting = Gauge("kvagent_num_requests_waiting", "Requests waiting for a batch slot", registry=r)
+
+    def watch(self, engine: Any) -> None:
+        """Report a batching engine (``TransformersBatchEngine``): its steps, and its running and waiting counts."""
+        engine.observer = _StepObserver(self)
+        self.running.set_function(lambda: engine.running)
+        self.waiting.set_function(lambda: engine.waiting)
+
+    def observe_finish(self, endpoint: str, usage: Any) -> None:
+        """A finished request's queue and compute time (``kvagent.engines.Usage``)."""
+        self.queue_seconds.labels(endpoint).observe(usage.queue_seconds)
+        self.compute_seconds.labels(endpoint).observe(usage.compute_seconds)
+
+
+class _StepObserver:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def step(self, batch_size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(batch_size)
+        self.metrics.step_seconds.observe(seconds)

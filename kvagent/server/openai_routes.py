@@ -10,9 +10,7 @@ Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` (s
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -26,11 +24,13 @@ from starlette.concurrency import run_in_threadpool
 from .. import guided
 from .. import tools as tl
 from ..engine import GenerationParams
+from ..engines import Cached, Finish, Guided, Token, TurnEvent
 from ..errors import ContextLengthError, KVAgentError, ToolsUnsupportedError
 from ..resolver import CacheInfo
 from ..textstream import TextStream
 from . import market_routes
 from .chat import ChatJob, ChatService, load_secret
+from .events import thread_events
 from .http import ApiError, finish, read_body
 from .state import State
 
@@ -214,11 +214,12 @@ def routes(st: State) -> APIRouter:
             def guide(cont: Any) -> str:
                 return guided.guided_json(schema, cont)[0]
         check_length(len(ids), gen)
-        job = ChatJob(ids, gen, p, guide=guide)
+        stops = _stops(req.stop)
+        job = ChatJob(ids, gen, p, guide=guide, stops=tuple(stops))
         if req.tool_choice == "none":
             fmt = None  # the tools stay in the prompt, but the reply is not read for calls
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        run = _Run(st, svc, job, "chat", _stops(req.stop), fmt, request)
+        run = _Run(st, svc, job, "chat", stops, fmt, request)
         if req.stream:
             return await run.stream(include_usage)
         return await run.whole()
@@ -248,7 +249,8 @@ def routes(st: State) -> APIRouter:
                 raise _bad(f"prompt: token ids must be a non-empty list of ids in [0, {vocab})", "prompt")
             ids = [int(t) for t in prompt]  # type: ignore[arg-type]
         check_length(len(ids), gen)
-        run = _Run(st, svc, ChatJob(ids, gen, p), "completion", _stops(req.stop), None, request)
+        stops = _stops(req.stop)
+        run = _Run(st, svc, ChatJob(ids, gen, p, stops=tuple(stops)), "completion", stops, None, request)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
             return await run.stream(include_usage)
@@ -310,29 +312,18 @@ class _Run:
         self.ttft: float | None = None
         self.guided = False  # the reply was written by kvagent.guided (ends with "stop" or "tool_calls")
 
-    # -- the model thread ---------------------------------------------------------------------
-    async def _events(self) -> AsyncGenerator[tuple[Any, ...], None]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def emit(ev: tuple[Any, ...]) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
-
+    # -- the generation -----------------------------------------------------------------------
+    async def _events(self) -> AsyncGenerator[TurnEvent, None]:
         p = self.job.principal
         lease = await run_in_threadpool(self.st.quotas.acquire, p.name, p.limits)  # the principal's generate slots
         try:
             with self.svc.admitted():
-                threading.Thread(target=self.svc.run, args=(self.job, emit, cancelled), daemon=True,
-                                 name="kvagent-chat").start()
+                events = thread_events(lambda sink, cancel: self.svc.run(self.job, sink, cancel), "kvagent-chat")
                 try:
-                    while True:
-                        ev = await queue.get()
+                    async for ev in events:
                         yield ev
-                        if ev[0] in ("done", "error"):
-                            return
-                finally:
-                    cancelled.set()  # the client went away (or we are done): stop generating
+                finally:  # the client went away (or we are done): stop generating
+                    await events.aclose()
         finally:
             await finish(self.st.quotas.release, lease)
 
@@ -366,47 +357,49 @@ class _Run:
             await finish(self.st.market.refund, self.receipt.receipt, why)
         self.receipt = None
 
-    def _observe(self, ev: tuple[Any, ...]) -> None:
+    def _observe(self, ev: TurnEvent) -> None:
         m = self.st.metrics
-        if ev[0] == "cache":
-            self.info = ev[1]
+        if isinstance(ev, Cached):
+            self.info = ev.info
             m.prompt_tokens.inc(len(self.job.ids))
             m.prefix_cache_queries.inc(len(self.job.ids))
             if self.info and self.info.cached_tokens and self.info.source:
                 m.prefix_cache_hits.labels(self.info.source).inc(self.info.cached_tokens)
-        elif ev[0] == "token":
+        elif isinstance(ev, Token):
             self.n_generated += 1
             m.generation_tokens.inc()
             if self.ttft is None:
                 self.ttft = time.perf_counter() - self.job.started
                 m.ttft.labels(self.kind).observe(self.ttft)
-        elif ev[0] == "guided":
+        elif isinstance(ev, Guided):
             self.guided = True
-            self.n_generated = int(ev[2])
+            self.n_generated = ev.n_tokens
             m.generation_tokens.inc(self.n_generated)
             self.ttft = time.perf_counter() - self.job.started
+        elif isinstance(ev, Finish) and ev.reason != "error":
+            m.observe_finish(self.kind, ev.usage)
 
-    def _deltas(self, ev: tuple[Any, ...]) -> tuple[str, list[tl.ToolCallDelta]]:
+    def _deltas(self, ev: TurnEvent) -> tuple[str, list[tl.ToolCallDelta]]:
         """The text (and complete tool calls) an event makes showable."""
-        if ev[0] == "guided":
+        if isinstance(ev, Guided):
             if self.parser is None:
-                return str(ev[1]), []
-            parsed = tl.parse(str(ev[1]), self.parser.fmt)
+                return ev.text, []
+            parsed = tl.parse(ev.text, self.parser.fmt)
             calls = [tl.ToolCallDelta(i, c) for i, c in enumerate(parsed.tool_calls)]
             self.calls += list(parsed.tool_calls)
             return parsed.content, calls
-        if ev[0] == "token":
-            text = self.text.push(int(ev[1]))
-        elif ev[0] == "done" and self.guided:
+        if isinstance(ev, Token):
+            text = self.text.push(ev.token_id)
+        elif isinstance(ev, Finish) and self.guided:
             return "", []
-        elif ev[0] == "done":
-            text = self.text.finish("length" if ev[1] == "length" else "stop")
+        elif isinstance(ev, Finish):
+            text = self.text.finish("length" if ev.reason == "length" else "stop")
         else:
             return "", []
         if self.parser is None:
             return text, []
         events = self.parser.feed(text) if text else []
-        if ev[0] == "done":
+        if isinstance(ev, Finish):
             events += self.parser.finish()
         content = "".join(e.text for e in events if isinstance(e, tl.ContentDelta))
         calls = [e for e in events if isinstance(e, tl.ToolCallDelta)]
@@ -441,8 +434,12 @@ class _Run:
         }
 
     @staticmethod
-    def _raise(ev: tuple[Any, ...]) -> None:
-        exc = ev[1]
+    def _failed(ev: TurnEvent) -> bool:
+        return isinstance(ev, Finish) and ev.reason == "error"
+
+    @staticmethod
+    def _raise(ev: TurnEvent) -> None:
+        exc = ev.error if isinstance(ev, Finish) else None
         if isinstance(exc, ContextLengthError):
             raise ApiError(400, "context_length_exceeded", str(exc), param="messages")
         if isinstance(exc, ApiError):
@@ -458,11 +455,11 @@ class _Run:
         try:
             async for ev in events:
                 self._observe(ev)
-                if ev[0] == "error":
+                if self._failed(ev):
                     self.st.metrics.requests.labels(self.kind, "error").inc()
                     await self._refund("generation failed: nothing was answered")
                     self._raise(ev)
-                if ev[0] == "cache":
+                if isinstance(ev, Cached):
                     await self._charge()
                 text, _calls = self._deltas(ev)
                 content.append(text)
@@ -492,7 +489,7 @@ class _Run:
         first = await events.__anext__()  # admission and the prompt's KV: errors here are plain HTTP errors
         self._observe(first)
         try:
-            if first[0] == "error":
+            if self._failed(first):
                 self.st.metrics.requests.labels(self.kind, "error").inc()
                 self._raise(first)
             await self._charge()
@@ -521,7 +518,7 @@ class _Run:
                     yield chunk({"role": "assistant", "content": ""})
                 async for ev in events:
                     self._observe(ev)
-                    if ev[0] == "error":
+                    if self._failed(ev):
                         err = {"error": {"message": "generation failed", "type": "server_error", "param": None,
                                          "code": "server_error"}}
                         yield b"data: " + json.dumps(err).encode() + b"\n\n"
@@ -532,7 +529,7 @@ class _Run:
                     for c in calls:
                         call = c.call.openai()
                         yield chunk({"tool_calls": [{"index": c.index, **call}]})
-                    if ev[0] == "done":
+                    if isinstance(ev, Finish):
                         yield chunk({} if self.kind == "chat" else "", self._finish_reason())
                         if include_usage:
                             body = {"id": self.id, "object": obj, "created": self.created,

@@ -34,6 +34,7 @@ class Settings:
     presign_expiry_s: int = 300  # lifetime of a presigned blob URL (S3 backend)
     prompt_cache_bytes: int = 2 << 30  # the host's private prompt-KV cache on disk (chat endpoint)
     max_queue: int = 8  # chat/completion requests waiting or running at once; more get 429 + Retry-After
+    max_batch: int = 8  # sequences the model decodes together; further admitted requests wait for a slot
     default_max_tokens: int = 512  # completion length when a request gives no max_tokens
     orphan_grace_s: float = 600.0  # unreferenced blobs / temp files younger than this are left alone at startup
     migrate: bool = True  # upgrade the database schema at start (False: refuse unless it is at head already)
@@ -46,6 +47,8 @@ class Settings:
             raise ConfigError("kv_cache_items must be >= 0")
         if not 1 <= self.presign_expiry_s <= 7 * 24 * 3600:
             raise ConfigError("presign_expiry_s must be in 1..604800 (S3 allows at most 7 days)")
+        if self.max_batch < 1:
+            raise ConfigError("max_batch must be >= 1")
         if self.block_size <= 0:
             raise ConfigError("block_size must be positive")
         if not 0 <= self.token_cache_s <= 60:

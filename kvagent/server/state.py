@@ -125,7 +125,7 @@ def build_state(settings: Settings) -> State:
         models_dir = Path(settings.models_dir) if settings.models_dir else Config.from_env().models_dir
         agent = load_host_agent(settings.model, models_dir, data_dir / "host-cache",
                                 memory_slots=settings.kv_cache_items, prompt_cache_bytes=settings.prompt_cache_bytes)
-        host = ModelHost(agent, settings.model, settings.kv_cache_items)
+        host = ModelHost(agent, settings.model, settings.kv_cache_items, settings.max_batch)
         log.info("serving model %s (fingerprint %s…)", settings.model, host.fingerprint[:16])
     from .ledger import open_ledger
 

@@ -1,22 +1,31 @@
-"""Generate from arbitrary prompt ids through kvagent's shared resolver.
+"""Generate from arbitrary prompt ids through kvagent's prompt-turn core.
 
-LangChain hands a model a whole prompt, not a (document, question) pair, so reuse is found by token
-ids: ``kvagent.Resolver.resolve`` (the same resolver ``KVAgent.read`` and the OpenAI-compatible
-endpoint use) returns the KV of the prompt minus its last token from the best tier that has any of
-it — this process's memory, the local store, or the registry (with its cost policy, verification,
-entitlements and fallback) — prefilling only what no tier covers, and keeps it so the next prompt
-sharing its beginning resumes from it. Only kvagent's public API is used here.
+LangChain hands a model a whole prompt, not a (document, question) pair, so reuse is found by token ids:
+``kvagent.PromptTurns`` (the same core the OpenAI-compatible endpoint uses) resolves the KV of the prompt minus its
+last token from the best tier that has any of it (this process's memory, the local store, or the registry, with its
+cost policy, verification, entitlements and fallback), prefilling only what no tier covers, keeps the prompt's KV so
+the next prompt sharing its beginning resumes from it, and runs the reply on the agent's batching engine (calls from
+several threads decode together). Only kvagent's public API is used here.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvagent import CacheInfo, GenerationParams, KVCache, Runtime, TextStream
-from kvagent.resolver import MAX_TAIL
+from kvagent import (
+    CacheInfo,
+    Finish,
+    GenerationParams,
+    KVCache,
+    Runtime,
+    PromptTurns,
+    TextStream,
+    Token,
+    Turn,
+)
 
 
 def chat_template_ids(tokenizer: Any, messages: list[dict[str, Any]], **template_kw: Any) -> list[int]:
@@ -62,6 +71,12 @@ class PromptRunner:
         self.reuse = reuse
         self.save = save
         self.min_save_tokens = min_save_tokens
+        self.turns = PromptTurns(agent.engine.batch(agent.tokenizer), agent.resolver, agent.tokenizer)
+
+    def prepare(self, ids: Sequence[int], params: GenerationParams, stops: Sequence[str] = ()) -> Turn:
+        """Resolve the prompt's KV (a KV the resolver computes is stored at once) and build its engine request."""
+        return self.turns.prepare(ids, params, stops=stops, reuse=self.reuse, keep=self.save,
+                                  min_save_tokens=self.min_save_tokens, defer_save=False)
 
     def start(self, ids: Sequence[int]) -> tuple[KVCache | None, list[int], CacheInfo]:
         """The KV of a prefix of ``ids`` (None with reuse off: the caller prefills everything), the ids the first
@@ -70,36 +85,17 @@ class PromptRunner:
         A cached prefix that leaves a short tail (a new question) does not prefill it separately: the reply's
         first forward runs it with the last token, one pass over the cached KV instead of two.
         """
-        ids = [int(t) for t in ids]
-        if not self.reuse:
-            return None, ids, CacheInfo("disabled", "KV reuse disabled: full prefill", 0, len(ids))
-        context = ids[:-1]
-        if not context:
-            return None, ids, CacheInfo("prefill", "one-token prompt", 0, len(ids))
-        min_save = self.min_save_tokens if self.save else len(ids) + 1
-        res = self.agent.resolver.resolve(context, document=False, min_save_tokens=min_save, max_tail=MAX_TAIL)
-        info = res.info
-        feed = [*res.tail, ids[-1]] if res.kv is not None else ids
-        return res.kv, feed, CacheInfo(
-            info.status, info.reason, info.cached_tokens, len(ids) - info.cached_tokens,
-            load_seconds=info.load_seconds, prefill_seconds=info.prefill_seconds, bytes_read=info.bytes_read,
-            source=info.source, charged=info.charged,
-        )
+        turn = self.prepare(ids, GenerationParams(max_new_tokens=1))
+        return turn.request.prefix, list(turn.request.prompt_ids), turn.info
 
     def run(
         self, ids: Sequence[int], params: GenerationParams, stops: Sequence[str] = ()
     ) -> tuple[Completion, Iterator[str]]:
         """Start a generation; iterate the returned deltas to drive it (the Completion fills in as it goes)."""
         t0 = time.perf_counter()
-        ids = [int(t) for t in ids]
-        kv, feed, info = self.start(ids)
-        keep: Callable[[KVCache], object] | None = None  # keeps the prompt's KV for the next turn
-        if self.save and kv is not None and len(feed) >= max(2, self.min_save_tokens):  # a tail runs with the reply
-            keep = self.agent.resolver.keep
-
-        tokens = self.agent.engine.stream(kv, feed, params, on_prompt=keep)
-        done = Completion(info=info, prompt_tokens=len(ids))
-        return done, self._deltas(done, tokens, params, stops, t0)
+        turn = self.prepare(ids, params, stops)
+        done = Completion(info=turn.info, prompt_tokens=len(turn.ids))
+        return done, self._deltas(done, turn, params, stops, t0)
 
     def complete(self, ids: Sequence[int], params: GenerationParams, stops: Sequence[str] = ()) -> Completion:
         done, deltas = self.run(ids, params, stops)
@@ -108,16 +104,19 @@ class PromptRunner:
         return done
 
     def _deltas(
-        self,
-        done: Completion,
-        tokens: Iterator[int],
-        params: GenerationParams,
-        stops: Sequence[str],
-        t0: float,
+        self, done: Completion, turn: Turn, params: GenerationParams, stops: Sequence[str], t0: float
     ) -> Iterator[str]:
         text = TextStream(self.agent.tokenizer, params.stop_token_ids, stops)
         done.token_ids = text.token_ids
-        yield from text.deltas(tokens)
+
+        def tokens() -> Iterator[int]:
+            for ev in self.turns.events(turn):
+                if isinstance(ev, Token):
+                    yield ev.token_id
+                elif isinstance(ev, Finish) and ev.reason == "error" and ev.error is not None:
+                    raise ev.error
+
+        yield from text.deltas(tokens())
         done.finish_reason = text.finish_reason or "length"
         done.text = text.text
         done.seconds = time.perf_counter() - t0

@@ -175,25 +175,20 @@ class ChatKVAgent(KVAgentSettings, BaseChatModel):
 
     def _guided(self, turn: _Turn, runner: PromptRunner, params: GenerationParams) -> tuple[str, Completion]:
         """Write the forced call or schema JSON, each value continued by the model from the prompt."""
-        tokenizer = self.runtime.tokenizer
-        first: list[Completion] = []
-
-        def continue_(forced: str) -> Iterator[str]:
-            ids = turn.ids + list(tokenizer.encode(forced, add_special_tokens=False)) if forced else turn.ids
-            done, deltas = runner.run(ids, params)
-            first.append(done)
-            return deltas
-
         if turn.forced is not None and turn.fmt is not None:
-            text = guided_tool_call(turn.fmt, turn.tools, turn.forced, continue_)
+            fmt, tools, forced = turn.fmt, turn.tools, turn.forced
+
+            def guide(cont: Callable[[str], Iterator[str]]) -> str:
+                return guided_tool_call(fmt, tools, forced, cont)
         else:
-            text, _ = guided_json(turn.json_schema or {}, continue_)
-        if not first:  # every value was fixed by the schema: still run the prompt once, for its KV and usage
-            done, deltas = runner.run(turn.ids, GenerationParams(max_new_tokens=1))
-            for _ in deltas:
-                pass
-            first.append(done)
-        return text, first[0]
+            def guide(cont: Callable[[str], Iterator[str]]) -> str:
+                return guided_json(turn.json_schema or {}, cont)[0]
+
+        reply = runner.turns.guided(turn.ids, params, guide, on_save=lambda save: save(), reuse=runner.reuse,
+                                    keep=runner.save, min_save_tokens=runner.min_save_tokens)
+        if reply.info is None:  # every value was fixed by the schema: still run the prompt once, for its KV and usage
+            return reply.text, runner.complete(turn.ids, GenerationParams(max_new_tokens=1))
+        return reply.text, Completion(info=reply.info, prompt_tokens=len(turn.ids))
 
     # -- generation ------------------------------------------------------------------------
     def prompt_ids(self, messages: list[BaseMessage], **kwargs: Any) -> list[int]:

@@ -1,0 +1,44 @@
+"""Engines behind one interface (:mod:`.base`), the transformers engine with continuous batching
+(:mod:`.transformers`), and the prompt-turn core every front door uses (:mod:`.turn`)."""
+
+from __future__ import annotations
+
+from .base import (
+    Cancel,
+    EngineEvent,
+    Finish,
+    FinishReason,
+    GenerationEngine,
+    GenerationRequest,
+    RequestHandle,
+    Sink,
+    Token,
+    Usage,
+    events,
+)
+from .transformers import BatchObserver, TransformersBatchEngine
+from .turn import Cached, Guide, Guided, GuidedReply, PromptTurns, Turn, TurnEvent, continuation_ids
+
+__all__ = [
+    "BatchObserver",
+    "Cached",
+    "Cancel",
+    "EngineEvent",
+    "Finish",
+    "FinishReason",
+    "GenerationEngine",
+    "GenerationRequest",
+    "Guide",
+    "Guided",
+    "GuidedReply",
+    "PromptTurns",
+    "RequestHandle",
+    "Sink",
+    "Token",
+    "TransformersBatchEngine",
+    "Turn",
+    "TurnEvent",
+    "Usage",
+    "continuation_ids",
+    "events",
+]

@@ -1,0 +1,142 @@
+"""The engine interface: submit a request (prompt ids after an optional prefix KV, sampling, stop conditions), get
+typed events pushed to a sink, cancel at any time.
+
+Every front door (the OpenAI-compatible endpoint, hosted ``/generate``, LangChain) reaches a model through this
+interface, by way of the prompt-turn core (:mod:`kvagent.engines.turn`); the transformers engine
+(:mod:`kvagent.engines.transformers`) and a vLLM engine implement it. Events are delivered on the engine's own
+thread, in order, and end with exactly one :class:`Finish`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from ..engine import GenerationParams
+from ..kv import KVCache
+
+log = logging.getLogger("kvagent.engine")
+
+#: how long closing an event iterator waits for its cancelled request to leave the batch
+LEAVE_TIMEOUT_S = 60.0
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: ``prompt_ids`` run after ``prefix`` (None: from nothing), then decoding by ``params``.
+
+    Generation ends at one of ``params.stop_token_ids`` (included in the tokens), at a stop string (the token that
+    completes it is the last one sent), or after ``params.max_new_tokens``. ``on_prompt``, if set, receives the KV of
+    the whole prompt (prefix then ``prompt_ids``) once it is computed, before the first token.
+    """
+
+    prompt_ids: tuple[int, ...]
+    prefix: KVCache | None
+    params: GenerationParams
+    stop_strings: tuple[str, ...] = ()
+    on_prompt: Callable[[KVCache], object] | None = None
+
+    @property
+    def n_prompt(self) -> int:
+        return (self.prefix.n_tokens if self.prefix is not None else 0) + len(self.prompt_ids)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one request cost: tokens, time waiting for a batch slot, and time from its first forward to its end."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token id."""
+
+    token_id: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The end of a request: why, what it cost, and the error when ``reason == "error"``."""
+
+    reason: FinishReason
+    usage: Usage
+    error: BaseException | None = None
+
+
+EngineEvent = Token | Finish
+Sink = Callable[[EngineEvent], None]
+
+
+class RequestHandle(Protocol):
+    """A submitted request: ``cancel`` makes it leave its batch before the next step (ending with "cancelled")."""
+
+    def cancel(self) -> None: ...
+
+
+class GenerationEngine(Protocol):
+    """What the prompt-turn core needs from an engine."""
+
+    max_positions: int | None
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
+        """Queue ``request``; its events go to ``sink`` (on the engine's thread). Raises EngineError at once for a
+        request it can never run (bad ids, a KV of another model, too long for the model)."""
+        ...
+
+
+class Cancel:
+    """A cancellation flag that also cancels the engine requests registered with it (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._handles: list[RequestHandle] = []
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._event.set()
+            handles, self._handles = self._handles, []
+        for h in handles:
+            h.cancel()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def attach(self, handle: RequestHandle) -> None:
+        """Cancel ``handle`` with this flag (at once if it is already set)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._handles.append(handle)
+                return
+        handle.cancel()
+
+
+def events(engine: GenerationEngine, request: GenerationRequest) -> Iterator[EngineEvent]:
+    """``request``'s events as a blocking iterator; closing it early cancels the request and waits for it to leave."""
+    q: queue.SimpleQueue[EngineEvent] = queue.SimpleQueue()
+    handle = engine.submit(request, q.put)
+    done = False
+    try:
+        while not done:
+            ev = q.get()
+            done = isinstance(ev, Finish)
+            yield ev
+    finally:
+        if not done:
+            handle.cancel()
+            try:
+                while not isinstance(q.get(timeout=LEAVE_TIMEOUT_S), Finish):  # its slot is free once this returns
+                    pass
+            except queue.Empty:
+                log.warning("a cancelled request did not leave its batch within %.0f s", LEAVE_TIMEOUT_S)

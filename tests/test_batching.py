@@ -1,0 +1,189 @@
+"""The batching transformers engine (kvagent.engines.transformers): concurrent requests decode together and each
+reply equals its own single-sequence decode; requests join and leave between steps; per-request settings hold."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from kvagent.engine import GenerationParams, TransformersEngine
+from kvagent.engines import (
+    BatchObserver,
+    Finish,
+    GenerationRequest,
+    Token,
+    TransformersBatchEngine,
+    events,
+)
+from kvagent.errors import EngineError
+
+GREEDY = GenerationParams(max_new_tokens=24)
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 512, (n,), generator=g).tolist()
+
+
+def _tokens(engine: Any, request: GenerationRequest) -> tuple[list[int], Finish]:
+    toks: list[int] = []
+    for ev in events(engine, request):
+        if isinstance(ev, Token):
+            toks.append(ev.token_id)
+        else:
+            return toks, ev
+    raise AssertionError("no Finish")
+
+
+class Steps(BatchObserver):
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def step(self, batch_size: int, seconds: float) -> None:
+        self.sizes.append(batch_size)
+
+
+@pytest.fixture()
+def llama(tiny_model: Any) -> TransformersEngine:
+    return TransformersEngine(tiny_model("llama"))
+
+
+def test_concurrent_requests_decode_together_and_each_equals_its_own_decode(llama: TransformersEngine) -> None:
+    steps = Steps()
+    batch = TransformersBatchEngine(llama, max_batch=8, observer=steps)
+    doc = _ids(120, 1)
+    kv = llama.prefill(doc)
+    prompts = [(kv, _ids(3 + i, 10 + i)) for i in range(6)] + [(None, _ids(40, 30)), (None, _ids(7, 31))]
+    params = [GenerationParams(max_new_tokens=8 + 3 * i) for i in range(8)]
+    want = [llama.generate(None, (doc if k is not None else []) + s, p).token_ids
+            for (k, s), p in zip(prompts, params, strict=True)]
+    got: list[Any] = [None] * 8
+    gate = threading.Barrier(8)
+
+    def run(i: int) -> None:
+        gate.wait()
+        got[i] = _tokens(batch, GenerationRequest(tuple(prompts[i][1]), prompts[i][0], params[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [g[0] for g in got] == want
+    assert [g[1].reason for g in got] == ["length"] * 8
+    assert got[0][1].usage.cached_tokens == len(doc) and got[0][1].usage.completion_tokens == 8
+    assert max(steps.sizes) > 1, "the requests never decoded together"
+    batch.close()
+
+
+def test_a_batch_of_one_is_bitwise_the_single_sequence_decode(llama: TransformersEngine) -> None:
+    """Same kernels, same shapes: one sequence through the batched step gives exactly the stream's logits."""
+    batch = TransformersBatchEngine(llama, max_batch=4)
+    kv = llama.prefill(_ids(50, 2))
+    suffix = _ids(4, 3)
+    params = GenerationParams(max_new_tokens=16)
+    assert _tokens(batch, GenerationRequest(tuple(suffix), kv, params))[0] == list(llama.stream(kv, suffix, params))
+    batch.close()
+
+
+def test_cancel_leaves_at_once_and_the_others_are_unchanged(llama: TransformersEngine) -> None:
+    batch = TransformersBatchEngine(llama, max_batch=4)
+    prompts = [_ids(20, 40 + i) for i in range(3)]
+    params = GenerationParams(max_new_tokens=40)
+    want = [llama.generate(None, p, params).token_ids for p in prompts]
+    results: dict[int, Any] = {}
+    started = threading.Event()
+
+    def run(i: int) -> None:
+        results[i] = _tokens(batch, GenerationRequest(tuple(prompts[i]), None, params))
+
+    def leaver() -> None:
+        it = events(batch, GenerationRequest(tuple(_ids(30, 99)), None, GenerationParams(max_new_tokens=400)))
+        for n, _ev in enumerate(it):
+            if n == 3:
+                started.set()
+                it.close()  # cancels, and returns once the request has left the batch
+                break
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)] + [threading.Thread(target=leaver)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert started.is_set()
+    assert [results[i][0] for i in range(3)] == want
+    assert batch.running == 0 and batch.waiting == 0
+
+
+def test_max_batch_bounds_the_batch_and_the_rest_wait(llama: TransformersEngine) -> None:
+    steps = Steps()
+    batch = TransformersBatchEngine(llama, max_batch=2, observer=steps)
+    prompts = [_ids(10, 50 + i) for i in range(5)]
+    params = GenerationParams(max_new_tokens=6)
+    out: list[Any] = [None] * 5
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(
+        i, _tokens(batch, GenerationRequest(tuple(prompts[i]), None, params)))) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert max(steps.sizes) == 2
+    assert [o[0] for o in out] == [llama.generate(None, p, params).token_ids for p in prompts]
+    assert any(o[1].usage.queue_seconds > 0 for o in out)
+
+
+def test_per_request_sampling_stops_and_prompt_kv(llama: TransformersEngine, embedded: Any) -> None:
+    tok = embedded.tokenizer
+    batch = TransformersBatchEngine(llama, max_batch=4, tokenizer=tok)
+    prompt = _ids(12, 60)
+    sampled = GenerationParams(max_new_tokens=12, temperature=0.9, top_k=20, seed=7)
+    a, _ = _tokens(batch, GenerationRequest(tuple(prompt), None, sampled))
+    b, _ = _tokens(batch, GenerationRequest(tuple(prompt), None, sampled))
+    assert a == b == list(llama.stream(None, prompt, sampled))  # seeded: reproducible, the stream's own sampling
+    greedy = llama.generate(None, prompt, GenerationParams(max_new_tokens=12)).token_ids
+    stop_id = greedy[4]
+    toks, fin = _tokens(batch, GenerationRequest(tuple(prompt), None,
+                                                 GenerationParams(max_new_tokens=12, stop_token_ids=(stop_id,))))
+    assert toks == greedy[: greedy.index(stop_id) + 1] and fin.reason == "stop"
+    text = tok.decode(greedy, skip_special_tokens=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    if stop.strip():
+        toks, fin = _tokens(batch, GenerationRequest(tuple(prompt), None, GenerationParams(max_new_tokens=12),
+                                                     stop_strings=(stop,)))
+        assert fin.reason == "stop" and stop in tok.decode(toks, skip_special_tokens=True)
+        assert stop not in tok.decode(toks[:-1], skip_special_tokens=True)
+    kept: list[Any] = []
+    kv = llama.prefill(prompt[:8])
+    _tokens(batch, GenerationRequest(tuple(prompt[8:]), kv, GenerationParams(max_new_tokens=2), on_prompt=kept.append))
+    assert kept[0].token_ids.tolist() == prompt
+    torch.testing.assert_close(kept[0].keys[0], llama.prefill(prompt).keys[0], rtol=1e-4, atol=1e-4)
+
+
+def test_requests_it_can_never_run_are_refused_at_submit(llama: TransformersEngine) -> None:
+    batch = TransformersBatchEngine(llama, max_batch=2)
+    with pytest.raises(EngineError):
+        batch.submit(GenerationRequest((), None, GREEDY), lambda ev: None)
+    with pytest.raises(EngineError):
+        batch.submit(GenerationRequest((10**6,), None, GREEDY), lambda ev: None)
+    with pytest.raises(EngineError):
+        batch.submit(GenerationRequest((1,), None, GenerationParams(max_new_tokens=10**6)), lambda ev: None)
+    with pytest.raises(EngineError):
+        batch.submit(GenerationRequest((1,), None, GREEDY, stop_strings=("x",)), lambda ev: None)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2", "mistral"])
+def test_other_architectures_batch_or_fall_back_and_stay_exact(tiny_model: Any, arch: str) -> None:
+    engine = TransformersEngine(tiny_model(arch))
+    batch = TransformersBatchEngine(engine, max_batch=4)
+    prompts = [_ids(30, 70 + i) for i in range(3)]
+    out: list[Any] = [None] * 3
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(
+        i, _tokens(batch, GenerationRequest(tuple(prompts[i]), None, GREEDY)))) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [o[0] for o in out] == [engine.generate(None, p, GREEDY).token_ids for p in prompts]
