@@ -3,10 +3,10 @@
 
 For each server, document length and agent count: the document is sent once first (so every server has had the
 chance to cache it), then N agents start together, each with its own question about the document, streaming,
-temperature 0, ``--max-tokens`` tokens. Reported per cell: wall time (first request sent to last stream ended),
-time to first token (median and p99 over the agents), output tokens per second over the wall time, and failures
-(any non-200, any 5xx, a stream without tokens). A server that cannot be started is skipped with the reason
-printed (and recorded in the JSON).
+temperature 0, ``--max-tokens`` tokens. Reported per cell: wall time (first request sent to last stream
+ended), time to first token (median and p99 over the agents), output tokens per second over the wall time,
+and failures (any non-200, any 5xx, a stream without tokens). A server that cannot be started is skipped with
+the reason printed (and recorded in the JSON).
 
     python -m benchmarks.concurrent_agents [--agents 1 8 32] [--doc-tokens 1500 4000] [--max-tokens 48]
         [--servers kvagent vllm transformers] [--vllm-python /work/vllm-venv/bin/python]
@@ -36,11 +36,40 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token-000001"
-TOPICS = ("the founding", "the fares", "the largest vessel", "the routes", "the head office", "the timetable",
-          "children's tickets", "the crew", "the night service", "the winter schedule", "the harbour", "bicycles",
-          "luggage", "the history", "the owners", "accessibility", "the cafe", "the weather policy", "group tickets",
-          "the island", "the lighthouse", "the ticket office", "refunds", "pets", "the engines", "safety",
-          "season passes", "the newest ship", "delays", "the bridge", "parking", "the first ship")
+TOPICS = (
+    "the founding",
+    "the fares",
+    "the largest vessel",
+    "the routes",
+    "the head office",
+    "the timetable",
+    "children's tickets",
+    "the crew",
+    "the night service",
+    "the winter schedule",
+    "the harbour",
+    "bicycles",
+    "luggage",
+    "the history",
+    "the owners",
+    "accessibility",
+    "the cafe",
+    "the weather policy",
+    "group tickets",
+    "the island",
+    "the lighthouse",
+    "the ticket office",
+    "refunds",
+    "pets",
+    "the engines",
+    "safety",
+    "season passes",
+    "the newest ship",
+    "delays",
+    "the bridge",
+    "parking",
+    "the first ship",
+)
 
 
 def _free_port() -> int:
@@ -68,12 +97,25 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def _launch(name: str, cmd: list[str], env: dict[str, str], log: Path, url: str, model: str, health: str,
-            timeout: float) -> Server | str:
+def _launch(
+    name: str,
+    cmd: list[str],
+    env: dict[str, str],
+    log: Path,
+    url: str,
+    model: str,
+    health: str,
+    timeout: float,
+) -> Server | str:
     """Start ``cmd``; the Server once ``health`` answers 200, else the reason it could not start."""
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env,  # noqa: SIM115
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "wb"),
+            env=env,  # noqa: SIM115
+            start_new_session=True,
+        )
     except OSError as exc:
         return f"{name}: cannot run {cmd[0]!r}: {exc}"
     srv = Server(name, url, model, proc, log)
@@ -83,7 +125,10 @@ def _launch(name: str, cmd: list[str], env: dict[str, str], log: Path, url: str,
             tail = log.read_text(errors="replace")[-600:]
             return f"{name}: exited with {proc.returncode} while starting; log tail: {tail}"
         try:
-            if httpx.get(url + health, timeout=2, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200:
+            if (
+                httpx.get(url + health, timeout=2, headers={"Authorization": f"Bearer {TOKEN}"}).status_code
+                == 200
+            ):
                 return srv
         except httpx.TransportError:
             pass
@@ -96,33 +141,99 @@ def start_kvagent(tmp: Path, args: argparse.Namespace) -> Server | str:
     port = _free_port()
     (tmp / "tokens.json").write_text(json.dumps({TOKEN: {"principal": "bench"}}))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "kvagent.server", "--port", str(port), "--data-dir", str(tmp / "kvagent-data"),
-           "--token-file", str(tmp / "tokens.json"), "--model", "smollm2", "--kv-cache-items", "4",
-           "--max-batch", str(args.max_batch), "--max-queue", str(max(args.agents) + 8)]
-    return _launch("kvagent", cmd, env, tmp / "kvagent.log", f"http://127.0.0.1:{port}", "smollm2", "/v1/healthz",
-                   args.start_timeout)
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvagent.server",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(tmp / "kvagent-data"),
+        "--token-file",
+        str(tmp / "tokens.json"),
+        "--model",
+        "smollm2",
+        "--kv-cache-items",
+        "4",
+        "--max-batch",
+        str(args.max_batch),
+        "--max-queue",
+        str(max(args.agents) + 8),
+    ]
+    return _launch(
+        "kvagent",
+        cmd,
+        env,
+        tmp / "kvagent.log",
+        f"http://127.0.0.1:{port}",
+        "smollm2",
+        "/v1/healthz",
+        args.start_timeout,
+    )
 
 
 def start_vllm(tmp: Path, args: argparse.Namespace, model_dir: Path) -> Server | str:
     port = _free_port()
-    base = shlex.split(args.vllm_cmd) if args.vllm_cmd else [args.vllm_python, "-m",
-                                                             "vllm.entrypoints.openai.api_server"]
+    base = (
+        shlex.split(args.vllm_cmd)
+        if args.vllm_cmd
+        else [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server"]
+    )
     if not args.vllm_cmd and not Path(args.vllm_python).exists():
         return f"vllm: {args.vllm_python} does not exist (give --vllm-python or --vllm-cmd)"
-    cmd = [*base, "--model", str(model_dir), "--served-model-name", "smollm2", "--dtype", "float32",
-           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "8192", *shlex.split(args.vllm_args)]
+    cmd = [
+        *base,
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        "smollm2",
+        "--dtype",
+        "float32",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "8192",
+        *shlex.split(args.vllm_args),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "4"}
-    return _launch("vllm", cmd, env, tmp / "vllm.log", f"http://127.0.0.1:{port}", "smollm2", "/health",
-                   args.start_timeout)
+    return _launch(
+        "vllm",
+        cmd,
+        env,
+        tmp / "vllm.log",
+        f"http://127.0.0.1:{port}",
+        "smollm2",
+        "/health",
+        args.start_timeout,
+    )
 
 
 def start_transformers(tmp: Path, args: argparse.Namespace, model_dir: Path) -> Server | str:
     port = _free_port()
-    cmd = [*shlex.split(args.transformers_cmd), str(model_dir), "--continuous-batching", "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32"]
+    cmd = [
+        *shlex.split(args.transformers_cmd),
+        str(model_dir),
+        "--continuous-batching",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    return _launch("transformers", cmd, env, tmp / "transformers.log", f"http://127.0.0.1:{port}", str(model_dir),
-                   "/health", args.start_timeout)
+    return _launch(
+        "transformers",
+        cmd,
+        env,
+        tmp / "transformers.log",
+        f"http://127.0.0.1:{port}",
+        str(model_dir),
+        "/health",
+        args.start_timeout,
+    )
 
 
 @dataclass
@@ -154,15 +265,23 @@ def _pct(xs: Sequence[float], p: float) -> float:
     return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))]
 
 
-async def _one(http: httpx.AsyncClient, srv: Server, messages: list[dict[str, str]], max_tokens: int,
-               t0: float) -> Agent:
+async def _one(
+    http: httpx.AsyncClient, srv: Server, messages: list[dict[str, str]], max_tokens: int, t0: float
+) -> Agent:
     a = Agent()
-    body = {"model": srv.model, "messages": messages, "temperature": 0, "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": srv.model,
+        "messages": messages,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     usage_tokens: int | None = None
     try:
-        async with http.stream("POST", srv.url + "/v1/chat/completions", json=body,
-                               headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+        async with http.stream(
+            "POST", srv.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as r:
             a.status = r.status_code
             if r.status_code != 200:
                 a.error = (await r.aread()).decode(errors="replace")[:200]
@@ -196,18 +315,30 @@ async def run_cell(srv: Server, doc: str, doc_tokens: int, n: int, max_tokens: i
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
     async with httpx.AsyncClient(timeout=1800, limits=limits) as http:
         t0 = time.perf_counter()
-        questions = [f"In one sentence, what does the text say about {TOPICS[i % len(TOPICS)]}? (agent {i + 1})"
-                     for i in range(n)]
-        agents = await asyncio.gather(*[_one(http, srv, _messages(doc, q), max_tokens, t0) for q in questions])
+        questions = [
+            f"In one sentence, what does the text say about {TOPICS[i % len(TOPICS)]}? (agent {i + 1})"
+            for i in range(n)
+        ]
+        agents = await asyncio.gather(
+            *[_one(http, srv, _messages(doc, q), max_tokens, t0) for q in questions]
+        )
     wall = max(a.end_s for a in agents)
     ttfts = [a.ttft_s for a in agents if a.ttft_s is not None]
     out = sum(a.tokens for a in agents)
     failures = [a for a in agents if a.status != 200 or a.error]
-    return Cell(srv.name, doc_tokens, n, round(wall, 3),
-                round(statistics.median(ttfts), 3) if ttfts else None,
-                round(_pct(ttfts, 99), 3) if ttfts else None,
-                round(out / wall, 2) if wall > 0 else 0.0, out, len(failures),
-                sum(1 for a in agents if a.status >= 500), sorted({f"{a.status} {a.error}" for a in failures})[:5])
+    return Cell(
+        srv.name,
+        doc_tokens,
+        n,
+        round(wall, 3),
+        round(statistics.median(ttfts), 3) if ttfts else None,
+        round(_pct(ttfts, 99), 3) if ttfts else None,
+        round(out / wall, 2) if wall > 0 else 0.0,
+        out,
+        len(failures),
+        sum(1 for a in agents if a.status >= 500),
+        sorted({f"{a.status} {a.error}" for a in failures})[:5],
+    )
 
 
 async def warm(srv: Server, doc: str) -> None:
@@ -231,11 +362,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--agents", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--doc-tokens", type=int, nargs="+", default=[1500, 4000])
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--servers", nargs="+", default=["kvagent", "vllm", "transformers"],
-                    choices=["kvagent", "vllm", "transformers"])
-    ap.add_argument("--vllm-python", default="/work/vllm-venv/bin/python",
-                    help="the python of a vLLM (CPU) install; runs -m vllm.entrypoints.openai.api_server")
-    ap.add_argument("--vllm-cmd", default="", help="the whole vLLM server command instead (model and port added)")
+    ap.add_argument(
+        "--servers",
+        nargs="+",
+        default=["kvagent", "vllm", "transformers"],
+        choices=["kvagent", "vllm", "transformers"],
+    )
+    ap.add_argument(
+        "--vllm-python",
+        default="/work/vllm-venv/bin/python",
+        help="the python of a vLLM (CPU) install; runs -m vllm.entrypoints.openai.api_server",
+    )
+    ap.add_argument(
+        "--vllm-cmd", default="", help="the whole vLLM server command instead (model and port added)"
+    )
     ap.add_argument("--vllm-args", default="", help="extra arguments for the vLLM server")
     ap.add_argument("--transformers-cmd", default=f"{Path(sys.executable).parent / 'transformers'} serve")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads of every server")
@@ -249,9 +389,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model_dir = ensure_embedded(Config.resolve().models_dir)
     docs = {n: document(n) for n in args.doc_tokens}
-    starters = {"kvagent": lambda tmp: start_kvagent(tmp, args),
-                "vllm": lambda tmp: start_vllm(tmp, args, model_dir),
-                "transformers": lambda tmp: start_transformers(tmp, args, model_dir)}
+    starters = {
+        "kvagent": lambda tmp: start_kvagent(tmp, args),
+        "vllm": lambda tmp: start_vllm(tmp, args, model_dir),
+        "transformers": lambda tmp: start_transformers(tmp, args, model_dir),
+    }
     cells: list[Cell] = []
     skipped: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="kvagent-concurrent-") as td:
@@ -267,17 +409,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for n in args.agents:
                         cell = asyncio.run(run_cell(started, doc, n_doc, n, args.max_tokens))
                         cells.append(cell)
-                        print(f"{name:>12} doc={n_doc:>5} agents={n:>3} wall={cell.wall_s:7.2f}s "
-                              f"ttft median/p99={cell.ttft_median_s}/{cell.ttft_p99_s}s tok/s={cell.tokens_per_s:7.1f} "
-                              f"failures={cell.failures} 5xx={cell.server_errors}", flush=True)
+                        print(
+                            f"{name:>12} doc={n_doc:>5} agents={n:>3} wall={cell.wall_s:7.2f}s "
+                            f"ttft median/p99={cell.ttft_median_s}/{cell.ttft_p99_s}s "
+                            f"tok/s={cell.tokens_per_s:7.1f} "
+                            f"failures={cell.failures} 5xx={cell.server_errors}",
+                            flush=True,
+                        )
             finally:
                 started.stop()
     result: dict[str, Any] = {
         "benchmark": "concurrent_agents",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "threads": args.threads},
-        "settings": {"agents": args.agents, "doc_tokens": args.doc_tokens, "max_tokens": args.max_tokens,
-                     "temperature": 0, "streaming": True, "kvagent_max_batch": args.max_batch},
+        "settings": {
+            "agents": args.agents,
+            "doc_tokens": args.doc_tokens,
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "streaming": True,
+            "kvagent_max_batch": args.max_batch,
+        },
         "skipped": skipped,
         "cells": [asdict(c) for c in cells],
         "ratios": _ratios(cells),
@@ -291,8 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _ratios(cells: list[Cell]) -> dict[str, float]:
     """Wall time of N agents over one agent's, per server and document (the issue's "at most 3x" goal)."""
     one = {(c.server, c.doc_tokens): c.wall_s for c in cells if c.agents == 1}
-    return {f"{c.server}/{c.doc_tokens}/{c.agents}": round(c.wall_s / one[(c.server, c.doc_tokens)], 2)
-            for c in cells if c.agents > 1 and one.get((c.server, c.doc_tokens))}
+    return {
+        f"{c.server}/{c.doc_tokens}/{c.agents}": round(c.wall_s / one[(c.server, c.doc_tokens)], 2)
+        for c in cells
+        if c.agents > 1 and one.get((c.server, c.doc_tokens))
+    }
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ def check_context(n_tokens: int, max_positions: int | None, allow_overflow: bool
     """Refuse a document of ``n_tokens`` that does not fit the model's ``max_positions`` (None: unknown).
 
     Called before any prefill: the model never saw later positions, so its KV and answers there are
-    untrustworthy. ``allow_overflow`` (``KVAGENT_ALLOW_CONTEXT_OVERFLOW=1``) is for models known to extrapolate.
+    untrustworthy. ``allow_overflow`` (``KVAGENT_ALLOW_CONTEXT_OVERFLOW=1``) is for models known to
+    extrapolate.
     """
     if allow_overflow or not max_positions or n_tokens <= max_positions:
         return
@@ -86,8 +87,8 @@ class Engine(Protocol):
 class TransformersEngine:
     """Engine over a Hugging Face causal LM on the CPU (or the model's device).
 
-    Every model call holds ``lock`` (re-entrant), so prefills, single streams and the batch engine's decode steps
-    (:meth:`batch`) can share one model from several threads.
+    Every model call holds ``lock`` (re-entrant), so prefills, single streams and the batch engine's decode
+    steps (:meth:`batch`) can share one model from several threads.
     """
 
     def __init__(self, model: Any, *, chunk_size: int | None = None):
@@ -182,8 +183,8 @@ class TransformersEngine:
             return self.model(**inputs, use_cache=True, **{self.cache_arg: cache})
 
     def batch(self, tokenizer: Any = None, max_batch: int = 8) -> TransformersBatchEngine:
-        """This engine's batching front (:class:`~kvagent.engines.transformers.TransformersBatchEngine`), made on
-        first use and shared by every later caller; ``tokenizer`` serves stop strings."""
+        """This engine's batching front (:class:`~kvagent.engines.transformers.TransformersBatchEngine`),
+        made on first use and shared by every later caller; ``tokenizer`` serves stop strings."""
         with self.lock:
             if self._batch is None:
                 from .engines.transformers import TransformersBatchEngine
@@ -216,8 +217,8 @@ class TransformersEngine:
     ) -> Iterator[int]:
         """Yield new token ids after ``kv`` (if any) followed by ``token_ids``.
 
-        ``on_prompt``, if given, receives the KV of the whole prompt (``kv`` then ``token_ids``) right after the
-        first forward, before the first token is yielded: a caller that left a prompt's tail to this call
+        ``on_prompt``, if given, receives the KV of the whole prompt (``kv`` then ``token_ids``) right after
+        the first forward, before the first token is yielded: a caller that left a prompt's tail to this call
         (``Resolver.resolve(..., max_tail=...)``) keeps it from there, without a second pass over the prompt.
         """
         ids = self.check_ids(token_ids)
@@ -257,7 +258,7 @@ class TransformersEngine:
 
     # -- helpers --------------------------------------------------------------------------
     def check_ids(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """``token_ids`` as a ``(1, n)`` tensor on the model's device; EngineError unless non-empty and in vocab."""
+        """``token_ids`` as a ``(1, n)`` tensor on the model's device (EngineError: empty, out of vocab)."""
         ids = torch.as_tensor(list(token_ids) if not isinstance(token_ids, torch.Tensor) else token_ids, dtype=torch.long)
         if ids.dim() != 1 or ids.numel() == 0:
             raise EngineError("token_ids must be a non-empty flat sequence of ints")

@@ -1,9 +1,11 @@
-"""The batching transformers engine (kvagent.engines.transformers): concurrent requests decode together and each
-reply equals its own single-sequence decode; requests join and leave between steps; per-request settings hold."""
+"""The batching transformers engine (kvagent.engines.transformers): concurrent requests decode together and
+each reply equals its own single-sequence decode; requests join and leave between steps; per-request settings
+hold."""
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -51,15 +53,19 @@ def llama(tiny_model: Any) -> TransformersEngine:
     return TransformersEngine(tiny_model("llama"))
 
 
-def test_concurrent_requests_decode_together_and_each_equals_its_own_decode(llama: TransformersEngine) -> None:
+def test_concurrent_requests_decode_together_and_each_equals_its_own_decode(
+    llama: TransformersEngine,
+) -> None:
     steps = Steps()
     batch = TransformersBatchEngine(llama, max_batch=8, observer=steps)
     doc = _ids(120, 1)
     kv = llama.prefill(doc)
     prompts = [(kv, _ids(3 + i, 10 + i)) for i in range(6)] + [(None, _ids(40, 30)), (None, _ids(7, 31))]
     params = [GenerationParams(max_new_tokens=8 + 3 * i) for i in range(8)]
-    want = [llama.generate(None, (doc if k is not None else []) + s, p).token_ids
-            for (k, s), p in zip(prompts, params, strict=True)]
+    want = [
+        llama.generate(None, (doc if k is not None else []) + s, p).token_ids
+        for (k, s), p in zip(prompts, params, strict=True)
+    ]
     got: list[Any] = [None] * 8
     gate = threading.Barrier(8)
 
@@ -85,7 +91,9 @@ def test_a_batch_of_one_is_bitwise_the_single_sequence_decode(llama: Transformer
     kv = llama.prefill(_ids(50, 2))
     suffix = _ids(4, 3)
     params = GenerationParams(max_new_tokens=16)
-    assert _tokens(batch, GenerationRequest(tuple(suffix), kv, params))[0] == list(llama.stream(kv, suffix, params))
+    assert _tokens(batch, GenerationRequest(tuple(suffix), kv, params))[0] == list(
+        llama.stream(kv, suffix, params)
+    )
     batch.close()
 
 
@@ -115,6 +123,9 @@ def test_cancel_leaves_at_once_and_the_others_are_unchanged(llama: TransformersE
         t.join(120)
     assert started.is_set()
     assert [results[i][0] for i in range(3)] == want
+    deadline = time.monotonic() + 10  # the counters update right after the step that sent the last Finish
+    while (batch.running or batch.waiting) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert batch.running == 0 and batch.waiting == 0
 
 
@@ -124,8 +135,14 @@ def test_max_batch_bounds_the_batch_and_the_rest_wait(llama: TransformersEngine)
     prompts = [_ids(10, 50 + i) for i in range(5)]
     params = GenerationParams(max_new_tokens=6)
     out: list[Any] = [None] * 5
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(
-        i, _tokens(batch, GenerationRequest(tuple(prompts[i]), None, params)))) for i in range(5)]
+    threads = [
+        threading.Thread(
+            target=lambda i=i: out.__setitem__(
+                i, _tokens(batch, GenerationRequest(tuple(prompts[i]), None, params))
+            )
+        )
+        for i in range(5)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -142,22 +159,33 @@ def test_per_request_sampling_stops_and_prompt_kv(llama: TransformersEngine, emb
     sampled = GenerationParams(max_new_tokens=12, temperature=0.9, top_k=20, seed=7)
     a, _ = _tokens(batch, GenerationRequest(tuple(prompt), None, sampled))
     b, _ = _tokens(batch, GenerationRequest(tuple(prompt), None, sampled))
-    assert a == b == list(llama.stream(None, prompt, sampled))  # seeded: reproducible, the stream's own sampling
+    assert (
+        a == b == list(llama.stream(None, prompt, sampled))
+    )  # seeded: reproducible, the stream's own sampling
     greedy = llama.generate(None, prompt, GenerationParams(max_new_tokens=12)).token_ids
     stop_id = greedy[4]
-    toks, fin = _tokens(batch, GenerationRequest(tuple(prompt), None,
-                                                 GenerationParams(max_new_tokens=12, stop_token_ids=(stop_id,))))
+    toks, fin = _tokens(
+        batch,
+        GenerationRequest(
+            tuple(prompt), None, GenerationParams(max_new_tokens=12, stop_token_ids=(stop_id,))
+        ),
+    )
     assert toks == greedy[: greedy.index(stop_id) + 1] and fin.reason == "stop"
     text = tok.decode(greedy, skip_special_tokens=True)
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     if stop.strip():
-        toks, fin = _tokens(batch, GenerationRequest(tuple(prompt), None, GenerationParams(max_new_tokens=12),
-                                                     stop_strings=(stop,)))
+        toks, fin = _tokens(
+            batch,
+            GenerationRequest(tuple(prompt), None, GenerationParams(max_new_tokens=12), stop_strings=(stop,)),
+        )
         assert fin.reason == "stop" and stop in tok.decode(toks, skip_special_tokens=True)
         assert stop not in tok.decode(toks[:-1], skip_special_tokens=True)
     kept: list[Any] = []
     kv = llama.prefill(prompt[:8])
-    _tokens(batch, GenerationRequest(tuple(prompt[8:]), kv, GenerationParams(max_new_tokens=2), on_prompt=kept.append))
+    _tokens(
+        batch,
+        GenerationRequest(tuple(prompt[8:]), kv, GenerationParams(max_new_tokens=2), on_prompt=kept.append),
+    )
     assert kept[0].token_ids.tolist() == prompt
     torch.testing.assert_close(kept[0].keys[0], llama.prefill(prompt).keys[0], rtol=1e-4, atol=1e-4)
 
@@ -180,8 +208,14 @@ def test_other_architectures_batch_or_fall_back_and_stay_exact(tiny_model: Any, 
     batch = TransformersBatchEngine(engine, max_batch=4)
     prompts = [_ids(30, 70 + i) for i in range(3)]
     out: list[Any] = [None] * 3
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(
-        i, _tokens(batch, GenerationRequest(tuple(prompts[i]), None, GREEDY)))) for i in range(3)]
+    threads = [
+        threading.Thread(
+            target=lambda i=i: out.__setitem__(
+                i, _tokens(batch, GenerationRequest(tuple(prompts[i]), None, GREEDY))
+            )
+        )
+        for i in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -1,6 +1,6 @@
-"""Concurrent chat requests through a real ``kvagent serve --model smollm2`` process: they decode together in the
-engine's batch (seen in ``kvagent_batch_size``), and every reply equals ``transformers.generate`` greedy on its own
-ids; a client that disconnects mid-batch leaves the others' replies unchanged."""
+"""Concurrent chat requests through a real ``kvagent serve --model smollm2`` process: they decode together in
+the engine's batch (seen in ``kvagent_batch_size``), and every reply equals ``transformers.generate`` greedy
+on its own ids; a client that disconnects mid-batch leaves the others' replies unchanged."""
 
 from __future__ import annotations
 
@@ -18,20 +18,34 @@ from tests.test_openai_endpoint import reference
 pytestmark = pytest.mark.slow
 
 TOKENS = {"alice-token-0001": {"principal": "alice"}, "bob-token-000002": {"principal": "bob"}}
-DOC = ("The Harbour Ferry Company was founded in 1921 by Ada Lind in the port town of Vessel Bay. It runs three "
-       "routes across the bay: the Northern line to Kettle Point, the Island line to Gull Rock and the night line. "
-       "Its largest ship is the Northern Star, which carries 400 passengers. A single adult fare costs 4 euros, a "
-       "return fare 7 euros, and children under ten travel free. The head office is on Quay Street.")
-QUESTIONS = ["Who founded the company?", "How much is a return fare?", "What is the largest ship?",
-             "Where is the head office?", "Name the three routes.", "Do children pay?",
-             "When was the company founded?", "How many passengers fit on the Northern Star?"]
+DOC = (
+    "The Harbour Ferry Company was founded in 1921 by Ada Lind in the port town of Vessel Bay. It runs "
+    "three routes across the bay: the Northern line to Kettle Point, the Island line to Gull Rock and the "
+    "night line. Its largest ship is the Northern Star, which carries 400 passengers. A single adult fare "
+    "costs 4 euros, a return fare 7 euros, and children under ten travel free. The head office is on Quay "
+    "Street."
+)
+QUESTIONS = [
+    "Who founded the company?",
+    "How much is a return fare?",
+    "What is the largest ship?",
+    "Where is the head office?",
+    "Name the three routes.",
+    "Do children pay?",
+    "When was the company founded?",
+    "How many passengers fit on the Northern Star?",
+]
 MAX_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = start_server(tmp_path_factory.mktemp("concurrent") / "data", TOKENS, model="smollm2",
-                       extra_args=["--max-queue", "16", "--max-batch", "8"])
+    srv = start_server(
+        tmp_path_factory.mktemp("concurrent") / "data",
+        TOKENS,
+        model="smollm2",
+        extra_args=["--max-queue", "16", "--max-batch", "8"],
+    )
     yield srv
     srv.stop()
 
@@ -46,20 +60,27 @@ def _stream(server: Any, i: int, out: dict[int, str], barrier: threading.Barrier
     token = "alice-token-0001" if i % 2 == 0 else "bob-token-000002"
     c = openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0, timeout=600)
     barrier.wait()
-    chunks = c.chat.completions.create(model="smollm2", messages=_messages(i), temperature=0,
-                                       max_tokens=MAX_TOKENS, stream=True)
+    chunks = c.chat.completions.create(
+        model="smollm2", messages=_messages(i), temperature=0, max_tokens=MAX_TOKENS, stream=True
+    )
     out[i] = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
 
 
 def _batch_sizes(server: Any) -> dict[str, float]:
     text = httpx.get(server.url + "/metrics", timeout=30).text
-    return {m.group(1): float(m.group(2)) for m in
-            re.finditer(r'^kvagent_batch_size_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)}
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r'^kvagent_batch_size_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)
+    }
 
 
-def test_eight_concurrent_prompts_decode_together_and_each_equals_its_reference(server: Any, embedded: Any) -> None:
+def test_eight_concurrent_prompts_decode_together_and_each_equals_its_reference(
+    server: Any, embedded: Any
+) -> None:
     c = openai.OpenAI(base_url=server.url + "/v1", api_key="alice-token-0001", max_retries=0, timeout=600)
-    c.chat.completions.create(model="smollm2", messages=_messages(0), temperature=0, max_tokens=1)  # doc cached
+    c.chat.completions.create(
+        model="smollm2", messages=_messages(0), temperature=0, max_tokens=1
+    )  # doc cached
     before = _batch_sizes(server)
     out: dict[int, str] = {}
     barrier = threading.Barrier(8)
@@ -83,8 +104,13 @@ def test_a_disconnect_mid_batch_leaves_the_others_unchanged(server: Any, embedde
     def leaver() -> None:
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="alice-token-0001", max_retries=0, timeout=600)
         barrier.wait()
-        stream = c.chat.completions.create(model="smollm2", temperature=0, max_tokens=400, stream=True,
-                                           messages=[{"role": "user", "content": f"{DOC}\n\nRetell it at length."}])
+        stream = c.chat.completions.create(
+            model="smollm2",
+            temperature=0,
+            max_tokens=400,
+            stream=True,
+            messages=[{"role": "user", "content": f"{DOC}\n\nRetell it at length."}],
+        )
         for n, _chunk in enumerate(stream):
             if n == 4:
                 break

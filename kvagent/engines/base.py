@@ -1,8 +1,8 @@
-"""The engine interface: submit a request (prompt ids after an optional prefix KV, sampling, stop conditions), get
-typed events pushed to a sink, cancel at any time.
+"""The engine interface: submit a request (prompt ids after an optional prefix KV, sampling, stop
+conditions), get typed events pushed to a sink, cancel at any time.
 
-Every front door (the OpenAI-compatible endpoint, hosted ``/generate``, LangChain) reaches a model through this
-interface, by way of the prompt-turn core (:mod:`kvagent.engines.turn`); the transformers engine
+Every front door (the OpenAI-compatible endpoint, hosted ``/generate``, LangChain) reaches a model through
+this interface, by way of the prompt-turn core (:mod:`kvagent.engines.turn`); the transformers engine
 (:mod:`kvagent.engines.transformers`) and a vLLM engine implement it. Events are delivered on the engine's own
 thread, in order, and end with exactly one :class:`Finish`.
 """
@@ -31,9 +31,10 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 class GenerationRequest:
     """One generation: ``prompt_ids`` run after ``prefix`` (None: from nothing), then decoding by ``params``.
 
-    Generation ends at one of ``params.stop_token_ids`` (included in the tokens), at a stop string (the token that
-    completes it is the last one sent), or after ``params.max_new_tokens``. ``on_prompt``, if set, receives the KV of
-    the whole prompt (prefix then ``prompt_ids``) once it is computed, before the first token.
+    Generation ends at one of ``params.stop_token_ids`` (included in the tokens), at a stop string (the token
+    that completes it is the last one sent), or after ``params.max_new_tokens``. ``on_prompt``, if set,
+    receives the KV of the whole prompt (prefix then ``prompt_ids``) once it is computed, before the first
+    token.
     """
 
     prompt_ids: tuple[int, ...]
@@ -49,7 +50,7 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Usage:
-    """What one request cost: tokens, time waiting for a batch slot, and time from its first forward to its end."""
+    """What one request cost: tokens, time waiting for a batch slot, time from first forward to end."""
 
     prompt_tokens: int
     cached_tokens: int
@@ -79,7 +80,7 @@ Sink = Callable[[EngineEvent], None]
 
 
 class RequestHandle(Protocol):
-    """A submitted request: ``cancel`` makes it leave its batch before the next step (ending with "cancelled")."""
+    """A submitted request: ``cancel`` makes it leave its batch before the next step (ends "cancelled")."""
 
     def cancel(self) -> None: ...
 
@@ -90,8 +91,8 @@ class GenerationEngine(Protocol):
     max_positions: int | None
 
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
-        """Queue ``request``; its events go to ``sink`` (on the engine's thread). Raises EngineError at once for a
-        request it can never run (bad ids, a KV of another model, too long for the model)."""
+        """Queue ``request``; its events go to ``sink`` (on the engine's thread). Raises EngineError at once
+        for a request it can never run (bad ids, a KV of another model, too long for the model)."""
         ...
 
 
@@ -123,7 +124,8 @@ class Cancel:
 
 
 def events(engine: GenerationEngine, request: GenerationRequest) -> Iterator[EngineEvent]:
-    """``request``'s events as a blocking iterator; closing it early cancels the request and waits for it to leave."""
+    """``request``'s events as a blocking iterator; closing it early cancels the request and waits until it
+    has left its batch."""
     q: queue.SimpleQueue[EngineEvent] = queue.SimpleQueue()
     handle = engine.submit(request, q.put)
     done = False
@@ -136,7 +138,9 @@ def events(engine: GenerationEngine, request: GenerationRequest) -> Iterator[Eng
         if not done:
             handle.cancel()
             try:
-                while not isinstance(q.get(timeout=LEAVE_TIMEOUT_S), Finish):  # its slot is free once this returns
+                while not isinstance(
+                    q.get(timeout=LEAVE_TIMEOUT_S), Finish
+                ):  # its slot is free once this returns
                     pass
             except queue.Empty:
                 log.warning("a cancelled request did not leave its batch within %.0f s", LEAVE_TIMEOUT_S)

@@ -1,14 +1,16 @@
-"""The transformers engine, batched: concurrent requests decode together, one forward per step for all of them.
+"""The transformers engine, batched: concurrent requests decode together, one forward per step for all of
+them.
 
-Each request first runs its prompt ids after its own prefix KV in a forward of its own (the same computation as
-``TransformersEngine.stream``'s first step), then joins the decode batch. Every decode step is one model call for
-all active sequences: the linear layers see a ``(batch, 1)`` input, while attention runs per sequence on that
-sequence's own keys and values (no padding, no mask, each at its own position), through the model's usual attention
-kernel. The K/V of a sequence live in a buffer sized for its prompt plus ``max_new_tokens``, written in place.
+Each request first runs its prompt ids after its own prefix KV in a forward of its own (the same computation
+as ``TransformersEngine.stream``'s first step), then joins the decode batch. Every decode step is one model
+call for all active sequences: the linear layers see a ``(batch, 1)`` input, while attention runs per
+sequence on that sequence's own keys and values (no padding, no mask, each at its own position), through the
+model's usual attention kernel. The K/V of a sequence live in a buffer sized for its prompt plus
+``max_new_tokens``, written in place.
 
-New requests join between steps; a cancelled request leaves before the next step. ``max_batch`` bounds the active
-sequences; further requests wait in submission order. One scheduler thread owns the decoding; every model call
-(prefills from other threads included) holds ``TransformersEngine.lock``.
+New requests join between steps; a cancelled request leaves before the next step. ``max_batch`` bounds the
+active sequences; further requests wait in submission order. One scheduler thread owns the decoding; every
+model call (prefills from other threads included) holds ``TransformersEngine.lock``.
 
 Models whose attention does not go through transformers' attention interface with full K/V per layer (sliding
 window, recurrent state) are not batched: their requests run one at a time, as before (logged once).
@@ -87,14 +89,15 @@ class _Rows:
 
 
 class _StepCache:
-    """The cache a batched decode step passes to the model: writes each row's new K/V into its sequence's buffer
-    and returns every sequence's K/V so far (views, no copy)."""
+    """The cache a batched decode step passes to the model: writes each row's new K/V into its sequence's
+    buffer and returns every sequence's K/V so far (views, no copy)."""
 
     def __init__(self, seqs: Sequence[_Seq]) -> None:
         self.seqs = seqs
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: Any,
-               **__: Any) -> tuple[_Rows, _Rows]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: Any, **__: Any
+    ) -> tuple[_Rows, _Rows]:
         ks, vs = [], []
         for i, s in enumerate(self.seqs):
             k, v = s.keys[layer_idx], s.values[layer_idx]
@@ -105,14 +108,17 @@ class _StepCache:
         return _Rows(ks), _Rows(vs)
 
 
-def _ragged_attention(module: Any, query: torch.Tensor, key: Any, value: Any, attention_mask: Any,
-                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+def _ragged_attention(
+    module: Any, query: torch.Tensor, key: Any, value: Any, attention_mask: Any, **kwargs: Any
+) -> tuple[torch.Tensor, None]:
     """Attention of a decode step, one sequence at a time on its own K/V, with the model's usual kernel."""
     if not isinstance(key, _Rows) or not isinstance(value, _Rows):
         raise EngineError("the ragged attention runs only inside a batched decode step")
     inner = _ragged_inner(module)
-    outs = [inner(module, query[i : i + 1], k, v, None, **kwargs)[0] for i, (k, v) in
-            enumerate(zip(key.rows, value.rows, strict=True))]
+    outs = [
+        inner(module, query[i : i + 1], k, v, None, **kwargs)[0]
+        for i, (k, v) in enumerate(zip(key.rows, value.rows, strict=True))
+    ]
     return torch.cat(outs, dim=0), None
 
 
@@ -133,8 +139,14 @@ class TransformersBatchEngine:
     """The :class:`~kvagent.engines.base.GenerationEngine` over a :class:`~kvagent.engine.TransformersEngine`:
     continuous batching of up to ``max_batch`` sequences. ``tokenizer`` is needed for stop strings."""
 
-    def __init__(self, engine: TransformersEngine, *, max_batch: int = 8, tokenizer: Any = None,
-                 observer: BatchObserver | None = None) -> None:
+    def __init__(
+        self,
+        engine: TransformersEngine,
+        *,
+        max_batch: int = 8,
+        tokenizer: Any = None,
+        observer: BatchObserver | None = None,
+    ) -> None:
         if max_batch < 1:
             raise EngineError(f"max_batch must be >= 1, got {max_batch}")
         self.engine = engine
@@ -159,8 +171,8 @@ class TransformersBatchEngine:
         total = request.n_prompt + request.params.max_new_tokens
         if self.max_positions and total > self.max_positions:
             raise EngineError(
-                f"{request.n_prompt} prompt + {request.params.max_new_tokens} generated tokens exceed the model's "
-                f"{self.max_positions} positions"
+                f"{request.n_prompt} prompt + {request.params.max_new_tokens} generated tokens exceed the "
+                f"model's {self.max_positions} positions"
             )
         if request.stop_strings and self.tokenizer is None:
             raise EngineError("stop strings need the engine's tokenizer")
@@ -318,8 +330,13 @@ class TransformersBatchEngine:
         ids = torch.tensor([[s.last] for s in seqs], dtype=torch.long, device=eng.device)
         pos = torch.tensor([[s.n] for s in seqs], dtype=torch.long, device=eng.device)
         with eng.lock, self._ragged():
-            out = eng.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
-                            **{eng.cache_arg: _StepCache(seqs)})
+            out = eng.model(
+                input_ids=ids,
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **{eng.cache_arg: _StepCache(seqs)},
+            )
         for s in seqs:
             s.n += 1
         self.observer.step(len(seqs), time.perf_counter() - t0)
@@ -339,8 +356,8 @@ class TransformersBatchEngine:
 
     # -- models that cannot batch ----------------------------------------------------------------
     def _probe(self) -> bool:
-        """Whether this model batches: plain full K/V layers, its attention through transformers' interface, and
-        a ragged step of two different sequences matching each one's own decode step."""
+        """Whether this model batches: plain full K/V layers, its attention through transformers' interface,
+        and a ragged step of two different sequences matching each one's own decode step."""
         from transformers.cache_utils import DynamicLayer
 
         eng = self.engine
@@ -348,7 +365,9 @@ class TransformersBatchEngine:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         if impl not in ALL_ATTENTION_FUNCTIONS:
-            log.warning("not batching: the model's attention %r is not in transformers' attention interface", impl)
+            log.warning(
+                "not batching: the model's attention %r is not in transformers' attention interface", impl
+            )
             return False
         for mod in eng.model.modules():
             if hasattr(mod, "is_causal") and hasattr(mod, "layer_idx"):
@@ -357,7 +376,9 @@ class TransformersBatchEngine:
         try:
             cache = eng.new_cache(None)
             if any(type(layer) is not DynamicLayer for layer in cache.layers):
-                log.warning("not batching: the model keeps other state than full K/V (sliding window or recurrent)")
+                log.warning(
+                    "not batching: the model keeps other state than full K/V (sliding window or recurrent)"
+                )
                 return False
             return self._probe_step()
         except Exception as exc:  # a model whose forward does not take a per-call cache object
@@ -374,10 +395,17 @@ class TransformersBatchEngine:
             kv = eng.prefill(p)
             cache = eng.new_cache(kv)
             with eng.lock:
-                want.append(eng.forward(cache, input_ids=torch.tensor([[t]], device=eng.device),
-                                        logits_to_keep=1).logits[0, -1])
-            s = _Seq(GenerationRequest(tuple(p), None, GenerationParams(max_new_tokens=1)), lambda _e: None,
-                     _Handle(self), 0.0)
+                want.append(
+                    eng.forward(
+                        cache, input_ids=torch.tensor([[t]], device=eng.device), logits_to_keep=1
+                    ).logits[0, -1]
+                )
+            s = _Seq(
+                GenerationRequest(tuple(p), None, GenerationParams(max_new_tokens=1)),
+                lambda _e: None,
+                _Handle(self),
+                0.0,
+            )
             s.keys = [torch.cat([k, torch.zeros_like(k[:, :, :1])], dim=2) for k in kv.keys]
             s.values = [torch.cat([v, torch.zeros_like(v[:, :, :1])], dim=2) for v in kv.values]
             s.n, s.last = kv.n_tokens, t
@@ -385,8 +413,13 @@ class TransformersBatchEngine:
         ids = torch.tensor([[s.last] for s in seqs], device=eng.device)
         pos = torch.tensor([[s.n] for s in seqs], device=eng.device)
         with torch.inference_mode(), eng.lock, self._ragged():
-            got = eng.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
-                            **{eng.cache_arg: _StepCache(seqs)}).logits[:, -1]
+            got = eng.model(
+                input_ids=ids,
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **{eng.cache_arg: _StepCache(seqs)},
+            ).logits[:, -1]
         ok = all(torch.allclose(got[i].float(), w.float(), rtol=1e-3, atol=1e-3) for i, w in enumerate(want))
         if not ok:
             log.warning("not batching: a batched step of this model does not match its single-sequence step")

@@ -1,14 +1,16 @@
 """The prompt turn: one place that turns prompt ids into a generation on an engine.
 
-A turn resolves the KV of all but the prompt's last token through the :class:`~kvagent.resolver.Resolver` (memory,
-local store, registry, prefill), leaving a short uncovered tail to the reply's first forward, and keeps the
-prompt's KV that forward computes (in memory at once, in the local store through the returned ``save``), so the
-next turn that shares its beginning resumes from it. It then submits the request to the engine. A guided reply
-(a forced tool call, schema JSON: :mod:`kvagent.guided`) is a series of such turns, one per value.
+A turn resolves the KV of all but the prompt's last token through the :class:`~kvagent.resolver.Resolver`
+(memory, local store, registry, prefill), leaving a short uncovered tail to the reply's first forward, and
+keeps the prompt's KV that forward computes (in memory at once, in the local store through the returned
+``save``), so the next turn that shares its beginning resumes from it. It then submits the request to the
+engine. A guided reply (a forced tool call, schema JSON: :mod:`kvagent.guided`) is a series of such turns,
+one per value.
 
-The OpenAI-compatible endpoint, hosted ``/generate`` and the LangChain models are thin adapters over this module.
-Events: :class:`Cached` first (what the cache did), then the engine's :class:`~kvagent.engines.base.Token` events
-and one :class:`~kvagent.engines.base.Finish`; a guided reply sends one :class:`Guided` instead of tokens.
+The OpenAI-compatible endpoint, hosted ``/generate`` and the LangChain models are thin adapters over this
+module. Events: :class:`Cached` first (what the cache did), then the engine's
+:class:`~kvagent.engines.base.Token` events and one :class:`~kvagent.engines.base.Finish`; a guided reply
+sends one :class:`Guided` instead of tokens.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class Turn:
     ids: list[int]
     request: GenerationRequest
     info: CacheInfo
-    #: writes the prompt's KV to the local store (call once the answer is out); None when there is nothing to keep
+    #: writes the prompt's KV to the local store (call once the answer is out); None when there is nothing to
+    # keep
     save: Callable[[], None] | None = None
 
 
@@ -84,7 +87,7 @@ def continuation_ids(tokenizer: Any, ids: Sequence[int], forced: str) -> list[in
 
 
 class PromptTurns:
-    """Runs prompt turns on ``engine``, resuming through ``resolver``; ``tokenizer`` decodes guided replies."""
+    """Runs prompt turns on ``engine``, resuming through ``resolver``; ``tokenizer`` serves guided replies."""
 
     def __init__(self, engine: GenerationEngine, resolver: Resolver, tokenizer: Any = None) -> None:
         self.engine = engine
@@ -106,11 +109,12 @@ class PromptTurns:
         **resolve: Any,
     ) -> Turn:
         """Resolve the KV of ``ids[:-1]`` and build the engine request (blocking: may read the store, ask the
-        registry or prefill). ``namespace``: the private cache namespace; ``resolve``: further ``Resolver.resolve``
-        options (``registry=``). ``reuse=False`` prefills the whole prompt with the reply (the reference);
-        ``keep=False`` keeps nothing; ``min_save_tokens``: keep a prompt's KV only when that many of its tokens
-        were computed (the resolver's default when None); ``defer_save=False`` lets the resolver write a KV it
-        computed to the store at once (else ``Turn.save`` does, when called)."""
+        registry or prefill). ``namespace``: the private cache namespace; ``resolve``: further
+        ``Resolver.resolve`` options (``registry=``). ``reuse=False`` prefills the whole prompt with the
+        reply (the reference); ``keep=False`` keeps nothing; ``min_save_tokens``: keep a prompt's KV only
+        when that many of its tokens were computed (the resolver's default when None); ``defer_save=False``
+        lets the resolver write a KV it computed to the store at once (else ``Turn.save`` does, when
+        called)."""
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("a prompt needs at least one token")
@@ -120,15 +124,18 @@ class PromptTurns:
             return Turn(ids, GenerationRequest(tuple(ids), None, params, tuple(stops)), info)
         if min_save_tokens is not None:
             resolve["min_save_tokens"] = min_save_tokens if keep else len(ids) + 1
-        res = self.resolver.resolve(ids[:-1], namespace=namespace, document=False, defer_save=defer_save,
-                                    max_tail=MAX_TAIL, **resolve)
+        res = self.resolver.resolve(
+            ids[:-1], namespace=namespace, document=False, defer_save=defer_save, max_tail=MAX_TAIL, **resolve
+        )
         info = res.info
         info = replace(info, prefilled_tokens=len(ids) - info.cached_tokens)  # the whole prompt's count
         feed = [*res.tail, ids[-1]] if res.kv is not None else ids
         save = res.save if keep else None
         on_prompt = None
         if keep and res.kv is not None and res.tail and len(feed) >= max(2, min_save_tokens or 0):
-            on_prompt, save = self._keeper(namespace)  # the reply's first forward computes the rest of the prompt
+            on_prompt, save = self._keeper(
+                namespace
+            )  # the reply's first forward computes the rest of the prompt
         return Turn(ids, GenerationRequest(tuple(feed), res.kv, params, tuple(stops), on_prompt), info, save)
 
     def submit(self, turn: Turn, sink: Sink, cancel: Cancel | None = None) -> None:
@@ -161,9 +168,9 @@ class PromptTurns:
         on_save: Callable[[Callable[[], None]], None] | None = None,
         **resolve: Any,
     ) -> GuidedReply:
-        """Write a guided reply: ``guide`` asks for a continuation of the prompt (plus the text written so far) for
-        every value, each one a turn that resumes from the previous one's KV. ``on_save`` receives each
-        continuation's deferred store write (None: they are not stored). Blocking."""
+        """Write a guided reply: ``guide`` asks for a continuation of the prompt (plus the text written so
+        far) for every value, each one a turn that resumes from the previous one's KV. ``on_save`` receives
+        each continuation's deferred store write (None: they are not stored). Blocking."""
         if self.tokenizer is None:
             raise ValueError("guided replies need a tokenizer")
         reply = GuidedReply("", 0, None)
@@ -197,8 +204,8 @@ class PromptTurns:
 
     # -- helpers ------------------------------------------------------------------------------
     def _keeper(self, namespace: str | None) -> tuple[Callable[[Any], None], Callable[[], None]]:
-        """(on_prompt, save) for a prompt whose tail the reply computes: its KV goes to memory as soon as the first
-        forward has it (for the next turn), and to the local store when ``save`` is called."""
+        """(on_prompt, save) for a prompt whose tail the reply computes: its KV goes to memory as soon as the
+        first forward has it (for the next turn), and to the local store when ``save`` is called."""
         kept: list[Any] = []
         resolver = self.resolver
 

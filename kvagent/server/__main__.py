@@ -48,7 +48,7 @@ def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentPar
     ap.add_argument("--max-queue", type=int, default=8,
                     help="chat/completion requests queued or running at once; more get 429 + Retry-After")
     ap.add_argument("--max-batch", type=int, default=8,
-                    help="sequences decoded together in one forward per step; more admitted requests wait for a slot")
+                    help="sequences decoded together, one forward per step; more admitted ones wait for a slot")
     ap.add_argument("--default-max-tokens", type=int, default=512,
                     help="completion length of a chat request that sets no max_tokens")
     ap.add_argument("--prompt-cache-bytes", type=int, default=2 << 30,

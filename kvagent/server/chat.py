@@ -1,12 +1,13 @@
-"""Hosted chat generation: admission, per-principal cache namespaces, and the prompt turn on the host's engine.
+"""Hosted chat generation: admission, per-principal cache namespaces, and the prompt turn on the host's
+engine.
 
 A request's prompt ids resume through the host's :class:`~kvagent.resolver.Resolver` (memory → the host's
-prompt cache → this server's published artifacts the caller may see → prefill), by way of the prompt-turn core
-(:mod:`kvagent.engines.turn`). Private prompt KVs live in a namespace derived from the caller's identity with a
-server secret (HMAC), never from anything the client sends, so one principal's prompts can never be found from
-another's ids (vLLM's ``cache_salt`` lesson, CVE-2025-46570). Generations decode together in the engine's batch
-(up to ``--max-batch``); requests queued or running are bounded by ``max_queue``, beyond which they are refused
-with 429 and ``Retry-After``.
+prompt cache → this server's published artifacts the caller may see → prefill), by way of the prompt-turn
+core (:mod:`kvagent.engines.turn`). Private prompt KVs live in a namespace derived from the caller's identity with
+a server secret (HMAC), never from anything the client sends, so one principal's prompts can never be found
+from another's ids (vLLM's ``cache_salt`` lesson, CVE-2025-46570). Generations decode together in the
+engine's batch (up to ``--max-batch``); requests queued or running are bounded by ``max_queue``, beyond which
+they are refused with 429 and ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -116,8 +117,9 @@ class ChatService:
         return self._active > 0
 
     def run(self, job: ChatJob, sink: Callable[[Any], None], cancel: Cancel) -> None:
-        """Resolve the prompt's KV and start the generation (blocking until it is submitted; a guided reply until it
-        is written). Events go to ``sink``: Cached, then Token... (or one Guided), then one Finish."""
+        """Resolve the prompt's KV and start the generation (blocking until it is submitted; a guided reply
+        until it is written). Events go to ``sink``: Cached, then Token... (or one Guided), then one
+        Finish."""
         if cancel.is_set():
             sink(Finish("cancelled", Usage(len(job.ids), 0, 0)))
             return

@@ -1,6 +1,6 @@
-"""The one bridge from a generation running on threads (the turn's preparation, then the engine's scheduler) to
-an async route: events arrive on an asyncio queue, and leaving the iteration (done, or the client went away)
-cancels the generation."""
+"""The one bridge from a generation running on threads (the turn's preparation, then the engine's scheduler)
+to an async route: events arrive on an asyncio queue, and leaving the iteration (done, or the client went
+away) cancels the generation."""
 
 from __future__ import annotations
 

@@ -88,7 +88,8 @@ def routes(st: State) -> APIRouter:
                         yield b'{"token":%d}\n' % ev.token_id
                     elif ev.reason != "error":
                         st.metrics.observe_finish("generate", ev.usage)
-                        yield json.dumps({"done": True, "finish_reason": ev.reason, "generated": n}).encode() + b"\n"
+                        done = {"done": True, "finish_reason": ev.reason, "generated": n}
+                        yield json.dumps(done).encode() + b"\n"
                         return
                     else:
                         log.warning("generation for %s… failed mid-stream: %s", key[:16], ev.error)

@@ -38,9 +38,9 @@ def load_host_agent(spec: str, models_dir: Path, cache_dir: Path, *, memory_slot
 
 
 class ModelHost:
-    """One model loaded once: its agent (tokenizer, resolver), its batching engine (``batch``, up to ``max_batch``
-    sequences decoding together) and an LRU of decoded published KVs. ``lock`` is the engine's model lock: held,
-    no forward runs."""
+    """One model loaded once: its agent (tokenizer, resolver), its batching engine (``batch``, up to
+    ``max_batch`` sequences decoding together) and an LRU of decoded published KVs. ``lock`` is the engine's
+    model lock: held, no forward runs."""
 
     def __init__(self, agent: Runtime, name: str, kv_cache_items: int = 2, max_batch: int = 8):
         self.agent = agent

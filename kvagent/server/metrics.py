@@ -47,22 +47,25 @@ class Metrics:
         self.prompt_tokens = Counter("kvagent_prompt_tokens", "Prompt tokens of hosted requests", registry=r)
         self.generation_tokens = Counter("kvagent_generation_tokens", "Tokens generated for hosted requests",
                                          registry=r)
-        # the batching engine (vLLM's names: num_requests_running/waiting, request_queue/inference_time_seconds)
+        # the batching engine (as vLLM's num_requests_running/waiting, request_queue/inference_time_seconds)
         self.batch_size = Histogram("kvagent_batch_size", "Sequences decoded together, per decode step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.step_seconds = Histogram("kvagent_decode_step_seconds", "Duration of one batched decode step",
-                                      buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28), registry=r)
+                                      buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28),
+                                      registry=r)
         self.queue_seconds = Histogram("kvagent_request_queue_time_seconds",
-                                       "Time a request waited for a batch slot (after its prompt's KV was resolved)",
+                                       "Time a request waited for a batch slot (after its KV was found)",
                                        ["endpoint"], buckets=_SECONDS, registry=r)
         self.compute_seconds = Histogram("kvagent_request_inference_time_seconds",
-                                         "Time from a request's first forward to its last token", ["endpoint"],
+                                         "Time from a request's first forward to its last token",
+                                         ["endpoint"],
                                          buckets=_SECONDS, registry=r)
         self.running = Gauge("kvagent_num_requests_running", "Requests in the decode batch", registry=r)
-        self.waiting = Gauge("kvagent_num_requests_waiting", "Requests waiting for a batch slot", registry=r)
+        self.waiting = Gauge("kvagent_num_requests_waiting", "Requests waiting for a batch slot",
+                             registry=r)
 
     def watch(self, engine: Any) -> None:
-        """Report a batching engine (``TransformersBatchEngine``): its steps, and its running and waiting counts."""
+        """Report a batching engine (``TransformersBatchEngine``): steps, running and waiting counts."""
         engine.observer = _StepObserver(self)
         self.running.set_function(lambda: engine.running)
         self.waiting.set_function(lambda: engine.waiting)

@@ -318,7 +318,8 @@ class _Run:
         lease = await run_in_threadpool(self.st.quotas.acquire, p.name, p.limits)  # the principal's generate slots
         try:
             with self.svc.admitted():
-                events = thread_events(lambda sink, cancel: self.svc.run(self.job, sink, cancel), "kvagent-chat")
+                events = thread_events(lambda sink, cancel: self.svc.run(self.job, sink, cancel),
+                                       "kvagent-chat")
                 try:
                     async for ev in events:
                         yield ev

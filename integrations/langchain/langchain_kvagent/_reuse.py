@@ -1,11 +1,12 @@
 """Generate from arbitrary prompt ids through kvagent's prompt-turn core.
 
 LangChain hands a model a whole prompt, not a (document, question) pair, so reuse is found by token ids:
-``kvagent.PromptTurns`` (the same core the OpenAI-compatible endpoint uses) resolves the KV of the prompt minus its
-last token from the best tier that has any of it (this process's memory, the local store, or the registry, with its
-cost policy, verification, entitlements and fallback), prefilling only what no tier covers, keeps the prompt's KV so
-the next prompt sharing its beginning resumes from it, and runs the reply on the agent's batching engine (calls from
-several threads decode together). Only kvagent's public API is used here.
+``kvagent.PromptTurns`` (the same core the OpenAI-compatible endpoint uses) resolves the KV of the prompt
+minus its last token from the best tier that has any of it (this process's memory, the local store, or the
+registry, with its cost policy, verification, entitlements and fallback), prefilling only what no tier
+covers, keeps the prompt's KV so the next prompt sharing its beginning resumes from it, and runs the reply on
+the agent's batching engine (calls from several threads decode together). Only kvagent's public API is used
+here.
 """
 
 from __future__ import annotations
@@ -74,13 +75,13 @@ class PromptRunner:
         self.turns = PromptTurns(agent.engine.batch(agent.tokenizer), agent.resolver, agent.tokenizer)
 
     def prepare(self, ids: Sequence[int], params: GenerationParams, stops: Sequence[str] = ()) -> Turn:
-        """Resolve the prompt's KV (a KV the resolver computes is stored at once) and build its engine request."""
+        """Resolve the prompt's KV (a KV the resolver computes is stored at once), build the request."""
         return self.turns.prepare(ids, params, stops=stops, reuse=self.reuse, keep=self.save,
                                   min_save_tokens=self.min_save_tokens, defer_save=False)
 
     def start(self, ids: Sequence[int]) -> tuple[KVCache | None, list[int], CacheInfo]:
-        """The KV of a prefix of ``ids`` (None with reuse off: the caller prefills everything), the ids the first
-        forward still has to run after it, and what it cost.
+        """The KV of a prefix of ``ids`` (None with reuse off: the caller prefills everything), the ids the
+        first forward still has to run after it, and what it cost.
 
         A cached prefix that leaves a short tail (a new question) does not prefill it separately: the reply's
         first forward runs it with the last token, one pass over the cached KV instead of two.
@@ -91,7 +92,7 @@ class PromptRunner:
     def run(
         self, ids: Sequence[int], params: GenerationParams, stops: Sequence[str] = ()
     ) -> tuple[Completion, Iterator[str]]:
-        """Start a generation; iterate the returned deltas to drive it (the Completion fills in as it goes)."""
+        """Start a generation; iterate the returned deltas to drive it (the Completion fills in meanwhile)."""
         t0 = time.perf_counter()
         turn = self.prepare(ids, params, stops)
         done = Completion(info=turn.info, prompt_tokens=len(turn.ids))

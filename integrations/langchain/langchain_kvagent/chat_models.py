@@ -186,7 +186,7 @@ class ChatKVAgent(KVAgentSettings, BaseChatModel):
 
         reply = runner.turns.guided(turn.ids, params, guide, on_save=lambda save: save(), reuse=runner.reuse,
                                     keep=runner.save, min_save_tokens=runner.min_save_tokens)
-        if reply.info is None:  # every value was fixed by the schema: still run the prompt once, for its KV and usage
+        if reply.info is None:  # every value fixed by the schema: run the prompt once, for its KV and usage
             return reply.text, runner.complete(turn.ids, GenerationParams(max_new_tokens=1))
         return reply.text, Completion(info=reply.info, prompt_tokens=len(turn.ids))
 
