@@ -319,6 +319,7 @@ class Resolver:
         progress: PrefillProgress | None = None,
         defer_save: bool = False,
         max_tail: int = 0,
+        compute: bool = True,
     ) -> Resolution:
         """The KV of exactly ``token_ids`` (or of all but a short tail of them, see ``max_tail``).
 
@@ -332,6 +333,8 @@ class Resolver:
         cached prefix leaves at most this many ids to compute, do not prefill them: ``Resolution.kv`` is the prefix
         and ``Resolution.tail`` the rest, for a caller whose next forward runs them anyway (a chat turn's first
         token) — one pass over the cached KV instead of two. Nothing is saved for such a resolution.
+        ``compute=False``: never compute anything (another engine will): ``kv`` is the longest cached prefix
+        found through the tiers (None when nothing is cached) and ``tail`` the ids it leaves uncovered.
         """
         ids = token_tuple(token_ids)
         if not ids:
@@ -352,7 +355,7 @@ class Resolver:
             return self._local_hit(ns, key, ids, found.artifact.kv, found.nbytes, t0, "found in the local store")
         if not document:
             return self._miss(ns, ctx, key, ids, found.reason, t0, source, min_save_tokens, False, remote_generate,
-                              progress, defer_save, max_tail)
+                              progress, defer_save, len(ids) if not compute else max_tail, compute)
         with single_flight(self.store.directory / "locks", key, self.settings.lock_timeout) as flight:
             if flight.waited:  # another process was computing this key: it is probably stored now
                 again = self.store.get(key, expect=self.expect)
@@ -360,7 +363,7 @@ class Resolver:
                     why = f"computed by another process while we waited {flight.seconds:.1f} s"
                     return self._local_hit(ns, key, ids, again.artifact.kv, again.nbytes, t0, why)
             return self._miss(ns, ctx, key, ids, found.reason, t0, source, min_save_tokens, True, remote_generate,
-                              progress, defer_save, max_tail)
+                              progress, defer_save, len(ids) if not compute else max_tail, compute)
 
     def check_context(self, n_tokens: int) -> None:
         """Refuse ``n_tokens`` beyond the model's positions, before any prefill (unless overflow is allowed)."""
@@ -427,7 +430,7 @@ class Resolver:
     def _miss(
         self, ns: str, ctx: KeyContext, key: str, ids: tuple[int, ...], miss_reason: str, t0: float,
         source: RegistrySource | None, min_save_tokens: int, document: bool, remote_generate: bool,
-        progress: PrefillProgress | None, defer_save: bool = False, max_tail: int = 0,
+        progress: PrefillProgress | None, defer_save: bool = False, max_tail: int = 0, compute: bool = True,
     ) -> Resolution:
         """Longest local prefix, then the registry if it can cover more, then prefill the rest."""
         reasons = [miss_reason]
@@ -445,6 +448,10 @@ class Resolver:
         if best is not None and 0 < len(ids) - n_cached <= max_tail:
             reason = "; ".join(r for r in reasons if r) + f"; the last {len(ids) - n_cached} tokens run with the reply"
             return Resolution(key, best.kv, self._hit(best, reason, len(ids), t1 - t0, 0.0), tail=ids[n_cached:])
+        if best is None and not compute:
+            reason = "; ".join(r for r in reasons if r) + "; nothing cached (left to the caller's engine)"
+            info = CacheInfo("prefill", reason, 0, len(ids), lookup_seconds=t1 - t0)
+            return Resolution(key, None, info, tail=ids)
         if best is not None and n_cached == len(ids):
             kv, prefill_s = best.kv, 0.0
         else:
