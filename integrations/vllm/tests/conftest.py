@@ -37,6 +37,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if HAVE_VLLM:
         return
+    if os.environ.get("KVAGENT_REQUIRE_VLLM") == "1":  # CI: a missing vLLM is a failure, not a skip
+        raise pytest.UsageError(f"KVAGENT_REQUIRE_VLLM=1 but {SKIP_REASON}")
     skip = pytest.mark.skip(reason=SKIP_REASON)
     for item in items:
         if item.get_closest_marker("vllm") is not None:
