@@ -87,10 +87,14 @@ class ArtifactHeader:
     content_sha256: str
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
+    #: the engine that computed the KV ("vllm 0.32.0") when its writer says so; older artifacts lack it
+    engine: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["layout"] = asdict(self.layout)
+        if d["engine"] is None:  # absent rather than null: readers that predate the field still accept it
+            del d["engine"]
         return d
 
 
@@ -144,6 +148,7 @@ def encode_parts(
     publisher: str | None = None,
     created_at: float | None = None,
     codec: str = "raw",
+    engine: str | None = None,
 ) -> tuple[ArtifactHeader, list[memoryview]]:
     """``encode``, with the artifact as the buffers it concatenates (the last ones share ``kv``'s memory).
 
@@ -192,6 +197,7 @@ def encode_parts(
         payload_sha256=payload,
         payload_bytes=data_bytes,
         content_sha256=_content_root(content),
+        engine=engine,
     )
     _validate_header_fields(header.to_json(), DEFAULT_LIMITS)  # never write what we would refuse to read
     st_header["__metadata__"] = {"kvagent": json.dumps(header.to_json(), sort_keys=True, separators=(",", ":"))}
@@ -211,6 +217,7 @@ def encode(
     publisher: str | None = None,
     created_at: float | None = None,
     codec: str = "raw",
+    engine: str | None = None,
 ) -> tuple[ArtifactHeader, bytes]:
     """Serialise ``kv`` into artifact bytes; returns the header written and the bytes.
 
@@ -219,7 +226,7 @@ def encode(
     header, parts = encode_parts(
         kv, key=key, model_fingerprint=model_fingerprint, tokenizer_fingerprint=tokenizer_fingerprint,
         template_hash=template_hash, position_offset=position_offset, publisher=publisher, created_at=created_at,
-        codec=codec,
+        codec=codec, engine=engine,
     )
     return header, b"".join(parts)
 
@@ -471,19 +478,23 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "payload_bytes": (int,),
     "content_sha256": (str,),
 }
+#: fields a header may omit (added after format v1 was fixed), with their types
+_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"engine": (str,)}
 
 
 def _validate_header_fields(hj: Any, limits: Limits) -> ArtifactHeader:
     if not isinstance(hj, dict):
         raise ArtifactFormatError("kvagent header must be a JSON object")
     missing = set(_FIELDS) - set(hj)
-    extra = set(hj) - set(_FIELDS)
+    extra = set(hj) - set(_FIELDS) - set(_OPTIONAL_FIELDS)
     if missing or extra:
         raise ArtifactFormatError(f"kvagent header fields wrong: missing {sorted(missing)}, unexpected {sorted(extra)[:5]}")
-    for name, types in _FIELDS.items():
+    for name, types in (*_FIELDS.items(), *((n, t) for n, t in _OPTIONAL_FIELDS.items() if n in hj)):
         v = hj[name]
         if isinstance(v, bool) or not isinstance(v, types):
             raise ArtifactFormatError(f"kvagent header field {name!r} has type {type(v).__name__}")
+    if len(hj.get("engine") or "") > limits.max_publisher_len:
+        raise ArtifactFormatError("engine name too long")
     if hj["format"] != FORMAT_NAME:
         raise ArtifactFormatError(f"not a kvagent artifact: format is {hj['format']!r:.40}")
     if hj["format_version"] != FORMAT_VERSION:

@@ -42,6 +42,7 @@ class Lookup:
     defer_save: bool = False
     max_tail: int = 0
     progress: PrefillProgress | None = None
+    compute: bool = True  # False: never prefill; answer with the cached prefix (or nothing) and the rest as tail
     started: float = field(default_factory=time.perf_counter)
     local_tokens: int = 0
 

@@ -194,6 +194,7 @@ class Resolver:
         progress: PrefillProgress | None = None,
         defer_save: bool = False,
         max_tail: int = 0,
+        compute: bool = True,
     ) -> Resolution:
         """The KV of exactly ``token_ids`` (or of all but a short tail of them, see ``max_tail``).
 
@@ -207,6 +208,8 @@ class Resolver:
         cached prefix leaves at most this many ids to compute, do not prefill them: ``Resolution.kv`` is the prefix
         and ``Resolution.tail`` the rest, for a caller whose next forward runs them anyway (a chat turn's first
         token) — one pass over the cached KV instead of two. Nothing is saved for such a resolution.
+        ``compute=False`` (with ``document=False``): never prefill; ``Resolution.kv`` is the longest cached prefix
+        (None when there is none) and ``Resolution.tail`` the ids it leaves, for another engine's connector.
         """
         ids = token_tuple(token_ids)
         if not ids:
@@ -217,7 +220,7 @@ class Resolver:
             ids, namespace or "", ctx, self._key(ctx, ids), self.context, self.settings.block_size,
             source=self.registry if isinstance(registry, _Default) else registry, document=document,
             remote_generate=remote_generate, min_save_tokens=min_save_tokens, defer_save=defer_save,
-            max_tail=max_tail, progress=progress,
+            max_tail=max_tail if compute else len(ids), progress=progress, compute=compute,
         )
         kv = self.memory.get(lookup.namespace, lookup.key)
         if kv is not None:
@@ -326,6 +329,10 @@ class Resolver:
         if best is not None and 0 < len(ids) - n_cached <= lookup.max_tail:
             reason += f"; the last {len(ids) - n_cached} tokens run with the reply"
             return Resolution(key, best.kv, self._hit(best, reason, len(ids), lookup_s, 0.0), tail=ids[n_cached:])
+        if best is None and not lookup.compute:
+            reason += "; nothing cached (left to the caller's engine)"
+            info = CacheInfo("prefill", reason, 0, len(ids), lookup_seconds=lookup_s)
+            return Resolution(key, None, info, tail=ids)
         if best is not None and n_cached == len(ids):
             kv, prefill_s = best.kv, 0.0
         else:

@@ -170,3 +170,21 @@ def test_a_short_tail_runs_with_the_reply_and_is_kept_exactly(embedded_agent):
     assert longer.tail == () and longer.kv is not None and longer.kv.n_tokens == len(prompt) - 1
     key = resolver.keep(full)
     assert resolver.memory.get("", key) is not None and key in agent.store
+
+
+def test_compute_false_finds_the_cached_prefix_and_never_computes(embedded_agent):
+    """``resolve(..., compute=False)`` (what another engine's connector asks): the longest cached prefix and the
+    uncovered ids, or no KV at all on a miss; nothing is prefilled or stored either way."""
+    agent = embedded_agent
+    resolver = agent.resolver
+    doc = agent.read(long_text(600, agent.tokenizer))
+    q = agent.template.question_ids(agent.tokenizer, QUESTION)
+    prompt = list(doc.token_ids) + q
+    agent.forget_memory()
+    before = (resolver.counters["prefills"], len(list(agent.store.entries())))
+    res = resolver.resolve(prompt, document=False, compute=False)
+    assert res.kv is not None and res.kv.n_tokens == doc.n_tokens and res.tail == tuple(q)
+    assert res.info.source == "store" and res.info.origin == doc.key
+    miss = resolver.resolve([t + 1 for t in prompt[:300]], document=False, compute=False)
+    assert miss.kv is None and len(miss.tail) == 300 and miss.info.cached_tokens == 0
+    assert (resolver.counters["prefills"], len(list(agent.store.entries()))) == before

@@ -132,6 +132,20 @@ def test_position_offset_and_anonymous_publisher_round_trip() -> None:
     assert (h.position_offset, h.publisher) == (12, None)
 
 
+def test_the_producing_engine_is_an_optional_header_field() -> None:
+    """``engine`` round-trips when a writer records it; a header without it (every older artifact) still reads,
+    and a writer that does not name its engine writes no such field at all."""
+    kv = make_kv(num_layers=1, tokens=3, seed=4)
+    _, blob = make_artifact(kv, engine="vllm 0.32.0")
+    assert art.decode(blob).header.engine == "vllm 0.32.0"
+    header, plain = make_artifact(kv)
+    assert header.engine is None and "engine" not in header.to_json()
+    assert "engine" not in split(plain)[1]
+    assert art.decode(plain).header.engine is None
+    with pytest.raises(ArtifactFormatError, match="engine"):
+        art.header_from_mapping({**header.to_json(), "engine": 5})
+
+
 @pytest.mark.parametrize("kind", ["bytes", "bytearray", "memoryview", "readonly memoryview"])
 def test_decode_accepts_buffers(valid: Any, kind: str) -> None:
     kv, header, blob = valid

@@ -1,0 +1,209 @@
+"""Real processes for the connector's tests: a vLLM OpenAI server with the connector, and a fault proxy.
+
+vLLM's first start compiles for a minute or two, so the tests start one server per session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tests.registry_server import free_port  # the repo root is on sys.path (conftest)
+
+REPO = Path(__file__).resolve().parents[3]
+INTEGRATION = Path(__file__).resolve().parents[1]
+#: the registry's tokens in these tests: a publisher on another machine, the vLLM host, an admin
+TOKENS: dict[str, dict[str, object]] = {
+    "alice-token-0001": {"principal": "alice", "publish": True},
+    "vllm-token-00002": {"principal": "vllmhost", "publish": True},
+    "admin-token-0003": {"principal": "admin", "publish": True, "admin": True},
+}
+ALICE, VLLM_TOKEN, ADMIN = "alice-token-0001", "vllm-token-00002", "admin-token-0003"
+
+
+@dataclass
+class VLLMServer:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    cache_dir: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def complete(
+        self, prompt: list[int], *, max_tokens: int = 24, cache_salt: str | None = None, timeout: float = 300
+    ) -> dict[str, Any]:
+        """A greedy /v1/completions call on token ids; the response JSON."""
+        body: dict[str, Any] = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        if cache_salt is not None:
+            body["cache_salt"] = cache_salt
+        r = httpx.post(self.url + "/v1/completions", json=body, timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
+    def first_token_seconds(self, prompt: list[int], *, cache_salt: str | None = None) -> float:
+        """Seconds until the first streamed token of a greedy completion (TTFT as a client sees it)."""
+        body: dict[str, Any] = {
+            "model": "m",
+            "prompt": prompt,
+            "max_tokens": 4,
+            "temperature": 0,
+            "stream": True,
+        }
+        if cache_salt is not None:
+            body["cache_salt"] = cache_salt
+        t0 = time.perf_counter()
+        with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=300) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    if json.loads(line[6:])["choices"][0].get("text") is not None:
+                        return time.perf_counter() - t0
+        raise AssertionError("the stream ended without a token")
+
+
+def start_vllm(model_dir: Path, work: Path, extra: dict[str, Any], timeout: float = 900) -> VLLMServer:
+    """``python -m vllm.entrypoints.openai.api_server`` with the connector, on a free loopback port."""
+    work.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    transfer = {
+        "kv_connector": "KVAgentConnector",
+        "kv_connector_module_path": "vllm_kvagent",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": extra,
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        "m",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "2048",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--enable-prompt-tokens-details",
+        "--kv-transfer-config",
+        json.dumps(transfer),
+    ]
+    if os.environ.get("KVAGENT_VLLM_COMPILE") != "1":  # torch.compile adds minutes to a start on 2 cores
+        args.append("--enforce-eager")
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+    }
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(INTEGRATION), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
+    log_path = work / "vllm.log"
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            args, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(work), start_new_session=True
+        )
+    server = VLLMServer(f"http://127.0.0.1:{port}", proc, log_path, Path(extra.get("cache_dir", "")))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM exited with {proc.returncode}:\n{server.log()[-6000:]}")
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    server.stop()
+    raise RuntimeError(f"vLLM did not become healthy in {timeout} s:\n{server.log()[-6000:]}")
+
+
+class SwitchProxy:
+    """A loopback HTTP-level proxy in front of the registry: ``mode`` "pass", "down" (every connection refused
+    by closing it at once) or "lie" (blob downloads come back with bytes flipped). Counts downloads."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.mode = "pass"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.connections = 0
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        )
+        ready.set()
+        self._loop.run_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        if self.mode == "down":
+            writer.close()
+            return
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, downstream: bool) -> None:
+            seen = 0
+            try:
+                while data := await src.read(65536):
+                    if downstream and self.mode == "lie" and seen + len(data) > 4096:
+                        # flip bytes deep in the body (past headers and the artifact's own header)
+                        buf = bytearray(data)
+                        for i in range(max(0, 4096 - seen), len(buf), 997):
+                            buf[i] ^= 0x5A
+                        data = bytes(buf)
+                    seen += len(data)
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_w, False), pipe(up_r, writer, True))
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            self._server.close()
+            await self._server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

@@ -1,0 +1,117 @@
+"""Scheduler side: the longest cached prefix of a prompt, found through kvagent's resolver off vLLM's loop.
+
+vLLM's scheduler asks the connector for every waiting request on every step, and waits for the answer. A
+lookup goes through kvagent's tiers (memory, local store, then the registry with its policy, price caps,
+verification and circuit breaker), which can take a network round trip and a download, so it runs on a
+worker thread: until it is done the connector answers "not known yet" (vLLM asks again on a later step)
+and the request simply waits while others run. Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from kvagent import KVAgent, KVAgentError
+
+log = logging.getLogger("vllm.kvagent")  # under "vllm": shown by vLLM's own log handler
+
+
+@dataclass(frozen=True)
+class Match:
+    """A cached prefix: ``n`` tokens of the prompt, in the local store under ``key`` (0: nothing usable)."""
+
+    n: int
+    key: str
+    source: str  # "store" | "registry" | "memory" | ""
+    reason: str
+    engine: str | None = None  # the engine the artifact's header names, when known
+
+
+NO_MATCH = Match(0, "", "", "")
+
+
+class PrefixLookups:
+    """Background lookups per request id, answered from the finished ones (thread-safe)."""
+
+    def __init__(self, agent: KVAgent, *, engine: str, same_engine_only: bool, workers: int = 1) -> None:
+        self.agent = agent
+        self.engine = engine
+        self.same_engine_only = same_engine_only
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvagent-lookup")
+        self._running: dict[str, Future[Match]] = {}
+        self._lock = threading.Lock()
+
+    def poll(self, req_id: str, token_ids: Sequence[int], namespace: str | None) -> Match | None:
+        """The lookup's result for ``req_id``, starting it on first call; None while it runs."""
+        with self._lock:
+            fut = self._running.get(req_id)
+            if fut is None:
+                ids = tuple(token_ids)
+                fut = self._pool.submit(self._find, ids, namespace)
+                self._running[req_id] = fut
+        if not fut.done():
+            return None
+        return fut.result()
+
+    def forget(self, req_id: str) -> None:
+        with self._lock:
+            fut = self._running.pop(req_id, None)
+        if fut is not None:
+            fut.cancel()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _find(self, ids: tuple[int, ...], namespace: str | None) -> Match:
+        try:
+            return self.find(ids, namespace)
+        except KVAgentError as exc:  # a lookup failure is a miss: vLLM computes the prompt itself
+            log.warning(
+                "kvagent lookup of %d tokens failed, vLLM computes them: %s: %s",
+                len(ids),
+                type(exc).__name__,
+                exc,
+            )
+            return Match(0, "", "", f"lookup failed ({type(exc).__name__}: {exc})")
+        except Exception as exc:  # noqa: BLE001 - never let a lookup take the scheduler down; logged, then a miss
+            log.exception("kvagent lookup of %d tokens failed unexpectedly, vLLM computes them", len(ids))
+            return Match(0, "", "", f"lookup failed ({type(exc).__name__}: {exc})")
+
+    def find(self, ids: tuple[int, ...], namespace: str | None) -> Match:
+        """The longest prefix of ``ids`` kvagent holds or can fetch (blocking).
+        A salted request (``namespace``
+        set) looks only in its own namespace of this machine's cache, never at the registry."""
+        resolver = self.agent.resolver
+        kwargs: dict[str, object] = {"registry": None} if namespace else {}
+        res = resolver.resolve(ids, namespace=namespace, document=False, compute=False, **kwargs)  # type: ignore[arg-type]
+        n = res.kv.n_tokens if res.kv is not None else 0
+        origin = res.info.origin or res.key
+        if n == 0:
+            return Match(0, "", "", res.info.reason)
+        engine = self._engine_of(origin)
+        if self.same_engine_only and engine != self.engine:
+            why = (
+                f"the cached KV was computed by {engine or 'an engine its header does not name (kvagent)'}, "
+                f"not {self.engine} (engines='same')"
+            )
+            return Match(0, "", "", why, engine)
+        return Match(n, origin, res.info.source, res.info.reason, engine)
+
+    def _engine_of(self, key: str) -> str | None:
+        found = self.agent.store.get(key, expect=self.agent.expect)
+        if found.artifact is None:
+            raise KVAgentError(f"the cached prefix {key[:16]}… is not in the local store ({found.reason})")
+        return found.artifact.header.engine
+
+
+def aligned(n: int, block_size: int) -> int:
+    """``n`` rounded down to whole blocks of ``block_size`` tokens."""
+    return n // block_size * block_size
+
+
+#: builds the kvagent facade the scheduler side resolves with (tests inject their own)
+AgentFactory = Callable[[], KVAgent]

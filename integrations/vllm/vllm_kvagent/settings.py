@@ -1,0 +1,96 @@
+"""The connector's settings: vLLM's ``kv_connector_extra_config``, checked once, nothing silently dropped."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from kvagent import ConfigError
+
+PUBLISH_MODES = ("none", "restricted", "public")
+ENGINE_POLICIES = ("any", "same")
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    """What ``kv_connector_extra_config`` may carry (every key optional).
+
+    ``model``: the kvagent model spec used for keys and verification (default: vLLM's own model directory);
+    ``cache_dir``: kvagent's cache directory (local store under ``<cache_dir>/kv``; default: kvagent's);
+    ``registry_url``: one URL, several comma-separated, or a list (failover); ``token``: the registry token;
+    ``publish``: "none", "restricted" or "public" for the KV of prompts vLLM computed (unsalted ones only);
+    ``price``: what a load of a published artifact costs buyers (integer micro-units; None: free);
+    ``max_price_per_load`` / ``budget``: what this server may pay for artifacts (micro-units; None: no limit);
+    ``verify``: "none", "sample" or "full" check of registry artifacts against their tokens;
+    ``min_save_tokens``: save a prompt's KV when vLLM computed at least this many of its tokens;
+    ``engines``: "any" reuses KV whatever engine computed it, "same" only KV that this vLLM version computed;
+    ``calibration``: use the machine's measured costs (kvagent calibrate) in the fetch policy;
+    ``publisher``: the name recorded in saved artifacts;
+    ``prefill_tokens_per_s`` / ``bandwidth_bytes_per_s``: this vLLM's prefill rate and the registry link's
+    rate, for the fetch-or-prefill policy (None: kvagent's calibration, which measures its engine, not vLLM).
+    """
+
+    model: str | None = None
+    cache_dir: str | None = None
+    registry_url: str | None = None
+    token: str | None = None
+    publish: str = "none"
+    price: int | None = None
+    max_price_per_load: int | None = None
+    budget: int | None = None
+    verify: str | None = None
+    min_save_tokens: int = 256
+    engines: str = "any"
+    calibration: bool = True
+    publisher: str | None = None
+    prefill_tokens_per_s: float | None = None
+    bandwidth_bytes_per_s: float | None = None
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any] | None) -> ConnectorSettings:
+        """Parse ``kv_connector_extra_config``; an unknown key or a wrong type is a ConfigError."""
+        extra = dict(extra or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown kv_connector_extra_config keys {unknown}; the connector takes {sorted(known)}"
+            )
+        url = extra.get("registry_url")
+        if isinstance(url, (list, tuple)):
+            extra["registry_url"] = ",".join(str(u) for u in url) or None
+        for name in ("model", "cache_dir", "registry_url", "token", "publisher"):
+            if extra.get(name) is not None and not isinstance(extra[name], str):
+                raise ConfigError(
+                    f"kv_connector_extra_config[{name!r}] must be a string, got {type(extra[name]).__name__}"
+                )
+        for name in ("price", "max_price_per_load", "budget", "min_save_tokens"):
+            v = extra.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ConfigError(
+                    f"kv_connector_extra_config[{name!r}] must be an integer >= 0 (micro-units), got {v!r}"
+                )
+        for name in ("prefill_tokens_per_s", "bandwidth_bytes_per_s"):
+            v = extra.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+                raise ConfigError(f"kv_connector_extra_config[{name!r}] must be a positive number, got {v!r}")
+        if "calibration" in extra and not isinstance(extra["calibration"], bool):
+            raise ConfigError("kv_connector_extra_config['calibration'] must be true or false")
+        s = cls(**extra)
+        if s.publish not in PUBLISH_MODES:
+            raise ConfigError(f"publish must be one of {PUBLISH_MODES}, got {s.publish!r}")
+        if s.engines not in ENGINE_POLICIES:
+            raise ConfigError(f"engines must be one of {ENGINE_POLICIES}, got {s.engines!r}")
+        if s.verify not in (None, "none", "sample", "full"):
+            raise ConfigError(f"verify must be none, sample or full, got {s.verify!r}")
+        if s.publish != "none" and not s.registry_url:
+            raise ConfigError(f"publish={s.publish!r} needs a registry_url")
+        if s.price is not None and s.publish == "none":
+            raise ConfigError("price is what buyers pay for published KV: set publish too")
+        return s
+
+
+def namespace_of(cache_salt: str | None) -> str | None:
+    """kvagent's private namespace for a vLLM request's ``cache_salt`` (None: the shared one)."""
+    return f"vllm-cache-salt:{cache_salt}" if cache_salt else None
