@@ -117,6 +117,9 @@ class Config:
     registry_url: str | None = _opt(None, env="KVAGENT_REGISTRY_URL")
     registry_token: str | None = _opt(None, env="KVAGENT_REGISTRY_TOKEN", show=False)
     local_only: bool = _opt(True, env="KVAGENT_LOCAL_ONLY", parse=_env_bool)  # default: no registry_url
+    # seconds each registry request may take (None: the client's, 3 s to connect and 20 s to read)
+    registry_timeout: float | None = _opt(None, env="KVAGENT_REGISTRY_TIMEOUT", parse=_env_float)
+    registry_attempts: int = _opt(3, env="KVAGENT_REGISTRY_ATTEMPTS", parse=_env_int)  # tries per registry request
     publisher: str | None = _opt(None, env="KVAGENT_PUBLISHER")
     publish: bool | str = _opt(False)  # publish what is computed: True ("restricted"), "public" or "restricted"
     policy: PolicyParams | None = _opt(None)  # the cost policy's settings (None: kvagent.policy's defaults)
@@ -193,6 +196,10 @@ class Config:
             raise ConfigError(f"verify_probes must be >= 0, got {cfg.verify_probes}")
         if cfg.codec not in ARTIFACT_CODECS:
             raise ConfigError(f"codec must be one of {list(ARTIFACT_CODECS)} (lossless), got {cfg.codec!r}")
+        if cfg.registry_timeout is not None and not cfg.registry_timeout > 0:
+            raise ConfigError(f"registry_timeout must be positive seconds, got {cfg.registry_timeout!r}")
+        if cfg.registry_attempts < 1:
+            raise ConfigError(f"registry_attempts counts tries and must be at least 1, got {cfg.registry_attempts}")
         if cfg.block_size <= 0:
             raise ConfigError("block_size must be positive")
         if cfg.prefill_chunk_size is not None and cfg.prefill_chunk_size <= 0:

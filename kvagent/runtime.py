@@ -103,8 +103,10 @@ def build_runtime(
     if not config.local_only:
         from .registry import RegistryClient
 
+        timeout = {} if config.registry_timeout is None else {"timeout": config.registry_timeout}
         registry = registry_client or RegistryClient(
-            config.registry_url or "", config.registry_token, trusted_keys=config.trusted_keys
+            config.registry_url or "", config.registry_token, trusted_keys=config.trusted_keys,
+            retries=config.registry_attempts, **timeout,
         )
     store = KVStore(config.store_dir, size_limit=config.cache_size_bytes)
     resolver = Resolver(

@@ -34,6 +34,10 @@ class KVAgentSettings(BaseModel):
     """The registry to read published KV from (and publish to); None: ``KVAGENT_REGISTRY_URL`` or none."""
     token: SecretStr | None = Field(default=None, alias="api_key")
     """The registry's bearer token (``api_key=`` too, as LangChain's OpenAI models spell it)."""
+    timeout: float | None = None
+    """Seconds each registry request may take (``Config.registry_timeout``); None: the client's default."""
+    max_retries: int | None = None
+    """Retries of a failed registry request after its first try (``Config.registry_attempts`` - 1)."""
     config_options: dict[str, Any] = Field(default_factory=dict)
     """Further ``kvagent.Config`` options (given as keywords, they land here)."""
     agent_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -79,7 +83,8 @@ class KVAgentSettings(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> KVAgentSettings:
-        given = [n for n in ("cache_dir", "registry_url", "token") if getattr(self, n) is not None]
+        given = [n for n in ("cache_dir", "registry_url", "token", "timeout", "max_retries")
+                 if getattr(self, n) is not None]
         given += [n for n in ("config_options", "agent_kwargs") if getattr(self, n)]
         if self.agent is not None and given:
             raise ValueError(f"agent= comes with its own settings; {', '.join(given)} would be ignored: "
@@ -91,7 +96,9 @@ class KVAgentSettings(BaseModel):
         options = {k: v for k, v in self.agent_kwargs.items() if k not in _COMPONENTS}
         options.update(self.config_options)
         for name, value in (("model", self.model), ("cache_dir", self.cache_dir), ("registry_url", self.registry_url),
-                            ("token", self.token.get_secret_value() if self.token else None)):
+                            ("token", self.token.get_secret_value() if self.token else None),
+                            ("registry_timeout", self.timeout),
+                            ("registry_attempts", None if self.max_retries is None else self.max_retries + 1)):
             if value is not None:
                 options[name] = value
         client = self.agent_kwargs.get("registry_client")

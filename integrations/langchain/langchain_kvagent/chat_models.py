@@ -79,6 +79,9 @@ class ChatKVAgent(KVAgentSettings, BaseChatModel):
     schema (``kvagent.guided``). A template without tools refuses them (``ToolsUnsupportedError``).
     """
 
+    streaming: bool = False
+    """Whether ``invoke`` streams internally (callbacks see each token), as in ``ChatOpenAI``."""
+
     @property
     def _llm_type(self) -> str:
         return "kvagent-chat"

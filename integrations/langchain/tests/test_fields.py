@@ -54,3 +54,15 @@ def test_agent_and_its_own_options_are_not_both_taken(agent) -> None:  # type: i
 
 def test_config_option_names_are_the_configs() -> None:
     assert {"registry_url", "registry_token", "budget", "cache_dir"} <= set(Config.option_names())
+
+
+@pytest.mark.parametrize("cls", [ChatKVAgent, KVAgentLLM])
+def test_timeout_and_max_retries_configure_the_registry_client(cls, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """LangChain's standard ``timeout`` / ``max_retries`` reach the registry client (``max_retries`` counts retries
+    after the first try), and a model that builds no client of its own refuses them rather than drop them."""
+    m = cls(registry_url=R, cache_dir=str(tmp_path), timeout=2.5, max_retries=0)
+    cfg = m.kv_config()
+    assert (cfg.registry_timeout, cfg.registry_attempts) == (2.5, 1)
+    assert cls(cache_dir=str(tmp_path)).kv_config().registry_attempts == Config().registry_attempts
+    with pytest.raises(ValueError, match="registry_attempts"):
+        cls(registry_url=R, max_retries=-1).kv_config()

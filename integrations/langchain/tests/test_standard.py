@@ -71,6 +71,9 @@ class TestChatKVAgentIntegration(ChatModelIntegrationTests):
     def model(self, request: Any, tool_agent: KVAgent) -> ChatKVAgent:
         extra = getattr(request, "param", None) or {}
         params = {**self.standard_chat_model_params, **self.chat_model_params, **extra}
+        # timeout / max_retries configure the registry client a model builds; agent= brings its own, and
+        # ChatKVAgent refuses settings it would ignore (tested in test_fields.py)
+        params = {k: v for k, v in params.items() if k not in ("timeout", "max_retries")}
         self.tool_agent = tool_agent  # for invoke_with_cache_read_input, which takes no fixtures
         return ChatKVAgent(agent=tool_agent, **params)
 
