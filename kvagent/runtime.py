@@ -101,12 +101,12 @@ def build_runtime(
     policy = config.policy if config.policy is not None else pol.PolicyParams()
     registry: RegistryClient | None = None
     if not config.local_only:
-        from .registry import RegistryClient
+        from .registry import DEFAULT_TIMEOUT, RegistryClient
 
-        timeout = {} if config.registry_timeout is None else {"timeout": config.registry_timeout}
         registry = registry_client or RegistryClient(
             config.registry_url or "", config.registry_token, trusted_keys=config.trusted_keys,
-            retries=config.registry_attempts, **timeout,
+            retries=config.registry_attempts,
+            timeout=DEFAULT_TIMEOUT if config.registry_timeout is None else config.registry_timeout,
         )
     store = KVStore(config.store_dir, size_limit=config.cache_size_bytes)
     resolver = Resolver(
