@@ -24,19 +24,21 @@ entitled to them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, Protocol
 
 import torch
 
 from . import artifact as art
 from . import policy as pol
+from . import stages as stg
 from .engine import check_context
 from .errors import (
     ArtifactError,
@@ -75,6 +77,9 @@ class CacheInfo:
     ``lookup_seconds``: when tokens were computed (a prefill, or a prefix extended), what finding the best
     cached start cost first (local store, prefix index, registry lookup and any download), i.e. the read's
     time over the computing alone.
+    ``stages``: seconds per stage of the read (``kvagent.stages.STAGES``: lookup, wait, download, verification,
+    store_write, resume), the stages that took time only; ``predicted_seconds``: what the cost model predicted
+    for the path the read took (0.0: no prediction, e.g. a memory hit).
     """
 
     status: str
@@ -87,6 +92,8 @@ class CacheInfo:
     source: str = ""
     origin: str = ""
     lookup_seconds: float = 0.0
+    stages: Mapping[str, float] = field(default_factory=dict)
+    predicted_seconds: float = 0.0
 
     @property
     def hit(self) -> bool:
@@ -255,6 +262,21 @@ class ResolverSettings:
     prefill_cost_per_token: int = 5  # what a local prefill costs, per token (the paper's $5 / M tokens)
 
 
+P = ParamSpec("P")
+
+
+def _accounted(resolve: Callable[Concatenate[Resolver, P], Resolution]) -> Callable[Concatenate[Resolver, P], Resolution]:
+    """Run ``resolve`` with a stage clock (``kvagent.stages``) and account for it (``Resolver._account``)."""
+
+    @functools.wraps(resolve)
+    def wrapper(self: Resolver, *args: P.args, **kwargs: P.kwargs) -> Resolution:
+        with stg.measuring() as clock:
+            res = resolve(self, *args, **kwargs)
+        return self._account(res, clock, bool(kwargs.get("document", True)))
+
+    return wrapper
+
+
 class Resolver:
     """Finds or computes the KV of token ids through the tiers (see the module docstring)."""
 
@@ -307,6 +329,7 @@ class Resolver:
     def key_of(self, token_ids: Sequence[int], namespace: str | None = None) -> str:
         return document_key(self._ctx(namespace), token_ids)
 
+    @_accounted
     def resolve(
         self,
         token_ids: Sequence[int],
@@ -347,7 +370,8 @@ class Resolver:
             info = CacheInfo("memory", "in this process's memory", len(ids), 0, source="memory", origin=key)
             return Resolution(key, kv, info)
         t0 = time.perf_counter()
-        found = self.store.get(key, expect=self.expect)
+        with stg.stage("lookup"):
+            found = self.store.get(key, expect=self.expect)
         if found.artifact is not None:
             return self._local_hit(ns, key, ids, found.artifact.kv, found.nbytes, t0, "found in the local store")
         if not document:
@@ -355,6 +379,7 @@ class Resolver:
                               progress, defer_save, max_tail)
         with single_flight(self.store.directory / "locks", key, self.settings.lock_timeout) as flight:
             if flight.waited:  # another process was computing this key: it is probably stored now
+                stg.add("wait", flight.seconds)
                 again = self.store.get(key, expect=self.expect)
                 if again.artifact is not None:
                     why = f"computed by another process while we waited {flight.seconds:.1f} s"
@@ -431,7 +456,8 @@ class Resolver:
     ) -> Resolution:
         """Longest local prefix, then the registry if it can cover more, then prefill the rest."""
         reasons = [miss_reason]
-        best, why = self._local_prefix(ns, ctx, ids)
+        with stg.stage("lookup"):
+            best, why = self._local_prefix(ns, ctx, ids)
         reasons.append(why)
         if source is not None:
             remote, why = self._from_registry(source, key, ids, best.n if best else 0, document, remote_generate)
@@ -448,12 +474,16 @@ class Resolver:
         if best is not None and n_cached == len(ids):
             kv, prefill_s = best.kv, 0.0
         else:
-            kv = self._prefill(ids, best.kv if best else None, progress)
+            if best is None or best.source != "registry":  # a fetch's prediction covers its rest already
+                self._predict_prefill(len(ids) - n_cached, n_cached)
+            with stg.stage("resume"):
+                kv = self._prefill(ids, best.kv if best else None, progress)
             prefill_s = time.perf_counter() - t1
             if len(ids) - n_cached >= 32 and prefill_s > 0:
                 self.prefill_tokens_per_s = (len(ids) - n_cached) / prefill_s
                 if self.cost is not None:
                     self.cost.record_prefill(len(ids) - n_cached, n_cached, prefill_s)
+        stg.path_done()
         computed = len(ids) - n_cached
         note = ""
         save: Callable[[], None] | None = None
@@ -462,7 +492,8 @@ class Resolver:
                 def save() -> None:
                     self._save(ns, key, kv, ids)
             else:
-                note = self._save(ns, key, kv, ids)
+                with stg.stage("store_write"):
+                    note = self._save(ns, key, kv, ids)
         self.memory.put(ns, key, kv)
         reason = "; ".join(r for r in reasons if r) + note
         if best is None:
@@ -527,13 +558,14 @@ class Resolver:
         t0 = time.perf_counter()
         shared_key = self._key(self.context, ids)  # the read's own key unless it is in a private namespace
         try:
-            if self.cost is not None and source.remote:
-                hit = self.cost.guarded_lookup(
-                    source.label, len(ids) - n_local,
-                    lambda deadline: self._remote_lookup(source, shared_key, ids, document, deadline),
-                )
-            else:
-                hit = self._remote_lookup(source, shared_key, ids, document, None)
+            with stg.stage("lookup"):
+                if self.cost is not None and source.remote:
+                    hit = self.cost.guarded_lookup(
+                        source.label, len(ids) - n_local,
+                        lambda deadline: self._remote_lookup(source, shared_key, ids, document, deadline),
+                    )
+                else:
+                    hit = self._remote_lookup(source, shared_key, ids, document, None)
         except RegistrySkippedError as exc:
             return None, f"{exc}; prefilling locally"
         except (RegistryError, ArtifactError) as exc:
@@ -571,9 +603,17 @@ class Resolver:
                              load_seconds=time.perf_counter() - t0, source="registry", origin=handle.key)
             return Resolution(key, None, info, remote=handle), ""
         if decision.choice != pol.FETCH:
+            if decision.choice == pol.LOCAL_PREFILL and self._predicts():
+                stg.predict("prefix-prefill" if n_local else "local-prefill", decision.estimates["prefill_s"],
+                            len(ids) - n_local, n_local)
             return None, f"policy: {decision.reason}"
+        if self._predicts():
+            stg.predict(pol.FETCH, decision.estimates["fetch_s"], len(ids) - n_local, n_local)
+        t_fetch = time.perf_counter()
         try:
             fetched = source.fetch(handle, replace(self.expect, key=handle.key), max_price=self.price_cap())
+            stg.add("download", fetched.seconds)
+            stg.add("verification", time.perf_counter() - t_fetch - fetched.seconds)  # checksum, header, signature
         except RegistryPaymentRequiredError as exc:
             q = exc.quote
             return None, (f"not bought: {q.get('reason', 'refused')} (price {q.get('price')} {q.get('currency')}, "
@@ -589,13 +629,15 @@ class Resolver:
             if self.cost is not None and source.remote:
                 self.cost.record_download(source.label, fetched.nbytes, fetched.seconds)
         remote_kv = fetched.artifact.kv
-        checked = self._check(handle.key, fetched.artifact)
+        with stg.stage("verification"):
+            checked = self._check(handle.key, fetched.artifact)
         if checked is not None:
             if fetched.receipt:
                 checked += self._dispute(source, handle, fetched.receipt, checked)
             return None, checked
         if fetched.blob is not None:
-            self._keep_fetched(fetched)
+            with stg.stage("store_write"):
+                self._keep_fetched(fetched)
         n = shared_prefix(remote_kv.token_ids, torch.as_tensor(ids, dtype=torch.int64))
         if n <= n_local:
             return None, f"the registry's artifact shares only {n} tokens"
@@ -688,6 +730,65 @@ class Resolver:
     def note_registry_failure(self, what: str, exc: KVAgentError) -> str:
         """Count and log a registry failure seen by a caller (e.g. a broken remote generation); returns the reason."""
         return self._registry_failed(what, exc)
+
+    # -- predictions checked against costs -------------------------------------------------------
+    def _predict_prefill(self, n_new: int, past: int) -> None:
+        """Note the prefill this read is about to run and its predicted seconds (unless a decision already did)."""
+        clock = stg.current()
+        if clock is None or not self._predicts():
+            return
+        assert self.cost is not None
+        p = clock.prediction
+        path = "prefix-prefill" if past else "local-prefill"
+        if p is not None and p.path == path and (p.n_tokens, p.past) == (n_new, past):
+            clock.prediction = replace(p, at=time.perf_counter())
+            return
+        clock.prediction = None
+        stg.predict(path, self.cost.estimate_prefill(n_new, past).value, n_new, past)
+
+    def _predicts(self) -> bool:
+        """Whether reads are checked against the cost model: it is calibrated and no rate is fixed by hand."""
+        policy = self.settings.policy
+        return self.cost is not None and policy.prefill_tokens_per_s is None and policy.bandwidth_bytes_per_s is None
+
+    def record_continuation(self, n_new: int, past: int, seconds: float) -> None:
+        """A chat turn's first forward prefilled ``n_new`` prompt tokens after ``past`` cached ones in ``seconds``:
+        a continuation sample for the cost model, and an outcome against its prediction (in the background)."""
+        cost = self.cost
+        if cost is None or n_new <= 0 or not seconds > 0:
+            return
+        from .calibration import Outcome
+
+        checked = self._predicts()
+
+        def record() -> None:
+            if checked:
+                predicted = cost.estimate_prefill(n_new, past).value  # before the sample joins the fit
+                cost.record_outcome(Outcome("chat", "tail", predicted, seconds, n_new, past))
+            cost.record_prefill(n_new, past, seconds)
+
+        threading.Thread(target=record, daemon=True, name="kvagent-calibrate").start()
+
+    def _account(self, res: Resolution, clock: stg.StageClock, document: bool) -> Resolution:
+        """Attach the read's stages and prediction to its CacheInfo and record the outcome."""
+        info = res.info
+        if info.status == "memory":
+            return res
+        predicted, actual, path = 0.0, 0.0, ""
+        p = clock.prediction
+        if info.status == "local" and self.cost is not None and self._predicts():
+            est = self.cost.estimate_load(info.bytes_read)
+            predicted, actual, path = (est.value if est else 0.0), info.load_seconds, pol.LOCAL_HIT
+        elif p is not None and p.done is not None and not res.tail and res.remote is None:
+            predicted, actual, path = p.seconds, p.done - p.at, p.path
+        info = replace(info, stages=clock.breakdown(), predicted_seconds=predicted)
+        if self.cost is not None and predicted > 0 and actual > 0:
+            from .calibration import Outcome
+
+            n = p.n_tokens if p is not None and path != pol.LOCAL_HIT else info.cached_tokens
+            past = p.past if p is not None and path != pol.LOCAL_HIT else 0
+            self.cost.record_outcome(Outcome("read" if document else "prompt", path, predicted, actual, n, past))
+        return replace(res, info=info)
 
     # -- computing ------------------------------------------------------------------------------
     def _prefill(self, ids: tuple[int, ...], prefix: KVCache | None, progress: PrefillProgress | None) -> KVCache:

@@ -143,7 +143,7 @@ class ChatService:
                     if kv is not None:
                         feed = [*res.tail, job.ids[-1]]
                     if res.tail:  # the reply's first forward computes the rest of the prompt: keep its KV
-                        on_prompt, save = _keeper(resolver, ns)
+                        on_prompt, save = _keeper(resolver, ns, (len(feed), kv.n_tokens if kv is not None else 0))
                 emit(("cache", info))
                 stops = set(job.params.stop_token_ids)
                 it = host.engine.stream(kv, feed, job.params, on_prompt=on_prompt)
@@ -275,12 +275,17 @@ class QuietSaver:
                     self._cv.notify_all()
 
 
-def _keeper(resolver: Resolver, namespace: str) -> tuple[Callable[[KVCache], None], Callable[[], None]]:
+def _keeper(resolver: Resolver, namespace: str, timed: tuple[int, int] = (0, 0),
+            ) -> tuple[Callable[[KVCache], None], Callable[[], None]]:
     """(on_prompt, save) for a prompt whose tail the reply computes: the prompt's KV goes to memory as soon as
-    the first forward has it (for the next turn), and to the local store once the answer has been sent."""
+    the first forward has it (for the next turn), and to the local store once the answer has been sent.
+    ``timed`` = (tokens the first forward feeds, tokens cached before them): that forward is a continuation
+    prefill, recorded for the cost model."""
     kept: list[KVCache] = []
+    t0 = time.perf_counter()
 
     def on_prompt(kv: KVCache) -> None:
+        resolver.record_continuation(timed[0], timed[1], time.perf_counter() - t0)
         kept.append(kv)
         resolver.keep(kv, namespace=namespace, store=False)
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+#: actual / predicted seconds: 1.0 is exact; the buckets are symmetric in log space around it
+RATIO_BUCKETS = (0.125, 0.25, 0.5, 0.667, 0.8, 0.9, 1.0, 1.111, 1.25, 1.5, 2.0, 4.0, 8.0)
 
 
 class Metrics:
@@ -39,3 +44,17 @@ class Metrics:
         self.prompt_tokens = Counter("kvagent_prompt_tokens", "Prompt tokens of hosted requests", registry=r)
         self.generation_tokens = Counter("kvagent_generation_tokens", "Tokens generated for hosted requests",
                                          registry=r)
+        # every read/prompt/chat of the host checked against the cost model's prediction for the path it took
+        self.cost_ratio = Histogram(
+            "kvagent_cost_prediction_ratio", "Actual over predicted seconds of the path a read, prompt or chat took",
+            ["kind", "path"], buckets=RATIO_BUCKETS, registry=r,
+        )
+        self.cost_actual = Histogram(
+            "kvagent_cost_actual_seconds", "Actual seconds of the path a read, prompt or chat took", ["kind", "path"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60), registry=r,
+        )
+
+    def observe_outcome(self, outcome: Any) -> None:
+        """A ``kvagent.calibration.Outcome``: its ratio and actual seconds, by kind and path."""
+        self.cost_ratio.labels(outcome.kind, outcome.path).observe(outcome.ratio)
+        self.cost_actual.labels(outcome.kind, outcome.path).observe(outcome.actual_s)
