@@ -77,8 +77,8 @@ class CacheInfo:
     ``lookup_seconds``: when tokens were computed (a prefill, or a prefix extended), what finding the best
     cached start cost first (local store, prefix index, registry lookup and any download), i.e. the read's
     time over the computing alone.
-    ``stages``: seconds per stage of the read (``kvagent.stages.STAGES``: lookup, wait, download, verification,
-    store_write, resume), the stages that took time only; ``predicted_seconds``: what the cost model predicted
+    ``stages``: seconds per stage of the read (``kvagent.stages.STAGES``: lookup, wait, probe, download,
+    verification, store_write, resume), the stages that took time only; ``predicted_seconds``: what the cost model predicted
     for the path the read took (0.0: no prediction, e.g. a memory hit).
     """
 
@@ -592,7 +592,8 @@ class Resolver:
                 from .calibration import engine_probe
 
                 self._probed = True
-                self.cost.ensure_probed(engine_probe(self.engine))
+                with stg.stage("probe"):
+                    self.cost.ensure_probed(engine_probe(self.engine))
             decision = self.cost.decide(req, url=source.label if source.remote else None, past=n_local,
                                         params=params)
         else:

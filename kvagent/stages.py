@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 #: the stages of a read, in the order they happen
-STAGES = ("lookup", "wait", "download", "verification", "store_write", "resume")
+STAGES = ("lookup", "wait", "probe", "download", "verification", "store_write", "resume")
 
 
 @dataclass(frozen=True)
