@@ -110,10 +110,11 @@ def test_two_lengths_fit_both_and_bound_the_fixed_term(truth, short, long, repea
 
 @HYP
 @given(st.tuples(st.floats(0.0, 0.05), st.floats(1e-4, 2e-2), st.floats(0.0, 2e-5)),
-       st.lists(st.tuples(lengths, pasts, st.floats(0.85, 1.2)), min_size=12, max_size=40), st.data())
-def test_outliers_are_left_out(truth, points, data):
+       st.lists(st.tuples(pasts, st.floats(0.85, 1.2)), min_size=12, max_size=40), st.data())
+def test_outliers_are_left_out(truth, drawn, data):
     """A few samples 20-1000x too slow (a suspended process, a clock jump inside a timing) do not move the model:
-    every other sample is still predicted within 2x."""
+    every other sample is still predicted within 2x (lengths spread over 64-4,096 tokens, as a host's are)."""
+    points = [((64, 256, 700, 1500, 4096)[i % 5], p, k) for i, (p, k) in enumerate(drawn)]
     samples = [(n, p, _truth(truth, n, p) * k) for n, p, k in points]
     k = data.draw(st.integers(1, max(1, len(samples) // 5)))
     bad = data.draw(st.lists(st.integers(0, len(samples) - 1), min_size=k, max_size=k, unique=True))
