@@ -8,8 +8,8 @@ One run, real processes, a real registry (``python -m kvagent.server`` on loopba
    on the machine has read one document"), then per length three *new* processes B read the document:
    the default policy, a forced fetch (``PolicyParams(min_tokens=0, prefill_tokens_per_s=1,
    bandwidth_bytes_per_s=1e15)``) and a forced local prefill (``PolicyParams(min_tokens=10**9)``), each
-   with an empty cache dir and the machine's shared calibration file; modes within 1.5x of the fastest run
-   ``--repeats`` times in all (alternating order) and their medians are compared: regret = default / faster forced;
+   with an empty cache dir and the machine's shared calibration file; every mode runs ``--repeats`` times with
+   the order rotated each round, and their medians are compared: regret = default / faster forced;
 3. a stalled registry (a socket that accepts and never answers): one process reads three documents,
    then a second process three more; each read reports how long it waited for the registry
    (``CacheInfo.lookup_seconds``) and is compared with a local-only prefill of the same ids.
@@ -152,7 +152,8 @@ def child(args: argparse.Namespace) -> int:
         doc = agent.read(text)
         seconds = time.perf_counter() - t0
         rec: dict[str, Any] = {"file": f, "tokens": doc.n_tokens, "seconds": seconds, "status": doc.cache.status,
-                               "reason": doc.cache.reason, "lookup_seconds": doc.cache.lookup_seconds}
+                               "reason": doc.cache.reason, "lookup_seconds": doc.cache.lookup_seconds,
+                               "stages": dict(doc.cache.stages), "predicted_seconds": doc.cache.predicted_seconds}
         if local is not None:
             t1 = time.perf_counter()
             local.read(text)
@@ -178,20 +179,20 @@ def spawn(mode: str, files: list[Path], registry: str, calibration: Path, *, pub
 
 # -- the experiment ------------------------------------------------------------------------------
 def regret_row(n: int, f: Path, url: str, calibration: Path, repeats: int) -> dict[str, Any]:
-    """Each mode once in a new process; then up to ``repeats`` runs in all of the modes within 1.5x of the fastest,
-    in alternating order, so a regret between close paths is a ratio of medians, not of two single processes.
-    A mode far slower than the fastest (a 40 s prefill against a 3 s fetch) cannot change the regret: run once."""
-    runs: dict[str, list[dict[str, Any]]] = {m: [spawn(m, [f], url, calibration)[0]] for m in MODES}
-    fastest = min(r[0]["seconds"] for r in runs.values())
-    close = [m for m in MODES if runs[m][0]["seconds"] <= 1.5 * fastest]
-    for i in range(1, repeats):
-        for mode in close if i % 2 else close[::-1]:
+    """Every mode ``repeats`` times, each in a new process, the order rotated every round (default, fetch, prefill;
+    fetch, prefill, default; ...), so that no mode always runs first or right after another; medians compared."""
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    for i in range(repeats):
+        for mode in MODES[i % len(MODES):] + MODES[:i % len(MODES)]:
             runs[mode].append(spawn(mode, [f], url, calibration)[0])
     row: dict[str, Any] = {"tokens": n}
     for mode, recs in runs.items():
         row[mode] = statistics.median(r["seconds"] for r in recs)
         row[f"{mode}_all"] = [r["seconds"] for r in recs]
         row[f"{mode}_lookup_all"] = [r.get("lookup_seconds", 0.0) for r in recs]
+        row[f"{mode}_stages_all"] = [r.get("stages", {}) for r in recs]  # where a slow run's seconds went
+        if mode == "default":  # the default's own prediction of its path, against what the read took
+            row["default_predicted_all"] = [r.get("predicted_seconds", 0.0) for r in recs]
         row[f"{mode}_status"] = recs[0]["status"]
     statuses = {r["status"] for r in runs["default"]}
     if len(statuses) > 1:  # the default changed its mind between runs: say so rather than hide it
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--throttle-mbps", type=float, default=10.0)
     p.add_argument("--warm-tokens", type=int, default=1024, help="the warm-up document's length")
     p.add_argument("--repeats", type=int, default=3,
-                   help="runs (new processes) per mode where the modes are within 1.5x of each other; medians compared")
+                   help="runs (new processes) per mode, the order rotated each round; medians compared")
     p.add_argument("--stall-lengths", default="384,768,1536,400,800,1600",
                    help="documents read against the stalled registry: half by a first process, half by a second")
     p.add_argument("--stall-only", action="store_true",

@@ -8,8 +8,15 @@ read-modify-write under a file lock. It holds
   as ``a + b·n + c·n·(n/2 + past)`` (attention makes prefill superlinear) by non-negative least squares
   on relative error;
 * local-store load samples ``(bytes, seconds)`` per machine, fitted as ``a + b·bytes``;
-* per registry URL: round-trip time and download throughput as moving averages, and a circuit breaker
-  (``kvagent.breaker``).
+* per registry URL: round-trip time and download throughput as moving averages (with the throughput's
+  spread), and a circuit breaker (``kvagent.breaker``);
+* outcomes: the newest ``MAX_OUTCOMES`` reads, prompts and chats, each with the path it took and the seconds
+  the model predicted for it against the seconds it took (``kvagent calibrate --show`` prints the errors).
+
+Fits are identifiable and robust (``fit_model``): a term enters only when the samples can tell it apart,
+the fixed term never exceeds the fastest sample, outliers are left out, and every estimate carries its
+spread. When a profile holds more than ``MAX_SAMPLES``, the oldest sample of the most common length goes
+first, so a host that repeats one prompt length keeps what it measured at others.
 
 Samples older than ``max_age_s`` are dropped; samples dated in the future (the clock went backwards) are
 re-stamped to now, so they age from there. A corrupt or foreign file is ignored with a warning and rebuilt
@@ -19,12 +26,15 @@ on the next write; calibration is best-effort and never fails a read. ``CostMode
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import platform
+import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -44,17 +54,28 @@ VERSION = 1
 DEFAULT_MAX_AGE_S = 14 * 86400.0
 CLOCK_SLACK_S = 60.0  # a sample dated further in the future than this means the clock went back
 MAX_SAMPLES = 64  # per profile, most recent kept
+MAX_OUTCOMES = 512  # predicted-vs-actual records kept (newest)
+OUTCOME_KINDS = ("read", "prompt", "chat")
 MIN_PREFILL_TOKENS = 32
 MIN_LOAD_BYTES = 64 * 1024
 MIN_DOWNLOAD_BYTES = 256 * 1024
 EWMA_ALPHA = 0.3
 PROBE_BUDGET_S = 1.0
+OUTCOME_FLUSH_S = 1.0  # outcomes are written to the file at most this often (in the background)
 
 Row = tuple[float, ...]
 T = TypeVar("T")
 
 
 # -- fitting (pure) ----------------------------------------------------------------------------
+SPREAD_FLOOR = 0.03  # no fit predicts one run better than ±3%: timers, caches and the scheduler see to that
+PRIOR_SPREAD, PRIOR_DOF = 0.25, 2.0  # what a fit's spread is taken to be before its residuals say otherwise
+EXTRAPOLATION_SPREAD = 0.3  # added spread per e-fold beyond the measured range of a term
+MIN_TERM_SPREAD = 1.5  # two terms are told apart only when their ratio varies this much over the samples
+OUTLIER_FACTOR = 2.0  # a sample this many times off the fit (and 3 robust sd) is left out of it
+PROBE_WEIGHT = 0.25  # a first-use probe (no warm-up) counts this much next to a measured read
+
+
 def prefill_features(n_new: float, past: float) -> Row:
     """Terms of ``seconds = a + b·n + c·n·(n/2 + past)``: fixed cost, per-token work, attention."""
     return (1.0, float(n_new), float(n_new) * (n_new / 2.0 + past))
@@ -76,47 +97,216 @@ def _solve(m: list[list[float]], v: list[float]) -> list[float] | None:
     return [a[i][k] / a[i][i] for i in range(k)]
 
 
-def fit_nonneg(rows: Sequence[Row], ys: Sequence[float], prefer: Sequence[Sequence[int]]) -> Row | None:
-    """Non-negative least squares on relative error over the column subsets in ``prefer``.
+@dataclass(frozen=True)
+class Fit:
+    """A cost fitted as ``seconds = coef · features``, with what it rests on and how far to trust it.
 
-    Each subset is solved exactly (columns scaled to 1); those with a negative coefficient are skipped;
-    the smallest mean squared relative error wins, ties going to the earlier subset (so one sample fits
-    a plain rate, not a quadratic).
+    ``spread`` is the log-space standard deviation of one prediction inside the measured range; ``lo``/``hi``
+    bound each feature over the samples used, and predictions beyond them get wider (``predict``).
     """
-    pts = [(r, y) for r, y in zip(rows, ys, strict=True) if y > 0]
+
+    coef: Row
+    spread: float
+    samples: int  # samples used
+    outliers: int  # samples left out as outliers
+    lo: Row
+    hi: Row
+
+    def predict(self, x: Row) -> tuple[float, float]:
+        """(seconds, log-space spread) at features ``x``."""
+        value = sum(c * f for c, f in zip(self.coef, x, strict=True))
+        beyond = 0.0
+        for f, lo, hi in zip(x, self.lo, self.hi, strict=True):
+            if f > 0 and lo > 0 and hi > 0:
+                beyond = max(beyond, math.log(f / hi), math.log(lo / f))
+        return value, math.hypot(self.spread, EXTRAPOLATION_SPREAD * beyond)
+
+
+def _identifiable(cols: Sequence[int], pts: Sequence[tuple[Row, float, float]]) -> bool:
+    """Whether the samples tell the terms ``cols`` apart: every pair's ratio varies by MIN_TERM_SPREAD, and
+    there are at least as many distinct sample points (features binned by 25%) as terms."""
+    for i, j in ((i, j) for i in cols for j in cols if i < j):
+        ratios = [r[j] / r[i] for r, _, _ in pts if r[i] > 0 and r[j] > 0]
+        if len(ratios) < 2 or max(ratios) < MIN_TERM_SPREAD * min(ratios):
+            return False
+    points = {tuple(round(math.log(r[j]) / math.log(1.25)) if r[j] > 0 else None for j in cols) for r, _, _ in pts}
+    return len(points) >= len(cols)
+
+
+def _solve_subset(
+    pts: Sequence[tuple[Row, float, float]], cols: Sequence[int], fixed: dict[int, float], rounds: int = 3
+) -> list[float] | None:
+    """Weighted least squares on log error over ``cols`` (``fixed`` terms held at their values): relative error
+    first, then ``rounds - 1`` Gauss-Newton rounds that divide by the prediction instead of the measurement,
+    so that a prediction half too low weighs as much as one twice too high."""
+    coef = _solve_relative(pts, cols, fixed, [y for _, y, _ in pts])
+    for _ in range(rounds - 1):
+        if coef is None:
+            return None
+        preds = [sum(c * f for c, f in zip(coef, r, strict=True)) for r, _, _ in pts]
+        if not all(p > 0 for p in preds):
+            break
+        coef = _solve_relative(pts, cols, fixed, [math.sqrt(p * y) for p, (_, y, _) in zip(preds, pts, strict=True)])
+    return coef
+
+
+def _solve_relative(
+    pts: Sequence[tuple[Row, float, float]], cols: Sequence[int], fixed: dict[int, float], by: Sequence[float]
+) -> list[float] | None:
+    free = [j for j in cols if j not in fixed]
+    width = len(pts[0][0])
+    rest = [y - sum(v * r[j] for j, v in fixed.items()) for r, y, _ in pts]
+    coef = [0.0] * width
+    for j, held in fixed.items():
+        coef[j] = held
+    if free:
+        scale = [max(abs(r[j]) for r, _, _ in pts) or 1.0 for j in range(width)]
+        xs = [([r[j] / scale[j] / d * math.sqrt(w) for j in free], t / d * math.sqrt(w))
+              for (r, _, w), t, d in zip(pts, rest, by, strict=True)]
+        m = [[sum(x[i] * x[j] for x, _ in xs) for j in range(len(free))] for i in range(len(free))]
+        rhs = [sum(x[i] * t for x, t in xs) for i in range(len(free))]
+        sol = _solve(m, rhs)
+        if sol is None or any(c < -1e-12 for c in sol):
+            return None
+        for j, c in zip(free, sol, strict=True):
+            coef[j] = max(c, 0.0) / scale[j]
+    return coef
+
+
+def _log_residuals(coef: Sequence[float], pts: Sequence[tuple[Row, float, float]]) -> list[float]:
+    out = []
+    for r, y, _ in pts:
+        pred = sum(c * f for c, f in zip(coef, r, strict=True))
+        out.append(math.log(y / pred) if pred > 0 else math.inf)
+    return out
+
+
+def _best_fit(
+    pts: Sequence[tuple[Row, float, float]], prefer: Sequence[Sequence[int]], fixed_col: int | None, cap: float
+) -> tuple[list[float], float, int, tuple[int, ...]] | None:
+    """(coef, weighted mean squared log residual, terms) of the best identifiable subset, by a BIC-like score
+    (each term must pay for itself in fit), the fixed term capped at ``cap`` seconds."""
+    total_w = sum(w for _, _, w in pts)
+    best: tuple[float, list[float], float, tuple[int, ...]] | None = None
+    base = tuple(prefer[0]) if prefer else ()
+    for cols in prefer:
+        if not _identifiable(sorted(set(cols) | set(base)), pts):  # told apart from the plain rate, too
+            continue
+        coef = _solve_subset(pts, cols, {})
+        if coef is not None and fixed_col is not None and fixed_col in cols and coef[fixed_col] > cap:
+            coef = _solve_subset(pts, cols, {fixed_col: cap})  # the fixed term never exceeds the fastest sample
+        if coef is None or sum(coef) <= 0:
+            continue
+        res = _log_residuals(coef, pts)
+        if not all(math.isfinite(r) for r in res):
+            continue
+        mse = sum(w * r * r for (_, _, w), r in zip(pts, res, strict=True)) / total_w
+        score = total_w * math.log(mse + SPREAD_FLOOR ** 2) + len(cols) * math.log(max(total_w, 2.0))
+        if best is None or score < best[0] - 1e-9:
+            best = (score, coef, mse, tuple(cols))
+    return None if best is None else (best[1], best[2], len(best[3]), best[3])
+
+
+def _inliers(
+    pts: Sequence[tuple[Row, float, float]], prefer: Sequence[Sequence[int]], fixed_col: int | None, cap: float
+) -> list[tuple[Row, float, float]]:
+    """``pts`` without its outliers: samples whose leave-one-out log residual (the best fit of the others, so an
+    outlier cannot hide in a term it pulled towards itself) is beyond OUTLIER_FACTOR and 3 robust standard
+    deviations. Nothing is left out of fewer than 4 samples, nor more than a third of them."""
+    if len(pts) < 4:
+        return list(pts)
+    whole = _best_fit(pts, prefer, fixed_col, cap)
+    if whole is None:
+        return list(pts)
+    res = _log_residuals(whole[0], pts)
+    suspects = set(sorted(range(len(pts)), key=lambda i: -abs(res[i]))[: max(2, len(pts) // 3)])
+    for i in suspects:  # only the worst third can be outliers: refit without each of them
+        fit = _best_fit([p for j, p in enumerate(pts) if j != i], prefer, fixed_col, cap)
+        pred = sum(c * f for c, f in zip(fit[0], pts[i][0], strict=True)) if fit else 0.0
+        res[i] = math.log(pts[i][1] / pred) if pred > 0 else 0.0
+    med = statistics.median(res)
+    mad = 1.4826 * statistics.median(abs(x - med) for x in res)
+    limit = max(math.log(OUTLIER_FACTOR), 3 * mad)
+    kept = [p for p, x in zip(pts, res, strict=True) if abs(x - med) <= limit]
+    return kept if len(kept) >= max(3, len(pts) - len(pts) // 3) else list(pts)
+
+
+def fit_model(
+    rows: Sequence[Row], ys: Sequence[float], prefer: Sequence[Sequence[int]], *,
+    weights: Sequence[float] | None = None, fixed_col: int | None = 0,
+) -> Fit | None:
+    """Fit ``y = coef · row`` (non-negative terms) on relative error, robustly and identifiably.
+
+    Only the column subsets in ``prefer`` that the samples can tell apart (together with the first, the plain
+    rate) are tried (``_identifiable``: with samples from one length, only the plain rate); the subset with the best BIC-like score wins, ties going to
+    the earlier one. The fixed column ``fixed_col`` never exceeds the fastest sample. Samples more than
+    OUTLIER_FACTOR (and 3 robust standard deviations) off the first fit are left out of a second one.
+    """
+    ws = list(weights) if weights is not None else [1.0] * len(ys)
+    pts = [(tuple(float(x) for x in r), float(y), float(w)) for r, y, w in zip(rows, ys, ws, strict=True)
+           if y > 0 and math.isfinite(y) and w > 0]
     if not pts:
         return None
+    cap = min(y for _, y, _ in pts)  # the fastest sample, outlier or not
+    first = _best_fit(pts, prefer, fixed_col, cap)
+    if first is None:
+        return None
+    coef, mse, k, cols = first
+    outliers = 0
+    for _ in range(3):  # a few rounds: one outlier can hide another
+        kept = _inliers(pts, prefer, fixed_col, cap)
+        if len(kept) == len(pts):
+            break
+        again = _best_fit(kept, prefer, fixed_col, cap)
+        if again is None:
+            break
+        outliers += len(pts) - len(kept)
+        pts = kept
+        coef, mse, k, cols = again
+    total_w = sum(w for _, _, w in pts)
+    dof = max(0.0, total_w - k)
+    spread = max(SPREAD_FLOOR, math.sqrt((mse * total_w + PRIOR_SPREAD ** 2 * PRIOR_DOF) / (dof + PRIOR_DOF)))
     width = len(pts[0][0])
-    scale = [max(abs(r[j]) for r, _ in pts) or 1.0 for j in range(width)]
-    xs = [[r[j] / scale[j] / y for j in range(width)] for r, y in pts]  # divide by y: relative error
-    best: tuple[float, Row] | None = None
-    for cols in prefer:
-        m = [[sum(x[i] * x[j] for x in xs) for j in cols] for i in cols]
-        v = [sum(x[i] for x in xs) for i in cols]
-        sol = _solve(m, v)
-        if sol is None or any(c < -1e-12 for c in sol):
-            continue
-        coef = [0.0] * width
-        for j, c in zip(cols, sol, strict=True):
-            coef[j] = max(c, 0.0)
-        err = sum((sum(c * xj for c, xj in zip(coef, x, strict=True)) - 1.0) ** 2 for x in xs) / len(xs)
-        if best is None or err < best[0] - 1e-9:
-            best = (err, tuple(c / s for c, s in zip(coef, scale, strict=True)))
-    return best[1] if best else None
+    lo = tuple(min(r[j] for r, _, _ in pts) for j in range(width))
+    hi = tuple(max(r[j] for r, _, _ in pts) for j in range(width))
+    return Fit(tuple(coef), spread, len(pts), outliers, lo, hi)
 
 
-PREFILL_SUBSETS = ((1,), (0, 1), (1, 2), (0, 1, 2), (2,), (0, 2), (0,))
-LOAD_SUBSETS = ((1,), (0, 1), (0,))
+PREFILL_SUBSETS = ((1,), (0, 1), (1, 2), (0, 1, 2), (2,), (0, 2))  # (2,), (0, 2): when b < 0 would fit
+LOAD_SUBSETS = ((1,), (0, 1))
+
+
+def prefill_fit(samples: Sequence[Sequence[Any]]) -> Fit | None:
+    """The prefill fit of ``(n_new, past, seconds[, kind])`` samples (probes weigh PROBE_WEIGHT), or None."""
+    return _prefill_fit(tuple(tuple(s) for s in samples))
+
+
+@functools.lru_cache(maxsize=16)
+def _prefill_fit(samples: tuple[tuple[Any, ...], ...]) -> Fit | None:  # refitted only when the samples change
+    return fit_model([prefill_features(s[0], s[1]) for s in samples], [s[2] for s in samples], PREFILL_SUBSETS,
+                     weights=[PROBE_WEIGHT if len(s) > 3 and s[3] == "p" else 1.0 for s in samples])
 
 
 def fit_prefill(samples: Sequence[tuple[float, float, float]]) -> Row | None:
     """(a, b, c) from ``(n_new, past, seconds)`` samples, or None without any."""
-    return fit_nonneg([prefill_features(n, p) for n, p, _ in samples], [s for *_, s in samples], PREFILL_SUBSETS)
+    fit = prefill_fit(samples)
+    return fit.coef if fit else None
+
+
+@functools.lru_cache(maxsize=16)
+def _load_fit(samples: tuple[tuple[float, float], ...]) -> Fit | None:
+    return fit_model([(1.0, float(b)) for b, _ in samples], [s for _, s in samples], LOAD_SUBSETS)
+
+
+def load_fit(samples: Sequence[tuple[float, float]]) -> Fit | None:
+    """The fit of ``seconds = a + b·bytes`` to ``(bytes, seconds)`` samples."""
+    return _load_fit(tuple((float(b), float(s)) for b, s in samples))
 
 
 def fit_load(samples: Sequence[tuple[float, float]]) -> Row | None:
     """(a, b) of ``seconds = a + b·bytes`` from ``(bytes, seconds)`` samples."""
-    return fit_nonneg([(1.0, float(b)) for b, _ in samples], [s for _, s in samples], LOAD_SUBSETS)
+    fit = load_fit(samples)
+    return fit.coef if fit else None
 
 
 def ewma(old: float | None, n: int, new: float) -> float:
@@ -176,7 +366,7 @@ class CorruptCalibration(ValueError):
 
 def empty() -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION, "updated": 0.0, "prefill": {}, "load": {}, "links": {},
-            "breakers": {}}
+            "breakers": {}, "outcomes": []}
 
 
 def _num(x: Any) -> float:
@@ -231,7 +421,7 @@ def clean(raw: Any, now: float, max_age_s: float = DEFAULT_MAX_AGE_S) -> dict[st
         t = _stamp(_num(link.get("t", 0.0)), now, max_age_s)
         if t is None:
             continue
-        fields = {k: _num(link[k]) for k in ("rtt_s", "rtt_n", "bps", "bps_n") if k in link}
+        fields = {k: _num(link[k]) for k in ("rtt_s", "rtt_n", "bps", "bps_n", "bps_lv") if k in link}
         if any(v < 0 for v in fields.values()):
             raise CorruptCalibration("negative link estimate")
         out["links"][str(url)] = {**fields, "t": t}
@@ -241,6 +431,34 @@ def clean(raw: Any, now: float, max_age_s: float = DEFAULT_MAX_AGE_S) -> dict[st
         except ValueError as exc:
             raise CorruptCalibration(str(exc)) from exc
         out["breakers"][str(url)] = parsed.to_json()  # times are bounded when used (clock may have gone back)
+    outcomes = raw.get("outcomes", [])
+    if not isinstance(outcomes, list):
+        raise CorruptCalibration("outcomes is not a JSON list")
+    for o in outcomes[-MAX_OUTCOMES:]:
+        if not isinstance(o, list) or len(o) != 7 or o[1] not in OUTCOME_KINDS or not isinstance(o[2], str):
+            raise CorruptCalibration("malformed outcome")
+        t = _stamp(_num(o[0]), now, max_age_s)
+        n, past, predicted, actual = (_num(x) for x in o[3:])
+        if t is not None and predicted > 0 and actual > 0 and n >= 0 and past >= 0:
+            out["outcomes"].append([t, o[1], o[2][:40], n, past, predicted, actual])
+    return out
+
+
+def _length_class(sample: Sequence[Any]) -> tuple[int, bool]:
+    """A prefill sample's length (by powers of two) and whether it continued a cached prefix."""
+    return round(math.log2(max(1.0, float(sample[1])))), float(sample[2]) > 0
+
+
+def keep_diverse(samples: list[Any], limit: int = MAX_SAMPLES) -> list[Any]:
+    """At most ``limit`` prefill samples (oldest first): the oldest of the most common length class goes
+    first, so the lengths a host measures rarely are not pushed out by the one it repeats."""
+    out = list(samples)
+    while len(out) > limit:
+        counts: dict[tuple[int, bool], int] = {}
+        for smp in out:
+            counts[_length_class(smp)] = counts.get(_length_class(smp), 0) + 1
+        fullest = max(counts.values())
+        del out[next(i for i, smp in enumerate(out) if counts[_length_class(smp)] == fullest)]
     return out
 
 
@@ -334,22 +552,26 @@ class CalibrationFile:
 
 # -- estimates from the contents (pure) --------------------------------------------------------
 def prefill_estimate(data: dict[str, Any], profile: str, n_new: int, past: int = 0) -> pol.Estimate | None:
-    """Seconds to prefill ``n_new`` tokens after ``past`` cached ones, or None without samples."""
+    """Seconds to prefill ``n_new`` tokens after ``past`` cached ones, or None without samples.
+
+    The estimate's spread is the fit's, widened when ``n_new`` or the attention work lie beyond the samples.
+    """
     samples = data["prefill"].get(profile, {}).get("samples", [])
-    coef = fit_prefill([(s[1], s[2], s[3]) for s in samples])
-    if coef is None:
+    fit = prefill_fit([(s[1], s[2], s[3], s[4]) for s in samples])
+    if fit is None:
         return None
-    seconds = sum(c * f for c, f in zip(coef, prefill_features(n_new, past), strict=True))
+    seconds, spread = fit.predict(prefill_features(n_new, past))
     measured = sum(1 for s in samples if s[4] == "m")
-    return pol.Estimate(seconds, pol.MEASURED if measured else pol.PROBE, measured)
+    return pol.Estimate(seconds, pol.MEASURED if measured else pol.PROBE, measured, rel_sd=spread)
 
 
 def load_estimate(data: dict[str, Any], machine: str, nbytes: int) -> pol.Estimate | None:
     samples = data["load"].get(machine, {}).get("samples", [])
-    coef = fit_load([(s[1], s[2]) for s in samples])
-    if coef is None:
+    fit = load_fit([(s[1], s[2]) for s in samples])
+    if fit is None:
         return None
-    return pol.Estimate(coef[0] + coef[1] * nbytes, pol.MEASURED, len(samples))
+    seconds, spread = fit.predict((1.0, float(nbytes)))
+    return pol.Estimate(seconds, pol.MEASURED, len(samples), rel_sd=spread)
 
 
 def link_estimates(data: dict[str, Any], url: str) -> tuple[pol.Estimate | None, pol.Estimate | None]:
@@ -358,20 +580,28 @@ def link_estimates(data: dict[str, Any], url: str) -> tuple[pol.Estimate | None,
     if not link:
         return None, None
     rtt = pol.Estimate(link["rtt_s"], pol.MEASURED, int(link["rtt_n"])) if link.get("rtt_n") else None
-    bps = pol.Estimate(link["bps"], pol.MEASURED, int(link["bps_n"])) if link.get("bps_n") else None
+    bps = None
+    if link.get("bps_n"):
+        n = int(link["bps_n"])  # spread: the variance of the log throughput, plus a prior that a few samples wash out
+        spread = math.sqrt((float(link.get("bps_lv", 0.0)) * n + PRIOR_SPREAD ** 2 * PRIOR_DOF) / (n + PRIOR_DOF))
+        bps = pol.Estimate(link["bps"], pol.MEASURED, n, rel_sd=max(SPREAD_FLOOR, spread))
     return rtt, bps
 
 
-def summary(data: dict[str, Any], lengths: Sequence[int] = (256, 1024, 4096)) -> dict[str, Any]:
+def summary(data: dict[str, Any], lengths: Sequence[int] = (256, 1024, 4096), recent: int = 20) -> dict[str, Any]:
     """A machine-readable view of the contents: fits, predictions and provenance (``calibrate --json``)."""
     out: dict[str, Any] = {"prefill": {}, "load": {}, "links": {}, "breakers": {}}
     for key, entry in data["prefill"].items():
         est = {n: prefill_estimate(data, key, n) for n in lengths}
-        coef = fit_prefill([(s[1], s[2], s[3]) for s in entry["samples"]])
+        fit = prefill_fit([(s[1], s[2], s[3], s[4]) for s in entry["samples"]])
         out["prefill"][key] = {
             "samples": len(entry["samples"]), "measured": sum(1 for s in entry["samples"] if s[4] == "m"),
-            "coefficients": dict(zip(("a_s", "b_s_per_token", "c_s_per_token2"), coef or (), strict=False)),
+            "continuations": sum(1 for s in entry["samples"] if s[2] > 0),
+            "coefficients": dict(zip(("a_s", "b_s_per_token", "c_s_per_token2"), fit.coef if fit else (),
+                                     strict=False)),
+            "outliers": fit.outliers if fit else 0,
             "seconds": {str(n): e.value for n, e in est.items() if e},
+            "spread": {str(n): e.spread for n, e in est.items() if e},
             "provenance": next((e.provenance for e in est.values() if e), "none"),
         }
     for key, entry in data["load"].items():
@@ -381,6 +611,11 @@ def summary(data: dict[str, Any], lengths: Sequence[int] = (256, 1024, 4096)) ->
                             "fixed_s": coef[0] if coef else None}
     out["links"] = {url: dict(link) for url, link in data["links"].items()}
     out["breakers"] = {url: dict(state) for url, state in data["breakers"].items()}
+    out["prediction_errors"] = prediction_errors(data["outcomes"])
+    out["recent_outcomes"] = [
+        {"t": o[0], "kind": o[1], "path": o[2], "tokens": int(o[3]), "past": int(o[4]), "predicted_s": o[5],
+         "actual_s": o[6], "ratio": o[6] / o[5]} for o in data["outcomes"][-recent:]
+    ]
     return out
 
 
@@ -402,6 +637,43 @@ def probe_prefill(run: Callable[[int], object], budget_s: float = PROBE_BUDGET_S
         run(n)
         samples.append((n, clock() - s))
     return samples
+
+
+# -- predictions checked against what they cost -----------------------------------------------
+@dataclass(frozen=True)
+class Outcome:
+    """One read, prompt or chat: the path it took, what the model predicted for it and what it cost."""
+
+    kind: str  # "read" | "prompt" | "chat"
+    path: str  # "local-hit" | "fetch-and-resume" | "local-prefill" | "prefix-prefill" | "tail"
+    predicted_s: float
+    actual_s: float
+    n_tokens: int = 0  # tokens the path computed or loaded
+    past: int = 0  # tokens already cached before them
+
+    @property
+    def ratio(self) -> float:
+        """Actual over predicted seconds (1.0: exact; 2.0: twice as slow as predicted)."""
+        return self.actual_s / self.predicted_s
+
+
+def prediction_errors(outcomes: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """The distribution of actual/predicted over stored outcome rows, overall and per path."""
+
+    def describe(ratios: list[float]) -> dict[str, Any]:
+        if not ratios:
+            return {"count": 0}
+        q = sorted(ratios)
+        pick = lambda f: q[min(len(q) - 1, int(f * len(q)))]  # noqa: E731
+        return {"count": len(q), "within_2x": sum(1 for r in q if 0.5 <= r <= 2.0) / len(q),
+                "median_ratio": statistics.median(q), "p10_ratio": pick(0.1), "p90_ratio": pick(0.9),
+                "worst_ratio": max(q, key=lambda r: abs(math.log(r)))}
+
+    rows = [o for o in outcomes if o[5] > 0 and o[6] > 0]
+    out = describe([o[6] / o[5] for o in rows])
+    out["by_path"] = {path: describe([o[6] / o[5] for o in rows if o[2] == path])
+                      for path in sorted({o[2] for o in rows})}
+    return out
 
 
 # -- the facade the resolver uses --------------------------------------------------------------
@@ -434,6 +706,11 @@ class CostModel:
         self.breaker = breaker if breaker is not None else brk.BreakerPolicy()
         self.client_timeout_s = client_timeout_s
         self._breaker: brk.RegistryBreaker | None = None
+        #: called with every ``Outcome`` as it is recorded (the server feeds its Prometheus histogram)
+        self.observers: list[Callable[[Outcome], None]] = []
+        self._outcomes: list[list[Any]] = []
+        self._outcome_lock = threading.Lock()
+        self._writer: threading.Thread | None = None
 
     @classmethod
     def for_engine(
@@ -461,6 +738,10 @@ class CostModel:
             return pol.Estimate(n_new / self.params.prefill_tokens_per_s, pol.FIXED)
         found = prefill_estimate(self.calibration.read(), self.profile.key, n_new, past)
         return found or pol.Estimate(n_new / pol.ASSUMED_PREFILL_TOKENS_PER_S, pol.ASSUMED)
+
+    def estimate_load(self, nbytes: int) -> pol.Estimate | None:
+        """Seconds to read, check and decode ``nbytes`` of artifact from the local store (None: never measured)."""
+        return load_estimate(self.calibration.read(), self.profile.machine, nbytes)
 
     def _verify_fraction(self, covered: int) -> float:
         """Share of a prefill that ``kvagent.verification`` spends checking a fetched KV."""
@@ -553,6 +834,47 @@ class CostModel:
             return
         self._add_prefill([(n_new, past, seconds)], "p" if probe else "m")
 
+    def record_outcome(self, outcome: Outcome) -> None:
+        """A read, prompt or chat took ``outcome.actual_s`` where ``outcome.predicted_s`` was predicted.
+
+        Observers hear of it at once; the file gets it from a background writer (batched, at most one write per
+        ``OUTCOME_FLUSH_S``), so a warm read never waits for a file write. ``flush_outcomes`` writes now.
+        """
+        if not (outcome.predicted_s > 0 and outcome.actual_s > 0 and outcome.kind in OUTCOME_KINDS):
+            return
+        for observe in list(self.observers):
+            try:
+                observe(outcome)
+            except Exception:  # an observer (metrics) never fails a read
+                log.exception("an outcome observer failed")
+        row = [self.calibration.clock(), outcome.kind, outcome.path, outcome.n_tokens, outcome.past,
+               outcome.predicted_s, outcome.actual_s]
+        with self._outcome_lock:
+            self._outcomes.append(row)
+            del self._outcomes[:-MAX_OUTCOMES]
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_outcomes, daemon=True, name="kvagent-outcomes")
+                self._writer.start()
+
+    def _write_outcomes(self) -> None:
+        while True:
+            time.sleep(OUTCOME_FLUSH_S)
+            self.flush_outcomes()
+            with self._outcome_lock:
+                if not self._outcomes:
+                    self._writer = None
+                    return
+
+    def flush_outcomes(self) -> None:
+        """Write the outcomes recorded so far to the calibration file."""
+        with self._outcome_lock:
+            rows, self._outcomes = self._outcomes, []
+        if rows:
+            def change(data: dict[str, Any]) -> None:
+                data["outcomes"] = (data["outcomes"] + rows)[-MAX_OUTCOMES:]
+
+            self.calibration.update(change)
+
     def _add_prefill(self, samples: Sequence[tuple[int, int, float]], kind: str) -> None:
         now = self.calibration.clock()
         prof = self.profile
@@ -561,7 +883,7 @@ class CostModel:
             entry = data["prefill"].setdefault(
                 prof.key, {"model": prof.model_fingerprint, "dtype": prof.dtype, "machine": prof.machine,
                            "samples": []})
-            entry["samples"] = (entry["samples"] + [[now, n, p, s, kind] for n, p, s in samples])[-MAX_SAMPLES:]
+            entry["samples"] = keep_diverse(entry["samples"] + [[now, n, p, s, kind] for n, p, s in samples])
 
         self.calibration.update(change)
 
@@ -593,8 +915,10 @@ class CostModel:
 
         def change(link: dict[str, Any]) -> None:
             transfer_s = max(seconds - float(link.get("rtt_s", 0.0)), seconds / 2)
-            link.update(bps=ewma(link.get("bps"), int(link.get("bps_n", 0)), nbytes / transfer_s),
-                        bps_n=link.get("bps_n", 0) + 1)
+            n, bps = int(link.get("bps_n", 0)), nbytes / transfer_s
+            dev = math.log(bps / link["bps"]) ** 2 if link.get("bps") else 0.0
+            link.update(bps=ewma(link.get("bps"), n, bps), bps_n=n + 1,
+                        bps_lv=ewma(link.get("bps_lv") if n > 1 else None, n - 1, dev) if n else 0.0)
 
         self._link(url, change)
 
@@ -687,6 +1011,7 @@ def calibrate(
 
 
 __all__ = [
-    "CalibrationFile", "CostModel", "Profile", "calibrate", "default_path", "engine_probe", "fit_load", "fit_prefill",
-    "machine_id", "probe_prefill", "summary",
+    "CalibrationFile", "CostModel", "Fit", "Outcome", "Profile", "calibrate", "default_path", "engine_probe",
+    "fit_load", "fit_model", "fit_prefill", "keep_diverse", "machine_id", "prediction_errors", "prefill_fit",
+    "probe_prefill", "summary",
 ]

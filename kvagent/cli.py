@@ -463,7 +463,32 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not table.rows:
         table.add_row("(nothing stored)", "", "estimates are assumed until something is measured")
     console.print(table)
+    _print_prediction_errors(console, stored)
     return 0
+
+
+def _print_prediction_errors(console: Any, stored: dict[str, Any]) -> None:
+    """The recent reads, prompts and chats against what the cost model predicted for them (actual / predicted)."""
+    from rich.table import Table
+
+    errors = stored["prediction_errors"]
+    if not errors.get("count"):
+        console.print("prediction errors: no read, prompt or chat has been checked against its prediction yet")
+        return
+    dist = Table(title=f"prediction errors (actual / predicted) of the last {errors['count']} decisions")
+    for col in ("path", "count", "within 2x", "median", "p10", "p90", "worst"):
+        dist.add_column(col)
+    for path, e in [("all", errors), *errors["by_path"].items()]:
+        dist.add_row(path, str(e["count"]), f"{e['within_2x']:.0%}", f"{e['median_ratio']:.2f}",
+                     f"{e['p10_ratio']:.2f}", f"{e['p90_ratio']:.2f}", f"{e['worst_ratio']:.2f}")
+    console.print(dist)
+    recent = Table(title="recent decisions")
+    for col in ("when (UTC)", "kind", "path", "tokens", "past", "predicted", "actual", "ratio"):
+        recent.add_column(col)
+    for o in stored["recent_outcomes"]:
+        recent.add_row(time.strftime("%H:%M:%S", time.gmtime(o["t"])), o["kind"], o["path"], str(o["tokens"]),
+                       str(o["past"]), f"{o['predicted_s']:.3f} s", f"{o['actual_s']:.3f} s", f"{o['ratio']:.2f}")
+    console.print(recent)
 
 
 def cmd_economics(args: argparse.Namespace) -> int:

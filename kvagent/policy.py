@@ -15,7 +15,13 @@ free or cheaper than prefilling the tokens it covers here (``covered × prefill_
 
 **Estimates** are inputs (``kvagent.calibration.CostModel`` measures them), each an ``Estimate`` that
 says where it came from: ``measured n times``, ``first-use probe``, ``assumed`` (the built-in constants,
-the last resort) or ``fixed``. Setting ``PolicyParams.prefill_tokens_per_s`` or
+the last resort) or ``fixed``, and how uncertain it is (``Estimate.spread``: a log-space standard deviation,
+from the fit's residuals and its extrapolation, else a default per source).
+
+**Near a tie** the uncertainty decides: a fetch predicted slower than the prefill is still taken when the
+expected loss of taking it (the mean of ``max(0, fetch - prefill)`` over both estimates' spreads) is at most
+``PolicyParams.tie_tolerance`` of the prefill, because reuse also saves the compute and leaves the KV cached
+here; the reason then says "near a tie". Setting ``PolicyParams.prefill_tokens_per_s`` or
 ``bandwidth_bytes_per_s`` fixes that rate: it replaces every measured estimate (for debugging and
 benchmarks, e.g. ``bandwidth_bytes_per_s=1e12`` forces fetches, ``min_tokens=10**9`` forces prefill).
 """
@@ -39,6 +45,8 @@ SOURCES = (MEASURED, PROBE, ASSUMED, FIXED)
 
 ASSUMED_PREFILL_TOKENS_PER_S = 2000.0  # a small model on CPU: the last resort when nothing was measured
 ASSUMED_BANDWIDTH_BYTES_PER_S = 100e6  # ~0.8 Gbit/s
+#: log-space standard deviation of an estimate that does not carry its own
+DEFAULT_SPREAD = {"measured": 0.3, "probe": 0.5, "assumed": 1.0, "fixed": 0.0}
 LOOKUP_DEADLINE_FLOOR_S = 0.5
 LOOKUP_DEADLINE_CEILING_S = 20.0  # the registry client's read timeout
 
@@ -50,12 +58,25 @@ class Estimate:
     value: float
     source: str = ASSUMED
     n: int = 0  # how many measurements a ``measured`` estimate rests on (0: measured in this process)
+    rel_sd: float | None = None  # log-space standard deviation; None: DEFAULT_SPREAD of the source
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"Estimate.source must be one of {SOURCES}, got {self.source!r}")
         if not (math.isfinite(self.value) and self.value >= 0):
             raise ValueError(f"Estimate.value must be finite and >= 0, got {self.value!r}")
+        if self.rel_sd is not None and not (math.isfinite(self.rel_sd) and self.rel_sd >= 0):
+            raise ValueError(f"Estimate.rel_sd must be finite and >= 0, got {self.rel_sd!r}")
+
+    @property
+    def spread(self) -> float:
+        """Log-space standard deviation: the estimate's own, else the default of its source."""
+        return self.rel_sd if self.rel_sd is not None else DEFAULT_SPREAD[self.source]
+
+    @property
+    def sd(self) -> float:
+        """The spread in the estimate's own unit (approximately ``value × spread``)."""
+        return self.value * self.spread
 
     @property
     def provenance(self) -> str:
@@ -67,7 +88,7 @@ class Estimate:
         return "fixed by PolicyParams" if self.source == FIXED else "assumed"
 
     def scaled(self, factor: float) -> Estimate:
-        return Estimate(self.value * factor, self.source, self.n)
+        return Estimate(self.value * factor, self.source, self.n, self.rel_sd)
 
 
 @dataclass(frozen=True)
@@ -87,6 +108,7 @@ class PolicyParams:
     prefill_cost_micros_per_token: int = DEFAULT_PREFILL_MICROS_PER_TOKEN  # a local prefill's cost, µUSD/token
     max_price_per_load_micros: int | None = None  # refuse purchases above this (None: no limit)
     budget_left_micros: int | None = None  # refuse purchases above what is left (None: unlimited)
+    tie_tolerance: float = 0.05  # take a fetch whose expected loss is at most this share of the prefill
 
     def __post_init__(self) -> None:
         for name in ("bandwidth_bytes_per_s", "prefill_tokens_per_s", "reuse_cost_ratio"):
@@ -101,6 +123,7 @@ class PolicyParams:
             or self.prefill_cost_micros_per_token < 0
             or (self.max_price_per_load_micros or 0) < 0
             or (self.budget_left_micros or 0) < 0
+            or not 0 <= self.tie_tolerance < 1
         ):
             raise ValueError("PolicyParams thresholds, latencies and prices must not be negative")
 
@@ -180,6 +203,18 @@ def _money_refusal(req: Request, params: PolicyParams, covered: int) -> tuple[st
     return None, f"bought for {price} µUSD: below local prefill cost of {local_cost} µUSD; "
 
 
+def expected_excess(mean: float, sd: float) -> float:
+    """E[max(0, X)] for X ~ Normal(mean, sd): the expected loss of a choice whose extra cost is X."""
+    if sd <= 0:
+        return max(0.0, mean)
+    z = mean / sd
+    return mean * 0.5 * (1 + math.erf(z / math.sqrt(2))) + sd * math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+
+
+def _pm(sd: float) -> str:
+    return f" ± {sd:.2f} s" if sd >= 0.005 else ""
+
+
 def decide(req: Request, params: PolicyParams = PolicyParams()) -> Decision:
     """Pick where the KV of ``req`` should come from, with the reason in words, numbers and provenance."""
     if req.local_hit:
@@ -190,12 +225,13 @@ def decide(req: Request, params: PolicyParams = PolicyParams()) -> Decision:
     prefill_s = prefill.value
     rate = req.n_tokens / prefill_s if prefill_s > 0 else math.inf
     est: dict[str, Any] = {
-        "prefill_s": prefill_s, "prefill_tokens_per_s": rate, "bandwidth_bytes_per_s": bw.value,
-        "sources": {"prefill": prefill.provenance, "link": bw.provenance},
+        "prefill_s": prefill_s, "prefill_sd_s": prefill.sd, "prefill_tokens_per_s": rate,
+        "bandwidth_bytes_per_s": bw.value, "sources": {"prefill": prefill.provenance, "link": bw.provenance},
     }
     where = " on this machine" if prefill.source in (MEASURED, PROBE) else ""
     prefill_txt = (
-        f"prefill of {req.n_tokens} tokens ≈ {prefill_s:.2f} s at {rate:.0f} tok/s ({prefill.provenance}{where})"
+        f"prefill of {req.n_tokens} tokens ≈ {prefill_s:.2f} s{_pm(prefill.sd)} at {rate:.0f} tok/s "
+        f"({prefill.provenance}{where})"
     )
     if req.n_tokens < params.min_tokens:
         return Decision(
@@ -217,20 +253,32 @@ def decide(req: Request, params: PolicyParams = PolicyParams()) -> Decision:
         load = req.load_s if req.load_s is not None else Estimate(
             prefill_s * covered_share / params.reuse_cost_ratio, ASSUMED
         )
-        verify_s = req.verify_s.value if req.verify_s is not None else 0.0
-        fetch_s = rtt.value + transfer_s + load.value + verify_s + rest.value
+        verify = req.verify_s if req.verify_s is not None else Estimate(0.0, FIXED)
+        fetch_s = rtt.value + transfer_s + load.value + verify.value + rest.value
+        # the two prefill estimates come from one fit: their shared error cancels in the difference
+        gap_sd = (prefill_s - rest.value) * prefill.spread
+        rest_extra = rest.value * max(0.0, rest.spread - prefill.spread)
+        diff_sd = math.sqrt(rtt.sd ** 2 + (transfer_s * bw.spread) ** 2 + load.sd ** 2 + verify.sd ** 2
+                            + gap_sd ** 2 + rest_extra ** 2)
+        fetch_sd = math.sqrt(rtt.sd ** 2 + (transfer_s * bw.spread) ** 2 + load.sd ** 2 + verify.sd ** 2
+                             + rest.sd ** 2)
+        loss = expected_excess(fetch_s - prefill_s, diff_sd)
         usd = nbytes / 1e9 * params.egress_usd_per_gb
         est.update(
-            fetch_s=fetch_s, fetch_bytes=nbytes, fetch_usd=usd, fetch_covered_tokens=covered,
-            rtt_s=rtt.value, load_s=load.value, verify_s=verify_s, rest_prefill_s=rest.value,
+            fetch_s=fetch_s, fetch_sd_s=fetch_sd, fetch_bytes=nbytes, fetch_usd=usd, fetch_covered_tokens=covered,
+            rtt_s=rtt.value, load_s=load.value, verify_s=verify.value, rest_prefill_s=rest.value,
+            difference_sd_s=diff_sd, fetch_expected_loss_s=loss,
         )
         est["sources"].update(rtt=rtt.provenance, load=load.provenance)
         fetch_txt = (
-            f"fetch {nbytes / 1e6:.1f} MB at {bw.value / 1e6:.0f} MB/s ≈ {fetch_s:.2f} s "
+            f"fetch {nbytes / 1e6:.1f} MB at {bw.value / 1e6:.0f} MB/s ≈ {fetch_s:.2f} s{_pm(fetch_sd)} "
             f"(link {bw.provenance}, load {load.provenance}; ${usd:.4f} egress)"
         )
         if covered < req.n_tokens:
             fetch_txt += f" + prefill of the other {req.n_tokens - covered} tokens"
+        tolerance_s = params.tie_tolerance * prefill_s
+        near_tie = abs(fetch_s - prefill_s) < max(diff_sd, tolerance_s)
+        est["near_tie"] = near_tie
         refused, bought = _money_refusal(req, params, covered)
         if req.price_micros is not None:
             est["price_micros"] = req.price_micros
@@ -239,14 +287,21 @@ def decide(req: Request, params: PolicyParams = PolicyParams()) -> Decision:
             notes.append(f"{fetch_txt} exceeds the ${params.max_egress_usd:.4f} egress cap")
         elif refused is not None:
             notes.append(f"not bought: {refused}")
-        elif fetch_s >= prefill_s:
-            notes.append(f"{bought}{fetch_txt} ≥ {prefill_txt}: fetching does not pay")
+        elif fetch_s >= prefill_s and loss > tolerance_s:
+            tie = (f" (near a tie, but the expected loss of fetching ≈ {loss:.2f} s exceeds "
+                   f"{params.tie_tolerance:.0%} of the prefill)" if near_tie else "")
+            notes.append(f"{bought}{fetch_txt} ≥ {prefill_txt}: fetching does not pay{tie}")
         elif (
             params.latency_budget_s is not None and fetch_s > params.latency_budget_s and req.remote_generate
         ):
             notes.append(f"{fetch_txt} exceeds the {params.latency_budget_s:.2f} s latency budget")
+        elif fetch_s >= prefill_s:
+            return Decision(FETCH, (
+                f"{bought}near a tie: {fetch_txt} ≈ {prefill_txt}; the expected loss of reusing ≈ {loss:.2f} s is "
+                f"within {params.tie_tolerance:.0%} of the prefill: reusing"), est)
         else:
-            return Decision(FETCH, f"{bought}{fetch_txt} < {prefill_txt}", est)
+            tie = "; near a tie, within the estimates' spread" if near_tie else ""
+            return Decision(FETCH, f"{bought}{fetch_txt} < {prefill_txt}{tie}", est)
     if req.remote_generate:
         gen_s = rtt.value + params.remote_generate_overhead_s
         est["remote_generate_s"] = gen_s

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from . import artifact as art
 from . import policy as pol
+from . import stages as stg
 from .errors import (
     ArtifactError,
     ArtifactIntegrityError,
@@ -179,7 +180,8 @@ class RegistryTier:
                                         f"{params.min_tokens}-token threshold)")
         t0 = time.perf_counter()
         try:
-            offer = self._find(source, lookup)
+            with stg.stage("lookup"):
+                offer = self._find(source, lookup)
         except RegistrySkippedError as exc:
             return RegistryAnswer(None, f"{exc}; prefilling locally")
         except (RegistryError, ArtifactError) as exc:
@@ -194,9 +196,20 @@ class RegistryTier:
         if decision.choice == pol.REMOTE_GENERATE:
             return RegistryAnswer(None, f"policy: {decision.reason}", remote=offer.handle,
                                   seconds=time.perf_counter() - t0)
+        n_local = lookup.local_tokens
         if decision.choice != pol.FETCH:
+            if decision.choice == pol.LOCAL_PREFILL and self.predicts():
+                stg.predict("prefix-prefill" if n_local else "local-prefill", decision.estimates["prefill_s"],
+                            len(lookup.ids) - n_local, n_local)
             return RegistryAnswer(None, f"policy: {decision.reason}")
+        if self.predicts():
+            stg.predict(pol.FETCH, decision.estimates["fetch_s"], len(lookup.ids) - n_local, n_local)
         return self._buy(source, lookup, offer, decision.reason)
+
+    def predicts(self) -> bool:
+        """Whether reads are checked against the cost model: it is calibrated and no rate is fixed by hand."""
+        policy = self.settings.policy
+        return self.cost is not None and policy.prefill_tokens_per_s is None and policy.bandwidth_bytes_per_s is None
 
     def _find(self, source: RegistrySource, lookup: Lookup) -> _Offer | None:
         """The source's best offer, asked under the breaker and a deadline when it is remote."""
@@ -244,7 +257,8 @@ class RegistryTier:
             from .calibration import engine_probe
 
             self._probed = True
-            self.cost.ensure_probed(engine_probe(self.engine))
+            with stg.stage("probe"):
+                self.cost.ensure_probed(engine_probe(self.engine))
         return self.cost.decide(req, url=source.label if source.remote else None, past=n_local, params=params)
 
     def _buy(self, source: RegistrySource, lookup: Lookup, offer: _Offer, why: str) -> RegistryAnswer:
@@ -253,6 +267,8 @@ class RegistryTier:
         handle = offer.handle
         try:
             fetched = source.fetch(handle, replace(self.expect, key=handle.key), max_price=self.price_cap())
+            stg.add("download", fetched.seconds)
+            stg.add("verification", time.perf_counter() - t0 - fetched.seconds)  # checksum, header, signature
         except RegistryPaymentRequiredError as exc:
             q = exc.quote
             return RegistryAnswer(None, f"not bought: {q.get('reason', 'refused')} (price {q.get('price')} "
@@ -264,13 +280,15 @@ class RegistryTier:
             return RegistryAnswer(None, self.failed(what, exc))
         self.note_spent(fetched.charged)
         self._measure(source, fetched)
-        problem = self._check(handle.key, fetched.artifact)
+        with stg.stage("verification"):
+            problem = self._check(handle.key, fetched.artifact)
         if problem is not None:
             if fetched.receipt:
                 problem += self._dispute(source, handle, fetched.receipt, problem)
             return RegistryAnswer(None, problem)
         if fetched.blob is not None:
-            self._keep(fetched)
+            with stg.stage("store_write"):
+                self._keep(fetched)
         kv = fetched.artifact.kv
         n = shared_prefix(kv.token_ids, lookup.target)
         if n <= lookup.local_tokens:

@@ -24,14 +24,17 @@ entitled to them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Concatenate, ParamSpec
 
 from . import artifact as art
+from . import policy as pol
+from . import stages as stg
 from .engine import check_context
 from .errors import KVAgentError, StoreError
 from .identity import KeyContext, block_hashes, document_key, salted, token_tuple
@@ -65,7 +68,10 @@ class CacheInfo:
     ``lookup_seconds``: when tokens were computed (a prefill, or a prefix extended), what finding the best
     cached start cost first (local store, prefix index, registry lookup and any download), i.e. the read's
     time over the computing alone;
-    ``charged``: integer micro-units this read paid the registry (a bought artifact or a remote generation).
+    ``charged``: integer micro-units this read paid the registry (a bought artifact or a remote generation);
+    ``stages``: seconds per stage of the read (``kvagent.stages.STAGES``: lookup, wait, probe, download,
+    verification, store_write, resume), the stages that took time only; ``predicted_seconds``: what the cost
+    model predicted for the path the read took (0.0: no prediction, e.g. a memory hit).
     """
 
     status: str
@@ -79,6 +85,8 @@ class CacheInfo:
     origin: str = ""
     lookup_seconds: float = 0.0
     charged: int = 0
+    stages: Mapping[str, float] = field(default_factory=dict)
+    predicted_seconds: float = 0.0
 
     @property
     def hit(self) -> bool:
@@ -109,6 +117,23 @@ class _Default:
 
 
 DEFAULT_REGISTRY = _Default()
+
+
+P = ParamSpec("P")
+
+
+def _accounted(
+    resolve: Callable[Concatenate[Resolver, P], Resolution],
+) -> Callable[Concatenate[Resolver, P], Resolution]:
+    """Run ``resolve`` with a stage clock (``kvagent.stages``) and account for it (``Resolver._account``)."""
+
+    @functools.wraps(resolve)
+    def wrapper(self: Resolver, *args: P.args, **kwargs: P.kwargs) -> Resolution:
+        with stg.measuring() as clock:
+            res = resolve(self, *args, **kwargs)
+        return self._account(res, clock, bool(kwargs.get("document", True)))
+
+    return wrapper
 
 
 class Resolver:
@@ -182,6 +207,7 @@ class Resolver:
     def key_of(self, token_ids: Sequence[int], namespace: str | None = None) -> str:
         return document_key(self._ctx(namespace), token_ids)
 
+    @_accounted
     def resolve(
         self,
         token_ids: Sequence[int],
@@ -227,13 +253,15 @@ class Resolver:
             self._count("memory_hits")
             info = CacheInfo("memory", "in this process's memory", len(ids), 0, source="memory", origin=lookup.key)
             return Resolution(lookup.key, kv, info)
-        found = self.store.get(lookup.key, expect=self.expect)
+        with stg.stage("lookup"):
+            found = self.store.get(lookup.key, expect=self.expect)
         if found.artifact is not None:
             return self._local_hit(lookup, found, "found in the local store")
         if not document:
             return self._walk(lookup, found.reason)
         with single_flight(self.store.directory / "locks", lookup.key, self.settings.lock_timeout) as flight:
             if flight.waited:  # another process was computing this key: it is probably stored now
+                stg.add("wait", flight.seconds)
                 again = self.store.get(lookup.key, expect=self.expect)
                 if again.artifact is not None:
                     why = f"computed by another process while we waited {flight.seconds:.1f} s"
@@ -306,7 +334,8 @@ class Resolver:
     def _walk(self, lookup: Lookup, miss_reason: str) -> Resolution:
         """Longest local prefix, then the registry if it can cover more, then prefill the rest."""
         reasons = [miss_reason]
-        best, why = self._local_prefix(lookup)
+        with stg.stage("lookup"):
+            best, why = self._local_prefix(lookup)
         reasons.append(why)
         lookup.local_tokens = best.n if best else 0
         if lookup.source is not None:
@@ -336,9 +365,13 @@ class Resolver:
         if best is not None and n_cached == len(ids):
             kv, prefill_s = best.kv, 0.0
         else:
-            kv = self._prefill(ids, best.kv if best else None, lookup.progress)
+            if best is None or best.source != "registry":  # a fetch's prediction covers its rest already
+                self._predict_prefill(len(ids) - n_cached, n_cached)
+            with stg.stage("resume"):
+                kv = self._prefill(ids, best.kv if best else None, lookup.progress)
             prefill_s = time.perf_counter() - t1
             self._record_prefill(len(ids) - n_cached, n_cached, prefill_s)
+        stg.path_done()
         note = ""
         save: Callable[[], None] | None = None
         if len(ids) - n_cached >= max(1, lookup.min_save_tokens):
@@ -346,7 +379,8 @@ class Resolver:
                 def save() -> None:
                     self._save(ns, key, kv, lookup.hashes)
             else:
-                note = self._save(ns, key, kv, lookup.hashes)
+                with stg.stage("store_write"):
+                    note = self._save(ns, key, kv, lookup.hashes)
         self.memory.put(ns, key, kv)
         reason += note
         if best is None:
@@ -355,6 +389,64 @@ class Resolver:
             info = CacheInfo("prefill", reason, 0, len(ids), prefill_seconds=prefill_s, lookup_seconds=lookup_s)
             return Resolution(key, kv, info, save=save)
         return Resolution(key, kv, self._hit(best, reason, len(ids), lookup_s, prefill_s), save=save)
+
+    # -- predictions checked against costs -------------------------------------------------------
+    def _predict_prefill(self, n_new: int, past: int) -> None:
+        """Note the prefill this read is about to run and its predicted seconds (unless a decision already did)."""
+        clock = stg.current()
+        if clock is None or not self._predicts():
+            return
+        assert self.cost is not None
+        p = clock.prediction
+        path = "prefix-prefill" if past else "local-prefill"
+        if p is not None and p.path == path and (p.n_tokens, p.past) == (n_new, past):
+            clock.prediction = replace(p, at=time.perf_counter())
+            return
+        clock.prediction = None
+        stg.predict(path, self.cost.estimate_prefill(n_new, past).value, n_new, past)
+
+    def _predicts(self) -> bool:
+        """Whether reads are checked against the cost model: it is calibrated and no rate is fixed by hand."""
+        return self.registry_tier.predicts()
+
+    def record_continuation(self, n_new: int, past: int, seconds: float) -> None:
+        """A chat turn's first forward prefilled ``n_new`` prompt tokens after ``past`` cached ones in ``seconds``:
+        a continuation sample for the cost model, and an outcome against its prediction (in the background)."""
+        cost = self.cost
+        if cost is None or n_new <= 0 or not seconds > 0:
+            return
+        from .calibration import Outcome
+
+        checked = self._predicts()
+
+        def record() -> None:
+            if checked:
+                predicted = cost.estimate_prefill(n_new, past).value  # before the sample joins the fit
+                cost.record_outcome(Outcome("chat", "tail", predicted, seconds, n_new, past))
+            cost.record_prefill(n_new, past, seconds)
+
+        threading.Thread(target=record, daemon=True, name="kvagent-calibrate").start()
+
+    def _account(self, res: Resolution, clock: stg.StageClock, document: bool) -> Resolution:
+        """Attach the read's stages and prediction to its CacheInfo and record the outcome."""
+        info = res.info
+        if info.status == "memory":
+            return res
+        predicted, actual, path = 0.0, 0.0, ""
+        p = clock.prediction
+        if info.status == "local" and self.cost is not None and self._predicts():
+            est = self.cost.estimate_load(info.bytes_read)
+            predicted, actual, path = (est.value if est else 0.0), info.load_seconds, pol.LOCAL_HIT
+        elif p is not None and p.done is not None and not res.tail and res.remote is None:
+            predicted, actual, path = p.seconds, p.done - p.at, p.path
+        info = replace(info, stages=clock.breakdown(), predicted_seconds=predicted)
+        if self.cost is not None and predicted > 0 and actual > 0:
+            from .calibration import Outcome
+
+            n = p.n_tokens if p is not None and path != pol.LOCAL_HIT else info.cached_tokens
+            past = p.past if p is not None and path != pol.LOCAL_HIT else 0
+            self.cost.record_outcome(Outcome("read" if document else "prompt", path, predicted, actual, n, past))
+        return replace(res, info=info)
 
     def _record_prefill(self, n_new: int, past: int, seconds: float) -> None:
         if n_new >= 32 and seconds > 0:

@@ -138,8 +138,31 @@ def test_superlinear_rest_of_a_prefix_and_verification_count_against_the_fetch()
     d = pol.decide(req)
     assert d.estimates["rest_prefill_s"] == 18.0 and d.estimates["verify_s"] == 0.5
     assert d.estimates["fetch_s"] > 18.5 and d.choice == pol.FETCH
-    slower = pol.decide(pol.Request(**{**req.__dict__, "rest_prefill_s": pol.Estimate(19.9, pol.MEASURED, 4)}))
+    slower = pol.decide(pol.Request(**{**req.__dict__, "rest_prefill_s": pol.Estimate(23.0, pol.MEASURED, 4)}))
     assert slower.choice == pol.LOCAL_PREFILL and "does not pay" in slower.reason
+    # 3% slower than the prefill, within the estimates' spread: the expected loss is small, so it reuses
+    tie = pol.decide(pol.Request(**{**req.__dict__, "rest_prefill_s": pol.Estimate(19.9, pol.MEASURED, 4)}))
+    assert tie.choice == pol.FETCH and tie.reason.startswith("near a tie: ") and tie.estimates["near_tie"]
+    assert tie.estimates["fetch_expected_loss_s"] <= 0.05 * 20.0
+    strict = pol.decide(pol.Request(**{**req.__dict__, "rest_prefill_s": pol.Estimate(19.9, pol.MEASURED, 4)}),
+                        pol.PolicyParams(tie_tolerance=0.0))
+    assert strict.choice == pol.LOCAL_PREFILL and "does not pay" in strict.reason
+    near = pol.decide(pol.Request(**{**req.__dict__, "rest_prefill_s": pol.Estimate(19.9, pol.MEASURED, 4),
+                                     "verify_s": pol.Estimate(0.5, pol.MEASURED, 4, rel_sd=2.0)}),
+                      pol.PolicyParams(tie_tolerance=0.0))
+    assert near.choice == pol.LOCAL_PREFILL and "near a tie, but the expected loss" in near.reason
+
+
+def test_expected_loss_of_a_choice_under_uncertainty():
+    assert pol.expected_excess(1.0, 0.0) == 1.0 and pol.expected_excess(-1.0, 0.0) == 0.0
+    assert pol.expected_excess(0.0, 1.0) == pytest.approx(1 / (2 * 3.141592653589793) ** 0.5)
+    assert pol.expected_excess(-10.0, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert pol.expected_excess(10.0, 1.0) == pytest.approx(10.0)
+    # with nothing to tell them apart, every estimate says how uncertain it is
+    assert pol.Estimate(1.0, pol.ASSUMED).spread > pol.Estimate(1.0, pol.PROBE).spread > pol.Estimate(1.0, pol.MEASURED).spread
+    assert pol.Estimate(2.0, pol.MEASURED, 3, rel_sd=0.1).sd == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        pol.Estimate(1.0, pol.MEASURED, rel_sd=-0.1)
 
 
 # -- money ------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ class GenerationRequest:
     Generation ends at one of ``params.stop_token_ids`` (included in the tokens), at a stop string (the token
     that completes it is the last one sent), or after ``params.max_new_tokens``. ``on_prompt``, if set,
     receives the KV of the whole prompt (prefix then ``prompt_ids``) once it is computed, before the first
-    token.
+    token; ``on_prompt_seconds`` how long that forward took.
     """
 
     prompt_ids: tuple[int, ...]
@@ -42,6 +42,9 @@ class GenerationRequest:
     params: GenerationParams
     stop_strings: tuple[str, ...] = ()
     on_prompt: Callable[[KVCache], object] | None = None
+    #: receives the seconds the prompt's own forward took (after ``prefix``: a continuation prefill), for the
+    #: cost model; engines that cannot time it alone never call it
+    on_prompt_seconds: Callable[[float], object] | None = None
 
     @property
     def n_prompt(self) -> int:

@@ -279,7 +279,11 @@ class TransformersBatchEngine:
         ids = torch.as_tensor(req.prompt_ids, dtype=torch.long).view(1, -1).to(eng.device)
         cache = eng.new_cache(req.prefix)
         with eng.lock:
+            t_forward = time.perf_counter()
             out = eng.forward(cache, input_ids=ids, logits_to_keep=1)
+            forward_s = time.perf_counter() - t_forward
+        if req.on_prompt_seconds is not None:
+            req.on_prompt_seconds(forward_s)
         prompt = ids[0].cpu() if req.prefix is None else torch.cat([req.prefix.token_ids, ids[0].cpu()])
         kv = eng.extract(cache, prompt)
         if req.on_prompt is not None:

@@ -133,10 +133,17 @@ class PromptTurns:
         save = res.save if keep else None
         on_prompt = None
         if keep and res.kv is not None and res.tail and len(feed) >= max(2, min_save_tokens or 0):
-            on_prompt, save = self._keeper(
-                namespace
-            )  # the reply's first forward computes the rest of the prompt
-        return Turn(ids, GenerationRequest(tuple(feed), res.kv, params, tuple(stops), on_prompt), info, save)
+            # the reply's first forward computes the rest of the prompt
+            on_prompt, save = self._keeper(namespace)
+        timed = None
+        if res.kv is not None and res.tail:  # that forward is a continuation prefill: a sample for the cost model
+            n_new, past = len(feed), res.kv.n_tokens
+
+            def timed(seconds: float) -> None:
+                self.resolver.record_continuation(n_new, past, seconds)
+
+        request = GenerationRequest(tuple(feed), res.kv, params, tuple(stops), on_prompt, timed)
+        return Turn(ids, request, info, save)
 
     def submit(self, turn: Turn, sink: Sink, cancel: Cancel | None = None) -> None:
         """Start ``turn`` on the engine; its events go to ``sink`` (``cancel`` stops it)."""

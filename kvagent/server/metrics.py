@@ -7,6 +7,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 51.2, 102.4)
+#: actual / predicted seconds: 1.0 is exact; the buckets are symmetric in log space around it
+RATIO_BUCKETS = (0.125, 0.25, 0.5, 0.667, 0.8, 0.9, 1.0, 1.111, 1.25, 1.5, 2.0, 4.0, 8.0)
 
 
 class Metrics:
@@ -63,6 +65,15 @@ class Metrics:
         self.running = Gauge("kvagent_num_requests_running", "Requests in the decode batch", registry=r)
         self.waiting = Gauge("kvagent_num_requests_waiting", "Requests waiting for a batch slot",
                              registry=r)
+        # every read/prompt/chat of the host checked against the cost model's prediction for the path it took
+        self.cost_ratio = Histogram(
+            "kvagent_cost_prediction_ratio", "Actual over predicted seconds of the path a read, prompt or chat took",
+            ["kind", "path"], buckets=RATIO_BUCKETS, registry=r,
+        )
+        self.cost_actual = Histogram(
+            "kvagent_cost_actual_seconds", "Actual seconds of the path a read, prompt or chat took", ["kind", "path"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60), registry=r,
+        )
 
     def watch(self, engine: Any) -> None:
         """Report a batching engine (``TransformersBatchEngine``): steps, running and waiting counts."""
@@ -74,6 +85,11 @@ class Metrics:
         """A finished request's queue and compute time (``kvagent.engines.Usage``)."""
         self.queue_seconds.labels(endpoint).observe(usage.queue_seconds)
         self.compute_seconds.labels(endpoint).observe(usage.compute_seconds)
+
+    def observe_outcome(self, outcome: Any) -> None:
+        """A ``kvagent.calibration.Outcome``: its ratio and actual seconds, by kind and path."""
+        self.cost_ratio.labels(outcome.kind, outcome.path).observe(outcome.ratio)
+        self.cost_actual.labels(outcome.kind, outcome.path).observe(outcome.actual_s)
 
 
 class _StepObserver:

@@ -130,4 +130,7 @@ def build_state(settings: Settings) -> State:
     from .ledger import open_ledger
 
     market = open_ledger(meta, settings.prices_file, settings.currency)
-    return State(settings, tokens, meta, blobs, Metrics(), host, market, Quotas(meta), copies, token_store)
+    metrics = Metrics()
+    if host is not None and host.agent.resolver.cost is not None:  # the host's decisions, checked against their cost
+        host.agent.resolver.cost.observers.append(metrics.observe_outcome)
+    return State(settings, tokens, meta, blobs, metrics, host, market, Quotas(meta), copies, token_store)
