@@ -39,13 +39,24 @@ def measure(tensors: list[torch.Tensor], name: str, repeats: int) -> dict[str, A
         blobs = [codec.encode(t) for t in tensors]
         enc_t.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        out = [codec.decode(memoryview(b), t.dtype, tuple(t.shape)) for b, t in zip(blobs, tensors, strict=True)]
+        out = [
+            codec.decode(memoryview(b), t.dtype, tuple(t.shape)) for b, t in zip(blobs, tensors, strict=True)
+        ]
         dec_t.append(time.perf_counter() - t0)
-    exact = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(out, tensors, strict=True))
+    exact = all(
+        torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(out, tensors, strict=True)
+    )
     size = sum(len(b) for b in blobs)
-    return {"codec": name, "lossless": codec.lossless, "bit_exact": exact, "ratio": raw / size,
-            "encode_MBps": raw / statistics.median(enc_t) / 1e6, "decode_MBps": raw / statistics.median(dec_t) / 1e6,
-            "raw_bytes": raw, "encoded_bytes": size}
+    return {
+        "codec": name,
+        "lossless": codec.lossless,
+        "bit_exact": exact,
+        "ratio": raw / size,
+        "encode_MBps": raw / statistics.median(enc_t) / 1e6,
+        "decode_MBps": raw / statistics.median(dec_t) / 1e6,
+        "raw_bytes": raw,
+        "encoded_bytes": size,
+    }
 
 
 def int8_agreement(agent: KVAgent, kv: KVCache, new_tokens: int) -> dict[str, Any]:
@@ -90,8 +101,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{dname:9} {name:12} ratio {r['ratio']:.3f}  enc {r['encode_MBps']:6.0f} MB/s  "
                   f"dec {r['decode_MBps']:6.0f} MB/s  exact={r['bit_exact']}", file=sys.stderr, flush=True)
     agreement = int8_agreement(agent, kv, 32)
-    result = {"benchmark": "codecs", "model": agent.loaded.name, "tokens": args.tokens, "threads": torch.get_num_threads(),
-              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows, "int8_greedy": agreement}
+    result = {
+        "benchmark": "codecs",
+        "model": agent.loaded.name,
+        "tokens": args.tokens,
+        "threads": torch.get_num_threads(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
+        "int8_greedy": agreement,
+    }
     agent.close()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
@@ -102,11 +120,21 @@ def main(argv: list[str] | None = None) -> int:
     for col in ("dtype", "B/token", "codec", "lossless", "ratio", "encode MB/s", "decode MB/s"):
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(r["dtype"], f"{r['bytes_per_token']:,}", r["codec"], "yes" if r["lossless"] else "NO (lossy)",
-                  f"{r['ratio']:.3f}", f"{r['encode_MBps']:.0f}", f"{r['decode_MBps']:.0f}")
+        t.add_row(
+            r["dtype"],
+            f"{r['bytes_per_token']:,}",
+            r["codec"],
+            "yes" if r["lossless"] else "NO (lossy)",
+            f"{r['ratio']:.3f}",
+            f"{r['encode_MBps']:.0f}",
+            f"{r['decode_MBps']:.0f}",
+        )
     Console().print(t)
-    print(f"int8 (lossy) greedy agreement vs exact KV: {agreement['position_match_rate']:.1%} of positions, "
-          f"tokens before first divergence {agreement['tokens_before_first_divergence']} of {agreement['new_tokens']}")
+    print(
+        f"int8 (lossy) greedy agreement vs exact KV: {agreement['position_match_rate']:.1%} of positions, "
+        f"tokens before first divergence {agreement['tokens_before_first_divergence']} of "
+        f"{agreement['new_tokens']}"
+    )
     print(f"results written to {args.json}")
     return 0
 

@@ -131,7 +131,8 @@ def plot_cost_vs_agents(params: econ.CostParams, out: Path) -> Path:
 
 
 def plot_ratio_vs_length(measured: Sequence[tuple[int, float]] | None, out: Path, label: str) -> Path:
-    """Reuse/prefill compute ratio against document length: measured points if given, paper endpoints always."""
+    """Reuse/prefill compute ratio against document length: measured points if given, paper endpoints
+    always."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     if measured:
@@ -158,7 +159,9 @@ def plot_ratio_vs_length(measured: Sequence[tuple[int, float]] | None, out: Path
     ax.set_xscale("log")
     # the paper's sweep only when nothing measured is drawn: neighbouring labels would overlap
     # (the paper's points are annotated with their lengths already)
-    ticks = sorted({x for x, _ in measured} if measured else {x for x, _ in PAPER_RATIO_ENDPOINTS} | set(PAPER_SWEEP))
+    ticks = sorted(
+        {x for x, _ in measured} if measured else {x for x, _ in PAPER_RATIO_ENDPOINTS} | set(PAPER_SWEEP)
+    )
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     xs = ticks + [x for x, _ in PAPER_RATIO_ENDPOINTS]

@@ -37,7 +37,9 @@ def run(meta: MetaStore, sales: int, threads: int) -> dict[str, Any]:
 
     def work(t: int) -> None:
         for j in range(per_thread):
-            led.charge_load(f"buyer{(t + j * threads) % buyers}", f"k{j % 3}", f"pub{j % 3}", f"{t}-{j}", None)
+            led.charge_load(
+                f"buyer{(t + j * threads) % buyers}", f"k{j % 3}", f"pub{j % 3}", f"{t}-{j}", None
+            )
 
     ts = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
     t0 = time.perf_counter()
@@ -47,9 +49,19 @@ def run(meta: MetaStore, sales: int, threads: int) -> dict[str, Any]:
         th.join()
     dt = time.perf_counter() - t0
     a = led.audit()
-    assert a.total == 0 and not a.unbalanced and not a.negative and a.transactions["sale"] == per_thread * threads
-    return {"sales": per_thread * threads, "threads": threads, "seconds": round(dt, 3),
-            "sales_per_s": round(per_thread * threads / dt, 1), "ms_per_sale": round(dt * 1000 / (per_thread * threads), 3)}
+    assert (
+        a.total == 0
+        and not a.unbalanced
+        and not a.negative
+        and a.transactions["sale"] == per_thread * threads
+    )
+    return {
+        "sales": per_thread * threads,
+        "threads": threads,
+        "seconds": round(dt, 3),
+        "sales_per_s": round(per_thread * threads / dt, 1),
+        "ms_per_sale": round(dt * 1000 / (per_thread * threads), 3),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,8 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         with psycopg.connect(args.postgres_dsn, autocommit=True) as c:
                             c.execute(f"DROP SCHEMA {schema} CASCADE")
             print(json.dumps(rows[-1]))
-    result = {"benchmark": "market_ledger", "machine": platform.platform(), "python": platform.python_version(),
-              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+    result = {
+        "benchmark": "market_ledger",
+        "machine": platform.platform(),
+        "python": platform.python_version(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
+    }
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

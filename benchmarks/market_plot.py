@@ -1,10 +1,12 @@
 """Plot of the KV market: the price band in which publisher and buyer both gain, against the number of sales.
 
-    python -m benchmarks.market_plot --out benchmarks/results [--from-benchmark FILE --tokens N --dollars-per-hour X]
+    python -m benchmarks.market_plot --out benchmarks/results [--from-benchmark FILE --tokens N
+    --dollars-per-hour X]
 
 For each delivery (shipped: the buyer downloads the KV; hosted: the seller generates next to it) the floor
 is the seller's cost per load plus one prefill spread over the sales, the ceiling the buyer's saving
-against its own prefill (kvagent.analysis.economics.market_band); the band is shaded where floor < ceiling. The
+against its own prefill (kvagent.analysis.economics.market_band); the band is shaded where floor < ceiling.
+The
 0.1x cache-read tariff is drawn as a line. Paper parameters by default; measured ones with --from-benchmark.
 Needs matplotlib (the `bench` extra).
 """
@@ -55,9 +57,15 @@ def plot(p: econ.CostParams, out: Path, title: str) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.market_plot", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--from-benchmark", type=Path, default=None, help="a benchmarks.reuse_vs_prefill JSON result")
-    ap.add_argument("--tokens", type=int, default=2048, help="with --from-benchmark: the row nearest this length")
-    ap.add_argument("--dollars-per-hour", type=float, default=1.0, help="price of the measured machine per hour")
+    ap.add_argument(
+        "--from-benchmark", type=Path, default=None, help="a benchmarks.reuse_vs_prefill JSON result"
+    )
+    ap.add_argument(
+        "--tokens", type=int, default=2048, help="with --from-benchmark: the row nearest this length"
+    )
+    ap.add_argument(
+        "--dollars-per-hour", type=float, default=1.0, help="price of the measured machine per hour"
+    )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     paper = econ.CostParams()

@@ -108,7 +108,9 @@ def _first_token_s(url: str, text: str, question: str) -> tuple[float, dict[str,
     r = c.chat.completions.create(model="smollm2", temperature=0, max_tokens=1,
                                   messages=[{"role": "user", "content": f"{text}\n\nQuestion: {question}"}])
     dt = time.perf_counter() - t0
-    cached = r.usage.prompt_tokens_details.cached_tokens if r.usage and r.usage.prompt_tokens_details else None
+    cached = (
+        r.usage.prompt_tokens_details.cached_tokens if r.usage and r.usage.prompt_tokens_details else None
+    )
     return dt, {"prompt_tokens": r.usage.prompt_tokens if r.usage else None, "cached_tokens": cached}
 
 
@@ -137,7 +139,10 @@ def run(lengths: list[int], repeats: int, threads: int, peer: bool = True) -> di
 
     tmp = Path(tempfile.mkdtemp(prefix="kvagent-openai-bench-"))
     agent = KVAgent(cache_dir=tmp / "sdk")
-    docs = {n: agent.tokenizer.decode(agent.tokenizer.encode(long_text(n + 64, agent.tokenizer))[:n]) for n in lengths}
+    docs = {
+        n: agent.tokenizer.decode(agent.tokenizer.encode(long_text(n + 64, agent.tokenizer))[:n])
+        for n in lengths
+    }
     servers: list[tuple[str, Callable[[], None]]] = []
     url_k, proc_k = _start_kvagent(tmp, threads)
     servers.append(("kvagent", lambda: _stop(proc_k)))
@@ -161,9 +166,14 @@ def run(lengths: list[int], repeats: int, threads: int, peer: bool = True) -> di
                     lc.append(c)
                     lw.append(w)
             row: dict[str, Any] = {
-                "tokens": n, "prompt_tokens": info.get("prompt_tokens"), "warm_cached_tokens": info.get("cached_tokens"),
-                "api_cold_s": m(kc), "api_warm_s": m(kw), "sdk_warm_s": m(sw),
-                "api_warm_over_sdk_warm": m(kw) / m(sw), "api_cold_over_warm": m(kc) / m(kw),
+                "tokens": n,
+                "prompt_tokens": info.get("prompt_tokens"),
+                "warm_cached_tokens": info.get("cached_tokens"),
+                "api_cold_s": m(kc),
+                "api_warm_s": m(kw),
+                "sdk_warm_s": m(sw),
+                "api_warm_over_sdk_warm": m(kw) / m(sw),
+                "api_cold_over_warm": m(kc) / m(kw),
             }
             if lc:
                 row.update(llama_cold_s=m(lc), llama_warm_s=m(lw), llama_warm_over_api_warm=m(lw) / m(kw))
@@ -178,11 +188,16 @@ def run(lengths: list[int], repeats: int, threads: int, peer: bool = True) -> di
 
 
 def _fmt(row: dict[str, Any]) -> str:
-    s = (f"{row['tokens']:>5} tok  API cold {row['api_cold_s'] * 1000:8.0f} ms  API warm {row['api_warm_s'] * 1000:6.0f} ms"
-         f" (cached {row['warm_cached_tokens']})  SDK warm {row['sdk_warm_s'] * 1000:6.0f} ms"
-         f"  API/SDK warm {row['api_warm_over_sdk_warm']:.2f}")
+    s = (
+        f"{row['tokens']:>5} tok  API cold {row['api_cold_s'] * 1000:8.0f} ms  API warm "
+        f"{row['api_warm_s'] * 1000:6.0f} ms"
+        f" (cached {row['warm_cached_tokens']})  SDK warm {row['sdk_warm_s'] * 1000:6.0f} ms"
+        f"  API/SDK warm {row['api_warm_over_sdk_warm']:.2f}"
+    )
     if "llama_cold_s" in row:
-        s += f"  llama.cpp cold {row['llama_cold_s'] * 1000:8.0f} ms warm {row['llama_warm_s'] * 1000:6.0f} ms"
+        s += (
+            f"  llama.cpp cold {row['llama_cold_s'] * 1000:8.0f} ms warm {row['llama_warm_s'] * 1000:6.0f} ms"
+        )
     return s
 
 
@@ -191,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp's server even where it is installed")
+    ap.add_argument(
+        "--no-peer", action="store_true", help="skip llama.cpp's server even where it is installed"
+    )
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "openai_endpoint.json")
     args = ap.parse_args(argv)
     result = run(args.lengths, args.repeats, args.threads, peer=not args.no_peer)

@@ -28,7 +28,9 @@ ANSWER = GenerationParams(max_new_tokens=8, stop_token_ids=())
 SPAN = 32  # positions a span tampering touches
 
 
-def _replace(kv: KVCache, layer: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> KVCache:
+def _replace(
+    kv: KVCache, layer: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None
+) -> KVCache:
     ks, vs = list(kv.keys), list(kv.values)
     if keys is not None:
         ks[layer] = keys
@@ -37,7 +39,9 @@ def _replace(kv: KVCache, layer: int, keys: torch.Tensor | None = None, values: 
     return KVCache(tuple(ks), tuple(vs), kv.token_ids)
 
 
-def tamper(agent: KVAgent, kv: KVCache, ids: list[int], kind: str, rng: random.Random, docs: list[list[int]]) -> KVCache:
+def tamper(
+    agent: KVAgent, kv: KVCache, ids: list[int], kind: str, rng: random.Random, docs: list[list[int]]
+) -> KVCache:
     n, L = len(ids), len(kv.keys)
     if kind == "changed-token":
         alt = list(ids)
@@ -104,13 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         honest = [verify_kv(engine, kv, "sample", probes=args.probes, seed=s) for s in range(3)]
         sample_s = statistics.median(r.seconds for r in honest)
         reference = engine.generate(kv, suffix, ANSWER).token_ids
-        row: dict[str, Any] = {"tokens": n, "probes": args.probes, "prefill_s": prefill_s, "sample_s": sample_s,
-                               "sample_cost_fraction": sample_s / prefill_s,
-                               "honest_false_alarms": sum(not r.ok for r in honest),
-                               "honest_max_rel_diff": max(r.max_rel_diff for r in honest),
-                               # a SPAN-position span in the last layer escapes every probe with 1 minus this chance
-                               "last_layer_span_expected_detection": 1 - (1 - SPAN / n) ** min(args.probes, n),
-                               "kinds": {}}
+        row: dict[str, Any] = {
+            "tokens": n,
+            "probes": args.probes,
+            "prefill_s": prefill_s,
+            "sample_s": sample_s,
+            "sample_cost_fraction": sample_s / prefill_s,
+            "honest_false_alarms": sum(not r.ok for r in honest),
+            "honest_max_rel_diff": max(r.max_rel_diff for r in honest),
+            # a SPAN-position span in the last layer escapes every probe with 1 minus this chance
+            "last_layer_span_expected_detection": 1 - (1 - SPAN / n) ** min(args.probes, n),
+            "kinds": {},
+        }
         for kind in KINDS:
             detected = harmful = harmful_missed = 0
             for _ in range(args.trials):
@@ -122,17 +131,32 @@ def main(argv: list[str] | None = None) -> int:
                 harmful_missed += changed and rep.ok
             row["kinds"][kind] = {"trials": args.trials, "detected": detected, "changed_answer": harmful,
                                   "changed_answer_but_missed": harmful_missed}
-            print(f"{n:>5} {kind:24} detected {detected}/{args.trials}  changed the answer {harmful}/{args.trials}"
-                  f"  harmful and missed {harmful_missed}", file=sys.stderr, flush=True)
+            print(
+                f"{n:>5} {kind:24} detected {detected}/{args.trials}  changed the answer "
+                f"{harmful}/{args.trials}"
+                f"  harmful and missed {harmful_missed}",
+                file=sys.stderr,
+                flush=True,
+            )
         print(f"{n:>5} last-layer-span expected detection {row['last_layer_span_expected_detection']:.0%}",
               file=sys.stderr, flush=True)
-        print(f"{n:>5} sample verification ({args.probes} probes) {sample_s * 1e3:.0f} ms vs prefill {prefill_s * 1e3:.0f} ms "
-              f"= {row['sample_cost_fraction']:.1%}; false alarms on honest KV {row['honest_false_alarms']}/3",
-              file=sys.stderr, flush=True)
+        print(
+            f"{n:>5} sample verification ({args.probes} probes) {sample_s * 1e3:.0f} ms vs prefill "
+            f"{prefill_s * 1e3:.0f} ms "
+            f"= {row['sample_cost_fraction']:.1%}; false alarms on honest KV {row['honest_false_alarms']}/3",
+            file=sys.stderr,
+            flush=True,
+        )
         rows.append(row)
     agent.close()
-    result = {"benchmark": "poisoning", "model": agent.loaded.name, "trials": args.trials, "probes": args.probes,
-              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+    result = {
+        "benchmark": "poisoning",
+        "model": agent.loaded.name,
+        "trials": args.trials,
+        "probes": args.probes,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"results written to {args.json}")

@@ -144,16 +144,27 @@ def child(args: argparse.Namespace) -> int:
                     publish="public" if args.publish else False)
     local = None
     if args.baseline:
-        local = KVAgent(agent.loaded.model, tokenizer=agent.tokenizer, cache_dir=Path(args.cache_dir) / "baseline",
-                        local_only=True)
+        local = KVAgent(
+            agent.loaded.model,
+            tokenizer=agent.tokenizer,
+            cache_dir=Path(args.cache_dir) / "baseline",
+            local_only=True,
+        )
     for f in args.files:
         text = Path(f).read_text()
         t0 = time.perf_counter()
         doc = agent.read(text)
         seconds = time.perf_counter() - t0
-        rec: dict[str, Any] = {"file": f, "tokens": doc.n_tokens, "seconds": seconds, "status": doc.cache.status,
-                               "reason": doc.cache.reason, "lookup_seconds": doc.cache.lookup_seconds,
-                               "stages": dict(doc.cache.stages), "predicted_seconds": doc.cache.predicted_seconds}
+        rec: dict[str, Any] = {
+            "file": f,
+            "tokens": doc.n_tokens,
+            "seconds": seconds,
+            "status": doc.cache.status,
+            "reason": doc.cache.reason,
+            "lookup_seconds": doc.cache.lookup_seconds,
+            "stages": dict(doc.cache.stages),
+            "predicted_seconds": doc.cache.predicted_seconds,
+        }
         if local is not None:
             t1 = time.perf_counter()
             local.read(text)
@@ -179,8 +190,10 @@ def spawn(mode: str, files: list[Path], registry: str, calibration: Path, *, pub
 
 # -- the experiment ------------------------------------------------------------------------------
 def regret_row(n: int, f: Path, url: str, calibration: Path, repeats: int) -> dict[str, Any]:
-    """Every mode ``repeats`` times, each in a new process, the order rotated every round (default, fetch, prefill;
-    fetch, prefill, default; ...), so that no mode always runs first or right after another; medians compared."""
+    """Every mode ``repeats`` times, each in a new process, the order rotated every round (default, fetch,
+    prefill;
+    fetch, prefill, default; ...), so that no mode always runs first or right after another; medians
+    compared."""
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     for i in range(repeats):
         for mode in MODES[i % len(MODES):] + MODES[:i % len(MODES)]:
@@ -203,7 +216,9 @@ def regret_row(n: int, f: Path, url: str, calibration: Path, repeats: int) -> di
 
 
 def resolver_is_calibrated() -> bool:
-    src = (REPO / "kvagent" / "resolver.py").read_text() if (REPO / "kvagent" / "resolver.py").exists() else ""
+    src = (
+        (REPO / "kvagent" / "resolver.py").read_text() if (REPO / "kvagent" / "resolver.py").exists() else ""
+    )
     return "CostModel" in src
 
 
@@ -224,10 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm-tokens", type=int, default=1024, help="the warm-up document's length")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs (new processes) per mode, the order rotated each round; medians compared")
-    p.add_argument("--stall-lengths", default="384,768,1536,400,800,1600",
-                   help="documents read against the stalled registry: half by a first process, half by a second")
-    p.add_argument("--stall-only", action="store_true",
-                   help="re-measure only the stalled registry (after one warm-up read), keeping --out's regret table")
+    p.add_argument(
+        "--stall-lengths",
+        default="384,768,1536,400,800,1600",
+        help="documents read against the stalled registry: half by a first process, half by a second",
+    )
+    p.add_argument(
+        "--stall-only",
+        action="store_true",
+        help="re-measure only the stalled registry (after one warm-up read), keeping --out's regret table",
+    )
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "policy_regret.json")
     p.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "results" / "policy_regret.png")
     args = p.parse_args(argv)
@@ -246,9 +267,16 @@ def main(argv: list[str] | None = None) -> int:
         result = {**json.loads(args.out.read_text()), "stalled_run_at": result["run_at"]}
     try:
         if args.stall_only:
-            spawn("default", [warm], server.url, calibration)  # an earlier process on this machine read one document
+            # an earlier process on this machine read one document
+            spawn("default", [warm], server.url, calibration)
         else:
-            spawn("default", [*docs.values(), warm], server.url, work / "publisher-calibration.json", publish=True)
+            spawn(
+                "default",
+                [*docs.values(), warm],
+                server.url,
+                work / "publisher-calibration.json",
+                publish=True,
+            )
         throttle = Throttle(server.port, args.throttle_mbps * 1e6)
         for link, url in () if args.stall_only else (("loopback", server.url), ("throttled", throttle.url)):
             rows = []
@@ -256,23 +284,37 @@ def main(argv: list[str] | None = None) -> int:
             for n, f in docs.items():
                 row = regret_row(n, f, url, calibration, args.repeats)
                 rows.append(row)
-                print(f"{link:9s} {n:5d} tokens: default {row['default_status']:8s} {row['default']:6.2f} s, "
-                      f"fetch {row['fetch']:6.2f} s, prefill {row['prefill']:6.2f} s, regret {row['regret']:.2f}x "
-                      f"(runs: {', '.join(str(len(row[m + '_all'])) for m in MODES)})", flush=True)
+                print(
+                    f"{link:9s} {n:5d} tokens: default {row['default_status']:8s} {row['default']:6.2f} s, "
+                    f"fetch {row['fetch']:6.2f} s, prefill {row['prefill']:6.2f} s, regret "
+                    f"{row['regret']:.2f}x "
+                    f"(runs: {', '.join(str(len(row[m + '_all'])) for m in MODES)})",
+                    flush=True,
+                )
             result["links"][link] = rows
         dead = stalled_registry()
         first = spawn("default", stall_docs[:half], dead, calibration, baseline=True)
         second = spawn("default", stall_docs[half:], dead, calibration, baseline=True)
         result["stalled"] = [
-            {"process": 1 if i < half else 2, "tokens": r["tokens"], "seconds": r["seconds"], "prefill_seconds": r["prefill_seconds"],
-             "added_seconds": r["seconds"] - r["prefill_seconds"], "lookup_seconds": r["lookup_seconds"],
-             "reason": r["reason"]}
+            {
+                "process": 1 if i < half else 2,
+                "tokens": r["tokens"],
+                "seconds": r["seconds"],
+                "prefill_seconds": r["prefill_seconds"],
+                "added_seconds": r["seconds"] - r["prefill_seconds"],
+                "lookup_seconds": r["lookup_seconds"],
+                "reason": r["reason"],
+            }
             for i, r in enumerate(first + second)
         ]
         for r in result["stalled"]:
-            print(f"stalled registry, process {r['process']}, {r['tokens']} tokens: waited {r['lookup_seconds']:.2f} s "
-                  f"before prefilling; read {r['added_seconds']:+.2f} s vs a local-only read ({r['reason'][-120:]})",
-                  flush=True)
+            print(
+                f"stalled registry, process {r['process']}, {r['tokens']} tokens: waited "
+                f"{r['lookup_seconds']:.2f} s "
+                f"before prefilling; read {r['added_seconds']:+.2f} s vs a local-only read "
+                f"({r['reason'][-120:]})",
+                flush=True,
+            )
     finally:
         server.stop()
     args.out.write_text(json.dumps(result, indent=2))
@@ -286,16 +328,23 @@ def table(result: dict[str, Any]) -> None:
     print("|---|---|---|---|---|---|---|")
     for link, rows in result["links"].items():
         for r in rows:
-            print(f"| {link} | {r['tokens']:,} | {r['default_status']} | {r['default']:.2f} s | {r['fetch']:.2f} s | "
-                  f"{r['prefill']:.2f} s | {r['regret']:.2f}x |")
+            print(
+                f"| {link} | {r['tokens']:,} | {r['default_status']} | {r['default']:.2f} s | "
+                f"{r['fetch']:.2f} s | "
+                f"{r['prefill']:.2f} s | {r['regret']:.2f}x |"
+            )
     worst = max(r["regret"] for rows in result["links"].values() for r in rows)
     print(f"\nworst regret {worst:.2f}x (goal ≤ 1.25x); calibrated resolver: {result['calibrated_resolver']}")
     stalled = result.get("stalled", [])
     if stalled:
         waits, added = [r["lookup_seconds"] for r in stalled], [r["added_seconds"] for r in stalled]
-        print(f"stalled registry: the first read waited {waits[0]:.2f} s for it, later reads at most {max(waits[1:]):.2f} s "
-              f"(goal ≤ 1 s); read time over a local-only read of the same document: first {added[0]:+.2f} s, later "
-              f"{', '.join(f'{a:+.2f}' for a in added[1:])} s (prefill's own run-to-run spread included)")
+        print(
+            f"stalled registry: the first read waited {waits[0]:.2f} s for it, later reads at most "
+            f"{max(waits[1:]):.2f} s "
+            f"(goal ≤ 1 s); read time over a local-only read of the same document: first {added[0]:+.2f} s, "
+            "later "
+            f"{', '.join(f'{a:+.2f}' for a in added[1:])} s (prefill's own run-to-run spread included)"
+        )
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -308,10 +357,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
         print("matplotlib is not installed: no plot")
         return
     fig, axes = plt.subplots(1, len(result["links"]), figsize=(5 * len(result["links"]), 4), sharey=True)
-    for ax, (link, rows) in zip(axes if len(result["links"]) > 1 else [axes], result["links"].items(), strict=True):
+    for ax, (link, rows) in zip(
+        axes if len(result["links"]) > 1 else [axes], result["links"].items(), strict=True
+    ):
         xs = [r["tokens"] for r in rows]
         for mode, style in (("fetch", "s--"), ("prefill", "^--"), ("default", "o-")):
-            ax.plot(xs, [r[mode] for r in rows], style, label=f"{mode}" if mode != "default" else "default (new process)")
+            ax.plot(
+                xs,
+                [r[mode] for r in rows],
+                style,
+                label=f"{mode}" if mode != "default" else "default (new process)",
+            )
         ax.set_xscale("log", base=2)
         ax.set_title(f"{link}: worst regret {max(r['regret'] for r in rows):.2f}x")
         ax.set_xlabel("document tokens")

@@ -1,12 +1,15 @@
 """Registry load on loopback, measured with ``wrk`` (a compiled load generator, not a Python client on the
 same cores): lookups/s and p50/p99 latency for 1 vs 2 worker processes at 64 connections, then blob
 download MB/s through the app (local blobs) vs through presigned S3 URLs (moto_server on loopback, or the
-S3 server ``KVAGENT_TEST_S3_URL`` names with its AWS_* credentials, e.g. the Ceph RGW of benchmarks/ceph_rgw.sh),
-each with the kvagent client and with curl. Talks only to processes on 127.0.0.1; every run is bounded in time.
+S3 server ``KVAGENT_TEST_S3_URL`` names with its AWS_* credentials, e.g. the Ceph RGW of
+benchmarks/ceph_rgw.sh),
+each with the kvagent client and with curl. Talks only to processes on 127.0.0.1; every run is bounded in
+time.
 
     python -m benchmarks.registry_load [--connections 64] [--seconds 20] [--threads 2]
 
-Needs ``wrk`` (apt-get install wrk) and, for the presigned figure, ``moto_server`` (pip install 'moto[server]').
+Needs ``wrk`` (apt-get install wrk) and, for the presigned figure, ``moto_server`` (pip install
+'moto[server]').
 """
 
 from __future__ import annotations
@@ -76,7 +79,9 @@ def parse_wrk(out: str) -> dict[str, Any]:
             "socket_errors": errors.group(0) if errors else None}
 
 
-def wrk_lookups(url: str, keys: list[str], connections: int, threads: int, seconds: int, work: Path) -> dict[str, Any]:
+def wrk_lookups(
+    url: str, keys: list[str], connections: int, threads: int, seconds: int, work: Path
+) -> dict[str, Any]:
     script = work / "lookup.lua"
     script.write_text(LUA % ",".join(f'"{k}"' for k in keys))
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s",
@@ -130,14 +135,26 @@ def blob_fetch(url: str, key: str, size: int, repeats: int, server_pid: int | No
 
 
 def curl_download(url: str, size: int) -> float:
-    """Seconds for ``curl`` to download a blob: the registry's answer, and for a redirect the presigned URL it names
+    """Seconds for ``curl`` to download a blob: the registry's answer, and for a redirect the presigned URL it
+    names
     (fetched without the bearer token, as the kvagent client does)."""
     t0 = time.perf_counter()
-    cmd = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{redirect_url}", "--max-time", "120"]
+    cmd = [
+        "curl",
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{size_download} %{redirect_url}",
+        "--max-time",
+        "120",
+    ]
     status, got, *location = subprocess.run([*cmd, "-H", "Authorization: Bearer tok-reader", url],
                                             capture_output=True, text=True, check=True).stdout.split()
     if status in ("302", "303", "307") and location:
-        status, got, *_ = subprocess.run([*cmd, location[0]], capture_output=True, text=True, check=True).stdout.split()
+        status, got, *_ = subprocess.run(
+            [*cmd, location[0]], capture_output=True, text=True, check=True
+        ).stdout.split()
     seconds = time.perf_counter() - t0
     if status != "200" or int(got) != size:
         raise RuntimeError(f"curl got HTTP {status} and {got} of {size} bytes from {url}")
@@ -146,7 +163,8 @@ def curl_download(url: str, size: int) -> float:
 
 def presigned_fetch(work: Path, blob_tokens: int, store_name: str | None) -> dict[str, Any]:
     """Blob MB/s through a presigned URL: the registry on an S3 bucket of moto_server on loopback, or of the
-    server ``KVAGENT_TEST_S3_URL`` names (with its AWS_* credentials), e.g. benchmarks/ceph_rgw.sh's Ceph RGW."""
+    server ``KVAGENT_TEST_S3_URL`` names (with its AWS_* credentials), e.g. benchmarks/ceph_rgw.sh's Ceph
+    RGW."""
     from tests.registry_server import start_server
     from tests.s3_server import aws_env, new_bucket, s3_endpoint
 
@@ -173,9 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, default=20)
     p.add_argument("--workers", default="1,2", help="worker counts to compare")
     p.add_argument("--artifacts", type=int, default=32)
-    p.add_argument("--blob-tokens", type=int, default=1024, help="tokens of the fetched artifact (46 KB each)")
+    p.add_argument(
+        "--blob-tokens", type=int, default=1024, help="tokens of the fetched artifact (46 KB each)"
+    )
     p.add_argument("--skip-presigned", action="store_true", help="no S3 (moto_server) run")
-    p.add_argument("--object-store", help="what KVAGENT_TEST_S3_URL runs, for the record (e.g. 'Ceph RGW 16.2')")
+    p.add_argument(
+        "--object-store", help="what KVAGENT_TEST_S3_URL runs, for the record (e.g. 'Ceph RGW 16.2')"
+    )
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/registry_load.json"))
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -187,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"benchmark": "registry_load", "cpus": os.cpu_count(),
                               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "lookup": {}}
     for workers in [int(w) for w in args.workers.split(",")]:
-        srv = start_server(work / f"w{workers}", TOKENS, extra_args=["--workers", str(workers), "--log-level", "warning"])
+        srv = start_server(
+            work / f"w{workers}", TOKENS, extra_args=["--workers", str(workers), "--log-level", "warning"]
+        )
         try:
             keys, big_key, big_size = publish_set(srv.url, args.artifacts, args.blob_tokens)
             wrk_lookups(srv.url, keys, args.connections, args.threads, 3, work)  # warm-up
@@ -195,26 +219,36 @@ def main(argv: list[str] | None = None) -> int:
             r = wrk_lookups(srv.url, keys, args.connections, args.threads, args.seconds, work)
             result["lookup"][f"{workers}_workers"] = {**r, "load_average_before": load_before}
             if workers == 1:
-                result["blob_through_app"] = blob_fetch(srv.url, big_key, big_size, repeats=5, server_pid=srv.proc.pid)
+                result["blob_through_app"] = blob_fetch(
+                    srv.url, big_key, big_size, repeats=5, server_pid=srv.proc.pid
+                )
         finally:
             srv.stop()
     if not args.skip_presigned:
         named = os.environ.get("KVAGENT_TEST_S3_URL")
         result["blob_presigned"] = presigned_fetch(
-            work, args.blob_tokens, args.object_store or (None if named else "moto_server (Python) on loopback"))
+            work,
+            args.blob_tokens,
+            args.object_store or (None if named else "moto_server (Python) on loopback"),
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     for name, r in result["lookup"].items():
-        print(f"lookups, {name.replace('_', ' ')}: {r['requests_per_s']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, "
-              f"p99 {r['p99_ms']:.1f} ms ({r['requests']} requests, {r['connections']} connections, "
-              f"wrk -t{r['threads']} {r['seconds']} s; load average before {r['load_average_before']})")
+        print(
+            f"lookups, {name.replace('_', ' ')}: {r['requests_per_s']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, "
+            f"p99 {r['p99_ms']:.1f} ms ({r['requests']} requests, {r['connections']} connections, "
+            f"wrk -t{r['threads']} {r['seconds']} s; load average before {r['load_average_before']})"
+        )
     for name in ("blob_through_app", "blob_presigned"):
         if name not in result:
             continue
         b = result[name]
-        print(f"{name.replace('_', ' ')}: {b['bytes'] / 1e6:.0f} MB in {b['median_s'] * 1e3:.0f} ms = {b['MBps']:.0f} MB/s; "
-              f"with curl {b.get('curl_MBps', float('nan')):.0f} MB/s; "
-              f"registry CPU {b.get('registry_cpu_s_per_GB', float('nan')):.2f} s per GB served")
+        print(
+            f"{name.replace('_', ' ')}: {b['bytes'] / 1e6:.0f} MB in {b['median_s'] * 1e3:.0f} ms = "
+            f"{b['MBps']:.0f} MB/s; "
+            f"with curl {b.get('curl_MBps', float('nan')):.0f} MB/s; "
+            f"registry CPU {b.get('registry_cpu_s_per_GB', float('nan')):.2f} s per GB served"
+        )
     print(f"results written to {args.json}")
     return 0
 

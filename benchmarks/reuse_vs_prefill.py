@@ -69,7 +69,11 @@ def build(args: argparse.Namespace, cache_dir: Path) -> tuple[KVAgent, Any]:
 
         torch.manual_seed(0)
         cfg = Qwen3Config(**QWEN3_4B)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, args.dtype or "bfloat16")).to(args.device).eval()
+        model = (
+            AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, args.dtype or "bfloat16"))
+            .to(args.device)
+            .eval()
+        )
         agent = KVAgent(model, tokenizer=None, cache_dir=cache_dir)
         return agent, None
     agent = KVAgent(args.model, cache_dir=cache_dir, dtype=args.dtype)
@@ -120,7 +124,8 @@ def breakdown_line(ms: dict[str, float]) -> str:
 def sdk_path(agent: KVAgent, ids: list[int], suffix: list[int], want: list[int]) -> None:
     """kvagent end to end on a store hit: key, store read, checksum, deserialise, resume, first token.
 
-    The caller empties the memory tier first (``agent.forget_memory()``), outside the clock: releasing the previous
+    The caller empties the memory tier first (``agent.forget_memory()``), outside the clock: releasing the
+    previous
     read's KV is no part of this read, as the raw path's KV, held throughout, is never released either.
     """
     handle = agent.read_ids(ids)
@@ -137,7 +142,8 @@ def forget_document(agent: KVAgent, ids: list[int]) -> None:
 
 
 def sdk_cold_read(agent: KVAgent, ids: list[int]) -> None:
-    """kvagent reading a never-seen document: key, lookups, prefill, local store write (encode, digests, file)."""
+    """kvagent reading a never-seen document: key, lookups, prefill, local store write (encode, digests,
+    file)."""
     handle = agent.read_ids(ids)
     assert handle.cache.status == "prefill", handle.cache.reason
 
@@ -159,7 +165,8 @@ def cold_breakdown(agent: KVAgent, ids: list[int], kv: Any) -> dict[str, float]:
     assert missed.artifact is None
     t2 = time.perf_counter()
     ctx = agent.resolver.context
-    header, parts = art.encode_parts(  # as the read does: the buffers go to the store file without a joined copy
+    # as the read does: the buffers go to the store file without a joined copy
+    header, parts = art.encode_parts(
         kv, key=key, model_fingerprint=ctx.model_fingerprint, tokenizer_fingerprint=ctx.tokenizer_fingerprint,
         template_hash=ctx.template_hash, position_offset=ctx.position_offset, codec=agent.resolver.codec)
     t3 = time.perf_counter()
@@ -188,7 +195,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def warm_pair(i: int, ids: list[int] = ids, kv: Any = kv, want: list[int] = first_cold,
                       raw: list[float] = raw, sdk: list[float] = sdk) -> None:
-            """raw then SDK, or SDK then raw (alternating), back to back: a pair shares the machine's state."""
+            """raw then SDK, or SDK then raw (alternating), back to back: a pair shares the machine's
+            state."""
             for path in ("raw", "sdk") if i % 2 == 0 else ("sdk", "raw"):
                 if path == "raw":
                     raw.append(_timed(lambda: engine.generate(kv, suffix, ONE_TOKEN)))
@@ -206,7 +214,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     else:
                         forget_document(agent, ids)
                         sdk_cold.append(_timed(lambda ids=ids: sdk_cold_read(agent, ids)))
-        for i in range(args.repeats, max(args.repeats, args.warm_repeats)):  # warm pairs cost ~1 s, a cold one minutes
+        # warm pairs cost ~1 s, a cold one minutes
+        for i in range(args.repeats, max(args.repeats, args.warm_repeats)):
             warm_pair(i)
         if sdk_cold:  # what the cold read stored resumes to the same first token
             assert engine.generate(agent.kv_of(handle), suffix, ONE_TOKEN).token_ids == first_cold
@@ -215,30 +224,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f_pre, f_reuse = flops(n_params, cfg.num_hidden_layers, cfg.hidden_size, n, len(suffix))
         c, r, s = statistics.median(cold), statistics.median(raw), statistics.median(sdk)
         row = {
-            "tokens": n, "suffix_tokens": len(suffix), "cold_s": c, "raw_reuse_s": r, "sdk_warm_s": s,
-            "raw_ratio": c / r, "sdk_ratio": c / s, "sdk_keeps": (c / s) / (c / r),
-            "flops_prefill": f_pre, "flops_reuse": f_reuse, "flops_ratio": f_pre / f_reuse,
-            "kv_bytes": kv.nbytes, "artifact_key": handle.key,
-            "cold_all_s": cold, "raw_all_s": raw, "sdk_all_s": sdk,
-            "sdk_over_raw": r / s, "sdk_breakdown_ms": breakdown,
-            "warm_pairs": len(sdk), "sdk_keeps_paired": statistics.median(a / b for a, b in zip(raw, sdk, strict=True)),
+            "tokens": n,
+            "suffix_tokens": len(suffix),
+            "cold_s": c,
+            "raw_reuse_s": r,
+            "sdk_warm_s": s,
+            "raw_ratio": c / r,
+            "sdk_ratio": c / s,
+            "sdk_keeps": (c / s) / (c / r),
+            "flops_prefill": f_pre,
+            "flops_reuse": f_reuse,
+            "flops_ratio": f_pre / f_reuse,
+            "kv_bytes": kv.nbytes,
+            "artifact_key": handle.key,
+            "cold_all_s": cold,
+            "raw_all_s": raw,
+            "sdk_all_s": sdk,
+            "sdk_over_raw": r / s,
+            "sdk_breakdown_ms": breakdown,
+            "warm_pairs": len(sdk),
+            "sdk_keeps_paired": statistics.median(a / b for a, b in zip(raw, sdk, strict=True)),
         }
         if sdk_cold:  # the cold path kept honest: a never-seen document read by the SDK vs a plain prefill
             cold_stages = [cold_breakdown(agent, ids, kv) for _ in range(args.repeats)]
-            row.update(prefill_s=statistics.median(prefill), sdk_cold_s=statistics.median(sdk_cold),
-                       prefill_all_s=prefill, sdk_cold_all_s=sdk_cold,
-                       sdk_cold_over_prefill=statistics.median(sdk_cold) / statistics.median(prefill),
-                       sdk_cold_paired=statistics.median(b / a for a, b in zip(prefill, sdk_cold, strict=True)),
-                       sdk_cold_breakdown_ms={k: statistics.median(b[k] for b in cold_stages) * 1000 for k in COLD_STAGES})
+            row.update(
+                prefill_s=statistics.median(prefill),
+                sdk_cold_s=statistics.median(sdk_cold),
+                prefill_all_s=prefill,
+                sdk_cold_all_s=sdk_cold,
+                sdk_cold_over_prefill=statistics.median(sdk_cold) / statistics.median(prefill),
+                sdk_cold_paired=statistics.median(b / a for a, b in zip(prefill, sdk_cold, strict=True)),
+                sdk_cold_breakdown_ms={
+                    k: statistics.median(b[k] for b in cold_stages) * 1000 for k in COLD_STAGES
+                },
+            )
         rows.append(row)
         if sdk_cold:
-            print(f"        SDK cold read {row['sdk_cold_s'] * 1000:8.1f} ms = {row['sdk_cold_over_prefill']:.1%} of a plain prefill "
-                  f"(paired {row['sdk_cold_paired']:.1%}); added to the prefill: {breakdown_line(row['sdk_cold_breakdown_ms'])}",
-                  file=sys.stderr, flush=True)
-        print(f"{n:>6} tokens  cold {c * 1000:8.1f} ms  raw {r * 1000:7.1f} ms ({row['raw_ratio']:5.1f}x)  "
-              f"sdk {s * 1000:7.1f} ms ({row['sdk_ratio']:5.1f}x, keeps {row['sdk_keeps']:.1%}, "
-              f"paired {row['sdk_keeps_paired']:.1%} over {len(sdk)} pairs)  "
-              f"FLOPs {row['flops_ratio']:5.1f}x\n        warm read: {breakdown_line(breakdown)}", file=sys.stderr, flush=True)
+            print(
+                f"        SDK cold read {row['sdk_cold_s'] * 1000:8.1f} ms = "
+                f"{row['sdk_cold_over_prefill']:.1%} of a plain prefill "
+                f"(paired {row['sdk_cold_paired']:.1%}); added to the prefill: "
+                f"{breakdown_line(row['sdk_cold_breakdown_ms'])}",
+                file=sys.stderr,
+                flush=True,
+            )
+        print(
+            f"{n:>6} tokens  cold {c * 1000:8.1f} ms  raw {r * 1000:7.1f} ms ({row['raw_ratio']:5.1f}x)  "
+            f"sdk {s * 1000:7.1f} ms ({row['sdk_ratio']:5.1f}x, keeps {row['sdk_keeps']:.1%}, "
+            f"paired {row['sdk_keeps_paired']:.1%} over {len(sdk)} pairs)  "
+            f"FLOPs {row['flops_ratio']:5.1f}x\n        warm read: {breakdown_line(breakdown)}",
+            file=sys.stderr,
+            flush=True,
+        )
     agent.close()
     return {
         "benchmark": "reuse_vs_prefill",
@@ -260,16 +297,39 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"prefill vs reuse — {result['model']} {result['dtype']} on {result['device']} "
-                    f"(median of {result['repeats']} cold, {result.get('warm_repeats', result['repeats'])} warm)")
-    for col in ("tokens", "cold TTFT", "SDK cold ÷ prefill", "raw reuse", "raw x", "SDK warm", "SDK x", "SDK keeps",
-                "paired", "FLOPs x", "KV MB"):
+    t = Table(
+        title=f"prefill vs reuse — {result['model']} {result['dtype']} on {result['device']} "
+        f"(median of {result['repeats']} cold, {result.get('warm_repeats', result['repeats'])} warm)"
+    )
+    for col in (
+        "tokens",
+        "cold TTFT",
+        "SDK cold ÷ prefill",
+        "raw reuse",
+        "raw x",
+        "SDK warm",
+        "SDK x",
+        "SDK keeps",
+        "paired",
+        "FLOPs x",
+        "KV MB",
+    ):
         t.add_column(col, justify="right")
     for r in result["rows"]:
         sdk_cold = f"{r['sdk_cold_over_prefill']:.1%}" if "sdk_cold_over_prefill" in r else "-"
-        t.add_row(str(r["tokens"]), f"{r['cold_s'] * 1000:.0f} ms", sdk_cold, f"{r['raw_reuse_s'] * 1000:.1f} ms",
-                  f"{r['raw_ratio']:.1f}", f"{r['sdk_warm_s'] * 1000:.1f} ms", f"{r['sdk_ratio']:.1f}", f"{r['sdk_keeps']:.1%}",
-                  f"{r['sdk_keeps_paired']:.1%}" if "sdk_keeps_paired" in r else "-", f"{r['flops_ratio']:.1f}", f"{r['kv_bytes'] / 1e6:.0f}")
+        t.add_row(
+            str(r["tokens"]),
+            f"{r['cold_s'] * 1000:.0f} ms",
+            sdk_cold,
+            f"{r['raw_reuse_s'] * 1000:.1f} ms",
+            f"{r['raw_ratio']:.1f}",
+            f"{r['sdk_warm_s'] * 1000:.1f} ms",
+            f"{r['sdk_ratio']:.1f}",
+            f"{r['sdk_keeps']:.1%}",
+            f"{r['sdk_keeps_paired']:.1%}" if "sdk_keeps_paired" in r else "-",
+            f"{r['flops_ratio']:.1f}",
+            f"{r['kv_bytes'] / 1e6:.0f}",
+        )
     Console().print(t)
     b = Table(title="where a warm read spends its time (ms, median)")
     for col in ("tokens", *STAGES, "sum"):
@@ -289,9 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", choices=["qwen3-4b"], help="random-init model of this architecture instead")
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--warm-repeats", type=int, default=15,
-                   help="raw/SDK warm pairs per length (at least --repeats; the cold runs are the expensive part)")
-    p.add_argument("--skip-sdk-cold", action="store_true", help="do not time the SDK's cold read (halves the run)")
+    p.add_argument(
+        "--warm-repeats",
+        type=int,
+        default=15,
+        help="raw/SDK warm pairs per length (at least --repeats; the cold runs are the expensive part)",
+    )
+    p.add_argument(
+        "--skip-sdk-cold", action="store_true", help="do not time the SDK's cold read (halves the run)"
+    )
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/reuse_vs_prefill.json"))
     args = p.parse_args(argv)
     if args.paper_lengths:

@@ -60,11 +60,15 @@ def turn(chat: ChatKVAgent, reference: ChatKVAgent, messages: list[BaseMessage],
     seconds = time.perf_counter() - t0
     ref = reference.bind_tools(list(TOOLS.values()), tool_choice=choice).invoke(messages)
     assert isinstance(msg, AIMessage) and isinstance(ref, AIMessage) and msg.usage_metadata is not None
-    same = msg.content == ref.content and [c["args"] for c in msg.tool_calls] == [c["args"] for c in ref.tool_calls]
+    same = msg.content == ref.content and [c["args"] for c in msg.tool_calls] == [
+        c["args"] for c in ref.tool_calls
+    ]
     usage = msg.usage_metadata
     what = ", ".join(f"{c['name']}({c['args']})" for c in msg.tool_calls) or repr(msg.content)
-    print(f"  cache_read {usage['input_token_details']['cache_read']:5d} of {usage['input_tokens']:5d} prompt "
-          f"tokens  {seconds:5.2f} s  same as full prefill: {same}  -> {what}")
+    print(
+        f"  cache_read {usage['input_token_details']['cache_read']:5d} of {usage['input_tokens']:5d} prompt "
+        f"tokens  {seconds:5.2f} s  same as full prefill: {same}  -> {what}"
+    )
     if not same:
         raise SystemExit("output after KV reuse differs from a full prefill")
     return msg
@@ -86,7 +90,8 @@ def main() -> None:
             result = TOOLS[call["name"]].invoke(call["args"])
             print(f"    tool {call['name']} -> {result[:70]!r}")
             messages += [call_message, ToolMessage(result, tool_call_id=call["id"], name=call["name"])]
-            answer = turn(chat, reference, messages, "none")  # same tools rendered: the prompt extends the last
+            # same tools rendered: the prompt extends the last
+            answer = turn(chat, reference, messages, "none")
             print(f"A: {answer.content.strip()}")
 
 

@@ -59,7 +59,8 @@ def main() -> None:
                     f"exact={exact}"
                 )
         print(
-            f"\ntime saved over {sum(map(len, QUESTIONS.values()))} questions: {saved:.2f}s; all exact: {all_exact}"
+            f"\ntime saved over {sum(map(len, QUESTIONS.values()))} questions: {saved:.2f}s; all exact: "
+            f"{all_exact}"
         )
         if not all_exact:
             raise SystemExit("cached and uncached greedy outputs differ")

@@ -52,8 +52,11 @@ def main() -> int:
             )
             cache = (r.model_extra or {}).get("kvagent", {}).get("cache", {})
             print(f"Q: {question}\nA: {r.choices[0].message.content}")
-            print(f"   {r.usage.prompt_tokens} prompt tokens, {r.usage.prompt_tokens_details.cached_tokens} cached "
-                  f"(from {cache.get('source') or 'nowhere: prefilled'}), {time.perf_counter() - t0:.2f} s\n")
+            print(
+                f"   {r.usage.prompt_tokens} prompt tokens, {r.usage.prompt_tokens_details.cached_tokens} "
+                "cached "
+                f"(from {cache.get('source') or 'nowhere: prefilled'}), {time.perf_counter() - t0:.2f} s\n"
+            )
     finally:
         server.terminate()
         server.wait(20)

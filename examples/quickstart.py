@@ -19,7 +19,8 @@ def main() -> None:
         t0 = time.perf_counter()
         doc = agent.read(SAMPLE)
         print(
-            f"read {doc.source}: {doc.n_tokens} tokens, cache {doc.cache.status} ({time.perf_counter() - t0:.2f}s)"
+            f"read {doc.source}: {doc.n_tokens} tokens, cache {doc.cache.status} "
+            f"({time.perf_counter() - t0:.2f}s)"
         )
         for question in ("Who founded the company?", "How much is a return fare?"):
             answer = agent.ask(doc, question, max_new_tokens=40)

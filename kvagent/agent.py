@@ -101,7 +101,8 @@ class KVAgent:
         progress: Progress | None = None,
         **options: Any,
     ) -> None:
-        """``options`` are :class:`~kvagent.config.Config` fields (``cache_dir=``, ``registry_url=``, ``token=``,
+        """``options`` are :class:`~kvagent.config.Config` fields (``cache_dir=``, ``registry_url=``,
+        ``token=``,
         ``budget=``...; None: not given): they override ``config``, or else KVAGENT_* variables and defaults.
         An unknown name is a ConfigError naming the closest option. ``tokenizer`` goes with an already-loaded
         transformers ``model``; ``registry_client`` replaces the client built from the options."""
@@ -204,7 +205,9 @@ class KVAgent:
         ``price``: what a load costs buyers, in integer micro-units of the registry's currency."""
         if self.registry is None:
             raise ConfigError("no registry configured: pass registry_url= or set KVAGENT_REGISTRY_URL")
-        result = self.registry.publish(self.artifact_bytes(handle), visibility, signing_key=signing_key, price=price)
+        result = self.registry.publish(
+            self.artifact_bytes(handle), visibility, signing_key=signing_key, price=price
+        )
         self.counters["publishes"] += 1
         return result
 
@@ -229,7 +232,9 @@ class KVAgent:
             pieces.append(tok)
         return self._answer(handle, pieces, params, run.info, len(suffix), t0, first)
 
-    def ask_ids(self, handle: DocumentHandle, suffix_ids: Sequence[int], *, mode: str = "auto", **gen: Any) -> Answer:
+    def ask_ids(
+        self, handle: DocumentHandle, suffix_ids: Sequence[int], *, mode: str = "auto", **gen: Any
+    ) -> Answer:
         """Continue a read document with ``suffix_ids`` (no tokenizer needed); ``mode`` as in ``ask``."""
         t0 = time.perf_counter()
         params = self.params(**gen)
@@ -242,7 +247,9 @@ class KVAgent:
         """Answer several questions over one document; its KV is loaded or prefilled once."""
         return [self.ask(handle, q, **gen) for q in questions]
 
-    def stream(self, handle: DocumentHandle, question: str, *, mode: str = "auto", **gen: Any) -> Iterator[str]:
+    def stream(
+        self, handle: DocumentHandle, question: str, *, mode: str = "auto", **gen: Any
+    ) -> Iterator[str]:
         """Yield the answer's text as it is generated (stop tokens are not shown)."""
         run, _suffix, params = self._prepare(handle, question, gen, mode)
         yield from TextStream(self.tokenizer, params.stop_token_ids).deltas(run.tokens())
@@ -257,7 +264,8 @@ class KVAgent:
         return self._run(handle, suffix, params, mode), suffix, params
 
     def _run(self, handle: DocumentHandle, suffix: list[int], params: GenerationParams, mode: str) -> _Run:
-        """Where the answer's tokens will come from: the local engine, or the registry (with local fallback)."""
+        """Where the answer's tokens will come from: the local engine, or the registry (with local
+        fallback)."""
         if mode not in ("auto", "local", "remote"):
             raise ConfigError(f"mode must be 'auto', 'local' or 'remote', got {mode!r}")
         if self.registry is None or mode == "local":
@@ -277,7 +285,9 @@ class KVAgent:
                 info = CacheInfo("remote-generate", "mode='remote': the registry generates from its copy",
                                  handle.n_tokens, 0, source="registry")
                 return _Run(self, handle, suffix, params, None, info)
-            log.warning("mode='remote' but the registry has no artifact %s…; answering locally", handle.key[:16])
+            log.warning(
+                "mode='remote' but the registry has no artifact %s…; answering locally", handle.key[:16]
+            )
             if local is not None:
                 info = CacheInfo("memory", "in this process's memory", handle.n_tokens, 0, source="memory")
                 return _Run(self, handle, suffix, params, local, info)
@@ -291,7 +301,9 @@ class KVAgent:
         assert self.registry is not None
         key = run.handle.key
         produced: list[int] = []
-        stream = self.registry.generate_stream(key, run.suffix, run.params, max_price=self.resolver.price_cap())
+        stream = self.registry.generate_stream(
+            key, run.suffix, run.params, max_price=self.resolver.price_cap()
+        )
         try:
             for tok in stream:
                 produced.append(tok)
@@ -312,7 +324,9 @@ class KVAgent:
                            charged=run.info.charged + res.info.charged)
         left = run.params.max_new_tokens - len(produced)
         if left > 0 and res.kv is not None:
-            yield from self.engine.stream(res.kv, run.suffix + produced, replace(run.params, max_new_tokens=left))
+            yield from self.engine.stream(
+                res.kv, run.suffix + produced, replace(run.params, max_new_tokens=left)
+            )
 
     def params(self, **gen: Any) -> GenerationParams:
         """GenerationParams with this model's stop tokens unless ``stop_token_ids`` is given."""
@@ -338,7 +352,9 @@ class KVAgent:
         )
 
     # -- checking --------------------------------------------------------------------------
-    def verify(self, handle: DocumentHandle, question: str = "Summarise the document.", max_new_tokens: int = 32) -> VerifyReport:
+    def verify(
+        self, handle: DocumentHandle, question: str = "Summarise the document.", max_new_tokens: int = 32
+    ) -> VerifyReport:
         """Greedy answer after reuse vs a full prefill of the same ids, with ``max_new_tokens`` forced."""
         params = GenerationParams(max_new_tokens=max_new_tokens, stop_token_ids=())
         kv = self.kv_of(handle)
@@ -385,7 +401,14 @@ class _Run:
 
     def __init__(self, agent: KVAgent, handle: DocumentHandle, suffix: list[int], params: GenerationParams,
                  kv: KVCache | None, info: CacheInfo) -> None:
-        self.agent, self.handle, self.suffix, self.params, self.kv, self.info = agent, handle, suffix, params, kv, info
+        self.agent, self.handle, self.suffix, self.params, self.kv, self.info = (
+            agent,
+            handle,
+            suffix,
+            params,
+            kv,
+            info,
+        )
 
     def tokens(self) -> Iterator[int]:
         if self.kv is not None:

@@ -43,7 +43,11 @@ FORMAT_NAME = "kvagent-kv"
 #: K/V tensor's encoded bytes as a uint8 tensor (see kvagent.codecs). All are lossless.
 CODECS = codecs.ARTIFACT_CODECS
 
-_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 _ST_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64, "U8": torch.uint8,
 }
@@ -163,10 +167,14 @@ def encode_parts(
     )
     derived = document_key(ctx, kv.token_ids.numpy())
     if key is not None and key != derived:
-        raise ArtifactMismatchError(f"key {key[:16]}… does not match the key {derived[:16]}… its fields and token ids derive")
+        raise ArtifactMismatchError(
+            f"key {key[:16]}… does not match the key {derived[:16]}… its fields and token ids derive"
+        )
 
     if codec not in CODECS:
-        raise ArtifactFormatError(f"codec {codec!r} cannot be used for artifacts (lossless codecs: {list(CODECS)})")
+        raise ArtifactFormatError(
+            f"codec {codec!r} cannot be used for artifacts (lossless codecs: {list(CODECS)})"
+        )
     # artifacts are host bytes: a KV on an accelerator is copied to the CPU once, here
     ordered = [(name, t.detach().cpu()) for name, t in _ordered(kv)]
     tensors: dict[str, torch.Tensor] = {}
@@ -175,7 +183,10 @@ def encode_parts(
     else:
         enc = codecs.get(codec).encode
         blobs = list(codecs.pool().map(lambda item: enc(item[1]), ordered))
-        tensors.update((name, torch.frombuffer(bytearray(b), dtype=torch.uint8)) for (name, _), b in zip(ordered, blobs, strict=True))
+        tensors.update(
+            (name, torch.frombuffer(bytearray(b), dtype=torch.uint8))
+            for (name, _), b in zip(ordered, blobs, strict=True)
+        )
     tensors["token_ids"] = kv.token_ids.detach().to("cpu", torch.int64).contiguous()
     # the container is laid out as safetensors would, but hashed and written from the tensors' own memory: one
     # parallel pass for both digests and a single copy into the artifact (not serialise, hash, re-join)
@@ -200,7 +211,9 @@ def encode_parts(
         engine=engine,
     )
     _validate_header_fields(header.to_json(), DEFAULT_LIMITS)  # never write what we would refuse to read
-    st_header["__metadata__"] = {"kvagent": json.dumps(header.to_json(), sort_keys=True, separators=(",", ":"))}
+    st_header["__metadata__"] = {
+        "kvagent": json.dumps(header.to_json(), sort_keys=True, separators=(",", ":"))
+    }
     hb = json.dumps(st_header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
     return header, [memoryview(len(hb).to_bytes(8, "little")), memoryview(hb), *parts]
@@ -224,9 +237,16 @@ def encode(
     The key is derived from the other fields and the token ids; a ``key`` passed in must equal it.
     """
     header, parts = encode_parts(
-        kv, key=key, model_fingerprint=model_fingerprint, tokenizer_fingerprint=tokenizer_fingerprint,
-        template_hash=template_hash, position_offset=position_offset, publisher=publisher, created_at=created_at,
-        codec=codec, engine=engine,
+        kv,
+        key=key,
+        model_fingerprint=model_fingerprint,
+        tokenizer_fingerprint=tokenizer_fingerprint,
+        template_hash=template_hash,
+        position_offset=position_offset,
+        publisher=publisher,
+        created_at=created_at,
+        codec=codec,
+        engine=engine,
     )
     return header, b"".join(parts)
 
@@ -248,7 +268,11 @@ def _container(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], lis
             continue
         t = tensors[name]
         b = _bytes_of(t)
-        st[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        st[name] = {
+            "dtype": _ST_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(b)],
+        }
         parts.append(b)
         offset += len(b)
     return st, parts
@@ -256,7 +280,8 @@ def _container(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], lis
 
 @functools.lru_cache(maxsize=64)
 def _st_order(spec: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
-    """The order safetensors writes these (name, dtype) tensors in, and its header keys, asked of safetensors itself.
+    """The order safetensors writes these (name, dtype) tensors in, and its header keys, asked of safetensors
+    itself.
 
     It sorts by dtype, then name, never by size: a one-element tensor of each stands in, so an artifact stays
     byte-for-byte what ``safetensors.torch.save`` would write (the same KV gives the same payload digest).
@@ -319,12 +344,14 @@ def decode(
         digest = payload_digest(view[parsed.data_offset :])
         if digest != h.payload_sha256:
             raise ArtifactIntegrityError(
-                f"payload checksum mismatch for artifact {h.key[:16]}…: header says {h.payload_sha256[:16]}…, "
+                f"payload checksum mismatch for artifact {h.key[:16]}…: header says "
+                f"{h.payload_sha256[:16]}…, "
                 f"data hashes to {digest[:16]}… (corrupted or tampered; it will be recomputed)"
             )
     t2 = time.perf_counter()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a read-only buffer (the caller's); we never write to it
+        # a read-only buffer (the caller's); we never write to it
+        warnings.simplefilter("ignore", UserWarning)
         tensors = {name: _tensor(buf, parsed.data_offset, e) for name, e in parsed.entries.items()}
     L = h.layout.num_layers
     if h.codec != "raw":
@@ -336,7 +363,8 @@ def decode(
         got = content_digest(tensors[n] for n, _ in _ordered_names(L))
         if got != h.content_sha256:
             raise ArtifactIntegrityError(
-                f"decoded tensors of {h.key[:16]}… hash to {got[:16]}…, the header says {h.content_sha256[:16]}… "
+                f"decoded tensors of {h.key[:16]}… hash to {got[:16]}…, the header says "
+                f"{h.content_sha256[:16]}… "
                 f"({h.codec} decoding went wrong)"
             )
     kv = KVCache(
@@ -423,12 +451,18 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _parse(view: memoryview, limits: Limits) -> _Parsed:
     total = len(view)
     if total < 8:
-        raise ArtifactFormatError(f"artifact is {total} bytes; a safetensors file starts with an 8-byte length")
+        raise ArtifactFormatError(
+            f"artifact is {total} bytes; a safetensors file starts with an 8-byte length"
+        )
     n = int.from_bytes(view[:8], "little")
     if n > limits.max_container_header:
-        raise ArtifactTooLargeError(f"container header of {n} bytes exceeds the {limits.max_container_header}-byte limit")
+        raise ArtifactTooLargeError(
+            f"container header of {n} bytes exceeds the {limits.max_container_header}-byte limit"
+        )
     if 8 + n > total:
-        raise ArtifactFormatError(f"container header claims {n} bytes but the artifact has only {total - 8} (truncated?)")
+        raise ArtifactFormatError(
+            f"container header claims {n} bytes but the artifact has only {total - 8} (truncated?)"
+        )
     try:
         st = json.loads(bytes(view[8 : 8 + n]).decode("utf-8"), object_pairs_hook=_no_duplicates)
     except ArtifactFormatError:
@@ -439,10 +473,14 @@ def _parse(view: memoryview, limits: Limits) -> _Parsed:
         raise ArtifactFormatError("container header must be a JSON object")
     meta = st.pop("__metadata__", None)
     if not isinstance(meta, dict) or set(meta) != {"kvagent"} or not isinstance(meta["kvagent"], str):
-        raise ArtifactFormatError('artifact has no kvagent header (expected __metadata__ = {"kvagent": "<json>"})')
+        raise ArtifactFormatError(
+            'artifact has no kvagent header (expected __metadata__ = {"kvagent": "<json>"})'
+        )
     raw = meta["kvagent"]
     if len(raw) > limits.max_header_json:
-        raise ArtifactTooLargeError(f"kvagent header of {len(raw)} bytes exceeds the {limits.max_header_json}-byte limit")
+        raise ArtifactTooLargeError(
+            f"kvagent header of {len(raw)} bytes exceeds the {limits.max_header_json}-byte limit"
+        )
     try:
         hj = json.loads(raw, object_pairs_hook=_no_duplicates)
     except ArtifactFormatError:
@@ -454,7 +492,8 @@ def _parse(view: memoryview, limits: Limits) -> _Parsed:
     data_len = total - data_offset
     if data_len != header.payload_bytes:
         raise ArtifactFormatError(
-            f"data section is {data_len} bytes but the header declares {header.payload_bytes} (truncated or padded)"
+            f"data section is {data_len} bytes but the header declares {header.payload_bytes} (truncated or "
+            "padded)"
         )
     entries = _validate_entries(st, header, data_len)
     return _Parsed(header=header, entries=entries, data_offset=data_offset)
@@ -488,7 +527,9 @@ def _validate_header_fields(hj: Any, limits: Limits) -> ArtifactHeader:
     missing = set(_FIELDS) - set(hj)
     extra = set(hj) - set(_FIELDS) - set(_OPTIONAL_FIELDS)
     if missing or extra:
-        raise ArtifactFormatError(f"kvagent header fields wrong: missing {sorted(missing)}, unexpected {sorted(extra)[:5]}")
+        raise ArtifactFormatError(
+            f"kvagent header fields wrong: missing {sorted(missing)}, unexpected {sorted(extra)[:5]}"
+        )
     for name, types in (*_FIELDS.items(), *((n, t) for n, t in _OPTIONAL_FIELDS.items() if n in hj)):
         v = hj[name]
         if isinstance(v, bool) or not isinstance(v, types):
@@ -499,9 +540,17 @@ def _validate_header_fields(hj: Any, limits: Limits) -> ArtifactHeader:
         raise ArtifactFormatError(f"not a kvagent artifact: format is {hj['format']!r:.40}")
     if hj["format_version"] != FORMAT_VERSION:
         raise ArtifactFormatError(
-            f"artifact format version {hj['format_version']} is not supported by this kvagent (reads {FORMAT_VERSION})"
+            f"artifact format version {hj['format_version']} is not supported by this kvagent (reads "
+            f"{FORMAT_VERSION})"
         )
-    for name in ("key", "model_fingerprint", "tokenizer_fingerprint", "template_hash", "payload_sha256", "content_sha256"):
+    for name in (
+        "key",
+        "model_fingerprint",
+        "tokenizer_fingerprint",
+        "template_hash",
+        "payload_sha256",
+        "content_sha256",
+    ):
         if not _HEX64.match(hj[name]):
             raise ArtifactFormatError(f"kvagent header field {name!r} is not a sha256 hex digest")
     if hj["dtype"] not in _DTYPES:
@@ -513,7 +562,9 @@ def _validate_header_fields(hj: Any, limits: Limits) -> ArtifactHeader:
     if not 0 <= hj["position_offset"] < (1 << 31):
         raise ArtifactFormatError("position_offset out of range")
     if not 0 <= hj["payload_bytes"] <= limits.max_payload_bytes:
-        raise ArtifactTooLargeError(f"payload of {hj['payload_bytes']} bytes exceeds the {limits.max_payload_bytes}-byte limit")
+        raise ArtifactTooLargeError(
+            f"payload of {hj['payload_bytes']} bytes exceeds the {limits.max_payload_bytes}-byte limit"
+        )
     if hj["publisher"] is not None and len(hj["publisher"]) > limits.max_publisher_len:
         raise ArtifactFormatError("publisher name too long")
     if not math.isfinite(hj["created_at"]):
@@ -523,7 +574,11 @@ def _validate_header_fields(hj: Any, limits: Limits) -> ArtifactHeader:
         isinstance(lay[k], int) and not isinstance(lay[k], bool) for k in lay
     ):
         raise ArtifactFormatError("layout must hold integer num_layers, num_kv_heads and head_dim")
-    if not (0 < lay["num_layers"] <= limits.max_layers and 0 < lay["num_kv_heads"] <= 4096 and 0 < lay["head_dim"] <= 4096):
+    if not (
+        0 < lay["num_layers"] <= limits.max_layers
+        and 0 < lay["num_kv_heads"] <= 4096
+        and 0 < lay["head_dim"] <= 4096
+    ):
         raise ArtifactFormatError(f"layout {lay} is out of range")
     return ArtifactHeader(**{**hj, "layout": KVLayout(**lay), "created_at": float(hj["created_at"])})
 
@@ -534,7 +589,9 @@ def _validate_entries(st: dict[str, Any], h: ArtifactHeader, data_len: int) -> d
     if set(st) != expected:
         unexpected = sorted(set(st) - expected)[:3]
         missing = sorted(expected - set(st))[:3]
-        raise ArtifactFormatError(f"artifact tensors do not match its layout: missing {missing}, unexpected {unexpected}")
+        raise ArtifactFormatError(
+            f"artifact tensors do not match its layout: missing {missing}, unexpected {unexpected}"
+        )
     kv_dtype = _DTYPES[h.dtype]
     kv_shape = (1, h.layout.num_kv_heads, h.token_count, h.layout.head_dim)
     entries: dict[str, _Entry] = {}
@@ -562,7 +619,9 @@ def _validate_entries(st: dict[str, Any], h: ArtifactHeader, data_len: int) -> d
         start, end = offs
         itemsize = dt.itemsize
         if end - start != math.prod(shape) * itemsize or end > data_len:
-            raise ArtifactFormatError(f"tensor {name!r} offsets {offs} do not fit its shape or the data section")
+            raise ArtifactFormatError(
+                f"tensor {name!r} offsets {offs} do not fit its shape or the data section"
+            )
         if start % itemsize:
             raise ArtifactFormatError(f"tensor {name!r} is misaligned")
         entries[name] = _Entry(dtype=dt, shape=tuple(shape), start=start, end=end)

@@ -77,7 +77,9 @@ class Verdict:
     reason: str | None  # why the registry is skipped (None when allowed)
 
 
-def on_failure(state: BreakerState | None, now: float, policy: BreakerPolicy, error: str = "") -> BreakerState:
+def on_failure(
+    state: BreakerState | None, now: float, policy: BreakerPolicy, error: str = ""
+) -> BreakerState:
     failures = 1 if state is None else state.failures + 1
     since = now if state is None else state.failing_since
     return BreakerState(since, failures, now + policy.backoff(failures), 0.0, error[:300])
@@ -96,7 +98,8 @@ def verdict(state: BreakerState | None, now: float) -> Verdict:
 
 
 def skipped(state: BreakerState) -> str:
-    """The start of the reason a read gives for skipping the registry: "registry skipped: failing since … (n failures"."""
+    """The start of the reason a read gives for skipping the registry: "registry skipped: failing since … (n
+    failures"."""
     since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(state.failing_since))
     return f"registry skipped: failing since {since} ({state.failures} failure{'s' * (state.failures > 1)}"
 
@@ -178,7 +181,8 @@ class RegistryBreaker:
         if url.rstrip("/") not in self._probing:
             return self._timed(url, call, deadline)
         # the half-open probe: it runs aside and the read waits for it only briefly, so a registry that still
-        # stalls costs this read PROBE_WAIT_S, not the probe's deadline; a recovered one answers well within it
+        # stalls costs this read PROBE_WAIT_S, not the probe's deadline; a recovered one answers well within
+        # it
         outcome: dict[str, Any] = {}
         done = threading.Event()
 
@@ -194,18 +198,23 @@ class RegistryBreaker:
         if not done.wait(PROBE_WAIT_S):
             raw = self.cost.calibration.read()["breakers"].get(url.rstrip("/"))
             head = skipped(BreakerState.from_json(raw)) if raw else "registry skipped: failing"
-            raise RegistrySkippedError(f"{head}; its probe got no answer in {PROBE_WAIT_S:g} s and goes on in the background)")
+            raise RegistrySkippedError(
+                f"{head}; its probe got no answer in {PROBE_WAIT_S:g} s and goes on in the background)"
+            )
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]  # type: ignore[no-any-return]
 
     def _timed(self, url: str, call: Callable[[float], T], deadline: float) -> T:
-        """``call(deadline)``, its round trip recorded; an unavailable registry opens or extends its breaker."""
+        """``call(deadline)``, its round trip recorded; an unavailable registry opens or extends its
+        breaker."""
         t0 = time.perf_counter()
         try:
             result = call(deadline)
         except RegistryUnavailableError as exc:
-            self.cost.record_lookup(url, time.perf_counter() - t0, ok=False, error=f"{type(exc).__name__}: {exc}")
+            self.cost.record_lookup(
+                url, time.perf_counter() - t0, ok=False, error=f"{type(exc).__name__}: {exc}"
+            )
             raise RegistryUnavailableError(f"{exc} (lookup deadline {deadline:.2f} s)") from exc
         except RegistryError:
             self.cost.record_lookup(url, time.perf_counter() - t0, ok=True)

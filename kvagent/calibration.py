@@ -129,14 +129,17 @@ def _identifiable(cols: Sequence[int], pts: Sequence[tuple[Row, float, float]]) 
         ratios = [r[j] / r[i] for r, _, _ in pts if r[i] > 0 and r[j] > 0]
         if len(ratios) < 2 or max(ratios) < MIN_TERM_SPREAD * min(ratios):
             return False
-    points = {tuple(round(math.log(r[j]) / math.log(1.25)) if r[j] > 0 else None for j in cols) for r, _, _ in pts}
+    points = {
+        tuple(round(math.log(r[j]) / math.log(1.25)) if r[j] > 0 else None for j in cols) for r, _, _ in pts
+    }
     return len(points) >= len(cols)
 
 
 def _solve_subset(
     pts: Sequence[tuple[Row, float, float]], cols: Sequence[int], fixed: dict[int, float], rounds: int = 3
 ) -> list[float] | None:
-    """Weighted least squares on log error over ``cols`` (``fixed`` terms held at their values): relative error
+    """Weighted least squares on log error over ``cols`` (``fixed`` terms held at their values): relative
+    error
     first, then ``rounds - 1`` Gauss-Newton rounds that divide by the prediction instead of the measurement,
     so that a prediction half too low weighs as much as one twice too high."""
     coef = _solve_relative(pts, cols, fixed, [y for _, y, _ in pts])
@@ -146,7 +149,9 @@ def _solve_subset(
         preds = [sum(c * f for c, f in zip(coef, r, strict=True)) for r, _, _ in pts]
         if not all(p > 0 for p in preds):
             break
-        coef = _solve_relative(pts, cols, fixed, [math.sqrt(p * y) for p, (_, y, _) in zip(preds, pts, strict=True)])
+        coef = _solve_relative(
+            pts, cols, fixed, [math.sqrt(p * y) for p, (_, y, _) in zip(preds, pts, strict=True)]
+        )
     return coef
 
 
@@ -182,7 +187,10 @@ def _log_residuals(coef: Sequence[float], pts: Sequence[tuple[Row, float, float]
 
 
 def _best_fit(
-    pts: Sequence[tuple[Row, float, float]], prefer: Sequence[Sequence[int]], fixed_col: int | None, cap: float
+    pts: Sequence[tuple[Row, float, float]],
+    prefer: Sequence[Sequence[int]],
+    fixed_col: int | None,
+    cap: float,
 ) -> tuple[list[float], float, int, tuple[int, ...]] | None:
     """(coef, weighted mean squared log residual, terms) of the best identifiable subset, by a BIC-like score
     (each term must pay for itself in fit), the fixed term capped at ``cap`` seconds."""
@@ -194,7 +202,8 @@ def _best_fit(
             continue
         coef = _solve_subset(pts, cols, {})
         if coef is not None and fixed_col is not None and fixed_col in cols and coef[fixed_col] > cap:
-            coef = _solve_subset(pts, cols, {fixed_col: cap})  # the fixed term never exceeds the fastest sample
+            # the fixed term never exceeds the fastest sample
+            coef = _solve_subset(pts, cols, {fixed_col: cap})
         if coef is None or sum(coef) <= 0:
             continue
         res = _log_residuals(coef, pts)
@@ -208,9 +217,13 @@ def _best_fit(
 
 
 def _inliers(
-    pts: Sequence[tuple[Row, float, float]], prefer: Sequence[Sequence[int]], fixed_col: int | None, cap: float
+    pts: Sequence[tuple[Row, float, float]],
+    prefer: Sequence[Sequence[int]],
+    fixed_col: int | None,
+    cap: float,
 ) -> list[tuple[Row, float, float]]:
-    """``pts`` without its outliers: samples whose leave-one-out log residual (the best fit of the others, so an
+    """``pts`` without its outliers: samples whose leave-one-out log residual (the best fit of the others, so
+    an
     outlier cannot hide in a term it pulled towards itself) is beyond OUTLIER_FACTOR and 3 robust standard
     deviations. Nothing is left out of fewer than 4 samples, nor more than a third of them."""
     if len(pts) < 4:
@@ -238,7 +251,8 @@ def fit_model(
     """Fit ``y = coef · row`` (non-negative terms) on relative error, robustly and identifiably.
 
     Only the column subsets in ``prefer`` that the samples can tell apart (together with the first, the plain
-    rate) are tried (``_identifiable``: with samples from one length, only the plain rate); the subset with the best BIC-like score wins, ties going to
+    rate) are tried (``_identifiable``: with samples from one length, only the plain rate); the subset with
+    the best BIC-like score wins, ties going to
     the earlier one. The fixed column ``fixed_col`` never exceeds the fastest sample. Samples more than
     OUTLIER_FACTOR (and 3 robust standard deviations) off the first fit are left out of a second one.
     """
@@ -283,8 +297,12 @@ def prefill_fit(samples: Sequence[Sequence[Any]]) -> Fit | None:
 
 @functools.lru_cache(maxsize=16)
 def _prefill_fit(samples: tuple[tuple[Any, ...], ...]) -> Fit | None:  # refitted only when the samples change
-    return fit_model([prefill_features(s[0], s[1]) for s in samples], [s[2] for s in samples], PREFILL_SUBSETS,
-                     weights=[PROBE_WEIGHT if len(s) > 3 and s[3] == "p" else 1.0 for s in samples])
+    return fit_model(
+        [prefill_features(s[0], s[1]) for s in samples],
+        [s[2] for s in samples],
+        PREFILL_SUBSETS,
+        weights=[PROBE_WEIGHT if len(s) > 3 and s[3] == "p" else 1.0 for s in samples],
+    )
 
 
 def fit_prefill(samples: Sequence[tuple[float, float, float]]) -> Row | None:
@@ -582,13 +600,18 @@ def link_estimates(data: dict[str, Any], url: str) -> tuple[pol.Estimate | None,
     rtt = pol.Estimate(link["rtt_s"], pol.MEASURED, int(link["rtt_n"])) if link.get("rtt_n") else None
     bps = None
     if link.get("bps_n"):
-        n = int(link["bps_n"])  # spread: the variance of the log throughput, plus a prior that a few samples wash out
-        spread = math.sqrt((float(link.get("bps_lv", 0.0)) * n + PRIOR_SPREAD ** 2 * PRIOR_DOF) / (n + PRIOR_DOF))
+        # spread: the variance of the log throughput, plus a prior that a few samples wash out
+        n = int(link["bps_n"])
+        spread = math.sqrt(
+            (float(link.get("bps_lv", 0.0)) * n + PRIOR_SPREAD**2 * PRIOR_DOF) / (n + PRIOR_DOF)
+        )
         bps = pol.Estimate(link["bps"], pol.MEASURED, n, rel_sd=max(SPREAD_FLOOR, spread))
     return rtt, bps
 
 
-def summary(data: dict[str, Any], lengths: Sequence[int] = (256, 1024, 4096), recent: int = 20) -> dict[str, Any]:
+def summary(
+    data: dict[str, Any], lengths: Sequence[int] = (256, 1024, 4096), recent: int = 20
+) -> dict[str, Any]:
     """A machine-readable view of the contents: fits, predictions and provenance (``calibrate --json``)."""
     out: dict[str, Any] = {"prefill": {}, "load": {}, "links": {}, "breakers": {}}
     for key, entry in data["prefill"].items():
@@ -740,7 +763,8 @@ class CostModel:
         return found or pol.Estimate(n_new / pol.ASSUMED_PREFILL_TOKENS_PER_S, pol.ASSUMED)
 
     def estimate_load(self, nbytes: int) -> pol.Estimate | None:
-        """Seconds to read, check and decode ``nbytes`` of artifact from the local store (None: never measured)."""
+        """Seconds to read, check and decode ``nbytes`` of artifact from the local store (None: never
+        measured)."""
         return load_estimate(self.calibration.read(), self.profile.machine, nbytes)
 
     def _verify_fraction(self, covered: int) -> float:
@@ -768,9 +792,13 @@ class CostModel:
             if found is not None:
                 fill["prefill_s"] = found
                 if covered < n and req.rest_prefill_s is None:
-                    fill["rest_prefill_s"] = prefill_estimate(data, self.profile.key, n - covered, past + covered)
+                    fill["rest_prefill_s"] = prefill_estimate(
+                        data, self.profile.key, n - covered, past + covered
+                    )
         if req.remote_artifact:
-            nbytes = req.artifact_bytes if req.artifact_bytes is not None else covered * (req.bytes_per_token or 0)
+            nbytes = (
+                req.artifact_bytes if req.artifact_bytes is not None else covered * (req.bytes_per_token or 0)
+            )
             if req.load_s is None:
                 fill["load_s"] = load_estimate(data, self.profile.machine, nbytes)
             if req.verify_s is None:
@@ -789,7 +817,9 @@ class CostModel:
         """Seconds to wait for registry metadata before prefilling ``n_tokens`` instead."""
         rtt = link_estimates(self.calibration.read(), url)[0] if url else None
         deadline = pol.lookup_deadline(
-            self.estimate_prefill(n_tokens).value, rtt_s=rtt.value if rtt else None, ceiling=self.client_timeout_s
+            self.estimate_prefill(n_tokens).value,
+            rtt_s=rtt.value if rtt else None,
+            ceiling=self.client_timeout_s,
         )
         if url is not None and self._breaker is not None and self._breaker.probing(url):
             deadline = min(deadline, PROBE_LOOKUP_DEADLINE_S)
@@ -837,7 +867,8 @@ class CostModel:
     def record_outcome(self, outcome: Outcome) -> None:
         """A read, prompt or chat took ``outcome.actual_s`` where ``outcome.predicted_s`` was predicted.
 
-        Observers hear of it at once; the file gets it from a background writer (batched, at most one write per
+        Observers hear of it at once; the file gets it from a background writer (batched, at most one write
+        per
         ``OUTCOME_FLUSH_S``), so a warm read never waits for a file write. ``flush_outcomes`` writes now.
         """
         if not (outcome.predicted_s > 0 and outcome.actual_s > 0 and outcome.kind in OUTCOME_KINDS):
@@ -853,7 +884,9 @@ class CostModel:
             self._outcomes.append(row)
             del self._outcomes[:-MAX_OUTCOMES]
             if self._writer is None:
-                self._writer = threading.Thread(target=self._write_outcomes, daemon=True, name="kvagent-outcomes")
+                self._writer = threading.Thread(
+                    target=self._write_outcomes, daemon=True, name="kvagent-outcomes"
+                )
                 self._writer.start()
 
     def _write_outcomes(self) -> None:
@@ -904,8 +937,13 @@ class CostModel:
         if not ok:
             self.record_failure(url, error)
             return
-        self._link(url, lambda link: link.update(
-            rtt_s=ewma(link.get("rtt_s"), int(link.get("rtt_n", 0)), seconds), rtt_n=link.get("rtt_n", 0) + 1))
+        self._link(
+            url,
+            lambda link: link.update(
+                rtt_s=ewma(link.get("rtt_s"), int(link.get("rtt_n", 0)), seconds),
+                rtt_n=link.get("rtt_n", 0) + 1,
+            ),
+        )
 
     def record_download(self, url: str, nbytes: int, seconds: float) -> None:
         """A blob of ``nbytes`` came from ``url`` in ``seconds``: update its throughput, close its breaker."""
@@ -941,7 +979,8 @@ class CostModel:
         return self.profile.key in self.calibration.read()["prefill"]
 
     def ensure_probed(self, run: Callable[[int], object], budget_s: float = PROBE_BUDGET_S) -> bool:
-        """Probe prefill (``run(n)`` prefills n tokens) when this machine has no history; True if it probed."""
+        """Probe prefill (``run(n)`` prefills n tokens) when this machine has no history; True if it
+        probed."""
         if self.params.prefill_tokens_per_s is not None or self.has_history():
             return False
         samples = probe_prefill(run, budget_s)

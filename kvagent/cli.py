@@ -47,21 +47,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvagent", description="Read a document once; answer from its cached KV.")
-    p.add_argument("--model", help="model: 'smollm2' (embedded, default), a local HF directory, or a cached hub id")
-    p.add_argument("--cache-dir", help="KV cache directory (default: KVAGENT_CACHE_DIR or the user cache dir)")
+    p = argparse.ArgumentParser(
+        prog="kvagent", description="Read a document once; answer from its cached KV."
+    )
+    p.add_argument(
+        "--model", help="model: 'smollm2' (embedded, default), a local HF directory, or a cached hub id"
+    )
+    p.add_argument(
+        "--cache-dir", help="KV cache directory (default: KVAGENT_CACHE_DIR or the user cache dir)"
+    )
     p.add_argument("--registry", help="registry URL (default: KVAGENT_REGISTRY_URL; none means local only)")
     p.add_argument("--token", help="registry bearer token (default: KVAGENT_REGISTRY_TOKEN)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log cache decisions (-vv for debug)")
-    p.add_argument("--max-price-per-load", type=int, default=None, metavar="MICROS",
-                   help="never buy a registry load above this (micro-units; default: KVAGENT_MAX_PRICE_PER_LOAD)")
+    p.add_argument(
+        "--max-price-per-load",
+        type=int,
+        default=None,
+        metavar="MICROS",
+        help="never buy a registry load above this (micro-units; default: KVAGENT_MAX_PRICE_PER_LOAD)",
+    )
     p.add_argument("--budget", type=int, default=None, metavar="MICROS",
                    help="spend at most this on purchases in this run (default: KVAGENT_BUDGET)")
     p.add_argument("--prefill-cost-per-token", type=int, default=None, metavar="MICROS",
                    help="what a local prefill costs you per token (default 5, the paper's $5/M tokens)")
-    p.add_argument("--allow-context-overflow", action="store_true",
-                   help="read documents longer than the model's context (only for models known to extrapolate; "
-                        "default: KVAGENT_ALLOW_CONTEXT_OVERFLOW or refuse)")
+    p.add_argument(
+        "--allow-context-overflow",
+        action="store_true",
+        help="read documents longer than the model's context (only for models known to extrapolate; "
+        "default: KVAGENT_ALLOW_CONTEXT_OVERFLOW or refuse)",
+    )
     sub = p.add_subparsers(dest="command")
 
     d = sub.add_parser("demo", help="offline demo on the embedded model: read once, answer from the cache")
@@ -73,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print a JSON record")
     r.set_defaults(func=cmd_read)
 
-    a = sub.add_parser("ask", help="ask questions about a file (its KV is read from the cache or prefilled once)")
+    a = sub.add_parser(
+        "ask", help="ask questions about a file (its KV is read from the cache or prefilled once)"
+    )
     a.add_argument("file", type=Path)
     a.add_argument("questions", nargs="+")
     a.add_argument("--max-new-tokens", type=int, default=128)
@@ -108,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     rm.set_defaults(func=cmd_cache_rm)
     csub.add_parser("clear", help="remove every cached artifact").set_defaults(func=cmd_cache_clear)
 
-    srv = sub.add_parser("serve", help="run the registry/host server (see docs/registry-api.md)", add_help=False)
+    srv = sub.add_parser(
+        "serve", help="run the registry/host server (see docs/registry-api.md)", add_help=False
+    )
     srv.add_argument("rest", nargs=argparse.REMAINDER)
     srv.set_defaults(func=cmd_serve)
 
@@ -126,7 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     bal = asub.add_parser("balance", help="your balance in integer micro-units")
     bal.add_argument("--json", action="store_true")
     bal.set_defaults(func=cmd_account_balance)
-    stm = asub.add_parser("statement", help="purchases and sales per artifact: loads, amounts, royalties, refunds")
+    stm = asub.add_parser(
+        "statement", help="purchases and sales per artifact: loads, amounts, royalties, refunds"
+    )
     stm.add_argument("--json", action="store_true")
     stm.set_defaults(func=cmd_account_statement)
     cre = asub.add_parser("credit", help="credit PRINCIPAL with AMOUNT micro-units (admin token only)")
@@ -150,7 +170,9 @@ def _parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="measure prefill, load and registry costs for the cost policy")
     cal.add_argument("--show", action="store_true", help="print what is stored; measure nothing")
     cal.add_argument("--json", action="store_true", help="print a JSON record")
-    cal.add_argument("--lengths", default="128,512,1024", help="prefill lengths to time (default 128,512,1024)")
+    cal.add_argument(
+        "--lengths", default="128,512,1024", help="prefill lengths to time (default 128,512,1024)"
+    )
     cal.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("economics", help="cost of re-prefill vs reuse vs shipping vs hosting", add_help=False)
@@ -207,13 +229,18 @@ def _agent(args: argparse.Namespace) -> Iterator[Any]:
 
 def _info_line(info: Any) -> str:
     if info.status == "prefill":
-        return f"miss → prefilled {info.prefilled_tokens} tokens in {info.prefill_seconds:.2f}s ({info.reason})"
+        return (
+            f"miss → prefilled {info.prefilled_tokens} tokens in {info.prefill_seconds:.2f}s ({info.reason})"
+        )
     if info.status == "local":
-        return f"hit (local store): {info.cached_tokens} tokens loaded in {info.load_seconds * 1000:.0f} ms, checksum verified"
+        ms = info.load_seconds * 1000
+        return f"hit (local store): {info.cached_tokens} tokens loaded in {ms:.0f} ms, checksum verified"
     if info.status == "prefix":
-        return f"prefix hit: {info.cached_tokens} tokens reused, {info.prefilled_tokens} prefilled ({info.reason})"
+        return (f"prefix hit: {info.cached_tokens} tokens reused, {info.prefilled_tokens} prefilled "
+                f"({info.reason})")
     if info.status == "remote":
-        return f"hit (registry): {info.cached_tokens} tokens fetched ({info.bytes_read / 1e6:.1f} MB), verified ({info.reason})"
+        return (f"hit (registry): {info.cached_tokens} tokens fetched ({info.bytes_read / 1e6:.1f} MB), "
+                f"verified ({info.reason})")
     if info.status == "remote-generate":
         return f"registry generates from its copy: {info.cached_tokens} tokens ({info.reason})"
     return f"hit (memory): {info.cached_tokens} tokens"
@@ -249,13 +276,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for col in ("agent", "question", "answer", "time to first token"):
             table.add_column(col)
         for i, (q, ans) in enumerate(zip(DEMO_QUESTIONS, answers, strict=True)):
-            table.add_row("A" if i == 0 else "B", q, ans.text or "(empty)", f"{ans.first_token_seconds * 1000:.0f} ms")
+            table.add_row(
+                "A" if i == 0 else "B", q, ans.text or "(empty)", f"{ans.first_token_seconds * 1000:.0f} ms"
+            )
         console.print(table)
         report = agent_b.verify(doc_b, DEMO_QUESTIONS[0])
-        verdict = "[green]token-exact[/]" if report.exact else f"[red]DIVERGED at token {report.first_divergence}[/]"
+        verdict = (
+            "[green]token-exact[/]"
+            if report.exact
+            else f"[red]DIVERGED at token {report.first_divergence}[/]"
+        )
         console.print(
             f"verify: {report.compared_tokens} greedy tokens after reuse vs full prefill: {verdict}\n"
-            f"reading the document: prefill {cold:.2f}s vs cache hit {warm:.3f}s ({cold / max(warm, 1e-9):.0f}x faster)"
+            f"reading the document: prefill {cold:.2f}s vs cache hit {warm:.3f}s "
+            f"({cold / max(warm, 1e-9):.0f}x faster)"
         )
         agent_b.close()
         return 0 if report.exact else 1
@@ -265,7 +299,11 @@ def cmd_read(args: argparse.Namespace) -> int:
     with _agent(args) as agent:
         doc = agent.read(args.file)
         if args.json:
-            print(json.dumps({"key": doc.key, "tokens": doc.n_tokens, "source": doc.source, "cache": asdict(doc.cache)}))
+            print(
+                json.dumps(
+                    {"key": doc.key, "tokens": doc.n_tokens, "source": doc.source, "cache": asdict(doc.cache)}
+                )
+            )
         else:
             _console().print(f"{doc.source}: {doc.n_tokens} tokens, key {doc.key}\n{_info_line(doc.cache)}")
     return 0
@@ -281,8 +319,18 @@ def cmd_ask(args: argparse.Namespace) -> int:
         for q in args.questions:
             if args.json:
                 ans = agent.ask(doc, q, **gen)
-                print(json.dumps({"question": q, "answer": ans.text, "key": doc.key, "read": asdict(doc.cache),
-                                  "finish_reason": ans.finish_reason, "first_token_seconds": ans.first_token_seconds}))
+                print(
+                    json.dumps(
+                        {
+                            "question": q,
+                            "answer": ans.text,
+                            "key": doc.key,
+                            "read": asdict(doc.cache),
+                            "finish_reason": ans.finish_reason,
+                            "first_token_seconds": ans.first_token_seconds,
+                        }
+                    )
+                )
             elif args.no_stream:
                 ans = agent.ask(doc, q, **gen)
                 console.print(f"[bold]Q:[/] {q}\n[bold]A:[/] {ans.text}\n")
@@ -391,7 +439,9 @@ def cmd_db(args: argparse.Namespace) -> int:
     try:
         from .server.ops_cli import db_main
     except ImportError as exc:
-        raise KVAgentError(f"kvagent db needs the server extra: pip install 'kvagent[server]' ({exc})") from exc
+        raise KVAgentError(
+            f"kvagent db needs the server extra: pip install 'kvagent[server]' ({exc})"
+        ) from exc
     return db_main(args.rest)
 
 
@@ -399,7 +449,9 @@ def cmd_token(args: argparse.Namespace) -> int:
     try:
         from .server.ops_cli import token_main
     except ImportError as exc:
-        raise KVAgentError(f"kvagent token needs the server extra: pip install 'kvagent[server]' ({exc})") from exc
+        raise KVAgentError(
+            f"kvagent token needs the server extra: pip install 'kvagent[server]' ({exc})"
+        ) from exc
     return token_main(args.rest)
 
 
@@ -454,9 +506,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         table.add_row(f"local load [dim]({machine})[/]", rate, f"measured {ld['samples']}x")
     for url, link in stored["links"].items():
         if link.get("rtt_n"):
-            table.add_row(f"round trip {url}", f"{link['rtt_s'] * 1000:.1f} ms", f"measured {int(link['rtt_n'])}x")
+            table.add_row(
+                f"round trip {url}", f"{link['rtt_s'] * 1000:.1f} ms", f"measured {int(link['rtt_n'])}x"
+            )
         if link.get("bps_n"):
-            table.add_row(f"download {url}", f"{link['bps'] / 1e6:.1f} MB/s", f"measured {int(link['bps_n'])}x")
+            table.add_row(
+                f"download {url}", f"{link['bps'] / 1e6:.1f} MB/s", f"measured {int(link['bps_n'])}x"
+            )
     for url, b in stored["breakers"].items():
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(b["failing_since"]))
         table.add_row(f"breaker {url}", f"open, {b['failures']} failures", f"failing since {since}")
@@ -468,12 +524,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _print_prediction_errors(console: Any, stored: dict[str, Any]) -> None:
-    """The recent reads, prompts and chats against what the cost model predicted for them (actual / predicted)."""
+    """The recent reads, prompts and chats against what the cost model predicted for them (actual /
+    predicted)."""
     from rich.table import Table
 
     errors = stored["prediction_errors"]
     if not errors.get("count"):
-        console.print("prediction errors: no read, prompt or chat has been checked against its prediction yet")
+        console.print(
+            "prediction errors: no read, prompt or chat has been checked against its prediction yet"
+        )
         return
     dist = Table(title=f"prediction errors (actual / predicted) of the last {errors['count']} decisions")
     for col in ("path", "count", "within 2x", "median", "p10", "p90", "worst"):
@@ -486,8 +545,16 @@ def _print_prediction_errors(console: Any, stored: dict[str, Any]) -> None:
     for col in ("when (UTC)", "kind", "path", "tokens", "past", "predicted", "actual", "ratio"):
         recent.add_column(col)
     for o in stored["recent_outcomes"]:
-        recent.add_row(time.strftime("%H:%M:%S", time.gmtime(o["t"])), o["kind"], o["path"], str(o["tokens"]),
-                       str(o["past"]), f"{o['predicted_s']:.3f} s", f"{o['actual_s']:.3f} s", f"{o['ratio']:.2f}")
+        recent.add_row(
+            time.strftime("%H:%M:%S", time.gmtime(o["t"])),
+            o["kind"],
+            o["path"],
+            str(o["tokens"]),
+            str(o["past"]),
+            f"{o['predicted_s']:.3f} s",
+            f"{o['actual_s']:.3f} s",
+            f"{o['ratio']:.2f}",
+        )
     console.print(recent)
 
 
@@ -525,8 +592,10 @@ def cmd_account_credit(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         again = " (a replay: nothing new credited)" if out.get("replayed") else ""
-        print(f"credited {out['credited']} {out['currency']} to {out['principal']} (receipt {out['receipt']}); "
-              f"balance {out['balance']}{again}")
+        print(
+            f"credited {out['credited']} {out['currency']} to {out['principal']} (receipt {out['receipt']}); "
+            f"balance {out['balance']}{again}"
+        )
     return 0
 
 

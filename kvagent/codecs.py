@@ -10,7 +10,8 @@
 
 Encoded layout of the non-raw codecs (all integers little-endian)::
 
-    magic "KVC1" | codec id u8 | n_parts u8 | n_parts x (mode u8, stored length u64, decoded length u64) | parts
+    magic "KVC1" | codec id u8 | n_parts u8 | n_parts x (mode u8, stored length u64, decoded length u64) |
+    parts
 
 Decoding checks every length against the dtype and shape the caller expects before it allocates or
 decompresses (zstd output is capped at the expected size), and raises ArtifactFormatError on any mismatch.
@@ -33,7 +34,8 @@ _MAGIC = b"KVC1"
 _PART = struct.Struct("<BQQ")
 _RAW, _ZSTD = 0, 1
 _IDS = {"zstd": 1, "bplane-zstd": 2, "int8": 3}
-#: zstd level of the byte planes; level 1 both compresses the exponent plane better and decodes faster than 3 here.
+# : zstd level of the byte planes; level 1 both compresses the exponent plane better and decodes faster than 3
+# here.
 BPLANE_LEVEL = 1
 _pool: ThreadPoolExecutor | None = None
 
@@ -42,7 +44,8 @@ _inner: ThreadPoolExecutor | None = None
 
 
 def _sub_pool() -> ThreadPoolExecutor:
-    """A second pool for the planes of one large tensor (never the pool that runs whole tensors: no deadlock)."""
+    """A second pool for the planes of one large tensor (never the pool that runs whole tensors: no
+    deadlock)."""
     global _inner
     if _inner is None:
         _inner = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvagent-codec-part")
@@ -86,7 +89,9 @@ def _unpack(buf: memoryview, codec: str, expected: list[int]) -> list[bytes | me
     for i, want in enumerate(expected):
         mode, stored, decoded = _PART.unpack_from(buf, 6 + i * _PART.size)
         if decoded != want or mode not in (_RAW, _ZSTD) or pos + stored > len(buf):
-            raise ArtifactFormatError(f"{codec} part {i} declares {decoded} bytes in {stored}; expected {want}")
+            raise ArtifactFormatError(
+                f"{codec} part {i} declares {decoded} bytes in {stored}; expected {want}"
+            )
         if mode == _RAW and stored != want:
             raise ArtifactFormatError(f"{codec} raw part {i} is {stored} bytes, expected {want}")
         jobs.append((mode, buf[pos : pos + stored], want))
@@ -134,7 +139,11 @@ def _raw_decode(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> 
     want = math.prod(shape) * _itemsize(dtype)
     if len(buf) != want:
         raise ArtifactFormatError(f"raw tensor data is {len(buf)} bytes, expected {want}")
-    return torch.frombuffer(bytearray(buf), dtype=dtype).reshape(shape) if want else torch.empty(shape, dtype=dtype)
+    return (
+        torch.frombuffer(bytearray(buf), dtype=dtype).reshape(shape)
+        if want
+        else torch.empty(shape, dtype=dtype)
+    )
 
 
 # -- zstd ----------------------------------------------------------------------------------------------
@@ -145,13 +154,21 @@ def _zstd_encode(t: torch.Tensor) -> bytes:
 def _zstd_decode(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     want = math.prod(shape) * _itemsize(dtype)
     (data,) = _unpack(buf, "zstd", [want])
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if want else torch.empty(shape, dtype=dtype)
+    return (
+        torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+        if want
+        else torch.empty(shape, dtype=dtype)
+    )
 
 
 # -- byte planes + zstd --------------------------------------------------------------------------------
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
     """[1, H, S, D] -> [H, D, S]: one channel's values over the sequence become contiguous."""
-    return t.detach().reshape(t.shape[-3], t.shape[-2], t.shape[-1]).transpose(1, 2).contiguous() if t.dim() == 4 else t
+    return (
+        t.detach().reshape(t.shape[-3], t.shape[-2], t.shape[-1]).transpose(1, 2).contiguous()
+        if t.dim() == 4
+        else t
+    )
 
 
 def _bplane_encode(t: torch.Tensor) -> bytes:

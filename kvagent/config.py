@@ -119,9 +119,11 @@ class Config:
     local_only: bool = _opt(True, env="KVAGENT_LOCAL_ONLY", parse=_env_bool)  # default: no registry_url
     # seconds each registry request may take (None: the client's, 3 s to connect and 20 s to read)
     registry_timeout: float | None = _opt(None, env="KVAGENT_REGISTRY_TIMEOUT", parse=_env_float)
-    registry_attempts: int = _opt(3, env="KVAGENT_REGISTRY_ATTEMPTS", parse=_env_int)  # tries per registry request
+    # tries per registry request
+    registry_attempts: int = _opt(3, env="KVAGENT_REGISTRY_ATTEMPTS", parse=_env_int)
     publisher: str | None = _opt(None, env="KVAGENT_PUBLISHER")
-    publish: bool | str = _opt(False)  # publish what is computed: True ("restricted"), "public" or "restricted"
+    # publish what is computed: True ("restricted"), "public" or "restricted"
+    publish: bool | str = _opt(False)
     policy: PolicyParams | None = _opt(None)  # the cost policy's settings (None: kvagent.policy's defaults)
     # money, integer micro-units: None = no limit
     max_price_per_load: int | None = _opt(None, env="KVAGENT_MAX_PRICE_PER_LOAD", parse=_env_money)
@@ -185,7 +187,13 @@ class Config:
         if self.trusted_keys is not None:
             keys = (self.trusted_keys,) if isinstance(self.trusted_keys, str) else self.trusted_keys
             norm["trusted_keys"] = tuple(str(k) for k in keys)
-        if isinstance(self.calibration, str) and self.calibration.lower() in ("0", "false", "no", "off", "none"):
+        if isinstance(self.calibration, str) and self.calibration.lower() in (
+            "0",
+            "false",
+            "no",
+            "off",
+            "none",
+        ):
             norm["calibration"] = False
         cfg = replace(self, **norm)
         if cfg.dtype not in (None, "float32", "float16", "bfloat16"):
@@ -199,7 +207,9 @@ class Config:
         if cfg.registry_timeout is not None and not cfg.registry_timeout > 0:
             raise ConfigError(f"registry_timeout must be positive seconds, got {cfg.registry_timeout!r}")
         if cfg.registry_attempts < 1:
-            raise ConfigError(f"registry_attempts counts tries and must be at least 1, got {cfg.registry_attempts}")
+            raise ConfigError(
+                f"registry_attempts counts tries and must be at least 1, got {cfg.registry_attempts}"
+            )
         if cfg.block_size <= 0:
             raise ConfigError("block_size must be positive")
         if cfg.prefill_chunk_size is not None and cfg.prefill_chunk_size <= 0:

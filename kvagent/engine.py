@@ -57,7 +57,11 @@ class GenerationParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise EngineError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+        if not (
+            isinstance(self.temperature, (int, float))
+            and math.isfinite(self.temperature)
+            and self.temperature >= 0
+        ):
             raise EngineError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise EngineError(f"top_k must be an integer >= 0, got {self.top_k!r}")
@@ -81,7 +85,9 @@ class Engine(Protocol):
 
     def prefill(self, token_ids: Sequence[int], progress: LayerProgress | None = None) -> KVCache: ...
 
-    def stream(self, kv: KVCache | None, token_ids: Sequence[int], params: GenerationParams) -> Iterator[int]: ...
+    def stream(
+        self, kv: KVCache | None, token_ids: Sequence[int], params: GenerationParams
+    ) -> Iterator[int]: ...
 
 
 class TransformersEngine:
@@ -178,7 +184,8 @@ class TransformersEngine:
         return cache
 
     def forward(self, cache: Any, **inputs: Any) -> Any:
-        """One model call that reads and extends ``cache`` (from :meth:`new_cache`); returns the model output."""
+        """One model call that reads and extends ``cache`` (from :meth:`new_cache`); returns the model
+        output."""
         with self.lock:
             return self.model(**inputs, use_cache=True, **{self.cache_arg: cache})
 
@@ -202,12 +209,16 @@ class TransformersEngine:
             k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
             if k is None or v is None or k.dim() != 4 or k.shape[2] != n or v.shape[2] != n:
                 raise UnsupportedModelError(
-                    f"layer {i} of {type(self.model).__name__} keeps {type(layer).__name__} state that is not the "
-                    f"full K/V of all {n} tokens (sliding window or recurrent state); kvagent cannot capture it exactly"
+                    f"layer {i} of {type(self.model).__name__} keeps {type(layer).__name__} state that is "
+                    "not the "
+                    f"full K/V of all {n} tokens (sliding window or recurrent state); kvagent cannot capture "
+                    "it exactly"
                 )
             keys.append(k)
             values.append(v)
-        return KVCache(keys=tuple(keys), values=tuple(values), token_ids=ids.detach().to("cpu", torch.int64).clone())
+        return KVCache(
+            keys=tuple(keys), values=tuple(values), token_ids=ids.detach().to("cpu", torch.int64).clone()
+        )
 
     # -- decoding -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -240,7 +251,8 @@ class TransformersEngine:
             out = self.forward(cache, input_ids=step_input, logits_to_keep=1)
             if step == 0 and on_prompt is not None:
                 prompt = ids[0].cpu() if kv is None else torch.cat([kv.token_ids, ids[0].cpu()])
-                on_prompt(self.extract(cache, prompt))  # views of this step's tensors; later steps replace them
+                # views of this step's tensors; later steps replace them
+                on_prompt(self.extract(cache, prompt))
             nxt = pick_token(out.logits[0, -1].float().cpu(), params, gen)
             yield nxt
             if nxt in stops:
@@ -259,7 +271,9 @@ class TransformersEngine:
     # -- helpers --------------------------------------------------------------------------
     def check_ids(self, token_ids: Sequence[int]) -> torch.Tensor:
         """``token_ids`` as a ``(1, n)`` tensor on the model's device (EngineError: empty, out of vocab)."""
-        ids = torch.as_tensor(list(token_ids) if not isinstance(token_ids, torch.Tensor) else token_ids, dtype=torch.long)
+        ids = torch.as_tensor(
+            list(token_ids) if not isinstance(token_ids, torch.Tensor) else token_ids, dtype=torch.long
+        )
         if ids.dim() != 1 or ids.numel() == 0:
             raise EngineError("token_ids must be a non-empty flat sequence of ints")
         vocab = self.config.get_text_config(decoder=True).vocab_size
@@ -271,7 +285,8 @@ class TransformersEngine:
         """EngineError unless ``kv`` has this model's layout and dtype."""
         if kv.layout != self.layout or kv.dtype != self.dtype:
             raise EngineError(
-                f"KV of layout {kv.layout} / {kv.dtype} does not fit this model ({self.layout} / {self.dtype})"
+                f"KV of layout {kv.layout} / {kv.dtype} does not fit this model ({self.layout} / "
+                f"{self.dtype})"
             )
 
 

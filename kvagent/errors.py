@@ -20,7 +20,7 @@
         │   └── RegistrySkippedError  not asked: its circuit breaker is open (kvagent.calibration)
         ├── RegistryAuthError         401 / 403
         ├── RegistryPaymentRequiredError  402: price above the stated maximum or the balance (never retried)
-        ├── RegistryNotImplementedError   501: this registry does not offer the call (e.g. no model to generate)
+        ├── RegistryNotImplementedError   501: this registry does not offer the call (no model to generate)
         ├── RegistryConflictError     409
         ├── RegistryRejectedError     413 / 422
         └── RegistryProtocolError     malformed or unexpected response
@@ -130,7 +130,8 @@ class RegistryPaymentRequiredError(RegistryError):
 
 
 class RegistryNotImplementedError(RegistryError):
-    """The registry does not offer this call (501), e.g. remote generation on a registry that hosts no model."""
+    """The registry does not offer this call (501), e.g. remote generation on a registry that hosts no
+    model."""
 
 
 class RegistryConflictError(RegistryError):

@@ -35,7 +35,9 @@ _pool: ThreadPoolExecutor | None = None
 def _executor() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="kvagent-hash")
+        _pool = ThreadPoolExecutor(
+            max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="kvagent-hash"
+        )
     return _pool
 
 
@@ -68,12 +70,14 @@ def tree_digests(sequences: Sequence[Sequence[Buffer]], chunk_size: int = CHUNK_
 
 
 def local_digest(data: Buffer | Sequence[Buffer], chunk_size: int = CHUNK_SIZE) -> str:
-    """The local store's integrity digest of ``data``: xxh3-128 over the length and the xxh3-128 of each chunk.
+    """The local store's integrity digest of ``data``: xxh3-128 over the length and the xxh3-128 of each
+    chunk.
 
     32 lowercase hex characters. The length is hashed too, so a truncation at a chunk boundary changes it.
     ``data`` may be a list or tuple of buffers: the digest is that of their concatenation, taken without one.
     """
-    parts: Sequence[Buffer] = data if isinstance(data, (list, tuple)) else [cast(Buffer, data)]  # any other buffer is one
+    # any other buffer is one
+    parts: Sequence[Buffer] = data if isinstance(data, (list, tuple)) else [cast(Buffer, data)]
     leaves = _pieces(parts, chunk_size)
     n = sum(len(p) for leaf in leaves for p in leaf)
     root = xxhash.xxh3_128(_LOCAL_TAG + chunk_size.to_bytes(8, "little") + n.to_bytes(8, "little"))
@@ -101,7 +105,8 @@ def _pieces(seq: Sequence[Buffer], chunk_size: int) -> list[list[memoryview]]:
 
 
 def _hash_leaves(leaves: list[list[memoryview]], new: Callable[[], Any]) -> list[bytes]:
-    """The digest of each leaf (the slices it spans) with a fresh ``new()`` hasher, on the pool when there are several."""
+    """The digest of each leaf (the slices it spans) with a fresh ``new()`` hasher, on the pool when there are
+    several."""
     hash_one = functools.partial(_hash_pieces, new)
     return list(_executor().map(hash_one, leaves)) if len(leaves) > 1 else [hash_one(leaf) for leaf in leaves]
 

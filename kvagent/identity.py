@@ -104,7 +104,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 over everything of a tokenizer that maps text to ids: vocabulary/merges, special tokens, chat template."""
+    """sha256 over everything of a tokenizer that maps text to ids: vocabulary/merges, special tokens, chat
+    template."""
     h = hashlib.sha256(b"kvagent-tokenizer\0")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -178,4 +179,6 @@ def salted(ctx: KeyContext, salt: str) -> KeyContext:
     """
     if not salt:
         return ctx
-    return replace(ctx, template_hash=sha256_hex(b"kvagent-salt\0", salt.encode(), b"\0", ctx.template_hash.encode()))
+    return replace(
+        ctx, template_hash=sha256_hex(b"kvagent-salt\0", salt.encode(), b"\0", ctx.template_hash.encode())
+    )

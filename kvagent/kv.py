@@ -37,7 +37,9 @@ class KVCache:
         n = int(self.token_ids.numel())
         for t in (*self.keys, *self.values):
             if t.dim() != 4 or t.shape[0] != 1 or t.shape[2] != n:
-                raise ValueError(f"KV tensor of shape {tuple(t.shape)} does not hold {n} tokens as [1, H, S, D]")
+                raise ValueError(
+                    f"KV tensor of shape {tuple(t.shape)} does not hold {n} tokens as [1, H, S, D]"
+                )
 
     @property
     def n_tokens(self) -> int:

@@ -1,4 +1,5 @@
-"""The records of a walk through the tiers: its settings (``ResolverSettings``), what is asked (``Lookup``) and
+"""The records of a walk through the tiers: its settings (``ResolverSettings``), what is asked (``Lookup``)
+and
 what a tier found (``Candidate``)."""
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ PrefillProgress = Callable[[int, int], None]
 
 @dataclass(eq=False)
 class Lookup:
-    """One resolution's request: its ids and keys, how it may be answered, and its block hashes (computed once).
+    """One resolution's request: its ids and keys, how it may be answered, and its block hashes (computed
+    once).
 
     ``context`` is the (possibly salted) context of the local tiers, ``shared_context`` the registry's
     unsalted one. ``local_tokens`` is set once the local tiers have
@@ -42,14 +44,17 @@ class Lookup:
     defer_save: bool = False
     max_tail: int = 0
     progress: PrefillProgress | None = None
-    compute: bool = True  # False: never prefill; answer with the cached prefix (or nothing) and the rest as tail
+    # False: never prefill; answer with the cached prefix (or nothing) and the rest as tail
+    compute: bool = True
     started: float = field(default_factory=time.perf_counter)
     local_tokens: int = 0
 
     @cached_property
     def shared_key(self) -> str:
         """The read's key under ``shared_context`` (its own key unless it is in a private namespace)."""
-        return self.key if self.shared_context == self.context else document_key(self.shared_context, self.ids)
+        return (
+            self.key if self.shared_context == self.context else document_key(self.shared_context, self.ids)
+        )
 
     @cached_property
     def hashes(self) -> list[str]:

@@ -163,10 +163,14 @@ def merge(postings: Iterable[Posting]) -> list[Posting]:
     return [Posting(a, v) for a, v in out.items() if v != 0]
 
 
-def sale_postings(buyer: str, publisher: str, price: int, commission_bps: int, host_fee: int = 0) -> list[Posting]:
+def sale_postings(
+    buyer: str, publisher: str, price: int, commission_bps: int, host_fee: int = 0
+) -> list[Posting]:
     """One charge: the buyer pays ``price`` (royalty to the publisher, less commission) plus ``host_fee``."""
     share, commission = split_sale(price, commission_bps)
-    return merge([Posting(buyer, -(price + host_fee)), Posting(publisher, share), Posting(HOST, commission + host_fee)])
+    return merge(
+        [Posting(buyer, -(price + host_fee)), Posting(publisher, share), Posting(HOST, commission + host_fee)]
+    )
 
 
 def credit_postings(principal: str, value: int) -> list[Posting]:
@@ -196,10 +200,15 @@ class GenerateBill:
         return self.host_fee + self.royalty
 
 
-def generate_bill(prices: HostPrices, input_tokens: int, cached_tokens: int, output_tokens: int, load_price: int) -> GenerateBill:
+def generate_bill(
+    prices: HostPrices, input_tokens: int, cached_tokens: int, output_tokens: int, load_price: int
+) -> GenerateBill:
     """Bill ``input_tokens`` prefilled, ``cached_tokens`` read from the KV and ``output_tokens`` generated."""
-    fee = (per_mtok(input_tokens, prices.input_per_mtok) + per_mtok(cached_tokens, prices.cached_input_per_mtok)
-           + per_mtok(output_tokens, prices.output_per_mtok))
+    fee = (
+        per_mtok(input_tokens, prices.input_per_mtok)
+        + per_mtok(cached_tokens, prices.cached_input_per_mtok)
+        + per_mtok(output_tokens, prices.output_per_mtok)
+    )
     return GenerateBill(fee, load_price)
 
 
@@ -383,8 +392,11 @@ class Book:
             raise AdjustmentRefused(principal, delta, self.balance(principal))
         return self._post(adjustment_postings(principal, delta))
 
-    def charge(self, buyer: str, publisher: str, key: str, price: int, idem: str, max_price: int | None = None) -> int | None:
-        """The receipt (transaction id) of buying ``key``; ``None`` when free; the same receipt for a repeated ``idem``."""
+    def charge(
+        self, buyer: str, publisher: str, key: str, price: int, idem: str, max_price: int | None = None
+    ) -> int | None:
+        """The receipt (transaction id) of buying ``key``; ``None`` when free; the same receipt for a repeated
+        ``idem``."""
         if (buyer, idem) in self.idempotency:
             return self.idempotency[(buyer, idem)]
         if price == 0 or buyer == publisher:

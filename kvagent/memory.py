@@ -1,4 +1,5 @@
-"""The memory tier: this process's LRU of KVs per namespace, and the token-level prefix match every tier uses."""
+"""The memory tier: this process's LRU of KVs per namespace, and the token-level prefix match every tier
+uses."""
 
 from __future__ import annotations
 

@@ -161,7 +161,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 def model_fingerprint(model: Any) -> str:
     """sha256 over the model's config (path-independent fields) and every weight tensor in memory."""
-    cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _CONFIG_IGNORED}
+    cfg = {
+        k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _CONFIG_IGNORED
+    }
     return tensor_fingerprint(model.state_dict().items(), cfg)
 
 

@@ -105,7 +105,8 @@ class PolicyParams:
     reuse_cost_ratio: float = 49.7  # prefill costs this many times more than loading its KV (when unmeasured)
     remote_generate_overhead_s: float = 0.1  # server-side queueing and suffix prefill
     latency_budget_s: float | None = None  # time to first token we aim for
-    prefill_cost_micros_per_token: int = DEFAULT_PREFILL_MICROS_PER_TOKEN  # a local prefill's cost, µUSD/token
+    # a local prefill's cost, µUSD/token
+    prefill_cost_micros_per_token: int = DEFAULT_PREFILL_MICROS_PER_TOKEN
     max_price_per_load_micros: int | None = None  # refuse purchases above this (None: no limit)
     budget_left_micros: int | None = None  # refuse purchases above what is left (None: unlimited)
     tie_tolerance: float = 0.05  # take a fetch whose expected loss is at most this share of the prefill
@@ -158,7 +159,8 @@ class Decision:
 
 
 def _prefill_estimates(req: Request, params: PolicyParams, covered: int) -> tuple[Estimate, Estimate]:
-    """(whole document, the part a ``covered``-token artifact leaves), by precedence fixed > given > assumed."""
+    """(whole document, the part a ``covered``-token artifact leaves), by precedence fixed > given >
+    assumed."""
     rest = req.n_tokens - covered
     if params.prefill_tokens_per_s is not None:
         rate = params.prefill_tokens_per_s
@@ -265,9 +267,17 @@ def decide(req: Request, params: PolicyParams = PolicyParams()) -> Decision:
         loss = expected_excess(fetch_s - prefill_s, diff_sd)
         usd = nbytes / 1e9 * params.egress_usd_per_gb
         est.update(
-            fetch_s=fetch_s, fetch_sd_s=fetch_sd, fetch_bytes=nbytes, fetch_usd=usd, fetch_covered_tokens=covered,
-            rtt_s=rtt.value, load_s=load.value, verify_s=verify.value, rest_prefill_s=rest.value,
-            difference_sd_s=diff_sd, fetch_expected_loss_s=loss,
+            fetch_s=fetch_s,
+            fetch_sd_s=fetch_sd,
+            fetch_bytes=nbytes,
+            fetch_usd=usd,
+            fetch_covered_tokens=covered,
+            rtt_s=rtt.value,
+            load_s=load.value,
+            verify_s=verify.value,
+            rest_prefill_s=rest.value,
+            difference_sd_s=diff_sd,
+            fetch_expected_loss_s=loss,
         )
         est["sources"].update(rtt=rtt.provenance, load=load.provenance)
         fetch_txt = (
@@ -296,9 +306,15 @@ def decide(req: Request, params: PolicyParams = PolicyParams()) -> Decision:
         ):
             notes.append(f"{fetch_txt} exceeds the {params.latency_budget_s:.2f} s latency budget")
         elif fetch_s >= prefill_s:
-            return Decision(FETCH, (
-                f"{bought}near a tie: {fetch_txt} ≈ {prefill_txt}; the expected loss of reusing ≈ {loss:.2f} s is "
-                f"within {params.tie_tolerance:.0%} of the prefill: reusing"), est)
+            return Decision(
+                FETCH,
+                (
+                    f"{bought}near a tie: {fetch_txt} ≈ {prefill_txt}; the expected loss of reusing ≈ "
+                    f"{loss:.2f} s is "
+                    f"within {params.tie_tolerance:.0%} of the prefill: reusing"
+                ),
+                est,
+            )
         else:
             tie = "; near a tie, within the estimates' spread" if near_tie else ""
             return Decision(FETCH, f"{bought}{fetch_txt} < {prefill_txt}{tie}", est)

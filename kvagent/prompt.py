@@ -35,7 +35,9 @@ class PromptTemplate:
 
     @property
     def hash(self) -> str:
-        return template_hash(self.prefix_ids, self.prefix_text + "\x00" + self.middle_text + "\x00" + self.tail_text)
+        return template_hash(
+            self.prefix_ids, self.prefix_text + "\x00" + self.middle_text + "\x00" + self.tail_text
+        )
 
     def document_ids(self, tokenizer: Any, text: str) -> list[int]:
         return list(self.prefix_ids) + list(tokenizer.encode(text, add_special_tokens=False))

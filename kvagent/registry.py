@@ -65,7 +65,8 @@ class Handle:
     owner: str
     blob_url: str
     signature: Signature | None
-    price: int | None = None  # per load, integer micro-units of ``currency`` (None: the registry sells nothing)
+    # per load, integer micro-units of ``currency`` (None: the registry sells nothing)
+    price: int | None = None
     currency: str | None = None
 
 
@@ -100,7 +101,8 @@ def sign(header: art.ArtifactHeader, private_key: Any) -> str:
 
 
 def verify_signature(handle: Handle, trusted_keys: Collection[str]) -> None:
-    """Raise ArtifactIntegrityError unless ``handle`` is v2-signed over its header by one of ``trusted_keys``."""
+    """Raise ArtifactIntegrityError unless ``handle`` is v2-signed over its header by one of
+    ``trusted_keys``."""
     if handle.signature is None:
         raise ArtifactIntegrityError(f"artifact {handle.key[:16]}… is unsigned but trusted keys are required")
     signing.verify(handle.signature, handle.header, trusted_keys)
@@ -137,7 +139,8 @@ def parse_handle(obj: Any, *, key: str | None = None, limits: art.Limits = art.D
     max_size = 8 + limits.max_container_header + limits.max_payload_bytes
     if isinstance(size, bool) or not isinstance(size, int) or not header.payload_bytes < size <= max_size:
         raise RegistryProtocolError(
-            f"handle size {size!r:.40} is impossible for a {header.payload_bytes}-byte payload (limit {max_size})"
+            f"handle size {size!r:.40} is impossible for a {header.payload_bytes}-byte payload (limit "
+            f"{max_size})"
         )
     if obj["visibility"] not in VISIBILITIES:
         raise RegistryProtocolError(f"unknown visibility {obj['visibility']!r:.40}")
@@ -254,19 +257,25 @@ class _Deadline:
         return max(0.0, self._end - time.monotonic()) if self._end is not None else float("inf")
 
     def kw(self, what: str, base: httpx.Timeout) -> dict[str, Any]:
-        """The per-request ``timeout``: the client's own, shortened to what is left; raises once it has passed."""
+        """The per-request ``timeout``: the client's own, shortened to what is left; raises once it has
+        passed."""
         if self._end is None:
             return {}
         left = self.left()
         if left <= 0.001:
             after = f" after {self.last_error}" if self.last_error else ""
-            raise RegistryUnavailableError(f"registry {what} gave up: its {self.seconds:.2f} s deadline passed{after}")
+            raise RegistryUnavailableError(
+                f"registry {what} gave up: its {self.seconds:.2f} s deadline passed{after}"
+            )
 
         def cap(t: float | None) -> float:
             return left if t is None else min(left, t)
 
-        return {"timeout": httpx.Timeout(connect=cap(base.connect), read=cap(base.read), write=cap(base.write),
-                                         pool=cap(base.pool))}
+        return {
+            "timeout": httpx.Timeout(
+                connect=cap(base.connect), read=cap(base.read), write=cap(base.write), pool=cap(base.pool)
+            )
+        }
 
     def cap(self, wait: Callable[[RetryCallState], float]) -> Callable[[RetryCallState], float]:
         """``wait``, never sleeping past the deadline."""
@@ -396,7 +405,9 @@ class RegistryClient:
         deadline = _Deadline(timeout)
 
         def once() -> Handle | None:
-            resp = self._send("GET", f"/v1/artifacts/{key}", "lookup", **deadline.kw("lookup", self._http.timeout))
+            resp = self._send(
+                "GET", f"/v1/artifacts/{key}", "lookup", **deadline.kw("lookup", self._http.timeout)
+            )
             if resp.status_code == 404:
                 return None
             if resp.status_code != 200:
@@ -453,14 +464,17 @@ class RegistryClient:
         def once() -> bytearray:
             try:
                 with self._http.stream("GET", handle.blob_url, headers=pay) as resp:
-                    if resp.status_code in _REDIRECTS:  # a presigned object-store URL: bytes bypass the registry
+                    # a presigned object-store URL: bytes bypass the registry
+                    if resp.status_code in _REDIRECTS:
                         resp.read()
                         paid.note(resp)
                         req = self._http.build_request("GET", _presigned_location(resp))
-                        req.headers.pop("authorization", None)  # the bearer token never goes to the object store
+                        # the bearer token never goes to the object store
+                        req.headers.pop("authorization", None)
                         obj = self._http.send(req, stream=True)
                         try:
-                            if obj.status_code != 200:  # expired or refused: the next attempt asks for a fresh URL
+                            # expired or refused: the next attempt asks for a fresh URL
+                            if obj.status_code != 200:
                                 obj.read()
                                 raise RegistryUnavailableError(
                                     f"object store answered HTTP {obj.status_code} for {handle.key[:16]}…"
@@ -496,7 +510,9 @@ class RegistryClient:
 
     def download(self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None,
                  idempotency_key: str | None = None) -> art.Artifact:
-        return self.download_verified(handle, expect, max_price=max_price, idempotency_key=idempotency_key).artifact
+        return self.download_verified(
+            handle, expect, max_price=max_price, idempotency_key=idempotency_key
+        ).artifact
 
     def publish(self, blob: bytes, visibility: str = "restricted", signing_key: Any = None,
                 price: int | None = None) -> Handle:
@@ -534,7 +550,8 @@ class RegistryClient:
 
     def generate_stream(self, key: str, suffix_ids: Sequence[int], params: GenerationParams, *,
                         max_price: int | None = None, idempotency_key: str | None = None) -> GenerationStream:
-        """Continue generation on the registry from ``key``'s KV: iterate the result for token ids as they arrive.
+        """Continue generation on the registry from ``key``'s KV: iterate the result for token ids as they
+        arrive.
 
         Nothing is sent until the first token is asked for. The request is retried until the stream starts,
         never after a token has been yielded; every attempt carries the same ``Idempotency-Key``, so it is
@@ -555,7 +572,9 @@ class RegistryClient:
 
         def start() -> httpx.Response:
             try:
-                req = self._http.build_request("POST", f"/v1/artifacts/{key}/generate", json=body, headers=pay)
+                req = self._http.build_request(
+                    "POST", f"/v1/artifacts/{key}/generate", json=body, headers=pay
+                )
                 resp = self._http.send(req, stream=True)
             except httpx.TransportError as exc:
                 raise RegistryUnavailableError(
@@ -640,7 +659,8 @@ class RegistryClient:
 
     def dispute(self, key: str, receipt: str, *, layer: int | None = None, position: int | None = None,
                 difference: float | None = None, detail: str = "") -> dict[str, Any]:
-        """Dispute a purchase whose verification failed; the answer says ``refunded``, ``rejected`` or ``open``."""
+        """Dispute a purchase whose verification failed; the answer says ``refunded``, ``rejected`` or
+        ``open``."""
         validate_key(key)
         body = {"receipt": receipt, "layer": layer, "position": position, "difference": difference,
                 "detail": detail[:500]}
@@ -659,7 +679,8 @@ class _Paid:
         self.receipt: str | None = None
 
     def note(self, resp: httpx.Response) -> None:
-        """Add a paid answer's amount and keep its receipt id (``X-KVAgent-Charged`` / ``X-KVAgent-Receipt``)."""
+        """Add a paid answer's amount and keep its receipt id (``X-KVAgent-Charged`` /
+        ``X-KVAgent-Receipt``)."""
         receipt = resp.headers.get("x-kvagent-receipt")
         if receipt:
             self.receipt = receipt
@@ -732,9 +753,13 @@ def _read_blob(resp: httpx.Response, handle: Handle) -> bytearray:
     for chunk in resp.iter_bytes():
         buf += chunk
         if len(buf) > handle.size:
-            raise ArtifactIntegrityError(f"download of {handle.key[:16]}… exceeded its declared {handle.size} bytes")
+            raise ArtifactIntegrityError(
+                f"download of {handle.key[:16]}… exceeded its declared {handle.size} bytes"
+            )
     if len(buf) != handle.size:
-        raise RegistryUnavailableError(f"download of {handle.key[:16]}… stopped at {len(buf)}/{handle.size} bytes")
+        raise RegistryUnavailableError(
+            f"download of {handle.key[:16]}… stopped at {len(buf)}/{handle.size} bytes"
+        )
     return buf
 
 

@@ -48,7 +48,8 @@ __all__ = ["ClientSource", "Fetched", "RegistryAnswer", "RegistrySource", "Regis
 
 @dataclass(frozen=True)
 class Fetched:
-    """A verified artifact from a registry source; ``blob`` is set when it should be kept in the local store."""
+    """A verified artifact from a registry source; ``blob`` is set when it should be kept in the local
+    store."""
 
     artifact: art.Artifact
     nbytes: int
@@ -64,14 +65,18 @@ class RegistrySource(Protocol):
     label: str  # shown in reasons; for a remote source, its URL (the calibration and the breaker key on it)
     remote: bool  # across a network: lookups get deadlines and a circuit breaker, links are calibrated
     can_generate: bool  # whether it can continue generation from its copy (remote generate)
-    bandwidth_hint: float | None  # bytes/s to assume before a fetch has been measured (None: the policy's default)
+    # bytes/s to assume before a fetch has been measured (None: the policy's default)
+    bandwidth_hint: float | None
 
     def lookup(self, key: str, *, timeout: float | None = None) -> Handle | None: ...
 
-    def lookup_prefix(self, hashes: Sequence[str], *, timeout: float | None = None) -> tuple[Handle, int] | None: ...
+    def lookup_prefix(
+        self, hashes: Sequence[str], *, timeout: float | None = None
+    ) -> tuple[Handle, int] | None: ...
 
     def fetch(self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None) -> Fetched:
-        """Download (buying it for at most ``max_price`` when it is sold) and check checksum, header and signature;
+        """Download (buying it for at most ``max_price`` when it is sold) and check checksum, header and
+        signature;
         raise RegistryError (RegistryPaymentRequiredError for a refused purchase) or ArtifactError."""
 
     def dispute(self, handle: Handle, receipt: str, reason: str, difference: float) -> str:
@@ -91,12 +96,16 @@ class ClientSource:
     def lookup(self, key: str, *, timeout: float | None = None) -> Handle | None:
         return self.client.lookup(key, timeout=timeout)
 
-    def lookup_prefix(self, hashes: Sequence[str], *, timeout: float | None = None) -> tuple[Handle, int] | None:
+    def lookup_prefix(
+        self, hashes: Sequence[str], *, timeout: float | None = None
+    ) -> tuple[Handle, int] | None:
         return self.client.lookup_prefix(hashes, timeout=timeout)
 
     def fetch(self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None) -> Fetched:
         got = self.client.download_verified(handle, expect, max_price=max_price)
-        return Fetched(got.artifact, len(got.data), got.seconds, got.data, charged=got.charge, receipt=got.receipt)
+        return Fetched(
+            got.artifact, len(got.data), got.seconds, got.data, charged=got.charge, receipt=got.receipt
+        )
 
     def dispute(self, handle: Handle, receipt: str, reason: str, difference: float) -> str:
         answer = self.client.dispute(handle.key, receipt, difference=difference, detail=reason)
@@ -105,7 +114,8 @@ class ClientSource:
 
 @dataclass(frozen=True)
 class RegistryAnswer:
-    """What the registry tier made of one lookup: a ``candidate``, or ``remote`` (let the registry generate), or
+    """What the registry tier made of one lookup: a ``candidate``, or ``remote`` (let the registry generate),
+    or
     neither; ``reason`` says why either way."""
 
     candidate: Candidate | None
@@ -146,7 +156,8 @@ class RegistryTier:
         self.spent = 0  # micro-units spent on purchases
         self.bandwidth: dict[str, float] = {}  # measured bytes/s per registry label
         self.prefill_tokens_per_s: float | None = None  # measured in this process (set by the resolver)
-        self._verified: set[tuple[str, str]] = set()  # (key, payload digest) already checked against its tokens
+        # (key, payload digest) already checked against its tokens
+        self._verified: set[tuple[str, str]] = set()
         self._probed = False
         self._lock = threading.Lock()
 
@@ -189,8 +200,9 @@ class RegistryTier:
         if offer is None:
             return RegistryAnswer(None, "the registry has nothing for it")
         if offer.covered <= lookup.local_tokens:
-            return RegistryAnswer(None, f"the registry's best prefix ({offer.covered} tokens) does not beat the "
-                                        "local one")
+            return RegistryAnswer(
+                None, f"the registry's best prefix ({offer.covered} tokens) does not beat the local one"
+            )
         decision = self._decide(source, lookup, offer, params)
         log.info("registry policy for %s…: %s (%s)", lookup.key[:16], decision.choice, decision.reason)
         if decision.choice == pol.REMOTE_GENERATE:
@@ -209,7 +221,11 @@ class RegistryTier:
     def predicts(self) -> bool:
         """Whether reads are checked against the cost model: it is calibrated and no rate is fixed by hand."""
         policy = self.settings.policy
-        return self.cost is not None and policy.prefill_tokens_per_s is None and policy.bandwidth_bytes_per_s is None
+        return (
+            self.cost is not None
+            and policy.prefill_tokens_per_s is None
+            and policy.bandwidth_bytes_per_s is None
+        )
 
     def _find(self, source: RegistrySource, lookup: Lookup) -> _Offer | None:
         """The source's best offer, asked under the breaker and a deadline when it is remote."""
@@ -262,7 +278,8 @@ class RegistryTier:
         return self.cost.decide(req, url=source.label if source.remote else None, past=n_local, params=params)
 
     def _buy(self, source: RegistrySource, lookup: Lookup, offer: _Offer, why: str) -> RegistryAnswer:
-        """Fetch (and pay for) the offer, measure the link, verify the KV and keep it: a candidate, or why not."""
+        """Fetch (and pay for) the offer, measure the link, verify the KV and keep it: a candidate, or why
+        not."""
         t0 = time.perf_counter()
         handle = offer.handle
         try:
@@ -271,8 +288,11 @@ class RegistryTier:
             stg.add("verification", time.perf_counter() - t0 - fetched.seconds)  # checksum, header, signature
         except RegistryPaymentRequiredError as exc:
             q = exc.quote
-            return RegistryAnswer(None, f"not bought: {q.get('reason', 'refused')} (price {q.get('price')} "
-                                        f"{q.get('currency')}, balance {q.get('balance')}); prefilling locally")
+            return RegistryAnswer(
+                None,
+                f"not bought: {q.get('reason', 'refused')} (price {q.get('price')} "
+                f"{q.get('currency')}, balance {q.get('balance')}); prefilling locally",
+            )
         except (RegistryError, ArtifactError) as exc:
             if self.cost is not None and source.remote and isinstance(exc, RegistryUnavailableError):
                 self.cost.record_failure(source.label, f"{type(exc).__name__}: {exc}")
@@ -295,10 +315,19 @@ class RegistryTier:
             return RegistryAnswer(None, f"the registry's artifact shares only {n} tokens")
         what = "fetched from the registry" if fetched.blob is not None else "loaded from the registry"
         bought = f"bought for {fetched.charged} µ-units; " if fetched.charged else ""
-        reason = (f"{what}: {n} of {len(lookup.ids)} tokens, checksum verified, KV {self.settings.verify}-verified "
-                  f"against its tokens; {bought}policy: {why}")
-        cand = Candidate(kv.truncate(n), n, "registry", time.perf_counter() - t0, fetched.nbytes, origin=handle.key,
-                         charged=fetched.charged)
+        reason = (
+            f"{what}: {n} of {len(lookup.ids)} tokens, checksum verified, KV {self.settings.verify}-verified "
+            f"against its tokens; {bought}policy: {why}"
+        )
+        cand = Candidate(
+            kv.truncate(n),
+            n,
+            "registry",
+            time.perf_counter() - t0,
+            fetched.nbytes,
+            origin=handle.key,
+            charged=fetched.charged,
+        )
         return RegistryAnswer(cand, reason)
 
     # -- what a fetch leaves behind ----------------------------------------------------------------
@@ -309,7 +338,8 @@ class RegistryTier:
                 self.cost.record_download(source.label, fetched.nbytes, fetched.seconds)
 
     def _check(self, key: str, artifact: art.Artifact) -> str | None:
-        """Verify a registry artifact's KV against its token ids (once per process); the failure reason or None."""
+        """Verify a registry artifact's KV against its token ids (once per process); the failure reason or
+        None."""
         tag = (key, artifact.header.payload_sha256)
         if tag in self._verified:
             return None

@@ -2,7 +2,8 @@
 
 Tiers, fastest first; every miss says why:
 
-1. **memory** (``kvagent.memory``): this process's LRU of KVs, by exact key, then by longest shared token prefix;
+1. **memory** (``kvagent.memory``): this process's LRU of KVs, by exact key, then by longest shared token
+prefix;
 2. **local store**: exact key, then the artifact indexed under the longest shared block hash,
    refined to the exact common token prefix;
 3. **registry** (``kvagent.registry_tier``: a :class:`RegistrySource` is the HTTP
@@ -54,8 +55,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvagent")
 
 __all__ = [
-    "MAX_TAIL", "CacheInfo", "ClientSource", "Fetched", "KVMemory", "PrefillProgress", "RegistrySource", "Resolution",
-    "Resolver", "ResolverSettings", "shared_prefix",
+    "MAX_TAIL",
+    "CacheInfo",
+    "ClientSource",
+    "Fetched",
+    "KVMemory",
+    "PrefillProgress",
+    "RegistrySource",
+    "Resolution",
+    "Resolver",
+    "ResolverSettings",
+    "shared_prefix",
 ]
 
 @dataclass(frozen=True)
@@ -93,7 +103,8 @@ class CacheInfo:
         return self.status in ("memory", "local", "prefix", "remote", "remote-generate")
 
 
-#: How many uncovered prompt ids a chat turn leaves to its reply's first forward (``resolve(max_tail=)``): a new
+# : How many uncovered prompt ids a chat turn leaves to its reply's first forward (``resolve(max_tail=)``): a
+# new
 #: question or tool result, not a new document (those prefill in chunks, with progress)
 MAX_TAIL = 512
 
@@ -107,8 +118,10 @@ class Resolution:
     info: CacheInfo
     remote: Handle | None = None
     save: Callable[[], None] | None = None  # with ``defer_save``: writes the computed KV to the store
-    #: with ``max_tail``: the last requested ids that ``kv`` does not cover yet; the caller feeds them with its own
-    #: first forward (``TransformersEngine.stream(..., on_prompt=...)``) and keeps the result (``Resolver.keep``)
+    # : with ``max_tail``: the last requested ids that ``kv`` does not cover yet; the caller feeds them with
+    # its own
+    # : first forward (``TransformersEngine.stream(..., on_prompt=...)``) and keeps the result
+    # (``Resolver.keep``)
     tail: tuple[int, ...] = ()
 
 
@@ -161,16 +174,20 @@ class Resolver:
         self.settings = settings or ResolverSettings()
         self.publisher = publisher
         self.codec = codec
-        # called with (key, artifact_bytes, n_tokens) after a computed KV is stored (publishing); artifact_bytes()
+        # called with (key, artifact_bytes, n_tokens) after a computed KV is stored (publishing);
+        # artifact_bytes()
         # joins the artifact's bytes only when asked, so a reader that does not publish never copies them
         self.on_saved = on_saved
-        self.cost = cost  # calibrated estimates + circuit breaker (kvagent.calibration); None: in-process rates
+        # calibrated estimates + circuit breaker (kvagent.calibration); None: in-process rates
+        self.cost = cost
         self.counters: dict[str, int] = {
             "memory_hits": 0, "local_hits": 0, "prefix_hits": 0, "prefills": 0, "tokens_saved": 0,
             "remote_hits": 0, "remote_generates": 0, "publishes": 0, "registry_failures": 0, "poisoned": 0,
         }
         self._lock = threading.Lock()
-        self.registry_tier = RegistryTier(engine, context, store, settings=self.settings, cost=cost, count=self._count)
+        self.registry_tier = RegistryTier(
+            engine, context, store, settings=self.settings, cost=cost, count=self._count
+        )
         self.expect = self.registry_tier.expect
         self._load_recorded = -1e9
         self._last_key: tuple[KeyContext, tuple[int, ...], str] | None = None
@@ -200,7 +217,8 @@ class Resolver:
         self.registry_tier.note_spent(amount)
 
     def note_registry_failure(self, what: str, exc: KVAgentError) -> str:
-        """Count and log a registry failure seen by a caller (e.g. a broken remote generation); returns the reason."""
+        """Count and log a registry failure seen by a caller (e.g. a broken remote generation); returns the
+        reason."""
         return self.registry_tier.failed(what, exc)
 
     # -- public ------------------------------------------------------------------------------
@@ -228,13 +246,18 @@ class Resolver:
         ``registry``: the registry source to consult (default: the resolver's own; None for none).
         ``min_save_tokens``: keep the result (memory + store) when at least this many tokens were computed.
         ``document``: a document read (exact-key registry lookup first, single flight across processes) rather
-        than a prompt (prefix lookups only). ``remote_generate``: the answer may be "let the registry generate"
+        than a prompt (prefix lookups only). ``remote_generate``: the answer may be "let the registry
+        generate"
         (``Resolution.remote`` set, ``kv`` None). ``defer_save``: do not write the computed KV to the store
-        now; ``Resolution.save`` does it when called (e.g. after the answer has been sent). ``max_tail``: when a
-        cached prefix leaves at most this many ids to compute, do not prefill them: ``Resolution.kv`` is the prefix
-        and ``Resolution.tail`` the rest, for a caller whose next forward runs them anyway (a chat turn's first
+        now; ``Resolution.save`` does it when called (e.g. after the answer has been sent). ``max_tail``: when
+        a
+        cached prefix leaves at most this many ids to compute, do not prefill them: ``Resolution.kv`` is the
+        prefix
+        and ``Resolution.tail`` the rest, for a caller whose next forward runs them anyway (a chat turn's
+        first
         token) — one pass over the cached KV instead of two. Nothing is saved for such a resolution.
-        ``compute=False`` (with ``document=False``): never prefill; ``Resolution.kv`` is the longest cached prefix
+        ``compute=False`` (with ``document=False``): never prefill; ``Resolution.kv`` is the longest cached
+        prefix
         (None when there is none) and ``Resolution.tail`` the ids it leaves, for another engine's connector.
         """
         ids = token_tuple(token_ids)
@@ -251,7 +274,9 @@ class Resolver:
         kv = self.memory.get(lookup.namespace, lookup.key)
         if kv is not None:
             self._count("memory_hits")
-            info = CacheInfo("memory", "in this process's memory", len(ids), 0, source="memory", origin=lookup.key)
+            info = CacheInfo(
+                "memory", "in this process's memory", len(ids), 0, source="memory", origin=lookup.key
+            )
             return Resolution(lookup.key, kv, info)
         with stg.stage("lookup"):
             found = self.store.get(lookup.key, expect=self.expect)
@@ -269,7 +294,8 @@ class Resolver:
             return self._walk(lookup, found.reason)
 
     def check_context(self, n_tokens: int) -> None:
-        """Refuse ``n_tokens`` beyond the model's positions, before any prefill (unless overflow is allowed)."""
+        """Refuse ``n_tokens`` beyond the model's positions, before any prefill (unless overflow is
+        allowed)."""
         check_context(n_tokens, self.engine.max_positions, self.settings.allow_context_overflow)
 
     def remember(self, key: str, kv: KVCache, namespace: str | None = None) -> None:
@@ -291,11 +317,18 @@ class Resolver:
         header, parts = self._encode_parts(key, kv, namespace)
         return header, b"".join(parts)
 
-    def _encode_parts(self, key: str, kv: KVCache, namespace: str | None) -> tuple[art.ArtifactHeader, list[memoryview]]:
+    def _encode_parts(
+        self, key: str, kv: KVCache, namespace: str | None
+    ) -> tuple[art.ArtifactHeader, list[memoryview]]:
         ctx = self._ctx(namespace)
         return art.encode_parts(
-            kv, key=key, model_fingerprint=ctx.model_fingerprint, tokenizer_fingerprint=ctx.tokenizer_fingerprint,
-            template_hash=ctx.template_hash, position_offset=ctx.position_offset, publisher=self.publisher,
+            kv,
+            key=key,
+            model_fingerprint=ctx.model_fingerprint,
+            tokenizer_fingerprint=ctx.tokenizer_fingerprint,
+            template_hash=ctx.template_hash,
+            position_offset=ctx.position_offset,
+            publisher=self.publisher,
             codec=self.codec,
         )
 
@@ -304,7 +337,8 @@ class Resolver:
         return salted(self.context, namespace) if namespace else self.context
 
     def _key(self, ctx: KeyContext, ids: tuple[int, ...]) -> str:
-        """``document_key(ctx, ids)``, remembered for the last sequence (a read is often followed by its use)."""
+        """``document_key(ctx, ids)``, remembered for the last sequence (a read is often followed by its
+        use)."""
         last = self._last_key
         if last is not None and last[0] == ctx and last[1] == ids:
             return last[2]
@@ -342,22 +376,32 @@ class Resolver:
             answer = self.registry_tier.consult(lookup.source, lookup)
             reasons.append(answer.reason)
             if answer.remote is not None:
-                info = CacheInfo("remote-generate", answer.reason, len(lookup.ids), 0, load_seconds=answer.seconds,
-                                 source="registry", origin=answer.remote.key)
+                info = CacheInfo(
+                    "remote-generate",
+                    answer.reason,
+                    len(lookup.ids),
+                    0,
+                    load_seconds=answer.seconds,
+                    source="registry",
+                    origin=answer.remote.key,
+                )
                 return Resolution(lookup.key, None, info, remote=answer.remote)
             if answer.candidate is not None:
                 best = answer.candidate
         return self._compute(lookup, best, "; ".join(r for r in reasons if r))
 
     def _compute(self, lookup: Lookup, best: Candidate | None, reason: str) -> Resolution:
-        """The KV of ``lookup.ids`` from ``best`` (or from nothing): prefill what it leaves, keep the result."""
+        """The KV of ``lookup.ids`` from ``best`` (or from nothing): prefill what it leaves, keep the
+        result."""
         ids, key, ns = lookup.ids, lookup.key, lookup.namespace
         t1 = time.perf_counter()
         lookup_s = t1 - lookup.started
         n_cached = best.n if best else 0
         if best is not None and 0 < len(ids) - n_cached <= lookup.max_tail:
             reason += f"; the last {len(ids) - n_cached} tokens run with the reply"
-            return Resolution(key, best.kv, self._hit(best, reason, len(ids), lookup_s, 0.0), tail=ids[n_cached:])
+            return Resolution(
+                key, best.kv, self._hit(best, reason, len(ids), lookup_s, 0.0), tail=ids[n_cached:]
+            )
         if best is None and not lookup.compute:
             reason += "; nothing cached (left to the caller's engine)"
             info = CacheInfo("prefill", reason, 0, len(ids), lookup_seconds=lookup_s)
@@ -386,13 +430,16 @@ class Resolver:
         if best is None:
             self._count("prefills")
             log.info("prefilling %d tokens of %s…: %s", len(ids), key[:16], reason)
-            info = CacheInfo("prefill", reason, 0, len(ids), prefill_seconds=prefill_s, lookup_seconds=lookup_s)
+            info = CacheInfo(
+                "prefill", reason, 0, len(ids), prefill_seconds=prefill_s, lookup_seconds=lookup_s
+            )
             return Resolution(key, kv, info, save=save)
         return Resolution(key, kv, self._hit(best, reason, len(ids), lookup_s, prefill_s), save=save)
 
     # -- predictions checked against costs -------------------------------------------------------
     def _predict_prefill(self, n_new: int, past: int) -> None:
-        """Note the prefill this read is about to run and its predicted seconds (unless a decision already did)."""
+        """Note the prefill this read is about to run and its predicted seconds (unless a decision already
+        did)."""
         clock = stg.current()
         if clock is None or not self._predicts():
             return
@@ -410,8 +457,10 @@ class Resolver:
         return self.registry_tier.predicts()
 
     def record_continuation(self, n_new: int, past: int, seconds: float) -> None:
-        """A chat turn's first forward prefilled ``n_new`` prompt tokens after ``past`` cached ones in ``seconds``:
-        a continuation sample for the cost model, and an outcome against its prediction (in the background)."""
+        """A chat turn's first forward prefilled ``n_new`` prompt tokens after ``past`` cached ones in
+        ``seconds``:
+        a continuation sample for the cost model, and an outcome against its prediction (in the
+        background)."""
         cost = self.cost
         if cost is None or n_new <= 0 or not seconds > 0:
             return
@@ -445,7 +494,9 @@ class Resolver:
 
             n = p.n_tokens if p is not None and path != pol.LOCAL_HIT else info.cached_tokens
             past = p.past if p is not None and path != pol.LOCAL_HIT else 0
-            self.cost.record_outcome(Outcome("read" if document else "prompt", path, predicted, actual, n, past))
+            self.cost.record_outcome(
+                Outcome("read" if document else "prompt", path, predicted, actual, n, past)
+            )
         return replace(res, info=info)
 
     def _record_prefill(self, n_new: int, past: int, seconds: float) -> None:
@@ -459,9 +510,19 @@ class Resolver:
         status = "remote" if best.source == "registry" else "prefix"
         self._count("remote_hits" if status == "remote" else "prefix_hits")
         self._count("tokens_saved", best.n)
-        return CacheInfo(status, reason, best.n, n_ids - best.n, load_seconds=load_s, prefill_seconds=prefill_s,
-                         bytes_read=best.nbytes, source=best.source, origin=best.origin,
-                         lookup_seconds=load_s if n_ids > best.n else 0.0, charged=best.charged)
+        return CacheInfo(
+            status,
+            reason,
+            best.n,
+            n_ids - best.n,
+            load_seconds=load_s,
+            prefill_seconds=prefill_s,
+            bytes_read=best.nbytes,
+            source=best.source,
+            origin=best.origin,
+            lookup_seconds=load_s if n_ids > best.n else 0.0,
+            charged=best.charged,
+        )
 
     def _local_prefix(self, lookup: Lookup) -> tuple[Candidate | None, str]:
         """The longest KV in memory or the local store whose tokens are a prefix of the lookup's ids."""
@@ -488,7 +549,9 @@ class Resolver:
                 n = shared_prefix(kv.token_ids, lookup.target)
                 self.memory.put(lookup.namespace, hit[0], kv)
                 if n > (best.n if best else 0):
-                    best = Candidate(kv.truncate(n), n, "store", time.perf_counter() - t0, found.nbytes, origin=hit[0])
+                    best = Candidate(
+                        kv.truncate(n), n, "store", time.perf_counter() - t0, found.nbytes, origin=hit[0]
+                    )
                 why = ""
         if best is None:
             return None, why
@@ -496,14 +559,18 @@ class Resolver:
         return best, f"reused a cached prefix of {best.n} tokens {where}"
 
     # -- computing ------------------------------------------------------------------------------
-    def _prefill(self, ids: tuple[int, ...], prefix: KVCache | None, progress: PrefillProgress | None) -> KVCache:
+    def _prefill(
+        self, ids: tuple[int, ...], prefix: KVCache | None, progress: PrefillProgress | None
+    ) -> KVCache:
         if prefix is None:
             return self.engine.prefill(ids, progress=progress)
         return self.engine.prefill_from(prefix, ids[prefix.n_tokens :], progress=progress)
 
     def _save(self, ns: str, key: str, kv: KVCache, hashes: list[str]) -> str:
-        """Store a computed KV locally, indexed by ``hashes`` (and hand it to ``on_saved``); returns a note."""
-        header, parts = self._encode_parts(key, kv, ns or None)  # written as they are: no joined copy for the store
+        """Store a computed KV locally, indexed by ``hashes`` (and hand it to ``on_saved``); returns a
+        note."""
+        # written as they are: no joined copy for the store
+        header, parts = self._encode_parts(key, kv, ns or None)
         try:
             self.store.put(header, parts, hashes)
         except StoreError as exc:

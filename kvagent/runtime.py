@@ -91,7 +91,9 @@ def build_runtime(
     ``tokenizer``) and wire the parts. ``registry_client`` replaces the client built from the config."""
     loaded = _load(config, model, tokenizer, progress)
     engine = TransformersEngine(loaded.model, chunk_size=config.prefill_chunk_size)
-    template = build_template(loaded.tokenizer, config.system_prompt) if loaded.tokenizer is not None else None
+    template = (
+        build_template(loaded.tokenizer, config.system_prompt) if loaded.tokenizer is not None else None
+    )
     context = KeyContext(
         model_fingerprint=loaded.model_fingerprint,
         tokenizer_fingerprint=loaded.tokenizer_fingerprint,
@@ -133,7 +135,8 @@ def _load(config: Config, model: Any, tokenizer: Any, progress: Progress | None)
 
 def _cost_model(config: Config, engine: TransformersEngine, context: KeyContext,
                 policy: pol.PolicyParams) -> CostModel | None:
-    """Measured costs shared by this machine's processes (``config.calibration``: a file, or False for none)."""
+    """Measured costs shared by this machine's processes (``config.calibration``: a file, or False for
+    none)."""
     if config.calibration is False:
         return None
     from .calibration import CostModel
@@ -146,7 +149,8 @@ def _cost_model(config: Config, engine: TransformersEngine, context: KeyContext,
 
 
 class AutoPublish:
-    """The resolver's ``on_saved`` hook: publish a computed KV to the registry when the policy says it is worth it."""
+    """The resolver's ``on_saved`` hook: publish a computed KV to the registry when the policy says it is
+    worth it."""
 
     def __init__(self, registry: RegistryClient, visibility: str, policy: pol.PolicyParams,
                  counters: dict[str, int]) -> None:

@@ -30,8 +30,20 @@ ALGS = (ALG, LEGACY_ALG)
 DOMAIN = b"kvagent-artifact-signature-v2\n"
 #: The header fields a v2 signature binds, in this order.
 SIGNED_FIELDS = (
-    "format", "format_version", "key", "model_fingerprint", "tokenizer_fingerprint", "dtype", "token_count",
-    "position_offset", "template_hash", "layout", "codec", "payload_sha256", "payload_bytes", "content_sha256",
+    "format",
+    "format_version",
+    "key",
+    "model_fingerprint",
+    "tokenizer_fingerprint",
+    "dtype",
+    "token_count",
+    "position_offset",
+    "template_hash",
+    "layout",
+    "codec",
+    "payload_sha256",
+    "payload_bytes",
+    "content_sha256",
 )
 _WIRE = re.compile(r"^(ed25519(?:-v2)?):([0-9a-f]{64}):([0-9a-f]{128})\Z")
 
@@ -76,7 +88,9 @@ def parse(value: str) -> Signature:
     """Parse an ``X-KVAgent-Signature`` value; only v2 is accepted for new signatures."""
     m = _WIRE.match(value.strip().lower())
     if not m:
-        raise ArtifactFormatError(f"X-KVAgent-Signature must be '{ALG}:<64 hex public key>:<128 hex signature>'")
+        raise ArtifactFormatError(
+            f"X-KVAgent-Signature must be '{ALG}:<64 hex public key>:<128 hex signature>'"
+        )
     if m.group(1) != ALG:
         raise ArtifactFormatError(
             f"'{LEGACY_ALG}' signatures cover the payload digest only and are no longer accepted; "
@@ -100,7 +114,9 @@ def verify(sig: Signature, header: ArtifactHeader, trusted_keys: Collection[str]
             f"header; it must be re-signed as '{ALG}'"
         )
     if trusted_keys is not None and sig.public_key not in {k.lower() for k in trusted_keys}:
-        raise ArtifactIntegrityError(f"{what} is signed by {sig.public_key[:16]}…, which is not a trusted key")
+        raise ArtifactIntegrityError(
+            f"{what} is signed by {sig.public_key[:16]}…, which is not a trusted key"
+        )
     try:
         Ed25519PublicKey.from_public_bytes(bytes.fromhex(sig.public_key)).verify(
             bytes.fromhex(sig.signature), canonical_header(header)

@@ -45,7 +45,11 @@ def single_flight(lock_dir: Path, key: str, timeout: float) -> Iterator[Flight]:
             lock.acquire(timeout=timeout)
             flight = Flight(waited=True, seconds=time.monotonic() - t0, locked=True)
         except Timeout:
-            log.warning("gave up waiting %.0f s for another process computing %s…; computing it here too", timeout, key[:16])
+            log.warning(
+                "gave up waiting %.0f s for another process computing %s…; computing it here too",
+                timeout,
+                key[:16],
+            )
             flight = Flight(waited=True, seconds=time.monotonic() - t0, locked=False)
     try:
         yield flight

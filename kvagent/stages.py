@@ -85,7 +85,8 @@ def add(name: str, seconds: float) -> None:
 
 
 def predict(path: str, seconds: float, n_tokens: int, past: int) -> None:
-    """Note the path the current read takes (from now on) and its predicted seconds (replacing an earlier one)."""
+    """Note the path the current read takes (from now on) and its predicted seconds (replacing an earlier
+    one)."""
     clock = current()
     if clock is not None:
         clock.prediction = Prediction(path, seconds, n_tokens, past, time.perf_counter())

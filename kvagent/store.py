@@ -38,7 +38,8 @@ from .identity import validate_key
 log = logging.getLogger("kvagent.store")
 
 DEFAULT_SIZE_LIMIT = 10 * 1024**3
-_MADV_POPULATE_READ = 22  # Linux >= 5.14: map a file's cached pages in one call instead of one fault per 64 KiB
+# Linux >= 5.14: map a file's cached pages in one call instead of one fault per 64 KiB
+_MADV_POPULATE_READ = 22
 
 
 class _Slices:
@@ -73,13 +74,16 @@ class SafeDisk(diskcache.Disk):
 
     def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
         if read and not isinstance(value, _Slices):
-            raise StoreError(f"the kvagent store only reads values from its own buffers, not {type(value).__name__}")
+            raise StoreError(
+                f"the kvagent store only reads values from its own buffers, not {type(value).__name__}"
+            )
         if not read and not isinstance(value, (bytes, str)):
             raise StoreError(f"the kvagent store only holds bytes or str, not {type(value).__name__}")
         if read and value.nbytes < self.min_file_size:  # small enough to live inline in SQLite
             return super().store(value.joined(), False, key=key)
         if not read and type(value) is bytes and len(value) >= self.min_file_size:
-            # as a file-like object: diskcache writes it in 4 MiB chunks, where for bytes it iterates a BytesIO,
+            # as a file-like object: diskcache writes it in 4 MiB chunks, where for bytes it iterates a
+            # BytesIO,
             # i.e. one write() per b"\n" in the data (80,000 calls and ~150 ms for a 24 MB artifact)
             value, read = _Slices([memoryview(value)]), True
         return super().store(value, read, key=key)
@@ -120,7 +124,12 @@ class StoreLookup:
 class KVStore:
     """Artifacts on local disk, keyed by document key, with longest-prefix lookup by block hash."""
 
-    def __init__(self, directory: str | Path, size_limit: int = DEFAULT_SIZE_LIMIT, limits: art.Limits = art.DEFAULT_LIMITS):
+    def __init__(
+        self,
+        directory: str | Path,
+        size_limit: int = DEFAULT_SIZE_LIMIT,
+        limits: art.Limits = art.DEFAULT_LIMITS,
+    ):
         self.directory = Path(directory)
         self.limits = limits
         try:
@@ -147,18 +156,26 @@ class KVStore:
         self.close()
 
     # -- writes ---------------------------------------------------------------------------
-    def put(self, header: art.ArtifactHeader, blob: Buffer | Sequence[Buffer], block_hashes: Sequence[str] = ()) -> None:
+    def put(
+        self, header: art.ArtifactHeader, blob: Buffer | Sequence[Buffer], block_hashes: Sequence[str] = ()
+    ) -> None:
         """Store an artifact and index its block hashes, then evict least-recently-used artifacts
         (never this one) until the store is within its size limit. The artifact row appears atomically.
 
         ``blob`` is the artifact's bytes, or the buffers they concatenate (``artifact.encode_parts``).
         """
         key = validate_key(header.key)
-        parts = [memoryview(blob)] if isinstance(blob, (bytes, bytearray, memoryview)) else [memoryview(b) for b in blob]
+        parts = (
+            [memoryview(blob)]
+            if isinstance(blob, (bytes, bytearray, memoryview))
+            else [memoryview(b) for b in blob]
+        )
         value = _Slices(parts)
         nbytes = value.nbytes
         if nbytes > self.size_limit:
-            raise StoreError(f"artifact of {nbytes} bytes exceeds the store's {self.size_limit}-byte size limit")
+            raise StoreError(
+                f"artifact of {nbytes} bytes exceeds the store's {self.size_limit}-byte size limit"
+            )
         meta = StoreEntry(
             key=key,
             token_count=header.token_count,
@@ -170,7 +187,8 @@ class KVStore:
             check=f"{LOCAL_ALGORITHM}:{local_digest(parts)}",
         )
         try:
-            with self._cache.transact():  # the file, the digest it is checked against and its block index appear together
+            # the file, the digest it is checked against and its block index appear together
+            with self._cache.transact():
                 self._cache.set(f"kv:{key}", value, read=True)  # SafeDisk: a file, or inline when small
                 self._cache.set(f"meta:{key}", json.dumps(meta.__dict__))
                 for h in block_hashes:
@@ -191,7 +209,12 @@ class KVStore:
             if self._cache.volume() <= self.size_limit:
                 return
             if entry.key != keep:
-                log.info("evicting %s… (%d bytes) to stay under the %d-byte limit", entry.key[:16], entry.nbytes, self.size_limit)
+                log.info(
+                    "evicting %s… (%d bytes) to stay under the %d-byte limit",
+                    entry.key[:16],
+                    entry.nbytes,
+                    self.size_limit,
+                )
                 self.delete(entry.key)
         self._drop_orphans()
 
@@ -267,10 +290,14 @@ class KVStore:
         finally:
             handle.close()
         if result.header.key != key:
-            return self._evict(key, f"entry holds artifact {result.header.key[:16]}…, not the key it is stored under")
+            return self._evict(
+                key, f"entry holds artifact {result.header.key[:16]}…, not the key it is stored under"
+            )
         # sha256 just passed on an entry without a local digest: record one, so the next read is fast
         t3 = time.perf_counter()
-        self._touch(key, None if recorded is not None else f"{LOCAL_ALGORITHM}:{local_digest(memoryview(buf))}")
+        self._touch(
+            key, None if recorded is not None else f"{LOCAL_ALGORITHM}:{local_digest(memoryview(buf))}"
+        )
         if timings is not None:
             timings.update(lookup=t1 - t0, read=t2 - t1, touch=time.perf_counter() - t3)
         return StoreLookup(result, "hit", nbytes=len(buf))
@@ -286,7 +313,8 @@ class KVStore:
     def find_prefix(self, hashes: Sequence[str]) -> tuple[str, int] | None:
         """The key indexed under the longest of ``hashes`` present, with how many blocks matched.
 
-        An index row the store refuses to read (foreign data) is a miss, logged: a prefix lookup never fails."""
+        An index row the store refuses to read (foreign data) is a miss, logged: a prefix lookup never
+        fails."""
         for i in range(len(hashes) - 1, -1, -1):
             try:
                 key = self._cache.get(f"blk:{hashes[i]}", default=None)

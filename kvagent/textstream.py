@@ -68,7 +68,8 @@ class TextStream:
         return self._show(safe)
 
     def deltas(self, tokens: Iterable[int]) -> Iterator[str]:
-        """Push every token of ``tokens``, yielding the showable text, until a stop; then the held-back tail."""
+        """Push every token of ``tokens``, yielding the showable text, until a stop; then the held-back
+        tail."""
         for tok in tokens:
             delta = self.push(tok)
             if delta:

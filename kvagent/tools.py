@@ -88,7 +88,9 @@ def require_tool_format(tokenizer: Any, model_name: str) -> ToolFormat:
     template = getattr(tokenizer, "chat_template", None)
     fmt = tool_format(template if isinstance(template, str) else None)
     if fmt is None:
-        why = "has no chat template" if not template else "renders no tools (or in an unknown tool-call format)"
+        why = (
+            "has no chat template" if not template else "renders no tools (or in an unknown tool-call format)"
+        )
         raise ToolsUnsupportedError(
             f"model {model_name!r} cannot call tools: its chat template {why}. Use a model whose template "
             "renders tools in the Hermes/Qwen <tool_call> or Llama 3.1 JSON format, or drop the tools"
@@ -125,15 +127,22 @@ def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
             args = fn.get("arguments", fn.get("args", {}))
             if isinstance(args, str):
                 args = json.loads(args) if args.strip() else {}
-            calls.append({"id": c.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+            calls.append(
+                {"id": c.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
+            )
         if calls:
             msg["tool_calls"] = calls
         out.append(msg)
     return out
 
 
-def render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
-           *, model_name: str = "this model") -> list[int]:
+def render(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    model_name: str = "this model",
+) -> list[int]:
     """Prompt ids of ``messages`` (and ``tools``) under the model's chat template, generation prompt added."""
     kwargs: dict[str, Any] = {}
     if tools:
@@ -191,7 +200,9 @@ def parse(text: str, fmt: ToolFormat) -> Parsed:
         calls: list[ToolCall] = []
         kept: list[str] = []
         pos = 0
-        for m in re.finditer(re.escape(HERMES_OPEN) + r"(.*?)(?:" + re.escape(HERMES_CLOSE) + r"|$)", text, re.S):
+        for m in re.finditer(
+            re.escape(HERMES_OPEN) + r"(.*?)(?:" + re.escape(HERMES_CLOSE) + r"|$)", text, re.S
+        ):
             call = _call_from_json(_loads(m.group(1).strip()))
             kept.append(text[pos : m.start()] if call else text[pos : m.end()])
             pos = m.end()

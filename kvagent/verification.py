@@ -87,7 +87,11 @@ def verify_kv(
             if diff > worst:
                 worst, where = diff, w
     ok = worst <= tol
-    reason = "KV matches its token ids" if ok else f"KV does not match its token ids ({where}: relative diff {worst:.3g} > {tol:g})"
+    reason = (
+        "KV matches its token ids"
+        if ok
+        else f"KV does not match its token ids ({where}: relative diff {worst:.3g} > {tol:g})"
+    )
     return VerificationReport(mode, ok, positions, layers, worst, tol, time.perf_counter() - t0, reason)
 
 
@@ -132,29 +136,39 @@ def _probe(engine: TransformersEngine, kv: KVCache, positions: list[int]) -> tup
 
 @torch.inference_mode()
 def _layer0(engine: TransformersEngine, kv: KVCache) -> tuple[float, str]:
-    """Recompute layer 0's K/V for all positions, ending the forward pass as layer 0 hands them to its cache."""
+    """Recompute layer 0's K/V for all positions, ending the forward pass as layer 0 hands them to its
+    cache."""
     from transformers import DynamicCache
 
     captured: list[torch.Tensor] = []
 
     class _Layer0Cache(DynamicCache):
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *a: Any, **kw: Any) -> Any:
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *a: Any, **kw: Any
+        ) -> Any:
             if layer_idx == 0:
                 captured.extend((key_states, value_states))
                 raise _StopAfterLayer0
             return super().update(key_states, value_states, layer_idx, *a, **kw)
 
     try:
-        engine.forward(_Layer0Cache(config=engine.config), input_ids=kv.token_ids.view(1, -1).to(engine.device))
+        engine.forward(
+            _Layer0Cache(config=engine.config), input_ids=kv.token_ids.view(1, -1).to(engine.device)
+        )
     except _StopAfterLayer0:
         pass
-    if len(captured) != 2:  # the engine reads every KV out of this same cache, so no supported model gets here
-        raise UnsupportedModelError("the model did not hand layer 0's K/V to its cache; kvagent cannot verify it")
+    # the engine reads every KV out of this same cache, so no supported model gets here
+    if len(captured) != 2:
+        raise UnsupportedModelError(
+            "the model did not hand layer 0's K/V to its cache; kvagent cannot verify it"
+        )
     k, v = (t.cpu() for t in captured)
     return _worst((("layer 0 keys", k, kv.keys[0]), ("layer 0 values", v, kv.values[0])))
 
 
-def _compare_layers(fresh: KVCache, kv: KVCache, start: int, end: int, layers: Iterable[int]) -> tuple[float, str]:
+def _compare_layers(
+    fresh: KVCache, kv: KVCache, start: int, end: int, layers: Iterable[int]
+) -> tuple[float, str]:
     return _worst(
         (f"layer {i} {name}, positions {start}-{end - 1}", a[:, :, start:end], b[:, :, start:end])
         for i in layers

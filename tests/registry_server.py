@@ -38,7 +38,8 @@ class ServerProcess:
     log_path: Path
     data_dir: Path
     args: list[str] = field(default_factory=list)
-    #: the ``--blobs`` spec (a directory or ``s3://bucket/prefix``), or None for the directory under ``data_dir``
+    # : the ``--blobs`` spec (a directory or ``s3://bucket/prefix``), or None for the directory under
+    # ``data_dir``
     blobs: str | None = None
     #: the S3 endpoint the server was given (``AWS_ENDPOINT_URL``), when ``blobs`` is set
     s3_endpoint: str | None = None
@@ -100,13 +101,26 @@ def start_server(
         "--data-dir", str(data_dir), "--token-file", str(token_file), "--model", model or "none", *extra_args,
     ]
     log_path = data_dir.parent / f"{data_dir.name}.server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **blob_env,
-           **(extra_env or {})}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        **blob_env,
+        **(extra_env or {}),
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path, data_dir, args, blobs,
-                           blob_env.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") if blobs else None)
+    server = ServerProcess(
+        f"http://127.0.0.1:{port}",
+        proc,
+        log_path,
+        data_dir,
+        args,
+        blobs,
+        blob_env.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") if blobs else None,
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -129,7 +143,9 @@ def blob_backend() -> str:
     return kind
 
 
-def _blob_backend(data_dir: Path, extra_args: Sequence[str], endpoint: str | None) -> tuple[str | None, dict[str, str]]:
+def _blob_backend(
+    data_dir: Path, extra_args: Sequence[str], endpoint: str | None
+) -> tuple[str | None, dict[str, str]]:
     """The ``--blobs`` spec and the environment (AWS_*) a server on ``data_dir`` runs with."""
     if "--blobs" in extra_args:
         spec = list(extra_args)[list(extra_args).index("--blobs") + 1]
@@ -140,7 +156,9 @@ def _blob_backend(data_dir: Path, extra_args: Sequence[str], endpoint: str | Non
 
     url = os.environ.get(ENV)
     if not url:
-        raise RuntimeError(f"{BLOBS_ENV}=s3 needs the S3-API server named by {ENV} (start one with .ci/s3.sh)")
+        raise RuntimeError(
+            f"{BLOBS_ENV}=s3 needs the S3-API server named by {ENV} (start one with .ci/s3.sh)"
+        )
     spec_file = data_dir.parent / f"{data_dir.name}.blobs"
     if not spec_file.exists():  # one bucket per data directory, found again by a restart
         spec_file.write_text(f"s3://{new_bucket(url)}/kv")
@@ -151,7 +169,9 @@ def published_blobs(server: ServerProcess) -> list[str]:
     """Every published blob of ``server``'s backend: what a reader could ever be pointed at."""
     if not server.on_s3:
         root = Path(server.blobs.removeprefix("file://")) if server.blobs else server.data_dir / "blobs"
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.parent.name != "tmp")
+        return sorted(
+            str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.parent.name != "tmp"
+        )
     assert server.blobs is not None
     from urllib.parse import urlparse
 
@@ -164,7 +184,9 @@ def published_blobs(server: ServerProcess) -> list[str]:
 
 def upload_temp_files(data_dir: Path) -> list[Path]:
     """Files a server on ``data_dir`` streams uploads into before they are verified (either backend)."""
-    return [p for d in ("blobs/tmp", "upload-tmp") if (data_dir / d).is_dir() for p in (data_dir / d).iterdir()]
+    return [
+        p for d in ("blobs/tmp", "upload-tmp") if (data_dir / d).is_dir() for p in (data_dir / d).iterdir()
+    ]
 
 
 def download(server: ServerProcess, path: str, headers: dict[str, str], **kw: object) -> httpx.Response:
@@ -178,5 +200,8 @@ def download(server: ServerProcess, path: str, headers: dict[str, str], **kw: ob
     if r.status_code != 307:
         return r
     loc = r.headers["location"]
-    assert r.content == b"" and server.s3_endpoint and loc.startswith(server.s3_endpoint + "/"), (loc, r.content[:80])
+    assert r.content == b"" and server.s3_endpoint and loc.startswith(server.s3_endpoint + "/"), (
+        loc,
+        r.content[:80],
+    )
     return httpx.get(loc, headers={k: v for k, v in headers.items() if k.lower() == "range"}, timeout=60)

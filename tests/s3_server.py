@@ -46,7 +46,9 @@ def s3_endpoint(log_dir: Path) -> Iterator[str]:
         pytest.skip(f"{ENV} not set and moto_server not installed (pip install 'moto[server]')")
     port = _free_port()
     with open(log_dir / "moto.log", "ab") as log:
-        proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -56,7 +58,9 @@ def s3_endpoint(log_dir: Path) -> Iterator[str]:
                 break
             except httpx.TransportError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start: {(log_dir / 'moto.log').read_text()[-2000:]}") from None
+                    raise RuntimeError(
+                        f"moto_server did not start: {(log_dir / 'moto.log').read_text()[-2000:]}"
+                    ) from None
                 time.sleep(0.1)
         yield url
     finally:

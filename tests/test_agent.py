@@ -82,7 +82,9 @@ def test_prompt_that_starts_with_a_cached_document_hits_its_prefix(embedded_agen
     agent = embedded_agent
     base = long_text(700, agent.tokenizer)
     doc = agent.read(base)
-    extended_ids = list(doc.token_ids) + agent.tokenizer.encode("\n\nAppendix: the cafe also sells tea.", add_special_tokens=False)
+    extended_ids = list(doc.token_ids) + agent.tokenizer.encode(
+        "\n\nAppendix: the cafe also sells tea.", add_special_tokens=False
+    )
     other = _fresh(agent)
     ext = other.read_ids(extended_ids)
     assert ext.cache.status == "prefix"
@@ -154,8 +156,16 @@ def test_a_short_tail_runs_with_the_reply_and_is_kept_exactly(embedded_agent):
     q = agent.template.question_ids(agent.tokenizer, QUESTION)
     prompt = list(doc.token_ids) + q
     res = resolver.resolve(prompt[:-1], document=False, max_tail=64)
-    assert res.kv is not None and res.kv.n_tokens == doc.n_tokens and res.tail == tuple(prompt[doc.n_tokens : -1])
-    assert res.info.cached_tokens == doc.n_tokens and res.info.prefilled_tokens == len(res.tail) and res.save is None
+    assert (
+        res.kv is not None
+        and res.kv.n_tokens == doc.n_tokens
+        and res.tail == tuple(prompt[doc.n_tokens : -1])
+    )
+    assert (
+        res.info.cached_tokens == doc.n_tokens
+        and res.info.prefilled_tokens == len(res.tail)
+        and res.save is None
+    )
     kept = []
     params = GenerationParams(max_new_tokens=24, stop_token_ids=())
     got = list(engine.stream(res.kv, [*res.tail, prompt[-1]], params, on_prompt=kept.append))
@@ -173,7 +183,8 @@ def test_a_short_tail_runs_with_the_reply_and_is_kept_exactly(embedded_agent):
 
 
 def test_compute_false_finds_the_cached_prefix_and_never_computes(embedded_agent):
-    """``resolve(..., compute=False)`` (what another engine's connector asks): the longest cached prefix and the
+    """``resolve(..., compute=False)`` (what another engine's connector asks): the longest cached prefix and
+    the
     uncovered ids, or no KV at all on a miss; nothing is prefilled or stored either way."""
     agent = embedded_agent
     resolver = agent.resolver

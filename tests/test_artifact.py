@@ -63,9 +63,11 @@ def test_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
 
 
 def _safetensors_reference(blob: bytes, header: art.ArtifactHeader, kv: Any) -> bytes:
-    """What the encoder wrote before it laid containers out itself: safetensors' own file, then its header rewritten.
+    """What the encoder wrote before it laid containers out itself: safetensors' own file, then its header
+    rewritten.
 
-    Tensors and digests come from the artifact under test (a codec's bytes are its own business); the layout, key
+    Tensors and digests come from the artifact under test (a codec's bytes are its own business); the layout,
+    key
     order and padding come from ``safetensors.torch.save``.
     """
     import hashlib
@@ -99,7 +101,9 @@ def _stored_tensors(blob: bytes) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("dtype", "layers", "tokens"), [
     (torch.float32, 3, 17), (torch.bfloat16, 12, 5), (torch.float16, 2, 1), (torch.float32, 11, 300),
 ], ids=str)
-def test_encode_writes_what_safetensors_would(codec: str, dtype: torch.dtype, layers: int, tokens: int) -> None:
+def test_encode_writes_what_safetensors_would(
+    codec: str, dtype: torch.dtype, layers: int, tokens: int
+) -> None:
     """The container, its key order ("k.10" before "k.2"), offsets, padding and both digests are those of the
     reference path, so one KV has one payload digest whichever kvagent version encoded it."""
     kv = make_kv(num_layers=layers, tokens=tokens, dtype=dtype, seed=layers)
@@ -133,7 +137,8 @@ def test_position_offset_and_anonymous_publisher_round_trip() -> None:
 
 
 def test_the_producing_engine_is_an_optional_header_field() -> None:
-    """``engine`` round-trips when a writer records it; a header without it (every older artifact) still reads,
+    """``engine`` round-trips when a writer records it; a header without it (every older artifact) still
+    reads,
     and a writer that does not name its engine writes no such field at all."""
     kv = make_kv(num_layers=1, tokens=3, seed=4)
     _, blob = make_artifact(kv, engine="vllm 0.32.0")

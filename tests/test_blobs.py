@@ -90,7 +90,9 @@ def test_store_contract(backend: tuple[str, str | None], tmp_path: Path) -> None
         blobs.read_bytes("../escape")
 
 
-def test_cleanup_keeps_referenced_young_and_in_flight(backend: tuple[str, str | None], tmp_path: Path) -> None:
+def test_cleanup_keeps_referenced_young_and_in_flight(
+    backend: tuple[str, str | None], tmp_path: Path
+) -> None:
     kind, spec = backend
     blobs = open_blobs(spec, tmp_path)
     names = []
@@ -135,10 +137,19 @@ def test_open_blobs_rejects_unknown_schemes(tmp_path: Path) -> None:
 
 
 # -- through the server -------------------------------------------------------------------------------
-def test_kill9_mid_upload_leaves_nothing_then_download(backend: tuple[str, str | None], tmp_path: Path) -> None:
+def test_kill9_mid_upload_leaves_nothing_then_download(
+    backend: tuple[str, str | None], tmp_path: Path
+) -> None:
     kind, spec = backend
     data = tmp_path / "data"
-    extra = ["--max-artifact-bytes", "200000", "--presign-expiry", str(EXPIRY), "--blobs", spec or str(data / "blobs")]
+    extra = [
+        "--max-artifact-bytes",
+        "200000",
+        "--presign-expiry",
+        str(EXPIRY),
+        "--blobs",
+        spec or str(data / "blobs"),
+    ]
     header, blob = small_artifact(5, tokens=300)
     srv = start_server(data, TOKENS, extra_args=extra)
     try:
@@ -200,7 +211,8 @@ def check_download(kind: str, url: str, header: art.ArtifactHeader, blob: bytes)
         assert q["X-Amz-Expires"] == [str(EXPIRY)]
         signed_at = calendar.timegm(time.strptime(q["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ"))
         assert abs(signed_at - time.time()) < 60
-        assert httpx.get(loc, timeout=30).content == blob  # no credentials needed: the signature is the permission
+        # no credentials needed: the signature is the permission
+        assert httpx.get(loc, timeout=30).content == blob
     with RegistryClient(url, "bob-token-000002") as bob:
         got = bob.download(bob.lookup(header.key), art.Expectation(key=header.key))  # type: ignore[arg-type]
         assert got.header == header

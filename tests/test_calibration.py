@@ -85,7 +85,10 @@ def test_old_samples_age_out_and_the_count_is_bounded(tmp_path: Path):
     assert m.estimate_prefill(600).source == pol.ASSUMED
     for i in range(cal.MAX_SAMPLES + 5):
         m.record_prefill(100 + i, 0, 0.3)
-    assert len(json.loads((tmp_path / "c.json").read_text())["prefill"][PROFILE.key]["samples"]) == cal.MAX_SAMPLES
+    assert (
+        len(json.loads((tmp_path / "c.json").read_text())["prefill"][PROFILE.key]["samples"])
+        == cal.MAX_SAMPLES
+    )
 
 
 def test_a_clock_going_backwards_restamps_samples_and_bounds_the_breaker(tmp_path: Path):
@@ -271,7 +274,8 @@ def test_a_stalled_registry_costs_one_deadline_then_is_skipped(tmp_path: Path, s
         client.lookup_prefix(["1" * 64], timeout=0.3)
     assert time.perf_counter() - t2 < 0.6
     client.close()
-    short = RegistryClient(stalled_registry, timeout=0.3, retries=1)  # a deadline never lengthens the client's own
+    # a deadline never lengthens the client's own
+    short = RegistryClient(stalled_registry, timeout=0.3, retries=1)
     t3 = time.perf_counter()
     with pytest.raises(RegistryUnavailableError):
         short.lookup(key, timeout=5.0)
@@ -279,7 +283,9 @@ def test_a_stalled_registry_costs_one_deadline_then_is_skipped(tmp_path: Path, s
     short.close()
 
 
-def test_a_half_open_probe_costs_a_read_little_and_finishes_in_the_background(tmp_path: Path, stalled_registry: str):
+def test_a_half_open_probe_costs_a_read_little_and_finishes_in_the_background(
+    tmp_path: Path, stalled_registry: str
+):
     clock = Clock()
     path = tmp_path / "c.json"
     m = model(path, clock)
@@ -287,7 +293,9 @@ def test_a_half_open_probe_costs_a_read_little_and_finishes_in_the_background(tm
     clock.t += 3600  # the back-off is over: the next read sends the half-open probe
     client = RegistryClient(stalled_registry, retries=1)
     t0 = time.perf_counter()
-    with pytest.raises(RegistrySkippedError, match="^registry skipped: failing since .*goes on in the background"):
+    with pytest.raises(
+        RegistrySkippedError, match="^registry skipped: failing since .*goes on in the background"
+    ):
         m.guarded_lookup(stalled_registry, 1000, lambda deadline: client.lookup("0" * 64, timeout=deadline))
     assert time.perf_counter() - t0 < cal.PROBE_WAIT_S + 0.3  # not the probe's 1 s deadline
     other = model(path, clock)  # meanwhile the other processes keep skipping it

@@ -28,14 +28,17 @@ def predict(samples: list[tuple[float, ...]], n: float, past: float = 0.0) -> fl
 
 
 # -- the issue's failure, reproduced --------------------------------------------------------------
-#: three chats of about one length, 16 s each, the longer ones a little faster (noise): what the issue's host had
+# : three chats of about one length, 16 s each, the longer ones a little faster (noise): what the issue's host
+# had
 ISSUE_SAMPLES = [(2000, 24, 16.0), (1985, 24, 16.3), (2012, 24, 15.7)]
 
 
 def test_the_issues_samples_no_longer_price_a_continuation_as_a_full_prefill():
-    # before: coefficients (15.99, 0, 0); "prefill the 256 tokens after 1,768" ≈ 15.99 s ≈ a full prefill of 2,024
+    # before: coefficients (15.99, 0, 0); "prefill the 256 tokens after 1,768" ≈ 15.99 s ≈ a full prefill of
+    # 2,024
     coef = cal.fit_prefill(ISSUE_SAMPLES)
-    assert coef is not None and coef[0] == 0.0 and coef[2] == 0.0  # one length: a per-token rate, nothing else
+    # one length: a per-token rate, nothing else
+    assert coef is not None and coef[0] == 0.0 and coef[2] == 0.0
     full, rest = predict(ISSUE_SAMPLES, 2000, 24), predict(ISSUE_SAMPLES, 256, 1768)
     assert full == pytest.approx(16.0, rel=0.02)
     assert rest < 0.15 * full  # 256 of 2,000 tokens: about an eighth, not all of it
@@ -68,7 +71,8 @@ def _truth(t: tuple[float, float, float], n: float, past: float) -> float:
 @HYP
 @given(st.lists(st.tuples(lengths, pasts, st.floats(1e-3, 1e4)), min_size=1, max_size=40))
 def test_any_samples_give_a_sane_model(samples):
-    """Adversarial: arbitrary seconds. Terms non-negative, the fixed term below the fastest sample, estimates finite,
+    """Adversarial: arbitrary seconds. Terms non-negative, the fixed term below the fastest sample, estimates
+    finite,
     monotone in the new and the cached tokens, and a continuation never dearer than prefilling everything."""
     fit = cal.prefill_fit(samples)
     assert fit is not None
@@ -112,7 +116,8 @@ def test_two_lengths_fit_both_and_bound_the_fixed_term(truth, short, long, repea
 @given(st.tuples(st.floats(0.0, 0.05), st.floats(1e-4, 2e-2), st.floats(0.0, 2e-5)),
        st.lists(st.tuples(pasts, st.floats(0.85, 1.2)), min_size=12, max_size=40), st.data())
 def test_outliers_are_left_out(truth, drawn, data):
-    """A few samples 20-1000x too slow (a suspended process, a clock jump inside a timing) do not move the model:
+    """A few samples 20-1000x too slow (a suspended process, a clock jump inside a timing) do not move the
+    model:
     every other sample is still predicted within 2x (lengths spread over 64-4,096 tokens, as a host's are)."""
     points = [((64, 256, 700, 1500, 4096)[i % 5], p, k) for i, (p, k) in enumerate(drawn)]
     samples = [(n, p, _truth(truth, n, p) * k) for n, p, k in points]
@@ -132,7 +137,8 @@ def test_outliers_are_left_out(truth, drawn, data):
 @given(truths, st.lists(st.tuples(lengths, pasts, noise), min_size=1, max_size=20),
        st.sampled_from([-30 * 86400.0, -3600.0, 3600.0, 30 * 86400.0]))
 def test_a_clock_jump_keeps_estimates_valid(tmp_path_factory, truth, points, jump):
-    """The wall clock jumps back (samples are re-stamped to now and kept) or forward (past the maximum age: the
+    """The wall clock jumps back (samples are re-stamped to now and kept) or forward (past the maximum age:
+    the
     estimates fall back to assumed ones, never to garbage)."""
     clock = _Clock()
     f = cal.CalibrationFile(tmp_path_factory.mktemp("jump") / "c.json", clock=clock, max_age_s=14 * 86400.0)

@@ -22,7 +22,9 @@ def run(cache: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
         capture_output=True, text=True, env=env, timeout=600,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"kvagent {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"kvagent {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -49,7 +51,8 @@ def test_ask_a_4000_token_document_then_answer_again_from_the_cache(tmp_path, lo
 
 
 def test_verify_reports_token_exact(tmp_path, embedded):
-    # 1,200 tokens: the same check as on 4,000 (two prefills, 32 greedy tokens compared) at a third of the time
+    # 1,200 tokens: the same check as on 4,000 (two prefills, 32 greedy tokens compared) at a third of the
+    # time
     doc = tmp_path / "note.txt"
     doc.write_text(long_text(1200, embedded.tokenizer), encoding="utf-8")
     rep = json.loads(run(tmp_path, "verify", str(doc), "--json").stdout)

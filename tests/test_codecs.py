@@ -1,4 +1,5 @@
-"""Tensor codecs: lossless ones are bit-exact; hostile encoded data is a clear error; artifacts can use them."""
+"""Tensor codecs: lossless ones are bit-exact; hostile encoded data is a clear error; artifacts can use
+them."""
 
 from __future__ import annotations
 
@@ -93,7 +94,9 @@ def test_artifact_with_codec_round_trips_and_checks_decoded_content(codec, dtype
     raw_header, _ = make_artifact(kv)
     assert header.content_sha256 == raw_header.content_sha256 and header.key == raw_header.key
     got = art.decode(blob)
-    assert all(same_bits(a, b) for a, b in zip((*got.kv.keys, *got.kv.values), (*kv.keys, *kv.values), strict=True))
+    assert all(
+        same_bits(a, b) for a, b in zip((*got.kv.keys, *got.kv.values), (*kv.keys, *kv.values), strict=True)
+    )
 
 
 def test_lossy_codec_cannot_make_an_artifact():

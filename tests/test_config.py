@@ -62,7 +62,9 @@ def test_token_is_registry_token_and_options_override_a_config(tmp_path) -> None
     assert (c.registry_token, c.local_only) == ("t-1", False)
     with pytest.raises(ConfigError, match="same option"):
         Config.from_env(cache_dir=tmp_path, token="a", registry_token="b")
-    d = Config.from_env(cache_dir=tmp_path).with_options(registry_url="http://r.test", budget=10, memory_slots=None)
+    d = Config.from_env(cache_dir=tmp_path).with_options(
+        registry_url="http://r.test", budget=10, memory_slots=None
+    )
     assert (d.registry_url, d.local_only, d.budget, d.memory_slots) == ("http://r.test", False, 10, 2)
     with pytest.raises(ConfigError, match="budget"):
         d.with_options(budget=1.5)  # money is integer micro-units
@@ -88,5 +90,9 @@ def test_each_default_is_declared_once() -> None:
     for name in ("block_size", "verify", "verify_probes", "lock_timeout", "allow_context_overflow",
                  "max_price_per_load", "budget", "prefill_cost_per_token"):
         assert getattr(r, name) == getattr(c, name), name
-    assert PolicyParams().prefill_cost_micros_per_token == c.prefill_cost_per_token == DEFAULT_PREFILL_MICROS_PER_TOKEN
+    assert (
+        PolicyParams().prefill_cost_micros_per_token
+        == c.prefill_cost_per_token
+        == DEFAULT_PREFILL_MICROS_PER_TOKEN
+    )
     assert Config.resolve == Config.from_env  # the deprecated name still works

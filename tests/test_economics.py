@@ -226,7 +226,9 @@ def test_cli_derives_parameters_from_a_benchmark_result(tmp_path, capsys) -> Non
     ]}
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(bench))
-    assert main(["--from-benchmark", str(path), "--tokens", "4000", "--dollars-per-hour", "3.6", "--json"]) == 0
+    assert (
+        main(["--from-benchmark", str(path), "--tokens", "4000", "--dollars-per-hour", "3.6", "--json"]) == 0
+    )
     out = json.loads(capsys.readouterr().out)
     text = json.dumps(out)
     assert "4096" in text and "46080" in text

@@ -70,7 +70,10 @@ def test_truncated_kv_is_the_kv_of_the_prefix(tiny_model):
     engine = TransformersEngine(tiny_model("qwen3"))
     doc, suffix = _ids(400, 7), _ids(4, 8)
     kv = engine.prefill(doc).truncate(250)
-    assert engine.generate(kv, doc[250:] + suffix, GREEDY).token_ids == engine.generate(None, doc + suffix, GREEDY).token_ids
+    assert (
+        engine.generate(kv, doc[250:] + suffix, GREEDY).token_ids
+        == engine.generate(None, doc + suffix, GREEDY).token_ids
+    )
 
 
 def test_resume_never_mutates_the_cached_kv(tiny_model):
@@ -96,14 +99,22 @@ def test_resume_from_a_stored_artifact_leaves_its_tensors_and_file_unchanged(tin
     engine = TransformersEngine(tiny_model("qwen3"))
     doc = _ids(300, 15)
     fresh = engine.prefill(doc)
-    header, blob = art.encode(fresh, model_fingerprint=sha256_hex(b"m"), tokenizer_fingerprint=sha256_hex(b"t"),
-                              template_hash=sha256_hex(b"p"))
+    header, blob = art.encode(
+        fresh,
+        model_fingerprint=sha256_hex(b"m"),
+        tokenizer_fingerprint=sha256_hex(b"t"),
+        template_hash=sha256_hex(b"p"),
+    )
     with KVStore(tmp_path / "kv") as store:
         store.put(header, blob)
         kv = store.get(header.key).artifact.kv  # tensors are views of a private mmap of the stored file
-        snapshot = KVCache(tuple(t.clone() for t in kv.keys), tuple(t.clone() for t in kv.values), kv.token_ids.clone())
+        snapshot = KVCache(
+            tuple(t.clone() for t in kv.keys), tuple(t.clone() for t in kv.values), kv.token_ids.clone()
+        )
         cache = engine.new_cache(kv)
-        assert all(layer.keys.data_ptr() == k.data_ptr() for layer, k in zip(cache.layers, kv.keys, strict=True))
+        assert all(
+            layer.keys.data_ptr() == k.data_ptr() for layer, k in zip(cache.layers, kv.keys, strict=True)
+        )
         eight = GenerationParams(max_new_tokens=8)
         want = engine.generate(None, doc + [1, 2, 3], eight).token_ids
         assert engine.generate(kv, [1, 2, 3], eight).token_ids == want
@@ -149,7 +160,13 @@ def test_sampling_is_seeded_and_params_validated(tiny_model):
     a = engine.generate(kv, [1, 2, 3], p).token_ids
     assert a == engine.generate(kv, [1, 2, 3], p).token_ids
     assert a == engine.generate(None, _ids(50, 11) + [1, 2, 3], p).token_ids
-    for bad in ({"max_new_tokens": 0}, {"temperature": -1.0}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_k": -2}):
+    for bad in (
+        {"max_new_tokens": 0},
+        {"temperature": -1.0},
+        {"temperature": float("nan")},
+        {"top_p": 0.0},
+        {"top_k": -2},
+    ):
         with pytest.raises(EngineError):
             GenerationParams(**bad)
 

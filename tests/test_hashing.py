@@ -1,4 +1,5 @@
-"""The sha256 tree hash and the local xxh3-128 tree: equal to plain single-threaded recomputations of the documented trees."""
+"""The sha256 tree hash and the local xxh3-128 tree: equal to plain single-threaded recomputations of the
+documented trees."""
 
 from __future__ import annotations
 
@@ -128,7 +129,16 @@ def test_local_digest_is_not_the_content_address() -> None:
     assert len(local_digest(data)) == 32 and local_digest(data) != payload_digest(data)[:32]
 
 
-SPLITS = [[0], [1], [5, 0, 7], [CHUNK_SIZE], [CHUNK_SIZE + 1], [3 << 20, 3 << 20, 5 << 20], [CHUNK_SIZE - 1, 1, 1], [1] * 9]
+SPLITS = [
+    [0],
+    [1],
+    [5, 0, 7],
+    [CHUNK_SIZE],
+    [CHUNK_SIZE + 1],
+    [3 << 20, 3 << 20, 5 << 20],
+    [CHUNK_SIZE - 1, 1, 1],
+    [1] * 9,
+]
 
 
 @pytest.mark.parametrize("sizes", SPLITS, ids=str)
@@ -138,7 +148,9 @@ def test_digests_of_buffers_are_those_of_their_concatenation(sizes: list[int]) -
     rng = random.Random(sum(sizes))
     parts = [rng.randbytes(n) for n in sizes]
     joined = b"".join(parts)
-    assert tree_digests([parts] + [[p] for p in parts]) == [payload_digest(joined)] + [payload_digest(p) for p in parts]
+    assert tree_digests([parts] + [[p] for p in parts]) == [payload_digest(joined)] + [
+        payload_digest(p) for p in parts
+    ]
     assert local_digest([memoryview(p) for p in parts]) == local_digest(joined)
     if joined:
         flipped = bytearray(joined)

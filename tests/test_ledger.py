@@ -133,7 +133,9 @@ def test_quarantine_hits_only_the_sold_record(meta: MetaStore) -> None:
     led, copies = Ledger(meta), OwnerCopies(meta)
     first = row(2, owner="alice", visibility="restricted")
     meta.insert(first, [])
-    copies.insert(ArtifactRow(**{**first.__dict__, "owner": "mallory", "visibility": "public", "blob": "m"}), [])
+    copies.insert(
+        ArtifactRow(**{**first.__dict__, "owner": "mallory", "visibility": "public", "blob": "m"}), []
+    )
     copies.grant(first.key, "mallory", "carol")
     led.set_price(first.key, "mallory", 10)
     led.credit("bob", 100)

@@ -28,8 +28,16 @@ def test_amounts_are_integers_never_floats() -> None:
 
 def test_price_file(tmp_path: Path) -> None:
     f = tmp_path / "prices.json"
-    f.write_text(json.dumps({"currency": "uEUR", "input_per_mtok": 5_000_000, "cached_input_per_mtok": 500_000,
-                             "commission_bps": 1000}))
+    f.write_text(
+        json.dumps(
+            {
+                "currency": "uEUR",
+                "input_per_mtok": 5_000_000,
+                "cached_input_per_mtok": 500_000,
+                "commission_bps": 1000,
+            }
+        )
+    )
     p = mk.HostPrices.from_file(f)
     assert (p.currency, p.cached_input_per_mtok, p.commission_bps) == ("uEUR", 500_000, 1000)
     for bad in ({"input_per_mtok": 0.5}, {"commission_bps": 10_001}, {"surprise": 1}, [1]):
@@ -88,7 +96,13 @@ def test_statement_aggregates_purchases_sales_royalties_and_refunds() -> None:
     bob, alice = mk.statement("bob", rows), mk.statement("alice", rows)
     assert bob.credits == 5000 and bob.purchases["k1"].to_json() == {
         "key": "k1", "loads": 1, "amount": 200, "royalties": 0, "refunds": 100}
-    assert alice.sales["k1"].to_json() == {"key": "k1", "loads": 2, "amount": 180, "royalties": 90, "refunds": 90}
+    assert alice.sales["k1"].to_json() == {
+        "key": "k1",
+        "loads": 2,
+        "amount": 180,
+        "royalties": 90,
+        "refunds": 90,
+    }
 
 
 # -- properties ------------------------------------------------------------------------------------------
@@ -136,7 +150,10 @@ def test_book_invariants(ops: list[tuple], bps: int) -> None:
     assert all(mk.balanced(t) for t in book.transactions.values())
     assert sum(book.balances.values()) == 0
     assert book.balance(mk.MINT) == -issued
-    assert sum(v for a, v in book.balances.items() if a not in mk.SYSTEM_ACCOUNTS) + book.balance(mk.HOST) == issued
+    assert (
+        sum(v for a, v in book.balances.items() if a not in mk.SYSTEM_ACCOUNTS) + book.balance(mk.HOST)
+        == issued
+    )
     refunds_only_negative = all(book.balance(p) >= 0 for p in PRINCIPALS) or bool(book.refunded)
     assert refunds_only_negative  # only a clawback by refund can push a publisher below zero
 

@@ -163,7 +163,11 @@ def test_retry_with_same_idempotency_key_charges_once(server: ServerProcess, mod
         key = uuid.uuid4().hex
         first = carol.download_blob(h, idempotency_key=key)
         again = carol.download_blob(h, idempotency_key=key)  # e.g. the connection broke and the SDK retried
-        assert again.data == first.data and again.receipt == first.receipt and (first.charge, again.charge) == (700, 0)
+        assert (
+            again.data == first.data
+            and again.receipt == first.receipt
+            and (first.charge, again.charge) == (700, 0)
+        )
         receipt = first.receipt
         raw = httpx.get(server.url + h.blob_url, headers={"Authorization": f"Bearer {token_of('carol')}",
                                                           "Idempotency-Key": key})
@@ -200,9 +204,12 @@ def test_refund_after_a_proven_poisoned_artifact(server: ServerProcess, model: A
         bought = bob.download_blob(h)
         receipt = bought.receipt
         assert receipt and bob.account_balance() == start - 900
-        report = verify_kv(TransformersEngine(model), art.decode(bought.data).kv, "full")  # the buyer's own check
+        # the buyer's own check
+        report = verify_kv(TransformersEngine(model), art.decode(bought.data).kv, "full")
         assert not report.ok
-        d = bob.dispute(h.key, receipt, layer=1, position=20, difference=report.max_rel_diff, detail=report.reason)
+        d = bob.dispute(
+            h.key, receipt, layer=1, position=20, difference=report.max_rel_diff, detail=report.reason
+        )
         assert d["status"] == "refunded" and d["refund_receipt"], d
         assert bob.account_balance() == start
         # quarantined: nobody else is served it, and everything answers as for a missing key
@@ -266,7 +273,9 @@ def test_64_concurrent_buyers_from_3_publishers(server: ServerProcess) -> None:
                     with lock:
                         refused[0] += 1
                     continue
-                assert len(got.data) == h.size and got.receipt and got.charge == prices[(b + j) % N_PUBLISHERS]
+                assert (
+                    len(got.data) == h.size and got.receipt and got.charge == prices[(b + j) % N_PUBLISHERS]
+                )
                 with lock:
                     served.append((f"buyer{b}", str(got.receipt), got.charge))
 
@@ -292,7 +301,9 @@ def test_64_concurrent_buyers_from_3_publishers(server: ServerProcess) -> None:
     earned = 0
     for i in range(N_PUBLISHERS):
         with client(server, token_of(f"pub{i}")) as pub:
-            earned += sum(line["amount"] for line in pub.statement()["sales"] if line["key"] == handles[i].key)
+            earned += sum(
+                line["amount"] for line in pub.statement()["sales"] if line["key"] == handles[i].key
+            )
     assert earned + (after["host"] - before["host"]) == spent  # every charged micro-unit went somewhere
 
 

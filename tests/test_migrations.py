@@ -31,7 +31,8 @@ from tests.test_server_postgres import fresh_schema
 REPO = Path(__file__).resolve().parents[1]
 
 # -- the schema as it stood before migrations: the statements meta.py, records.py, quotas.py and ledger.py ran
-# at start (commit e1c43f2), verbatim; "{serial}" was INTEGER PRIMARY KEY AUTOINCREMENT / BIGSERIAL PRIMARY KEY
+# at start (commit e1c43f2), verbatim; "{serial}" was INTEGER PRIMARY KEY AUTOINCREMENT / BIGSERIAL PRIMARY
+# KEY
 LEGACY_DDL = [
     """CREATE TABLE IF NOT EXISTS artifacts (
         key TEXT PRIMARY KEY, owner TEXT NOT NULL, visibility TEXT NOT NULL, size BIGINT NOT NULL,
@@ -55,13 +56,15 @@ LEGACY_DDL = [
         hash TEXT NOT NULL, key TEXT NOT NULL, owner TEXT NOT NULL, idx INTEGER NOT NULL,
         PRIMARY KEY (hash, key, owner))""",
     """CREATE TABLE IF NOT EXISTS owner_copy_grants (
-        key TEXT NOT NULL, owner TEXT NOT NULL, principal TEXT NOT NULL, PRIMARY KEY (key, owner, principal))""",
+        key TEXT NOT NULL, owner TEXT NOT NULL, principal TEXT NOT NULL, PRIMARY KEY (key, owner,
+        principal))""",
     """CREATE TABLE IF NOT EXISTS quota_rate (
         principal TEXT NOT NULL, win BIGINT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (principal, win))""",
     """CREATE TABLE IF NOT EXISTS quota_upload (
         principal TEXT NOT NULL, day BIGINT NOT NULL, bytes BIGINT NOT NULL, PRIMARY KEY (principal, day))""",
     """CREATE TABLE IF NOT EXISTS quota_leases (
-        id TEXT PRIMARY KEY, principal TEXT NOT NULL, kind TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL)""",
+        id TEXT PRIMARY KEY, principal TEXT NOT NULL, kind TEXT NOT NULL, expires DOUBLE PRECISION NOT
+        NULL)""",
     "CREATE INDEX IF NOT EXISTS quota_leases_principal ON quota_leases (principal, kind)",
     "CREATE TABLE IF NOT EXISTS quota_locks (principal TEXT PRIMARY KEY, touched DOUBLE PRECISION NOT NULL)",
     "CREATE TABLE IF NOT EXISTS market_accounts (principal TEXT PRIMARY KEY, balance BIGINT NOT NULL)",
@@ -79,10 +82,12 @@ LEGACY_DDL = [
         key TEXT NOT NULL, owner TEXT NOT NULL, price BIGINT NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (key, owner))""",
     """CREATE TABLE IF NOT EXISTS market_disputes (
-        id {serial}, ts DOUBLE PRECISION NOT NULL, receipt TEXT NOT NULL, buyer TEXT NOT NULL, key TEXT NOT NULL,
+        id {serial}, ts DOUBLE PRECISION NOT NULL, receipt TEXT NOT NULL, buyer TEXT NOT NULL, key TEXT NOT
+        NULL,
         evidence TEXT NOT NULL, status TEXT NOT NULL, outcome TEXT, refund_receipt TEXT)""",
     """CREATE TABLE IF NOT EXISTS market_quarantine (
-        key TEXT NOT NULL, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, dispute BIGINT, reason TEXT NOT NULL,
+        key TEXT NOT NULL, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, dispute BIGINT, reason TEXT
+        NOT NULL,
         visibility TEXT NOT NULL, entitlements TEXT NOT NULL, PRIMARY KEY (key, owner))""",
 ]
 SERIAL = {"sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT", "postgres": "BIGSERIAL PRIMARY KEY"}
@@ -101,9 +106,17 @@ ROWS: dict[str, list[tuple[Any, ...]]] = {
     "quota_leases": [("lease1", "bob", "generate", 1700000600.0)],
     "quota_locks": [("bob", 1700000004.0)],
     "market_accounts": [("bob", 900), ("alice", 90), ("#host", 10), ("#mint", -1000)],
-    "market_transactions": [(1, "rcpt_1", 1700000005.0, "credit", "bob", None, None, 1000, None, "seed"),
-                            (2, "rcpt_2", 1700000006.0, "sale", "bob", K, "alice", 100, None, "")],
-    "market_postings": [(1, "#mint", -1000), (1, "bob", 1000), (2, "bob", -100), (2, "alice", 90), (2, "#host", 10)],
+    "market_transactions": [
+        (1, "rcpt_1", 1700000005.0, "credit", "bob", None, None, 1000, None, "seed"),
+        (2, "rcpt_2", 1700000006.0, "sale", "bob", K, "alice", 100, None, ""),
+    ],
+    "market_postings": [
+        (1, "#mint", -1000),
+        (1, "bob", 1000),
+        (2, "bob", -100),
+        (2, "alice", 90),
+        (2, "#host", 10),
+    ],
     "market_idempotency": [("bob", "idem-1", "sale:" + K, 2, 1700000006.0)],
     "market_prices": [(K, "alice", 100, 1700000000.0)],
     "market_disputes": [(1, 1700000007.0, "rcpt_2", "bob", K, '{"why":"x"}', "open", None, None)],
@@ -136,9 +149,12 @@ def build_legacy(cur: Any, backend: str) -> None:
     for table, rows in ROWS.items():
         for r in rows:
             cur.execute(f"INSERT INTO {table} VALUES ({','.join([ph] * len(r))})", r)
-    if backend == "postgres":  # as if the sequences had numbered these rows (SQLite's AUTOINCREMENT follows itself)
+    # as if the sequences had numbered these rows (SQLite's AUTOINCREMENT follows itself)
+    if backend == "postgres":
         for table in ("ledger", "market_transactions", "market_disputes"):
-            cur.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT MAX(id) FROM {table}))")
+            cur.execute(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT MAX(id) FROM {table}))"
+            )
 
 
 def dump_rows(cur: Any) -> dict[str, list[tuple[Any, ...]]]:
@@ -161,7 +177,9 @@ def shape(db: schema.Database) -> dict[str, Any]:
             cols = [(c["name"], str(c["type"]).upper(), c["nullable"]) for c in insp.get_columns(t)]
             pk = tuple(insp.get_pk_constraint(t)["constrained_columns"])
             uniq = sorted(tuple(u["column_names"]) for u in insp.get_unique_constraints(t))
-            idx = sorted((i["name"], tuple(i["column_names"]), bool(i["unique"])) for i in insp.get_indexes(t))
+            idx = sorted(
+                (i["name"], tuple(i["column_names"]), bool(i["unique"])) for i in insp.get_indexes(t)
+            )
             out[t] = (cols, pk, uniq, idx)
         return out
     finally:
@@ -188,7 +206,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[st
             yield "postgres", schema.Database(postgres_dsn=dsn), lambda: _pg_cursor(dsn)
 
 
-def test_upgrade_in_place_keeps_every_row(backend: tuple[str, Any, Callable[[], Any]], tmp_path: Path) -> None:
+def test_upgrade_in_place_keeps_every_row(
+    backend: tuple[str, Any, Callable[[], Any]], tmp_path: Path
+) -> None:
     name, db, cursor = backend
     with cursor() as cur:
         build_legacy(cur, name)
@@ -239,12 +259,22 @@ def test_newer_schema_is_refused(backend: tuple[str, Any, Callable[[], Any]], tm
     # a real `kvagent serve` refuses to start, with the message, and touches nothing
     tokens = tmp_path / "tokens.json"
     tokens.write_text('{"alice-token-0001": {"principal": "alice"}}')
-    args = ["--data-dir", str(db.sqlite_path.parent if db.sqlite_path else tmp_path / "d"), "--token-file", str(tokens)]
+    args = [
+        "--data-dir",
+        str(db.sqlite_path.parent if db.sqlite_path else tmp_path / "d"),
+        "--token-file",
+        str(tokens),
+    ]
     if db.postgres_dsn:
         args += ["--postgres-dsn", db.postgres_dsn]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "kvagent.cli", "serve", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "kvagent.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "newer than this kvagent knows" in done.stderr and "Traceback" not in done.stderr
     with cursor() as cur:
@@ -256,7 +286,9 @@ def test_no_migrate_refuses_an_old_schema_and_db_current_names_the_version(
         backend: tuple[str, Any, Callable[[], Any]], capsys: pytest.CaptureFixture[str]) -> None:
     name, db, cursor = backend
     schema.upgrade(db, "0001_baseline")
-    opt = ["--postgres-dsn", db.postgres_dsn] if db.postgres_dsn else ["--data-dir", str(db.sqlite_path.parent)]
+    opt = (
+        ["--postgres-dsn", db.postgres_dsn] if db.postgres_dsn else ["--data-dir", str(db.sqlite_path.parent)]
+    )
     assert cli.main(["db", "current", *opt]) == 0
     assert capsys.readouterr().out.strip() == f"0001_baseline (behind {schema.head()})"
     with pytest.raises(SchemaVersionError, match="run `kvagent db upgrade`"):
@@ -288,7 +320,9 @@ def test_no_ddl_outside_the_migrations() -> None:
     assert offenders == []
 
 
-def start_together(n: int, base: Path, tokens: dict[str, Any], dsn: str) -> tuple[list[Any], list[BaseException]]:
+def start_together(
+    n: int, base: Path, tokens: dict[str, Any], dsn: str
+) -> tuple[list[Any], list[BaseException]]:
     """Start ``n`` registry processes on ``dsn`` at the same moment (a barrier releases all the spawns)."""
     from registry_server import start_server
 
@@ -323,7 +357,9 @@ def test_four_nodes_start_together_on_an_emptied_postgres(tmp_path: Path) -> Non
             try:
                 assert not errors, f"round {rnd}: {errors[0]}"
                 for node in started:
-                    r = httpx.get(node.url + "/v1/ledger", headers={"Authorization": "Bearer alice-token-0001"})
+                    r = httpx.get(
+                        node.url + "/v1/ledger", headers={"Authorization": "Bearer alice-token-0001"}
+                    )
                     assert r.status_code == 200, (rnd, r.text)
                 assert schema.current(schema.Database(postgres_dsn=dsn)) == schema.head()
             finally:

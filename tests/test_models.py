@@ -32,8 +32,15 @@ def test_a_local_model_directory_loads_offline(tmp_path, tiny_model, embedded):
     model_dir = tmp_path / "tiny"
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=len(embedded.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    cfg = LlamaConfig(
+        vocab_size=len(embedded.tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
     embedded.tokenizer.save_pretrained(model_dir)
     loaded = load_model(str(model_dir), tmp_path / "models")

@@ -44,7 +44,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def nodes(tmp_path_factory: pytest.TempPathFactory, pg_dsn: str, model_dir: Path) -> Iterator[tuple[Any, ...]]:
+def nodes(
+    tmp_path_factory: pytest.TempPathFactory, pg_dsn: str, model_dir: Path
+) -> Iterator[tuple[Any, ...]]:
     with s3_endpoint(tmp_path_factory.mktemp("moto")) as url, aws_env(url):
         bucket = new_bucket(url)
         shared = ["--postgres-dsn", pg_dsn, "--blobs", f"s3://{bucket}/kv",
@@ -69,10 +71,14 @@ def agent(model_dir: Path, cache: Path, **kw: Any) -> KVAgent:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True).eval()
-    return KVAgent(model, cache_dir=cache, policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0), **kw)
+    return KVAgent(
+        model, cache_dir=cache, policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0), **kw
+    )
 
 
-def test_publish_on_one_read_on_two_then_fail_over(nodes: tuple[Any, ...], model_dir: Path, tmp_path: Path) -> None:
+def test_publish_on_one_read_on_two_then_fail_over(
+    nodes: tuple[Any, ...], model_dir: Path, tmp_path: Path
+) -> None:
     one, two, s3_url, bucket = nodes
     one_: ServerProcess = one
     two_: ServerProcess = two

@@ -128,8 +128,14 @@ def test_langchain_chat_openai_in_an_lcel_chain(server, embedded):
 
 def test_document_published_elsewhere_is_hit_through_the_registry(server, embedded, tmp_path):
     text = long_text(1200, embedded.tokenizer)
-    publisher = KVAgent(embedded.model, tokenizer=embedded.tokenizer, cache_dir=tmp_path / "a",
-                        registry_url=server.url, token="alice-token-0001", policy=PolicyParams(min_tokens=256))
+    publisher = KVAgent(
+        embedded.model,
+        tokenizer=embedded.tokenizer,
+        cache_dir=tmp_path / "a",
+        registry_url=server.url,
+        token="alice-token-0001",
+        policy=PolicyParams(min_tokens=256),
+    )
     publisher.publish(publisher.read(text), "public")
     publisher.close()
     c = client(server, "bob-token-000002")  # another principal, another machine: only the registry can help
@@ -153,7 +159,9 @@ def test_private_prompts_never_reach_another_principal(server, embedded):
     n_template = len(embedded.tokenizer.encode(template.split("<|im_start|>user")[0] + "<|im_start|>user\n"))
     # the same prompt, and one sharing its long prefix, each from a principal that never sent the text itself
     for token, m in (("bob-token-000002", msgs), ("carol-token-0003", ask("Anything else?", secret))):
-        r = client(server, token).chat.completions.create(model="smollm2", messages=m, temperature=0, max_tokens=4)
+        r = client(server, token).chat.completions.create(
+            model="smollm2", messages=m, temperature=0, max_tokens=4
+        )
         # at most their own earlier prompts' chat-template prefix (the default system prompt), never A's text
         assert r.usage.prompt_tokens_details.cached_tokens <= n_template, r.model_extra["kvagent"]
 
@@ -176,8 +184,16 @@ def test_bad_input_gets_openai_shaped_errors(server):
         c.chat.completions.create(model="smollm2", messages=ask("x"), max_tokens=9000)
     assert err.value.body["code"] == "context_length_exceeded" and "8192" in err.value.body["message"]
     with pytest.raises(openai.BadRequestError) as err:
-        c.chat.completions.create(model="smollm2", messages=ask("x"), tools=[
-            {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}])
+        c.chat.completions.create(
+            model="smollm2",
+            messages=ask("x"),
+            tools=[
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"type": "object", "properties": {}}},
+                }
+            ],
+        )
     assert "smollm2" in err.value.body["message"] and "tools" in err.value.body["message"]
     with pytest.raises(openai.AuthenticationError):
         client(server, "not-a-valid-token").chat.completions.create(model="smollm2", messages=ask("x"))
@@ -194,8 +210,13 @@ def _metric(server, name: str) -> float:
 def test_disconnect_stops_generation_and_a_full_queue_says_429(server):
     c = client(server)
     before = _metric(server, "kvagent_generation_tokens_total")
-    stream = c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Count to 1000."}],
-                                       temperature=0, max_tokens=2000, stream=True)
+    stream = c.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Count to 1000."}],
+        temperature=0,
+        max_tokens=2000,
+        stream=True,
+    )
     for i, _chunk in enumerate(stream):
         if i == 3:
             break
@@ -203,10 +224,19 @@ def test_disconnect_stops_generation_and_a_full_queue_says_429(server):
     busy: list[int] = []
 
     def hold() -> None:  # two long requests fill the 2-slot queue: one generating, one waiting for the model
-        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=300,
-                          headers={"Authorization": "Bearer alice-token-0001"},
-                          json={"model": "smollm2", "messages": [{"role": "user", "content": "Tell a long story."}],
-                                "max_tokens": 60, "temperature": 0, "stream": True}) as r:
+        with httpx.stream(
+            "POST",
+            server.url + "/v1/chat/completions",
+            timeout=300,
+            headers={"Authorization": "Bearer alice-token-0001"},
+            json={
+                "model": "smollm2",
+                "messages": [{"role": "user", "content": "Tell a long story."}],
+                "max_tokens": 60,
+                "temperature": 0,
+                "stream": True,
+            },
+        ) as r:
             busy.append(r.status_code)
             for _ in r.iter_bytes():
                 pass

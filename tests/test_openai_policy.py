@@ -1,9 +1,11 @@
-"""Issue 26's scenario on a real ``kvagent serve --model smollm2`` process: a long-running host that has calibrated
+"""Issue 26's scenario on a real ``kvagent serve --model smollm2`` process: a long-running host that has
+calibrated
 itself on its own chats still reuses a document another principal published, through ``/v1/chat/completions``.
 
 After 0, 3 and 20 earlier chats of mixed lengths (the host's cost model learns from each of them), a third
 principal asks about a freshly published document: ``usage.prompt_tokens_details.cached_tokens`` must cover at
-least 90% of it. Before the fix, three measurements of about one length made the fit price the prompt's short tail
+least 90% of it. Before the fix, three measurements of about one length made the fit price the prompt's short
+tail
 after the published prefix like a full prefill, and the host prefilled everything (cached_tokens 24).
 """
 
@@ -57,8 +59,14 @@ def test_published_documents_are_reused_after_0_3_and_20_chats(server, embedded,
                 {"role": "user", "content": f"Chat {i}: {text}\n\nSay yes."}])
         chats = earlier
         doc = f"Report {round_} of the harbour authority.\n\n" + long_text(1200, embedded.tokenizer)
-        publisher = KVAgent(embedded.model, tokenizer=embedded.tokenizer, cache_dir=tmp_path / f"pub{round_}",
-                            registry_url=server.url, token="alice-token-0001", policy=PolicyParams(min_tokens=256))
+        publisher = KVAgent(
+            embedded.model,
+            tokenizer=embedded.tokenizer,
+            cache_dir=tmp_path / f"pub{round_}",
+            registry_url=server.url,
+            token="alice-token-0001",
+            policy=PolicyParams(min_tokens=256),
+        )
         publisher.publish(publisher.read(doc), "public")
         publisher.close()
         r = bob.chat.completions.create(model="smollm2", temperature=0, max_tokens=4, messages=[

@@ -1,4 +1,5 @@
-"""Tool calling through the OpenAI-compatible endpoint: a real server hosting the embedded SmolLM2 weights under the
+"""Tool calling through the OpenAI-compatible endpoint: a real server hosting the embedded SmolLM2 weights
+under the
 real Qwen3 chat template (Hermes ``<tool_call>`` format), driven by the official ``openai`` client."""
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, embedded: Any) -> Path:
     src = ensure_embedded(Config.resolve().models_dir)
     d = tmp_path_factory.mktemp("smollm2-qwen3-template")
     for f in src.iterdir():
-        if f.suffix in (".safetensors", ".json") and not f.name.startswith("tokenizer") and f.name != "special_tokens_map.json":
+        if (
+            f.suffix in (".safetensors", ".json")
+            and not f.name.startswith("tokenizer")
+            and f.name != "special_tokens_map.json"
+        ):
             (d / f.name).symlink_to(f)
     import copy
 
@@ -54,7 +59,9 @@ def client(server) -> openai.OpenAI:
 def test_forced_tool_call_then_tool_result_turn_reuses_the_conversation(server, model_dir) -> None:
     c = client(server)
     model = str(model_dir)
-    messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the value of magic_function(3)? Use the tool."}]
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": "What is the value of magic_function(3)? Use the tool."}
+    ]
     r = c.chat.completions.create(model=model, messages=messages, tools=[MAGIC], temperature=0, max_tokens=8,
                                   tool_choice={"type": "function", "function": {"name": "magic_function"}})
     choice = r.choices[0]
@@ -62,7 +69,8 @@ def test_forced_tool_call_then_tool_result_turn_reuses_the_conversation(server, 
     call = choice.message.tool_calls[0]
     assert call.function.name == "magic_function"
     args = json.loads(call.function.arguments)
-    assert set(args) == {"input"} and isinstance(args["input"], int)  # decoded by the model, typed by the schema
+    # decoded by the model, typed by the schema
+    assert set(args) == {"input"} and isinstance(args["input"], int)
     first_prompt = r.usage.prompt_tokens
     messages += [choice.message.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": call.id, "content": "22"}]
@@ -82,9 +90,13 @@ def test_streamed_forced_call_and_schema_output(server, model_dir) -> None:
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
     schema = {"type": "object", "properties": {"city": {"type": "string"}, "year": {"type": "integer"}},
               "required": ["city", "year"]}
-    r = c.chat.completions.create(model=model, temperature=0, max_tokens=12,
-                                  response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
-                                  messages=[{"role": "user", "content": "Paris was founded long ago. Give city and year."}])
+    r = c.chat.completions.create(
+        model=model,
+        temperature=0,
+        max_tokens=12,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        messages=[{"role": "user", "content": "Paris was founded long ago. Give city and year."}],
+    )
     out = json.loads(r.choices[0].message.content)
     assert set(out) == {"city", "year"} and isinstance(out["year"], int) and isinstance(out["city"], str)
     with pytest.raises(openai.BadRequestError):

@@ -121,7 +121,9 @@ def test_nothing_measured_says_assumed_and_a_probe_says_so():
 
 
 def test_fixed_params_replace_every_measured_estimate():
-    req = _fetchable(prefill_s=pol.Estimate(60.0, pol.MEASURED, 5), link_bytes_per_s=pol.Estimate(1e9, pol.MEASURED, 5))
+    req = _fetchable(
+        prefill_s=pol.Estimate(60.0, pol.MEASURED, 5), link_bytes_per_s=pol.Estimate(1e9, pol.MEASURED, 5)
+    )
     assert pol.decide(req).choice == pol.FETCH
     forced = pol.decide(req, pol.PolicyParams(prefill_tokens_per_s=1e6, bandwidth_bytes_per_s=1e6))
     assert forced.choice == pol.LOCAL_PREFILL
@@ -138,14 +140,18 @@ def test_superlinear_rest_of_a_prefix_and_verification_count_against_the_fetch()
     d = pol.decide(req)
     assert d.estimates["rest_prefill_s"] == 18.0 and d.estimates["verify_s"] == 0.5
     assert d.estimates["fetch_s"] > 18.5 and d.choice == pol.FETCH
-    slower = pol.decide(pol.Request(**{**req.__dict__, "rest_prefill_s": pol.Estimate(23.0, pol.MEASURED, 4)}))
+    slower = pol.decide(
+        pol.Request(**{**req.__dict__, "rest_prefill_s": pol.Estimate(23.0, pol.MEASURED, 4)})
+    )
     assert slower.choice == pol.LOCAL_PREFILL and "does not pay" in slower.reason
     # 3% slower than the prefill, within the estimates' spread: the expected loss is small, so it reuses
     tie = pol.decide(pol.Request(**{**req.__dict__, "rest_prefill_s": pol.Estimate(19.9, pol.MEASURED, 4)}))
     assert tie.choice == pol.FETCH and tie.reason.startswith("near a tie: ") and tie.estimates["near_tie"]
     assert tie.estimates["fetch_expected_loss_s"] <= 0.05 * 20.0
-    strict = pol.decide(pol.Request(**{**req.__dict__, "rest_prefill_s": pol.Estimate(19.9, pol.MEASURED, 4)}),
-                        pol.PolicyParams(tie_tolerance=0.0))
+    strict = pol.decide(
+        pol.Request(**{**req.__dict__, "rest_prefill_s": pol.Estimate(19.9, pol.MEASURED, 4)}),
+        pol.PolicyParams(tie_tolerance=0.0),
+    )
     assert strict.choice == pol.LOCAL_PREFILL and "does not pay" in strict.reason
     near = pol.decide(pol.Request(**{**req.__dict__, "rest_prefill_s": pol.Estimate(19.9, pol.MEASURED, 4),
                                      "verify_s": pol.Estimate(0.5, pol.MEASURED, 4, rel_sd=2.0)}),
@@ -159,7 +165,11 @@ def test_expected_loss_of_a_choice_under_uncertainty():
     assert pol.expected_excess(-10.0, 1.0) == pytest.approx(0.0, abs=1e-12)
     assert pol.expected_excess(10.0, 1.0) == pytest.approx(10.0)
     # with nothing to tell them apart, every estimate says how uncertain it is
-    assert pol.Estimate(1.0, pol.ASSUMED).spread > pol.Estimate(1.0, pol.PROBE).spread > pol.Estimate(1.0, pol.MEASURED).spread
+    assert (
+        pol.Estimate(1.0, pol.ASSUMED).spread
+        > pol.Estimate(1.0, pol.PROBE).spread
+        > pol.Estimate(1.0, pol.MEASURED).spread
+    )
     assert pol.Estimate(2.0, pol.MEASURED, 3, rel_sd=0.1).sd == pytest.approx(0.2)
     with pytest.raises(ValueError):
         pol.Estimate(1.0, pol.MEASURED, rel_sd=-0.1)
@@ -191,7 +201,10 @@ def test_the_per_load_limit_and_the_budget_refuse_with_the_reason():
     assert capped.choice == pol.LOCAL_PREFILL and "exceeds the 1000 µUSD limit per load" in capped.reason
     broke = pol.decide(req, pol.PolicyParams(budget_left_micros=1199))
     assert broke.choice == pol.LOCAL_PREFILL and "exceeds the 1199 µUSD budget left" in broke.reason
-    assert pol.decide(req, pol.PolicyParams(budget_left_micros=1200, max_price_per_load_micros=1200)).choice == pol.FETCH
+    assert (
+        pol.decide(req, pol.PolicyParams(budget_left_micros=1200, max_price_per_load_micros=1200)).choice
+        == pol.FETCH
+    )
 
 
 def test_a_cheap_purchase_must_still_pay_in_time():

@@ -1,4 +1,5 @@
-"""RegistryClient against an in-memory transport: retries, Retry-After, 4xx, strict parsing, integrity, signatures."""
+"""RegistryClient against an in-memory transport: retries, Retry-After, 4xx, strict parsing, integrity,
+signatures."""
 
 from __future__ import annotations
 
@@ -230,7 +231,11 @@ def test_signature_verification():
     assert same_kv(c.download(c.lookup(KEY), EXPECT).kv, KV)
     # unsigned, signed by a stranger, or a signature over another digest: all refused
     other_sk, _ = _keypair()
-    for sig in (None, _sig_record(sign(HEADER, other_sk)), _sig_record(sign(dataclasses.replace(HEADER, codec="x"), sk))):
+    for sig in (
+        None,
+        _sig_record(sign(HEADER, other_sk)),
+        _sig_record(sign(dataclasses.replace(HEADER, codec="x"), sk)),
+    ):
         c, _ = client_for(blob_server(BLOB, handle_json(signature=sig)), trusted_keys={pub})
         with pytest.raises(ArtifactIntegrityError):
             c.download(c.lookup(KEY), EXPECT)

@@ -26,7 +26,8 @@ TOKENS = {
 N_DOC = 600
 SUFFIX = [11, 22, 33, 44]
 # The tiny model prefills faster than any fetch pays, so the calibrated policy would (rightly) prefill: a
-# fixed slow prefill estimate (a documented override) makes it fetch, so these tests exercise the registry path.
+# fixed slow prefill estimate (a documented override) makes it fetch, so these tests exercise the registry
+# path.
 POLICY = PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0)
 
 

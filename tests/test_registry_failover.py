@@ -99,7 +99,9 @@ def test_expired_presigned_url_is_asked_for_again() -> None:
     def handler(req: httpx.Request) -> httpx.Response:
         if req.url.host == "objects.test":
             if req.url.params["n"] == "1":  # S3 refuses a URL past X-Amz-Expires with 403
-                return httpx.Response(403, content=b"<Error><Code>AccessDenied</Code>Request has expired</Error>")
+                return httpx.Response(
+                    403, content=b"<Error><Code>AccessDenied</Code>Request has expired</Error>"
+                )
             return httpx.Response(200, content=BLOB)
         issued.append(f"{STORE}&n={len(issued) + 1}")
         return httpx.Response(307, headers={"Location": issued[-1]})

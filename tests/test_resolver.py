@@ -28,7 +28,11 @@ CTX = KeyContext(sha256_hex(b"fake-model"), sha256_hex(b"fake-tokenizer"), "floa
 
 def kv_of(ids: Sequence[int]) -> KVCache:
     """The fake model's KV: a function of each token and its position, so a prefix's KV is a prefix of it."""
-    t = torch.tensor([float(i) * 1000 + p for p, i in enumerate(ids)]).view(1, 1, -1, 1).expand(1, HEADS, -1, DIM)
+    t = (
+        torch.tensor([float(i) * 1000 + p for p, i in enumerate(ids)])
+        .view(1, 1, -1, 1)
+        .expand(1, HEADS, -1, DIM)
+    )
     keys = tuple(t.clone() + layer for layer in range(LAYERS))
     return KVCache(keys=keys, values=tuple(k * 2 for k in keys), token_ids=torch.tensor(list(ids)))
 
@@ -100,12 +104,17 @@ class FakeSource:
             raise self.fail
         return self.published[key][0] if key in self.published else None
 
-    def lookup_prefix(self, hashes: Sequence[str], *, timeout: float | None = None) -> tuple[Handle, int] | None:
+    def lookup_prefix(
+        self, hashes: Sequence[str], *, timeout: float | None = None
+    ) -> tuple[Handle, int] | None:
         if self.fail:
             raise self.fail
         best = None
         for handle, _a, own in self.published.values():
-            n = next((i for i, (x, y) in enumerate(zip(own, hashes, strict=False)) if x != y), min(len(own), len(hashes)))
+            n = next(
+                (i for i, (x, y) in enumerate(zip(own, hashes, strict=False)) if x != y),
+                min(len(own), len(hashes)),
+            )
             if n and (best is None or n > best[1]):
                 best = (handle, n)
         return best
@@ -126,7 +135,12 @@ class FakeSource:
 def make(tmp_path: Path, source: FakeSource | None = None, store: FakeStore | None = None, **settings: Any
          ) -> tuple[Resolver, FakeEngine, FakeStore]:
     engine, store = FakeEngine(), store or FakeStore(tmp_path)
-    s = ResolverSettings(block_size=BLOCK, verify="none", policy=PolicyParams(min_tokens=4, prefill_tokens_per_s=1.0), **settings)
+    s = ResolverSettings(
+        block_size=BLOCK,
+        verify="none",
+        policy=PolicyParams(min_tokens=4, prefill_tokens_per_s=1.0),
+        **settings,
+    )
     return Resolver(engine, CTX, store, registry=source, settings=s), engine, store  # type: ignore[arg-type]
 
 

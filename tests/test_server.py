@@ -73,8 +73,13 @@ def doc_artifact(local: Any, n_tokens: int, seed: int) -> tuple[list[int], art.A
     ids = torch.randint(0, 512, (n_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
     kv = engine.prefill(ids)
     key = document_key(ctx, ids)
-    header, blob = art.encode(kv, key=key, model_fingerprint=ctx.model_fingerprint,
-                              tokenizer_fingerprint=ctx.tokenizer_fingerprint, template_hash=ctx.template_hash)
+    header, blob = art.encode(
+        kv,
+        key=key,
+        model_fingerprint=ctx.model_fingerprint,
+        tokenizer_fingerprint=ctx.tokenizer_fingerprint,
+        template_hash=ctx.template_hash,
+    )
     return ids, header, blob
 
 
@@ -180,9 +185,15 @@ def test_auth_and_visibility(server: ServerProcess, local: Any) -> None:
         assert post(server, f"/v1/artifacts/{key}/generate", who, json=gen).status_code == want
         assert post(server, "/v1/lookup/prefix", who, json=hashes).status_code == want
     # an invisible artifact and a missing key answer the same
-    assert shape(get(server, f"/v1/artifacts/{key}", BOB), key) == shape(get(server, f"/v1/artifacts/{missing}", BOB), missing)
-    assert post(server, f"/v1/artifacts/{key}/entitlements", BOB, json={"principal": "bob"}).status_code == 404
-    assert post(server, f"/v1/artifacts/{key}/entitlements", ALICE, json={"principal": "bob"}).status_code == 200
+    assert shape(get(server, f"/v1/artifacts/{key}", BOB), key) == shape(
+        get(server, f"/v1/artifacts/{missing}", BOB), missing
+    )
+    assert (
+        post(server, f"/v1/artifacts/{key}/entitlements", BOB, json={"principal": "bob"}).status_code == 404
+    )
+    assert (
+        post(server, f"/v1/artifacts/{key}/entitlements", ALICE, json={"principal": "bob"}).status_code == 200
+    )
     assert get(server, f"/v1/artifacts/{key}", BOB).status_code == 200
     assert download(server, f"/v1/artifacts/{key}/blob", BOB).content == blob
     assert post(server, f"/v1/artifacts/{key}/generate", BOB, json=gen).status_code == 200
@@ -220,7 +231,9 @@ def test_generate_matches_local_full_prefill(server: ServerProcess, local: Any) 
     assert put(server, header.key, blob, ALICE).status_code == 201
     suffix = [17, 99, 3, 250]
     want = engine.generate(None, ids + suffix, GenerationParams(max_new_tokens=12)).token_ids
-    r = post(server, f"/v1/artifacts/{header.key}/generate", BOB, json={"suffix_ids": suffix, "max_new_tokens": 12})
+    r = post(
+        server, f"/v1/artifacts/{header.key}/generate", BOB, json={"suffix_ids": suffix, "max_new_tokens": 12}
+    )
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("application/x-ndjson")
     lines = [httpx.Response(200, content=x).json() for x in r.content.splitlines()]
@@ -264,8 +277,13 @@ def test_ledger_and_metrics(server: ServerProcess, local: Any) -> None:
     rows = get(server, f"/v1/ledger?key={key}", ALICE).json()["entries"]
     got = sorted((e["principal"], e["mode"], e["bytes"], e["tokens"]) for e in rows)
     presigned = server.on_s3  # S3: a download is metered whole when its URL is issued
-    assert got == sorted([("carol", "download", len(blob), 0), ("carol", "download", len(blob) if presigned else 10, 0),
-                          ("carol", "generate", len(blob), 3)])
+    assert got == sorted(
+        [
+            ("carol", "download", len(blob), 0),
+            ("carol", "download", len(blob) if presigned else 10, 0),
+            ("carol", "generate", len(blob), 3),
+        ]
+    )
     assert get(server, f"/v1/ledger?key={key}", CAROL).json()["entries"] == []  # carol owns nothing
     assert len(get(server, f"/v1/ledger?role=consumer&key={key}", CAROL).json()["entries"]) == 3
     if presigned:  # no byte went through the app

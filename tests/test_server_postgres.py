@@ -137,7 +137,9 @@ def test_ledger_roles_filters_and_order(meta: MetaStore) -> None:
     assert [e.bytes for e in meta.ledger("bob", role="consumer")] == [20, 10]
     assert [e.bytes for e in meta.ledger("alice", key=a.key, limit=1)] == [30]
     assert meta.ledger("bob") == []
-    assert meta.ledger("bob", role="consumer")[0] == LedgerEntry("bob", c.key, "carol", 20, "generate", 5, 2.0)
+    assert meta.ledger("bob", role="consumer")[0] == LedgerEntry(
+        "bob", c.key, "carol", 20, "generate", 5, 2.0
+    )
 
 
 def test_reopen_keeps_rows(tmp_path: Path) -> None:

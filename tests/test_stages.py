@@ -1,4 +1,5 @@
-"""Every read is broken down into stages and checked against the cost model's prediction for its path (issue 26)."""
+"""Every read is broken down into stages and checked against the cost model's prediction for its path (issue
+26)."""
 
 from __future__ import annotations
 
@@ -82,7 +83,9 @@ def test_reads_carry_stages_and_predictions_and_are_recorded(embedded, tmp_path:
 
 
 def test_outcomes_reach_observers_at_once_and_the_file_in_the_background(tmp_path: Path):
-    model = cal.CostModel(cal.CalibrationFile(tmp_path / "c.json"), profile=cal.Profile("ef" * 32, "f32", "m"))
+    model = cal.CostModel(
+        cal.CalibrationFile(tmp_path / "c.json"), profile=cal.Profile("ef" * 32, "f32", "m")
+    )
     seen: list[cal.Outcome] = []
     model.observers.append(seen.append)
     model.observers.append(lambda o: 1 / 0)  # a broken observer is logged, never raised to the read

@@ -143,7 +143,12 @@ def test_bit_flip_in_a_large_artifact_is_caught_by_the_local_digest(
     store.put(header, blob)
     (path,) = _val_files(store.directory)
     data_start = 8 + int.from_bytes(blob[:8], "little")
-    pos = {"first": data_start, "middle": len(blob) // 2, "chunk boundary": CHUNK_SIZE, "last": len(blob) - 1}[where]
+    pos = {
+        "first": data_start,
+        "middle": len(blob) // 2,
+        "chunk boundary": CHUNK_SIZE,
+        "last": len(blob) - 1,
+    }[where]
     monkeypatch.setattr(art, "payload_digest", lambda *_: "0" * 64)  # only the local digest can catch it
     raw = bytearray(path.read_bytes())
     raw[pos] ^= 0x20

@@ -139,7 +139,10 @@ def test_token_file_import_keeps_its_meaning(store: TokenStore) -> None:
 
 # -- real servers ------------------------------------------------------------------------------------
 ADMIN = "admin-token-0001"
-TOKENS = {ADMIN: {"principal": "ops", "admin": True}, "alice-token-0001": {"principal": "alice", "publish": True}}
+TOKENS = {
+    ADMIN: {"principal": "ops", "admin": True},
+    "alice-token-0001": {"principal": "alice", "publish": True},
+}
 
 
 def _auth_failures(url: str, reason: str) -> float:
@@ -171,14 +174,18 @@ def test_two_nodes_issue_use_dump_revoke(tmp_path: Path) -> None:
             r = httpx.post(one.url + "/v1/admin/tokens", json={"principal": "x"},
                            headers={"Authorization": bearer("alice-token-0001")})
             assert r.status_code == 403
-            r = httpx.post(one.url + "/v1/admin/tokens", json={"principal": "dave", "publish": True}, headers=admin)
+            r = httpx.post(
+                one.url + "/v1/admin/tokens", json={"principal": "dave", "publish": True}, headers=admin
+            )
             assert r.status_code == 201, r.text
             issued = r.json()
             token, tid = issued["token"], issued["id"]
             assert r.headers["cache-control"] == "no-store"
             assert _status(two.url, token) == 200  # at once, on the other node
 
-            listed = httpx.get(two.url + "/v1/admin/tokens", params={"principal": "dave"}, headers=admin).json()
+            listed = httpx.get(
+                two.url + "/v1/admin/tokens", params={"principal": "dave"}, headers=admin
+            ).json()
             assert [t["id"] for t in listed["tokens"]] == [tid] and token not in json.dumps(listed)
 
             # the plaintext is nowhere in the database (its digest is)

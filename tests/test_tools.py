@@ -93,7 +93,9 @@ def _history(arguments: Any) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("name", ["qwen3", "llama3.1"])
-def test_render_writes_tools_calls_and_results_the_way_call_text_does(tokenizers: dict[str, Any], name: str) -> None:
+def test_render_writes_tools_calls_and_results_the_way_call_text_does(
+    tokenizers: dict[str, Any], name: str
+) -> None:
     tok, fmt = tokenizers[name], FORMATS[name]
     args = {"query": "fare", "limit": 2}
     ids = render(tok, _history(json.dumps(args)), [LOOKUP], model_name=name)  # OpenAI's string arguments
@@ -169,7 +171,11 @@ def test_chat_messages_and_tool_choice() -> None:
     assert "tool_calls" not in msgs[0] and msgs[0]["content"] == ""  # Llama treats the key as a call
     assert msgs[1]["tool_calls"][0]["function"]["arguments"] == {"q": 1}
     two = [LOOKUP, {"name": "other", "parameters": {"type": "object", "properties": {}}}]
-    assert forced_tool(None, two) is None and forced_tool("auto", two) is None and forced_tool("none", two) is None
+    assert (
+        forced_tool(None, two) is None
+        and forced_tool("auto", two) is None
+        and forced_tool("none", two) is None
+    )
     assert forced_tool("any", [LOOKUP]) == "lookup" and forced_tool("required", two) == ["lookup", "other"]
     assert forced_tool({"type": "function", "function": {"name": "other"}}, two) == "other"
     with pytest.raises(ValueError, match="names no bound tool"):
@@ -204,12 +210,15 @@ def test_guided_json_writes_structure_and_takes_values_from_the_model() -> None:
         },
         "$defs": {"Pet": {"type": "object", "properties": {"kind": {"type": "string"}}}},
     }
-    cont, seen = _model('Ann "Lee"", junk', " 42, more", "-1.5e3}", " true", '"sa', ' "a', 'b", ', ", ", 'c"', "]", 'cat"}')
+    cont, seen = _model(
+        'Ann "Lee"", junk', " 42, more", "-1.5e3}", " true", '"sa', ' "a', 'b", ', ", ", 'c"', "]", 'cat"}'
+    )
     text, value = guided_json(schema, cont)
     assert value == {"name": "Ann ", "age": 42, "ratio": -1500.0, "ok": True, "mood": "sad",
                      "tags": ["b", "c"], "pet": {"kind": "cat"}}  # fmt: skip
     assert json.loads(text) == value
-    assert seen[0] == '{"name": "' and seen[1] == '{"name": "Ann ", "age": '  # values continue the JSON so far
+    # values continue the JSON so far
+    assert seen[0] == '{"name": "' and seen[1] == '{"name": "Ann ", "age": '
 
 
 def test_guided_value_the_model_fails_falls_back_and_is_counted() -> None:

@@ -60,7 +60,8 @@ class CostParams:
     document_tokens: int = 3774
     # $/1M input tokens; inferred: 3774 x $5e-6 x 80M = $1.51M, the abstract's "~$1.5M re-prefill".
     prefill_usd_per_mtok: float = 5.0
-    # Prefill / reuse compute ratio r at 3774 tokens (abstract: "49.7x"); measured ones via params_from_measurement.
+    # Prefill / reuse compute ratio r at 3774 tokens (abstract: "49.7x"); measured ones via
+    # params_from_measurement.
     reuse_ratio: float = 49.7
     # Qwen3-4B fp16: 2 x 36 layers x 8 KV heads x 128 dims x 2 B = 147,456 B ("0.148 MB/token", summaries).
     kv_bytes_per_token: int = 147_456
@@ -390,12 +391,15 @@ def format_table(result: CostReport) -> str:
     lines += [
         "",
         f"document: {p.document_tokens:,} tokens, KV {p.kv_bytes_per_token:,} B/token "
-        f"= {result.artifact_gb:.3g} GB (shipped {result.shipped_gb:.3g} GB at {p.compression_ratio:g}x compression)",
-        f"prefill {_usd(result.prefill_per_load)}/load; reuse compute {_usd(result.reuse_compute_per_load)}/load "
+        f"= {result.artifact_gb:.3g} GB (shipped {result.shipped_gb:.3g} GB at {p.compression_ratio:g}x "
+        "compression)",
+        f"prefill {_usd(result.prefill_per_load)}/load; reuse compute "
+        f"{_usd(result.reuse_compute_per_load)}/load "
         f"(r = {p.reuse_ratio:.3g}x); egress {_usd(result.egress_per_load)}/load "
         f"= {result.ship_vs_prefill:.3g}x the prefill",
         f"break-even N* = 1/(1 - 1/r) = {_count(result.paper_break_even)}",
-        f"cache-read tariff {t.tariff:g}x: user pays {_usd(t.user_price_per_load)}/load ({t.user_discount:.3g}x cheaper), "
+        f"cache-read tariff {t.tariff:g}x: user pays {_usd(t.user_price_per_load)}/load "
+        f"({t.user_discount:.3g}x cheaper), "
         f"provider cost {_usd(t.provider_cost_per_load)}, margin {_usd(t.provider_margin_per_load)}/load "
         f"({t.provider_margin_fraction:.1%}); physical saving {t.physical_saving:.3g}x",
         f"(GB = {p.bytes_per_gb:,.0f} bytes)",
@@ -467,15 +471,21 @@ def _uusd(x: float) -> str:
 
 def format_market(bands: tuple[MarketBand, ...], p: CostParams) -> str:
     """Plain-text market summary: per delivery, the band, the break-even sales and the buyer's saving."""
-    lines = [f"market for one {p.document_tokens:,}-token document (prices in uUSD = 1e-6 USD, as the registry charges)"]
+    lines = [
+        f"market for one {p.document_tokens:,}-token document (prices in uUSD = 1e-6 USD, as the registry "
+        "charges)"
+    ]
     for b in bands:
         band = (f"{_uusd(b.floor_usd)} < price < {_uusd(b.ceiling_usd)}" if b.band_open
                 else f"empty (floor {_uusd(b.floor_usd)} >= ceiling {_uusd(b.ceiling_usd)})")
         lines += [
-            f"{b.delivery}: seller's cost {_uusd(b.serve_usd)}/load + production {_uusd(b.production_usd)} once",
+            f"{b.delivery}: seller's cost {_uusd(b.serve_usd)}/load + production {_uusd(b.production_usd)} "
+            "once",
             f"  band at {b.n_sales:,} sales: {band}; both gain from {_count(b.min_sales)} sales on",
-            f"  at the {p.cache_read_tariff:g}x tariff ({_uusd(b.tariff_price_usd)}/load): publisher breaks even after "
-            f"{_count(b.tariff_break_even_sales)} sales; buyer saves {_uusd(b.tariff_buyer_saving_usd)}/load, "
+            f"  at the {p.cache_read_tariff:g}x tariff ({_uusd(b.tariff_price_usd)}/load): publisher breaks "
+            "even after "
+            f"{_count(b.tariff_break_even_sales)} sales; buyer saves "
+            f"{_uusd(b.tariff_buyer_saving_usd)}/load, "
             f"{_usd(b.tariff_buyer_savings_total_usd)} over {b.n_sales:,} loads",
         ]
     return "\n".join(lines)
@@ -501,7 +511,8 @@ def build_parser(prog: str = "kvagent economics") -> argparse.ArgumentParser:
     defaults = CostParams()
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Cost of a document read by N agents: re-prefill vs reuse vs shipping vs provider hosting.",
+        description="Cost of a document read by N agents: re-prefill vs reuse vs shipping vs provider "
+        "hosting.",
     )
     for name, (flag, kind, text) in _FLAGS.items():
         default = getattr(defaults, name)
@@ -527,7 +538,8 @@ def build_parser(prog: str = "kvagent economics") -> argparse.ArgumentParser:
     parser.add_argument(
         "--from-benchmark",
         metavar="FILE",
-        help="take tokens, r and bytes/token from a benchmarks.reuse_vs_prefill JSON result (row nearest --tokens)",
+        help="take tokens, r and bytes/token from a benchmarks.reuse_vs_prefill JSON result "
+        "(row nearest --tokens)",
     )
     parser.add_argument(
         "--dollars-per-hour",
@@ -547,7 +559,8 @@ def build_parser(prog: str = "kvagent economics") -> argparse.ArgumentParser:
 
 def params_from_benchmark(result: dict[str, Any], tokens: int, dollars_per_hour: float, reuse_path: str,
                           **overrides: Any) -> CostParams:
-    """Parameters from a ``benchmarks.reuse_vs_prefill`` result: the row whose length is nearest ``tokens``."""
+    """Parameters from a ``benchmarks.reuse_vs_prefill`` result: the row whose length is nearest
+    ``tokens``."""
     rows = result.get("rows") if isinstance(result, dict) else None
     if not rows:
         raise ConfigError("the benchmark result has no rows")
@@ -575,7 +588,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"cannot read benchmark result {args.from_benchmark}: {exc}") from exc
             keep = {n: getattr(args, n) for n in _FLAGS if n not in
                     ("document_tokens", "prefill_usd_per_mtok", "reuse_ratio", "kv_bytes_per_token")}
-            params = params_from_benchmark(measured, args.document_tokens, args.dollars_per_hour, args.reuse_path, **keep)
+            params = params_from_benchmark(
+                measured, args.document_tokens, args.dollars_per_hour, args.reuse_path, **keep
+            )
         else:
             params = CostParams(**{name: getattr(args, name) for name in _FLAGS})
         result = report(params, args.agents)

@@ -136,7 +136,8 @@ class PromptTurns:
             # the reply's first forward computes the rest of the prompt
             on_prompt, save = self._keeper(namespace)
         timed = None
-        if res.kv is not None and res.tail:  # that forward is a continuation prefill: a sample for the cost model
+        # that forward is a continuation prefill: a sample for the cost model
+        if res.kv is not None and res.tail:
             n_new, past = len(feed), res.kv.n_tokens
 
             def timed(seconds: float) -> None:

@@ -22,33 +22,59 @@ def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentPar
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--data-dir", type=Path, required=True, help="blobs and (by default) the SQLite metadata")
-    ap.add_argument("--token-file", type=Path, default=None,
-                    help='JSON {"<token>": {"principal": ..., "publish": bool, "admin": bool, "limits": {...}}}, '
-                         "imported into the database at start (tokens are also issued with `kvagent token`)")
+    ap.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help='JSON {"<token>": {"principal": ..., "publish": bool, "admin": bool, "limits": {...}}}, '
+        "imported into the database at start (tokens are also issued with `kvagent token`)",
+    )
     ap.add_argument("--no-migrate", action="store_true",
                     help="do not upgrade the database schema at start; refuse to serve unless it is current "
                          "(run `kvagent db upgrade` first)")
-    ap.add_argument("--token-cache-seconds", type=float, default=2.0,
-                    help="how long a node trusts a cached token lookup: revocations reach it within this time")
-    ap.add_argument("--model", default="none", help="'smollm2', a local model directory, or 'none' (no generate)")
+    ap.add_argument(
+        "--token-cache-seconds",
+        type=float,
+        default=2.0,
+        help="how long a node trusts a cached token lookup: revocations reach it within this time",
+    )
+    ap.add_argument(
+        "--model", default="none", help="'smollm2', a local model directory, or 'none' (no generate)"
+    )
     ap.add_argument("--models-dir", type=Path, default=None, help="where converted models are cached")
     ap.add_argument("--postgres-dsn", default=None, help="use PostgreSQL for metadata instead of SQLite")
     ap.add_argument("--max-artifact-bytes", type=int, default=DEFAULT_MAX_ARTIFACT_BYTES)
     ap.add_argument("--kv-cache-items", type=int, default=2, help="decoded KVs kept in memory for generate")
-    ap.add_argument("--prices", type=Path, default=None,
-                    help="host price file (JSON: currency, input/cached_input/output_per_mtok, commission_bps)")
-    ap.add_argument("--currency", default=None, help="the currency amounts count micro-units of (default uUSD)")
+    ap.add_argument(
+        "--prices",
+        type=Path,
+        default=None,
+        help="host price file (JSON: currency, input/cached_input/output_per_mtok, commission_bps)",
+    )
+    ap.add_argument(
+        "--currency", default=None, help="the currency amounts count micro-units of (default uUSD)"
+    )
     ap.add_argument("--dispute-verify", choices=("sample", "full"), default="full",
                     help="how a disputed artifact is re-verified when a model runs here")
-    ap.add_argument("--blobs", default=None, metavar="DIR|s3://BUCKET/PREFIX",
-                    help="where blobs live: a directory (default <data-dir>/blobs) or an S3-compatible bucket "
-                         "(credentials, region and AWS_ENDPOINT_URL from the standard AWS_* variables)")
-    ap.add_argument("--presign-expiry", type=int, default=300, help="seconds a presigned blob URL stays valid")
+    ap.add_argument(
+        "--blobs",
+        default=None,
+        metavar="DIR|s3://BUCKET/PREFIX",
+        help="where blobs live: a directory (default <data-dir>/blobs) or an S3-compatible bucket "
+        "(credentials, region and AWS_ENDPOINT_URL from the standard AWS_* variables)",
+    )
+    ap.add_argument(
+        "--presign-expiry", type=int, default=300, help="seconds a presigned blob URL stays valid"
+    )
     ap.add_argument("--workers", type=int, default=1, help="worker processes serving the same port")
     ap.add_argument("--max-queue", type=int, default=8,
                     help="chat/completion requests queued or running at once; more get 429 + Retry-After")
-    ap.add_argument("--max-batch", type=int, default=8,
-                    help="sequences decoded together, one forward per step; more admitted ones wait for a slot")
+    ap.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="sequences decoded together, one forward per step; more admitted ones wait for a slot",
+    )
     ap.add_argument("--default-max-tokens", type=int, default=512,
                     help="completion length of a chat request that sets no max_tokens")
     ap.add_argument("--prompt-cache-bytes", type=int, default=2 << 30,
@@ -58,10 +84,17 @@ def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentPar
                     help="seconds a client has to send its request headers (slowloris guard)")
     ap.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
                     help="seconds a request body may stall between chunks before the connection is closed")
-    ap.add_argument("--keep-alive", type=int, default=d.keep_alive_s, help="seconds an idle keep-alive connection stays open")
+    ap.add_argument(
+        "--keep-alive",
+        type=int,
+        default=d.keep_alive_s,
+        help="seconds an idle keep-alive connection stays open",
+    )
     ap.add_argument("--max-connections", type=int, default=d.max_connections,
                     help="concurrent connections + requests before new requests get 503")
-    ap.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes, help="largest request head accepted")
+    ap.add_argument(
+        "--max-header-bytes", type=int, default=d.max_header_bytes, help="largest request head accepted"
+    )
     ap.add_argument("--log-level", default="info")
     return ap
 
@@ -108,7 +141,12 @@ def serve(settings: Settings, host: str, port: int, log_level: str = "info", wor
     # this handler turns that re-raise into a clean exit status 0.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     common: dict[str, Any] = dict(
-        host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=10, lifespan="on"
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        lifespan="on",
     )
     limits = limits or ConnectionLimits()
     limits.export()  # the protocol's deadlines, here and in worker processes
@@ -131,7 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
     try:
-        serve(settings_from_args(args), args.host, args.port, args.log_level, args.workers, limits_from_args(args))
+        serve(
+            settings_from_args(args),
+            args.host,
+            args.port,
+            args.log_level,
+            args.workers,
+            limits_from_args(args),
+        )
     except KVAgentError as exc:
         print(f"kvagent serve: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Admin API: bearer tokens issued, listed, rotated and revoked at run time (admin principals only).
 
-    POST   /v1/admin/tokens                 {"principal", "publish", "admin", "expires_at" | "expires_in", "limits"}
-                                            -> 201 {"token": <plaintext, shown this once>, "id", "prefix", ...}
+    POST   /v1/admin/tokens                 {"principal", "publish", "admin", "expires_at" | "expires_in",
+                                             "limits"}
+                                            -> 201 {"token": <plaintext, shown this once>, "id", "prefix", …}
     GET    /v1/admin/tokens[?principal=P&all=true]  -> {"tokens": [...]} (never a token or its digest)
     POST   /v1/admin/tokens/{id}/rotate     -> 201 a new token like it; the old one is revoked
     DELETE /v1/admin/tokens/{id}            -> {"revoked": [...]}

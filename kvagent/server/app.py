@@ -46,7 +46,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # everything loaded so far (libraries, the model, the app) lives as long as the process: keep it out of
+        # everything loaded so far (libraries, the model, the app) lives as long as the process: keep it out
+        # of
         # the collector's full passes, which would otherwise walk it all and stall every request in flight
         gc.collect()
         gc.freeze()
@@ -75,7 +76,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         if is_openai_path(request.url.path):
-            return openai_error_response(exc.status_code, code, str(exc.detail)[:200], getattr(exc, "headers", None))
+            return openai_error_response(
+                exc.status_code, code, str(exc.detail)[:200], getattr(exc, "headers", None)
+            )
         return error_response(exc.status_code, code, str(exc.detail)[:200], getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -209,7 +209,8 @@ class TokenTable:
         return self.check(authorization)[0]
 
     def is_cached(self, authorization: str | None) -> bool:
-        """Whether :meth:`resolve` would answer without asking the database (so it may run on the event loop)."""
+        """Whether :meth:`resolve` would answer without asking the database (so it may run on the event
+        loop)."""
         if not authorization:
             return True
         scheme, _, token = authorization.partition(" ")
@@ -229,7 +230,8 @@ class TokenTable:
         except StoreError:
             if e is None:
                 raise
-            if now - self._stale_warned > 30:  # a database outage: keep the last answer rather than refuse all
+            # a database outage: keep the last answer rather than refuse all
+            if now - self._stale_warned > 30:
                 self._stale_warned = now
                 log.warning("token lookups answered from the cache: the database is unavailable")
             return e[0], e[1]

@@ -57,7 +57,8 @@ class BlobStore(Protocol):
         """A short-lived URL that serves the blob without the app, or None to stream it through the app."""
 
     def cleanup(self, referenced: Callable[[], Iterable[str]], grace_s: float = DEFAULT_GRACE_S) -> int:
-        """Delete temp files of dead processes and unreferenced blobs older than ``grace_s``; returns how many."""
+        """Delete temp files of dead processes and unreferenced blobs older than ``grace_s``; returns how
+        many."""
 
 
 def _fresh_name(key: str) -> str:

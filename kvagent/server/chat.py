@@ -3,7 +3,8 @@ engine.
 
 A request's prompt ids resume through the host's :class:`~kvagent.resolver.Resolver` (memory → the host's
 prompt cache → this server's published artifacts the caller may see → prefill), by way of the prompt-turn
-core (:mod:`kvagent.engines.turn`). Private prompt KVs live in a namespace derived from the caller's identity with
+core (:mod:`kvagent.engines.turn`). Private prompt KVs live in a namespace derived from the caller's identity
+with
 a server secret (HMAC), never from anything the client sends, so one principal's prompts can never be found
 from another's ids (vLLM's ``cache_salt`` lesson, CVE-2025-46570). Generations decode together in the
 engine's batch (up to ``--max-batch``); requests queued or running are bounded by ``max_queue``, beyond which
@@ -153,8 +154,15 @@ class QuietSaver:
     At most ``max_pending`` saves wait; beyond that the oldest is dropped, with a log line.
     """
 
-    def __init__(self, service: ChatService, quiet_s: float = 0.5, max_wait_s: float = 5.0, max_pending: int = 32):
-        self._service, self.quiet_s, self.max_wait_s, self.max_pending = service, quiet_s, max_wait_s, max_pending
+    def __init__(
+        self, service: ChatService, quiet_s: float = 0.5, max_wait_s: float = 5.0, max_pending: int = 32
+    ):
+        self._service, self.quiet_s, self.max_wait_s, self.max_pending = (
+            service,
+            quiet_s,
+            max_wait_s,
+            max_pending,
+        )
         self._pending: collections.deque[tuple[float, Callable[[], None]]] = collections.deque()
         self._cv = threading.Condition()
         self._quiet_since = time.monotonic()
@@ -165,7 +173,9 @@ class QuietSaver:
         with self._cv:
             if len(self._pending) >= self.max_pending:
                 self._pending.popleft()
-                log.warning("dropped a pending prompt-KV save: %d are waiting for a quiet moment", self.max_pending)
+                log.warning(
+                    "dropped a pending prompt-KV save: %d are waiting for a quiet moment", self.max_pending
+                )
             self._pending.append((time.monotonic(), save))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, daemon=True, name="kvagent-prompt-saver")

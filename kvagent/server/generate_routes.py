@@ -1,4 +1,5 @@
-"""Provider-side generation: continue from a published artifact's KV on this server's model (NDJSON stream)."""
+"""Provider-side generation: continue from a published artifact's KV on this server's model (NDJSON
+stream)."""
 
 from __future__ import annotations
 
@@ -56,12 +57,15 @@ def routes(st: State) -> APIRouter:
         )
         if json.loads(row.header_json)["model_fingerprint"] != st.host.fingerprint:
             st.metrics.generates.labels("wrong_model").inc()
-            raise ApiError(409, "wrong_model", "the artifact was computed by another model than this server runs")
+            raise ApiError(
+                409, "wrong_model", "the artifact was computed by another model than this server runs"
+            )
         lease = await run_in_threadpool(st.quotas.acquire, p.name, p.limits)  # or 429 too_many_generates
         try:
             kv = await run_in_threadpool(st.host.kv_for, key, row.blob, st.blobs.read_bytes)
             n_in, n_max = len(req.suffix_ids), req.max_new_tokens
-            rec = await run_in_threadpool(market_routes.charge_generate, st, p, row, request, n_in, n_max)  # or 402
+            # or 402
+            rec = await run_in_threadpool(market_routes.charge_generate, st, p, row, request, n_in, n_max)
         except BaseException:
             await run_in_threadpool(st.quotas.release, lease)
             raise
@@ -74,7 +78,9 @@ def routes(st: State) -> APIRouter:
             st.metrics.generates.labels("error").inc()
             await run_in_threadpool(st.quotas.release, lease)
             if rec is not None and not rec.replayed:
-                await run_in_threadpool(st.market.refund, rec.receipt, "generation failed before its first token")
+                await run_in_threadpool(
+                    st.market.refund, rec.receipt, "generation failed before its first token"
+                )
             exc = first.error
             raise exc if isinstance(exc, KVAgentError) else ApiError(500, "internal", "generation failed")
         st.metrics.generates.labels("ok").inc()
@@ -93,14 +99,22 @@ def routes(st: State) -> APIRouter:
                         return
                     else:
                         log.warning("generation for %s… failed mid-stream: %s", key[:16], ev.error)
-                        yield json.dumps({"error": "generation_failed", "detail": "generation failed"}).encode() + b"\n"
+                        yield (
+                            json.dumps({"error": "generation_failed", "detail": "generation failed"}).encode()
+                            + b"\n"
+                        )
                         return
                     ev = await events.__anext__()
             finally:  # runs to the end even when the client went away and this task is cancelled
                 await events.aclose()
                 st.metrics.tokens.inc(n)
-                await finish(_close, lease, LedgerEntry(p.name, key, row.owner, row.size, "generate", n, time.time()),
-                             rec, n)
+                await finish(
+                    _close,
+                    lease,
+                    LedgerEntry(p.name, key, row.owner, row.size, "generate", n, time.time()),
+                    rec,
+                    n,
+                )
 
         def _close(lease: str | None, entry: LedgerEntry, rec: Any, n: int) -> None:
             try:

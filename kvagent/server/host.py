@@ -22,8 +22,10 @@ log = logging.getLogger("kvagent.server")
 
 def load_host_agent(spec: str, models_dir: Path, cache_dir: Path, *, memory_slots: int = 2,
                     prompt_cache_bytes: int = 2 << 30) -> Runtime:
-    """The host's model, tokenizer and resolver: a local-only runtime, built as an SDK agent's is, so its keys,
-    block hashes and chat rendering are exactly those of an SDK agent on the same model (published artifacts match).
+    """The host's model, tokenizer and resolver: a local-only runtime, built as an SDK agent's is, so its
+    keys,
+    block hashes and chat rendering are exactly those of an SDK agent on the same model (published artifacts
+    match).
 
     ``cache_dir`` holds the host's own prompt cache (private prompt KVs, salted per principal).
     """

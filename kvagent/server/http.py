@@ -1,4 +1,5 @@
-"""HTTP plumbing shared by every route module: the error answer, bounded JSON bodies, byte ranges, the access log."""
+"""HTTP plumbing shared by every route module: the error answer, bounded JSON bodies, byte ranges, the access
+log."""
 
 from __future__ import annotations
 
@@ -50,7 +51,9 @@ def authorization_of(scope: Any) -> str | None:
     return next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), None)
 
 
-def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
@@ -78,7 +81,12 @@ def is_openai_path(path: str) -> bool:
 def openai_error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
                           param: str | None = None, extra: dict[str, Any] | None = None) -> JSONResponse:
     """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
-    err = {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"), "param": param, "code": code}
+    err = {
+        "message": message,
+        "type": _OPENAI_TYPES.get(status, "server_error"),
+        "param": param,
+        "code": code,
+    }
     return JSONResponse({"error": {**(extra or {}), **err}}, status_code=status, headers=headers)
 
 
@@ -149,7 +157,12 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
     if unit.strip().lower() != "bytes" or "," in spec:
         raise RangeNotSatisfiable(value)
     first, dash, last = spec.strip().partition("-")
-    if not dash or not (first.isdigit() or last.isdigit()) or (first and not first.isdigit()) or (last and not last.isdigit()):
+    if (
+        not dash
+        or not (first.isdigit() or last.isdigit())
+        or (first and not first.isdigit())
+        or (last and not last.isdigit())
+    ):
         raise RangeNotSatisfiable(value)
     if not first:
         n = int(last)

@@ -53,7 +53,8 @@ class Receipt:
 
 @dataclass(frozen=True)
 class Audit:
-    """Ledger-wide checks: the sum of all balances (always 0), unbalanced transactions, negative principals."""
+    """Ledger-wide checks: the sum of all balances (always 0), unbalanced transactions, negative
+    principals."""
 
     total: int
     unbalanced: list[int]
@@ -188,7 +189,9 @@ class Ledger:
         _check_idem(idem)
         return by or ADMIN, idem or "srv-" + secrets.token_hex(16)
 
-    def charge_load(self, buyer: str, key: str, publisher: str, idem: str | None, max_price: int | None) -> Receipt | None:
+    def charge_load(
+        self, buyer: str, key: str, publisher: str, idem: str | None, max_price: int | None
+    ) -> Receipt | None:
         """Charge one load of ``key`` at its price; ``None`` when free (price 0 or the publisher itself).
 
         Raises :class:`kvagent.market.PaymentRefused` (nothing charged) when the price is above
@@ -198,7 +201,8 @@ class Ledger:
 
     def charge_generate(self, buyer: str, key: str, publisher: str, idem: str | None, max_price: int | None,
                         input_tokens: int, cached_tokens: int, max_output_tokens: int) -> Receipt | None:
-        """Charge a hosted generation up front for ``max_output_tokens``; :meth:`settle_generate` returns the rest."""
+        """Charge a hosted generation up front for ``max_output_tokens``; :meth:`settle_generate` returns the
+        rest."""
 
         def bill(price: int) -> tuple[int, int]:
             b = mk.generate_bill(self.prices, input_tokens, cached_tokens, max_output_tokens, price)
@@ -208,7 +212,8 @@ class Ledger:
 
     def settle_generate(self, receipt: Receipt, input_tokens: int, cached_tokens: int, max_output_tokens: int,
                         used_output_tokens: int) -> Receipt | None:
-        """Give back what the unused output tokens of a pre-paid generation cost (one adjustment, #host -> buyer)."""
+        """Give back what the unused output tokens of a pre-paid generation cost (one adjustment, #host ->
+        buyer)."""
         if receipt.replayed:
             return None
         full = mk.generate_bill(self.prices, input_tokens, cached_tokens, max_output_tokens, 0).host_fee
@@ -224,8 +229,16 @@ class Ledger:
             return self._post(cur, mk.ADJUST, postings, -back, buyer=buyer, key=key, publisher=publisher,
                               ref=receipt.txn, check_negative=False)
 
-    def _charge(self, buyer: str, key: str, publisher: str, idem: str | None, max_price: int | None, kind: str,
-                bill: Any) -> Receipt | None:
+    def _charge(
+        self,
+        buyer: str,
+        key: str,
+        publisher: str,
+        idem: str | None,
+        max_price: int | None,
+        kind: str,
+        bill: Any,
+    ) -> Receipt | None:
         _check_idem(idem)
         idem = idem or "srv-" + secrets.token_hex(16)
         scope = f"{kind}:{key}"
@@ -237,15 +250,19 @@ class Ledger:
             royalty, host_fee = bill(price if buyer != publisher else 0)
             total = royalty + host_fee
             if total == 0:
-                cur.execute(self.meta.q("DELETE FROM market_idempotency WHERE principal = ? AND idem_key = ?"),
-                            (buyer, idem))
+                cur.execute(
+                    self.meta.q("DELETE FROM market_idempotency WHERE principal = ? AND idem_key = ?"),
+                    (buyer, idem),
+                )
                 return None
             postings = mk.sale_postings(buyer, publisher, royalty, self.prices.commission_bps, host_fee)
             balances = self._lock(cur, [p.account for p in postings])
             why = mk.refusal(total, balances[buyer], max_price)
             if why:
                 raise mk.PaymentRefused(mk.Quote(key, total, self.currency, balances[buyer], why))
-            rec = self._post(cur, kind, postings, total, buyer=buyer, key=key, publisher=publisher, locked=True)
+            rec = self._post(
+                cur, kind, postings, total, buyer=buyer, key=key, publisher=publisher, locked=True
+            )
             self._bind(cur, buyer, idem, rec.txn)
             return rec
 
@@ -266,13 +283,17 @@ class Ledger:
         if cur.rowcount == 1:
             return None
         cur.execute(
-            self.meta.q("SELECT i.key, t.id, t.receipt, t.amount FROM market_idempotency i "
-                        "LEFT JOIN market_transactions t ON t.id = i.txn WHERE i.principal = ? AND i.idem_key = ?"),
+            self.meta.q(
+                "SELECT i.key, t.id, t.receipt, t.amount FROM market_idempotency i "
+                "LEFT JOIN market_transactions t ON t.id = i.txn WHERE i.principal = ? AND i.idem_key = ?"
+            ),
             (buyer, idem),
         )
         held, txn, receipt, amount = cur.fetchone()
         if held != scope or txn is None:
-            raise IdempotencyConflict("this Idempotency-Key was already used for another purchase; send a new one")
+            raise IdempotencyConflict(
+                "this Idempotency-Key was already used for another purchase; send a new one"
+            )
         return Receipt(receipt, int(txn), int(amount), self.currency, replayed=True)
 
     def _lock(self, cur: Any, accounts: Sequence[str]) -> dict[str, int]:
@@ -283,7 +304,9 @@ class Ledger:
                                     "ON CONFLICT DO NOTHING"), (a,))
         out: dict[str, int] = {}
         for a in names:
-            cur.execute(self.meta.q("SELECT balance FROM market_accounts WHERE principal = ?" + self._lock_sql), (a,))
+            cur.execute(
+                self.meta.q("SELECT balance FROM market_accounts WHERE principal = ?" + self._lock_sql), (a,)
+            )
             out[a] = int(cur.fetchone()[0])
         return out
 
@@ -291,13 +314,17 @@ class Ledger:
               key: str | None = None, publisher: str | None = None, ref: int | None = None, memo: str = "",
               locked: bool = False, check_negative: bool = False) -> Receipt:
         if not mk.balanced(postings):
-            raise AssertionError(f"unbalanced postings {postings}")  # a bug in kvagent.market, never user input
+            # a bug in kvagent.market, never user input
+            raise AssertionError(f"unbalanced postings {postings}")
         if not locked:
             self._lock(cur, [p.account for p in postings])
         receipt = "rcpt_" + secrets.token_hex(12)
         cur.execute(
-            self.meta.q("INSERT INTO market_transactions (receipt, ts, kind, buyer, key, publisher, amount, ref, memo) "
-                        "VALUES (?,?,?,?,?,?,?,?,?) RETURNING id"),
+            self.meta.q(
+                "INSERT INTO market_transactions (receipt, ts, kind, buyer, key, publisher, amount, ref, "
+                "memo) "
+                "VALUES (?,?,?,?,?,?,?,?,?) RETURNING id"
+            ),
             (receipt, time.time(), kind, buyer, key, publisher, amount, ref, memo),
         )
         txn = int(cur.fetchone()[0])
@@ -314,18 +341,26 @@ class Ledger:
             return self._refund(cur, receipt, memo)
 
     def _refund(self, cur: Any, receipt: str, memo: str) -> Receipt | None:
-        cur.execute(self.meta.q("SELECT id, kind, buyer, key, publisher FROM market_transactions WHERE receipt = ?"),
-                    (receipt,))
+        cur.execute(
+            self.meta.q("SELECT id, kind, buyer, key, publisher FROM market_transactions WHERE receipt = ?"),
+            (receipt,),
+        )
         r = cur.fetchone()
         if r is None or r[1] not in (mk.SALE, mk.GENERATE):
             return None
         txn, _, buyer, key, publisher = r
-        cur.execute(self.meta.q("SELECT 1 FROM market_transactions WHERE ref = ? AND kind = ?"), (txn, mk.REFUND))
+        cur.execute(
+            self.meta.q("SELECT 1 FROM market_transactions WHERE ref = ? AND kind = ?"), (txn, mk.REFUND)
+        )
         if cur.fetchone() is not None:
             return None
-        cur.execute(self.meta.q("SELECT p.account, p.amount FROM market_postings p JOIN market_transactions t "
-                                "ON t.id = p.txn WHERE t.id = ? OR (t.ref = ? AND t.kind = ?)"),
-                    (txn, txn, mk.ADJUST))
+        cur.execute(
+            self.meta.q(
+                "SELECT p.account, p.amount FROM market_postings p JOIN market_transactions t "
+                "ON t.id = p.txn WHERE t.id = ? OR (t.ref = ? AND t.kind = ?)"
+            ),
+            (txn, txn, mk.ADJUST),
+        )
         net = mk.merge(mk.Posting(a, int(v)) for a, v in cur.fetchall())
         back = mk.reversal(net)
         paid = -sum(p.amount for p in net if p.account == buyer)
@@ -336,8 +371,13 @@ class Ledger:
     def purchase(self, receipt: str, buyer: str) -> tuple[int, str, str] | None:
         """(transaction id, artifact key, publisher) of ``buyer``'s purchase with this receipt id."""
         with self.meta.transaction() as cur:
-            cur.execute(self.meta.q("SELECT id, key, publisher FROM market_transactions WHERE receipt = ? "
-                                    "AND buyer = ? AND kind IN (?, ?)"), (receipt, buyer, mk.SALE, mk.GENERATE))
+            cur.execute(
+                self.meta.q(
+                    "SELECT id, key, publisher FROM market_transactions WHERE receipt = ? "
+                    "AND buyer = ? AND kind IN (?, ?)"
+                ),
+                (receipt, buyer, mk.SALE, mk.GENERATE),
+            )
             r = cur.fetchone()
         return (int(r[0]), str(r[1]), str(r[2])) if r else None
 
@@ -371,10 +411,16 @@ class Ledger:
         return Dispute(int(r[0]), r[1], r[2], r[3], r[4] or "", r[5])
 
     def resolve_dispute(self, dispute_id: int, proven: bool, outcome: str) -> Dispute:
-        """Close a dispute: a proven one refunds the buyer and quarantines the artifact, in one transaction."""
+        """Close a dispute: a proven one refunds the buyer and quarantines the artifact, in one
+        transaction."""
         with self.meta.transaction() as cur:
-            cur.execute(self.meta.q("SELECT d.receipt, d.key, t.publisher FROM market_disputes d JOIN "
-                                    "market_transactions t ON t.receipt = d.receipt WHERE d.id = ?"), (dispute_id,))
+            cur.execute(
+                self.meta.q(
+                    "SELECT d.receipt, d.key, t.publisher FROM market_disputes d JOIN "
+                    "market_transactions t ON t.receipt = d.receipt WHERE d.id = ?"
+                ),
+                (dispute_id,),
+            )
             receipt, key, publisher = cur.fetchone()
             refund = None
             if proven:
@@ -389,7 +435,10 @@ class Ledger:
     def record_open(self, dispute_id: int, outcome: str) -> Dispute:
         """Leave a dispute open for the operator (this host runs no model that could re-verify it)."""
         with self.meta.transaction() as cur:
-            cur.execute(self.meta.q("UPDATE market_disputes SET outcome = ? WHERE id = ?"), (outcome[:500], dispute_id))
+            cur.execute(
+                self.meta.q("UPDATE market_disputes SET outcome = ? WHERE id = ?"),
+                (outcome[:500], dispute_id),
+            )
             cur.execute(self.meta.q("SELECT receipt, key FROM market_disputes WHERE id = ?"), (dispute_id,))
             receipt, key = cur.fetchone()
         return Dispute(dispute_id, receipt, key, "open", outcome[:500], None)
@@ -405,7 +454,9 @@ class Ledger:
 
     def is_quarantined(self, key: str, owner: str) -> bool:
         with self.meta.read() as cur:
-            cur.execute(self.meta.q("SELECT 1 FROM market_quarantine WHERE key = ? AND owner = ?"), (key, owner))
+            cur.execute(
+                self.meta.q("SELECT 1 FROM market_quarantine WHERE key = ? AND owner = ?"), (key, owner)
+            )
             return cur.fetchone() is not None
 
     def _quarantine(self, cur: Any, key: str, owner: str, dispute_id: int | None, reason: str) -> None:

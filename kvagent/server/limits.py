@@ -52,7 +52,8 @@ class ConnectionLimits:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
 
     def uvicorn_options(self) -> dict[str, Any]:
-        """The ``uvicorn.Config`` options these limits set (the protocol reads its deadlines from LIMITS_ENV)."""
+        """The ``uvicorn.Config`` options these limits set (the protocol reads its deadlines from
+        LIMITS_ENV)."""
         return {
             "http": PROTOCOL,
             "timeout_keep_alive": self.keep_alive_s,
@@ -139,7 +140,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def _count(self, n: int) -> None:
-        """Headers that arrived complete: over the cap, stop parsing (uvicorn answers, see send_400_response)."""
+        """Headers that arrived complete: over the cap, stop parsing (uvicorn answers, see
+        send_400_response)."""
         self._parsed_bytes += n
         if self._parsed_bytes > self._max_header_bytes:
             self._too_large = True
@@ -168,7 +170,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._guard is not None and not self.transport.is_closing():
             self._header_bytes = 0
-            self._guard.arm("headers", self._header_timeout)  # a fixed deadline: trickled bytes do not extend it
+            # a fixed deadline: trickled bytes do not extend it
+            self._guard.arm("headers", self._header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._guard is not None:

@@ -112,7 +112,8 @@ def priced(st: State, handle: dict[str, Any], row: ArtifactRow) -> dict[str, Any
 
 
 def charge_download(st: State, p: Principal, row: ArtifactRow, request: Request) -> dict[str, str]:
-    """Charge one load of ``row`` to ``p`` (idempotent per ``Idempotency-Key``); the receipt headers to send."""
+    """Charge one load of ``row`` to ``p`` (idempotent per ``Idempotency-Key``); the receipt headers to
+    send."""
     try:
         rec = st.market.charge_load(p.name, row.key, row.owner, request.headers.get(IDEMPOTENCY_HEADER),
                                     _max_price(request))
@@ -133,8 +134,14 @@ def charge_generate(st: State, p: Principal, row: ArtifactRow, request: Request,
         raise _payment_required(exc) from exc
 
 
-def settle_generate(st: State, rec: Receipt | None, row: ArtifactRow, input_tokens: int, max_output_tokens: int,
-                    used_output_tokens: int) -> int:
+def settle_generate(
+    st: State,
+    rec: Receipt | None,
+    row: ArtifactRow,
+    input_tokens: int,
+    max_output_tokens: int,
+    used_output_tokens: int,
+) -> int:
     """Give back the unused output tokens of a pre-charged generation; returns the amount given back."""
     if rec is None:
         return 0
@@ -313,7 +320,9 @@ def _adjudicate(st: State, row: ArtifactRow, dispute_id: int) -> Any:
     if st.host is None:
         return ledger.record_open(dispute_id, "this host runs no model: recorded for the operator")
     if json.loads(row.header_json)["model_fingerprint"] != st.host.fingerprint:
-        return ledger.record_open(dispute_id, "computed by another model than this host runs: recorded for the operator")
+        return ledger.record_open(
+            dispute_id, "computed by another model than this host runs: recorded for the operator"
+        )
     from ..verification import verify_kv
 
     kv = st.host.kv_for(row.key, row.blob, st.blobs.read_bytes)

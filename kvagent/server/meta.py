@@ -65,11 +65,14 @@ class MetaStore(Protocol):
     def get(self, key: str) -> ArtifactRow | None: ...
 
     def access(self, key: str) -> tuple[str, str] | None:
-        """``(owner, visibility)`` of ``key``'s first row, or None: what deciding visibility needs, and no more,
-        so that a hidden key and a missing one cost the same (the full row is read only once it is visible)."""
+        """``(owner, visibility)`` of ``key``'s first row, or None: what deciding visibility needs, and no
+        more,
+        so that a hidden key and a missing one cost the same (the full row is read only once it is
+        visible)."""
 
     def insert(self, row: ArtifactRow, block_hashes: Sequence[str]) -> ArtifactRow | None:
-        """Insert ``row`` and its block index atomically; returns the existing row instead if the key is taken."""
+        """Insert ``row`` and its block index atomically; returns the existing row instead if the key is
+        taken."""
 
     def delete(self, key: str) -> ArtifactRow | None: ...
 
@@ -82,8 +85,11 @@ class MetaStore(Protocol):
 
     def record(self, entry: LedgerEntry) -> None: ...
 
-    def ledger(self, principal: str, *, role: str = "owner", key: str | None = None, limit: int = 100) -> list[LedgerEntry]:
-        """Ledger rows of artifacts ``principal`` owns (role "owner") or of their own use (role "consumer")."""
+    def ledger(
+        self, principal: str, *, role: str = "owner", key: str | None = None, limit: int = 100
+    ) -> list[LedgerEntry]:
+        """Ledger rows of artifacts ``principal`` owns (role "owner") or of their own use (role
+        "consumer")."""
 
     def blob_names(self) -> list[str]: ...
 
@@ -116,7 +122,8 @@ class _SQLMeta:
     @contextmanager
     def transaction(self) -> Iterator[Any]:
         """One database transaction: yields a DB-API cursor (``?`` placeholders go through ``q``); commits on
-        success, rolls back on any exception. Other server modules (ledger, quotas) use it for their own tables."""
+        success, rolls back on any exception. Other server modules (ledger, quotas) use it for their own
+        tables."""
         raise NotImplementedError
         yield
 
@@ -156,9 +163,20 @@ class _SQLMeta:
     def insert(self, row: ArtifactRow, block_hashes: Sequence[str]) -> ArtifactRow | None:
         with self.transaction() as cur:
             cur.execute(
-                self._q(f"INSERT INTO artifacts ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (key) DO NOTHING"),
-                (row.key, row.owner, row.visibility, row.size, row.payload_sha256, row.header_json,
-                 row.signature_json, row.blob, row.created_at),
+                self._q(
+                    f"INSERT INTO artifacts ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (key) DO NOTHING"
+                ),
+                (
+                    row.key,
+                    row.owner,
+                    row.visibility,
+                    row.size,
+                    row.payload_sha256,
+                    row.header_json,
+                    row.signature_json,
+                    row.blob,
+                    row.created_at,
+                ),
             )
             if cur.rowcount != 1:
                 cur.execute(self._q(f"SELECT {_COLS} FROM artifacts WHERE key = ?"), (row.key,))
@@ -184,12 +202,15 @@ class _SQLMeta:
     def grant(self, key: str, principal: str) -> None:
         with self.transaction() as cur:
             cur.execute(
-                self._q("INSERT INTO entitlements (key, principal) VALUES (?,?) ON CONFLICT DO NOTHING"), (key, principal)
+                self._q("INSERT INTO entitlements (key, principal) VALUES (?,?) ON CONFLICT DO NOTHING"),
+                (key, principal),
             )
 
     def is_entitled(self, key: str, principal: str) -> bool:
         with self._read() as cur:
-            cur.execute(self._q("SELECT 1 FROM entitlements WHERE key = ? AND principal = ?"), (key, principal))
+            cur.execute(
+                self._q("SELECT 1 FROM entitlements WHERE key = ? AND principal = ?"), (key, principal)
+            )
             return cur.fetchone() is not None
 
     def longest_prefix(self, block_hashes: Sequence[str], principal: str) -> tuple[str, int] | None:
@@ -217,11 +238,24 @@ class _SQLMeta:
     def record(self, entry: LedgerEntry) -> None:
         with self.transaction() as cur:
             cur.execute(
-                self._q("INSERT INTO ledger (ts, principal, key, owner, bytes, mode, tokens) VALUES (?,?,?,?,?,?,?)"),
-                (entry.ts or time.time(), entry.principal, entry.key, entry.owner, entry.bytes, entry.mode, entry.tokens),
+                self._q(
+                    "INSERT INTO ledger (ts, principal, key, owner, bytes, mode, tokens) VALUES "
+                    "(?,?,?,?,?,?,?)"
+                ),
+                (
+                    entry.ts or time.time(),
+                    entry.principal,
+                    entry.key,
+                    entry.owner,
+                    entry.bytes,
+                    entry.mode,
+                    entry.tokens,
+                ),
             )
 
-    def ledger(self, principal: str, *, role: str = "owner", key: str | None = None, limit: int = 100) -> list[LedgerEntry]:
+    def ledger(
+        self, principal: str, *, role: str = "owner", key: str | None = None, limit: int = 100
+    ) -> list[LedgerEntry]:
         col = "owner" if role == "owner" else "principal"
         sql = f"SELECT principal, key, owner, bytes, mode, tokens, ts FROM ledger WHERE {col} = ?"
         params: list[Any] = [principal]

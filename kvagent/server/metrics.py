@@ -19,11 +19,14 @@ class Metrics:
         self.publishes = Counter("kvagent_publishes_total", "Publish attempts", ["result"], registry=r)
         self.bytes_served = Counter("kvagent_bytes_served_total", "Blob bytes sent", registry=r)
         # S3 backend: downloads answered with a presigned object-store URL, and the bytes those URLs cover
-        self.presigned = Counter("kvagent_presigned_downloads_total", "Downloads redirected to a presigned URL",
-                                 registry=r)
-        self.presigned_bytes = Counter("kvagent_presigned_bytes_total",
-                                       "Blob bytes covered by the presigned URLs issued (metered at issue time)",
-                                       registry=r)
+        self.presigned = Counter(
+            "kvagent_presigned_downloads_total", "Downloads redirected to a presigned URL", registry=r
+        )
+        self.presigned_bytes = Counter(
+            "kvagent_presigned_bytes_total",
+            "Blob bytes covered by the presigned URLs issued (metered at issue time)",
+            registry=r,
+        )
         # requests refused at authentication, by reason: missing, malformed, unknown, expired, revoked,
         # unavailable (the token database could not be asked)
         self.auth_failures = Counter("kvagent_auth_failures_total", "Requests refused for their bearer token",
@@ -31,7 +34,10 @@ class Metrics:
         self.generates = Counter("kvagent_generate_total", "Generate calls", ["result"], registry=r)
         self.tokens = Counter("kvagent_generated_tokens_total", "Tokens generated", registry=r)
         self.latency = Histogram(
-            "kvagent_request_seconds", "Request latency (to the end of the body)", ["method", "route"], registry=r
+            "kvagent_request_seconds",
+            "Request latency (to the end of the body)",
+            ["method", "route"],
+            registry=r,
         )
         # hosted chat / completions (OpenAI-compatible endpoint); prefix-cache counters in tokens, as vLLM's
         self.prefix_cache_queries = Counter(
@@ -44,8 +50,9 @@ class Metrics:
             "kvagent_time_to_first_token_seconds", "Time from request to first generated token", ["endpoint"],
             buckets=(0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 51.2), registry=r,
         )
-        self.requests = Counter("kvagent_completion_requests", "Chat/completion requests", ["endpoint", "result"],
-                                registry=r)
+        self.requests = Counter(
+            "kvagent_completion_requests", "Chat/completion requests", ["endpoint", "result"], registry=r
+        )
         self.prompt_tokens = Counter("kvagent_prompt_tokens", "Prompt tokens of hosted requests", registry=r)
         self.generation_tokens = Counter("kvagent_generation_tokens", "Tokens generated for hosted requests",
                                          registry=r)
@@ -67,12 +74,18 @@ class Metrics:
                              registry=r)
         # every read/prompt/chat of the host checked against the cost model's prediction for the path it took
         self.cost_ratio = Histogram(
-            "kvagent_cost_prediction_ratio", "Actual over predicted seconds of the path a read, prompt or chat took",
-            ["kind", "path"], buckets=RATIO_BUCKETS, registry=r,
+            "kvagent_cost_prediction_ratio",
+            "Actual over predicted seconds of the path a read, prompt or chat took",
+            ["kind", "path"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
         )
         self.cost_actual = Histogram(
-            "kvagent_cost_actual_seconds", "Actual seconds of the path a read, prompt or chat took", ["kind", "path"],
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60), registry=r,
+            "kvagent_cost_actual_seconds",
+            "Actual seconds of the path a read, prompt or chat took",
+            ["kind", "path"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60),
+            registry=r,
         )
 
     def watch(self, engine: Any) -> None:

@@ -115,7 +115,9 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("str", "list[TextPart]"))
-        raise _bad(f"{loc}: {err.get('msg', 'invalid')}" if loc else err.get("msg", "invalid request"), loc or None) from exc
+        raise _bad(
+            f"{loc}: {err.get('msg', 'invalid')}" if loc else err.get("msg", "invalid request"), loc or None
+        ) from exc
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
@@ -140,7 +142,9 @@ def routes(st: State) -> APIRouter:
     def served(model: str) -> ChatService:
         if service is None or model != st.host.name:
             names = f"the only model here is {st.host.name!r}" if st.host else "this node serves no model"
-            raise ApiError(404, "model_not_found", f"The model {model!r} does not exist ({names})", param="model")
+            raise ApiError(
+                404, "model_not_found", f"The model {model!r} does not exist ({names})", param="model"
+            )
         return service
 
     def params(req: _Sampling, max_tokens: int | None, default_max: int) -> GenerationParams:
@@ -164,16 +168,23 @@ def routes(st: State) -> APIRouter:
         limit = st.host.engine.max_positions
         if limit and n_prompt + p.max_new_tokens > limit and not st.host.agent.config.allow_context_overflow:
             raise ApiError(
-                400, "context_length_exceeded",
+                400,
+                "context_length_exceeded",
                 f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{n_prompt + p.max_new_tokens} tokens ({n_prompt} in the messages, {p.max_new_tokens} in the "
-                "completion). Please reduce the length of the messages or completion.", param="messages",
+                f"{n_prompt + p.max_new_tokens} tokens ({n_prompt} in the messages, {p.max_new_tokens} in "
+                "the "
+                "completion). Please reduce the length of the messages or completion.",
+                param="messages",
             )
 
     @app.get("/v1/models")
     def list_models(request: Request) -> dict[str, Any]:
         st.principal(request)
-        data = [{"id": st.host.name, "object": "model", "created": created, "owned_by": "kvagent"}] if st.host else []
+        data = (
+            [{"id": st.host.name, "object": "model", "created": created, "owned_by": "kvagent"}]
+            if st.host
+            else []
+        )
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/{model}")
@@ -188,18 +199,22 @@ def routes(st: State) -> APIRouter:
         req: ChatRequest = await _body(request, ChatRequest)
         svc = served(req.model)
         if st.host.agent.tokenizer is None:
-            raise _bad(f"model {st.host.name!r} has no tokenizer here: chat requests cannot be rendered", "model")
+            raise _bad(
+                f"model {st.host.name!r} has no tokenizer here: chat requests cannot be rendered", "model"
+            )
         max_tokens = req.max_completion_tokens or req.max_tokens
         gen = params(req, max_tokens, st.settings.default_max_tokens)
         messages = [_message(m) for m in req.messages]
-        tools = req.tools or None  # rendered even with tool_choice "none", so the prompt (and its KV) stays the same
+        # rendered even with tool_choice "none", so the prompt (and its KV) stays the same
+        tools = req.tools or None
         fmt = None
         guide = None
         try:
             if tools:
                 fmt = tl.require_tool_format(st.host.agent.tokenizer, st.host.name)
                 forced = tl.forced_tool(req.tool_choice, tools)
-                if forced is not None:  # "required" or a named function: the call is written, its arguments decoded
+                # "required" or a named function: the call is written, its arguments decoded
+                if forced is not None:
                     tool_fmt, chosen = fmt, forced
 
                     def guide(cont: Any) -> str:
@@ -208,7 +223,9 @@ def routes(st: State) -> APIRouter:
         except ToolsUnsupportedError as exc:
             raise _bad(str(exc), "tools") from exc
         except (ValueError, TypeError, KeyError) as exc:
-            raise _bad(f"messages cannot be rendered with this model's chat template: {exc}", "messages") from exc
+            raise _bad(
+                f"messages cannot be rendered with this model's chat template: {exc}", "messages"
+            ) from exc
         schema = _json_schema(req.response_format)
         if schema is not None and guide is None:
             def guide(cont: Any) -> str:
@@ -238,7 +255,9 @@ def routes(st: State) -> APIRouter:
                 raise _bad("prompt: only one prompt per request is supported", "prompt")
             prompt = prompt[0]
         if st.host.agent.tokenizer is None:
-            raise _bad(f"model {st.host.name!r} has no tokenizer here: completions cannot be decoded", "model")
+            raise _bad(
+                f"model {st.host.name!r} has no tokenizer here: completions cannot be decoded", "model"
+            )
         if isinstance(prompt, str):
             if not prompt:
                 raise _bad("prompt: must not be empty", "prompt")
@@ -269,8 +288,10 @@ def _json_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | Non
         if isinstance(schema, dict):
             return schema
         raise _bad("response_format.json_schema.schema must be a JSON schema object", "response_format")
-    raise _bad("response_format: 'text' and 'json_schema' are supported ('json_object' is not: give a schema)",
-               "response_format")
+    raise _bad(
+        "response_format: 'text' and 'json_schema' are supported ('json_object' is not: give a schema)",
+        "response_format",
+    )
 
 
 def _message(m: Message) -> dict[str, Any]:
@@ -282,7 +303,11 @@ def _message(m: Message) -> dict[str, Any]:
         if m.role != "assistant":
             raise _bad("messages: only assistant messages carry tool_calls", "messages")
         out["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.function.name, "arguments": c.function.arguments},
+            }
             for c in m.tool_calls
         ]
     if m.role == "tool":
@@ -315,7 +340,8 @@ class _Run:
     # -- the generation -----------------------------------------------------------------------
     async def _events(self) -> AsyncGenerator[TurnEvent, None]:
         p = self.job.principal
-        lease = await run_in_threadpool(self.st.quotas.acquire, p.name, p.limits)  # the principal's generate slots
+        # the principal's generate slots
+        lease = await run_in_threadpool(self.st.quotas.acquire, p.name, p.limits)
         try:
             with self.svc.admitted():
                 events = thread_events(lambda sink, cancel: self.svc.run(self.job, sink, cancel),
@@ -329,7 +355,8 @@ class _Run:
             await finish(self.st.quotas.release, lease)
 
     async def _charge(self) -> None:
-        """Pre-charge the request once its cache use is known (host token prices, plus the royalty of a published
+        """Pre-charge the request once its cache use is known (host token prices, plus the royalty of a
+        published
         artifact it resumed from); a refusal is a 402 with a quote, before anything is served."""
         info = self.info
         row = None
@@ -470,7 +497,10 @@ class _Run:
         self.st.metrics.requests.labels(self.kind, "ok").inc()
         body = "".join(content)
         if self.kind == "chat":
-            message: dict[str, Any] = {"role": "assistant", "content": body if body or not self.calls else None}
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": body if body or not self.calls else None,
+            }
             if self.calls:
                 message["tool_calls"] = [c.openai() for c in self.calls]
             choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
@@ -501,7 +531,12 @@ class _Run:
 
         def chunk(delta: dict[str, Any] | str | None, finish: str | None = None, **extra: Any) -> bytes:
             if self.kind == "chat":
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice: dict[str, Any] = {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
             else:
                 choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
             body: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created,
@@ -520,8 +555,14 @@ class _Run:
                 async for ev in events:
                     self._observe(ev)
                     if self._failed(ev):
-                        err = {"error": {"message": "generation failed", "type": "server_error", "param": None,
-                                         "code": "server_error"}}
+                        err = {
+                            "error": {
+                                "message": "generation failed",
+                                "type": "server_error",
+                                "param": None,
+                                "code": "server_error",
+                            }
+                        }
                         yield b"data: " + json.dumps(err).encode() + b"\n\n"
                         return
                     text, calls = self._deltas(ev)

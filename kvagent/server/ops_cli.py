@@ -42,14 +42,18 @@ def parse_expiry(value: str | None, now: float | None = None) -> float | None:
     try:
         dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
     except ValueError as exc:
-        raise ConfigError(f"--expires {value!r}: expected 30d, 12h, an ISO-8601 time or unix seconds") from exc
+        raise ConfigError(
+            f"--expires {value!r}: expected 30d, 12h, an ISO-8601 time or unix seconds"
+        ) from exc
     return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def _db_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--postgres-dsn", default=os.environ.get(DSN_ENV),
                    help=f"the registry's PostgreSQL (default: {DSN_ENV})")
-    p.add_argument("--data-dir", type=Path, default=None, help="the registry's data dir (SQLite: DIR/meta.sqlite3)")
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="the registry's data dir (SQLite: DIR/meta.sqlite3)"
+    )
 
 
 def _database(args: argparse.Namespace, must_exist: bool) -> schema.Database:
@@ -109,8 +113,12 @@ def token_parser() -> argparse.ArgumentParser:
     iss = sub.add_parser("issue", help="issue a token for PRINCIPAL (printed once)")
     iss.add_argument("principal")
     iss.add_argument("--publish", action="store_true", help="may publish artifacts")
-    iss.add_argument("--admin", action="store_true", help="may credit accounts, read the audit, manage tokens")
-    iss.add_argument("--expires", default=None, help="30d, 12h, an ISO-8601 time, unix seconds or never (default)")
+    iss.add_argument(
+        "--admin", action="store_true", help="may credit accounts, read the audit, manage tokens"
+    )
+    iss.add_argument(
+        "--expires", default=None, help="30d, 12h, an ISO-8601 time, unix seconds or never (default)"
+    )
     iss.add_argument("--limits", default=None, help='JSON limits as in the token file, e.g. \'{"rps": 20}\'')
     iss.add_argument("--json", action="store_true", help='print {"token": ..., "id": ..., ...}')
     ls = sub.add_parser("ls", help="list tokens (never the tokens themselves)")
@@ -153,9 +161,14 @@ def _token(args: argparse.Namespace) -> int:
                 raw = json.loads(args.limits) if args.limits else None
             except ValueError as exc:
                 raise ConfigError(f"--limits is not JSON: {exc}") from exc
-            issued = store.issue(args.principal, publish=args.publish, admin=args.admin,
-                                 limits=Limits.from_mapping(raw, "--limits"), expires_at=parse_expiry(args.expires),
-                                 created_by="cli")
+            issued = store.issue(
+                args.principal,
+                publish=args.publish,
+                admin=args.admin,
+                limits=Limits.from_mapping(raw, "--limits"),
+                expires_at=parse_expiry(args.expires),
+                created_by="cli",
+            )
             _print_issued(issued, args.json)
         elif args.action == "rotate":
             new = store.rotate(args.id, by="cli")

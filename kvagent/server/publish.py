@@ -35,12 +35,16 @@ def validate_upload(path: Path, key: str, signature: Signature | None, block_siz
     """
     size = path.stat().st_size
     if size < 8:
-        raise ArtifactFormatError(f"artifact is {size} bytes; a safetensors file starts with an 8-byte length")
+        raise ArtifactFormatError(
+            f"artifact is {size} bytes; a safetensors file starts with an 8-byte length"
+        )
     with open(path, "rb") as f:
         buf = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
     header = art.read_header(buf)
     if header.key != key:
-        raise ArtifactMismatchError(f"artifact header key {header.key[:16]}… does not match the URL key {key[:16]}…")
+        raise ArtifactMismatchError(
+            f"artifact header key {header.key[:16]}… does not match the URL key {key[:16]}…"
+        )
     # decode verifies the payload tree hash, the decoded content, and that the key is the content
     # address of the header's context and the token ids
     ids = art.decode(buf).kv.token_ids.numpy().copy()

@@ -9,7 +9,8 @@ Configured per token in the token file (``"limits": {"rps": 20, "upload_bytes_pe
   429 ``upload_quota``, ``Retry-After`` to the next UTC midnight.
 * ``concurrent_generates`` — generations streaming at once; a lease expires after ``LEASE_SECONDS`` if its
   process died. Over it: 429 ``too_many_generates``, ``Retry-After: 1``.
-* ``stored_bytes`` — total size of the artifacts a principal owns (its own records of others' keys too). Over it: 413 ``storage_quota``: it does
+* ``stored_bytes`` — total size of the artifacts a principal owns (its own records of others' keys too).
+Over it: 413 ``storage_quota``: it does
   not clear with time, so it is final (not retried) until the owner deletes artifacts.
 
 Every check is one short transaction; a principal without limits costs no database work.
@@ -51,10 +52,14 @@ class Limits:
             raise ConfigError(f"{source}: 'limits' must be a JSON object")
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ConfigError(f"{source}: unknown limits {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+            raise ConfigError(
+                f"{source}: unknown limits {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
+            )
         for name, value in raw.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"{source}: limit {name!r} must be a positive integer or null, got {value!r}")
+                raise ConfigError(
+                    f"{source}: limit {name!r} must be a positive integer or null, got {value!r}"
+                )
         return cls(**dict(raw))
 
     @property
@@ -92,8 +97,13 @@ class Quotas:
         win = math.floor(now)
         q = self.meta.q
         with self.meta.transaction() as cur:
-            cur.execute(q("INSERT INTO quota_rate (principal, win, n) VALUES (?,?,1) "
-                          "ON CONFLICT (principal, win) DO UPDATE SET n = quota_rate.n + 1"), (principal, win))
+            cur.execute(
+                q(
+                    "INSERT INTO quota_rate (principal, win, n) VALUES (?,?,1) "
+                    "ON CONFLICT (principal, win) DO UPDATE SET n = quota_rate.n + 1"
+                ),
+                (principal, win),
+            )
             cur.execute(q("SELECT n FROM quota_rate WHERE principal = ? AND win = ?"), (principal, win))
             n = int(cur.fetchone()[0])
             if win % 16 == 0:
@@ -106,12 +116,16 @@ class Quotas:
     def uploaded_today(self, principal: str) -> int:
         day = math.floor(self.clock() / DAY)
         with self.meta.transaction() as cur:
-            cur.execute(self.meta.q("SELECT bytes FROM quota_upload WHERE principal = ? AND day = ?"), (principal, day))
+            cur.execute(
+                self.meta.q("SELECT bytes FROM quota_upload WHERE principal = ? AND day = ?"),
+                (principal, day),
+            )
             r = cur.fetchone()
         return int(r[0]) if r else 0
 
     def check_upload(self, principal: str, limits: Limits, used: int, incoming: int) -> None:
-        """Raise 429 if ``used`` (uploaded today before this request) + ``incoming`` exceeds the daily quota."""
+        """Raise 429 if ``used`` (uploaded today before this request) + ``incoming`` exceeds the daily
+        quota."""
         cap = limits.upload_bytes_per_day
         if cap is not None and used + incoming > cap:
             raise too_many("upload_quota", f"uploads are limited to {cap} bytes per UTC day",
@@ -123,10 +137,16 @@ class Quotas:
             return
         day = math.floor(self.clock() / DAY)
         with self.meta.transaction() as cur:
-            cur.execute(self.meta.q("INSERT INTO quota_upload (principal, day, bytes) VALUES (?,?,?) "
-                                    "ON CONFLICT (principal, day) DO UPDATE SET bytes = quota_upload.bytes + ?"),
-                        (principal, day, n_bytes, n_bytes))
-            cur.execute(self.meta.q("DELETE FROM quota_upload WHERE principal = ? AND day < ?"), (principal, day - 7))
+            cur.execute(
+                self.meta.q(
+                    "INSERT INTO quota_upload (principal, day, bytes) VALUES (?,?,?) "
+                    "ON CONFLICT (principal, day) DO UPDATE SET bytes = quota_upload.bytes + ?"
+                ),
+                (principal, day, n_bytes, n_bytes),
+            )
+            cur.execute(
+                self.meta.q("DELETE FROM quota_upload WHERE principal = ? AND day < ?"), (principal, day - 7)
+            )
 
     # -- stored bytes -----------------------------------------------------------------------
     def check_storage(self, principal: str, limits: Limits, adding: int) -> None:
@@ -140,13 +160,17 @@ class Quotas:
                         (principal, principal))
             stored = int(cur.fetchone()[0])
         if stored + adding > cap:
-            raise ApiError(413, "storage_quota",
-                           f"storing {adding} more bytes would exceed your {cap}-byte quota ({stored} stored); "
-                           "delete artifacts first")
+            raise ApiError(
+                413,
+                "storage_quota",
+                f"storing {adding} more bytes would exceed your {cap}-byte quota ({stored} stored); "
+                "delete artifacts first",
+            )
 
     # -- concurrent generates ---------------------------------------------------------------
     def acquire(self, principal: str, limits: Limits, kind: str = "generate") -> str | None:
-        """Take one of ``principal``'s concurrent ``kind`` slots; returns the lease id (None when unlimited)."""
+        """Take one of ``principal``'s concurrent ``kind`` slots; returns the lease id (None when
+        unlimited)."""
         cap = limits.concurrent_generates
         if cap is None:
             return None
@@ -158,7 +182,9 @@ class Quotas:
             cur.execute(q("INSERT INTO quota_locks (principal, touched) VALUES (?,?) "
                           "ON CONFLICT (principal) DO UPDATE SET touched = ?"), (principal, now, now))
             cur.execute(q("DELETE FROM quota_leases WHERE principal = ? AND expires < ?"), (principal, now))
-            cur.execute(q("SELECT COUNT(*) FROM quota_leases WHERE principal = ? AND kind = ?"), (principal, kind))
+            cur.execute(
+                q("SELECT COUNT(*) FROM quota_leases WHERE principal = ? AND kind = ?"), (principal, kind)
+            )
             held = int(cur.fetchone()[0])
             if held < cap:
                 cur.execute(q("INSERT INTO quota_leases (id, principal, kind, expires) VALUES (?,?,?,?)"),
@@ -175,7 +201,8 @@ class Quotas:
 
 
 class UploadMeter:
-    """Counts one upload's bytes against the principal's daily quota: ``add`` per chunk, ``charge`` at the end."""
+    """Counts one upload's bytes against the principal's daily quota: ``add`` per chunk, ``charge`` at the
+    end."""
 
     def __init__(self, quotas: Quotas, principal: str, limits: Limits, declared: int | None):
         self.quotas, self.principal, self.limits = quotas, principal, limits

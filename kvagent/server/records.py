@@ -57,7 +57,9 @@ class OwnerCopies:
                         (row.key, row.owner, row.visibility, row.size, row.payload_sha256, row.header_json,
                          row.signature_json, row.blob, row.created_at))
             if cur.rowcount != 1:
-                cur.execute(q(f"SELECT {_COLS} FROM owner_copies WHERE key = ? AND owner = ?"), (row.key, row.owner))
+                cur.execute(
+                    q(f"SELECT {_COLS} FROM owner_copies WHERE key = ? AND owner = ?"), (row.key, row.owner)
+                )
                 r = cur.fetchone()
                 return ArtifactRow(*r) if r else row
             if block_hashes:
@@ -148,7 +150,8 @@ def grant_owned(meta: MetaStore, copies: OwnerCopies, key: str, owner: str, prin
 
 def longest_prefix(meta: MetaStore, copies: OwnerCopies, block_hashes: Sequence[str],
                    principal: str) -> tuple[ArtifactRow, int] | None:
-    """The visible record (first rows and copies alike) sharing the most leading blocks; both are always asked."""
+    """The visible record (first rows and copies alike) sharing the most leading blocks; both are always
+    asked."""
     found = meta.longest_prefix(block_hashes, principal)
     first = meta.get(found[0]) if found else None
     copy = copies.longest_prefix(block_hashes, principal)

@@ -1,4 +1,5 @@
-"""Registry routes: lookup by key and by prefix, publish, blob download, entitlements, delete, usage ledger."""
+"""Registry routes: lookup by key and by prefix, publish, blob download, entitlements, delete, usage
+ledger."""
 
 from __future__ import annotations
 
@@ -64,7 +65,11 @@ def routes(st: State) -> APIRouter:
     async def get_artifact(key: str, request: Request) -> Response:
         # with a SQLite backend, kvagent.server.fast_lookup answers this path before FastAPI sees it
         p = st.principal(request)
-        body = lookup_body(st, key, p) if st.meta.inline_reads else await run_in_threadpool(lookup_body, st, key, p)
+        body = (
+            lookup_body(st, key, p)
+            if st.meta.inline_reads
+            else await run_in_threadpool(lookup_body, st, key, p)
+        )
         return Response(body, media_type="application/json")  # no response model, no re-encoding
 
     @app.post("/v1/lookup/prefix")
@@ -105,10 +110,15 @@ def routes(st: State) -> APIRouter:
             st.metrics.publishes.labels("too_large").inc()
             raise ApiError(413, "too_large", f"artifact exceeds the {limit}-byte limit")
         existing = await run_in_threadpool(st.meta.get, key)
-        entitled = await run_in_threadpool(st.meta.is_entitled, key, p.name)  # asked for a missing key too (timing)
+        # asked for a missing key too (timing)
+        entitled = await run_in_threadpool(st.meta.is_entitled, key, p.name)
         # refuse early only when the caller can see the row: for a restricted key it may not see, the answer
         # must not differ from a missing key's (it gets its own record once it uploads a valid artifact)
-        if existing is not None and existing.owner != p.name and (existing.visibility == "public" or entitled):
+        if (
+            existing is not None
+            and existing.owner != p.name
+            and (existing.visibility == "public" or entitled)
+        ):
             st.metrics.publishes.labels("conflict").inc()
             raise ApiError(409, "conflict", "this key is already published by another principal")
         incoming = int(declared) if declared is not None and declared.isdigit() else None
@@ -151,7 +161,9 @@ def routes(st: State) -> APIRouter:
             st.meta.record(LedgerEntry(p.name, key, row.owner, row.size, "download", 0, time.time()))
             st.metrics.presigned.inc()
             st.metrics.presigned_bytes.inc(row.size)
-            return Response(status_code=307, headers={**charged, "Location": url, "Cache-Control": "no-store"})
+            return Response(
+                status_code=307, headers={**charged, "Location": url, "Cache-Control": "no-store"}
+            )
         try:
             f = st.blobs.open_read(row.blob)  # a local open file survives a concurrent delete
         except FileNotFoundError as exc:
@@ -217,7 +229,9 @@ def routes(st: State) -> APIRouter:
         return Response(status_code=204)
 
     @app.get("/v1/ledger")
-    def ledger(request: Request, role: str = "owner", key: str | None = None, limit: int = 100) -> dict[str, Any]:
+    def ledger(
+        request: Request, role: str = "owner", key: str | None = None, limit: int = 100
+    ) -> dict[str, Any]:
         p = st.principal(request)
         if role not in ("owner", "consumer"):
             raise ApiError(422, "invalid_request", "role must be 'owner' or 'consumer'")
@@ -236,15 +250,20 @@ def routes(st: State) -> APIRouter:
     return app
 
 
-def _commit(st: State, tmp: Path, key: str, p: Principal, visibility: str, v: Validated) -> tuple[int, ArtifactRow]:
-    """Publish a validated temp file: rename into place, then insert the row (201), or reuse (200) / refuse (409)."""
+def _commit(
+    st: State, tmp: Path, key: str, p: Principal, visibility: str, v: Validated
+) -> tuple[int, ArtifactRow]:
+    """Publish a validated temp file: rename into place, then insert the row (201), or reuse (200) / refuse
+    (409)."""
     digest = v.header.payload_sha256
 
     def settle(existing: ArtifactRow) -> tuple[int, ArtifactRow]:
         if existing.owner != p.name:
             raise ApiError(409, "conflict", "this key is already published by another principal")
         if existing.payload_sha256 != digest:
-            raise ApiError(409, "conflict", "this key is already published with a different payload; delete it first")
+            raise ApiError(
+                409, "conflict", "this key is already published with a different payload; delete it first"
+            )
         return 200, existing
 
     existing = st.meta.get(key)
@@ -292,7 +311,9 @@ def _commit_copy(st: State, tmp: Path, key: str, p: Principal, visibility: str,
             return 201, row
         st.blobs.remove(name)  # lost a race with the caller's own concurrent publish
     if mine.payload_sha256 != v.header.payload_sha256:
-        raise ApiError(409, "conflict", "this key is already published with a different payload; delete it first")
+        raise ApiError(
+            409, "conflict", "this key is already published with a different payload; delete it first"
+        )
     return 200, mine
 
 

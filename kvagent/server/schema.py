@@ -185,7 +185,8 @@ def upgrade(db: Database, target: str = "head") -> tuple[str | None, str | None]
 
 
 def check(db: Database) -> str:
-    """Refuse unless ``db`` is at exactly this kvagent's head (what a node run with ``--no-migrate`` needs)."""
+    """Refuse unless ``db`` is at exactly this kvagent's head (what a node run with ``--no-migrate``
+    needs)."""
     version = current(db)
     _require_known(version, db)
     if version != head():

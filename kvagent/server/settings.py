@@ -36,9 +36,11 @@ class Settings:
     max_queue: int = 8  # chat/completion requests waiting or running at once; more get 429 + Retry-After
     max_batch: int = 8  # sequences the model decodes together; further admitted requests wait for a slot
     default_max_tokens: int = 512  # completion length when a request gives no max_tokens
-    orphan_grace_s: float = 600.0  # unreferenced blobs / temp files younger than this are left alone at startup
+    # unreferenced blobs / temp files younger than this are left alone at startup
+    orphan_grace_s: float = 600.0
     migrate: bool = True  # upgrade the database schema at start (False: refuse unless it is at head already)
-    token_cache_s: float = 2.0  # how long a node trusts its cached answer for a token (revocations take this long)
+    # how long a node trusts its cached answer for a token (revocations take this long)
+    token_cache_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.max_artifact_bytes <= 0:

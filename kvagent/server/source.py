@@ -21,7 +21,8 @@ from .state import State, handle
 
 
 class ServerSource:
-    """Published artifacts visible to ``principal`` on this server (never generates: the caller is the host)."""
+    """Published artifacts visible to ``principal`` on this server (never generates: the caller is the
+    host)."""
 
     label = "this server's registry"
     remote = False
@@ -43,7 +44,9 @@ class ServerSource:
         except ApiError:
             return None
 
-    def lookup_prefix(self, hashes: Sequence[str], *, timeout: float | None = None) -> tuple[Handle, int] | None:
+    def lookup_prefix(
+        self, hashes: Sequence[str], *, timeout: float | None = None
+    ) -> tuple[Handle, int] | None:
         found = self.st.meta.longest_prefix(list(hashes), self.principal.name)
         if found is None:
             return None

@@ -1,4 +1,5 @@
-"""The server's state shared by every route module: settings, tokens, metadata, blobs, metrics and the model host."""
+"""The server's state shared by every route module: settings, tokens, metadata, blobs, metrics and the model
+host."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ class State:
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The principal of an ``Authorization`` header value; 401 for a missing, unknown, expired or revoked
-        token (counted in ``kvagent_auth_failures_total`` by reason; logs name the token's id, never the token)."""
+        token (counted in ``kvagent_auth_failures_total`` by reason; logs name the token's id, never the
+        token)."""
         try:
             p, reason, tid = self.tokens.check(authorization)
         except StoreError as exc:
@@ -123,14 +125,20 @@ def build_state(settings: Settings) -> State:
         from .host import ModelHost, load_host_agent
 
         models_dir = Path(settings.models_dir) if settings.models_dir else Config.from_env().models_dir
-        agent = load_host_agent(settings.model, models_dir, data_dir / "host-cache",
-                                memory_slots=settings.kv_cache_items, prompt_cache_bytes=settings.prompt_cache_bytes)
+        agent = load_host_agent(
+            settings.model,
+            models_dir,
+            data_dir / "host-cache",
+            memory_slots=settings.kv_cache_items,
+            prompt_cache_bytes=settings.prompt_cache_bytes,
+        )
         host = ModelHost(agent, settings.model, settings.kv_cache_items, settings.max_batch)
         log.info("serving model %s (fingerprint %s…)", settings.model, host.fingerprint[:16])
     from .ledger import open_ledger
 
     market = open_ledger(meta, settings.prices_file, settings.currency)
     metrics = Metrics()
-    if host is not None and host.agent.resolver.cost is not None:  # the host's decisions, checked against their cost
+    # the host's decisions, checked against their cost
+    if host is not None and host.agent.resolver.cost is not None:
         host.agent.resolver.cost.observers.append(metrics.observe_outcome)
     return State(settings, tokens, meta, blobs, metrics, host, market, Quotas(meta), copies, token_store)

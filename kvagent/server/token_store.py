@@ -23,8 +23,10 @@ log = logging.getLogger("kvagent.server.auth")
 
 #: pg_advisory_xact_lock id serialising token-file imports of nodes starting together
 IMPORT_LOCK_ID = 7463532
-_COLS = ("id, prefix, principal, publish, admin, limits, source, created_at, created_by, expires_at, revoked_at, "
-         "revoked_by, replaced_by")
+_COLS = (
+    "id, prefix, principal, publish, admin, limits, source, created_at, created_by, expires_at, revoked_at, "
+    "revoked_by, replaced_by"
+)
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,21 @@ def _limits_json(limits: Limits) -> str | None:
 
 def _record(r: Any) -> TokenRecord:
     limits = Limits.from_mapping(json.loads(r[5]), "auth_tokens") if r[5] else Limits()
-    return TokenRecord(r[0], r[1], r[2], bool(r[3]), bool(r[4]), limits, r[6], float(r[7]), r[8],
-                       None if r[9] is None else float(r[9]), None if r[10] is None else float(r[10]), r[11], r[12])
+    return TokenRecord(
+        r[0],
+        r[1],
+        r[2],
+        bool(r[3]),
+        bool(r[4]),
+        limits,
+        r[6],
+        float(r[7]),
+        r[8],
+        None if r[9] is None else float(r[9]),
+        None if r[10] is None else float(r[10]),
+        r[11],
+        r[12],
+    )
 
 
 class TokenStore:
@@ -95,13 +110,26 @@ class TokenStore:
     def known_principal(self, name: str) -> bool:
         """Whether an active (unrevoked, unexpired) token names ``name``."""
         with self.meta.read() as cur:
-            cur.execute(self.meta.q("SELECT 1 FROM auth_tokens WHERE principal = ? AND revoked_at IS NULL "
-                                    "AND (expires_at IS NULL OR expires_at > ?) LIMIT 1"), (name, self.clock()))
+            cur.execute(
+                self.meta.q(
+                    "SELECT 1 FROM auth_tokens WHERE principal = ? AND revoked_at IS NULL "
+                    "AND (expires_at IS NULL OR expires_at > ?) LIMIT 1"
+                ),
+                (name, self.clock()),
+            )
             return cur.fetchone() is not None
 
     # -- changes --------------------------------------------------------------------------------
-    def issue(self, principal: str, *, publish: bool = False, admin: bool = False, limits: Limits | None = None,
-              expires_at: float | None = None, created_by: str | None = None) -> Issued:
+    def issue(
+        self,
+        principal: str,
+        *,
+        publish: bool = False,
+        admin: bool = False,
+        limits: Limits | None = None,
+        expires_at: float | None = None,
+        created_by: str | None = None,
+    ) -> Issued:
         """A new token for ``principal`` (returned once, in clear; only its digest is stored)."""
         if not valid_principal_name(principal):
             raise ConfigError(f"principal must match [A-Za-z0-9_.@:-]{{1,128}}, got {principal!r}")
@@ -119,9 +147,25 @@ class TokenStore:
         d = digest(token)
         rec = TokenRecord(token_id(d), display_prefix(token), principal, publish, admin, limits, "api",
                           self.clock(), created_by, expires_at)
-        cur.execute(self.meta.q(f"INSERT INTO auth_tokens (digest, {_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"),
-                    (d, rec.id, rec.prefix, principal, int(publish), int(admin), _limits_json(limits), "api",
-                     rec.created_at, created_by, expires_at, None, None, None))
+        cur.execute(
+            self.meta.q(f"INSERT INTO auth_tokens (digest, {_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"),
+            (
+                d,
+                rec.id,
+                rec.prefix,
+                principal,
+                int(publish),
+                int(admin),
+                _limits_json(limits),
+                "api",
+                rec.created_at,
+                created_by,
+                expires_at,
+                None,
+                None,
+                None,
+            ),
+        )
         return Issued(token, rec)
 
     def revoke(self, target: str, by: str | None = None) -> list[TokenRecord]:
@@ -130,8 +174,10 @@ class TokenStore:
         now = self.clock()
         col = "id" if target.startswith("tok_") else "principal"
         with self.meta.transaction() as cur:
-            cur.execute(self.meta.q(f"SELECT {_COLS} FROM auth_tokens WHERE {col} = ? AND revoked_at IS NULL"),
-                        (target,))
+            cur.execute(
+                self.meta.q(f"SELECT {_COLS} FROM auth_tokens WHERE {col} = ? AND revoked_at IS NULL"),
+                (target,),
+            )
             hits = [_record(r) for r in cur.fetchall()]
             cur.execute(self.meta.q(f"UPDATE auth_tokens SET revoked_at = ?, revoked_by = ? WHERE {col} = ? "
                                     "AND revoked_at IS NULL"), (now, by, target))
@@ -174,10 +220,25 @@ class TokenStore:
                 row = cur.fetchone()
                 args = (p.name, int(p.publish), int(p.admin), _limits_json(p.limits))
                 if row is None:
-                    cur.execute(q(f"INSERT INTO auth_tokens (digest, {_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                                  "ON CONFLICT DO NOTHING"),
-                                (d, token_id(d), display_prefix(token), *args, "file", now, "token-file",
-                                 None, None, None, None))
+                    cur.execute(
+                        q(
+                            f"INSERT INTO auth_tokens (digest, {_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                            "ON CONFLICT DO NOTHING"
+                        ),
+                        (
+                            d,
+                            token_id(d),
+                            display_prefix(token),
+                            *args,
+                            "file",
+                            now,
+                            "token-file",
+                            None,
+                            None,
+                            None,
+                            None,
+                        ),
+                    )
                     added += cur.rowcount == 1
                 elif row[0] is not None:
                     kept.append(str(row[1]))

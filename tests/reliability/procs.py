@@ -18,7 +18,8 @@ def _guarded(target: Callable[..., Any], *args: Any) -> None:  # runs in the spa
 
 def run_workers(target: Callable[..., Any], n: int, args_of: Callable[[int], tuple[Any, ...]],
                 timeout: float = 300) -> list[Any]:
-    """Start ``target(*args_of(i), barrier, out)`` in ``n`` spawned processes; return what each put on ``out``.
+    """Start ``target(*args_of(i), barrier, out)`` in ``n`` spawned processes; return what each put on
+    ``out``.
 
     ``target`` must be a module-level function (spawn pickles it by name) that waits on ``barrier``
     before its timed work and puts exactly one result on ``out``.

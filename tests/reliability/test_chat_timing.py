@@ -28,14 +28,22 @@ def auc(pos: list[float], neg: list[float]) -> float:
 
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory: pytest.TempPathFactory, embedded):  # type: ignore[no-untyped-def]
-    """A server hosting a tiny random Llama with the embedded model's tokenizer and chat template (fast prefill)."""
+    """A server hosting a tiny random Llama with the embedded model's tokenizer and chat template (fast
+    prefill)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     d = tmp_path_factory.mktemp("tiny-chat-model")
     torch.manual_seed(5)
-    cfg = LlamaConfig(vocab_size=len(embedded.tokenizer), hidden_size=256, intermediate_size=512,
-                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        vocab_size=len(embedded.tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
     embedded.tokenizer.save_pretrained(d)
     # One intra-op thread: ~650 sequential 1000-token prefills are this test's work. With torch's default (a

@@ -40,8 +40,15 @@ def short_model_dir(embedded: Any, tmp_path_factory: pytest.TempPathFactory) -> 
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(3)
-    cfg = LlamaConfig(vocab_size=len(embedded.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS)
+    cfg = LlamaConfig(
+        vocab_size=len(embedded.tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+    )
     d = tmp_path_factory.mktemp("short-model")
     AutoModelForCausalLM.from_config(cfg).save_pretrained(str(d))
     embedded.tokenizer.save_pretrained(str(d))
@@ -72,7 +79,9 @@ def test_cli_refuses_before_prefill_and_opt_in_reads(short_model_dir: Path, tmp_
 
 
 @pytest.mark.slow
-def test_loader_refuses_before_prefill(short_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loader_refuses_before_prefill(
+    short_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from langchain_kvagent import KVDocumentLoader
 
     monkeypatch.delenv("KVAGENT_ALLOW_CONTEXT_OVERFLOW", raising=False)

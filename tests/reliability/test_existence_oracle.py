@@ -125,7 +125,13 @@ def test_the_callers_own_record_wins_and_grants_stay_per_owner(tmp_path: Any) ->
     grant_owned(meta, copies, key, "alice", "mallory")  # later, alice lets mallory see hers
     assert visible_row(meta, copies, key, "mallory").blob == "blob-m"  # mallory still reaches (and owns) hers
     grant_owned(meta, copies, key, "mallory", "dave")
-    assert visible_row(meta, copies, key, "dave").blob == "blob-m" and visible_row(meta, copies, key, "bob") is None
+    assert (
+        visible_row(meta, copies, key, "dave").blob == "blob-m"
+        and visible_row(meta, copies, key, "bob") is None
+    )
     assert delete_owned(meta, copies, key, "mallory").blob == "blob-m"
-    assert visible_row(meta, copies, key, "mallory").blob == "blob-a" and visible_row(meta, copies, key, "dave") is None
+    assert (
+        visible_row(meta, copies, key, "mallory").blob == "blob-a"
+        and visible_row(meta, copies, key, "dave") is None
+    )
     meta.close()

@@ -106,7 +106,8 @@ def test_a_full_disk_does_not_break_a_read(model, tmp_path, monkeypatch, caplog)
 
 @contextmanager
 def _object_store() -> Iterator[FaultProxy | None]:
-    """In S3 mode, a fault proxy (passing everything for now) in front of the S3 server; None for local blobs."""
+    """In S3 mode, a fault proxy (passing everything for now) in front of the S3 server; None for local
+    blobs."""
     if blob_backend() != "s3":
         yield None
         return
@@ -142,12 +143,19 @@ def _cut_downloads(server: ServerProcess, store: FaultProxy | None, cut_after: i
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory, model):
-    """A registry process holding one public artifact, its object store's proxy (S3 mode), and the document's ids."""
+    """A registry process holding one public artifact, its object store's proxy (S3 mode), and the document's
+    ids."""
     with _object_store() as store:
         server = _registry(tmp_path_factory.mktemp("registry") / "data", store)
         ids = _ids(600, 3)
-        a = KVAgent(model, cache_dir=tmp_path_factory.mktemp("a"), registry_url=server.url, token="alice-token-0001",
-                    publish="public", policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0))
+        a = KVAgent(
+            model,
+            cache_dir=tmp_path_factory.mktemp("a"),
+            registry_url=server.url,
+            token="alice-token-0001",
+            publish="public",
+            policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0),
+        )
         assert "published" in a.read_ids(ids).cache.reason
         a.close()
         yield server, store, ids
@@ -157,7 +165,12 @@ def published(tmp_path_factory, model):
 def _bob(model, cache: Path, url: str, timeout: float) -> KVAgent:
     """A reader whose policy fetches (a fixed slow prefill estimate: the tiny model would rightly prefill)."""
     client = RegistryClient(url, "bob-token-000002", timeout=timeout, retries=2, backoff_initial=0.05)
-    return KVAgent(model, cache_dir=cache, registry_client=client, policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0))
+    return KVAgent(
+        model,
+        cache_dir=cache,
+        registry_client=client,
+        policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0),
+    )
 
 
 def test_a_slow_registry_falls_back_in_bounded_time(published, model, tmp_path, caplog):
@@ -182,7 +195,8 @@ def test_a_download_cut_mid_stream_leaves_nothing_partial(published, model, tmp_
     with RegistryClient(server.url, "bob-token-000002") as c:
         handle = c.lookup(_key(model, ids))
         assert handle is not None
-    with _cut_downloads(server, store, cut_after=handle.size // 2) as url:  # lookups fit; the blob is cut in half
+    # lookups fit; the blob is cut in half
+    with _cut_downloads(server, store, cut_after=handle.size // 2) as url:
         bob = _bob(model, tmp_path, url, timeout=5)
         doc = bob.read_ids(ids)
         assert doc.cache.status == "prefill", doc.cache
@@ -222,7 +236,9 @@ def test_the_server_killed_mid_download_leaves_nothing_partial(model, tmp_path):
             with _cut_downloads(server, store, cut_after=handle.size // 3, on_cut=server.kill9) as url:
                 bob = _bob(model, tmp_path / "bob", url, timeout=5)
                 doc = bob.read_ids(ids)
-                assert doc.cache.status == "prefill" and "from the registry failed" in doc.cache.reason, doc.cache
+                assert doc.cache.status == "prefill" and "from the registry failed" in doc.cache.reason, (
+                    doc.cache
+                )
                 assert server.proc.poll() is not None, "the server should have been killed mid-download"
                 assert [e.key for e in bob.store.entries()] == [doc.key]
                 assert bob.ask_ids(doc, SUFFIX, max_new_tokens=8, stop_token_ids=()).token_ids == \

@@ -25,7 +25,11 @@ keys = st.one_of(
     st.sampled_from(["..%2F..%2Fetc%2Fpasswd", "a" * 64, "A" * 64, "0" * 63, "0" * 65, "%00" * 3]),
 )
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
     max_leaves=20,
 )
@@ -50,7 +54,12 @@ def _expected_501(resp: httpx.Response) -> bool:
 
 
 def _check(resp: httpx.Response) -> None:
-    assert resp.status_code < 500 or _expected_501(resp), (resp.request.method, resp.request.url, resp.status_code, resp.text[:300])
+    assert resp.status_code < 500 or _expected_501(resp), (
+        resp.request.method,
+        resp.request.url,
+        resp.status_code,
+        resp.text[:300],
+    )
     if resp.status_code >= 400:
         assert "Traceback" not in resp.text
         if resp.headers.get("content-type", "").startswith("application/json"):
@@ -71,7 +80,9 @@ def test_fuzz_keys_and_paths(server, key, path):
 
 
 @FUZZ
-@given(body=json_values, raw=st.binary(max_size=200), which=st.sampled_from(["prefix", "generate", "entitle"]))
+@given(
+    body=json_values, raw=st.binary(max_size=200), which=st.sampled_from(["prefix", "generate", "entitle"])
+)
 def test_fuzz_json_bodies(server, body, raw, which):
     srv, key, _ = server
     url = {"prefix": "/v1/lookup/prefix", "generate": f"/v1/artifacts/{key}/generate",
@@ -90,8 +101,12 @@ def header_text(alphabet: str, max_size: int) -> st.SearchStrategy[str]:
 
 
 @FUZZ
-@given(data=st.binary(max_size=600), visibility=header_text(HEADER_TEXT, 12), sig=header_text(HEADER_TEXT, 80),
-       rng=header_text("bytes=0123456789-, ", 24))
+@given(
+    data=st.binary(max_size=600),
+    visibility=header_text(HEADER_TEXT, 12),
+    sig=header_text(HEADER_TEXT, 80),
+    rng=header_text("bytes=0123456789-, ", 24),
+)
 def test_fuzz_uploads_and_ranges(server, data, visibility, sig, rng):
     srv, key, blob = server
     with httpx.Client(base_url=srv.url, headers=AUTH, timeout=10) as c:
@@ -119,7 +134,12 @@ def test_openapi_operations_never_500(server):
         @given(case=op.as_strategy())
         def run(case):
             resp = case.call(headers=AUTH, timeout=10)
-            assert resp.status_code < 500 or _expected_501(resp), (case.method, case.formatted_path, resp.status_code, resp.text[:300])
+            assert resp.status_code < 500 or _expected_501(resp), (
+                case.method,
+                case.formatted_path,
+                resp.status_code,
+                resp.text[:300],
+            )
             assert "Traceback" not in resp.text
 
         run()

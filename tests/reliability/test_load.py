@@ -33,8 +33,15 @@ def _work(model_dir: str, cache_dir: str, url: str, token: str, docs: list[list[
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     publish = "public" if token.startswith("alice") else False
-    agent = KVAgent(model, tokenizer=None, cache_dir=cache_dir, registry_url=url, token=token, publish=publish,
-                    policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0))
+    agent = KVAgent(
+        model,
+        tokenizer=None,
+        cache_dir=cache_dir,
+        registry_url=url,
+        token=token,
+        publish=publish,
+        policy=PolicyParams(min_tokens=256, prefill_tokens_per_s=50.0),
+    )
     barrier.wait()
     rows = []
     for ids in docs:
@@ -55,8 +62,17 @@ def test_processes_sharing_a_cache_dir_and_a_registry(tmp_path: Path, tiny_model
     try:
         t0 = time.perf_counter()
         # writers: one shared cache dir, each reading the documents in a different order
-        writers = run_workers(_work, WRITERS, lambda i: (str(model_dir), str(tmp_path / "shared"), server.url,
-                                                         "alice-token-0001", docs[i % DOCS:] + docs[: i % DOCS]))
+        writers = run_workers(
+            _work,
+            WRITERS,
+            lambda i: (
+                str(model_dir),
+                str(tmp_path / "shared"),
+                server.url,
+                "alice-token-0001",
+                docs[i % DOCS :] + docs[: i % DOCS],
+            ),
+        )
         assert sum(prefills for prefills, _ in writers) == DOCS, writers  # one prefill per document, in all
         assert all(exact for _, rows in writers for *_, exact in rows), writers
         keys = {key for _, rows in writers for key, *_ in rows}
@@ -66,8 +82,11 @@ def test_processes_sharing_a_cache_dir_and_a_registry(tmp_path: Path, tiny_model
         metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
         assert f'kvagent_publishes_total{{result="created"}} {float(DOCS)}' in metrics, metrics
         # readers: empty caches of their own, everything comes from the registry, intact
-        readers = run_workers(_work, READERS, lambda i: (str(model_dir), str(tmp_path / f"reader{i}"), server.url,
-                                                         "bob-token-000002", docs))
+        readers = run_workers(
+            _work,
+            READERS,
+            lambda i: (str(model_dir), str(tmp_path / f"reader{i}"), server.url, "bob-token-000002", docs),
+        )
         assert sum(prefills for prefills, _ in readers) == 0, readers
         assert {status for _, rows in readers for _, status, _ in rows} == {"remote"}, readers
         assert all(exact for _, rows in readers for *_, exact in rows), readers

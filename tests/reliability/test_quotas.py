@@ -74,7 +74,8 @@ def test_upload_quota_per_utc_day(two_quotas: tuple[Quotas, Quotas, Clock]) -> N
     a.charge_upload("alice", lim, 600)
     assert b.uploaded_today("alice") == 600
     err = _refused(b.check_upload, "alice", lim, b.uploaded_today("alice"), 401)
-    assert (err.status, err.code, err.headers) == (429, "upload_quota", {"Retry-After": "86400"})  # ceil(86399.75 s)
+    # ceil(86399.75 s)
+    assert (err.status, err.code, err.headers) == (429, "upload_quota", {"Retry-After": "86400"})
     b.check_upload("alice", lim, b.uploaded_today("alice"), 400)
     clock.t += DAY
     assert a.uploaded_today("alice") == 0
@@ -120,7 +121,10 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPr
     """Two server processes over one data dir (one SQLite database), as several nodes share PostgreSQL."""
     size = len(_blob(1))
     tokens = dict(TOKENS)
-    tokens["upload-token-001"] = {**TOKENS["upload-token-001"], "limits": {"upload_bytes_per_day": size * 3 // 2}}
+    tokens["upload-token-001"] = {
+        **TOKENS["upload-token-001"],
+        "limits": {"upload_bytes_per_day": size * 3 // 2},
+    }
     tokens["store-token-0001"] = {**TOKENS["store-token-0001"], "limits": {"stored_bytes": size * 3 // 2}}
     data = tmp_path_factory.mktemp("quota") / "data"
     one = start_server(data, tokens)
@@ -155,7 +159,9 @@ def test_rate_limit_holds_across_two_server_processes(servers: tuple[ServerProce
             r = http.get(f"{srv.url}/v1/artifacts/{MISSING}", headers=auth)
             if int(t0) == int(time.time()):  # the request sat in one one-second window
                 seen.append((int(t0), r.status_code, r.headers.get("retry-after")))
-        free = http.get(f"{one.url}/v1/artifacts/{MISSING}", headers={"Authorization": "Bearer free-token-00001"})
+        free = http.get(
+            f"{one.url}/v1/artifacts/{MISSING}", headers={"Authorization": "Bearer free-token-00001"}
+        )
     assert free.status_code == 404  # another principal is not limited
     by_window: dict[int, list[int]] = {}
     for w, status, retry in seen:

@@ -46,7 +46,8 @@ def test_every_identity_field_is_bound_and_metadata_is_not() -> None:
     for name, value in changes.items():
         with pytest.raises(ArtifactIntegrityError, match="does not verify"):
             signing.verify(sig, dataclasses.replace(header, **{name: value}))
-    signing.verify(sig, dataclasses.replace(header, created_at=1.0, publisher="someone"))  # informational only
+    # informational only
+    signing.verify(sig, dataclasses.replace(header, created_at=1.0, publisher="someone"))
     with pytest.raises(ArtifactIntegrityError, match="not a trusted key"):
         signing.verify(sig, header, {signing.public_key_hex(Ed25519PrivateKey.generate())})
     # the old payload-only form: refused on the wire and when verified
@@ -71,9 +72,12 @@ def _put(srv: ServerProcess, blob: bytes, key: str, token: str, sig: str | None 
 
 
 def _attach_signature(srv: ServerProcess, key: str, sig: signing.Signature) -> None:
-    """Play a compromised (or legacy) registry: attach ``sig`` to ``key``'s record behind the server's back."""
+    """Play a compromised (or legacy) registry: attach ``sig`` to ``key``'s record behind the server's
+    back."""
     with sqlite3.connect(Path(srv.data_dir) / "meta.sqlite3") as db:
-        n = db.execute("UPDATE artifacts SET signature = ? WHERE key = ?", (json.dumps(sig.to_json()), key)).rowcount
+        n = db.execute(
+            "UPDATE artifacts SET signature = ? WHERE key = ?", (json.dumps(sig.to_json()), key)
+        ).rowcount
     assert n == 1
 
 
@@ -103,7 +107,10 @@ def test_header_swap_attack_is_refused_end_to_end(server: ServerProcess) -> None
     naive = RegistryClient(server.url, "bob-token-000002", retries=1)
     with trusting, naive:
         # alice's own artifact verifies; the reader skips recomputation (what verify="none" does)
-        assert trusting.download(trusting.lookup(header_x.key), art.Expectation(key=header_x.key)).header == header_x
+        assert (
+            trusting.download(trusting.lookup(header_x.key), art.Expectation(key=header_x.key)).header
+            == header_x
+        )
         # unsigned swap: refused by the trusting reader
         with pytest.raises(ArtifactIntegrityError, match="unsigned"):
             trusting.download(trusting.lookup(header_y.key), expect_y)

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 N_PROC = 4
 
 
-def _worker(model_dir: str, cache_dir: str, ids: list[int], barrier, out) -> None:  # runs in a spawned process
+# runs in a spawned process
+def _worker(model_dir: str, cache_dir: str, ids: list[int], barrier, out) -> None:
     from transformers import AutoModelForCausalLM
 
     from kvagent import GenerationParams, KVAgent
@@ -33,7 +34,9 @@ def test_one_prefill_across_processes(tmp_path: Path, tiny_model) -> None:
     model_dir = tmp_path / "model"
     tiny_model("llama").save_pretrained(model_dir)
     ids = torch.randint(0, 512, (1500,), generator=torch.Generator().manual_seed(5)).tolist()
-    results = run_workers(_worker, N_PROC, lambda _: (str(model_dir), str(tmp_path / "cache"), ids), timeout=240)
+    results = run_workers(
+        _worker, N_PROC, lambda _: (str(model_dir), str(tmp_path / "cache"), ids), timeout=240
+    )
     assert sum(prefills for _, prefills, _ in results) == 1, results
     assert sorted(status for status, _, _ in results) == ["local"] * (N_PROC - 1) + ["prefill"]
     assert all(exact for *_, exact in results)

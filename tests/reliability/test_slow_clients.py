@@ -24,8 +24,11 @@ MISSING = "cd" * 32
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = start_server(tmp_path_factory.mktemp("slow") / "data", TOKENS,
-                       extra_args=["--header-timeout", str(HEADER_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT)])
+    srv = start_server(
+        tmp_path_factory.mktemp("slow") / "data",
+        TOKENS,
+        extra_args=["--header-timeout", str(HEADER_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT)],
+    )
     yield srv
     assert srv.stop() == 0
     assert "Traceback" not in srv.log(), srv.log()[-4000:]
@@ -73,8 +76,11 @@ def test_slowloris_and_stalled_uploads(server: ServerProcess, tmp_path: Path) ->
             "X-Padding: " + "p" * 64 + "\r\n\r\n").encode()
     uploads = [_connect(server.port) for _ in range(N)]
     for s in uploads:  # complete headers, a promised 10 MB body, 1 KB of it, then silence
-        s.sendall(f"PUT /v1/artifacts/{'ef' * 32} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice-token-0001\r\n"
-                  f"Content-Length: {10 << 20}\r\n\r\n".encode() + b"x" * 1024)
+        s.sendall(
+            f"PUT /v1/artifacts/{'ef' * 32} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice-token-0001\r\n"
+            f"Content-Length: {10 << 20}\r\n\r\n".encode()
+            + b"x" * 1024
+        )
     trickle = [_connect(server.port) for _ in range(N)]
     started = time.monotonic()
     burst_ms = _probe(server)[0]  # answered once the server has taken in the burst of 400 connections
@@ -104,11 +110,16 @@ def test_slowloris_and_stalled_uploads(server: ServerProcess, tmp_path: Path) ->
     closed_after = time.monotonic() - started
     for s in trickle + uploads:
         s.close()
-    report = (f"first healthz after the burst of {2 * N} connections: {burst_ms:.0f} ms; healthz ms: median {statistics.median(health):.1f} max {max(health):.1f} (n={len(health)}); "
-              f"lookup ms: median {statistics.median(lookup):.1f} max {max(lookup):.1f}; "
-              f"all {2 * N} closed after {closed_after:.1f} s")
+    report = (
+        f"first healthz after the burst of {2 * N} connections: {burst_ms:.0f} ms; healthz ms: median "
+        f"{statistics.median(health):.1f} max {max(health):.1f} (n={len(health)}); "
+        f"lookup ms: median {statistics.median(lookup):.1f} max {max(lookup):.1f}; "
+        f"all {2 * N} closed after {closed_after:.1f} s"
+    )
     print(report)
-    assert not open_trickle and not open_uploads, f"{len(open_trickle)} + {len(open_uploads)} still open; {report}"
+    assert not open_trickle and not open_uploads, (
+        f"{len(open_trickle)} + {len(open_uploads)} still open; {report}"
+    )
     assert len(health) >= 10 and max(health) < 100, report
     assert statistics.median(lookup) < 100, report
     assert _probe(server)[0] < 100
@@ -134,7 +145,9 @@ def _raw(port: int, request: bytes) -> bytes:
 
 def test_oversized_headers_are_refused_and_the_server_keeps_answering(server: ServerProcess) -> None:
     # 64 KB of headers, over the default 32 KB cap, sent in one go and then trickled in pieces
-    huge = b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(64))
+    huge = b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(64)
+    )
     assert _raw(server.port, huge + b"\r\n").startswith(b"HTTP/1.1 431"), "a 64 KB header block was accepted"
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
         for i in range(0, len(huge), 4096):
@@ -145,7 +158,13 @@ def test_oversized_headers_are_refused_and_the_server_keeps_answering(server: Se
         reply = _read_all(s)
     assert reply.startswith(b"HTTP/1.1 431"), reply[:100]
     # a request just under the cap, and pipelined requests on one connection, are answered
-    ok = b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"X-Pad: " + b"a" * 30000 + b"\r\n\r\n"
+    ok = (
+        b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        + b"X-Pad: "
+        + b"a" * 30000
+        + b"\r\n\r\n"
+    )
     assert _raw(server.port, ok).startswith(b"HTTP/1.1 200")
-    two = b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    two = (b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+           b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert _raw(server.port, two).count(b"HTTP/1.1 200") == 2

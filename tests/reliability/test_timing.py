@@ -67,12 +67,18 @@ def test_restricted_keys_do_not_show_in_response_time(server: ServerProcess) -> 
     results: dict[str, float] = {}
     with httpx.Client(base_url=server.url, timeout=10) as http:
         routes: dict[str, tuple[Callable[[], httpx.Response], Callable[[], httpx.Response]]] = {
-            "lookup": (lambda: http.get(f"/v1/artifacts/{header.key}", headers=bob),
-                       lambda: http.get(f"/v1/artifacts/{missing_key}", headers=bob)),
-            "prefix lookup": (lambda: http.post("/v1/lookup/prefix", json={"block_hashes": hashes}, headers=bob),
-                              lambda: http.post("/v1/lookup/prefix", json={"block_hashes": other}, headers=bob)),
-            "blob": (lambda: http.get(f"/v1/artifacts/{header.key}/blob", headers=bob),
-                     lambda: http.get(f"/v1/artifacts/{missing_key}/blob", headers=bob)),
+            "lookup": (
+                lambda: http.get(f"/v1/artifacts/{header.key}", headers=bob),
+                lambda: http.get(f"/v1/artifacts/{missing_key}", headers=bob),
+            ),
+            "prefix lookup": (
+                lambda: http.post("/v1/lookup/prefix", json={"block_hashes": hashes}, headers=bob),
+                lambda: http.post("/v1/lookup/prefix", json={"block_hashes": other}, headers=bob),
+            ),
+            "blob": (
+                lambda: http.get(f"/v1/artifacts/{header.key}/blob", headers=bob),
+                lambda: http.get(f"/v1/artifacts/{missing_key}/blob", headers=bob),
+            ),
         }
         for name, (exists, missing) in routes.items():
             results[name] = auc(*_measure(http, exists, missing, (404, 404)))
@@ -80,8 +86,13 @@ def test_restricted_keys_do_not_show_in_response_time(server: ServerProcess) -> 
         big_header, big_blob = make_artifact(make_kv(tokens=1000, num_layers=2, heads=4, head_dim=32, seed=6))
         r = http.put(f"/v1/artifacts/{big_header.key}", content=big_blob, headers=alice)
         assert r.status_code == 201, r.text
-        hit, miss = _measure(http, lambda: http.get(f"/v1/artifacts/{big_header.key}/blob", headers=alice),
-                             lambda: http.get(f"/v1/artifacts/{missing_key}/blob", headers=alice), (200, 404), 50)
+        hit, miss = _measure(
+            http,
+            lambda: http.get(f"/v1/artifacts/{big_header.key}/blob", headers=alice),
+            lambda: http.get(f"/v1/artifacts/{missing_key}/blob", headers=alice),
+            (200, 404),
+            50,
+        )
         results["control: 2 MB blob vs 404"] = auc(hit, miss)
     figures = ", ".join(f"{k} {v:.3f}" for k, v in results.items())
     print(f"AUC (existing restricted slower than missing), n={SAMPLES} each: {figures}")

@@ -31,7 +31,9 @@ from kvagent import (
 
 def chat_template_ids(tokenizer: Any, messages: list[dict[str, Any]], **template_kw: Any) -> list[int]:
     """Token ids of ``messages`` under the tokenizer's chat template, generation prompt added."""
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **template_kw)
+    encoded = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, **template_kw
+    )
     ids = encoded["input_ids"] if not isinstance(encoded, list) else encoded  # a list before transformers 5
     return [int(t) for t in ids]
 

@@ -53,7 +53,8 @@ class KVAgentSettings(BaseModel):
     kv_reuse: bool = True
     """Resume from the longest cached KV prefix; False prefills every prompt in full (the reference)."""
     kv_save_prompts: bool = True
-    """Keep the KV of each prompt (memory and local store) so later prompts sharing its start resume from it."""
+    """Keep the KV of each prompt (memory and local store) so later prompts sharing its start resume from
+    it."""
     kv_min_save_tokens: int = 32
     """Only keep a prompt's KV when at least this many of its tokens were newly prefilled."""
 
@@ -95,10 +96,14 @@ class KVAgentSettings(BaseModel):
         """The ``kvagent.Config`` these fields describe (KVAGENT_* variables and defaults fill the rest)."""
         options = {k: v for k, v in self.agent_kwargs.items() if k not in _COMPONENTS}
         options.update(self.config_options)
-        for name, value in (("model", self.model), ("cache_dir", self.cache_dir), ("registry_url", self.registry_url),
-                            ("token", self.token.get_secret_value() if self.token else None),
-                            ("registry_timeout", self.timeout),
-                            ("registry_attempts", None if self.max_retries is None else self.max_retries + 1)):
+        for name, value in (
+            ("model", self.model),
+            ("cache_dir", self.cache_dir),
+            ("registry_url", self.registry_url),
+            ("token", self.token.get_secret_value() if self.token else None),
+            ("registry_timeout", self.timeout),
+            ("registry_attempts", None if self.max_retries is None else self.max_retries + 1),
+        ):
             if value is not None:
                 options[name] = value
         client = self.agent_kwargs.get("registry_client")
@@ -120,7 +125,8 @@ class KVAgentSettings(BaseModel):
 
     @property
     def kv_agent(self) -> KVAgent:
-        """A ``KVAgent`` facade over this model's runtime (e.g. to read documents with ``KVDocumentLoader``)."""
+        """A ``KVAgent`` facade over this model's runtime (e.g. to read documents with
+        ``KVDocumentLoader``)."""
         if self.agent is None:
             self.agent = KVAgent.from_runtime(self.runtime)
         return self.agent
@@ -134,7 +140,8 @@ class KVAgentSettings(BaseModel):
         )
 
     def _params(self, **kwargs: Any) -> GenerationParams:
-        """Generation settings for one call; ``max_tokens``, ``temperature``... in ``kwargs`` override the fields."""
+        """Generation settings for one call; ``max_tokens``, ``temperature``... in ``kwargs`` override the
+        fields."""
         if kwargs.get("model", self.model) != self.model:
             raise ValueError(
                 f"this model serves {self.model!r}; a per-call model={kwargs['model']!r} cannot switch it"

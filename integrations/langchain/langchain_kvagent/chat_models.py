@@ -139,7 +139,9 @@ class ChatKVAgent(KVAgentSettings, BaseChatModel):
         )
         parser = StructuredOutputParser(target=schema)
         if include_raw:
-            parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+            parsed = RunnablePassthrough.assign(
+                parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+            )
             fallback = RunnablePassthrough.assign(parsed=lambda _: None)
             return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
         return llm | parser
@@ -149,7 +151,8 @@ class ChatKVAgent(KVAgentSettings, BaseChatModel):
         return self.model or agent.config.model or agent.loaded.name
 
     def _turn(self, messages: list[BaseMessage], kwargs: dict[str, Any]) -> _Turn:
-        """The prompt ids and the kind of reply, from the bound ``tools``/``tool_choice``/``structured_output``."""
+        """The prompt ids and the kind of reply, from the bound
+        ``tools``/``tool_choice``/``structured_output``."""
         tools = kwargs.pop("tools", None) or []
         choice = kwargs.pop("tool_choice", None)
         structured = kwargs.pop("structured_output", None)
@@ -195,7 +198,8 @@ class ChatKVAgent(KVAgentSettings, BaseChatModel):
 
     # -- generation ------------------------------------------------------------------------
     def prompt_ids(self, messages: list[BaseMessage], **kwargs: Any) -> list[int]:
-        """The token ids the messages are run as (chat template, tools bound in ``kwargs``, generation prompt)."""
+        """The token ids the messages are run as (chat template, tools bound in ``kwargs``, generation
+        prompt)."""
         return self._turn(messages, dict(kwargs)).ids
 
     def _message_meta(self, done: Completion, n_out: int | None, calls: bool) -> dict[str, Any]:

@@ -33,7 +33,11 @@ def to_chat_dicts(messages: list[BaseMessage]) -> list[dict[str, Any]]:
             msg: dict[str, Any] = {"role": "assistant", "content": m.text}
             if m.tool_calls:
                 msg["tool_calls"] = [
-                    {"id": c.get("id"), "type": "function", "function": {"name": c["name"], "arguments": c["args"]}}
+                    {
+                        "id": c.get("id"),
+                        "type": "function",
+                        "function": {"name": c["name"], "arguments": c["args"]},
+                    }
                     for c in m.tool_calls
                 ]
             out.append(msg)
@@ -53,7 +57,9 @@ def lc_tool_call(call: ToolCall) -> dict[str, Any]:
 
 def lc_tool_call_chunk(call: ToolCall, index: int) -> ToolCallChunk:
     """A complete parsed call as one streamed ``ToolCallChunk``."""
-    return tool_call_chunk(name=call.name, args=json.dumps(call.arguments, ensure_ascii=False), id=call.id, index=index)
+    return tool_call_chunk(
+        name=call.name, args=json.dumps(call.arguments, ensure_ascii=False), id=call.id, index=index
+    )
 
 
 def validate(target: Any, data: Any) -> Any:

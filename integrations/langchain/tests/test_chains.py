@@ -91,7 +91,8 @@ def test_stream_gives_the_same_text_as_invoke(agent, document) -> None:  # type:
     chunks = list(chat.stream(messages))
     assert len(chunks) > 2
     assert "".join(c.text for c in chunks) == chat.invoke(messages).content
-    assert chunks[-1].response_metadata["kv_status"] in ("memory", "prefix", "prefill")  # memory: the same prompt
+    # memory: the same prompt
+    assert chunks[-1].response_metadata["kv_status"] in ("memory", "prefix", "prefill")
     llm = KVAgentLLM(agent=agent, max_tokens=20)
     prompt = f"{document}\n\nQuestion: {QUESTIONS[0]}"
     assert "".join(llm.stream(prompt)) == llm.invoke(prompt)

@@ -89,7 +89,10 @@ def test_five_tool_turns_resume_from_the_previous_turn_and_match_full_prefill(
     answer = reuse.bind_tools(tools, tool_choice="none").invoke(messages)
     reference = full.bind_tools(tools, tool_choice="none").invoke(messages)
     assert answer.content == reference.content
-    assert answer.usage_metadata is not None and answer.usage_metadata["input_token_details"]["cache_read"] > cache_read[-1]
+    assert (
+        answer.usage_metadata is not None
+        and answer.usage_metadata["input_token_details"]["cache_read"] > cache_read[-1]
+    )
 
 
 def test_streamed_tool_call_equals_invoked(agent: KVAgent, tmp_path: Path) -> None:
@@ -102,7 +105,10 @@ def test_streamed_tool_call_equals_invoked(agent: KVAgent, tmp_path: Path) -> No
     for c in chunks[1:]:
         streamed += c
     assert _calls(streamed) == _calls(whole)
-    assert streamed.usage_metadata is not None and streamed.usage_metadata["input_token_details"]["cache_read"] > 0
+    assert (
+        streamed.usage_metadata is not None
+        and streamed.usage_metadata["input_token_details"]["cache_read"] > 0
+    )
 
 
 def test_a_template_without_tools_refuses_them_naming_the_model(agent: KVAgent) -> None:
@@ -119,8 +125,11 @@ class Fare(BaseModel):
 
 
 def test_structured_output_without_tools_decodes_json_of_the_schema(agent: KVAgent) -> None:
-    chat = ChatKVAgent(agent=agent, max_tokens=4)  # SmolLM2's template has no tools: JSON guided by the schema
-    out = chat.with_structured_output(Fare, include_raw=True).invoke("A ticket to Oslo costs 30 euros. The fare?")
+    # SmolLM2's template has no tools: JSON guided by the schema
+    chat = ChatKVAgent(agent=agent, max_tokens=4)
+    out = chat.with_structured_output(Fare, include_raw=True).invoke(
+        "A ticket to Oslo costs 30 euros. The fare?"
+    )
     assert out["parsing_error"] is None and isinstance(out["parsed"], Fare)
     raw = out["raw"]
     assert isinstance(raw, AIMessage) and raw.tool_calls == []

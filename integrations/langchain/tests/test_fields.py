@@ -1,5 +1,7 @@
-"""Settings are fields: ``registry_url``, ``token`` (or ``api_key``) and any ``kvagent.Config`` option are taken as
-keywords and reach the runtime's Config; an unknown keyword is an error naming the closest field, never dropped.
+"""Settings are fields: ``registry_url``, ``token`` (or ``api_key``) and any ``kvagent.Config`` option are
+taken as
+keywords and reach the runtime's Config; an unknown keyword is an error naming the closest field, never
+dropped.
 Only the last test but one loads a model (the runtime is built on first use)."""
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def test_config_option_names_are_the_configs() -> None:
 
 @pytest.mark.parametrize("cls", [ChatKVAgent, KVAgentLLM])
 def test_timeout_and_max_retries_configure_the_registry_client(cls, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """LangChain's standard ``timeout`` / ``max_retries`` reach the registry client (``max_retries`` counts retries
+    """LangChain's standard ``timeout`` / ``max_retries`` reach the registry client (``max_retries`` counts
+    retries
     after the first try), and a model that builds no client of its own refuses them rather than drop them."""
     m = cls(registry_url=R, cache_dir=str(tmp_path), timeout=2.5, max_retries=0)
     cfg = m.kv_config()

@@ -27,9 +27,14 @@ def _violations(tree: ast.AST, where: str) -> list[str]:
             # a private attribute is fine only on the integration's own objects: self._x / cls._x
             if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
                 out.append(f"{where}:{node.lineno}: reaches into private attribute {node.attr!r}")
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "setattr")
-              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
-              and str(node.args[1].value).startswith("_")):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "setattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and str(node.args[1].value).startswith("_")
+        ):
             out.append(f"{where}:{node.lineno}: {node.func.id}() of private attribute {node.args[1].value!r}")
     return out
 
@@ -47,4 +52,6 @@ def test_the_check_catches_private_access() -> None:
         "agent._memory.clear()\nself.kv_agent._lock\ngetattr(agent, '_save')\nfrom kvagent.tools import _p\n"
     )
     assert len(_violations(bad, "bad.py")) == 7
-    assert not _violations(ast.parse("from kvagent import KVAgent\nself._runner()\nagent.resolver.resolve([1])\n"), "ok")
+    assert not _violations(
+        ast.parse("from kvagent import KVAgent\nself._runner()\nagent.resolver.resolve([1])\n"), "ok"
+    )

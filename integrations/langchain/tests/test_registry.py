@@ -1,5 +1,6 @@
 """LangChain models resume from the registry through kvagent's resolver: a document published by another
-agent is hit on the very first question, answers equal a full prefill, and a broken registry changes nothing."""
+agent is hit on the very first question, answers equal a full prefill, and a broken registry changes
+nothing."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def published(registry, agent, document, tmp_path_factory: pytest.TempPathFactor
 
 
 def reader(agent, tmp_path: Path, **kw) -> KVAgent:  # type: ignore[no-untyped-def]
-    """Agent B on an empty cache dir, registry configured (the default cost policy unless ``policy`` is given)."""
+    """Agent B on an empty cache dir, registry configured (the default cost policy unless ``policy`` is
+    given)."""
     return KVAgent(agent.loaded.model, tokenizer=agent.tokenizer, cache_dir=tmp_path, **kw)
 
 
@@ -66,17 +68,24 @@ def test_chat_model_first_question_hits_the_registry(registry, published, agent,
     msg = chat.invoke(messages)
     n_doc = published.n_tokens
     assert msg.usage_metadata["input_token_details"]["cache_read"] >= 0.9 * n_doc, msg.response_metadata
-    assert msg.response_metadata["kv_source"] == "registry" and "registry" in msg.response_metadata["kv_reason"]
+    assert (
+        msg.response_metadata["kv_source"] == "registry" and "registry" in msg.response_metadata["kv_reason"]
+    )
     assert msg.content == full_answer(agent, chat.prompt_ids(messages), 16)
     b.close()
 
 
 def test_chat_model_built_from_registry_url_and_token_fields(registry, published, document, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """What a new user writes first, by analogy with ChatOpenAI(base_url=..., api_key=...): an empty cache, the
+    """What a new user writes first, by analogy with ChatOpenAI(base_url=..., api_key=...): an empty cache,
+    the
     registry given as fields, and the published document is read from the registry."""
-    chat = ChatKVAgent(registry_url=registry.url, token="bob-token-000002", cache_dir=str(tmp_path), max_tokens=8)
+    chat = ChatKVAgent(
+        registry_url=registry.url, token="bob-token-000002", cache_dir=str(tmp_path), max_tokens=8
+    )
     msg = chat.invoke([HumanMessage(f"{document}\n\nQuestion: {QUESTION}")])
-    assert msg.usage_metadata["input_token_details"]["cache_read"] >= 0.9 * published.n_tokens, msg.response_metadata
+    assert msg.usage_metadata["input_token_details"]["cache_read"] >= 0.9 * published.n_tokens, (
+        msg.response_metadata
+    )
     assert msg.response_metadata["kv_source"] == "registry", msg.response_metadata
     chat.runtime.close()
 
@@ -87,7 +96,10 @@ def test_llm_and_lcel_chain_hit_the_registry(registry, published, agent, documen
     prompt = PromptTemplate.from_template("{context}\n\nQuestion: {question}")
     result = llm.generate([prompt.format(context=document, question=QUESTION)])
     info = result.generations[0][0].generation_info
-    assert info["kv_cached_tokens"] >= 0.9 * published.n_tokens and info["kv_source"] in ("registry", "store"), info
+    assert info["kv_cached_tokens"] >= 0.9 * published.n_tokens and info["kv_source"] in (
+        "registry",
+        "store",
+    ), info
     c = reader(agent, tmp_path / "chain", registry_url=registry.url, token="bob-token-000002")
     chain = ChatPromptTemplate.from_messages([("human", "{context}\n\nQuestion: {question}")]) | ChatKVAgent(
         agent=c, max_tokens=12) | StrOutputParser()
@@ -99,7 +111,9 @@ def test_llm_and_lcel_chain_hit_the_registry(registry, published, agent, documen
     c.close()
 
 
-def test_loader_fetches_once_and_the_chat_model_reuses_it(registry, published, agent, document, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_loader_fetches_once_and_the_chat_model_reuses_it(  # type: ignore[no-untyped-def]
+    registry, published, agent, document, tmp_path
+) -> None:
     b = reader(agent, tmp_path, registry_url=registry.url, token="bob-token-000002")
     [doc] = list(KVDocumentLoader([document], agent=b).lazy_load())
     assert doc.metadata["kv_status"] == "remote"
@@ -111,7 +125,9 @@ def test_loader_fetches_once_and_the_chat_model_reuses_it(registry, published, a
 
 
 @pytest.mark.parametrize("failure", ["down", "lying"])
-def test_a_broken_registry_leaves_the_chain_answer_unchanged(failure, published, agent, document, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_broken_registry_leaves_the_chain_answer_unchanged(  # type: ignore[no-untyped-def]
+    failure, published, agent, document, tmp_path, caplog
+) -> None:
     if failure == "down":
         kw = {"registry_url": "http://127.0.0.1:9", "token": "bob-token-000002"}
     else:  # answers every lookup with a handle whose blob is garbage

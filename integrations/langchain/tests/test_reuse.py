@@ -1,4 +1,5 @@
-"""Prefix reuse through kvagent's resolver on a tiny random model: exact vs full prefill, found in memory and in the store."""
+"""Prefix reuse through kvagent's resolver on a tiny random model: exact vs full prefill, found in memory and
+in the store."""
 
 from __future__ import annotations
 

@@ -43,14 +43,16 @@ _STATEMENTS = [
         hash TEXT NOT NULL, key TEXT NOT NULL, owner TEXT NOT NULL, idx INTEGER NOT NULL,
         PRIMARY KEY (hash, key, owner))""",
     """CREATE TABLE IF NOT EXISTS owner_copy_grants (
-        key TEXT NOT NULL, owner TEXT NOT NULL, principal TEXT NOT NULL, PRIMARY KEY (key, owner, principal))""",
+        key TEXT NOT NULL, owner TEXT NOT NULL, principal TEXT NOT NULL, PRIMARY KEY (key, owner,
+        principal))""",
     # rate limits and quotas (kvagent.server.quotas)
     """CREATE TABLE IF NOT EXISTS quota_rate (
         principal TEXT NOT NULL, win BIGINT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (principal, win))""",
     """CREATE TABLE IF NOT EXISTS quota_upload (
         principal TEXT NOT NULL, day BIGINT NOT NULL, bytes BIGINT NOT NULL, PRIMARY KEY (principal, day))""",
     """CREATE TABLE IF NOT EXISTS quota_leases (
-        id TEXT PRIMARY KEY, principal TEXT NOT NULL, kind TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL)""",
+        id TEXT PRIMARY KEY, principal TEXT NOT NULL, kind TEXT NOT NULL, expires DOUBLE PRECISION NOT
+        NULL)""",
     "CREATE INDEX IF NOT EXISTS quota_leases_principal ON quota_leases (principal, kind)",
     "CREATE TABLE IF NOT EXISTS quota_locks (principal TEXT PRIMARY KEY, touched DOUBLE PRECISION NOT NULL)",
     # the market's double-entry ledger (kvagent.server.ledger)
@@ -69,17 +71,35 @@ _STATEMENTS = [
         key TEXT NOT NULL, owner TEXT NOT NULL, price BIGINT NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (key, owner))""",
     """CREATE TABLE IF NOT EXISTS market_disputes (
-        id {serial}, ts DOUBLE PRECISION NOT NULL, receipt TEXT NOT NULL, buyer TEXT NOT NULL, key TEXT NOT NULL,
+        id {serial}, ts DOUBLE PRECISION NOT NULL, receipt TEXT NOT NULL, buyer TEXT NOT NULL, key TEXT NOT
+        NULL,
         evidence TEXT NOT NULL, status TEXT NOT NULL, outcome TEXT, refund_receipt TEXT)""",
     """CREATE TABLE IF NOT EXISTS market_quarantine (
-        key TEXT NOT NULL, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, dispute BIGINT, reason TEXT NOT NULL,
+        key TEXT NOT NULL, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, dispute BIGINT, reason TEXT
+        NOT NULL,
         visibility TEXT NOT NULL, entitlements TEXT NOT NULL, PRIMARY KEY (key, owner))""",
 ]
 
-_TABLES = ["artifacts", "blocks", "entitlements", "ledger", "owner_copies", "owner_copy_blocks",
-           "owner_copy_grants", "quota_rate", "quota_upload", "quota_leases", "quota_locks", "market_accounts",
-           "market_transactions", "market_postings", "market_idempotency", "market_prices", "market_disputes",
-           "market_quarantine"]
+_TABLES = [
+    "artifacts",
+    "blocks",
+    "entitlements",
+    "ledger",
+    "owner_copies",
+    "owner_copy_blocks",
+    "owner_copy_grants",
+    "quota_rate",
+    "quota_upload",
+    "quota_leases",
+    "quota_locks",
+    "market_accounts",
+    "market_transactions",
+    "market_postings",
+    "market_idempotency",
+    "market_prices",
+    "market_disputes",
+    "market_quarantine",
+]
 
 
 def upgrade() -> None:
