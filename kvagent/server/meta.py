@@ -286,7 +286,11 @@ class SQLiteMeta(_SQLMeta):
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         self._conn()
-        super().__init__(migrate)
+        try:
+            super().__init__(migrate)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def database(self) -> Database:

@@ -11,6 +11,7 @@ A database at a revision this kvagent does not know (written by a newer release)
 from __future__ import annotations
 
 import functools
+import logging
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SchemaVersionError, StoreError
+
+log = logging.getLogger("kvagent.server.schema")
 
 #: pg_advisory_xact_lock id serialising schema changes across every node of one database ("kvagent schema")
 LOCK_ID = 7463531
@@ -127,6 +130,9 @@ def _locked(db: Database) -> Iterator[Any]:
     import sqlalchemy as sa
 
     engine = _engine(db)
+    quiet = logging.getLogger("alembic")  # its per-connection chatter; upgrade logs one line of what it did
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
         with engine.connect() as conn, conn.begin():
             if conn.dialect.name == "postgresql":
@@ -135,6 +141,7 @@ def _locked(db: Database) -> Iterator[Any]:
     except sa.exc.DBAPIError as exc:
         raise StoreError(f"{db.describe()}: {exc.orig or exc}") from exc
     finally:
+        quiet.setLevel(level)
         engine.dispose()
 
 
@@ -172,16 +179,19 @@ def current(db: Database) -> str | None:
 
 def upgrade(db: Database, target: str = "head") -> tuple[str | None, str | None]:
     """Migrate ``db`` to ``target`` under the schema lock; returns (version before, version after)."""
-    from alembic import command
-
     with _locked(db) as conn:
+        from alembic import command  # imported here: its import-time chatter is quieted too
+
         before = _version(conn)
         _require_known(before, db)
         if before != head() or target != "head":
             cfg = _config()
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, target)
-        return before, _version(conn)
+        after = _version(conn)
+    if after != before:
+        log.info("%s: schema upgraded %s -> %s", db.describe(), before or "(none)", after)
+    return before, after
 
 
 def check(db: Database) -> str:
