@@ -283,7 +283,8 @@ def test_newer_schema_is_refused(backend: tuple[str, Any, Callable[[], Any]], tm
 
 
 def test_no_migrate_refuses_an_old_schema_and_db_current_names_the_version(
-        backend: tuple[str, Any, Callable[[], Any]], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    backend: tuple[str, Any, Callable[[], Any]], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     name, db, cursor = backend
     schema.upgrade(db, "0001_baseline")
     opt = (
@@ -295,8 +296,13 @@ def test_no_migrate_refuses_an_old_schema_and_db_current_names_the_version(
         schema.prepare(db, migrate=False)
     # a real `kvagent serve --no-migrate` refuses the old schema and leaves it as it is
     data = ["--data-dir", str(tmp_path / "d"), *opt] if db.postgres_dsn else opt
-    done = subprocess.run([sys.executable, "-m", "kvagent.cli", "serve", "--no-migrate", *data],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "kvagent.cli", "serve", "--no-migrate", *data],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
     assert done.returncode == 2 and "run `kvagent db upgrade`" in done.stderr, done.stderr[-2000:]
     assert schema.current(db) == "0001_baseline"
     assert cli.main(["db", "upgrade", *opt]) == 0
