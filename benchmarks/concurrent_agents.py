@@ -370,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument(
         "--vllm-python",
-        default="/work/vllm-venv/bin/python",
+        default=str(REPO / ".vllm-venv" / "bin" / "python"),
         help="the python of a vLLM (CPU) install; runs -m vllm.entrypoints.openai.api_server",
     )
     ap.add_argument(
