@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -427,32 +428,24 @@ def cmd_cache_clear(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _server_entry(module: str, name: str, what: str) -> Any:
+    """``kvagent.server.<module>.<name>``, imported lazily; or an error saying ``what`` needs the extra."""
     try:
-        from .server.__main__ import main as serve_main
+        return getattr(importlib.import_module(f"kvagent.server.{module}"), name)
     except ImportError as exc:
-        raise KVAgentError(f"the server needs its extra: pip install 'kvagent[server]' ({exc})") from exc
-    return int(serve_main(args.rest))
+        raise KVAgentError(f"{what} needs the server extra: pip install 'kvagent[server]' ({exc})") from exc
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return int(_server_entry("__main__", "main", "the server")(args.rest))
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    try:
-        from .server.ops_cli import db_main
-    except ImportError as exc:
-        raise KVAgentError(
-            f"kvagent db needs the server extra: pip install 'kvagent[server]' ({exc})"
-        ) from exc
-    return db_main(args.rest)
+    return int(_server_entry("ops_cli", "db_main", "kvagent db")(args.rest))
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    try:
-        from .server.ops_cli import token_main
-    except ImportError as exc:
-        raise KVAgentError(
-            f"kvagent token needs the server extra: pip install 'kvagent[server]' ({exc})"
-        ) from exc
-    return token_main(args.rest)
+    return int(_server_entry("ops_cli", "token_main", "kvagent token")(args.rest))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
