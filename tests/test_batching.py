@@ -40,6 +40,20 @@ def _tokens(engine: Any, request: GenerationRequest) -> tuple[list[int], Finish]
     raise AssertionError("no Finish")
 
 
+def _tokens_at_once(engine: Any, requests: list[GenerationRequest]) -> list[Any]:
+    """``_tokens`` of every request, submitted from one thread each, at once."""
+    out: list[Any] = [None] * len(requests)
+    threads = [
+        threading.Thread(target=lambda i=i: out.__setitem__(i, _tokens(engine, requests[i])))
+        for i in range(len(requests))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
 class Steps(BatchObserver):
     def __init__(self) -> None:
         self.sizes: list[int] = []
@@ -134,19 +148,7 @@ def test_max_batch_bounds_the_batch_and_the_rest_wait(llama: TransformersEngine)
     batch = TransformersBatchEngine(llama, max_batch=2, observer=steps)
     prompts = [_ids(10, 50 + i) for i in range(5)]
     params = GenerationParams(max_new_tokens=6)
-    out: list[Any] = [None] * 5
-    threads = [
-        threading.Thread(
-            target=lambda i=i: out.__setitem__(
-                i, _tokens(batch, GenerationRequest(tuple(prompts[i]), None, params))
-            )
-        )
-        for i in range(5)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    out = _tokens_at_once(batch, [GenerationRequest(tuple(p), None, params) for p in prompts])
     assert max(steps.sizes) == 2
     assert [o[0] for o in out] == [llama.generate(None, p, params).token_ids for p in prompts]
     assert any(o[1].usage.queue_seconds > 0 for o in out)
@@ -207,17 +209,5 @@ def test_other_architectures_batch_or_fall_back_and_stay_exact(tiny_model: Any, 
     engine = TransformersEngine(tiny_model(arch))
     batch = TransformersBatchEngine(engine, max_batch=4)
     prompts = [_ids(30, 70 + i) for i in range(3)]
-    out: list[Any] = [None] * 3
-    threads = [
-        threading.Thread(
-            target=lambda i=i: out.__setitem__(
-                i, _tokens(batch, GenerationRequest(tuple(prompts[i]), None, GREEDY))
-            )
-        )
-        for i in range(3)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    out = _tokens_at_once(batch, [GenerationRequest(tuple(p), None, GREEDY) for p in prompts])
     assert [o[0] for o in out] == [engine.generate(None, p, GREEDY).token_ids for p in prompts]
