@@ -216,6 +216,11 @@ def _best_fit(
     return None if best is None else (best[1], best[2], len(best[3]), best[3])
 
 
+def _miss(coef: Sequence[float], pt: tuple[Row, float, float]) -> float:
+    pred = sum(c * f for c, f in zip(coef, pt[0], strict=True))
+    return math.log(pt[1] / pred) if pred > 0 else 0.0
+
+
 def _inliers(
     pts: Sequence[tuple[Row, float, float]],
     prefer: Sequence[Sequence[int]],
@@ -233,10 +238,14 @@ def _inliers(
         return list(pts)
     res = _log_residuals(whole[0], pts)
     suspects = set(sorted(range(len(pts)), key=lambda i: -abs(res[i]))[: max(2, len(pts) // 3)])
-    for i in suspects:  # only the worst third can be outliers: refit without each of them
-        fit = _best_fit([p for j, p in enumerate(pts) if j != i], prefer, fixed_col, cap)
-        pred = sum(c * f for c, f in zip(fit[0], pts[i][0], strict=True)) if fit else 0.0
-        res[i] = math.log(pts[i][1] / pred) if pred > 0 else 0.0
+    # only the worst third can be outliers; each is judged by the fit of the others without any suspect, so
+    # that two outliers cannot pull one fit towards each other (masking), and by the fit without itself alone;
+    # the smaller of the two misses counts, so a sample the core fit merely extrapolates to is not left out
+    core = _best_fit([p for j, p in enumerate(pts) if j not in suspects], prefer, fixed_col, cap)
+    for i in suspects:
+        alone = _best_fit([p for j, p in enumerate(pts) if j != i], prefer, fixed_col, cap)
+        misses = [_miss(f[0], pts[i]) for f in (core, alone) if f is not None]
+        res[i] = min(misses, key=abs) if misses else 0.0
     med = statistics.median(res)
     mad = 1.4826 * statistics.median(abs(x - med) for x in res)
     limit = max(math.log(OUTLIER_FACTOR), 3 * mad)

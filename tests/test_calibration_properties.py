@@ -133,6 +133,18 @@ def test_outliers_are_left_out(truth, drawn, data):
             assert 0.5 <= predict(samples, n, p) / _truth(truth, n, p) <= 2.0
 
 
+def test_two_outliers_do_not_mask_each_other():
+    """CI's counterexample: two samples 20x too slow, at the two shortest lengths, pulled one fit towards each
+    other, so neither looked far off a fit that still contained the other."""
+    truth = (0.0, 0.001953125, 5.926964904401505e-06)
+    points = [((64, 256, 700, 1500, 4096)[i % 5], 0, 1.023 if i == 0 else 0.85) for i in range(12)]
+    samples = [(n, p, _truth(truth, n, p) * k * (20 if i < 2 else 1)) for i, (n, p, k) in enumerate(points)]
+    fit = cal.prefill_fit(samples)
+    assert fit is not None and fit.outliers == 2
+    for n, p, _ in points[2:]:
+        assert 0.5 <= predict(samples, n, p) / _truth(truth, n, p) <= 2.0
+
+
 @HYP
 @given(truths, st.lists(st.tuples(lengths, pasts, noise), min_size=1, max_size=20),
        st.sampled_from([-30 * 86400.0, -3600.0, 3600.0, 30 * 86400.0]))
