@@ -14,7 +14,11 @@ One run, real processes, a real registry (``python -m kvagent.server`` on loopba
    then a second process three more; each read reports how long it waited for the registry
    (``CacheInfo.lookup_seconds``) and is compared with a local-only prefill of the same ids.
 
+4. the chat endpoint of a long-running host (``benchmarks.policy_regret_endpoint``): three ``kvagent serve``
+   hosts, one per mode, after a history of chats; the same medians and regret.
+
     python -m benchmarks.policy_regret [--lengths 256,512,1024,2048,4096] [--throttle-mbps 10] [--repeats 3]
+    python -m benchmarks.policy_regret --endpoint-only [--endpoint-lengths 512,1024,2048] [--history 5]
 
 The default column measures the policy the resolver uses: with ``kvagent.calibration.CostModel`` wired
 into ``kvagent.resolver`` it is the calibrated one; before that, the in-process rates and built-in
@@ -249,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="re-measure only the stalled registry (after one warm-up read), keeping --out's regret table",
     )
+    p.add_argument("--endpoint-lengths", default="512,1024,2048",
+                   help="document lengths asked through the chat endpoint of a long-running host")
+    p.add_argument("--history", type=int, default=5, help="chats each host serves before the documents")
+    p.add_argument("--no-endpoint", action="store_true", help="leave out the chat endpoint")
+    p.add_argument("--endpoint-only", action="store_true",
+                   help="measure only the chat endpoint, keeping --out's other results")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "policy_regret.json")
     p.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "results" / "policy_regret.png")
     args = p.parse_args(argv)
@@ -265,6 +275,17 @@ def main(argv: list[str] | None = None) -> int:
                               "run_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if args.stall_only:  # keep the previous run's regret table; this run re-measures the stalled registry
         result = {**json.loads(args.out.read_text()), "stalled_run_at": result["run_at"]}
+    if args.endpoint_only:
+        from benchmarks import policy_regret_endpoint as ep
+
+        previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+        ends = [int(x) for x in args.endpoint_lengths.split(",")]
+        server.stop()
+        previous["endpoint"] = {**ep.endpoint_regret(ends, args.repeats, args.history, work, documents),
+                                "run_at": result["run_at"]}
+        args.out.write_text(json.dumps(previous, indent=2))
+        ep.table(previous["endpoint"])
+        return 0
     try:
         if args.stall_only:
             # an earlier process on this machine read one document
@@ -317,8 +338,15 @@ def main(argv: list[str] | None = None) -> int:
             )
     finally:
         server.stop()
+    if not args.no_endpoint and not args.stall_only:
+        from benchmarks import policy_regret_endpoint as ep
+
+        ends = [int(x) for x in args.endpoint_lengths.split(",")]
+        result["endpoint"] = ep.endpoint_regret(ends, args.repeats, args.history, work, documents)
     args.out.write_text(json.dumps(result, indent=2))
     table(result)
+    if "endpoint" in result:
+        ep.table(result["endpoint"])
     plot(result, args.plot)
     return 0
 

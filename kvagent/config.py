@@ -76,6 +76,45 @@ def _env_keys(_name: str, raw: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in raw.split(",") if k.strip())
 
 
+#: PolicyParams fields with their own Config option (money is integer micro-units, set in one place)
+_POLICY_MONEY = {
+    "prefill_cost_micros_per_token": "KVAGENT_PREFILL_COST_PER_TOKEN",
+    "max_price_per_load_micros": "KVAGENT_MAX_PRICE_PER_LOAD",
+    "budget_left_micros": "KVAGENT_BUDGET",
+}
+
+
+def _env_policy(name: str, raw: str) -> PolicyParams:
+    """``min_tokens=0,prefill_tokens_per_s=120,bandwidth_bytes_per_s=1e9``: the cost policy's settings (the
+    rest keep their defaults). An unknown or malformed setting is an error, never ignored."""
+    import typing
+
+    from .policy import PolicyParams
+
+    hints = typing.get_type_hints(PolicyParams)
+    values: dict[str, Any] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        key, sep, text = (x.strip() for x in item.partition("="))
+        if not sep or not text:
+            raise ConfigError(f"{name}: {item!r} is not key=value")
+        if key in _POLICY_MONEY:
+            raise ConfigError(f"{name}: {key} is set by {_POLICY_MONEY[key]} (integer micro-units)")
+        if key not in hints:
+            known = ", ".join(sorted(k for k in hints if k not in _POLICY_MONEY))
+            raise ConfigError(f"{name}: unknown setting {key!r} (known: {known})")
+        if text.lower() == "none" and "None" in str(hints[key]):
+            values[key] = None
+            continue
+        parse = _env_int if hints[key] is int else _env_float
+        values[key] = parse(f"{name}:{key}", text)
+    try:
+        return PolicyParams(**values)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
+
+
 def _opt(default: Any = MISSING, *, env: str | None = None, parse: Callable[[str, str], Any] = _env_str,
          factory: Callable[[], Any] | None = None, show: bool = True) -> Any:
     """A Config field: its default (or ``factory``), its KVAGENT_* variable and how to read that variable."""
@@ -124,7 +163,8 @@ class Config:
     publisher: str | None = _opt(None, env="KVAGENT_PUBLISHER")
     # publish what is computed: True ("restricted"), "public" or "restricted"
     publish: bool | str = _opt(False)
-    policy: PolicyParams | None = _opt(None)  # the cost policy's settings (None: kvagent.policy's defaults)
+    # the cost policy's settings (None: kvagent.policy's defaults)
+    policy: PolicyParams | None = _opt(None, env="KVAGENT_POLICY", parse=_env_policy)
     # money, integer micro-units: None = no limit
     max_price_per_load: int | None = _opt(None, env="KVAGENT_MAX_PRICE_PER_LOAD", parse=_env_money)
     budget: int | None = _opt(None, env="KVAGENT_BUDGET", parse=_env_money)

@@ -96,3 +96,17 @@ def test_each_default_is_declared_once() -> None:
         == DEFAULT_PREFILL_MICROS_PER_TOKEN
     )
     assert Config.resolve == Config.from_env  # the deprecated name still works
+
+
+def test_the_policy_is_one_variable_of_key_value_pairs(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """KVAGENT_POLICY sets the cost policy of a process that takes no arguments (``kvagent serve``'s host)."""
+    monkeypatch.setenv("KVAGENT_POLICY", "min_tokens=0, prefill_tokens_per_s=120,max_egress_usd=none")
+    p = Config.from_env(cache_dir=tmp_path).policy
+    assert p is not None and (p.min_tokens, p.prefill_tokens_per_s, p.max_egress_usd) == (0, 120.0, None)
+    assert p.tie_tolerance == 0.05  # the rest keep their defaults
+    for raw, message in (("min_tokns=0", "unknown setting 'min_tokns'"), ("min_tokens", "not key=value"),
+                         ("rtt_s=fast", "not a number"), ("budget_left_micros=5", "KVAGENT_BUDGET"),
+                         ("tie_tolerance=2", "must not be negative")):
+        monkeypatch.setenv("KVAGENT_POLICY", raw)
+        with pytest.raises(ConfigError, match=message):
+            Config.from_env(cache_dir=tmp_path)

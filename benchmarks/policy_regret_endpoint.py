@@ -1,0 +1,144 @@
+"""Regret of the cost policy in a long-running host: ``/v1/chat/completions`` on ``kvagent serve --model
+smollm2``.
+
+Three hosts run side by side, one per mode: the default policy, a forced fetch and a forced prefill
+(``KVAGENT_POLICY``, read by the host's runtime). Each host first serves the same history of chats of
+mixed lengths from one principal (its cost model calibrates itself on them, as a provider's would); then, per
+length and repeat, a publisher principal publishes a new document to all three, and a third principal asks
+about it on each host, the hosts' order rotated every round. Each host sees each document once, so no answer
+comes from its own prompt cache. A chat's time is the request's wall time with ``max_tokens=1`` (its time to
+first token); regret is the default's median over the faster forced mode's median.
+
+Each host's Prometheus histogram ``kvagent_cost_prediction_ratio`` (actual over predicted seconds of every
+read, prompt and chat) gives the share of decisions that predicted their own cost within 2x.
+
+    python -m benchmarks.policy_regret --endpoint-only [--endpoint-lengths 512,1024,2048] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.registry_server import ServerProcess, start_server
+
+MODES = ("default", "fetch", "prefill")
+POLICIES = {  # KVAGENT_POLICY per mode ("" keeps the defaults)
+    "default": "",
+    "fetch": "min_tokens=0,prefill_tokens_per_s=1,bandwidth_bytes_per_s=1e15",
+    "prefill": "min_tokens=1000000000",
+}
+TOKENS = {
+    "pub-token-00001": {"principal": "publisher", "publish": True},
+    "ask-token-00002": {"principal": "asker", "publish": False},
+    "his-token-00003": {"principal": "history", "publish": False},
+}
+HISTORY_LENGTHS = (60, 400, 120, 900, 250)  # the history's message lengths (tokens), cycled
+
+
+def _chat(url: str, token: str, text: str) -> dict[str, Any]:
+    body = {"model": "smollm2", "temperature": 0, "max_tokens": 1,
+            "messages": [{"role": "user", "content": text}]}
+    t0 = time.perf_counter()
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"},
+                   timeout=1800)
+    seconds = time.perf_counter() - t0
+    r.raise_for_status()
+    out = r.json()
+    return {"seconds": seconds, "cached_tokens": out["usage"]["prompt_tokens_details"]["cached_tokens"],
+            "prompt_tokens": out["usage"]["prompt_tokens"], **out["kvagent"]["cache"]}
+
+
+def prediction_share(url: str) -> dict[str, float]:
+    """From the host's ``kvagent_cost_prediction_ratio`` histogram: decisions checked, and the share whose
+    actual seconds were within 2x of the prediction (0.5 < ratio <= 2)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    le: dict[float, float] = {}
+    for m in re.finditer(r'^kvagent_cost_prediction_ratio_bucket\{([^}]*)\} (\S+)$', text, re.M):
+        bound = re.search(r'le="([^"]+)"', m.group(1))
+        if bound:
+            b = float("inf") if bound.group(1) == "+Inf" else float(bound.group(1))
+            le[b] = le.get(b, 0.0) + float(m.group(2))
+    total = le.get(float("inf"), 0.0)
+    within = le.get(2.0, 0.0) - le.get(0.5, 0.0)
+    return {"decisions": total, "within_2x": within / total if total else float("nan")}
+
+
+def endpoint_regret(lengths: list[int], repeats: int, history: int, work: Path,
+                    documents: Any) -> dict[str, Any]:
+    """The chat endpoint's regret table (see the module docstring); ``documents(lengths, dir, tag)`` writes
+    the texts."""
+    from kvagent import KVAgent
+    from kvagent.policy import PolicyParams
+
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for mode in MODES:
+            env = {"KVAGENT_POLICY": POLICIES[mode]} if POLICIES[mode] else {}
+            servers[mode] = start_server(work / f"host-{mode}", TOKENS, model="smollm2", extra_env=env,
+                                         timeout=600)
+        hist = documents(sorted(set(HISTORY_LENGTHS)), work, "history")
+        for i in range(history):  # the same history on every host, one host after another
+            text = hist[HISTORY_LENGTHS[i % len(HISTORY_LENGTHS)]].read_text()
+            for mode in MODES:
+                _chat(servers[mode].url, "his-token-00003", f"Chat {i}: {text}\n\nSay yes.")
+        publisher = KVAgent(cache_dir=work / "publisher", local_only=True)
+        publishers = {mode: KVAgent(publisher.loaded.model, tokenizer=publisher.tokenizer,
+                                    cache_dir=work / "publisher", registry_url=servers[mode].url,
+                                    token="pub-token-00001", policy=PolicyParams(min_tokens=0))
+                      for mode in MODES}
+        runs: dict[int, dict[str, list[dict[str, Any]]]] = {n: {m: [] for m in MODES} for n in lengths}
+        for rep in range(repeats):
+            docs = documents(lengths, work, f"endpoint{rep}")
+            order = MODES[rep % len(MODES):] + MODES[:rep % len(MODES)]
+            for n, path in docs.items():
+                text = path.read_text()
+                for mode in MODES:  # one prefill (the first), then the publisher's local store
+                    pub = publishers[mode]
+                    pub.publish(pub.read(text), "public")
+                for mode in order:
+                    runs[n][mode].append(_chat(servers[mode].url, "ask-token-00002",
+                                               f"{text}\n\nQuestion: what is this document about?"))
+                last = {m: runs[n][m][-1] for m in MODES}
+                print(f"endpoint {n:5d} tokens, round {rep + 1}: "
+                      + ", ".join(f"{m} {last[m]['seconds']:.2f} s ({last[m]['status']}, "
+                                  f"{last[m]['cached_tokens']} cached)" for m in MODES), flush=True)
+        for pub in publishers.values():
+            pub.close()
+        publisher.close()
+        rows = []
+        for n in lengths:
+            row: dict[str, Any] = {"tokens": n}
+            for mode in MODES:
+                recs = runs[n][mode]
+                row[mode] = statistics.median(r["seconds"] for r in recs)
+                row[f"{mode}_all"] = [r["seconds"] for r in recs]
+                row[f"{mode}_cached_all"] = [r["cached_tokens"] for r in recs]
+                row[f"{mode}_status"] = "/".join(sorted({r["status"] for r in recs}))
+            row["default_reason"] = runs[n]["default"][0]["reason"]
+            row["regret"] = row["default"] / min(row["fetch"], row["prefill"])
+            rows.append(row)
+        return {"history_chats": history, "repeats": repeats, "rows": rows,
+                "predictions": {mode: prediction_share(servers[mode].url) for mode in MODES}}
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+
+def table(result: dict[str, Any]) -> None:
+    rows = result["rows"]
+    print(f"\nchat endpoint after {result['history_chats']} chats, medians of {result['repeats']}:")
+    print("| tokens | default chose | default | forced fetch | forced prefill | regret |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tokens']:,} | {r['default_status']} | {r['default']:.2f} s | {r['fetch']:.2f} s | "
+              f"{r['prefill']:.2f} s | {r['regret']:.2f}x |")
+    print(f"worst endpoint regret {max(r['regret'] for r in rows):.2f}x (goal ≤ 1.25x)")
+    for mode, p in result["predictions"].items():
+        print(f"host {mode}: {p['decisions']:.0f} decisions checked, {100 * p['within_2x']:.0f}% predicted "
+              "their own cost within 2x (goal ≥ 95%)")
