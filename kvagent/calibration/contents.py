@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import breaker as brk
+from .fitting import ewma
+from .machine import Profile
 
 FORMAT = "kvagent-calibration"
 VERSION = 1
@@ -130,3 +132,52 @@ def _samples(entry: Any) -> list[Any]:
     if not all(isinstance(s, list) for s in entry["samples"]):
         raise CorruptCalibration("a sample that is not a list")
     return list(entry["samples"])
+
+
+# -- changes the cost model applies under the file lock (``CalibrationFile.update``) ----------------------
+def add_prefill(
+    data: dict[str, Any],
+    *,
+    profile: Profile,
+    samples: Sequence[tuple[int, int, float]],
+    kind: str,
+    now: float,
+) -> None:
+    """Add ``(n_new, past, seconds)`` prefill samples of ``kind`` ("m" measured, "p" probe) to ``profile``."""
+    entry = data["prefill"].setdefault(
+        profile.key, {"model": profile.model_fingerprint, "dtype": profile.dtype, "machine": profile.machine,
+                      "samples": []})
+    entry["samples"] = keep_diverse(entry["samples"] + [[now, n, p, s, kind] for n, p, s in samples])
+
+
+def add_load(data: dict[str, Any], *, machine: str, nbytes: int, seconds: float, now: float) -> None:
+    """Add a local-store load sample to ``machine``'s (the newest MAX_SAMPLES kept)."""
+    entry = data["load"].setdefault(machine, {"samples": []})
+    entry["samples"] = (entry["samples"] + [[now, nbytes, seconds]])[-MAX_SAMPLES:]
+
+
+def link_answered(link: dict[str, Any], *, seconds: float) -> None:
+    """A metadata request over ``link`` answered in ``seconds``: its round-trip average."""
+    link.update(
+        rtt_s=ewma(link.get("rtt_s"), int(link.get("rtt_n", 0)), seconds),
+        rtt_n=link.get("rtt_n", 0) + 1,
+    )
+
+
+def link_downloaded(link: dict[str, Any], *, nbytes: int, seconds: float) -> None:
+    """A blob of ``nbytes`` came over ``link`` in ``seconds``: its throughput average and spread."""
+    transfer_s = max(seconds - float(link.get("rtt_s", 0.0)), seconds / 2)
+    n, bps = int(link.get("bps_n", 0)), nbytes / transfer_s
+    dev = math.log(bps / link["bps"]) ** 2 if link.get("bps") else 0.0
+    link.update(bps=ewma(link.get("bps"), n, bps), bps_n=n + 1,
+                bps_lv=ewma(link.get("bps_lv") if n > 1 else None, n - 1, dev) if n else 0.0)
+
+
+def link_worked(
+    data: dict[str, Any], *, url: str, change: Callable[[dict[str, Any]], None], now: float
+) -> None:
+    """Apply ``change`` to ``url``'s link figures, date them ``now`` and close its breaker."""
+    link = data["links"].setdefault(url, {})
+    change(link)
+    link["t"] = now
+    data["breakers"].pop(url, None)

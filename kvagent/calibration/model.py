@@ -3,25 +3,21 @@ that feed it (prefill, local loads, registry links, the circuit breaker's failur
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any, TypeVar
 
 from .. import breaker as brk
 from .. import policy as pol
 from ..breaker import PROBE_LOOKUP_DEADLINE_S
-from .contents import MAX_SAMPLES, keep_diverse
+from . import contents as ct
 from .estimates import link_estimates, load_estimate, prefill_estimate
 from .file import CalibrationFile, default_path
-from .fitting import ewma
 from .machine import Profile, machine_id
 from .measure import PROBE_BUDGET_S, probe_prefill
 from .outcomes import Outcome, OutcomeLog
-
-log = logging.getLogger("kvagent.calibration")
 
 MIN_PREFILL_TOKENS = 32
 MIN_LOAD_BYTES = 64 * 1024
@@ -173,19 +169,7 @@ class CostModel:
 
     def record_failure(self, url: str, error: str = "") -> None:
         """The registry at ``url`` failed (unreachable, timed out, 5xx): open or extend its breaker."""
-        url = url.rstrip("/")
-        now = self.calibration.clock()
-        if self._breaker is not None:
-            self._breaker.done_probing(url)
-
-        def change(data: dict[str, Any]) -> None:
-            raw = data["breakers"].get(url)
-            state = brk.sanitize(brk.BreakerState.from_json(raw), now, self.breaker) if raw else None
-            data["breakers"][url] = brk.on_failure(state, now, self.breaker, error).to_json()
-
-        data = self.calibration.update(change)
-        skip = float(data["breakers"][url]["open_until"]) - now
-        log.warning("registry %s failed (%s); skipping it for %.0f s", url, error or "error", skip)
+        self.registry_breaker.record_failure(url, error)
 
     # -- records -----------------------------------------------------------------------------
     def record_prefill(self, n_new: int, past: int, seconds: float, *, probe: bool = False) -> None:
@@ -208,69 +192,39 @@ class CostModel:
 
     def _add_prefill(self, samples: Sequence[tuple[int, int, float]], kind: str) -> None:
         now = self.calibration.clock()
-        prof = self.profile
-
-        def change(data: dict[str, Any]) -> None:
-            entry = data["prefill"].setdefault(
-                prof.key, {"model": prof.model_fingerprint, "dtype": prof.dtype, "machine": prof.machine,
-                           "samples": []})
-            entry["samples"] = keep_diverse(entry["samples"] + [[now, n, p, s, kind] for n, p, s in samples])
-
+        change = partial(ct.add_prefill, profile=self.profile, samples=samples, kind=kind, now=now)
         self.calibration.update(change)
 
     def record_load(self, nbytes: int, seconds: float) -> None:
         """Reading, checking and decoding ``nbytes`` of artifact from the local store took ``seconds``."""
         if nbytes < MIN_LOAD_BYTES or not seconds > 0:
             return
-        now, machine = self.calibration.clock(), self.profile.machine
-
-        def change(data: dict[str, Any]) -> None:
-            entry = data["load"].setdefault(machine, {"samples": []})
-            entry["samples"] = (entry["samples"] + [[now, nbytes, seconds]])[-MAX_SAMPLES:]
-
-        self.calibration.update(change)
+        now = self.calibration.clock()
+        self.calibration.update(
+            partial(ct.add_load, machine=self.profile.machine, nbytes=nbytes, seconds=seconds, now=now)
+        )
 
     def record_lookup(self, url: str, seconds: float, ok: bool, error: str = "") -> None:
         """A metadata request to ``url`` answered in ``seconds`` (``ok``; a 404 is ok) or failed."""
         if not ok:
             self.record_failure(url, error)
             return
-        self._link(
-            url,
-            lambda link: link.update(
-                rtt_s=ewma(link.get("rtt_s"), int(link.get("rtt_n", 0)), seconds),
-                rtt_n=link.get("rtt_n", 0) + 1,
-            ),
-        )
+        self._link(url, partial(ct.link_answered, seconds=seconds))
 
     def record_download(self, url: str, nbytes: int, seconds: float) -> None:
         """A blob of ``nbytes`` came from ``url`` in ``seconds``: update its throughput, close its breaker."""
         if nbytes < MIN_DOWNLOAD_BYTES or not seconds > 0:
             self._link(url, lambda link: None)
             return
-
-        def change(link: dict[str, Any]) -> None:
-            transfer_s = max(seconds - float(link.get("rtt_s", 0.0)), seconds / 2)
-            n, bps = int(link.get("bps_n", 0)), nbytes / transfer_s
-            dev = math.log(bps / link["bps"]) ** 2 if link.get("bps") else 0.0
-            link.update(bps=ewma(link.get("bps"), n, bps), bps_n=n + 1,
-                        bps_lv=ewma(link.get("bps_lv") if n > 1 else None, n - 1, dev) if n else 0.0)
-
-        self._link(url, change)
+        self._link(url, partial(ct.link_downloaded, nbytes=nbytes, seconds=seconds))
 
     def _link(self, url: str, change: Callable[[dict[str, Any]], None]) -> None:
+        """Update ``url``'s link figures with ``change`` (the registry answered: its breaker closes)."""
         url = url.rstrip("/")
         now = self.calibration.clock()
         if self._breaker is not None:
             self._breaker.done_probing(url)
-
-        def apply(data: dict[str, Any]) -> None:
-            link = data["links"].setdefault(url, {})
-            change(link)
-            link["t"] = now
-            data["breakers"].pop(url, None)
-
-        self.calibration.update(apply)
+        self.calibration.update(partial(ct.link_worked, url=url, change=change, now=now))
 
     # -- first use ---------------------------------------------------------------------------
     def has_history(self) -> bool:
