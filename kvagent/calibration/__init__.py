@@ -26,7 +26,8 @@ on the next write; calibration is best-effort and never fails a read. ``CostMode
 The package, one job a module (this module re-exports their public names):
 
 * ``fitting``: the maths (pure): features, robust identifiable fits, outliers, spread, moving averages;
-* ``contents``: the file's contents (pure): shape, validation and ageing, sample keeping;
+* ``contents``: the file's contents (pure): shape, validation and ageing, sample keeping, and the changes
+  that records make to them;
 * ``file``: the persisted file (``CalibrationFile``, ``default_path``): atomic writes under a file lock;
 * ``machine``: the machine and the ``Profile`` a prefill sample is valid for;
 * ``estimates``: estimates from the contents (pure), and ``summary``;

@@ -1,4 +1,5 @@
-"""The calibration file's contents (pure): their shape, validation and ageing (``clean``), sample keeping.
+"""The calibration file's contents (pure): their shape, validation and ageing (``clean``), sample keeping, and
+the changes the cost model's records make to them (applied under the file lock by ``CalibrationFile.update``).
 
 ``empty()`` is the shape: ``prefill`` samples ``[t, n_new, past, seconds, "m"|"p"]`` per profile key,
 ``load`` samples ``[t, bytes, seconds]`` per machine, ``links`` and ``breakers`` per registry URL, and
