@@ -11,6 +11,7 @@ so times are wall-clock seconds; ``sanitize`` bounds them when the clock went ba
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from .calibration import CostModel
 
 T = TypeVar("T")
+log = logging.getLogger("kvagent.calibration")  # the calibration file's logger, as before the breaker moved
 
 PROBE_LOOKUP_DEADLINE_S = 1.0  # a half-open breaker's probe waits at most this long
 PROBE_WAIT_S = 0.25  # ...and the read that sent it at most this long: the probe goes on without it
@@ -132,6 +134,21 @@ class RegistryBreaker:
 
     def done_probing(self, url: str) -> None:
         self._probing.discard(url.rstrip("/"))
+
+    def record_failure(self, url: str, error: str = "") -> None:
+        """The registry at ``url`` failed (unreachable, timed out, 5xx): open or extend its breaker."""
+        url = url.rstrip("/")
+        now = self.cost.calibration.clock()
+        self.done_probing(url)
+
+        def change(data: dict[str, Any]) -> None:
+            raw = data["breakers"].get(url)
+            state = sanitize(BreakerState.from_json(raw), now, self.cost.breaker) if raw else None
+            data["breakers"][url] = on_failure(state, now, self.cost.breaker, error).to_json()
+
+        data = self.cost.calibration.update(change)
+        skip = float(data["breakers"][url]["open_until"]) - now
+        log.warning("registry %s failed (%s); skipping it for %.0f s", url, error or "error", skip)
 
     def skip_reason(self, url: str) -> str | None:
         """Why ``url`` must be skipped now ("registry skipped: failing since …"), or None to go ahead.

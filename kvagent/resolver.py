@@ -27,22 +27,22 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Concatenate, ParamSpec
 
 from . import artifact as art
-from . import policy as pol
 from . import stages as stg
+from .accounting import ReadCosts, ReadCounters
 from .engine import check_context
-from .errors import KVAgentError, StoreError
+from .errors import KVAgentError
 from .identity import KeyContext, block_hashes, document_key, salted, token_tuple
 from .kv import KVCache
 from .lookup import Candidate, Lookup, PrefillProgress, ResolverSettings
 from .memory import KVMemory, shared_prefix
 from .registry_tier import ClientSource, Fetched, RegistrySource, RegistryTier
+from .saving import KVSaver, OnSaved
 from .singleflight import single_flight
 from .store import KVStore
 
@@ -150,7 +150,12 @@ def _accounted(
 
 
 class Resolver:
-    """Finds or computes the KV of token ids through the tiers (see the module docstring)."""
+    """Finds or computes the KV of token ids through the tiers (see the module docstring).
+
+    Its collaborators do the rest: ``registry_tier`` (sources, purchases and budget, bandwidth,
+    verification, disputes, the breaker), ``saver`` (encode, store and publish a computed KV), ``costs``
+    (predictions checked against costs, calibration samples) and ``counters``.
+    """
 
     def __init__(
         self,
@@ -163,7 +168,7 @@ class Resolver:
         settings: ResolverSettings | None = None,
         publisher: str | None = None,
         codec: str = "raw",
-        on_saved: Callable[[str, Callable[[], bytes], int], str] | None = None,
+        on_saved: OnSaved | None = None,
         cost: CostModel | None = None,
     ) -> None:
         self.engine = engine
@@ -172,25 +177,34 @@ class Resolver:
         self.memory = memory if memory is not None else KVMemory(2)
         self.registry = registry
         self.settings = settings or ResolverSettings()
-        self.publisher = publisher
-        self.codec = codec
-        # called with (key, artifact_bytes, n_tokens) after a computed KV is stored (publishing);
-        # artifact_bytes()
-        # joins the artifact's bytes only when asked, so a reader that does not publish never copies them
-        self.on_saved = on_saved
         # calibrated estimates + circuit breaker (kvagent.calibration); None: in-process rates
         self.cost = cost
-        self.counters: dict[str, int] = {
-            "memory_hits": 0, "local_hits": 0, "prefix_hits": 0, "prefills": 0, "tokens_saved": 0,
-            "remote_hits": 0, "remote_generates": 0, "publishes": 0, "registry_failures": 0, "poisoned": 0,
-        }
-        self._lock = threading.Lock()
+        self.counters = ReadCounters()
+        self.saver = KVSaver(store, publisher=publisher, codec=codec, on_saved=on_saved)
         self.registry_tier = RegistryTier(
-            engine, context, store, settings=self.settings, cost=cost, count=self._count
+            engine, context, store, settings=self.settings, cost=cost, count=self.counters.add
         )
+        self.costs = ReadCosts(cost, self.registry_tier)
         self.expect = self.registry_tier.expect
-        self._load_recorded = -1e9
         self._last_key: tuple[KeyContext, tuple[int, ...], str] | None = None
+
+    # -- the saver's settings, under the names the resolver has always had -------------------------
+    @property
+    def publisher(self) -> str | None:
+        return self.saver.publisher
+
+    @property
+    def codec(self) -> str:
+        return self.saver.codec
+
+    @property
+    def on_saved(self) -> OnSaved | None:
+        """Called with (key, artifact_bytes, n_tokens) after a computed KV is stored (publishing)."""
+        return self.saver.on_saved
+
+    @on_saved.setter
+    def on_saved(self, hook: OnSaved | None) -> None:
+        self.saver.on_saved = hook
 
     # -- the registry tier's state, under the names the resolver has always had --------------------
     @property
@@ -273,7 +287,7 @@ class Resolver:
         )
         kv = self.memory.get(lookup.namespace, lookup.key)
         if kv is not None:
-            self._count("memory_hits")
+            self.counters.add("memory_hits")
             info = CacheInfo(
                 "memory", "in this process's memory", len(ids), 0, source="memory", origin=lookup.key
             )
@@ -314,23 +328,8 @@ class Resolver:
 
     def encode(self, key: str, kv: KVCache, namespace: str | None = None) -> tuple[art.ArtifactHeader, bytes]:
         """Artifact bytes of ``kv`` under this resolver's (possibly salted) context."""
-        header, parts = self._encode_parts(key, kv, namespace)
+        header, parts = self.saver.encode_parts(key, kv, self._ctx(namespace))
         return header, b"".join(parts)
-
-    def _encode_parts(
-        self, key: str, kv: KVCache, namespace: str | None
-    ) -> tuple[art.ArtifactHeader, list[memoryview]]:
-        ctx = self._ctx(namespace)
-        return art.encode_parts(
-            kv,
-            key=key,
-            model_fingerprint=ctx.model_fingerprint,
-            tokenizer_fingerprint=ctx.tokenizer_fingerprint,
-            template_hash=ctx.template_hash,
-            position_offset=ctx.position_offset,
-            publisher=self.publisher,
-            codec=self.codec,
-        )
 
     # -- tiers ---------------------------------------------------------------------------------
     def _ctx(self, namespace: str | None) -> KeyContext:
@@ -346,21 +345,13 @@ class Resolver:
         self._last_key = (ctx, ids, key)
         return key
 
-    def _count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self.counters[name] += n
-
     def _local_hit(self, lookup: Lookup, found: StoreLookup, why: str) -> Resolution:
         assert found.artifact is not None
         kv, t0 = found.artifact.kv, lookup.started
-        if self.cost is not None and time.monotonic() - self._load_recorded > 30.0:
-            # calibrate local loads at most every 30 s per process: a warm read must not pay a file write
-            self._load_recorded = time.monotonic()
-            threading.Thread(target=self.cost.record_load, args=(found.nbytes, time.perf_counter() - t0),
-                             daemon=True, name="kvagent-calibrate").start()
+        self.costs.local_load(found.nbytes, time.perf_counter() - t0)
         self.memory.put(lookup.namespace, lookup.key, kv)
-        self._count("local_hits")
-        self._count("tokens_saved", len(lookup.ids))
+        self.counters.add("local_hits")
+        self.counters.add("tokens_saved", len(lookup.ids))
         info = CacheInfo("local", why, len(lookup.ids), 0, load_seconds=time.perf_counter() - t0,
                          bytes_read=found.nbytes, source="store", origin=lookup.key)
         return Resolution(lookup.key, kv, info)
@@ -410,11 +401,11 @@ class Resolver:
             kv, prefill_s = best.kv, 0.0
         else:
             if best is None or best.source != "registry":  # a fetch's prediction covers its rest already
-                self._predict_prefill(len(ids) - n_cached, n_cached)
+                self.costs.predict_prefill(len(ids) - n_cached, n_cached)
             with stg.stage("resume"):
                 kv = self._prefill(ids, best.kv if best else None, lookup.progress)
             prefill_s = time.perf_counter() - t1
-            self._record_prefill(len(ids) - n_cached, n_cached, prefill_s)
+            self.costs.record_prefill(len(ids) - n_cached, n_cached, prefill_s)
         stg.path_done()
         note = ""
         save: Callable[[], None] | None = None
@@ -428,7 +419,7 @@ class Resolver:
         self.memory.put(ns, key, kv)
         reason += note
         if best is None:
-            self._count("prefills")
+            self.counters.add("prefills")
             log.info("prefilling %d tokens of %s…: %s", len(ids), key[:16], reason)
             info = CacheInfo(
                 "prefill", reason, 0, len(ids), prefill_seconds=prefill_s, lookup_seconds=lookup_s
@@ -436,80 +427,25 @@ class Resolver:
             return Resolution(key, kv, info, save=save)
         return Resolution(key, kv, self._hit(best, reason, len(ids), lookup_s, prefill_s), save=save)
 
-    # -- predictions checked against costs -------------------------------------------------------
-    def _predict_prefill(self, n_new: int, past: int) -> None:
-        """Note the prefill this read is about to run and its predicted seconds (unless a decision already
-        did)."""
-        clock = stg.current()
-        if clock is None or not self._predicts():
-            return
-        assert self.cost is not None
-        p = clock.prediction
-        path = "prefix-prefill" if past else "local-prefill"
-        if p is not None and p.path == path and (p.n_tokens, p.past) == (n_new, past):
-            clock.prediction = replace(p, at=time.perf_counter())
-            return
-        clock.prediction = None
-        stg.predict(path, self.cost.estimate_prefill(n_new, past).value, n_new, past)
-
-    def _predicts(self) -> bool:
-        """Whether reads are checked against the cost model: it is calibrated and no rate is fixed by hand."""
-        return self.registry_tier.predicts()
-
+    # -- predictions checked against costs (``self.costs``) -----------------------------------------
     def record_continuation(self, n_new: int, past: int, seconds: float) -> None:
         """A chat turn's first forward prefilled ``n_new`` prompt tokens after ``past`` cached ones in
-        ``seconds``:
-        a continuation sample for the cost model, and an outcome against its prediction (in the
+        ``seconds``: a continuation sample for the cost model, and an outcome against its prediction (in the
         background)."""
-        cost = self.cost
-        if cost is None or n_new <= 0 or not seconds > 0:
-            return
-        from .calibration import Outcome
-
-        checked = self._predicts()
-
-        def record() -> None:
-            if checked:
-                predicted = cost.estimate_prefill(n_new, past).value  # before the sample joins the fit
-                cost.record_outcome(Outcome("chat", "tail", predicted, seconds, n_new, past))
-            cost.record_prefill(n_new, past, seconds)
-
-        threading.Thread(target=record, daemon=True, name="kvagent-calibrate").start()
+        self.costs.record_continuation(n_new, past, seconds)
 
     def _account(self, res: Resolution, clock: stg.StageClock, document: bool) -> Resolution:
         """Attach the read's stages and prediction to its CacheInfo and record the outcome."""
-        info = res.info
-        if info.status == "memory":
+        if res.info.status == "memory":
             return res
-        predicted, actual, path = 0.0, 0.0, ""
-        p = clock.prediction
-        if info.status == "local" and self.cost is not None and self._predicts():
-            est = self.cost.estimate_load(info.bytes_read)
-            predicted, actual, path = (est.value if est else 0.0), info.load_seconds, pol.LOCAL_HIT
-        elif p is not None and p.done is not None and not res.tail and res.remote is None:
-            predicted, actual, path = p.seconds, p.done - p.at, p.path
-        info = replace(info, stages=clock.breakdown(), predicted_seconds=predicted)
-        if self.cost is not None and predicted > 0 and actual > 0:
-            from .calibration import Outcome
-
-            n = p.n_tokens if p is not None and path != pol.LOCAL_HIT else info.cached_tokens
-            past = p.past if p is not None and path != pol.LOCAL_HIT else 0
-            self.cost.record_outcome(
-                Outcome("read" if document else "prompt", path, predicted, actual, n, past)
-            )
-        return replace(res, info=info)
-
-    def _record_prefill(self, n_new: int, past: int, seconds: float) -> None:
-        if n_new >= 32 and seconds > 0:
-            self.registry_tier.prefill_tokens_per_s = n_new / seconds
-            if self.cost is not None:
-                self.cost.record_prefill(n_new, past, seconds)
+        finished = not res.tail and res.remote is None
+        return replace(res, info=self.costs.account(res.info, clock, document, finished))
 
     def _hit(self, best: Candidate, reason: str, n_ids: int, load_s: float, prefill_s: float) -> CacheInfo:
         """Count a resolution that reused ``best`` (a cached prefix or a registry copy) and describe it."""
         status = "remote" if best.source == "registry" else "prefix"
-        self._count("remote_hits" if status == "remote" else "prefix_hits")
-        self._count("tokens_saved", best.n)
+        self.counters.add("remote_hits" if status == "remote" else "prefix_hits")
+        self.counters.add("tokens_saved", best.n)
         return CacheInfo(
             status,
             reason,
@@ -567,14 +503,5 @@ class Resolver:
         return self.engine.prefill_from(prefix, ids[prefix.n_tokens :], progress=progress)
 
     def _save(self, ns: str, key: str, kv: KVCache, hashes: list[str]) -> str:
-        """Store a computed KV locally, indexed by ``hashes`` (and hand it to ``on_saved``); returns a
-        note."""
-        # written as they are: no joined copy for the store
-        header, parts = self._encode_parts(key, kv, ns or None)
-        try:
-            self.store.put(header, parts, hashes)
-        except StoreError as exc:
-            log.warning("could not cache %s… locally (the answer is unaffected): %s", key[:16], exc)
-        if self.on_saved is not None and not ns:
-            return self.on_saved(key, lambda: b"".join(parts), kv.n_tokens)
-        return ""
+        """Store a computed KV locally, indexed by ``hashes`` (and publish it); returns a note."""
+        return self.saver.save(ns, key, kv, hashes, self._ctx(ns or None))

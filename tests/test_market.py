@@ -248,7 +248,7 @@ def test_admin_flag_in_the_token_file() -> None:
 
     t = TokenTable.from_mapping({"admin-token-01": {"principal": "op", "admin": True},
                                  "user-token-001": {"principal": "bob"}})
-    op, bob = t.resolve("Bearer admin-token-01"), t.resolve("Bearer user-token-001")
+    op, bob = t.lookup("Bearer admin-token-01"), t.lookup("Bearer user-token-001")
     assert op is not None and op.admin and bob is not None and not bob.admin
     with pytest.raises(ConfigError):
         TokenTable.from_mapping({"admin-token-01": {"principal": "op", "admin": "yes"}})

@@ -60,7 +60,7 @@ def test_only_digest_and_prefix_are_stored(store: TokenStore, tmp_path: Path) ->
         cur.execute("SELECT digest FROM auth_tokens")
         assert cur.fetchone()[0] == digest(issued.token)
     assert "token" not in rec.to_json() and "digest" not in rec.to_json()
-    p = TokenTable(store).resolve(bearer(issued.token))
+    p = TokenTable(store).lookup(bearer(issued.token))
     assert p == Principal("alice", True, False, Limits(rps=5), rec.id)
 
 
@@ -102,7 +102,7 @@ def test_rotate_and_revoke_by_principal(store: TokenStore) -> None:
     assert new is not None and new.token != old.token
     assert (new.record.principal, new.record.publish, new.record.admin, new.record.limits) == (
         "alice", True, True, Limits(stored_bytes=10))
-    assert table.resolve(bearer(old.token)) is None and table.resolve(bearer(new.token)) is not None
+    assert table.lookup(bearer(old.token)) is None and table.lookup(bearer(new.token)) is not None
     assert store.get(old.record.id).replaced_by == new.record.id  # type: ignore[union-attr]
     assert store.rotate(old.record.id) is None  # only an active token rotates
     gone = store.revoke("alice", by="ops")
@@ -117,21 +117,21 @@ def test_token_file_import_keeps_its_meaning(store: TokenStore) -> None:
              "bob-token-000002": Principal("bob")}
     r = store.import_tokens(file1)
     assert (r.added, r.updated, r.revoked) == (2, 0, [])
-    alice = table.resolve(bearer("alice-token-0001"))
+    alice = table.lookup(bearer("alice-token-0001"))
     assert alice is not None and alice.publish and alice.limits == Limits(rps=3)
     api = store.issue("carol")
     # the file changes: alice loses publish, bob leaves it; a restart imports it again
     file2 = {"alice-token-0001": Principal("alice", admin=True)}
     r = store.import_tokens(file2)
     assert (r.added, r.updated, len(r.revoked)) == (0, 1, 1)
-    alice = table.resolve(bearer("alice-token-0001"))
+    alice = table.lookup(bearer("alice-token-0001"))
     assert alice is not None and not alice.publish and alice.admin and alice.limits == Limits()
-    assert table.resolve(bearer("bob-token-000002")) is None  # removed from the file: revoked
-    assert table.resolve(bearer(api.token)) is not None  # tokens issued at run time are not the file's
+    assert table.lookup(bearer("bob-token-000002")) is None  # removed from the file: revoked
+    assert table.lookup(bearer(api.token)) is not None  # tokens issued at run time are not the file's
     # a file token revoked at run time stays revoked, even though the file still names it
     store.revoke("alice", by="ops")
     r = store.import_tokens(file2)
-    assert len(r.kept_revoked) == 1 and table.resolve(bearer("alice-token-0001")) is None
+    assert len(r.kept_revoked) == 1 and table.lookup(bearer("alice-token-0001")) is None
     # the file's validation is unchanged
     with pytest.raises(ConfigError):
         TokenTable.from_mapping({"short": {"principal": "x"}})

@@ -58,7 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="kvagent registry", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.kv = st
     app.add_middleware(FastLookup, st=st)  # innermost: rate limits and the access log still apply
-    app.add_middleware(RateLimit, resolve=st.tokens.resolve, quotas=st.quotas,  # inner: 429s are logged too
+    app.add_middleware(RateLimit, lookup=st.tokens.lookup, quotas=st.quotas,  # inner: 429s are logged too
                        cached=None if st.meta.inline_reads else st.tokens.is_cached)
     app.add_middleware(AccessLog, metrics=st.metrics)
 

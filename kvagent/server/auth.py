@@ -204,12 +204,12 @@ class TokenTable:
             return None, "expired", rec.id
         return principal, "ok", rec.id
 
-    def resolve(self, authorization: str | None) -> Principal | None:
+    def lookup(self, authorization: str | None) -> Principal | None:
         """The principal of an ``Authorization: Bearer <token>`` header value, or None."""
         return self.check(authorization)[0]
 
     def is_cached(self, authorization: str | None) -> bool:
-        """Whether :meth:`resolve` would answer without asking the database (so it may run on the event
+        """Whether :meth:`lookup` would answer without asking the database (so it may run on the event
         loop)."""
         if not authorization:
             return True

@@ -317,19 +317,20 @@ def _adjudicate(st: State, row: ArtifactRow, dispute_id: int) -> Any:
     ledger: Ledger = st.market
     if ledger.is_quarantined(row.key, row.owner):
         return ledger.resolve_dispute(dispute_id, True, "artifact already proven poisoned and quarantined")
-    if st.host is None:
+    host = st.model_host
+    if host is None:
         return ledger.record_open(dispute_id, "this host runs no model: recorded for the operator")
-    if json.loads(row.header_json)["model_fingerprint"] != st.host.fingerprint:
+    if json.loads(row.header_json)["model_fingerprint"] != host.fingerprint:
         return ledger.record_open(
             dispute_id, "computed by another model than this host runs: recorded for the operator"
         )
     from ..verification import verify_kv
 
-    kv = st.host.kv_for(row.key, row.blob, st.blobs.read_bytes)
-    with st.host.lock:
-        report = verify_kv(st.host.engine, kv, st.settings.dispute_verify)
+    kv = host.kv_for(row.key, row.blob, st.blobs.read_bytes)
+    with host.lock:
+        report = verify_kv(host.engine, kv, st.settings.dispute_verify)
     if report.ok:
         return ledger.resolve_dispute(dispute_id, False, f"host re-verified ({report.mode}): {report.reason}")
     d = ledger.resolve_dispute(dispute_id, True, f"host re-verified ({report.mode}): {report.reason}")
-    st.host.forget(row.key)
+    host.forget(row.key)
     return d

@@ -221,12 +221,12 @@ class UploadMeter:
 class RateLimit:
     """Pure ASGI middleware: counts every authenticated request against its principal's ``rps`` limit.
 
-    ``cached(authorization)`` says whether ``resolve`` can answer without the database; when it cannot, the
+    ``cached(authorization)`` says whether ``lookup`` can answer without the database; when it cannot, the
     lookup runs in a worker thread, never on the event loop (None: every lookup is cheap enough inline)."""
 
-    def __init__(self, app: Any, resolve: Callable[[str | None], Any], quotas: Quotas,
+    def __init__(self, app: Any, lookup: Callable[[str | None], Any], quotas: Quotas,
                  cached: Callable[[str | None], bool] | None = None):
-        self.app, self.resolve, self.quotas, self.cached = app, resolve, quotas, cached
+        self.app, self.lookup, self.quotas, self.cached = app, lookup, quotas, cached
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -236,8 +236,8 @@ class RateLimit:
                 from starlette.concurrency import run_in_threadpool
 
                 try:
-                    p = (self.resolve(auth) if self.cached is None or self.cached(auth)
-                         else await run_in_threadpool(self.resolve, auth))
+                    p = (self.lookup(auth) if self.cached is None or self.cached(auth)
+                         else await run_in_threadpool(self.lookup, auth))
                 except KVAgentError:  # the route's own authentication answers it (503)
                     p = None
             if p is not None and p.limits.rps is not None:

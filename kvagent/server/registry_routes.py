@@ -224,8 +224,8 @@ def routes(st: State) -> APIRouter:
         row = records.delete_owned(st.meta, st.copies, key, p.name)
         if row is not None:
             st.blobs.remove(row.blob)
-            if st.host is not None:
-                st.host.forget(key)
+            if (host := st.model_host) is not None:
+                host.forget(key)
         return Response(status_code=204)
 
     @app.get("/v1/ledger")

@@ -64,7 +64,9 @@ class ServerSource:
             raise ArtifactMismatchError(f"artifact {h.key[:16]}… was not looked up through this source")
         art.check_expectation(h.header, expect)
         t0 = time.perf_counter()
-        kv = self.st.host.kv_for(h.key, blob, self.st.blobs.read_bytes)
+        host = self.st.model_host
+        assert host is not None  # a ServerSource is made only by a node that serves a model
+        kv = host.kv_for(h.key, blob, self.st.blobs.read_bytes)
         return Fetched(art.Artifact(h.header, kv), h.size, time.perf_counter() - t0)
 
     def dispute(self, handle: Handle, receipt: str, reason: str, difference: float) -> str:

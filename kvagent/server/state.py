@@ -7,7 +7,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
@@ -23,21 +23,35 @@ from .records import OwnerCopies, visible_row
 from .settings import Settings
 from .token_store import TokenStore
 
+if TYPE_CHECKING:
+    from .host import ModelHost
+    from .ledger import Ledger
+
 log = logging.getLogger("kvagent.server")
 
 
 @dataclass
 class State:
+    """What every route module shares (built once by ``build_state``)."""
+
     settings: Settings
     tokens: TokenTable
     meta: MetaStore
     blobs: BlobStore
     metrics: Metrics
-    host: Any = None  # ModelHost | None
-    market: Any = None  # kvagent.server.ledger.Ledger: prices, accounts and charges
-    quotas: Any = None  # kvagent.server.quotas.Quotas: rate limits and quotas per principal
-    copies: Any = None  # kvagent.server.records.OwnerCopies: later publishers' own records of hidden keys
+    # the model this node serves, if any: a ModelHost or None. Annotated Any until the routes that use it
+    # (chat.py, openai_routes.py) narrow it; ``model_host`` is the typed view
+    host: Any
+    market: Ledger  # prices, accounts and charges
+    quotas: Quotas  # rate limits and quotas per principal
+    copies: OwnerCopies  # later publishers' own records of hidden keys
     token_store: TokenStore | None = None  # the tokens in the database (the admin API changes them)
+
+    @property
+    def model_host(self) -> ModelHost | None:
+        """``host``, typed: the model this node serves, or None when it serves none."""
+        host: ModelHost | None = self.host
+        return host
 
     def principal(self, request: Request) -> Principal:
         p = self.authenticate(request.headers.get("authorization"))
