@@ -211,3 +211,39 @@ def test_other_architectures_batch_or_fall_back_and_stay_exact(tiny_model: Any, 
     prompts = [_ids(30, 70 + i) for i in range(3)]
     out = _tokens_at_once(batch, [GenerationRequest(tuple(p), None, GREEDY) for p in prompts])
     assert [o[0] for o in out] == [engine.generate(None, p, GREEDY).token_ids for p in prompts]
+
+
+def _chat_ids(tok: Any, text: str) -> list[int]:
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+
+def test_a_stop_string_split_across_tokens_ends_the_job_at_its_token(embedded: Any) -> None:
+    """SmolLM2, two requests decoding together: the one whose stop string (split across two tokens) completes
+    gets its Finish right after that token, counts only the tokens up to it, and leaves the batch (the other
+    decodes on alone); the other is unchanged."""
+    tok, engine = embedded.tokenizer, TransformersEngine(embedded.model)
+    steps = Steps()
+    batch = TransformersBatchEngine(engine, max_batch=4, tokenizer=tok, observer=steps)
+    params = GenerationParams(max_new_tokens=24)
+    a, b = _chat_ids(tok, "Write a short story about a ferry."), _chat_ids(tok, "Name three rivers.")
+    ref_a, ref_b = (engine.generate(None, p, params).token_ids for p in (a, b))
+    k = 5  # the stop string: the end of the text up to token k and the start of token k + 1
+    head, more = tok.decode(ref_a[: k + 1]), tok.decode(ref_a[: k + 2])
+    stop = head[-2:] + more[len(head) : len(head) + 2]
+    assert len(stop) == 4 and stop not in head and stop in more, (stop, head, more)
+    assert stop not in tok.decode(ref_a[k + 1 : k + 2]), "the stop string must span two tokens"
+    out = _tokens_at_once(
+        batch,
+        [
+            GenerationRequest(tuple(a), None, params, stop_strings=(stop,)),
+            GenerationRequest(tuple(b), None, params),
+        ],
+    )
+    (toks_a, fin_a), (toks_b, fin_b) = out
+    assert toks_a == ref_a[: k + 2] and fin_a.reason == "stop"
+    assert fin_a.usage.completion_tokens == k + 2
+    assert toks_b == ref_b and fin_b.reason == "length"
+    # a produced k + 2 tokens: its first from the prefill, the rest from at most k + 1 decode steps
+    assert sum(1 for s in steps.sizes if s == 2) <= k + 1 and steps.sizes[-1] == 1
+    batch.close()
