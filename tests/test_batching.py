@@ -247,3 +247,93 @@ def test_a_stop_string_split_across_tokens_ends_the_job_at_its_token(embedded: A
     # a produced k + 2 tokens: its first from the prefill, the rest from at most k + 1 decode steps
     assert sum(1 for s in steps.sizes if s == 2) <= k + 1 and steps.sizes[-1] == 1
     batch.close()
+
+
+def _hf_greedy(model: Any, ids: list[int], n: int) -> list[int]:
+    """``transformers.generate`` greedy on ``ids`` (an explicit all-ones mask: ``generate`` would otherwise
+    mask every prompt token equal to the pad id)."""
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=n,
+            min_new_tokens=n, do_sample=False, pad_token_id=0,
+        )
+    return list(out[0, len(ids) :].tolist())
+
+
+def test_eight_prompts_of_different_lengths_prefilled_in_chunks_each_equal_generate(tiny_model: Any) -> None:
+    model = tiny_model("llama")
+    engine = TransformersEngine(model)
+    batch = TransformersBatchEngine(engine, max_batch=8, prefill_chunk=64)
+    lengths = [5, 40, 64, 65, 130, 257, 333, 410]  # most longer than one chunk
+    doc = _ids(150, 80)
+    kv = engine.prefill(doc)
+    requests, want = [], []
+    for i, n in enumerate(lengths):
+        prefix = kv if i % 3 == 1 else None  # some resume from a prefix KV, their tails chunked after it
+        tail = _ids(n, 90 + i)
+        params = GenerationParams(max_new_tokens=10 + i)
+        requests.append(GenerationRequest(tuple(tail), prefix, params))
+        want.append(_hf_greedy(model, (doc if prefix is not None else []) + tail, params.max_new_tokens))
+    out = _tokens_at_once(batch, requests)
+    assert [o[0] for o in out] == want
+    assert all(o[1].reason == "length" for o in out)
+    batch.close()
+
+
+def test_chunked_prefill_on_smollm2_equals_generate(embedded: Any) -> None:
+    from tests.conftest import long_text
+
+    tok, engine = embedded.tokenizer, TransformersEngine(embedded.model)
+    batch = TransformersBatchEngine(engine, max_batch=4, tokenizer=tok, prefill_chunk=64)
+    doc = long_text(300, tok)
+    prompts = [_chat_ids(tok, f"{doc[:n]}\n\nSummarise this in one line.") for n in (600, 1400)]
+    params = GenerationParams(max_new_tokens=12)
+    out = _tokens_at_once(batch, [GenerationRequest(tuple(p), None, params) for p in prompts])
+    assert max(len(p) for p in prompts) > 4 * 64
+    assert [o[0] for o in out] == [_hf_greedy(embedded.model, p, 12) for p in prompts]
+    batch.close()
+
+
+def test_a_long_prompt_coming_in_does_not_stop_the_others_emitting(llama: TransformersEngine) -> None:
+    """A 600-token prompt, prefilled in 19 chunks of 32, joins while another request decodes: the running one
+    emits a token between every two chunks (the order of events, not their timing), and both are exact."""
+    chunk, n_long = 32, 600
+    batch = TransformersBatchEngine(llama, max_batch=4, prefill_chunk=chunk)
+    log: list[str] = []
+    lock = threading.Lock()
+    running_started = threading.Event()
+    short, long_ = _ids(8, 100), _ids(n_long, 101)
+    params_a, params_b = GenerationParams(max_new_tokens=60), GenerationParams(max_new_tokens=4)
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    done = {"a": threading.Event(), "b": threading.Event()}
+
+    def sink(name: str) -> Any:
+        def put(ev: Any) -> None:
+            with lock:
+                if isinstance(ev, Token):
+                    log.append(name)
+                    got[name].append(ev.token_id)
+                    if name == "a" and len(got["a"]) == 3:
+                        running_started.set()
+                else:
+                    done[name].set()
+
+        return put
+
+    batch.submit(GenerationRequest(tuple(short), None, params_a), sink("a"))
+    assert running_started.wait(60)
+    with lock:
+        log.append("b submitted")
+    batch.submit(GenerationRequest(tuple(long_), None, params_b), sink("b"))
+    assert done["a"].wait(120) and done["b"].wait(120)
+    between = log[log.index("b submitted") : log.index("b")]
+    n_chunks = -(-n_long // chunk)
+    assert between.count("a") >= n_chunks - 1, log
+    assert got["a"] == llama.generate(None, short, params_a).token_ids
+    assert got["b"] == llama.generate(None, long_, params_b).token_ids
+    batch.close()
+
+
+def test_prefill_chunk_must_be_positive(llama: TransformersEngine) -> None:
+    with pytest.raises(EngineError):
+        TransformersBatchEngine(llama, prefill_chunk=0)

@@ -1,8 +1,11 @@
 """The transformers engine, batched: concurrent requests decode together, one forward per step for all of
 them.
 
-Each request first runs its prompt ids after its own prefix KV in a forward of its own (the same computation
-as ``TransformersEngine.stream``'s first step), then joins the decode batch. Every decode step is one model
+Each request first runs its prompt ids after its own prefix KV in forwards of its own, then joins the decode
+batch. A prompt tail longer than ``prefill_chunk`` tokens is prefilled in chunks, one chunk's worth of tokens
+between two decode steps, so the sequences already decoding keep emitting while a long prompt comes in
+(chunked prefill; a chunk attends to the prefix, the earlier chunks and itself, exactly as a
+``TransformersEngine.prefill`` with ``chunk_size`` does). Every decode step is one model
 call for all active sequences: the linear layers see a ``(batch, 1)`` input, while attention runs per
 sequence on that sequence's own keys and values (no padding, no mask, each at its own position), through the
 model's usual attention kernel. The K/V of a sequence live in a buffer sized for its prompt plus
@@ -38,6 +41,10 @@ log = logging.getLogger("kvagent.engine")
 
 RAGGED = "kvagent_ragged"
 
+#: prompt-tail tokens prefilled between two decode steps: a longer tail is prefilled in chunks of this size,
+#: several short tails together up to it
+PREFILL_CHUNK = 256
+
 
 class BatchObserver:
     """Receives the engine's scheduling facts (metrics); the default does nothing."""
@@ -70,6 +77,11 @@ class _Seq:
     last: int = 0  # the last generated token (the next step's input)
     produced: int = 0
     text: TextStream | None = None
+    # the prompt tail's prefill, while it runs: its ids, the transformers cache, how many are done, seconds
+    ids: torch.Tensor | None = None
+    cache: Any = None
+    done: int = 0
+    forward_s: float = 0.0
 
     def finish(self, reason: FinishReason, error: BaseException | None = None) -> None:
         now = time.perf_counter()
@@ -108,6 +120,14 @@ class _StepCache:
         return _Rows(ks), _Rows(vs)
 
 
+def _failed(seq: _Seq, exc: BaseException) -> None:
+    """End ``seq`` with an error of its own prefill (logged unless the request itself was at fault)."""
+    if not isinstance(exc, EngineError):
+        log.exception("a prompt's forward failed", exc_info=exc)
+    seq.ids = seq.cache = None
+    seq.finish("error", exc)
+
+
 def _ragged_attention(
     module: Any, query: torch.Tensor, key: Any, value: Any, attention_mask: Any, **kwargs: Any
 ) -> tuple[torch.Tensor, None]:
@@ -137,7 +157,8 @@ def _register() -> None:
 
 class TransformersBatchEngine:
     """The :class:`~kvagent.engines.base.GenerationEngine` over a :class:`~kvagent.engine.TransformersEngine`:
-    continuous batching of up to ``max_batch`` sequences. ``tokenizer`` is needed for stop strings."""
+    continuous batching of up to ``max_batch`` sequences. ``tokenizer`` is needed for stop strings;
+    ``prefill_chunk``: prompt-tail tokens prefilled between two decode steps."""
 
     def __init__(
         self,
@@ -146,9 +167,13 @@ class TransformersBatchEngine:
         max_batch: int = 8,
         tokenizer: Any = None,
         observer: BatchObserver | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         if max_batch < 1:
             raise EngineError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise EngineError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.engine = engine
         self.max_batch = max_batch
         self.tokenizer = tokenizer
@@ -157,6 +182,7 @@ class TransformersBatchEngine:
         self._cv = threading.Condition()
         self._pending: collections.deque[_Seq] = collections.deque()
         self._active: list[_Seq] = []
+        self._prefilling: list[_Seq] = []  # admitted, their prompt tails being prefilled (in order)
         self._thread: threading.Thread | None = None
         self._closed = False
         self._batchable: bool | None = None  # decided on the first request
@@ -195,8 +221,8 @@ class TransformersBatchEngine:
 
     @property
     def waiting(self) -> int:
-        """Requests submitted but not yet in the batch."""
-        return len(self._pending)
+        """Requests submitted but not yet in the decode batch (queued, or their prompts being prefilled)."""
+        return len(self._pending) + len(self._prefilling)
 
     def close(self) -> None:
         """Stop the scheduler: running and waiting requests end with "cancelled"."""
@@ -204,7 +230,7 @@ class TransformersBatchEngine:
             self._closed = True
             for s in self._pending:
                 s.handle.cancelled = True
-            for s in self._active:
+            for s in [*self._active, *self._prefilling]:
                 s.handle.cancelled = True
             self._cv.notify_all()
         t = self._thread
@@ -219,14 +245,16 @@ class TransformersBatchEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._pending and not self._active and not self._closed:
+                while not self._pending and not self._active and not self._prefilling and not self._closed:
                     self._cv.wait()
-                if self._closed and not self._pending and not self._active:
+                if self._closed and not self._pending and not self._active and not self._prefilling:
                     self._thread = None
                     return
             try:
                 self._admit()
                 self._drop_cancelled()
+                if self._prefilling:
+                    self._prefill_some()
                 if self._active:
                     self._step()
             except Exception as exc:  # a failed step ends the requests in it; the scheduler goes on
@@ -236,8 +264,8 @@ class TransformersBatchEngine:
                 self._active = []
 
     def _admit(self) -> None:
-        """Prefill waiting requests while the batch has room (each in a forward of its own), in order."""
-        while len(self._active) < self.max_batch:
+        """Start the prefill of waiting requests while the batch has room, in order."""
+        while len(self._active) + len(self._prefilling) < self.max_batch:
             with self._cv:
                 if not self._pending:
                     return
@@ -246,23 +274,18 @@ class TransformersBatchEngine:
                 seq.finish("cancelled")
                 continue
             try:
-                self._prefill(seq)
+                self._start(seq)
             except Exception as exc:
-                if not isinstance(exc, EngineError):
-                    log.exception("a prompt's forward failed")
-                seq.finish("error", exc)
+                _failed(seq, exc)
 
     def _drop_cancelled(self) -> None:
-        keep = []
-        for s in self._active:
-            if s.handle.cancelled:
+        for group in (self._active, self._prefilling):
+            for s in [s for s in group if s.handle.cancelled]:
+                group.remove(s)
                 s.finish("cancelled")
-            else:
-                keep.append(s)
-        self._active = keep
 
-    @torch.inference_mode()
-    def _prefill(self, seq: _Seq) -> None:
+    def _start(self, seq: _Seq) -> None:
+        """Set ``seq`` up for its prefill (or run it alone to its end, on a model that does not batch)."""
         req, eng = seq.request, self.engine
         seq.started = time.perf_counter()
         if req.params.seed is not None:
@@ -276,16 +299,47 @@ class TransformersBatchEngine:
         if not self._batchable:
             self._solo(seq)
             return
-        ids = torch.as_tensor(req.prompt_ids, dtype=torch.long).view(1, -1).to(eng.device)
-        cache = eng.new_cache(req.prefix)
-        with eng.lock:
-            t_forward = time.perf_counter()
-            out = eng.forward(cache, input_ids=ids, logits_to_keep=1)
-            forward_s = time.perf_counter() - t_forward
+        seq.ids = torch.as_tensor(req.prompt_ids, dtype=torch.long).view(1, -1).to(eng.device)
+        seq.cache = eng.new_cache(req.prefix)
+        self._prefilling.append(seq)
+
+    @torch.inference_mode()
+    def _prefill_some(self) -> None:
+        """Prefill up to ``prefill_chunk`` prompt-tail tokens, oldest prompts first; a prompt whose tail is
+        done joins the decode batch."""
+        eng, budget = self.engine, self.prefill_chunk
+        while budget > 0 and self._prefilling:
+            seq = self._prefilling[0]
+            assert seq.ids is not None
+            total = seq.ids.shape[1]
+            n = min(budget, total - seq.done)
+            try:
+                with eng.lock:
+                    t0 = time.perf_counter()
+                    chunk = seq.ids[:, seq.done : seq.done + n]
+                    out = eng.forward(seq.cache, input_ids=chunk, logits_to_keep=1)
+                    seq.forward_s += time.perf_counter() - t0
+                seq.done += n
+                budget -= n
+                if seq.done == total:
+                    self._prefilling.pop(0)
+                    self._join(seq, out.logits[0, -1])
+            except Exception as exc:
+                if self._prefilling and self._prefilling[0] is seq:
+                    self._prefilling.pop(0)
+                _failed(seq, exc)
+
+    def _join(self, seq: _Seq, logits: torch.Tensor) -> None:
+        """``seq``'s prompt is prefilled: hand its KV out, copy it into buffers sized for the generation, send
+        the first token and join the decode batch."""
+        req, eng = seq.request, self.engine
+        assert seq.ids is not None
         if req.on_prompt_seconds is not None:
-            req.on_prompt_seconds(forward_s)
-        prompt = ids[0].cpu() if req.prefix is None else torch.cat([req.prefix.token_ids, ids[0].cpu()])
-        kv = eng.extract(cache, prompt)
+            req.on_prompt_seconds(seq.forward_s)
+        ids = seq.ids[0].cpu()
+        prompt = ids if req.prefix is None else torch.cat([req.prefix.token_ids, ids])
+        kv = eng.extract(seq.cache, prompt)
+        seq.ids = seq.cache = None
         if req.on_prompt is not None:
             req.on_prompt(kv)  # views of the forward's own tensors: the buffers below are copies
         n, cap = kv.n_tokens, kv.n_tokens + req.params.max_new_tokens
@@ -297,7 +351,7 @@ class TransformersBatchEngine:
             seq.keys.append(kb)
             seq.values.append(vb)
         seq.n = n
-        if self._emit(seq, out.logits[0, -1]):
+        if self._emit(seq, logits):
             self._active.append(seq)
 
     def _emit(self, seq: _Seq, logits: torch.Tensor) -> bool:
