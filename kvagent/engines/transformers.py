@@ -9,7 +9,8 @@ between two decode steps, so the sequences already decoding keep emitting while 
 call for all active sequences: the linear layers see a ``(batch, 1)`` input, while attention runs per
 sequence on that sequence's own keys and values (no padding, no mask, each at its own position), through the
 model's usual attention kernel. The K/V of a sequence live in a buffer sized for its prompt plus
-``max_new_tokens``, written in place.
+``max_new_tokens``, written in place from its prefill on (the prefix copied in once, each chunk and each
+decoded token written after it: no concatenation per chunk or per step).
 
 New requests join between steps; a cancelled request leaves before the next step. ``max_batch`` bounds the
 active sequences; further requests wait in submission order. One scheduler thread owns the decoding; every
@@ -22,6 +23,7 @@ window, recurrent state) are not batched: their requests run one at a time, as b
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -118,6 +120,32 @@ class _StepCache:
             ks.append(k[:, :, : s.n + 1])
             vs.append(v[:, :, : s.n + 1])
         return _Rows(ks), _Rows(vs)
+
+
+@functools.cache
+def _buffered_layer_type() -> type:
+    """A transformers ``DynamicLayer`` that writes into preallocated K/V buffers instead of concatenating
+    (made once, on first use: transformers is imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferedLayer(DynamicLayer):  # type: ignore[misc]
+        def __init__(self, kbuf: torch.Tensor, vbuf: torch.Tensor, n: int) -> None:
+            super().__init__()
+            self.kbuf, self.vbuf = kbuf, vbuf
+            self.device = kbuf.device
+            self.keys, self.values = kbuf[:, :, :n], vbuf[:, :, :n]
+            self.is_initialized = True
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *_: Any, **__: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            n0, n1 = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
+            self.kbuf[:, :, n0:n1].copy_(key_states)
+            self.vbuf[:, :, n0:n1].copy_(value_states)
+            self.keys, self.values = self.kbuf[:, :, :n1], self.vbuf[:, :, :n1]
+            return self.keys, self.values
+
+    return BufferedLayer
 
 
 def _failed(seq: _Seq, exc: BaseException) -> None:
@@ -300,8 +328,31 @@ class TransformersBatchEngine:
             self._solo(seq)
             return
         seq.ids = torch.as_tensor(req.prompt_ids, dtype=torch.long).view(1, -1).to(eng.device)
-        seq.cache = eng.new_cache(req.prefix)
+        seq.cache = self._buffered_cache(seq)
         self._prefilling.append(seq)
+
+    def _buffered_cache(self, seq: _Seq) -> Any:
+        """A transformers cache for ``seq``'s prefill whose layers write into ``seq``'s K/V buffers (sized for
+        the prompt and the generation), the prefix KV copied in first."""
+        from transformers import DynamicCache
+
+        req, eng = seq.request, self.engine
+        n0 = req.prefix.n_tokens if req.prefix is not None else 0
+        cap = req.n_prompt + req.params.max_new_tokens
+        lay = eng.layout
+        cache = DynamicCache(config=eng.config)
+        layers = []
+        for i in range(lay.num_layers):
+            kb = torch.empty((1, lay.num_kv_heads, cap, lay.head_dim), dtype=eng.dtype, device=eng.device)
+            vb = torch.empty_like(kb)
+            if req.prefix is not None:
+                kb[:, :, :n0].copy_(req.prefix.keys[i])
+                vb[:, :, :n0].copy_(req.prefix.values[i])
+            seq.keys.append(kb)
+            seq.values.append(vb)
+            layers.append(_buffered_layer_type()(kb, vb, n0))
+        cache.layers = layers
+        return cache
 
     @torch.inference_mode()
     def _prefill_some(self) -> None:
@@ -330,8 +381,8 @@ class TransformersBatchEngine:
                 _failed(seq, exc)
 
     def _join(self, seq: _Seq, logits: torch.Tensor) -> None:
-        """``seq``'s prompt is prefilled: hand its KV out, copy it into buffers sized for the generation, send
-        the first token and join the decode batch."""
+        """``seq``'s prompt is prefilled (into its buffers): hand its KV out, send the first token, join the
+        decode batch."""
         req, eng = seq.request, self.engine
         assert seq.ids is not None
         if req.on_prompt_seconds is not None:
@@ -340,17 +391,9 @@ class TransformersBatchEngine:
         prompt = ids if req.prefix is None else torch.cat([req.prefix.token_ids, ids])
         kv = eng.extract(seq.cache, prompt)
         seq.ids = seq.cache = None
+        seq.n = kv.n_tokens
         if req.on_prompt is not None:
-            req.on_prompt(kv)  # views of the forward's own tensors: the buffers below are copies
-        n, cap = kv.n_tokens, kv.n_tokens + req.params.max_new_tokens
-        for k, v in zip(kv.keys, kv.values, strict=True):
-            kb = k.new_empty((k.shape[0], k.shape[1], cap, k.shape[3]))
-            vb = v.new_empty((v.shape[0], v.shape[1], cap, v.shape[3]))
-            kb[:, :, :n].copy_(k)
-            vb[:, :, :n].copy_(v)
-            seq.keys.append(kb)
-            seq.values.append(vb)
-        seq.n = n
+            req.on_prompt(kv)  # views of the buffers' first n positions, which decoding never writes
         if self._emit(seq, logits):
             self._active.append(seq)
 
