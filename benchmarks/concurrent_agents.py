@@ -36,6 +36,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token-000001"
+#: every server loads the weights from a local directory and must never reach for a model hub
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 TOPICS = (
     "the founding",
     "the fares",
@@ -197,7 +199,7 @@ def start_vllm(tmp: Path, args: argparse.Namespace, model_dir: Path) -> Server |
         "8192",
         *shlex.split(args.vllm_args),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "4"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "4", **OFFLINE}
     return _launch(
         "vllm",
         cmd,
@@ -223,7 +225,7 @@ def start_transformers(tmp: Path, args: argparse.Namespace, model_dir: Path) -> 
         "--dtype",
         "float32",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **OFFLINE}
     return _launch(
         "transformers",
         cmd,

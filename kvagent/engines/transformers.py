@@ -133,13 +133,15 @@ def _buffered_layer_type() -> type:
             super().__init__()
             self.kbuf, self.vbuf = kbuf, vbuf
             self.device = kbuf.device
+            self.n = n
             self.keys, self.values = kbuf[:, :, :n], vbuf[:, :, :n]
             self.is_initialized = True
 
         def update(
             self, key_states: torch.Tensor, value_states: torch.Tensor, *_: Any, **__: Any
         ) -> tuple[torch.Tensor, torch.Tensor]:
-            n0, n1 = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
+            n0 = self.n
+            self.n = n1 = n0 + key_states.shape[-2]
             self.kbuf[:, :, n0:n1].copy_(key_states)
             self.vbuf[:, :, n0:n1].copy_(value_states)
             self.keys, self.values = self.kbuf[:, :, :n1], self.vbuf[:, :, :n1]
