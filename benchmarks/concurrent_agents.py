@@ -11,7 +11,7 @@ the reason printed (and recorded in the JSON).
     python -m benchmarks.concurrent_agents [--agents 1 8 32] [--doc-tokens 1500 4000] [--max-tokens 48]
         [--servers kvagent vllm transformers] [--vllm-python /work/vllm-venv/bin/python]
         [--vllm-cmd "<command line>"] [--transformers-cmd "transformers serve"] [--threads 2]
-        [--max-batch 8] [--json benchmarks/results/concurrent_agents.json]
+        [--max-batch 8] [--prefill-chunk 256] [--json benchmarks/results/concurrent_agents.json]
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token-000001"
+#: every server loads the weights from a local directory and must never reach for a model hub
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 TOPICS = (
     "the founding",
     "the fares",
@@ -159,6 +161,8 @@ def start_kvagent(tmp: Path, args: argparse.Namespace) -> Server | str:
         str(args.max_batch),
         "--max-queue",
         str(max(args.agents) + 8),
+        "--prefill-chunk",
+        str(args.prefill_chunk),
     ]
     return _launch(
         "kvagent",
@@ -197,7 +201,7 @@ def start_vllm(tmp: Path, args: argparse.Namespace, model_dir: Path) -> Server |
         "8192",
         *shlex.split(args.vllm_args),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "4"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "4", **OFFLINE}
     return _launch(
         "vllm",
         cmd,
@@ -223,7 +227,7 @@ def start_transformers(tmp: Path, args: argparse.Namespace, model_dir: Path) -> 
         "--dtype",
         "float32",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **OFFLINE}
     return _launch(
         "transformers",
         cmd,
@@ -380,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--transformers-cmd", default=f"{Path(sys.executable).parent / 'transformers'} serve")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads of every server")
     ap.add_argument("--max-batch", type=int, default=8, help="kvagent serve --max-batch")
+    ap.add_argument("--prefill-chunk", type=int, default=256, help="kvagent serve --prefill-chunk")
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "concurrent_agents.json")
     args = ap.parse_args(argv)
@@ -429,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "temperature": 0,
             "streaming": True,
             "kvagent_max_batch": args.max_batch,
+            "kvagent_prefill_chunk": args.prefill_chunk,
         },
         "skipped": skipped,
         "cells": [asdict(c) for c in cells],

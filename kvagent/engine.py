@@ -189,14 +189,20 @@ class TransformersEngine:
         with self.lock:
             return self.model(**inputs, use_cache=True, **{self.cache_arg: cache})
 
-    def batch(self, tokenizer: Any = None, max_batch: int = 8) -> TransformersBatchEngine:
+    def batch(
+        self, tokenizer: Any = None, max_batch: int = 8, prefill_chunk: int | None = None
+    ) -> TransformersBatchEngine:
         """This engine's batching front (:class:`~kvagent.engines.transformers.TransformersBatchEngine`),
-        made on first use and shared by every later caller; ``tokenizer`` serves stop strings."""
+        made on first use and shared by every later caller; ``tokenizer`` serves stop strings;
+        ``prefill_chunk``: prompt-tail tokens prefilled between two decode steps (None: the default)."""
         with self.lock:
             if self._batch is None:
-                from .engines.transformers import TransformersBatchEngine
+                from .engines.transformers import PREFILL_CHUNK, TransformersBatchEngine
 
-                self._batch = TransformersBatchEngine(self, max_batch=max_batch, tokenizer=tokenizer)
+                chunk = prefill_chunk or PREFILL_CHUNK
+                self._batch = TransformersBatchEngine(
+                    self, max_batch=max_batch, tokenizer=tokenizer, prefill_chunk=chunk
+                )
             elif tokenizer is not None and self._batch.tokenizer is None:
                 self._batch.tokenizer = tokenizer
             return self._batch

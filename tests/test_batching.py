@@ -211,3 +211,129 @@ def test_other_architectures_batch_or_fall_back_and_stay_exact(tiny_model: Any, 
     prompts = [_ids(30, 70 + i) for i in range(3)]
     out = _tokens_at_once(batch, [GenerationRequest(tuple(p), None, GREEDY) for p in prompts])
     assert [o[0] for o in out] == [engine.generate(None, p, GREEDY).token_ids for p in prompts]
+
+
+def _chat_ids(tok: Any, text: str) -> list[int]:
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+
+def test_a_stop_string_split_across_tokens_ends_the_job_at_its_token(embedded: Any) -> None:
+    """SmolLM2, two requests decoding together: the one whose stop string (split across two tokens) completes
+    gets its Finish right after that token, counts only the tokens up to it, and leaves the batch (the other
+    decodes on alone); the other is unchanged."""
+    tok, engine = embedded.tokenizer, TransformersEngine(embedded.model)
+    steps = Steps()
+    batch = TransformersBatchEngine(engine, max_batch=4, tokenizer=tok, observer=steps)
+    params = GenerationParams(max_new_tokens=24)
+    a, b = _chat_ids(tok, "Write a short story about a ferry."), _chat_ids(tok, "Name three rivers.")
+    ref_a, ref_b = (engine.generate(None, p, params).token_ids for p in (a, b))
+    k = 5  # the stop string: the end of the text up to token k and the start of token k + 1
+    head, more = tok.decode(ref_a[: k + 1]), tok.decode(ref_a[: k + 2])
+    stop = head[-2:] + more[len(head) : len(head) + 2]
+    assert len(stop) == 4 and stop not in head and stop in more, (stop, head, more)
+    assert stop not in tok.decode(ref_a[k + 1 : k + 2]), "the stop string must span two tokens"
+    out = _tokens_at_once(
+        batch,
+        [
+            GenerationRequest(tuple(a), None, params, stop_strings=(stop,)),
+            GenerationRequest(tuple(b), None, params),
+        ],
+    )
+    (toks_a, fin_a), (toks_b, fin_b) = out
+    assert toks_a == ref_a[: k + 2] and fin_a.reason == "stop"
+    assert fin_a.usage.completion_tokens == k + 2
+    assert toks_b == ref_b and fin_b.reason == "length"
+    # a produced k + 2 tokens: its first from the prefill, the rest from at most k + 1 decode steps
+    assert sum(1 for s in steps.sizes if s == 2) <= k + 1 and steps.sizes[-1] == 1
+    batch.close()
+
+
+def _hf_greedy(model: Any, ids: list[int], n: int) -> list[int]:
+    """``transformers.generate`` greedy on ``ids`` (an explicit all-ones mask: ``generate`` would otherwise
+    mask every prompt token equal to the pad id)."""
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=n,
+            min_new_tokens=n, do_sample=False, pad_token_id=0,
+        )
+    return list(out[0, len(ids) :].tolist())
+
+
+def test_eight_prompts_of_different_lengths_prefilled_in_chunks_each_equal_generate(tiny_model: Any) -> None:
+    model = tiny_model("llama")
+    engine = TransformersEngine(model)
+    batch = TransformersBatchEngine(engine, max_batch=8, prefill_chunk=64)
+    lengths = [5, 40, 64, 65, 130, 257, 333, 410]  # most longer than one chunk
+    doc = _ids(150, 80)
+    kv = engine.prefill(doc)
+    requests, want = [], []
+    for i, n in enumerate(lengths):
+        prefix = kv if i % 3 == 1 else None  # some resume from a prefix KV, their tails chunked after it
+        tail = _ids(n, 90 + i)
+        params = GenerationParams(max_new_tokens=10 + i)
+        requests.append(GenerationRequest(tuple(tail), prefix, params))
+        want.append(_hf_greedy(model, (doc if prefix is not None else []) + tail, params.max_new_tokens))
+    out = _tokens_at_once(batch, requests)
+    assert [o[0] for o in out] == want
+    assert all(o[1].reason == "length" for o in out)
+    batch.close()
+
+
+def test_chunked_prefill_on_smollm2_equals_generate(embedded: Any) -> None:
+    from tests.conftest import long_text
+
+    tok, engine = embedded.tokenizer, TransformersEngine(embedded.model)
+    batch = TransformersBatchEngine(engine, max_batch=4, tokenizer=tok, prefill_chunk=64)
+    doc = long_text(300, tok)
+    prompts = [_chat_ids(tok, f"{doc[:n]}\n\nSummarise this in one line.") for n in (600, 1400)]
+    params = GenerationParams(max_new_tokens=12)
+    out = _tokens_at_once(batch, [GenerationRequest(tuple(p), None, params) for p in prompts])
+    assert max(len(p) for p in prompts) > 4 * 64
+    assert [o[0] for o in out] == [_hf_greedy(embedded.model, p, 12) for p in prompts]
+    batch.close()
+
+
+def test_a_long_prompt_coming_in_does_not_stop_the_others_emitting(llama: TransformersEngine) -> None:
+    """A 600-token prompt, prefilled in 19 chunks of 32, joins while another request decodes: the running one
+    emits a token between every two chunks (the order of events, not their timing), and both are exact."""
+    chunk, n_long = 32, 600
+    batch = TransformersBatchEngine(llama, max_batch=4, prefill_chunk=chunk)
+    log: list[str] = []
+    lock = threading.Lock()
+    running_started = threading.Event()
+    short, long_ = _ids(8, 100), _ids(n_long, 101)
+    params_a, params_b = GenerationParams(max_new_tokens=60), GenerationParams(max_new_tokens=4)
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    done = {"a": threading.Event(), "b": threading.Event()}
+
+    def sink(name: str) -> Any:
+        def put(ev: Any) -> None:
+            with lock:
+                if isinstance(ev, Token):
+                    log.append(name)
+                    got[name].append(ev.token_id)
+                    if name == "a" and len(got["a"]) == 3:
+                        running_started.set()
+                else:
+                    done[name].set()
+
+        return put
+
+    batch.submit(GenerationRequest(tuple(short), None, params_a), sink("a"))
+    assert running_started.wait(60)
+    with lock:
+        log.append("b submitted")
+    batch.submit(GenerationRequest(tuple(long_), None, params_b), sink("b"))
+    assert done["a"].wait(120) and done["b"].wait(120)
+    between = log[log.index("b submitted") : log.index("b")]
+    n_chunks = -(-n_long // chunk)
+    assert between.count("a") >= n_chunks - 1, log
+    assert got["a"] == llama.generate(None, short, params_a).token_ids
+    assert got["b"] == llama.generate(None, long_, params_b).token_ids
+    batch.close()
+
+
+def test_prefill_chunk_must_be_positive(llama: TransformersEngine) -> None:
+    with pytest.raises(EngineError):
+        TransformersBatchEngine(llama, prefill_chunk=0)

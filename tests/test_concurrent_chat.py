@@ -1,6 +1,7 @@
 """Concurrent chat requests through a real ``kvagent serve --model smollm2`` process: they decode together in
 the engine's batch (seen in ``kvagent_batch_size``), and every reply equals ``transformers.generate`` greedy
-on its own ids; a client that disconnects mid-batch leaves the others' replies unchanged."""
+on its own ids (prompt tails prefilled in chunks of 8 tokens); a client that disconnects mid-batch leaves
+the others' replies unchanged."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         tmp_path_factory.mktemp("concurrent") / "data",
         TOKENS,
         model="smollm2",
-        extra_args=["--max-queue", "16", "--max-batch", "8"],
+        # the questions after the cached document (tails of 10-30 tokens) are prefilled in chunks
+        extra_args=["--max-queue", "16", "--max-batch", "8", "--prefill-chunk", "8"],
     )
     yield srv
     srv.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -575,3 +576,71 @@ def test_a_chat_completion_reports_what_it_moved(server: ServerProcess) -> None:
                            headers={**auth, "Idempotency-Key": key})
         assert again.status_code == 200 and again.headers["X-KVAgent-Replayed"] == "1"
         assert again.headers["X-KVAgent-Charged"] == "0" and bob.account_balance() == start - spent
+
+
+def test_a_stop_string_ends_a_chat_and_only_the_tokens_up_to_it_are_paid(server: ServerProcess) -> None:
+    """A chat reply cut by a stop string that spans two tokens: usage counts the tokens up to the one that
+    completes it, and the buyer pays exactly the host's price of those (whole and streamed answers)."""
+    from kvagent.market import HostPrices, generate_bill
+
+    prices = HostPrices(**PRICES)
+    with client(server, "admin-token-0001") as admin:
+        admin.credit("erin", 100_000)
+    auth = {"Authorization": f"Bearer {token_of('erin')}"}
+    model = httpx.get(server.url + "/v1/models", headers=auth).json()["data"][0]["id"]
+    body: dict[str, Any] = {"model": model, "max_tokens": 16, "temperature": 0,
+                            "messages": [{"role": "user", "content": "t9 t8 t7 t30 t31"}]}
+    free = httpx.post(server.url + "/v1/chat/completions", json=body, headers=auth, timeout=120).json()
+    words = free["choices"][0]["message"]["content"].split(" ")
+    assert free["usage"]["completion_tokens"] == len(words) == 16, free  # one word per token, no stop token
+    stop = words[3][-1] + " " + words[4][:2]  # ends word 3, begins word 4
+    cut = next(j for j in range(len(words)) if stop in " ".join(words[: j + 1]))
+    with client(server, token_of("erin")) as erin:
+        for stream in (False, True):
+            start = erin.account_balance()
+            r = httpx.post(server.url + "/v1/chat/completions", headers=auth, timeout=120,
+                           json={**body, "stop": [stop], "stream": stream,
+                                 **({"stream_options": {"include_usage": True}} if stream else {})})
+            assert r.status_code == 200, r.text
+            if stream:
+                chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                          if line.startswith("data: {")]
+                usage = chunks[-1]["usage"]
+                text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+                reason = next(c["choices"][0]["finish_reason"] for c in chunks
+                              if c["choices"] and c["choices"][0]["finish_reason"])
+            else:
+                usage = r.json()["usage"]
+                text = r.json()["choices"][0]["message"]["content"]
+                reason = r.json()["choices"][0]["finish_reason"]
+            assert reason == "stop" and stop not in text and (text + stop).startswith(" ".join(words[:cut]))
+            assert usage["completion_tokens"] == cut + 1, (stream, usage, cut)
+            cached = usage["prompt_tokens_details"]["cached_tokens"]
+            paid = generate_bill(prices, usage["prompt_tokens"], cached, cut + 1, 0).total
+            assert start - erin.account_balance() == paid, (stream, usage)
+            if not stream:
+                assert int(r.headers["X-KVAgent-Charged"]) == paid
+
+
+def test_a_stop_token_ends_a_hosted_generate_and_only_the_tokens_up_to_it_are_paid(
+    server: ServerProcess, model: Any
+) -> None:
+    blob = _artifact(model, 11, 64, "alice")
+    with client(server, token_of("alice")) as alice, client(server, token_of("carol")) as carol, \
+            client(server, "admin-token-0001") as admin:
+        h = alice.publish(blob, visibility="public", price=50)
+        admin.credit("carol", 10_000)
+        full = list(carol.generate_stream(h.key, [4, 5, 6], GenerationParams(max_new_tokens=8)))
+        stop = full[2]
+        cut = full.index(stop)
+        start = carol.account_balance()
+        toks = list(carol.generate_stream(h.key, [4, 5, 6], GenerationParams(max_new_tokens=8,
+                                                                             stop_token_ids=(stop,))))
+        assert toks == full[: cut + 1]
+        # 3 input tokens at 5 uUSD, 64 cached at 0.5, the tokens up to the stop at 20, the publisher's 50;
+        # the server settles right after its last line, which the client may have read before
+        want = start - (15 + 32 + 20 * (cut + 1) + 50)
+        deadline = time.monotonic() + 30
+        while carol.account_balance() != want and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert carol.account_balance() == want

@@ -1,12 +1,16 @@
 """The transformers engine, batched: concurrent requests decode together, one forward per step for all of
 them.
 
-Each request first runs its prompt ids after its own prefix KV in a forward of its own (the same computation
-as ``TransformersEngine.stream``'s first step), then joins the decode batch. Every decode step is one model
+Each request first runs its prompt ids after its own prefix KV in forwards of its own, then joins the decode
+batch. A prompt tail longer than ``prefill_chunk`` tokens is prefilled in chunks, one chunk's worth of tokens
+between two decode steps, so the sequences already decoding keep emitting while a long prompt comes in
+(chunked prefill; a chunk attends to the prefix, the earlier chunks and itself, exactly as a
+``TransformersEngine.prefill`` with ``chunk_size`` does). Every decode step is one model
 call for all active sequences: the linear layers see a ``(batch, 1)`` input, while attention runs per
 sequence on that sequence's own keys and values (no padding, no mask, each at its own position), through the
 model's usual attention kernel. The K/V of a sequence live in a buffer sized for its prompt plus
-``max_new_tokens``, written in place.
+``max_new_tokens``, written in place from its prefill on (the prefix copied in once, each chunk and each
+decoded token written after it: no concatenation per chunk or per step).
 
 New requests join between steps; a cancelled request leaves before the next step. ``max_batch`` bounds the
 active sequences; further requests wait in submission order. One scheduler thread owns the decoding; every
@@ -19,6 +23,7 @@ window, recurrent state) are not batched: their requests run one at a time, as b
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -37,6 +42,10 @@ from .base import Finish, FinishReason, GenerationRequest, Sink, Token, Usage
 log = logging.getLogger("kvagent.engine")
 
 RAGGED = "kvagent_ragged"
+
+#: prompt-tail tokens prefilled between two decode steps: a longer tail is prefilled in chunks of this size,
+#: several short tails together up to it
+PREFILL_CHUNK = 256
 
 
 class BatchObserver:
@@ -70,6 +79,11 @@ class _Seq:
     last: int = 0  # the last generated token (the next step's input)
     produced: int = 0
     text: TextStream | None = None
+    # the prompt tail's prefill, while it runs: its ids, the transformers cache, how many are done, seconds
+    ids: torch.Tensor | None = None
+    cache: Any = None
+    done: int = 0
+    forward_s: float = 0.0
 
     def finish(self, reason: FinishReason, error: BaseException | None = None) -> None:
         now = time.perf_counter()
@@ -108,6 +122,42 @@ class _StepCache:
         return _Rows(ks), _Rows(vs)
 
 
+@functools.cache
+def _buffered_layer_type() -> type:
+    """A transformers ``DynamicLayer`` that writes into preallocated K/V buffers instead of concatenating
+    (made once, on first use: transformers is imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferedLayer(DynamicLayer):  # type: ignore[misc]
+        def __init__(self, kbuf: torch.Tensor, vbuf: torch.Tensor, n: int) -> None:
+            super().__init__()
+            self.kbuf, self.vbuf = kbuf, vbuf
+            self.device = kbuf.device
+            self.n = n
+            self.keys, self.values = kbuf[:, :, :n], vbuf[:, :, :n]
+            self.is_initialized = True
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *_: Any, **__: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            n0 = self.n
+            self.n = n1 = n0 + key_states.shape[-2]
+            self.kbuf[:, :, n0:n1].copy_(key_states)
+            self.vbuf[:, :, n0:n1].copy_(value_states)
+            self.keys, self.values = self.kbuf[:, :, :n1], self.vbuf[:, :, :n1]
+            return self.keys, self.values
+
+    return BufferedLayer
+
+
+def _failed(seq: _Seq, exc: BaseException) -> None:
+    """End ``seq`` with an error of its own prefill (logged unless the request itself was at fault)."""
+    if not isinstance(exc, EngineError):
+        log.exception("a prompt's forward failed", exc_info=exc)
+    seq.ids = seq.cache = None
+    seq.finish("error", exc)
+
+
 def _ragged_attention(
     module: Any, query: torch.Tensor, key: Any, value: Any, attention_mask: Any, **kwargs: Any
 ) -> tuple[torch.Tensor, None]:
@@ -137,7 +187,8 @@ def _register() -> None:
 
 class TransformersBatchEngine:
     """The :class:`~kvagent.engines.base.GenerationEngine` over a :class:`~kvagent.engine.TransformersEngine`:
-    continuous batching of up to ``max_batch`` sequences. ``tokenizer`` is needed for stop strings."""
+    continuous batching of up to ``max_batch`` sequences. ``tokenizer`` is needed for stop strings;
+    ``prefill_chunk``: prompt-tail tokens prefilled between two decode steps."""
 
     def __init__(
         self,
@@ -146,9 +197,13 @@ class TransformersBatchEngine:
         max_batch: int = 8,
         tokenizer: Any = None,
         observer: BatchObserver | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         if max_batch < 1:
             raise EngineError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise EngineError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.engine = engine
         self.max_batch = max_batch
         self.tokenizer = tokenizer
@@ -157,6 +212,7 @@ class TransformersBatchEngine:
         self._cv = threading.Condition()
         self._pending: collections.deque[_Seq] = collections.deque()
         self._active: list[_Seq] = []
+        self._prefilling: list[_Seq] = []  # admitted, their prompt tails being prefilled (in order)
         self._thread: threading.Thread | None = None
         self._closed = False
         self._batchable: bool | None = None  # decided on the first request
@@ -195,8 +251,8 @@ class TransformersBatchEngine:
 
     @property
     def waiting(self) -> int:
-        """Requests submitted but not yet in the batch."""
-        return len(self._pending)
+        """Requests submitted but not yet in the decode batch (queued, or their prompts being prefilled)."""
+        return len(self._pending) + len(self._prefilling)
 
     def close(self) -> None:
         """Stop the scheduler: running and waiting requests end with "cancelled"."""
@@ -204,7 +260,7 @@ class TransformersBatchEngine:
             self._closed = True
             for s in self._pending:
                 s.handle.cancelled = True
-            for s in self._active:
+            for s in [*self._active, *self._prefilling]:
                 s.handle.cancelled = True
             self._cv.notify_all()
         t = self._thread
@@ -219,14 +275,16 @@ class TransformersBatchEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._pending and not self._active and not self._closed:
+                while not self._pending and not self._active and not self._prefilling and not self._closed:
                     self._cv.wait()
-                if self._closed and not self._pending and not self._active:
+                if self._closed and not self._pending and not self._active and not self._prefilling:
                     self._thread = None
                     return
             try:
                 self._admit()
                 self._drop_cancelled()
+                if self._prefilling:
+                    self._prefill_some()
                 if self._active:
                     self._step()
             except Exception as exc:  # a failed step ends the requests in it; the scheduler goes on
@@ -236,8 +294,8 @@ class TransformersBatchEngine:
                 self._active = []
 
     def _admit(self) -> None:
-        """Prefill waiting requests while the batch has room (each in a forward of its own), in order."""
-        while len(self._active) < self.max_batch:
+        """Start the prefill of waiting requests while the batch has room, in order."""
+        while len(self._active) + len(self._prefilling) < self.max_batch:
             with self._cv:
                 if not self._pending:
                     return
@@ -246,23 +304,18 @@ class TransformersBatchEngine:
                 seq.finish("cancelled")
                 continue
             try:
-                self._prefill(seq)
+                self._start(seq)
             except Exception as exc:
-                if not isinstance(exc, EngineError):
-                    log.exception("a prompt's forward failed")
-                seq.finish("error", exc)
+                _failed(seq, exc)
 
     def _drop_cancelled(self) -> None:
-        keep = []
-        for s in self._active:
-            if s.handle.cancelled:
+        for group in (self._active, self._prefilling):
+            for s in [s for s in group if s.handle.cancelled]:
+                group.remove(s)
                 s.finish("cancelled")
-            else:
-                keep.append(s)
-        self._active = keep
 
-    @torch.inference_mode()
-    def _prefill(self, seq: _Seq) -> None:
+    def _start(self, seq: _Seq) -> None:
+        """Set ``seq`` up for its prefill (or run it alone to its end, on a model that does not batch)."""
         req, eng = seq.request, self.engine
         seq.started = time.perf_counter()
         if req.params.seed is not None:
@@ -276,28 +329,74 @@ class TransformersBatchEngine:
         if not self._batchable:
             self._solo(seq)
             return
-        ids = torch.as_tensor(req.prompt_ids, dtype=torch.long).view(1, -1).to(eng.device)
-        cache = eng.new_cache(req.prefix)
-        with eng.lock:
-            t_forward = time.perf_counter()
-            out = eng.forward(cache, input_ids=ids, logits_to_keep=1)
-            forward_s = time.perf_counter() - t_forward
-        if req.on_prompt_seconds is not None:
-            req.on_prompt_seconds(forward_s)
-        prompt = ids[0].cpu() if req.prefix is None else torch.cat([req.prefix.token_ids, ids[0].cpu()])
-        kv = eng.extract(cache, prompt)
-        if req.on_prompt is not None:
-            req.on_prompt(kv)  # views of the forward's own tensors: the buffers below are copies
-        n, cap = kv.n_tokens, kv.n_tokens + req.params.max_new_tokens
-        for k, v in zip(kv.keys, kv.values, strict=True):
-            kb = k.new_empty((k.shape[0], k.shape[1], cap, k.shape[3]))
-            vb = v.new_empty((v.shape[0], v.shape[1], cap, v.shape[3]))
-            kb[:, :, :n].copy_(k)
-            vb[:, :, :n].copy_(v)
+        seq.ids = torch.as_tensor(req.prompt_ids, dtype=torch.long).view(1, -1).to(eng.device)
+        seq.cache = self._buffered_cache(seq)
+        self._prefilling.append(seq)
+
+    def _buffered_cache(self, seq: _Seq) -> Any:
+        """A transformers cache for ``seq``'s prefill whose layers write into ``seq``'s K/V buffers (sized for
+        the prompt and the generation), the prefix KV copied in first."""
+        from transformers import DynamicCache
+
+        req, eng = seq.request, self.engine
+        n0 = req.prefix.n_tokens if req.prefix is not None else 0
+        cap = req.n_prompt + req.params.max_new_tokens
+        lay = eng.layout
+        cache = DynamicCache(config=eng.config)
+        layers = []
+        for i in range(lay.num_layers):
+            kb = torch.empty((1, lay.num_kv_heads, cap, lay.head_dim), dtype=eng.dtype, device=eng.device)
+            vb = torch.empty_like(kb)
+            if req.prefix is not None:
+                kb[:, :, :n0].copy_(req.prefix.keys[i])
+                vb[:, :, :n0].copy_(req.prefix.values[i])
             seq.keys.append(kb)
             seq.values.append(vb)
-        seq.n = n
-        if self._emit(seq, out.logits[0, -1]):
+            layers.append(_buffered_layer_type()(kb, vb, n0))
+        cache.layers = layers
+        return cache
+
+    @torch.inference_mode()
+    def _prefill_some(self) -> None:
+        """Prefill up to ``prefill_chunk`` prompt-tail tokens, oldest prompts first; a prompt whose tail is
+        done joins the decode batch."""
+        eng, budget = self.engine, self.prefill_chunk
+        while budget > 0 and self._prefilling:
+            seq = self._prefilling[0]
+            assert seq.ids is not None
+            total = seq.ids.shape[1]
+            n = min(budget, total - seq.done)
+            try:
+                with eng.lock:
+                    t0 = time.perf_counter()
+                    chunk = seq.ids[:, seq.done : seq.done + n]
+                    out = eng.forward(seq.cache, input_ids=chunk, logits_to_keep=1)
+                    seq.forward_s += time.perf_counter() - t0
+                seq.done += n
+                budget -= n
+                if seq.done == total:
+                    self._prefilling.pop(0)
+                    self._join(seq, out.logits[0, -1])
+            except Exception as exc:
+                if self._prefilling and self._prefilling[0] is seq:
+                    self._prefilling.pop(0)
+                _failed(seq, exc)
+
+    def _join(self, seq: _Seq, logits: torch.Tensor) -> None:
+        """``seq``'s prompt is prefilled (into its buffers): hand its KV out, send the first token, join the
+        decode batch."""
+        req, eng = seq.request, self.engine
+        assert seq.ids is not None
+        if req.on_prompt_seconds is not None:
+            req.on_prompt_seconds(seq.forward_s)
+        ids = seq.ids[0].cpu()
+        prompt = ids if req.prefix is None else torch.cat([req.prefix.token_ids, ids])
+        kv = eng.extract(seq.cache, prompt)
+        seq.ids = seq.cache = None
+        seq.n = kv.n_tokens
+        if req.on_prompt is not None:
+            req.on_prompt(kv)  # views of the buffers' first n positions, which decoding never writes
+        if self._emit(seq, logits):
             self._active.append(seq)
 
     def _emit(self, seq: _Seq, logits: torch.Tensor) -> bool:

@@ -75,6 +75,12 @@ def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentPar
         default=8,
         help="sequences decoded together, one forward per step; more admitted ones wait for a slot",
     )
+    ap.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="prompt-tail tokens prefilled between two decode steps (a longer tail is prefilled in chunks)",
+    )
     ap.add_argument("--default-max-tokens", type=int, default=512,
                     help="completion length of a chat request that sets no max_tokens")
     ap.add_argument("--prompt-cache-bytes", type=int, default=2 << 30,
@@ -115,6 +121,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         presign_expiry_s=args.presign_expiry,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
+        prefill_chunk=args.prefill_chunk,
         default_max_tokens=args.default_max_tokens,
         prompt_cache_bytes=args.prompt_cache_bytes,
         migrate=not args.no_migrate,

@@ -44,10 +44,11 @@ class ModelHost:
     ``max_batch`` sequences decoding together) and an LRU of decoded published KVs. ``lock`` is the engine's
     model lock: held, no forward runs."""
 
-    def __init__(self, agent: Runtime, name: str, kv_cache_items: int = 2, max_batch: int = 8):
+    def __init__(self, agent: Runtime, name: str, kv_cache_items: int = 2, max_batch: int = 8,
+                 prefill_chunk: int | None = None):
         self.agent = agent
         self.engine = agent.engine
-        self.batch = agent.engine.batch(agent.tokenizer, max_batch=max_batch)
+        self.batch = agent.engine.batch(agent.tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk)
         self.fingerprint = agent.context.model_fingerprint
         self.name = name
         self.lock = agent.engine.lock

@@ -35,6 +35,7 @@ class Settings:
     prompt_cache_bytes: int = 2 << 30  # the host's private prompt-KV cache on disk (chat endpoint)
     max_queue: int = 8  # chat/completion requests waiting or running at once; more get 429 + Retry-After
     max_batch: int = 8  # sequences the model decodes together; further admitted requests wait for a slot
+    prefill_chunk: int = 256  # prompt-tail tokens prefilled between two decode steps (chunked prefill)
     default_max_tokens: int = 512  # completion length when a request gives no max_tokens
     # unreferenced blobs / temp files younger than this are left alone at startup
     orphan_grace_s: float = 600.0
@@ -51,6 +52,8 @@ class Settings:
             raise ConfigError("presign_expiry_s must be in 1..604800 (S3 allows at most 7 days)")
         if self.max_batch < 1:
             raise ConfigError("max_batch must be >= 1")
+        if self.prefill_chunk < 1:
+            raise ConfigError("prefill_chunk must be >= 1")
         if self.block_size <= 0:
             raise ConfigError("block_size must be positive")
         if not 0 <= self.token_cache_s <= 60:

@@ -146,7 +146,8 @@ def build_state(settings: Settings) -> State:
             memory_slots=settings.kv_cache_items,
             prompt_cache_bytes=settings.prompt_cache_bytes,
         )
-        host = ModelHost(agent, settings.model, settings.kv_cache_items, settings.max_batch)
+        host = ModelHost(agent, settings.model, settings.kv_cache_items, settings.max_batch,
+                         settings.prefill_chunk)
         log.info("serving model %s (fingerprint %s…)", settings.model, host.fingerprint[:16])
     from .ledger import open_ledger
 
