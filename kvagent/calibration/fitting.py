@@ -176,30 +176,66 @@ def _inliers(
     fixed_col: int | None,
     cap: float,
 ) -> list[tuple[Row, float, float]]:
-    """``pts`` without its outliers: samples whose leave-one-out log residual (the best fit of the others, so
-    an
-    outlier cannot hide in a term it pulled towards itself) is beyond OUTLIER_FACTOR and 3 robust standard
-    deviations. Nothing is left out of fewer than 4 samples, nor more than a third of them."""
+    """``pts`` without its outliers, by least median of squares over a few candidate fits.
+
+    Only the worst third of the samples (by the whole fit) can be outliers. The candidates are fits that
+    leave suspects out: all of them, each one alone, and all but each one (so two outliers cannot hide by
+    pulling one fit towards each other). The candidate with the smallest median miss over every sample is the
+    reference; samples beyond OUTLIER_FACTOR and 3 robust standard deviations of its misses are left out,
+    unless they are leverage (``_reinstated``). Nothing is left out of fewer than 4 samples, nor more than a
+    third of them."""
     if len(pts) < 4:
         return list(pts)
     whole = _best_fit(pts, prefer, fixed_col, cap)
     if whole is None:
         return list(pts)
     res = _log_residuals(whole[0], pts)
-    suspects = set(sorted(range(len(pts)), key=lambda i: -abs(res[i]))[: max(2, len(pts) // 3)])
-    # only the worst third can be outliers; each is judged by the fit of the others without any suspect, so
-    # that two outliers cannot pull one fit towards each other (masking), and by the fit without itself alone;
-    # the smaller of the two misses counts, so a sample the core fit merely extrapolates to is not left out
-    core = _best_fit([p for j, p in enumerate(pts) if j not in suspects], prefer, fixed_col, cap)
-    for i in suspects:
-        alone = _best_fit([p for j, p in enumerate(pts) if j != i], prefer, fixed_col, cap)
-        misses = [_miss(f[0], pts[i]) for f in (core, alone) if f is not None]
-        res[i] = min(misses, key=abs) if misses else 0.0
+    suspects = sorted(range(len(pts)), key=lambda i: -abs(res[i]))[: max(2, len(pts) // 3)]
+    leave_out = [set(suspects), *({i} for i in suspects), *(set(suspects) - {i} for i in suspects)]
+    best: tuple[float, list[float]] | None = None
+    for out in leave_out:
+        fit = _best_fit([p for j, p in enumerate(pts) if j not in out], prefer, fixed_col, cap)
+        if fit is None:
+            continue
+        misses = [_miss(fit[0], p) for p in pts]
+        score = statistics.median(abs(x) for x in misses)
+        if best is None or score < best[0]:
+            best = (score, misses)
+    if best is None:
+        return list(pts)
+    res = best[1]
     med = statistics.median(res)
     mad = 1.4826 * statistics.median(abs(x - med) for x in res)
     limit = max(math.log(OUTLIER_FACTOR), 3 * mad)
     kept = [p for p, x in zip(pts, res, strict=True) if abs(x - med) <= limit]
+    if len(kept) < len(pts):
+        kept = _reinstated(kept, [p for p in pts if p not in kept], prefer, fixed_col, cap, limit)
     return kept if len(kept) >= max(3, len(pts) - len(pts) // 3) else list(pts)
+
+
+def _reinstated(
+    kept: list[tuple[Row, float, float]],
+    left_out: list[tuple[Row, float, float]],
+    prefer: Sequence[Sequence[int]],
+    fixed_col: int | None,
+    cap: float,
+    limit: float,
+) -> list[tuple[Row, float, float]]:
+    """``kept`` plus the left-out samples that a fit including them predicts within ``limit`` without moving
+    its predictions of ``kept`` (median by more than a tenth of ``limit``): a sample of a length the others
+    barely cover (the only short prompts, which alone pin the fixed term) is leverage, not an outlier."""
+    base = _best_fit(kept, prefer, fixed_col, cap)
+    if base is None:
+        return kept
+    before = statistics.median(abs(_miss(base[0], p)) for p in kept)
+    out = list(kept)
+    for p in sorted(left_out, key=lambda q: abs(_miss(base[0], q))):
+        fit = _best_fit([*out, p], prefer, fixed_col, cap)
+        if fit is None or abs(_miss(fit[0], p)) > limit:
+            continue
+        if statistics.median(abs(_miss(fit[0], q)) for q in kept) <= before + 0.1 * limit:
+            out.append(p)
+    return out
 
 
 def fit_model(
