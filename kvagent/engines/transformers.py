@@ -139,6 +139,9 @@ class TransformersBatchEngine:
     """The :class:`~kvagent.engines.base.GenerationEngine` over a :class:`~kvagent.engine.TransformersEngine`:
     continuous batching of up to ``max_batch`` sequences. ``tokenizer`` is needed for stop strings."""
 
+    #: the prompt-turn core resolves the prompt's KV and hands it over as ``GenerationRequest.prefix``
+    resolves_prefix = False
+
     def __init__(
         self,
         engine: TransformersEngine,
