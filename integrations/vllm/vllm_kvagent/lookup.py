@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvagent import KVAgent, KVAgentError
 
@@ -99,7 +99,9 @@ class PrefixLookups:
         if namespace is None or not self.shared_reads or own.n >= len(ids):
             return own
         shared = self._find_in(ids, None)
-        return shared if shared.n > own.n else own
+        if shared.n > own.n:
+            return shared
+        return replace(own, reason=f"{own.reason}; unsalted KV: {shared.reason}") if not own.n else own
 
     def _find_in(self, ids: tuple[int, ...], namespace: str | None) -> Match:
         resolver = self.agent.resolver
