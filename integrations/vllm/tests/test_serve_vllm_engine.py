@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -181,6 +182,8 @@ def test_concurrent_streams_are_exact_and_a_disconnect_breaks_none(server: Any, 
     after = client(server).chat.completions.create(model="smollm2", messages=ask("Name a colour."),
                                                    temperature=0, max_tokens=4)
     assert after.choices[0].finish_reason in ("stop", "length")
+    aborted = [int(n) for n in re.findall(r"cancelled after (\d+) tokens", server.log())]
+    assert aborted and min(aborted) < 200, "the hung-up request was not aborted in vLLM"
 
 
 @pytest.mark.parametrize(

@@ -291,6 +291,7 @@ class VLLMEngine:
             self._llm.abort_request([rid])
         except Exception:  # noqa: BLE001 - the request is gone for us either way; logged
             log.exception("vLLM could not abort %s", rid)
+        log.info("vLLM request %s cancelled after %d tokens", rid, r.n_tokens)
         r.finish("cancelled")
 
     def _step(self) -> None:
