@@ -67,6 +67,11 @@ class ModelHost:
         self._kvs: OrderedDict[str, KVCache] = OrderedDict()
         self._capacity = kv_cache_items
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest prompt plus reply the generating engine takes (vLLM's ``max_model_len`` under it)."""
+        return self.batch.max_positions
+
     def kv_for(self, key: str, blob: str, read: Callable[[str], memoryview]) -> KVCache:
         """The decoded KV of published blob ``blob`` (checksum verified), from the LRU when possible;
         ``read`` is the blob store's ``read_bytes``."""

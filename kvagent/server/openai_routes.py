@@ -165,7 +165,7 @@ def routes(st: State) -> APIRouter:
         )
 
     def check_length(n_prompt: int, p: GenerationParams) -> None:
-        limit = st.host.engine.max_positions
+        limit = st.host.max_positions
         if limit and n_prompt + p.max_new_tokens > limit and not st.host.agent.config.allow_context_overflow:
             raise ApiError(
                 400,
