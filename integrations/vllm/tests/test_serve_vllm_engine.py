@@ -186,6 +186,45 @@ def test_concurrent_streams_are_exact_and_a_disconnect_breaks_none(server: Any, 
     assert aborted and min(aborted) < 200, "the hung-up request was not aborted in vLLM"
 
 
+def test_guided_json_and_hosted_generate_run_on_vllm(
+    server: Any, model_dir: Path, paragraphs: list[str], reference_model: Any, tmp_path: Path
+) -> None:
+    import torch
+    from kvagent import KVAgent
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "year": {"type": "integer"}},
+              "required": ["city", "year"]}
+    r = client(server).chat.completions.create(
+        model="smollm2", temperature=0, max_tokens=12,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        messages=[{"role": "user", "content": "Paris was founded long ago. Give city and year."}],
+    )
+    out = json.loads(r.choices[0].message.content or "")
+    assert set(out) == {"city", "year"} and isinstance(out["year"], int)
+    # /generate on an artifact published to this host: vLLM gets the artifact's ids plus the suffix
+    model, tok = reference_model
+    publisher = KVAgent(cache_dir=tmp_path / "pub", registry_url=server.url, token=ALICE, calibration=False)
+    try:
+        doc = publisher.read(text_of(paragraphs, 7, 300, tok))
+        handle = publisher.publish(doc, "public")
+        suffix = list(publisher.template.question_ids(tok, "What is it about?"))  # type: ignore[union-attr]
+    finally:
+        publisher.close()
+    stops = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    body = {"suffix_ids": suffix, "max_new_tokens": 12, "stop_token_ids": stops}
+    resp = httpx.post(f"{server.url}/v1/artifacts/{handle.key}/generate", json=body, timeout=600,
+                      headers={"Authorization": f"Bearer {BOB}"})
+    assert resp.status_code == 200, resp.text
+    lines = [json.loads(line) for line in resp.text.splitlines() if line.strip()]
+    got = [x["token"] for x in lines if "token" in x]
+    ids = [*doc.token_ids, *suffix]
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=stops,
+                             pad_token_id=stops[0])[0, len(ids):].tolist()
+    ref = ref[: next((i + 1 for i, t in enumerate(ref) if t in stops), len(ref))]
+    assert got == ref and lines[-1]["done"] is True
+
+
 @pytest.mark.parametrize(
     ("engine", "expected"),
     [("nosuch", "unknown engine 'nosuch'"), ("vllm_kvagent.nope:create", "cannot be imported")],
