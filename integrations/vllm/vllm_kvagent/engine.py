@@ -29,11 +29,20 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvagent import ConfigError, EngineError
 from kvagent.engine import GenerationParams
-from kvagent.engines import BatchObserver, EngineContext, Finish, GenerationRequest, Sink, Token, Usage
+from kvagent.engines import (
+    BatchObserver,
+    EngineContext,
+    EngineFactory,
+    Finish,
+    GenerationRequest,
+    Sink,
+    Token,
+    Usage,
+)
 from kvagent.errors import ContextLengthError
 
 from .settings import ConnectorSettings
@@ -325,6 +334,10 @@ class VLLMEngine:
                 del self._active[r.rid]
                 reason = completion.finish_reason if completion is not None else None
                 r.finish({"stop": "stop", "length": "length", "abort": "cancelled"}.get(str(reason), "stop"))
+
+
+if TYPE_CHECKING:  # mypy checks that the engine meets kvagent's engine interface
+    _factory: EngineFactory = create_engine
 
 
 def replace_ids(request: GenerationRequest, ids: tuple[int, ...]) -> GenerationRequest:
