@@ -16,14 +16,27 @@ from .base import (
     Usage,
     events,
 )
+from .plugins import EngineContext, EngineFactory, load_engine_factory
 from .transformers import BatchObserver, TransformersBatchEngine
-from .turn import Cached, Guide, Guided, GuidedReply, PromptTurns, Turn, TurnEvent, continuation_ids
+from .turn import (
+    Cached,
+    Guide,
+    Guided,
+    GuidedReply,
+    PromptTurns,
+    Turn,
+    TurnEvent,
+    continuation_ids,
+    settled,
+)
 
 __all__ = [
     "BatchObserver",
     "Cached",
     "Cancel",
+    "EngineContext",
     "EngineEvent",
+    "EngineFactory",
     "Finish",
     "FinishReason",
     "GenerationEngine",
@@ -41,4 +54,6 @@ __all__ = [
     "Usage",
     "continuation_ids",
     "events",
+    "load_engine_factory",
+    "settled",
 ]

@@ -45,6 +45,10 @@ class GenerationRequest:
     #: receives the seconds the prompt's own forward took (after ``prefix``: a continuation prefill), for the
     #: cost model; engines that cannot time it alone never call it
     on_prompt_seconds: Callable[[float], object] | None = None
+    #: the private cache namespace (a server-derived salt) of an engine that resolves the prompt's KV itself
+    #: (``resolves_prefix``): such an engine shares KV only between requests of the same namespace, plus
+    #: unsalted published KV; None: the shared namespace
+    namespace: str | None = None
 
     @property
     def n_prompt(self) -> int:
@@ -89,9 +93,14 @@ class RequestHandle(Protocol):
 
 
 class GenerationEngine(Protocol):
-    """What the prompt-turn core needs from an engine."""
+    """What the prompt-turn core needs from an engine.
+
+    ``resolves_prefix``: the engine finds a prompt's cached KV itself (vLLM through kvagent's connector,
+    which asks the same resolver): it takes whole prompts (``prefix`` None, ``namespace`` set) and reports
+    the tokens it reused in ``Finish.usage.cached_tokens``; the prompt-turn core then resolves nothing."""
 
     max_positions: int | None
+    resolves_prefix: bool
 
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
         """Queue ``request``; its events go to ``sink`` (on the engine's thread). Raises EngineError at once

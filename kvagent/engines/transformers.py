@@ -190,6 +190,9 @@ class TransformersBatchEngine:
     continuous batching of up to ``max_batch`` sequences. ``tokenizer`` is needed for stop strings;
     ``prefill_chunk``: prompt-tail tokens prefilled between two decode steps."""
 
+    #: the prompt-turn core resolves the prompt's KV and hands it over as ``GenerationRequest.prefix``
+    resolves_prefix = False
+
     def __init__(
         self,
         engine: TransformersEngine,

@@ -8,7 +8,9 @@ engine. A guided reply (a forced tool call, schema JSON: :mod:`kvagent.guided`) 
 one per value.
 
 The OpenAI-compatible endpoint, hosted ``/generate`` and the LangChain models are thin adapters over this
-module. Events: :class:`Cached` first (what the cache did), then the engine's
+module. An engine that resolves the prompt's KV itself (``resolves_prefix``: vLLM behind kvagent's connector,
+which asks the same resolver) gets the whole prompt instead; its Finish says what it reused (:func:`settled`).
+Events: :class:`Cached` first (what the cache did), then the engine's
 :class:`~kvagent.engines.base.Token` events and one :class:`~kvagent.engines.base.Finish`; a guided reply
 sends one :class:`Guided` instead of tokens.
 """
@@ -16,6 +18,7 @@ sends one :class:`Guided` instead of tokens.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -118,6 +121,8 @@ class PromptTurns:
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("a prompt needs at least one token")
+        if self.engine_resolves:
+            return self._whole(ids, params, stops, namespace, reuse)
         if not reuse or len(ids) == 1:
             reason = "KV reuse disabled: full prefill" if not reuse else "one-token prompt"
             info = CacheInfo("disabled" if not reuse else "prefill", reason, 0, len(ids))
@@ -211,6 +216,21 @@ class PromptTurns:
         return reply
 
     # -- helpers ------------------------------------------------------------------------------
+    @property
+    def engine_resolves(self) -> bool:
+        """Whether the engine finds the prompt's cached KV itself (``GenerationEngine.resolves_prefix``)."""
+        return bool(getattr(self.engine, "resolves_prefix", False))
+
+    def _whole(self, ids: list[int], params: GenerationParams, stops: Sequence[str], namespace: str | None,
+               reuse: bool) -> Turn:
+        """A turn for an engine that resolves the prompt's KV itself: the whole prompt, in ``namespace``;
+        what it reused comes with the Finish (``Usage.cached_tokens``)."""
+        if not reuse:  # a namespace nothing else uses: the engine computes the whole prompt (the reference)
+            namespace = "full-prefill-" + secrets.token_hex(16)
+        reason = "the engine resolves the prompt's KV itself (kvagent's resolver behind its connector)"
+        info = CacheInfo("engine" if reuse else "disabled", reason, 0, len(ids))
+        return Turn(ids, GenerationRequest(tuple(ids), None, params, tuple(stops), namespace=namespace), info)
+
     def _keeper(self, namespace: str | None) -> tuple[Callable[[Any], None], Callable[[], None]]:
         """(on_prompt, save) for a prompt whose tail the reply computes: its KV goes to memory as soon as the
         first forward has it (for the next turn), and to the local store when ``save`` is called."""
@@ -226,6 +246,18 @@ class PromptTurns:
                 resolver.keep(kept[0], namespace=namespace)
 
         return on_prompt, save
+
+
+def settled(info: CacheInfo, usage: Usage) -> CacheInfo:
+    """The cache report of a turn whose engine resolved the prompt's KV itself, once its Finish says how many
+    prompt tokens the engine reused (other reports are returned as they are)."""
+    if info.status != "engine":
+        return info
+    n = usage.cached_tokens
+    source = "engine" if n else ""
+    reason = f"{info.reason}: {n} of {usage.prompt_tokens} prompt tokens reused"
+    return replace(info, cached_tokens=n, prefilled_tokens=max(0, usage.prompt_tokens - n), reason=reason,
+                   source=source)
 
 
 def _save_quietly(save: Callable[[], None]) -> None:

@@ -12,7 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import KVAgentError
+from ..engines.plugins import DEFAULT_ENGINE, load_engine_factory
+from ..errors import ConfigError, KVAgentError
 from .limits import ConnectionLimits
 from .settings import DEFAULT_MAX_ARTIFACT_BYTES, SETTINGS_ENV, Settings, to_env
 
@@ -40,6 +41,12 @@ def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentPar
     )
     ap.add_argument(
         "--model", default="none", help="'smollm2', a local model directory, or 'none' (no generate)"
+    )
+    ap.add_argument(
+        "--engine",
+        default="transformers",
+        help="the generation engine: 'transformers' (built in), 'vllm' (needs vllm-kvagent and vLLM), or a "
+        "module:attr engine factory",
     )
     ap.add_argument("--models-dir", type=Path, default=None, help="where converted models are cached")
     ap.add_argument("--postgres-dsn", default=None, help="use PostgreSQL for metadata instead of SQLite")
@@ -126,6 +133,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         prompt_cache_bytes=args.prompt_cache_bytes,
         migrate=not args.no_migrate,
         token_cache_s=args.token_cache_seconds,
+        engine=args.engine,
     )
 
 
@@ -155,6 +163,11 @@ def serve(settings: Settings, host: str, port: int, log_level: str = "info", wor
         timeout_graceful_shutdown=10,
         lifespan="on",
     )
+    if settings.model and settings.engine != DEFAULT_ENGINE:
+        load_engine_factory(settings.engine)  # unknown or not installed: a clear error before anything starts
+        if workers > 1:
+            raise ConfigError(f"--engine {settings.engine} runs in one process: use --workers 1 (it batches "
+                              "concurrent requests itself)")
     limits = limits or ConnectionLimits()
     limits.export()  # the protocol's deadlines, here and in worker processes
     common.update(limits.uvicorn_options())

@@ -52,6 +52,8 @@ def create_app(settings: Settings) -> FastAPI:
         gc.collect()
         gc.freeze()
         yield
+        if st.host is not None:
+            st.host.close()
         st.meta.close()
         log.info("registry stopped")
 

@@ -61,6 +61,11 @@ def load_secret(data_dir: Path) -> bytes:
     return path.read_bytes()
 
 
+def principal_namespace(secret: bytes, principal: Principal) -> str:
+    """The private cache namespace of ``principal``: HMAC of its name under the server's ``secret``."""
+    return hmac.new(secret, b"kvagent-ns\0" + principal.name.encode(), hashlib.sha256).hexdigest()
+
+
 @dataclass
 class ChatJob:
     """One generation: the full prompt ids, decoding settings, stop strings, and who asks."""
@@ -91,7 +96,7 @@ class ChatService:
 
     def namespace(self, principal: Principal) -> str:
         """The private cache namespace of ``principal``: HMAC of its name under the server secret."""
-        return hmac.new(self._secret, b"kvagent-ns\0" + principal.name.encode(), hashlib.sha256).hexdigest()
+        return principal_namespace(self._secret, principal)
 
     @contextmanager
     def admitted(self) -> Iterator[None]:

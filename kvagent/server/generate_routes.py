@@ -18,6 +18,7 @@ from ..engine import GenerationParams
 from ..engines import Finish, Token
 from ..errors import KVAgentError
 from . import market_routes
+from .chat import load_secret, principal_namespace
 from .events import thread_events
 from .http import ApiError, finish, read_json
 from .meta import LedgerEntry
@@ -42,6 +43,7 @@ class GenerateRequest(BaseModel):
 def routes(st: State) -> APIRouter:
     """The provider-side generate route over ``st``."""
     app = APIRouter()
+    secret = load_secret(st.settings.data_dir) if st.host is not None else b""
 
     # -- generate -----------------------------------------------------------------------------
     @app.post("/v1/artifacts/{key}/generate")
@@ -70,8 +72,11 @@ def routes(st: State) -> APIRouter:
             await run_in_threadpool(st.quotas.release, lease)
             raise
         host = st.host
-        events = thread_events(lambda sink, cancel: host.generate(kv, req.suffix_ids, params, sink, cancel),
-                               "kvagent-gen")
+        ns = principal_namespace(secret, p)
+        events = thread_events(
+            lambda sink, cancel: host.generate(kv, req.suffix_ids, params, sink, cancel, namespace=ns),
+            "kvagent-gen",
+        )
         first = await events.__anext__()
         if isinstance(first, Finish) and first.reason == "error":
             await events.aclose()

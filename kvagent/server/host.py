@@ -11,10 +11,11 @@ from pathlib import Path
 
 from .. import artifact as art
 from ..engine import GenerationParams
-from ..engines import Cancel, GenerationRequest, Sink
+from ..engines import Cancel, EngineContext, EngineFactory, GenerationRequest, Sink
+from ..engines.plugins import transformers_engine
 from ..errors import ModelLoadError
 from ..kv import KVCache
-from ..models import EMBEDDED_NAMES, load_model
+from ..models import EMBEDDED_NAMES, ensure_embedded, load_model
 from ..runtime import Runtime, build_runtime
 
 log = logging.getLogger("kvagent.server")
@@ -39,22 +40,38 @@ def load_host_agent(spec: str, models_dir: Path, cache_dir: Path, *, memory_slot
     return build_runtime(config, model=loaded)
 
 
+def model_path(spec: str, models_dir: Path) -> Path:
+    """The Hugging Face directory of the host's model (the embedded one's converted copy), for engines that
+    load the weights themselves."""
+    if spec.lower() in EMBEDDED_NAMES:
+        return ensure_embedded(models_dir)
+    return Path(spec).expanduser()
+
+
 class ModelHost:
-    """One model loaded once: its agent (tokenizer, resolver), its batching engine (``batch``, up to
-    ``max_batch`` sequences decoding together) and an LRU of decoded published KVs. ``lock`` is the engine's
-    model lock: held, no forward runs."""
+    """One model loaded once: its agent (tokenizer, resolver), its generation engine (``batch``, up to
+    ``max_batch`` sequences decoding together; built by ``engine_factory``, transformers by default) and an
+    LRU of decoded published KVs. ``lock`` is the transformers model's lock: held, no forward of it runs
+    (dispute verification uses that model, whichever engine generates)."""
 
     def __init__(self, agent: Runtime, name: str, kv_cache_items: int = 2, max_batch: int = 8,
+                 engine_factory: EngineFactory = transformers_engine, model_path: Path | None = None,
                  prefill_chunk: int | None = None):
         self.agent = agent
         self.engine = agent.engine
-        self.batch = agent.engine.batch(agent.tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk)
+        self.batch = engine_factory(EngineContext(agent, model_path, max_batch, prefill_chunk))
+        self.max_batch = max_batch
         self.fingerprint = agent.context.model_fingerprint
         self.name = name
         self.lock = agent.engine.lock
         self._kv_lock = threading.Lock()
         self._kvs: OrderedDict[str, KVCache] = OrderedDict()
         self._capacity = kv_cache_items
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest prompt plus reply the generating engine takes (vLLM's ``max_model_len`` under it)."""
+        return self.batch.max_positions
 
     def kv_for(self, key: str, blob: str, read: Callable[[str], memoryview]) -> KVCache:
         """The decoded KV of published blob ``blob`` (checksum verified), from the LRU when possible;
@@ -79,7 +96,21 @@ class ModelHost:
                 del self._kvs[cid]
 
     def generate(self, kv: KVCache, suffix_ids: Sequence[int], params: GenerationParams, sink: Sink,
-                 cancel: Cancel) -> None:
+                 cancel: Cancel, namespace: str | None = None) -> None:
         """Continue from a published artifact's ``kv`` with ``suffix_ids``: Token events, then one Finish, to
-        ``sink``. Raises EngineError for a request the model cannot run."""
-        cancel.attach(self.batch.submit(GenerationRequest(tuple(suffix_ids), kv, params), sink))
+        ``sink``. ``namespace``: the caller's private cache namespace (an engine that resolves prompts
+        itself keeps the caller's suffix in it). Raises EngineError for a request the model cannot run."""
+        if getattr(self.batch, "resolves_prefix", False):
+            # such an engine takes whole prompts: it recomputes the artifact's tokens (or finds them in
+            # its own cache), see docs/server.md
+            ids = (*(int(t) for t in kv.token_ids.tolist()), *suffix_ids)
+            request = GenerationRequest(ids, None, params, namespace=namespace)
+        else:
+            request = GenerationRequest(tuple(suffix_ids), kv, params)
+        cancel.attach(self.batch.submit(request, sink))
+
+    def close(self) -> None:
+        """Stop the engine, when it has anything to stop (an engine in another process)."""
+        close = getattr(self.batch, "close", None)
+        if callable(close):
+            close()

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import guided
 from .. import tools as tl
 from ..engine import GenerationParams
-from ..engines import Cached, Finish, Guided, Token, TurnEvent
+from ..engines import Cached, Finish, Guided, Token, TurnEvent, settled
 from ..errors import ContextLengthError, KVAgentError, ToolsUnsupportedError
 from ..resolver import CacheInfo
 from ..textstream import TextStream
@@ -165,7 +165,7 @@ def routes(st: State) -> APIRouter:
         )
 
     def check_length(n_prompt: int, p: GenerationParams) -> None:
-        limit = st.host.engine.max_positions
+        limit = st.host.max_positions
         if limit and n_prompt + p.max_new_tokens > limit and not st.host.agent.config.allow_context_overflow:
             raise ApiError(
                 400,
@@ -406,6 +406,10 @@ class _Run:
             self.ttft = time.perf_counter() - self.job.started
         elif isinstance(ev, Finish) and ev.reason != "error":
             m.observe_finish(self.kind, ev.usage)
+            if self.info is not None and self.info.status == "engine":  # the engine reused what it found
+                self.info = settled(self.info, ev.usage)
+                if self.info.cached_tokens:
+                    m.prefix_cache_hits.labels(self.info.source).inc(self.info.cached_tokens)
 
     def _deltas(self, ev: TurnEvent) -> tuple[str, list[tl.ToolCallDelta]]:
         """The text (and complete tool calls) an event makes showable."""

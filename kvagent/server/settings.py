@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..engines.plugins import check_engine_name
 from ..errors import ConfigError
 
 DEFAULT_MAX_ARTIFACT_BYTES = 8 << 30
@@ -42,6 +43,8 @@ class Settings:
     migrate: bool = True  # upgrade the database schema at start (False: refuse unless it is at head already)
     # how long a node trusts its cached answer for a token (revocations take this long)
     token_cache_s: float = 2.0
+    # the generation engine: "transformers", an installed engine ("vllm": vllm-kvagent) or module:attr
+    engine: str = "transformers"
 
     def __post_init__(self) -> None:
         if self.max_artifact_bytes <= 0:
@@ -60,6 +63,7 @@ class Settings:
             raise ConfigError("token_cache_s must be in 0..60 seconds")
         if self.dispute_verify not in ("sample", "full"):
             raise ConfigError("dispute_verify must be 'sample' or 'full'")
+        check_engine_name(self.engine)
         if self.model is not None and self.model.lower() == "none":
             object.__setattr__(self, "model", None)
 

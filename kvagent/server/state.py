@@ -136,9 +136,11 @@ def build_state(settings: Settings) -> State:
     host = None
     if settings.model:
         from ..config import Config
-        from .host import ModelHost, load_host_agent
+        from ..engines import load_engine_factory
+        from .host import ModelHost, load_host_agent, model_path
 
         models_dir = Path(settings.models_dir) if settings.models_dir else Config.from_env().models_dir
+        engine_factory = load_engine_factory(settings.engine)  # a bad engine fails before the model loads
         agent = load_host_agent(
             settings.model,
             models_dir,
@@ -147,8 +149,9 @@ def build_state(settings: Settings) -> State:
             prompt_cache_bytes=settings.prompt_cache_bytes,
         )
         host = ModelHost(agent, settings.model, settings.kv_cache_items, settings.max_batch,
-                         settings.prefill_chunk)
-        log.info("serving model %s (fingerprint %s…)", settings.model, host.fingerprint[:16])
+                         engine_factory, model_path(settings.model, models_dir), settings.prefill_chunk)
+        log.info("serving model %s on the %s engine (fingerprint %s…)", settings.model, settings.engine,
+                 host.fingerprint[:16])
     from .ledger import open_ledger
 
     market = open_ledger(meta, settings.prices_file, settings.currency)

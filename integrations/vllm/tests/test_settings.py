@@ -11,12 +11,13 @@ from vllm_kvagent import ConnectorSettings, namespace_of
 
 def test_defaults_reuse_without_a_registry_and_publish_nothing() -> None:
     s = ConnectorSettings.from_extra(None)
-    assert (s.registry_url, s.publish, s.engines, s.min_save_tokens, s.price) == (
+    assert (s.registry_url, s.publish, s.engines, s.min_save_tokens, s.price, s.salted_reads) == (
         None,
         "none",
         "any",
         256,
         None,
+        "own",
     )
 
 
@@ -39,6 +40,8 @@ def test_a_list_of_registry_urls_is_a_failover_list() -> None:
         ({"verify": "some"}, "verify must be"),
         ({"token": 123}, "token"),
         ({"calibration": "yes"}, "calibration"),
+        ({"salted_reads": "all"}, "salted_reads must be one of"),
+        ({"salted_reads": 1}, "salted_reads"),
     ],
 )
 def test_bad_settings_are_refused_with_the_reason(extra: dict[str, object], match: str) -> None:
@@ -49,3 +52,48 @@ def test_bad_settings_are_refused_with_the_reason(extra: dict[str, object], matc
 def test_a_cache_salt_is_a_private_namespace_and_no_salt_is_the_shared_one() -> None:
     assert namespace_of(None) is None and namespace_of("") is None
     assert namespace_of("tenant-a") == "vllm-cache-salt:tenant-a" != namespace_of("tenant-b")
+
+
+class _Resolver:
+    """Answers per namespace: ``hits[namespace]`` tokens cached (0: a miss), recording every call."""
+
+    def __init__(self, hits: dict[str | None, int]) -> None:
+        self.hits = hits
+        self.calls: list[tuple[str | None, object]] = []
+
+    def resolve(self, ids: tuple[int, ...], *, namespace: str | None = None, **kw: object) -> object:
+        from types import SimpleNamespace
+
+        self.calls.append((namespace, kw.get("registry", "default")))
+        n = self.hits.get(namespace, 0)
+        kv = SimpleNamespace(n_tokens=n) if n else None
+        info = SimpleNamespace(origin=f"key-{namespace}", source="registry" if namespace is None else "store",
+                               reason=f"{'hit' if n else 'miss'} in {namespace}")
+        return SimpleNamespace(kv=kv, info=info, key=f"key-{namespace}")
+
+
+def _lookups(hits: dict[str | None, int], shared: bool) -> tuple[object, _Resolver]:
+    from types import SimpleNamespace
+
+    from vllm_kvagent.lookup import PrefixLookups
+
+    resolver = _Resolver(hits)
+    lookups = PrefixLookups(SimpleNamespace(resolver=resolver), engine="vllm x", same_engine_only=False,  # type: ignore[arg-type]
+                            shared_reads=shared)
+    lookups._engine_of = lambda key: None  # type: ignore[method-assign]
+    return lookups, resolver
+
+
+def test_a_salted_request_reads_the_registry_only_with_shared_reads() -> None:
+    ids = tuple(range(600))
+    own_only, r1 = _lookups({None: 512}, shared=False)
+    assert own_only.find(ids, "ns").n == 0  # type: ignore[attr-defined]
+    assert r1.calls == [("ns", None)]  # its own namespace, never the registry
+    shared, r2 = _lookups({None: 512}, shared=True)
+    m = shared.find(ids, "ns")  # type: ignore[attr-defined]
+    assert (m.n, m.key, m.source) == (512, "key-None", "registry")
+    assert r2.calls == [("ns", None), (None, "default")]
+    longer_own, _ = _lookups({"ns": 512, None: 256}, shared=True)
+    assert longer_own.find(ids, "ns").key == "key-ns"  # type: ignore[attr-defined]
+    unsalted, r3 = _lookups({None: 512}, shared=False)
+    assert unsalted.find(ids, None).n == 512 and r3.calls == [(None, "default")]  # type: ignore[attr-defined]

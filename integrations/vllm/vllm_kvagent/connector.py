@@ -128,7 +128,10 @@ class KVAgentConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self._agent = self._make_agent(vllm_config)
             self._lookups = PrefixLookups(
-                self._agent, engine=self.engine, same_engine_only=self.settings.engines == "same"
+                self._agent,
+                engine=self.engine,
+                same_engine_only=self.settings.engines == "same",
+                shared_reads=self.settings.salted_reads == "shared",
             )
             log.info(
                 "KVAgentConnector (scheduler): cache %s, registry %s, engine %s, block %d",

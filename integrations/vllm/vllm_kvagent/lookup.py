@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvagent import KVAgent, KVAgentError
 
@@ -37,10 +37,19 @@ NO_MATCH = Match(0, "", "", "")
 class PrefixLookups:
     """Background lookups per request id, answered from the finished ones (thread-safe)."""
 
-    def __init__(self, agent: KVAgent, *, engine: str, same_engine_only: bool, workers: int = 1) -> None:
+    def __init__(
+        self,
+        agent: KVAgent,
+        *,
+        engine: str,
+        same_engine_only: bool,
+        shared_reads: bool = False,
+        workers: int = 1,
+    ) -> None:
         self.agent = agent
         self.engine = engine
         self.same_engine_only = same_engine_only
+        self.shared_reads = shared_reads
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvagent-lookup")
         self._running: dict[str, Future[Match]] = {}
         self._lock = threading.Lock()
@@ -82,9 +91,19 @@ class PrefixLookups:
             return Match(0, "", "", f"lookup failed ({type(exc).__name__}: {exc})")
 
     def find(self, ids: tuple[int, ...], namespace: str | None) -> Match:
-        """The longest prefix of ``ids`` kvagent holds or can fetch (blocking).
-        A salted request (``namespace``
-        set) looks only in its own namespace of this machine's cache, never at the registry."""
+        """The longest prefix of ``ids`` kvagent holds or can fetch (blocking). A salted request
+        (``namespace`` set) looks in its own namespace of this machine's cache, never at the registry; with
+        ``shared_reads`` it then also looks at unsalted KV (local store and registry) when its own falls
+        short."""
+        own = self._find_in(ids, namespace)
+        if namespace is None or not self.shared_reads or own.n >= len(ids):
+            return own
+        shared = self._find_in(ids, None)
+        if shared.n > own.n:
+            return shared
+        return replace(own, reason=f"{own.reason}; unsalted KV: {shared.reason}") if not own.n else own
+
+    def _find_in(self, ids: tuple[int, ...], namespace: str | None) -> Match:
         resolver = self.agent.resolver
         kwargs: dict[str, object] = {"registry": None} if namespace else {}
         res = resolver.resolve(ids, namespace=namespace, document=False, compute=False, **kwargs)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from kvagent import ConfigError
 
 PUBLISH_MODES = ("none", "restricted", "public")
 ENGINE_POLICIES = ("any", "same")
+SALTED_READS = ("own", "shared")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,12 @@ class ConnectorSettings:
     ``calibration``: use the machine's measured costs (kvagent calibrate) in the fetch policy;
     ``publisher``: the name recorded in saved artifacts;
     ``prefill_tokens_per_s`` / ``bandwidth_bytes_per_s``: this vLLM's prefill rate and the registry link's
-    rate, for the fetch-or-prefill policy (None: kvagent's calibration, which measures its engine, not vLLM).
+    rate, for the fetch-or-prefill policy (None: kvagent's calibration, which measures its engine, not vLLM);
+    ``salted_reads``: what a salted request may reuse: "own" (its namespace on this machine only) or "shared"
+    (its namespace first, then unsalted KV: the local store's shared namespace and the registry). Either way
+    a salted prompt's own KV is saved in its namespace only and never published; "shared" suits a server
+    that salts every request per tenant (``kvagent serve --engine vllm``) and whose registry token sees only
+    what all its tenants may see.
     """
 
     model: str | None = None
@@ -46,6 +52,7 @@ class ConnectorSettings:
     publisher: str | None = None
     prefill_tokens_per_s: float | None = None
     bandwidth_bytes_per_s: float | None = None
+    salted_reads: str = "own"
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None) -> ConnectorSettings:
@@ -60,7 +67,7 @@ class ConnectorSettings:
         url = extra.get("registry_url")
         if isinstance(url, (list, tuple)):
             extra["registry_url"] = ",".join(str(u) for u in url) or None
-        for name in ("model", "cache_dir", "registry_url", "token", "publisher"):
+        for name in ("model", "cache_dir", "registry_url", "token", "publisher", "salted_reads"):
             if extra.get(name) is not None and not isinstance(extra[name], str):
                 raise ConfigError(
                     f"kv_connector_extra_config[{name!r}] must be a string, got {type(extra[name]).__name__}"
@@ -82,6 +89,8 @@ class ConnectorSettings:
             raise ConfigError(f"publish must be one of {PUBLISH_MODES}, got {s.publish!r}")
         if s.engines not in ENGINE_POLICIES:
             raise ConfigError(f"engines must be one of {ENGINE_POLICIES}, got {s.engines!r}")
+        if s.salted_reads not in SALTED_READS:
+            raise ConfigError(f"salted_reads must be one of {SALTED_READS}, got {s.salted_reads!r}")
         if s.verify not in (None, "none", "sample", "full"):
             raise ConfigError(f"verify must be none, sample or full, got {s.verify!r}")
         if s.publish != "none" and not s.registry_url:

@@ -1,0 +1,117 @@
+"""Engines by name (kvagent.engines.plugins) and the prompt-turn core's path for an engine that resolves the
+prompt's KV itself (``resolves_prefix``): whole prompts in the caller's namespace, nothing resolved, the reuse
+reported from the engine's Finish."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvagent.engine import GenerationParams
+from kvagent.engines import (
+    Cached,
+    Finish,
+    GenerationRequest,
+    PromptTurns,
+    Sink,
+    Token,
+    Usage,
+    load_engine_factory,
+    settled,
+)
+from kvagent.engines.plugins import ENTRY_POINT_GROUP, transformers_engine
+from kvagent.errors import ConfigError
+from kvagent.server.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_factory(ctx: Any) -> Any:
+    return WholePromptEngine()
+
+
+class WholePromptEngine:
+    """An engine that finds cached KV itself: it says it reused half of every prompt."""
+
+    max_positions = None
+    resolves_prefix = True
+
+    def __init__(self) -> None:
+        self.requests: list[GenerationRequest] = []
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> Any:
+        self.requests.append(request)
+        n = len(request.prompt_ids)
+        sink(Token(7))
+        sink(Finish("stop", Usage(n, n // 2, 1)))
+        return self
+
+
+class NoResolver:
+    def resolve(self, *a: Any, **kw: Any) -> Any:
+        raise AssertionError("an engine that resolves the prefix itself must not get a resolved one")
+
+
+def test_engines_by_name_and_by_module_attr() -> None:
+    assert load_engine_factory("transformers") is transformers_engine
+    assert load_engine_factory(f"{__name__}:fake_factory") is fake_factory
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("nosuch", "unknown engine 'nosuch'"),
+        ("vllm", "vllm-kvagent"),
+        ("no_such_module_xyz:factory", "cannot be imported"),
+        (f"{__name__}:missing", "has no attribute"),
+        (f"{__name__}:ROOT", "not an engine factory"),
+        ("bad name!", "engine must be a name"),
+    ],
+)
+def test_a_bad_engine_is_a_config_error_that_says_what_to_do(
+    name: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if name == "vllm":  # as where vllm-kvagent is not installed
+        monkeypatch.setattr("importlib.metadata.entry_points", lambda **kw: [])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_engine_factory(name)
+
+
+def test_settings_check_the_engine_name(tmp_path: Path) -> None:
+    assert Settings(tmp_path, None, engine="vllm").engine == "vllm"
+    with pytest.raises(ConfigError):
+        Settings(tmp_path, None, engine="no spaces allowed")
+
+
+def test_the_vllm_integration_declares_its_entry_point() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    meta = tomllib.loads((ROOT / "integrations/vllm/pyproject.toml").read_text())
+    spec = meta["project"]["entry-points"][ENTRY_POINT_GROUP]["vllm"]
+    sys.path.insert(0, str(ROOT / "integrations/vllm"))
+    try:
+        factory = load_engine_factory(spec)  # importable without vLLM itself
+    finally:
+        sys.path.remove(str(ROOT / "integrations/vllm"))
+    assert factory.__name__ == "create_engine"
+
+
+def test_a_whole_prompt_engine_gets_the_whole_prompt_in_its_namespace() -> None:
+    engine = WholePromptEngine()
+    turns = PromptTurns(engine, NoResolver())  # type: ignore[arg-type]
+    params = GenerationParams(max_new_tokens=4)
+    turn = turns.prepare(list(range(10, 30)), params, stops=("x",), namespace="ns-alice")
+    assert turn.request.prompt_ids == tuple(range(10, 30)) and turn.request.prefix is None
+    assert turn.request.namespace == "ns-alice" and turn.request.stop_strings == ("x",)
+    evs = list(turns.events(turn))
+    assert isinstance(evs[0], Cached) and evs[0].info.status == "engine"
+    finish = evs[-1]
+    assert isinstance(finish, Finish)
+    info = settled(evs[0].info, finish.usage)
+    assert (info.cached_tokens, info.prefilled_tokens, info.source) == (10, 10, "engine")
+    # the reference (no reuse): a namespace of its own, never the caller's
+    ref = turns.prepare(list(range(10, 30)), params, namespace="ns-alice", reuse=False)
+    assert ref.request.namespace not in (None, "ns-alice") and ref.info.status == "disabled"
+    assert settled(ref.info, finish.usage) is ref.info
