@@ -1,5 +1,6 @@
 """Concurrent agents on one document: ``kvagent serve`` beside bare vLLM (CPU) and ``transformers serve
---continuous-batching``, in one run, on the same weights (the embedded SmolLM2-135M-Instruct, fp32).
+--continuous-batching`` (and ``kvagent serve --engine vllm``: ``kvagent-vllm``), in one run, on the same
+weights (the embedded SmolLM2-135M-Instruct, fp32).
 
 For each server, document length and agent count: the document is sent once first (so every server has had the
 chance to cache it), then N agents start together, each with its own question about the document, streaming,
@@ -9,7 +10,8 @@ and failures (any non-200, any 5xx, a stream without tokens). A server that cann
 the reason printed (and recorded in the JSON).
 
     python -m benchmarks.concurrent_agents [--agents 1 8 32] [--doc-tokens 1500 4000] [--max-tokens 48]
-        [--servers kvagent vllm transformers] [--vllm-python /work/vllm-venv/bin/python]
+        [--servers kvagent kvagent-vllm vllm vllm-connector transformers]
+        [--vllm-python /work/vllm-venv/bin/python]
         [--vllm-cmd "<command line>"] [--transformers-cmd "transformers serve"] [--threads 2]
         [--max-batch 8] [--prefill-chunk 256] [--json benchmarks/results/concurrent_agents.json]
 """
@@ -176,7 +178,29 @@ def start_kvagent(tmp: Path, args: argparse.Namespace) -> Server | str:
     )
 
 
-def start_vllm(tmp: Path, args: argparse.Namespace, model_dir: Path) -> Server | str:
+def start_kvagent_vllm(tmp: Path, args: argparse.Namespace) -> Server | str:
+    """``kvagent serve --engine vllm``: kvagent's host (endpoint, registry, market) generating on vLLM with
+    the KVAgentConnector; run by the vLLM install's python, this checkout's kvagent first on the path."""
+    if not Path(args.vllm_python).exists():
+        return f"kvagent-vllm: {args.vllm_python} does not exist (give --vllm-python)"
+    port = _free_port()
+    (tmp / "tokens.json").write_text(json.dumps({TOKEN: {"principal": "bench"}}))
+    engine_args = {"enforce_eager": True} if "--enforce-eager" in shlex.split(args.vllm_args) else {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "4", **OFFLINE,
+           "PYTHONPATH": f"{REPO}:{REPO / 'integrations' / 'vllm'}",
+           "VLLM_KVAGENT_ENGINE_ARGS": json.dumps({"max_model_len": 8192, **engine_args})}
+    cmd = [args.vllm_python, "-m", "kvagent.server", "--port", str(port), "--data-dir",
+           str(tmp / "kvagent-vllm-data"), "--token-file", str(tmp / "tokens.json"), "--model", "smollm2",
+           "--engine", "vllm_kvagent.engine:create_engine", "--max-batch", str(max(args.agents)),
+           "--max-queue", str(max(args.agents) + 8)]
+    return _launch("kvagent-vllm", cmd, env, tmp / "kvagent-vllm.log", f"http://127.0.0.1:{port}", "smollm2",
+                   "/v1/healthz", args.start_timeout)
+
+
+def start_vllm(tmp: Path, args: argparse.Namespace, model_dir: Path, connector: bool = False) -> Server | str:
+    """Bare vLLM's OpenAI server; with ``connector``, the same with the KVAgentConnector (local store in the
+    run's temporary directory, no registry)."""
+    name = "vllm-connector" if connector else "vllm"
     port = _free_port()
     base = (
         shlex.split(args.vllm_cmd)
@@ -184,7 +208,7 @@ def start_vllm(tmp: Path, args: argparse.Namespace, model_dir: Path) -> Server |
         else [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server"]
     )
     if not args.vllm_cmd and not Path(args.vllm_python).exists():
-        return f"vllm: {args.vllm_python} does not exist (give --vllm-python or --vllm-cmd)"
+        return f"{name}: {args.vllm_python} does not exist (give --vllm-python or --vllm-cmd)"
     cmd = [
         *base,
         "--model",
@@ -202,11 +226,17 @@ def start_vllm(tmp: Path, args: argparse.Namespace, model_dir: Path) -> Server |
         *shlex.split(args.vllm_args),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "4", **OFFLINE}
+    if connector:
+        extra = {"model": str(model_dir), "cache_dir": str(tmp / "connector-cache")}
+        cmd += ["--kv-transfer-config", json.dumps({
+            "kv_connector": "KVAgentConnector", "kv_connector_module_path": "vllm_kvagent",
+            "kv_role": "kv_both", "kv_connector_extra_config": extra})]
+        env["PYTHONPATH"] = f"{REPO}:{REPO / 'integrations' / 'vllm'}"
     return _launch(
-        "vllm",
+        name,
         cmd,
         env,
-        tmp / "vllm.log",
+        tmp / f"{name}.log",
         f"http://127.0.0.1:{port}",
         "smollm2",
         "/health",
@@ -370,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--servers",
         nargs="+",
         default=["kvagent", "vllm", "transformers"],
-        choices=["kvagent", "vllm", "transformers"],
+        choices=["kvagent", "kvagent-vllm", "vllm", "vllm-connector", "transformers"],
     )
     ap.add_argument(
         "--vllm-python",
@@ -396,7 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     docs = {n: document(n) for n in args.doc_tokens}
     starters = {
         "kvagent": lambda tmp: start_kvagent(tmp, args),
+        "kvagent-vllm": lambda tmp: start_kvagent_vllm(tmp, args),
         "vllm": lambda tmp: start_vllm(tmp, args, model_dir),
+        "vllm-connector": lambda tmp: start_vllm(tmp, args, model_dir, connector=True),
         "transformers": lambda tmp: start_transformers(tmp, args, model_dir),
     }
     cells: list[Cell] = []
