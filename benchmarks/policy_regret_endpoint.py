@@ -54,19 +54,26 @@ def _chat(url: str, token: str, text: str) -> dict[str, Any]:
             "prompt_tokens": out["usage"]["prompt_tokens"], **out["kvagent"]["cache"]}
 
 
-def prediction_share(url: str) -> dict[str, float]:
+def prediction_share(url: str) -> dict[str, Any]:
     """From the host's ``kvagent_cost_prediction_ratio`` histogram: decisions checked, and the share whose
-    actual seconds were within 2x of the prediction (0.5 < ratio <= 2)."""
+    actual seconds were within 2x of the prediction (0.5 < ratio <= 2), in all and per ``kind/path``."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    le: dict[float, float] = {}
+    le: dict[str, dict[float, float]] = {}
     for m in re.finditer(r'^kvagent_cost_prediction_ratio_bucket\{([^}]*)\} (\S+)$', text, re.M):
-        bound = re.search(r'le="([^"]+)"', m.group(1))
-        if bound:
-            b = float("inf") if bound.group(1) == "+Inf" else float(bound.group(1))
-            le[b] = le.get(b, 0.0) + float(m.group(2))
-    total = le.get(float("inf"), 0.0)
-    within = le.get(2.0, 0.0) - le.get(0.5, 0.0)
-    return {"decisions": total, "within_2x": within / total if total else float("nan")}
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        b = float("inf") if labels["le"] == "+Inf" else float(labels["le"])
+        for name in ("all", f"{labels.get('kind')}/{labels.get('path')}"):
+            le.setdefault(name, {})
+            le[name][b] = le[name].get(b, 0.0) + float(m.group(2))
+
+    def share(buckets: dict[float, float]) -> dict[str, float]:
+        total = buckets.get(float("inf"), 0.0)
+        within = buckets.get(2.0, 0.0) - buckets.get(0.5, 0.0)
+        return {"decisions": total, "within_2x": within / total if total else float("nan")}
+
+    out: dict[str, Any] = share(le.get("all", {}))
+    out["by_path"] = {name: share(b) for name, b in le.items() if name != "all"}
+    return out
 
 
 def endpoint_regret(lengths: list[int], repeats: int, history: int, work: Path,
@@ -140,5 +147,7 @@ def table(result: dict[str, Any]) -> None:
               f"{r['prefill']:.2f} s | {r['regret']:.2f}x |")
     print(f"worst endpoint regret {max(r['regret'] for r in rows):.2f}x (goal ≤ 1.25x)")
     for mode, p in result["predictions"].items():
+        paths = ", ".join(f"{k} {v['decisions']:.0f} ({100 * v['within_2x']:.0f}%)"
+                          for k, v in sorted(p.get("by_path", {}).items()))
         print(f"host {mode}: {p['decisions']:.0f} decisions checked, {100 * p['within_2x']:.0f}% predicted "
-              "their own cost within 2x (goal ≥ 95%)")
+              f"their own cost within 2x (goal ≥ 95%); by path: {paths or 'none'}")

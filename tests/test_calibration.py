@@ -62,11 +62,14 @@ def test_estimates_persist_across_instances_and_say_how_they_were_made(tmp_path:
     assert first.estimate_prefill(600).source == pol.ASSUMED
     first.record_prefill(300, 0, 0.9)
     first.record_prefill(1200, 0, 4.5)
-    first.record_prefill(8, 0, 0.5)  # too small to teach anything: ignored
+    first.record_prefill(8, 0, 0.06)  # a short forward: what one forward costs whatever its length
+    first.record_prefill(8, 0, 0.0)  # no time: ignored
     second = model(path)  # another process, later
     est = second.estimate_prefill(600)
-    assert est.source == pol.MEASURED and est.n == 2 and est.provenance == "measured 2x"
+    assert est.source == pol.MEASURED and est.n == 3 and est.provenance == "measured 3x"
     assert 1.8 < est.value < 2.4
+    # a chat's short tail is priced with the fixed cost the short sample taught (0.03 s from the rate alone)
+    assert 0.04 < second.estimate_prefill(8).value < 0.09
     assert json.loads(path.read_text())["version"] == cal.VERSION
     fixed = model(path, params=pol.PolicyParams(prefill_tokens_per_s=100.0))
     assert fixed.estimate_prefill(600) == pol.Estimate(6.0, pol.FIXED)
