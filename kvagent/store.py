@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import mmap
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -302,6 +303,28 @@ class KVStore:
             timings.update(lookup=t1 - t0, read=t2 - t1, touch=time.perf_counter() - t3)
         return StoreLookup(result, "hit", nbytes=len(buf))
 
+    def header(self, key: str) -> art.ArtifactHeader | None:
+        """The header of stored artifact ``key`` (its container and strict JSON header only: no checksum, no
+        tensors; ``get`` verifies the whole artifact), or None when it is absent or unreadable."""
+        validate_key(key)
+        try:
+            handle = self._cache.get(f"kv:{key}", default=None, read=True)
+        except (StoreError, OSError, diskcache.Timeout) as exc:
+            log.warning("store read of %s… failed: %s", key[:16], exc)
+            return None
+        if handle is None:
+            return None
+        if isinstance(handle, bytes):
+            handle = io.BytesIO(handle)
+        try:
+            header = art.read_header(memoryview(_map(handle, populate=False)), limits=self.limits)
+        except (ArtifactError, OSError, ValueError) as exc:
+            log.warning("stored artifact %s… has an unreadable header: %s", key[:16], exc)
+            return None
+        finally:
+            handle.close()
+        return header if header.key == key else None
+
     def _evict(self, key: str, why: str) -> StoreLookup:
         log.warning("evicting local artifact %s…: %s", key[:16], why)
         try:
@@ -380,20 +403,25 @@ def _local_check(key: str, recorded: str) -> art.IntegrityCheck:
     return check
 
 
-def _map(handle: Any) -> bytearray | mmap.mmap:
+def _map(handle: Any, populate: bool = True) -> bytearray | mmap.mmap:
     """A writable private view of an entry: a copy-on-write mmap for files, a bytearray otherwise.
 
-    The mapping's pages are populated up front (read-only, shared with the page cache until written),
-    which is faster than faulting them in one by one while hashing.
+    With ``populate`` the mapping's pages are populated up front (read-only, shared with the page cache until
+    written), which is faster than faulting them in one by one while hashing; without it (a header read)
+    only the pages touched are read.
     """
     try:
         fileno = handle.fileno()
     except (AttributeError, OSError, ValueError):
         return bytearray(handle.read())
-    size = Path(handle.name).stat().st_size if hasattr(handle, "name") else None
+    # the open file's size, not its name's: a process replacing the same key may have unlinked the name
+    # since this handle was opened (the handle still reads the old, complete file)
+    size = os.fstat(fileno).st_size
     if not size:
         return bytearray(handle.read())
     buf = mmap.mmap(fileno, 0, access=mmap.ACCESS_COPY)
+    if not populate:
+        return buf
     try:
         buf.madvise(_MADV_POPULATE_READ)
     except (OSError, AttributeError, ValueError):  # older kernel or platform: pages fault in on first touch

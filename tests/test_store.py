@@ -89,6 +89,22 @@ def test_corrupted_file_is_a_logged_miss_and_evicted(
     assert list(store.entries()) == []
 
 
+@pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["inline", "file"])
+def test_header_reads_the_header_alone(store: KVStore, shape: dict) -> None:
+    """``header`` is the stored artifact's header without a checksum pass or a decode (the vLLM connector
+    asks it for the engine on every lookup); absent or garbled entries are None, never an exception."""
+    header, blob = make_artifact(make_kv(seed=9, **shape))
+    store.put(header, blob)
+    assert store.header(header.key) == header
+    assert store.header(sha256_hex(b"nothing")) is None
+    with pytest.raises(InvalidKeyError):
+        store.header("../../etc/passwd")
+    if shape is LARGE:
+        (path,) = _val_files(store.directory)
+        path.write_bytes(b"not an artifact" * 10)
+        assert store.header(header.key) is None
+
+
 def test_truncated_file_is_a_miss(store: KVStore) -> None:
     header, blob = make_artifact(make_kv(seed=3, **LARGE))
     store.put(header, blob)
@@ -365,3 +381,17 @@ def test_concurrent_processes(tmp_path: Path) -> None:
             found = store.get(e.key)
             assert found.artifact is not None, found.reason
     assert elapsed < 60
+
+
+def test_an_entry_replaced_while_it_is_read_still_reads_whole(tmp_path: Path) -> None:
+    """Another process putting the same key unlinks the old file while a reader holds it open: the reader
+    maps what it opened (its size from the open file, not from the name), never a miss that evicts the new
+    entry (seen once in ``test_concurrent_processes``)."""
+    from kvagent.store import _map
+
+    path = tmp_path / "entry.val"
+    data = os.urandom(300_000)
+    path.write_bytes(data)
+    with open(path, "rb") as fh:
+        path.unlink()
+        assert bytes(_map(fh)) == data

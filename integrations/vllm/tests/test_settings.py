@@ -97,3 +97,29 @@ def test_a_salted_request_reads_the_registry_only_with_shared_reads() -> None:
     assert longer_own.find(ids, "ns").key == "key-ns"  # type: ignore[attr-defined]
     unsalted, r3 = _lookups({None: 512}, shared=False)
     assert unsalted.find(ids, None).n == 512 and r3.calls == [(None, "default")]  # type: ignore[attr-defined]
+
+
+def test_the_engine_of_a_hit_is_read_from_its_header_and_same_refuses_others() -> None:
+    """engines="same" asks the store for the hit's header alone (no second read, checksum and decode of the
+    artifact per lookup); a hit another engine computed is refused with the reason."""
+    from types import SimpleNamespace
+
+    from vllm_kvagent.lookup import PrefixLookups
+
+    asked: list[str] = []
+
+    def header(key: str) -> object:
+        asked.append(key)
+        return SimpleNamespace(engine="transformers 5.19") if key == "key-None" else None
+
+    agent = SimpleNamespace(resolver=_Resolver({None: 512}), store=SimpleNamespace(header=header))
+    same = PrefixLookups(agent, engine="vllm x", same_engine_only=True)  # type: ignore[arg-type]
+    m = same.find(tuple(range(600)), None)
+    assert (m.n, m.engine) == (0, "transformers 5.19") and "not vllm x" in m.reason
+    anyone = PrefixLookups(agent, engine="vllm x", same_engine_only=False)  # type: ignore[arg-type]
+    assert anyone.find(tuple(range(600)), None).n == 512
+    assert asked == ["key-None", "key-None"]
+    gone = PrefixLookups(SimpleNamespace(resolver=_Resolver({"ns": 256}), store=agent.store),  # type: ignore[arg-type]
+                         engine="vllm x", same_engine_only=False)
+    m = gone._find(tuple(range(600)), "ns")  # its header is gone: the lookup failed, so a miss
+    assert m.n == 0 and "not in the local store" in m.reason

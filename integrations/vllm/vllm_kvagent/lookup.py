@@ -121,10 +121,12 @@ class PrefixLookups:
         return Match(n, origin, res.info.source, res.info.reason, engine)
 
     def _engine_of(self, key: str) -> str | None:
-        found = self.agent.store.get(key, expect=self.agent.expect)
-        if found.artifact is None:
-            raise KVAgentError(f"the cached prefix {key[:16]}… is not in the local store ({found.reason})")
-        return found.artifact.header.engine
+        """The engine the stored artifact's header names: its header alone (the worker verifies the whole
+        artifact when it loads it), not a second read, checksum and decode of tens of MB per lookup."""
+        header = self.agent.store.header(key)
+        if header is None:
+            raise KVAgentError(f"the cached prefix {key[:16]}… is not in the local store")
+        return header.engine
 
 
 def aligned(n: int, block_size: int) -> int:
