@@ -115,3 +115,20 @@ def test_a_whole_prompt_engine_gets_the_whole_prompt_in_its_namespace() -> None:
     ref = turns.prepare(list(range(10, 30)), params, namespace="ns-alice", reuse=False)
     assert ref.request.namespace not in (None, "ns-alice") and ref.info.status == "disabled"
     assert settled(ref.info, finish.usage) is ref.info
+
+
+def test_healthz_turns_503_once_the_engine_can_no_longer_generate() -> None:
+    """A node whose engine core died answers /v1/healthz with 503 and the reason (a load balancer drains
+    it); a healthy engine, an engine without the optional ``failure`` attribute and a registry-only node
+    answer 200."""
+    from types import SimpleNamespace
+
+    from kvagent.server.app import health
+
+    host = SimpleNamespace(fingerprint="f" * 64, batch=SimpleNamespace(failure=None))
+    assert health(host) == (200, {"ok": True, "model_fingerprint": "f" * 64})
+    assert health(SimpleNamespace(fingerprint="f" * 64, batch=object()))[0] == 200
+    assert health(None) == (200, {"ok": True, "model_fingerprint": None})
+    host.batch.failure = "the vLLM engine stopped: EngineDeadError()"
+    status, body = health(host)
+    assert status == 503 and body["ok"] is False and "EngineDeadError" in body["error"]

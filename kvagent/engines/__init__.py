@@ -14,6 +14,7 @@ from .base import (
     Sink,
     Token,
     Usage,
+    engine_failure,
     events,
 )
 from .plugins import EngineContext, EngineFactory, load_engine_factory
@@ -53,6 +54,7 @@ __all__ = [
     "TurnEvent",
     "Usage",
     "continuation_ids",
+    "engine_failure",
     "events",
     "load_engine_factory",
     "settled",

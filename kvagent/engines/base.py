@@ -108,6 +108,13 @@ class GenerationEngine(Protocol):
         ...
 
 
+def engine_failure(engine: object) -> str | None:
+    """Why ``engine`` can no longer generate (its optional ``failure`` attribute: an engine core that died,
+    an engine closed), or None while it can."""
+    failure = getattr(engine, "failure", None)
+    return str(failure) if failure else None
+
+
 class Cancel:
     """A cancellation flag that also cancels the engine requests registered with it (thread-safe)."""
 

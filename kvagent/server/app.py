@@ -91,8 +91,9 @@ def create_app(settings: Settings) -> FastAPI:
         return error_response(500, "internal", "internal server error")
 
     @app.get("/v1/healthz")
-    async def healthz() -> dict[str, Any]:  # no I/O: answers without waiting for the worker thread pool
-        return {"ok": True, "model_fingerprint": st.host.fingerprint if st.host else None}
+    async def healthz() -> JSONResponse:  # no I/O: answers without waiting for the worker thread pool
+        status, body = health(st.host)
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -104,6 +105,18 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(market_routes.routes(st))
     app.include_router(admin_routes.routes(st))
     return app
+
+
+def health(host: Any) -> tuple[int, dict[str, Any]]:
+    """``/v1/healthz``'s status and body: 503 once the host's engine can no longer generate (a vLLM engine
+    core that died), so a load balancer takes the node out instead of sending it requests that all fail."""
+    from ..engines import engine_failure
+
+    body: dict[str, Any] = {"ok": True, "model_fingerprint": host.fingerprint if host else None}
+    failure = engine_failure(host.batch) if host is not None else None
+    if failure:
+        return 503, {**body, "ok": False, "error": failure}
+    return 200, body
 
 
 def create_app_from_env() -> FastAPI:

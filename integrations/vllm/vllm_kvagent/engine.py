@@ -195,6 +195,13 @@ class VLLMEngine:
 
     # -- the engine interface (any thread) -----------------------------------------------------------
     @property
+    def failure(self) -> str | None:
+        """Why this engine can no longer generate (its engine core failed, or it was closed), else None."""
+        if self._dead is not None:
+            return f"the vLLM engine stopped: {self._dead}"
+        return "the vLLM engine is closed" if self._closed.is_set() else None
+
+    @property
     def running(self) -> int:
         return len(self._active)
 
