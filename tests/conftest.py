@@ -30,12 +30,14 @@ SAMPLE = Path(__file__).resolve().parents[1] / "kvagent" / "data" / "sample.txt"
 TINY_ARCHS = ("llama", "qwen3", "qwen2", "mistral", "gpt2")
 
 
-def tiny_config(arch: str, vocab: int = 512) -> Any:
-    """A small config of ``arch``. Exactness does not depend on the weights, so random init is fine."""
+def tiny_config(arch: str, vocab: int = 512, **sizes: int) -> Any:
+    """A small config of ``arch`` (``sizes`` override the common ones of the non-GPT-2 architectures).
+    Exactness does not depend on the weights, so random init is fine."""
     from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    common.update(sizes)
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "qwen3":
@@ -50,12 +52,18 @@ def tiny_config(arch: str, vocab: int = 512) -> Any:
     raise ValueError(arch)
 
 
-def save_tiny_llama(directory: Path, seed: int) -> Path:
-    """Save a seeded tiny random llama (``tiny_config("llama")``) to ``directory`` for a server to load."""
+def save_tiny_llama(directory: Path, seed: int | None = None, *, tokenizer: Any = None, **sizes: int) -> Path:
+    """Save a tiny random llama (``tiny_config("llama", **sizes)``, seeded unless ``seed`` is None) to
+    ``directory`` for a server or agent to load; with ``tokenizer`` (its vocabulary, saved beside the weights)
+    the directory is a whole local model with a real chat template."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(directory)
+    if seed is not None:
+        torch.manual_seed(seed)
+    vocab = len(tokenizer) if tokenizer is not None else 512
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab, **sizes)).save_pretrained(str(directory))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
     return directory
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from kvagent import KVAgent, ModelLoadError
 from kvagent.models import ensure_embedded, load_model, model_fingerprint
+from tests.conftest import save_tiny_llama
 
 
 @pytest.mark.slow
@@ -29,20 +30,8 @@ def test_embedded_gguf_converts_once_then_loads_without_conversion(tmp_path, emb
 
 
 def test_a_local_model_directory_loads_offline(tmp_path, tiny_model, embedded):
-    model_dir = tmp_path / "tiny"
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(
-        vocab_size=len(embedded.tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
-    embedded.tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_llama(tmp_path / "tiny", tokenizer=embedded.tokenizer, hidden_size=32,
+                                intermediate_size=64, max_position_embeddings=1024)
     loaded = load_model(str(model_dir), tmp_path / "models")
     assert loaded.model_fingerprint == model_fingerprint(loaded.model)
     agent = KVAgent(str(model_dir), cache_dir=tmp_path / "cache", models_dir=tmp_path / "models")

@@ -3,7 +3,9 @@
 Modes: ``delay`` holds every upstream→client chunk for ``delay`` seconds (a slow or hung registry);
 ``cut`` forwards only ``cut_after`` bytes of each response stream and then drops the connection (a
 server killed mid-download, from the client's point of view); ``on_cut``, if set, runs at that moment
-(a test kills the real server there).
+(a test kills the real server there); ``down`` closes every connection at once (a registry that is down);
+``lie`` flips bytes of every response past its first 4 KiB (a registry serving corrupted blobs). The mode
+may change while the proxy runs; ``connections`` counts the connections accepted.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tests.registry_server import free_port
+
+LIE_AFTER = 4096  # bytes of each response ``lie`` passes unchanged
 
 
 @dataclass
@@ -27,6 +31,7 @@ class FaultProxy:
     def __post_init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.connections = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -42,6 +47,10 @@ class FaultProxy:
         self._loop.run_forever()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        if self.mode == "down":
+            writer.close()
+            return
         try:
             up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         except OSError:
@@ -60,10 +69,16 @@ class FaultProxy:
                             if self.on_cut is not None:
                                 self.on_cut()
                             break
+                    if downstream and self.mode == "lie" and sent + len(data) > LIE_AFTER:
+                        # flip bytes deep in the body (past the HTTP headers and the artifact's own header)
+                        buf = bytearray(data)
+                        for i in range(max(0, LIE_AFTER - sent), len(buf), 997):
+                            buf[i] ^= 0x5A
+                        data = bytes(buf)
                     dst.write(data)
                     sent += len(data)
                     await dst.drain()
-            except (ConnectionError, asyncio.CancelledError):
+            except (ConnectionError, asyncio.CancelledError, asyncio.IncompleteReadError):
                 pass
             finally:
                 dst.close()

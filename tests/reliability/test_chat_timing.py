@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import save_tiny_llama
 from tests.registry_server import start_server
 
 pytestmark = pytest.mark.slow
@@ -30,22 +31,8 @@ def auc(pos: list[float], neg: list[float]) -> float:
 def tiny_server(tmp_path_factory: pytest.TempPathFactory, embedded):  # type: ignore[no-untyped-def]
     """A server hosting a tiny random Llama with the embedded model's tokenizer and chat template (fast
     prefill)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    d = tmp_path_factory.mktemp("tiny-chat-model")
-    torch.manual_seed(5)
-    cfg = LlamaConfig(
-        vocab_size=len(embedded.tokenizer),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-    )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
-    embedded.tokenizer.save_pretrained(d)
+    d = save_tiny_llama(tmp_path_factory.mktemp("tiny-chat-model"), 5, tokenizer=embedded.tokenizer,
+                        hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_key_value_heads=1)
     # One intra-op thread: ~650 sequential 1000-token prefills are this test's work. With torch's default (a
     # thread per core) every parallel region waits for its sibling threads, and on a shared machine one of
     # them is often descheduled: a prefill then takes 5-7x longer and its time becomes heavy-tailed (measured

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from kvagent import KVAgent, cli
 from kvagent.config import Config
 from kvagent.engine import check_context
 from kvagent.errors import ContextLengthError, EngineError
+from tests.conftest import save_tiny_llama
 
 MAX_POSITIONS = 64
 
@@ -37,22 +37,8 @@ def test_opt_in_resolves_from_argument_then_environment(monkeypatch: pytest.Monk
 @pytest.fixture(scope="module")
 def short_model_dir(embedded: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with only 64 positions, saved with the embedded model's tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(3)
-    cfg = LlamaConfig(
-        vocab_size=len(embedded.tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
-    )
-    d = tmp_path_factory.mktemp("short-model")
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(d))
-    embedded.tokenizer.save_pretrained(str(d))
-    return d
+    return save_tiny_llama(tmp_path_factory.mktemp("short-model"), 3, tokenizer=embedded.tokenizer,
+                           hidden_size=32, intermediate_size=64, max_position_embeddings=MAX_POSITIONS)
 
 
 LONG = " ".join(f"Paragraph {i} says the ferry leaves at {i} o'clock." for i in range(20))

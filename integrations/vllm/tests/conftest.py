@@ -66,9 +66,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def proxy(registry: Any) -> Iterator[Any]:
-    from vllm_procs import SwitchProxy
+    from tests.reliability.faultproxy import FaultProxy  # modes "pass", "down" and "lie" switched by tests
 
-    p = SwitchProxy(registry.port)
+    p = FaultProxy(registry.port)
     yield p
     p.close()
 

@@ -5,13 +5,11 @@ vLLM's first start compiles for a minute or two, so the tests start one server p
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,68 +140,3 @@ def start_vllm(model_dir: Path, work: Path, extra: dict[str, Any], timeout: floa
         time.sleep(1)
     server.stop()
     raise RuntimeError(f"vLLM did not become healthy in {timeout} s:\n{server.log()[-6000:]}")
-
-
-class SwitchProxy:
-    """A loopback HTTP-level proxy in front of the registry: ``mode`` "pass", "down" (every connection refused
-    by closing it at once) or "lie" (blob downloads come back with bytes flipped). Counts downloads."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.mode = "pass"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.connections = 0
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self._thread.start()
-        ready.wait(10)
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        )
-        ready.set()
-        self._loop.run_forever()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        if self.mode == "down":
-            writer.close()
-            return
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            writer.close()
-            return
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, downstream: bool) -> None:
-            seen = 0
-            try:
-                while data := await src.read(65536):
-                    if downstream and self.mode == "lie" and seen + len(data) > 4096:
-                        # flip bytes deep in the body (past headers and the artifact's own header)
-                        buf = bytearray(data)
-                        for i in range(max(0, 4096 - seen), len(buf), 997):
-                            buf[i] ^= 0x5A
-                        data = bytes(buf)
-                    seen += len(data)
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_w, False), pipe(up_r, writer, True))
-
-    def close(self) -> None:
-        async def shutdown() -> None:
-            self._server.close()
-            await self._server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
