@@ -165,6 +165,7 @@ def test_a_document_published_to_this_server_is_reused_by_those_who_may_see_it(
     finally:
         publisher.close()
     n_doc = len(doc.token_ids)
+    most = n_doc - 128  # vLLM's CPU backend reuses whole 128-token blocks
     msgs = ask("What is this text about?", body)
     want = reference(reference_model, msgs, 16)
     bob = client(server, BOB).chat.completions.create(model="smollm2", messages=msgs, temperature=0,
@@ -177,7 +178,7 @@ def test_a_document_published_to_this_server_is_reused_by_those_who_may_see_it(
                                                           max_tokens=16)
         spent = before - account.account_balance()
     cached = r.usage.prompt_tokens_details.cached_tokens
-    assert cached >= n_doc - 32, (cached, n_doc, r.model_extra["kvagent"], server.log()[-3000:])
+    assert cached >= most, (cached, n_doc, r.model_extra["kvagent"], server.log()[-3000:])
     assert r.choices[0].message.content == want
     assert "staged" in server.log()
     bill = generate_bill(HostPrices(**PRICES), r.usage.prompt_tokens - cached, cached,  # type: ignore[arg-type]
@@ -187,7 +188,7 @@ def test_a_document_published_to_this_server_is_reused_by_those_who_may_see_it(
         owner.grant(handle.key, "bob")
     again = client(server, BOB).chat.completions.create(
         model="smollm2", messages=ask("Who wrote it?", body), temperature=0, max_tokens=8)
-    assert again.usage.prompt_tokens_details.cached_tokens >= n_doc - 32, again.model_extra["kvagent"]
+    assert again.usage.prompt_tokens_details.cached_tokens >= most, again.model_extra["kvagent"]
     audit = httpx.get(server.url + "/v1/market/audit", headers={"Authorization": f"Bearer {ADMIN}"}).json()
     assert audit["total"] == 0 and audit["unbalanced"] == [], audit
 
