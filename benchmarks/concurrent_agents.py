@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.procs import StartError, spawn, stop_group, wait_healthy
+from tests.registry_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token-000001"
@@ -76,14 +78,6 @@ TOPICS = (
 )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Server:
     name: str
@@ -93,12 +87,7 @@ class Server:
     log: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_group(self.proc)
 
 
 def _launch(
@@ -113,36 +102,21 @@ def _launch(
 ) -> Server | str:
     """Start ``cmd``; the Server once ``health`` answers 200, else the reason it could not start."""
     try:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.DEVNULL,
-            stderr=open(log, "wb"),
-            env=env,  # noqa: SIM115
-            start_new_session=True,
-        )
+        proc = spawn(cmd, env, log)
     except OSError as exc:
         return f"{name}: cannot run {cmd[0]!r}: {exc}"
     srv = Server(name, url, model, proc, log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-600:]
-            return f"{name}: exited with {proc.returncode} while starting; log tail: {tail}"
-        try:
-            if (
-                httpx.get(url + health, timeout=2, headers={"Authorization": f"Bearer {TOKEN}"}).status_code
-                == 200
-            ):
-                return srv
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    srv.stop()
-    return f"{name}: not ready after {timeout:.0f} s (log: {log})"
+    try:
+        wait_healthy(proc, url + health, log, name=name, timeout=timeout, interval=0.5, tail=600,
+                     headers={"Authorization": f"Bearer {TOKEN}"})
+    except StartError as exc:
+        srv.stop()
+        return f"{exc} (log: {log})"
+    return srv
 
 
 def start_kvagent(tmp: Path, args: argparse.Namespace) -> Server | str:
-    port = _free_port()
+    port = free_port()
     (tmp / "tokens.json").write_text(json.dumps({TOKEN: {"principal": "bench"}}))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
     cmd = [
@@ -183,7 +157,7 @@ def start_kvagent_vllm(tmp: Path, args: argparse.Namespace) -> Server | str:
     the KVAgentConnector; run by the vLLM install's python, this checkout's kvagent first on the path."""
     if not Path(args.vllm_python).exists():
         return f"kvagent-vllm: {args.vllm_python} does not exist (give --vllm-python)"
-    port = _free_port()
+    port = free_port()
     (tmp / "tokens.json").write_text(json.dumps({TOKEN: {"principal": "bench"}}))
     engine_args = {"enforce_eager": True} if "--enforce-eager" in shlex.split(args.vllm_args) else {}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "4", **OFFLINE,
@@ -201,7 +175,7 @@ def start_vllm(tmp: Path, args: argparse.Namespace, model_dir: Path, connector: 
     """Bare vLLM's OpenAI server; with ``connector``, the same with the KVAgentConnector (local store in the
     run's temporary directory, no registry)."""
     name = "vllm-connector" if connector else "vllm"
-    port = _free_port()
+    port = free_port()
     base = (
         shlex.split(args.vllm_cmd)
         if args.vllm_cmd
@@ -245,7 +219,7 @@ def start_vllm(tmp: Path, args: argparse.Namespace, model_dir: Path, connector: 
 
 
 def start_transformers(tmp: Path, args: argparse.Namespace, model_dir: Path) -> Server | str:
-    port = _free_port()
+    port = free_port()
     cmd = [
         *shlex.split(args.transformers_cmd),
         str(model_dir),

@@ -14,12 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from tests.procs import StartError, log_tail, spawn, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 BLOBS_ENV = "KVAGENT_TEST_BLOBS"
@@ -54,7 +55,7 @@ class ServerProcess:
         return int(self.url.rsplit(":", 1)[1])
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return log_tail(self.log_path, chars=1 << 62)
 
     def stop(self, timeout: float = 15) -> int:
         """SIGTERM (graceful shutdown) and wait; SIGKILL if it does not exit in time."""
@@ -110,8 +111,7 @@ def start_server(
         **(extra_env or {}),
     }
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    proc = spawn(args, env, log_path, cwd=REPO, new_session=False)  # stop() signals the server alone
     server = ServerProcess(
         f"http://127.0.0.1:{port}",
         proc,
@@ -121,18 +121,13 @@ def start_server(
         blobs,
         blob_env.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") if blobs else None,
     )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"registry server exited with {proc.returncode}:\n{server.log()[-4000:]}")
-        try:
-            if httpx.get(server.url + "/v1/healthz", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    server.kill9()
-    raise RuntimeError(f"registry server did not become healthy in {timeout} s:\n{server.log()[-4000:]}")
+    try:
+        wait_healthy(proc, server.url + "/v1/healthz", log_path, name="registry server", timeout=timeout,
+                     interval=0.1)
+    except StartError:
+        server.kill9()
+        raise
+    return server
 
 
 def blob_backend() -> str:

@@ -117,6 +117,19 @@ def test_a_whole_prompt_engine_gets_the_whole_prompt_in_its_namespace() -> None:
     assert settled(ref.info, finish.usage) is ref.info
 
 
+def test_a_whole_prompt_engine_gets_the_published_kv_its_caller_may_read() -> None:
+    """The caller's registry source (the server's own, entitlements applied) travels with the request, so
+    the engine can stage what the caller may see; never with the reference, which reuses nothing."""
+    turns = PromptTurns(WholePromptEngine(), NoResolver())  # type: ignore[arg-type]
+    source = object()
+    params = GenerationParams(max_new_tokens=4)
+    turn = turns.prepare([1, 2, 3], params, namespace="ns-bob", registry=source)
+    assert turn.request.registry is source and turn.request.namespace == "ns-bob"
+    ref = turns.prepare([1, 2, 3], params, namespace="ns-bob", registry=source, reuse=False)
+    assert ref.request.registry is None
+    assert turns.prepare([1, 2, 3], params).request.registry is None
+
+
 def test_healthz_turns_503_once_the_engine_can_no_longer_generate() -> None:
     """A node whose engine core died answers /v1/healthz with 503 and the reason (a load balancer drains
     it); a healthy engine, an engine without the optional ``failure`` attribute and a registry-only node

@@ -104,6 +104,28 @@ def test_hosted_chat_without_an_artifact_pays_the_host_only(meta: MetaStore) -> 
     assert led.statement("bob").to_json()["purchases"][0]["key"] == HOSTED_CHAT
 
 
+def test_a_chat_an_engine_found_cached_is_settled_on_what_it_reused(meta: MetaStore) -> None:
+    """vLLM reports its cached prompt tokens only with its Finish: the pre-charge bills the whole prompt as
+    prefilled, settling gives back the difference to the cached price (and the unused output) exactly once;
+    a use dearer than the pre-charge moves nothing, and the ledger stays balanced."""
+    from kvagent.server.market_routes import HOSTED_CHAT
+
+    led = Ledger(meta, PRICES)
+    led.credit("bob", 10_000)
+    rec = led.charge_generate("bob", HOSTED_CHAT, mk.HOST, "v1", None, 1000, 0, 10)
+    assert rec is not None and rec.amount == 5000 + 200  # 1000 prompt tokens at 5, 10 output at 20
+    back = led.settle_generate(rec, 1000, 0, 10, 4, used_input_tokens=200, used_cached_tokens=800)
+    want = 1000 + 400 + 80  # 200 prefilled at 5, 800 cached at 0.5, 4 output at 20
+    assert back is not None and -back.amount == 5200 - want
+    assert (led.balance("bob"), led.balance(mk.HOST)) == (10_000 - want, want)
+    rec2 = led.charge_generate("bob", HOSTED_CHAT, mk.HOST, "v2", None, 100, 0, 10)
+    assert rec2 is not None
+    assert led.settle_generate(rec2, 100, 0, 10, 10, used_input_tokens=100, used_cached_tokens=50) is None
+    assert led.balance("bob") == 10_000 - want - rec2.amount
+    audit = led.audit()
+    assert audit.unbalanced == [] and audit.total == 0
+
+
 def test_proven_dispute_refunds_and_quarantines(meta: MetaStore) -> None:
     led = Ledger(meta)
     r = row(1, owner="mallory", visibility="restricted")

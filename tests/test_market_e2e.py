@@ -616,7 +616,7 @@ def test_a_stop_string_ends_a_chat_and_only_the_tokens_up_to_it_are_paid(server:
             assert reason == "stop" and stop not in text and (text + stop).startswith(" ".join(words[:cut]))
             assert usage["completion_tokens"] == cut + 1, (stream, usage, cut)
             cached = usage["prompt_tokens_details"]["cached_tokens"]
-            paid = generate_bill(prices, usage["prompt_tokens"], cached, cut + 1, 0).total
+            paid = generate_bill(prices, usage["prompt_tokens"] - cached, cached, cut + 1, 0).total
             assert start - erin.account_balance() == paid, (stream, usage)
             if not stream:
                 assert int(r.headers["X-KVAgent-Charged"]) == paid

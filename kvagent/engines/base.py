@@ -14,10 +14,13 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from ..engine import GenerationParams
 from ..kv import KVCache
+
+if TYPE_CHECKING:
+    from ..registry_tier import RegistrySource
 
 log = logging.getLogger("kvagent.engine")
 
@@ -49,6 +52,9 @@ class GenerationRequest:
     #: (``resolves_prefix``): such an engine shares KV only between requests of the same namespace, plus
     #: unsalted published KV; None: the shared namespace
     namespace: str | None = None
+    #: the published KV the caller may read (the server's own registry, entitlements applied), for an engine
+    #: that resolves the prompt's KV itself; None: only what the engine finds on its own
+    registry: RegistrySource | None = None
 
     @property
     def n_prompt(self) -> int:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..engine import GenerationParams
-from ..resolver import MAX_TAIL, CacheInfo, Resolver
+from ..resolver import MAX_TAIL, CacheInfo, RegistrySource, Resolver
 from ..textstream import TextStream
 from .base import (
     Cancel,
@@ -122,7 +122,7 @@ class PromptTurns:
         if not ids:
             raise ValueError("a prompt needs at least one token")
         if self.engine_resolves:
-            return self._whole(ids, params, stops, namespace, reuse)
+            return self._whole(ids, params, stops, namespace, reuse, resolve.get("registry"))
         if not reuse or len(ids) == 1:
             reason = "KV reuse disabled: full prefill" if not reuse else "one-token prompt"
             info = CacheInfo("disabled" if not reuse else "prefill", reason, 0, len(ids))
@@ -222,14 +222,18 @@ class PromptTurns:
         return bool(getattr(self.engine, "resolves_prefix", False))
 
     def _whole(self, ids: list[int], params: GenerationParams, stops: Sequence[str], namespace: str | None,
-               reuse: bool) -> Turn:
-        """A turn for an engine that resolves the prompt's KV itself: the whole prompt, in ``namespace``;
-        what it reused comes with the Finish (``Usage.cached_tokens``)."""
+               reuse: bool, registry: RegistrySource | None = None) -> Turn:
+        """A turn for an engine that resolves the prompt's KV itself: the whole prompt, in ``namespace``, with
+        the published KV the caller may read (``registry``); what it reused comes with the Finish
+        (``Usage.cached_tokens``)."""
         if not reuse:  # a namespace nothing else uses: the engine computes the whole prompt (the reference)
-            namespace = "full-prefill-" + secrets.token_hex(16)
+            namespace, registry = "full-prefill-" + secrets.token_hex(16), None
         reason = "the engine resolves the prompt's KV itself (kvagent's resolver behind its connector)"
         info = CacheInfo("engine" if reuse else "disabled", reason, 0, len(ids))
-        return Turn(ids, GenerationRequest(tuple(ids), None, params, tuple(stops), namespace=namespace), info)
+        request = GenerationRequest(
+            tuple(ids), None, params, tuple(stops), namespace=namespace, registry=registry
+        )
+        return Turn(ids, request, info)
 
     def _keeper(self, namespace: str | None) -> tuple[Callable[[Any], None], Callable[[], None]]:
         """(on_prompt, save) for a prompt whose tail the reply computes: its KV goes to memory as soon as the

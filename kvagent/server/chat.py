@@ -129,8 +129,9 @@ class ChatService:
         if cancel.is_set():
             sink(Finish("cancelled", Usage(len(job.ids), 0, 0)))
             return
-        resolve: dict[str, Any] = {"namespace": self.namespace(job.principal),
-                                   "registry": ServerSource(self.st, job.principal)}
+        # an engine that resolves the prompt itself says what it reused after the charge: no priced artifact
+        source = ServerSource(self.st, job.principal, sell=not self.turns.engine_resolves)
+        resolve: dict[str, Any] = {"namespace": self.namespace(job.principal), "registry": source}
         if job.guide is not None:
             reply = self.turns.guided(job.ids, job.params, job.guide, cancel=cancel, **resolve)
             sink(Cached(reply.info or CacheInfo("prefill", "guided reply fixed by its schema", 0, 0)))

@@ -211,13 +211,18 @@ class Ledger:
         return self._charge(buyer, key, publisher, idem, max_price, mk.GENERATE, bill)
 
     def settle_generate(self, receipt: Receipt, input_tokens: int, cached_tokens: int, max_output_tokens: int,
-                        used_output_tokens: int) -> Receipt | None:
-        """Give back what the unused output tokens of a pre-paid generation cost (one adjustment, #host ->
-        buyer)."""
+                        used_output_tokens: int, *, used_input_tokens: int | None = None,
+                        used_cached_tokens: int | None = None) -> Receipt | None:
+        """Give back what a pre-paid generation was charged beyond its use (one adjustment, #host -> buyer):
+        its unused output tokens and, when ``used_input_tokens``/``used_cached_tokens`` say the engine found
+        more of the prompt cached than the pre-charge counted (vLLM reports it at the end), the difference.
+        Settling only ever gives back: a use that would cost more than the pre-charge moves nothing."""
         if receipt.replayed:
             return None
+        ui = input_tokens if used_input_tokens is None else used_input_tokens
+        uc = cached_tokens if used_cached_tokens is None else used_cached_tokens
         full = mk.generate_bill(self.prices, input_tokens, cached_tokens, max_output_tokens, 0).host_fee
-        used = mk.generate_bill(self.prices, input_tokens, cached_tokens, used_output_tokens, 0).host_fee
+        used = mk.generate_bill(self.prices, ui, uc, used_output_tokens, 0).host_fee
         back = full - used
         if back <= 0:
             return None

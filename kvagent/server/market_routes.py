@@ -154,26 +154,31 @@ def settle_generate(
 HOSTED_CHAT = "hosted-chat"
 
 
-def charge_chat(st: State, p: Principal, request: Request, input_tokens: int, cached_tokens: int,
+def charge_chat(st: State, p: Principal, request: Request, prompt_tokens: int, cached_tokens: int,
                 max_output_tokens: int, row: ArtifactRow | None = None) -> Receipt | None:
-    """Pre-charge a chat completion: host token prices, plus the royalty of ``row`` when it resumed from a
-    published artifact (``cached_tokens`` then counts the tokens that artifact supplied). Settle with
-    :func:`settle_chat` when the answer is done; 402 (nothing served) when refused."""
+    """Pre-charge a chat completion: host token prices (``prompt_tokens - cached_tokens`` prefilled,
+    ``cached_tokens`` read from the KV), plus the royalty of ``row`` when it resumed from a published artifact
+    (``cached_tokens`` then counts the tokens that artifact supplied). Settle with :func:`settle_chat` when
+    the answer is done; 402 (nothing served) when refused."""
     key, owner = (row.key, row.owner) if row is not None else (HOSTED_CHAT, mk.HOST)
     try:
         return st.market.charge_generate(  # type: ignore[no-any-return]
             p.name, key, owner, request.headers.get(IDEMPOTENCY_HEADER), _max_price(request),
-            input_tokens, cached_tokens, max_output_tokens)
+            prompt_tokens - cached_tokens, cached_tokens, max_output_tokens)
     except mk.PaymentRefused as exc:
         raise _payment_required(exc) from exc
 
 
-def settle_chat(st: State, rec: Receipt | None, input_tokens: int, cached_tokens: int, max_output_tokens: int,
-                used_output_tokens: int) -> int:
-    """Give back the unused output tokens of a pre-charged chat completion; returns the amount given back."""
+def settle_chat(st: State, rec: Receipt | None, prompt_tokens: int, charged_cached: int, cached_tokens: int,
+                max_output_tokens: int, used_output_tokens: int) -> int:
+    """Give back what a pre-charged chat completion did not use: its unused output tokens, and the prompt
+    tokens the engine found cached beyond the ``charged_cached`` the pre-charge counted (an engine that
+    resolves the prompt itself reports them with its Finish); returns the amount given back."""
     if rec is None:
         return 0
-    back = st.market.settle_generate(rec, input_tokens, cached_tokens, max_output_tokens, used_output_tokens)
+    back = st.market.settle_generate(
+        rec, prompt_tokens - charged_cached, charged_cached, max_output_tokens, used_output_tokens,
+        used_input_tokens=prompt_tokens - cached_tokens, used_cached_tokens=cached_tokens)
     return -back.amount if back is not None else 0
 
 

@@ -326,7 +326,8 @@ class _Run:
                  fmt: tl.ToolFormat | None, request: Request) -> None:
         self.st, self.svc, self.job, self.kind, self.request = st, svc, job, kind, request
         self.receipt: Any = None  # the market's pre-charge (None when hosting is free)
-        self.given_back = 0  # what settling the pre-charge returned (unused output tokens)
+        self.given_back = 0  # what settling the pre-charge returned (unused output tokens, found cache)
+        self.charged_cached = 0  # the prompt tokens the pre-charge billed as cached
         self.text = TextStream(st.host.agent.tokenizer, job.params.stop_token_ids, stops)
         self.parser = tl.StreamParser(fmt) if fmt else None
         self.calls: list[tl.ToolCall] = []
@@ -366,6 +367,7 @@ class _Run:
             except ApiError:
                 row = None
         cached = info.cached_tokens if info else 0
+        self.charged_cached = cached
         self.receipt = await run_in_threadpool(
             market_routes.charge_chat, self.st, self.job.principal, self.request, len(self.job.ids), cached,
             self.job.params.max_new_tokens, row)
@@ -373,9 +375,10 @@ class _Run:
     async def _settle(self) -> None:
         cached = self.info.cached_tokens if self.info else 0
 
-        def settle() -> None:
-            self.given_back = market_routes.settle_chat(self.st, self.receipt, len(self.job.ids), cached,
-                                                        self.job.params.max_new_tokens, self.n_generated)
+        def settle() -> None:  # an engine that resolved the prompt itself reported its cached tokens by now
+            self.given_back = market_routes.settle_chat(
+                self.st, self.receipt, len(self.job.ids), self.charged_cached, cached,
+                self.job.params.max_new_tokens, self.n_generated)
 
         await finish(settle)
 

@@ -17,6 +17,7 @@ from ..registry import Handle, parse_handle
 from ..resolver import Fetched
 from .auth import Principal
 from .http import ApiError
+from .meta import ArtifactRow
 from .state import State, handle
 
 
@@ -29,9 +30,14 @@ class ServerSource:
     can_generate = False
     bandwidth_hint = 1e9  # a local read: the decode, not a network link, is what it costs
 
-    def __init__(self, st: State, principal: Principal) -> None:
-        self.st, self.principal = st, principal
+    def __init__(self, st: State, principal: Principal, *, sell: bool = True) -> None:
+        """``sell=False`` offers only what the caller may use without owing a royalty (its own artifacts and
+        unpriced ones): for an engine that says what it reused only after the request was charged."""
+        self.st, self.principal, self.sell = st, principal, sell
         self._blobs: dict[str, str] = {}  # key -> blob name of the rows looked up
+
+    def _offered(self, row: ArtifactRow) -> bool:
+        return self.sell or row.owner == self.principal.name or not self.st.market.price(row.key, row.owner)
 
     def _handle(self, row: object) -> Handle:
         h = parse_handle(handle(row))  # type: ignore[arg-type]
@@ -40,9 +46,10 @@ class ServerSource:
 
     def lookup(self, key: str, *, timeout: float | None = None) -> Handle | None:
         try:
-            return self._handle(self.st.visible(key, self.principal))
+            row = self.st.visible(key, self.principal)
         except ApiError:
             return None
+        return self._handle(row) if self._offered(row) else None
 
     def lookup_prefix(
         self, hashes: Sequence[str], *, timeout: float | None = None
@@ -55,7 +62,7 @@ class ServerSource:
             row = self.st.visible(key, self.principal)
         except ApiError:
             return None
-        return self._handle(row), blocks
+        return (self._handle(row), blocks) if self._offered(row) else None
 
     def fetch(self, h: Handle, expect: art.Expectation, *, max_price: int | None = None) -> Fetched:
         """The decoded KV (hosted use is charged per token by the chat endpoint, not per load)."""

