@@ -1,5 +1,5 @@
-"""The prompt turn on the batching engine (``chunked_prefill``): the resolver only finds what it can reuse, the
-engine prefills the rest between its decode steps (issue 27). A miss is exact and kept (memory, store, the
+"""The prompt turn on the batching engine (``chunked_prefill``): the resolver only finds what it can reuse,
+the engine prefills the rest between its decode steps (issue 27). A miss is exact and kept (memory, store, the
 caller's namespace only), a long uncached prompt never stalls the replies already decoding, and the engine's
 forward feeds the cost model as a prefill sample of the right kind."""
 
@@ -16,7 +16,15 @@ import torch
 from kvagent import KVAgent
 from kvagent import calibration as cal
 from kvagent.engine import GenerationParams
-from kvagent.engines import Finish, GenerationRequest, PromptTurns, Token, TransformersBatchEngine, Turn, Usage
+from kvagent.engines import (
+    Finish,
+    GenerationRequest,
+    PromptTurns,
+    Token,
+    TransformersBatchEngine,
+    Turn,
+    Usage,
+)
 
 PARAMS = GenerationParams(max_new_tokens=12)
 
@@ -58,7 +66,9 @@ def _no_resolver_prefill(agent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent.resolver, "_prefill", refuse)
 
 
-def test_a_miss_is_prefilled_by_the_engine_exact_and_kept(agent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_miss_is_prefilled_by_the_engine_exact_and_kept(
+    agent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     turns, batch = _turns(agent)
     _no_resolver_prefill(agent, monkeypatch)
     ids = _ids(300, 1)

@@ -117,12 +117,12 @@ class PromptTurns:
         **resolve: Any,
     ) -> Turn:
         """Resolve the KV of ``ids[:-1]`` and build the engine request (blocking: may read the store, ask the
-        registry or, for an engine without ``chunked_prefill``, prefill). ``namespace``: the private cache namespace; ``resolve``: further
-        ``Resolver.resolve`` options (``registry=``). ``reuse=False`` prefills the whole prompt with the
-        reply (the reference); ``keep=False`` keeps nothing; ``min_save_tokens``: keep a prompt's KV only
-        when that many of its tokens were computed (the resolver's default when None); ``defer_save=False``
-        lets the resolver write a KV it computed to the store at once (else ``Turn.save`` does, when
-        called)."""
+        registry or, for an engine without ``chunked_prefill``, prefill). ``namespace``: the private cache
+        namespace; ``resolve``: further ``Resolver.resolve`` options (``registry=``). ``reuse=False``
+        prefills the whole prompt with the reply (the reference); ``keep=False`` keeps nothing;
+        ``min_save_tokens``: keep a prompt's KV only when that many of its tokens were computed (the
+        resolver's default when None); ``defer_save=False`` lets the resolver write a KV it computed to the
+        store at once (else ``Turn.save`` does, when called)."""
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("a prompt needs at least one token")
