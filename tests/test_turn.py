@@ -72,12 +72,13 @@ def test_a_miss_is_prefilled_by_the_engine_exact_and_kept(
     turns, batch = _turns(agent)
     _no_resolver_prefill(agent, monkeypatch)
     ids = _ids(300, 1)
+    prefills = agent.stats()["prefills"]
     want = agent.engine.generate(None, ids, PARAMS).token_ids  # a full prefill of the same ids
     turn = turns.prepare(ids, PARAMS)
     info = turn.info
     assert turn.request.prefix is None and list(turn.request.prompt_ids) == ids
     assert (info.status, info.source, info.cached_tokens, info.prefilled_tokens) == ("prefill", "", 0, 300)
-    assert not info.hit and "nothing cached" in info.reason
+    assert not info.hit and "nothing cached" in info.reason and agent.stats()["prefills"] == prefills + 1
     assert _run(turns, turn) == want
     # the prompt's KV is in memory at once: the same prompt again reuses all but its last token
     again = turns.prepare(ids, PARAMS)

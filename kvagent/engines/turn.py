@@ -142,6 +142,8 @@ class PromptTurns:
         info = res.info
         info = replace(info, prefilled_tokens=len(ids) - info.cached_tokens)  # the whole prompt's count
         feed = [*res.tail, ids[-1]] if res.kv is not None else ids
+        if res.kv is None and self.engine_prefills:  # counted as the resolver's own prefill was
+            self.resolver.counters.add("prefills")
         save = res.save if keep else None
         on_prompt = timed = None
         if len(feed) > 1:  # the reply's first forward computes the rest of the prompt (or all of it)
