@@ -85,17 +85,22 @@ class ReadCosts:
 
     def record_continuation(self, n_new: int, past: int, seconds: float) -> None:
         """See ``Resolver.record_continuation``."""
+        if n_new <= 0 or not seconds > 0:
+            return
+        if not past and n_new >= MIN_RATE_TOKENS:  # a whole prompt: the rate a resolver prefill would measure
+            self.tier.prefill_tokens_per_s = n_new / seconds
         cost = self.cost
-        if cost is None or n_new <= 0 or not seconds > 0:
+        if cost is None:
             return
         from .calibration import Outcome
 
         checked = self.predicts()
+        path = "tail" if past else pol.LOCAL_PREFILL
 
         def record() -> None:
             if checked:
                 predicted = cost.estimate_prefill(n_new, past).value  # before the sample joins the fit
-                cost.record_outcome(Outcome("chat", "tail", predicted, seconds, n_new, past))
+                cost.record_outcome(Outcome("chat", path, predicted, seconds, n_new, past))
             cost.record_prefill(n_new, past, seconds)
 
         threading.Thread(target=record, daemon=True, name="kvagent-calibrate").start()

@@ -430,7 +430,9 @@ class Resolver:
     # -- predictions checked against costs (``self.costs``) -----------------------------------------
     def record_continuation(self, n_new: int, past: int, seconds: float) -> None:
         """A chat turn's first forward prefilled ``n_new`` prompt tokens after ``past`` cached ones in
-        ``seconds``: a continuation sample for the cost model, and an outcome against its prediction (in the
+        ``seconds``: a prefill sample for the cost model (a continuation; with ``past`` 0 a whole prompt from
+        scratch, left to the engine by a ``compute=False`` resolution, which also measures this process's
+        prefill rate as a resolver prefill does), and an outcome against its prediction (in the
         background)."""
         self.costs.record_continuation(n_new, past, seconds)
 

@@ -103,10 +103,17 @@ class GenerationEngine(Protocol):
 
     ``resolves_prefix``: the engine finds a prompt's cached KV itself (vLLM through kvagent's connector,
     which asks the same resolver): it takes whole prompts (``prefix`` None, ``namespace`` set) and reports
-    the tokens it reused in ``Finish.usage.cached_tokens``; the prompt-turn core then resolves nothing."""
+    the tokens it reused in ``Finish.usage.cached_tokens``; the prompt-turn core then resolves nothing.
+    ``chunked_prefill``: the engine prefills whatever a request's ``prefix`` leaves of its prompt itself, in
+    chunks between its decode steps (the batching transformers engine); the prompt-turn core then asks the
+    resolver only for what it can reuse and never lets it prefill, so an uncached prompt does not stall the
+    sequences already decoding. Without it the resolver prefills all but a short tail first."""
 
     max_positions: int | None
     resolves_prefix: bool
+
+    @property
+    def chunked_prefill(self) -> bool: ...
 
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
         """Queue ``request``; its events go to ``sink`` (on the engine's thread). Raises EngineError at once

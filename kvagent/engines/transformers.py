@@ -218,7 +218,8 @@ class TransformersBatchEngine:
         self._prefilling: list[_Seq] = []  # admitted, their prompt tails being prefilled (in order)
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._batchable: bool | None = None  # decided on the first request
+        self._batchable: bool | None = None  # decided on the first request (or chunked_prefill's first read)
+        self._probe_lock = threading.Lock()
 
     # -- the interface ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink) -> _Handle:
@@ -246,6 +247,13 @@ class TransformersBatchEngine:
                 self._thread.start()
             self._cv.notify_all()
         return handle
+
+    @property
+    def chunked_prefill(self) -> bool:
+        """Whether this engine prefills a request's uncached prompt itself, in chunks between decode steps:
+        true for a model that batches; one that does not runs each request alone, the prompt-turn core
+        prefilling all but its tail first, as before."""
+        return self._batches()
 
     @property
     def running(self) -> int:
@@ -327,9 +335,7 @@ class TransformersBatchEngine:
             seq.gen.seed()
         if req.stop_strings:
             seq.text = TextStream(self.tokenizer, (), req.stop_strings)
-        if self._batchable is None:
-            self._batchable = self._probe()
-        if not self._batchable:
+        if not self._batches():
             self._solo(seq)
             return
         seq.ids = torch.as_tensor(req.prompt_ids, dtype=torch.long).view(1, -1).to(eng.device)
@@ -461,6 +467,13 @@ class TransformersBatchEngine:
             cfg._attn_implementation = before
 
     # -- models that cannot batch ----------------------------------------------------------------
+    def _batches(self) -> bool:
+        """Whether this model batches (probed once, on first need, from whichever thread asks first)."""
+        with self._probe_lock:
+            if self._batchable is None:
+                self._batchable = self._probe()
+            return self._batchable
+
     def _probe(self) -> bool:
         """Whether this model batches: plain full K/V layers, its attention through transformers' interface,
         and a ragged step of two different sequences matching each one's own decode step."""

@@ -8,8 +8,13 @@ engine. A guided reply (a forced tool call, schema JSON: :mod:`kvagent.guided`) 
 one per value.
 
 The OpenAI-compatible endpoint, hosted ``/generate`` and the LangChain models are thin adapters over this
-module. An engine that resolves the prompt's KV itself (``resolves_prefix``: vLLM behind kvagent's connector,
-which asks the same resolver) gets the whole prompt instead; its Finish says what it reused (:func:`settled`).
+module. An engine that prefills prompts itself between its decode steps (``chunked_prefill``: the batching
+transformers engine) is asked for no prefill at all: the resolver answers with what it can reuse only (its
+reuse-only lookup, ``compute=False``, the tiers, policy and checks unchanged), and the engine computes the
+rest, the whole prompt on a miss, in chunks, so a new prompt never stalls the replies already decoding; that
+KV is kept the same way. An engine that resolves the prompt's KV itself (``resolves_prefix``: vLLM behind
+kvagent's connector, which asks the same resolver) gets the whole prompt instead; its Finish says what it
+reused (:func:`settled`).
 Events: :class:`Cached` first (what the cache did), then the engine's
 :class:`~kvagent.engines.base.Token` events and one :class:`~kvagent.engines.base.Finish`; a guided reply
 sends one :class:`Guided` instead of tokens.
@@ -112,12 +117,12 @@ class PromptTurns:
         **resolve: Any,
     ) -> Turn:
         """Resolve the KV of ``ids[:-1]`` and build the engine request (blocking: may read the store, ask the
-        registry or prefill). ``namespace``: the private cache namespace; ``resolve``: further
-        ``Resolver.resolve`` options (``registry=``). ``reuse=False`` prefills the whole prompt with the
-        reply (the reference); ``keep=False`` keeps nothing; ``min_save_tokens``: keep a prompt's KV only
-        when that many of its tokens were computed (the resolver's default when None); ``defer_save=False``
-        lets the resolver write a KV it computed to the store at once (else ``Turn.save`` does, when
-        called)."""
+        registry or, for an engine without ``chunked_prefill``, prefill). ``namespace``: the private cache
+        namespace; ``resolve``: further ``Resolver.resolve`` options (``registry=``). ``reuse=False``
+        prefills the whole prompt with the reply (the reference); ``keep=False`` keeps nothing;
+        ``min_save_tokens``: keep a prompt's KV only when that many of its tokens were computed (the
+        resolver's default when None); ``defer_save=False`` lets the resolver write a KV it computed to the
+        store at once (else ``Turn.save`` does, when called)."""
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("a prompt needs at least one token")
@@ -129,21 +134,25 @@ class PromptTurns:
             return Turn(ids, GenerationRequest(tuple(ids), None, params, tuple(stops)), info)
         if min_save_tokens is not None:
             resolve["min_save_tokens"] = min_save_tokens if keep else len(ids) + 1
+        if self.engine_prefills:  # reuse only: what no tier covers is prefilled by the engine, in chunks
+            resolve["compute"] = False
         res = self.resolver.resolve(
             ids[:-1], namespace=namespace, document=False, defer_save=defer_save, max_tail=MAX_TAIL, **resolve
         )
         info = res.info
         info = replace(info, prefilled_tokens=len(ids) - info.cached_tokens)  # the whole prompt's count
         feed = [*res.tail, ids[-1]] if res.kv is not None else ids
+        if res.kv is None and self.engine_prefills:  # counted as the resolver's own prefill was
+            self.resolver.counters.add("prefills")
         save = res.save if keep else None
-        on_prompt = None
-        if keep and res.kv is not None and res.tail and len(feed) >= max(2, min_save_tokens or 0):
-            # the reply's first forward computes the rest of the prompt
-            on_prompt, save = self._keeper(namespace)
-        timed = None
-        # that forward is a continuation prefill: a sample for the cost model
-        if res.kv is not None and res.tail:
-            n_new, past = len(feed), res.kv.n_tokens
+        on_prompt = timed = None
+        if len(feed) > 1:  # the reply's first forward computes the rest of the prompt (or all of it)
+            enough = len(feed) >= max(2, min_save_tokens or 0)
+            if keep and (enough or res.kv is None):  # a whole prompt goes to memory, as a resolver prefill's
+                on_prompt, save = self._keeper(namespace, store=enough)
+            # that forward is a prefill (from scratch, or a continuation of the cached prefix): a sample for
+            # the cost model
+            n_new, past = len(feed), res.kv.n_tokens if res.kv is not None else 0
 
             def timed(seconds: float) -> None:
                 self.resolver.record_continuation(n_new, past, seconds)
@@ -221,6 +230,12 @@ class PromptTurns:
         """Whether the engine finds the prompt's cached KV itself (``GenerationEngine.resolves_prefix``)."""
         return bool(getattr(self.engine, "resolves_prefix", False))
 
+    @property
+    def engine_prefills(self) -> bool:
+        """Whether the engine prefills what the cache does not cover itself, between its decode steps
+        (``GenerationEngine.chunked_prefill``)."""
+        return bool(getattr(self.engine, "chunked_prefill", False))
+
     def _whole(self, ids: list[int], params: GenerationParams, stops: Sequence[str], namespace: str | None,
                reuse: bool, registry: RegistrySource | None = None) -> Turn:
         """A turn for an engine that resolves the prompt's KV itself: the whole prompt, in ``namespace``, with
@@ -235,9 +250,12 @@ class PromptTurns:
         )
         return Turn(ids, request, info)
 
-    def _keeper(self, namespace: str | None) -> tuple[Callable[[Any], None], Callable[[], None]]:
-        """(on_prompt, save) for a prompt whose tail the reply computes: its KV goes to memory as soon as the
-        first forward has it (for the next turn), and to the local store when ``save`` is called."""
+    def _keeper(
+        self, namespace: str | None, store: bool = True
+    ) -> tuple[Callable[[Any], None], Callable[[], None] | None]:
+        """(on_prompt, save) for a prompt whose tail (or whole) the reply computes: its KV goes to memory as
+        soon as the first forward has it (for the next turn), and to the local store when ``save`` is called
+        (None unless ``store``)."""
         kept: list[Any] = []
         resolver = self.resolver
 
@@ -249,7 +267,7 @@ class PromptTurns:
             if kept:
                 resolver.keep(kept[0], namespace=namespace)
 
-        return on_prompt, save
+        return on_prompt, save if store else None
 
 
 def settled(info: CacheInfo, usage: Usage) -> CacheInfo:

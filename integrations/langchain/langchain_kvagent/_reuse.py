@@ -3,9 +3,9 @@
 LangChain hands a model a whole prompt, not a (document, question) pair, so reuse is found by token ids:
 ``kvagent.PromptTurns`` (the same core the OpenAI-compatible endpoint uses) resolves the KV of the prompt
 minus its last token from the best tier that has any of it (this process's memory, the local store, or the
-registry, with its cost policy, verification, entitlements and fallback), prefilling only what no tier
-covers, keeps the prompt's KV so the next prompt sharing its beginning resumes from it, and runs the reply on
-the agent's batching engine (calls from several threads decode together). Only kvagent's public API is used
+registry, with its cost policy, verification, entitlements and fallback), leaves only what no tier covers to
+the agent's batching engine, which prefills it in chunks between its decode steps (calls from several threads
+decode together), and keeps the prompt's KV so the next prompt sharing its beginning resumes from it. Only kvagent's public API is used
 here.
 """
 
@@ -77,16 +77,18 @@ class PromptRunner:
         self.turns = PromptTurns(agent.engine.batch(agent.tokenizer), agent.resolver, agent.tokenizer)
 
     def prepare(self, ids: Sequence[int], params: GenerationParams, stops: Sequence[str] = ()) -> Turn:
-        """Resolve the prompt's KV (a KV the resolver computes is stored at once), build the request."""
+        """Resolve the prompt's KV and build the request. A KV the resolver computes (a model that does not
+        batch) is stored at once; one the reply's forward computes, in memory at once and in the store once
+        the reply has ended."""
         return self.turns.prepare(ids, params, stops=stops, reuse=self.reuse, keep=self.save,
                                   min_save_tokens=self.min_save_tokens, defer_save=False)
 
     def start(self, ids: Sequence[int]) -> tuple[KVCache | None, list[int], CacheInfo]:
-        """The KV of a prefix of ``ids`` (None with reuse off: the caller prefills everything), the ids the
-        first forward still has to run after it, and what it cost.
+        """The KV of a prefix of ``ids`` (None with reuse off, or when nothing is cached: the caller prefills
+        everything), the ids the first forward still has to run after it, and what it cost.
 
-        A cached prefix that leaves a short tail (a new question) does not prefill it separately: the reply's
-        first forward runs it with the last token, one pass over the cached KV instead of two.
+        Nothing is prefilled here: what no tier covers (a new question, or the whole prompt on a miss) is run
+        by the reply's first forward, on the batching engine, in chunks between its decode steps.
         """
         turn = self.prepare(ids, GenerationParams(max_new_tokens=1))
         return turn.request.prefix, list(turn.request.prompt_ids), turn.info

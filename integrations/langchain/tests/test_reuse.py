@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvagent import GenerationParams, KVAgent, shared_prefix
+from kvagent import GenerationParams, KVAgent, Token, shared_prefix
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from langchain_kvagent._reuse import PromptRunner
@@ -27,6 +27,13 @@ def _ids(seed: int, n: int) -> list[int]:
     return torch.randint(0, 512, (n,), generator=g).tolist()
 
 
+def _reply(runner: PromptRunner, ids: list[int], params: GenerationParams) -> list[int]:
+    """A reply's token ids through the runner's prompt turn (which keeps the prompt's KV the engine computes);
+    the tiny model has no tokenizer for ``complete``'s text."""
+    events = runner.turns.events(runner.prepare(ids, params))
+    return [ev.token_id for ev in events if isinstance(ev, Token)]
+
+
 def test_shared_prefix() -> None:
     a = torch.tensor([1, 2, 3, 4])
     assert shared_prefix(a, torch.tensor([1, 2, 9])) == 2
@@ -39,8 +46,9 @@ def test_second_prompt_resumes_and_matches_full_prefill(tiny_agent: KVAgent) -> 
     q1, q2 = _ids(2, 7), _ids(3, 9)
     params = GenerationParams(max_new_tokens=12)
     runner = PromptRunner(tiny_agent, min_save_tokens=1)
-    first, feed, _ = runner.start(doc + q1)  # nothing cached: the context is prefilled and kept
-    assert first is not None and feed == q1[-1:]
+    first, feed, info = runner.start(doc + q1)  # nothing cached: the engine prefills it all with the reply
+    assert first is None and feed == doc + q1 and info.status == "prefill" and info.cached_tokens == 0
+    assert _reply(runner, doc + q1, params) == tiny_agent.engine.generate(None, doc + q1, params).token_ids
     assert runner.start(doc + q1)[2].cached_tokens == len(doc) + len(q1) - 1
     kv, feed, info = runner.start(doc + q2)  # the shared prefix; the new question runs with the reply
     assert info.status == "prefix" and info.cached_tokens >= len(doc) and kv is not None
@@ -59,7 +67,7 @@ def test_second_prompt_resumes_and_matches_full_prefill(tiny_agent: KVAgent) -> 
 def test_prefix_is_found_in_the_store_after_memory_is_dropped(tiny_agent: KVAgent) -> None:
     doc = _ids(4, 64)
     runner = PromptRunner(tiny_agent, min_save_tokens=1)
-    runner.start(doc + [5, 6, 7])
+    _reply(runner, doc + [5, 6, 7], GenerationParams(max_new_tokens=1))  # computed by the engine, then stored
     tiny_agent.forget_memory()
     kv, feed, info = runner.start(doc + [9, 9, 1])
     assert kv is not None and info.cached_tokens == len(doc), info.reason

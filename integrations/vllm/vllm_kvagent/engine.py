@@ -173,6 +173,9 @@ class VLLMEngine:
     """kvagent's engine interface over an in-process vLLM ``LLMEngine`` (see the module docstring)."""
 
     resolves_prefix = True
+    #: vLLM prefills in chunks in its own scheduler, but it resolves whole prompts itself (above): the
+    #: prompt-turn core never asks kvagent's resolver on its behalf
+    chunked_prefill = False
 
     def __init__(
         self, args: Mapping[str, Any], *, max_batch: int = 8, stager: PublishedStager | None = None
