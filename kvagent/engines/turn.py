@@ -77,6 +77,14 @@ class Turn:
     #: writes the prompt's KV to the local store (call once the answer is out); None when there is nothing to
     # keep
     save: Callable[[], None] | None = None
+    #: seconds the engine's forwards spent on the prompt's uncached part (set once the engine has run them;
+    # ``info.prefill_seconds`` is what the resolver spent before)
+    engine_prefill_seconds: float = 0.0
+
+    @property
+    def prefill_seconds(self) -> float:
+        """Seconds spent prefilling the prompt so far, by the resolver and by the engine."""
+        return self.info.prefill_seconds + self.engine_prefill_seconds
 
 
 @dataclass
@@ -155,10 +163,12 @@ class PromptTurns:
             n_new, past = len(feed), res.kv.n_tokens if res.kv is not None else 0
 
             def timed(seconds: float) -> None:
+                turn.engine_prefill_seconds = seconds
                 self.resolver.record_continuation(n_new, past, seconds)
 
         request = GenerationRequest(tuple(feed), res.kv, params, tuple(stops), on_prompt, timed)
-        return Turn(ids, request, info, save)
+        turn = Turn(ids, request, info, save)
+        return turn
 
     def submit(self, turn: Turn, sink: Sink, cancel: Cancel | None = None) -> None:
         """Start ``turn`` on the engine; its events go to ``sink`` (``cancel`` stops it)."""

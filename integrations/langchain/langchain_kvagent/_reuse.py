@@ -48,6 +48,8 @@ class Completion:
     text: str = ""
     finish_reason: str = "length"
     seconds: float = 0.0
+    #: seconds spent prefilling the prompt's uncached part (by the resolver, or by the engine's first forwards)
+    prefill_seconds: float = 0.0
 
     def metadata(self) -> dict[str, Any]:
         """What LangChain shows as ``generation_info`` / ``response_metadata``."""
@@ -58,7 +60,7 @@ class Completion:
             "kv_cached_tokens": self.info.cached_tokens,
             "kv_prefilled_tokens": self.info.prefilled_tokens,
             "kv_reason": self.info.reason,
-            "kv_prefill_seconds": round(self.info.prefill_seconds, 4),
+            "kv_prefill_seconds": round(self.prefill_seconds, 4),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": len(self.token_ids),
             "finish_reason": self.finish_reason,
@@ -99,7 +101,7 @@ class PromptRunner:
         """Start a generation; iterate the returned deltas to drive it (the Completion fills in meanwhile)."""
         t0 = time.perf_counter()
         turn = self.prepare(ids, params, stops)
-        done = Completion(info=turn.info, prompt_tokens=len(turn.ids))
+        done = Completion(info=turn.info, prompt_tokens=len(turn.ids), prefill_seconds=turn.prefill_seconds)
         return done, self._deltas(done, turn, params, stops, t0)
 
     def complete(self, ids: Sequence[int], params: GenerationParams, stops: Sequence[str] = ()) -> Completion:
@@ -122,6 +124,7 @@ class PromptRunner:
                     raise ev.error
 
         yield from text.deltas(tokens())
+        done.prefill_seconds = turn.prefill_seconds
         done.finish_reason = text.finish_reason or "length"
         done.text = text.text
         done.seconds = time.perf_counter() - t0

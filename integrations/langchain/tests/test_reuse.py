@@ -80,3 +80,11 @@ def test_reuse_off_prefills_everything(tiny_agent: KVAgent) -> None:
     PromptRunner(tiny_agent, min_save_tokens=1).start(ids)
     kv, feed, info = PromptRunner(tiny_agent, reuse=False).start(ids)
     assert kv is None and feed == ids and info.status == "disabled" and info.prefilled_tokens == len(ids)
+
+
+def test_a_miss_reports_the_seconds_the_engine_spent_prefilling_it(tiny_agent: KVAgent) -> None:
+    runner = PromptRunner(tiny_agent, min_save_tokens=1)
+    turn = runner.prepare(_ids(6, 90), GenerationParams(max_new_tokens=2))
+    assert turn.info.status == "prefill" and turn.prefill_seconds == 0.0  # nothing has run yet
+    list(runner.turns.events(turn))
+    assert turn.engine_prefill_seconds > 0 and turn.prefill_seconds == turn.engine_prefill_seconds
