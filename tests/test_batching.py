@@ -20,7 +20,9 @@ from kvagent.engines import (
     TransformersBatchEngine,
     events,
 )
+from kvagent.engines.transformers import _Handle, _Part, _Seq
 from kvagent.errors import EngineError
+from tests.conftest import TINY_ARCHS
 
 GREEDY = GenerationParams(max_new_tokens=24)
 
@@ -337,3 +339,71 @@ def test_a_long_prompt_coming_in_does_not_stop_the_others_emitting(llama: Transf
 def test_prefill_chunk_must_be_positive(llama: TransformersEngine) -> None:
     with pytest.raises(EngineError):
         TransformersBatchEngine(llama, prefill_chunk=0)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_several_tails_prefilled_in_one_forward_each_equal_generate(tiny_model: Any, arch: str) -> None:
+    """Tails after prefixes of different lengths (and one from nothing), several prefilled in one forward,
+    one of them split across chunks: every reply equals ``transformers.generate`` on its own full ids."""
+    model = tiny_model(arch)
+    engine = TransformersEngine(model)
+    batch = TransformersBatchEngine(engine, max_batch=8, prefill_chunk=48)
+    doc = _ids(120, 200)
+    kv = engine.prefill(doc)
+    # (prefix tokens, tail tokens); the 70-token tail is prefilled in two chunks
+    cases = [(0, 6), (17, 1), (17, 9), (60, 23), (33, 4), (90, 12), (120, 70)]
+    requests, want = [], []
+    for i, (p, n) in enumerate(cases):
+        tail = _ids(n, 210 + i)
+        params = GenerationParams(max_new_tokens=6 + i)
+        requests.append(GenerationRequest(tuple(tail), kv.truncate(p) if p else None, params))
+        want.append(_hf_greedy(model, doc[:p] + tail, params.max_new_tokens))
+    segments: list[int] = []  # per model call: how many sequences' tokens it ran (runs of positions)
+
+    def count(_m: Any, _a: Any, kw: dict[str, Any]) -> None:
+        pos = kw["position_ids"][0].tolist() if kw.get("position_ids") is not None else [0]
+        segments.append(1 + sum(1 for a, b in zip(pos, pos[1:], strict=False) if b != a + 1))
+
+    hook = model.register_forward_pre_hook(count, with_kwargs=True)
+    out: list[Any] = [None] * len(requests)
+    threads = [
+        threading.Thread(target=lambda i=i: out.__setitem__(i, _tokens(batch, requests[i])))
+        for i in range(len(requests))
+    ]
+    try:
+        with engine.lock:  # the requests queue up while the scheduler waits for the model (its probe)
+            for t in threads:
+                t.start()
+            time.sleep(0.3)
+        for t in threads:
+            t.join(120)
+    finally:
+        hook.remove()
+    assert [o[0] for o in out] == want
+    assert max(segments) >= 4, segments  # several tails (and decoding sequences) in one forward
+    batch.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_tail_after_a_prefix_in_a_batched_forward_is_bitwise_its_own_forward(
+    tiny_model: Any, embedded: Any, arch: str
+) -> None:
+    """One tail after a prefix through the batched forward (direct SDPA sharing the K/V heads, an additive
+    mask) gives exactly the logits of a plain forward after the prefix (transformers' SDPA wrapper, repeated
+    K/V heads, a boolean mask); on SmolLM2 too (grouped-query attention, 9 heads over 3)."""
+    for model in (tiny_model(arch), embedded.model):
+        engine = TransformersEngine(model)
+        batch = TransformersBatchEngine(engine)
+        assert batch._probe()
+        vocab = engine.config.get_text_config(decoder=True).vocab_size
+        kv = engine.prefill([t % vocab for t in _ids(70, 300)])
+        tail = tuple(t % vocab for t in _ids(13, 301))
+        with torch.inference_mode():
+            want = engine.forward(
+                engine.new_cache(kv), input_ids=torch.tensor([tail]), logits_to_keep=1
+            ).logits[0, -1]
+            seq = _Seq(GenerationRequest(tail, kv, GREEDY), lambda _e: None, _Handle(batch), 0.0)
+            batch._buffers(seq)
+            got = batch._forward([_Part(seq, tail, seq.n)])[0]
+        assert torch.equal(got, want)
+        batch.close()

@@ -116,7 +116,7 @@ class _StepCache:
     """The cache a batched forward passes to the model: writes each part's new K/V into its sequence's
     buffer and returns every sequence's K/V so far (views, no copy)."""
 
-    def __init__(self, parts: Sequence[_Part], device: torch.device) -> None:
+    def __init__(self, parts: Sequence[_Part], dtype: torch.dtype, device: torch.device) -> None:
         self.parts = parts
         self.spans: list[tuple[int, int]] = []  # (offset in the row, length) of each part's tokens
         self.masks: list[torch.Tensor | None] = []
@@ -124,7 +124,7 @@ class _StepCache:
         for p in parts:
             n = len(p.ids)
             self.spans.append((off, n))
-            self.masks.append(_tail_mask(p.start, n, device))
+            self.masks.append(_tail_mask(p.start, n, dtype, device))
             off += n
 
     def update(
@@ -141,15 +141,17 @@ class _StepCache:
         return _Rows(ks, self), _Rows(vs, self)
 
 
-def _tail_mask(start: int, n: int, device: torch.device) -> torch.Tensor | None:
+def _tail_mask(start: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
     """The mask transformers gives ``n`` queries after ``start`` cached tokens alone: none for one query
     (attends to all) or for a tail with nothing before it (SDPA's own causal mask), else causal after the
-    prefix (True: attend)."""
+    prefix. Additive (0 or -inf), as SDPA turns transformers' boolean mask before use, so each layer's call
+    does not convert it again."""
     if n == 1 or start == 0:
         return None
     cols = torch.arange(start + n, device=device)
     rows = torch.arange(start, start + n, device=device)
-    return (cols[None, :] <= rows[:, None])[None, None]
+    mask = torch.zeros((1, 1, n, start + n), dtype=dtype, device=device)
+    return mask.masked_fill_(cols[None, None, None, :] > rows[None, None, :, None], float("-inf"))
 
 
 def _failed(seq: _Seq, exc: BaseException) -> None:
@@ -163,16 +165,55 @@ def _ragged_attention(
     module: Any, query: torch.Tensor, key: Any, value: Any, attention_mask: Any, **kwargs: Any
 ) -> tuple[torch.Tensor, None]:
     """Attention of a batched forward, one sequence at a time on its own K/V with its own mask, through the
-    model's usual kernel."""
+    model's usual kernel: SDPA called directly where the model's kernel is transformers' SDPA on CPU (see
+    :func:`_direct_sdpa`), else that kernel as the model calls it."""
     if not isinstance(key, _Rows) or not isinstance(value, _Rows):
         raise EngineError("the ragged attention runs only inside a batched forward")
-    inner = _ragged_inner(module)
     step = key.step
+    parts = zip(step.spans, step.masks, key.rows, value.rows, strict=True)
+    if _direct_sdpa(module, query, kwargs):
+        scale = kwargs.get("scaling")
+        gqa = getattr(module, "num_key_value_groups", 1) > 1
+        causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", True) if causal is None else causal
+        out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+        for (off, n), mask, k, v in parts:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, off : off + n],
+                k,
+                v,
+                attn_mask=mask,
+                scale=scale,
+                is_causal=bool(causal and n > 1 and mask is None),
+                enable_gqa=gqa,
+            )
+            out[:, off : off + n].copy_(o.transpose(1, 2))
+        return out, None
+    inner = _ragged_inner(module)
     outs = [
-        inner(module, query[:, :, off : off + n], k, v, mask, **kwargs)[0]
-        for (off, n), mask, k, v in zip(step.spans, step.masks, key.rows, value.rows, strict=True)
+        inner(module, query[:, :, off : off + n], k, v, mask, **kwargs)[0] for (off, n), mask, k, v in parts
     ]
     return torch.cat(outs, dim=1), None
+
+
+def _direct_sdpa(module: Any, query: torch.Tensor, kwargs: dict[str, Any]) -> bool:
+    """Whether the ragged attention may call ``torch.nn.functional.scaled_dot_product_attention`` itself
+    instead of transformers' ``sdpa_attention_forward``: the model's kernel is that one, on CPU, with none of
+    its extras (dropout, softcap, position bias). The call is then the one the wrapper makes, without its
+    per-call overhead and copies, except after a prefix (a mask) where the wrapper repeats the K/V heads of a
+    grouped-query model and this call lets SDPA share them (``enable_gqa``): the same arithmetic, bit for bit
+    on CPU (``tests/test_batching.py`` checks it), without copying every sequence's K/V per layer."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return (
+        query.device.type == "cpu"
+        and _ragged_inner(module) is sdpa_attention_forward
+        and not kwargs.get("dropout")
+        and kwargs.get("softcap") is None
+        and kwargs.get("position_bias") is None
+        and not kwargs.get("output_attentions")
+        and query.shape[-1] <= 256
+    )
 
 
 def _ragged_inner(module: Any) -> Callable[..., Any]:
@@ -403,7 +444,7 @@ class TransformersBatchEngine:
                 position_ids=torch.tensor([pos], dtype=torch.long, device=dev),
                 use_cache=True,
                 logits_to_keep=torch.tensor(last, dtype=torch.long, device=dev),
-                **{eng.cache_arg: _StepCache(parts, dev)},
+                **{eng.cache_arg: _StepCache(parts, eng.dtype, dev)},
             )
         return out.logits[0]  # type: ignore[no-any-return]
 
