@@ -407,3 +407,21 @@ def test_a_tail_after_a_prefix_in_a_batched_forward_is_bitwise_its_own_forward(
             got = batch._forward([_Part(seq, tail, seq.n)])[0]
         assert torch.equal(got, want)
         batch.close()
+
+
+def test_prompt_seconds_are_reported_only_for_a_forward_of_its_own(llama: TransformersEngine) -> None:
+    batch = TransformersBatchEngine(llama, max_batch=4)
+    kv = llama.prefill(_ids(40, 400))
+    alone: list[float] = []
+    _tokens(batch, GenerationRequest(tuple(_ids(9, 401)), kv, GREEDY, on_prompt_seconds=alone.append))
+    assert len(alone) == 1 and alone[0] > 0
+    shared: list[float] = []
+    done = threading.Semaphore(0)
+    with batch._cv:  # the scheduler admits all three at once, and prefills them in one forward
+        for i in range(3):
+            request = GenerationRequest(tuple(_ids(9, 402 + i)), kv, GREEDY, on_prompt_seconds=shared.append)
+            batch.submit(request, lambda ev: done.release() if isinstance(ev, Finish) else None)
+    for _ in range(3):
+        assert done.acquire(timeout=60)
+    assert shared == []
+    batch.close()

@@ -5,11 +5,13 @@ Every step is one model call over one row of tokens: each decoding sequence's la
 ``prefill_chunk`` prompt-tail tokens of the requests still being prefilled (oldest first; a longer tail goes
 in chunks over several steps, so the sequences already decoding keep emitting while a long prompt comes in).
 The linear layers see all those tokens at once; attention runs per sequence on that sequence's own keys and
-values, through the model's usual attention kernel, with the mask that sequence would get alone (none for
-one token, causal for a tail with nothing before it, causal after the prefix otherwise): no padding, each
-token at its own position. A chunk thus attends to the prefix, the earlier chunks and itself, exactly as a
+values, through the model's usual attention kernel (transformers' SDPA is called as ``torch``'s SDPA
+directly, bit for bit the same), with the mask that sequence would get alone (none for one token, causal
+for a tail with nothing before it, causal after the prefix otherwise): no padding, each token at its own
+position. A chunk thus attends to the prefix, the earlier chunks and itself, exactly as a
 ``TransformersEngine.prefill`` with ``chunk_size`` does. A sequence whose tail is done joins the decode
-batch with its first token, picked from its last tail token's logits. The K/V of a sequence live in a buffer
+batch with its first token, picked from its last tail token's logits (its ``on_prompt_seconds`` is called
+only if no other sequence shared its forwards: a time of its own). The K/V of a sequence live in a buffer
 sized for its prompt plus ``max_new_tokens``, written in place (the prefix copied in once, then each chunk
 and each decoded token after it: no concatenation per chunk or per step).
 
@@ -45,8 +47,8 @@ log = logging.getLogger("kvagent.engine")
 
 RAGGED = "kvagent_ragged"
 
-#: prompt-tail tokens prefilled between two decode steps: a longer tail is prefilled in chunks of this size,
-#: several short tails together up to it
+#: prompt-tail tokens prefilled per step (one forward, beside the decoding sequences' tokens): a longer tail
+#: is prefilled in chunks of this size, several short tails together up to it
 PREFILL_CHUNK = 256
 
 
@@ -82,7 +84,8 @@ class _Seq:
     produced: int = 0
     text: TextStream | None = None
     done: int = 0  # prompt-tail tokens prefilled so far
-    forward_s: float = 0.0  # this prompt tail's share of the forwards that prefilled it
+    forward_s: float = 0.0  # seconds of the forwards that prefilled this prompt's tail
+    shared: bool = False  # whether any of them also ran other sequences' tokens
 
     def finish(self, reason: FinishReason, error: BaseException | None = None) -> None:
         now = time.perf_counter()
@@ -232,7 +235,7 @@ def _register() -> None:
 class TransformersBatchEngine:
     """The :class:`~kvagent.engines.base.GenerationEngine` over a :class:`~kvagent.engine.TransformersEngine`:
     continuous batching of up to ``max_batch`` sequences. ``tokenizer`` is needed for stop strings;
-    ``prefill_chunk``: prompt-tail tokens prefilled between two decode steps."""
+    ``prefill_chunk``: prompt-tail tokens prefilled per step."""
 
     #: the prompt-turn core resolves the prompt's KV and hands it over as ``GenerationRequest.prefix``
     resolves_prefix = False
@@ -409,7 +412,6 @@ class TransformersBatchEngine:
         t0 = time.perf_counter()
         logits = self._forward(parts)
         seconds = time.perf_counter() - t0
-        total = sum(len(p.ids) for p in parts)
         for p in parts:
             p.seq.n += len(p.ids)
         if decoding:
@@ -418,7 +420,8 @@ class TransformersBatchEngine:
         for i, p in enumerate(parts[len(decoding) :], start=len(decoding)):
             s = p.seq
             s.done += len(p.ids)
-            s.forward_s += seconds * len(p.ids) / total
+            s.forward_s += seconds
+            s.shared = s.shared or len(parts) > 1
             if s.done == len(s.request.prompt_ids):
                 self._prefilling.remove(s)
                 try:
@@ -452,7 +455,7 @@ class TransformersBatchEngine:
         """``seq``'s prompt is prefilled (into its buffers): hand its KV out, send the first token, join the
         decode batch."""
         req = seq.request
-        if req.on_prompt_seconds is not None:
+        if req.on_prompt_seconds is not None and not seq.shared:  # a time of its own only
             req.on_prompt_seconds(seq.forward_s)
         ids = torch.tensor(req.prompt_ids, dtype=torch.int64)
         prompt = ids if req.prefix is None else torch.cat([req.prefix.token_ids, ids])
