@@ -385,27 +385,41 @@ def test_several_tails_prefilled_in_one_forward_each_equal_generate(tiny_model: 
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_a_tail_after_a_prefix_in_a_batched_forward_is_bitwise_its_own_forward(
-    tiny_model: Any, embedded: Any, arch: str
+def test_a_tail_in_a_batched_forward_is_bitwise_its_own_forward(
+    tiny_model: Any, embedded: Any, arch: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One tail after a prefix through the batched forward (direct SDPA sharing the K/V heads, an additive
-    mask) gives exactly the logits of a plain forward after the prefix (transformers' SDPA wrapper, repeated
-    K/V heads, a boolean mask); on SmolLM2 too (grouped-query attention, 9 heads over 3)."""
+    """One tail through the batched forward (direct SDPA sharing the K/V heads; after a prefix an additive
+    mask) gives exactly the logits of a plain forward (transformers' SDPA wrapper; after a prefix repeated
+    K/V heads and a boolean mask): after a prefix, from nothing, one token; on SmolLM2 too (grouped-query
+    attention, 9 heads over 3)."""
+    import kvagent.engines.transformers as batched
+
+    direct: list[bool] = []
+    real = batched._direct_sdpa
+
+    def spy(*args: Any) -> bool:
+        direct.append(real(*args))
+        return direct[-1]
+
+    monkeypatch.setattr(batched, "_direct_sdpa", spy)
     for model in (tiny_model(arch), embedded.model):
         engine = TransformersEngine(model)
         batch = TransformersBatchEngine(engine)
         assert batch._probe()
         vocab = engine.config.get_text_config(decoder=True).vocab_size
-        kv = engine.prefill([t % vocab for t in _ids(70, 300)])
-        tail = tuple(t % vocab for t in _ids(13, 301))
-        with torch.inference_mode():
-            want = engine.forward(
-                engine.new_cache(kv), input_ids=torch.tensor([tail]), logits_to_keep=1
-            ).logits[0, -1]
-            seq = _Seq(GenerationRequest(tail, kv, GREEDY), lambda _e: None, _Handle(batch), 0.0)
-            batch._buffers(seq)
-            got = batch._forward([_Part(seq, tail, seq.n)])[0]
-        assert torch.equal(got, want)
+        doc = engine.prefill([t % vocab for t in _ids(70, 300)])
+        for kv, n in ((doc, 13), (None, 13), (doc, 1)):  # after a prefix, from nothing, one token
+            tail = tuple(t % vocab for t in _ids(n, 301))
+            with torch.inference_mode():
+                want = engine.forward(
+                    engine.new_cache(kv), input_ids=torch.tensor([tail]), logits_to_keep=1
+                ).logits[0, -1]
+                seq = _Seq(GenerationRequest(tail, kv, GREEDY), lambda _e: None, _Handle(batch), 0.0)
+                batch._buffers(seq)
+                got = batch._forward([_Part(seq, tail, seq.n)])[0]
+            assert torch.equal(got, want), (kv is not None, n)
+        assert direct and all(direct), "the direct SDPA path did not run"
+        direct.clear()
         batch.close()
 
 
