@@ -510,7 +510,7 @@ class TransformersBatchEngine:
     # -- models that cannot batch ----------------------------------------------------------------
     def _probe(self) -> bool:
         """Whether this model batches: plain full K/V layers, its attention through transformers' interface,
-        and a ragged step of two different sequences matching each one's own decode step."""
+        and a batched forward of three different sequences matching each one's own forward."""
         from transformers.cache_utils import DynamicLayer
 
         eng = self.engine
