@@ -194,7 +194,7 @@ class TransformersEngine:
     ) -> TransformersBatchEngine:
         """This engine's batching front (:class:`~kvagent.engines.transformers.TransformersBatchEngine`),
         made on first use and shared by every later caller; ``tokenizer`` serves stop strings;
-        ``prefill_chunk``: prompt-tail tokens prefilled between two decode steps (None: the default)."""
+        ``prefill_chunk``: prompt-tail tokens prefilled per batched step (None: the default)."""
         with self.lock:
             if self._batch is None:
                 from .engines.transformers import PREFILL_CHUNK, TransformersBatchEngine

@@ -20,7 +20,9 @@ from kvagent.engines import (
     TransformersBatchEngine,
     events,
 )
+from kvagent.engines.transformers import _Handle, _Part, _Seq
 from kvagent.errors import EngineError
+from tests.conftest import TINY_ARCHS
 
 GREEDY = GenerationParams(max_new_tokens=24)
 
@@ -337,3 +339,103 @@ def test_a_long_prompt_coming_in_does_not_stop_the_others_emitting(llama: Transf
 def test_prefill_chunk_must_be_positive(llama: TransformersEngine) -> None:
     with pytest.raises(EngineError):
         TransformersBatchEngine(llama, prefill_chunk=0)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_several_tails_prefilled_in_one_forward_each_equal_generate(tiny_model: Any, arch: str) -> None:
+    """Tails after prefixes of different lengths (and one from nothing), several prefilled in one forward,
+    one of them split across chunks: every reply equals ``transformers.generate`` on its own full ids."""
+    model = tiny_model(arch)
+    engine = TransformersEngine(model)
+    batch = TransformersBatchEngine(engine, max_batch=8, prefill_chunk=48)
+    doc = _ids(120, 200)
+    kv = engine.prefill(doc)
+    # (prefix tokens, tail tokens); the 70-token tail is prefilled in two chunks
+    cases = [(0, 6), (17, 1), (17, 9), (60, 23), (33, 4), (90, 12), (120, 70)]
+    requests, want = [], []
+    for i, (p, n) in enumerate(cases):
+        tail = _ids(n, 210 + i)
+        params = GenerationParams(max_new_tokens=6 + i)
+        requests.append(GenerationRequest(tuple(tail), kv.truncate(p) if p else None, params))
+        want.append(_hf_greedy(model, doc[:p] + tail, params.max_new_tokens))
+    segments: list[int] = []  # per model call: how many sequences' tokens it ran (runs of positions)
+
+    def count(_m: Any, _a: Any, kw: dict[str, Any]) -> None:
+        pos = kw["position_ids"][0].tolist() if kw.get("position_ids") is not None else [0]
+        segments.append(1 + sum(1 for a, b in zip(pos, pos[1:], strict=False) if b != a + 1))
+
+    hook = model.register_forward_pre_hook(count, with_kwargs=True)
+    out: list[Any] = [None] * len(requests)
+    threads = [
+        threading.Thread(target=lambda i=i: out.__setitem__(i, _tokens(batch, requests[i])))
+        for i in range(len(requests))
+    ]
+    try:
+        with engine.lock:  # the requests queue up while the scheduler waits for the model (its probe)
+            for t in threads:
+                t.start()
+            time.sleep(0.3)
+        for t in threads:
+            t.join(120)
+    finally:
+        hook.remove()
+    assert [o[0] for o in out] == want
+    assert max(segments) >= 4, segments  # several tails (and decoding sequences) in one forward
+    batch.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_tail_in_a_batched_forward_is_bitwise_its_own_forward(
+    tiny_model: Any, embedded: Any, arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One tail through the batched forward (direct SDPA sharing the K/V heads; after a prefix an additive
+    mask) gives exactly the logits of a plain forward (transformers' SDPA wrapper; after a prefix repeated
+    K/V heads and a boolean mask): after a prefix, from nothing, one token; on SmolLM2 too (grouped-query
+    attention, 9 heads over 3)."""
+    import kvagent.engines.transformers as batched
+
+    direct: list[bool] = []
+    real = batched._direct_sdpa
+
+    def spy(*args: Any) -> bool:
+        direct.append(real(*args))
+        return direct[-1]
+
+    monkeypatch.setattr(batched, "_direct_sdpa", spy)
+    for model in (tiny_model(arch), embedded.model):
+        engine = TransformersEngine(model)
+        batch = TransformersBatchEngine(engine)
+        assert batch._probe()
+        vocab = engine.config.get_text_config(decoder=True).vocab_size
+        doc = engine.prefill([t % vocab for t in _ids(70, 300)])
+        for kv, n in ((doc, 13), (None, 13), (doc, 1)):  # after a prefix, from nothing, one token
+            tail = tuple(t % vocab for t in _ids(n, 301))
+            with torch.inference_mode():
+                want = engine.forward(
+                    engine.new_cache(kv), input_ids=torch.tensor([tail]), logits_to_keep=1
+                ).logits[0, -1]
+                seq = _Seq(GenerationRequest(tail, kv, GREEDY), lambda _e: None, _Handle(batch), 0.0)
+                batch._buffers(seq)
+                got = batch._forward([_Part(seq, tail, seq.n)])[0]
+            assert torch.equal(got, want), (kv is not None, n)
+        assert direct and all(direct), "the direct SDPA path did not run"
+        direct.clear()
+        batch.close()
+
+
+def test_prompt_seconds_are_reported_only_for_a_forward_of_its_own(llama: TransformersEngine) -> None:
+    batch = TransformersBatchEngine(llama, max_batch=4)
+    kv = llama.prefill(_ids(40, 400))
+    alone: list[float] = []
+    _tokens(batch, GenerationRequest(tuple(_ids(9, 401)), kv, GREEDY, on_prompt_seconds=alone.append))
+    assert len(alone) == 1 and alone[0] > 0
+    shared: list[float] = []
+    done = threading.Semaphore(0)
+    with batch._cv:  # the scheduler admits all three at once, and prefills them in one forward
+        for i in range(3):
+            request = GenerationRequest(tuple(_ids(9, 402 + i)), kv, GREEDY, on_prompt_seconds=shared.append)
+            batch.submit(request, lambda ev: done.release() if isinstance(ev, Finish) else None)
+    for _ in range(3):
+        assert done.acquire(timeout=60)
+    assert shared == []
+    batch.close()

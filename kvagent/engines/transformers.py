@@ -1,29 +1,32 @@
-"""The transformers engine, batched: concurrent requests decode together, one forward per step for all of
-them.
+"""The transformers engine, batched: concurrent requests run together, one model forward per scheduler step
+for all of them.
 
-Each request first runs its prompt ids after its own prefix KV in forwards of its own, then joins the decode
-batch. A prompt tail longer than ``prefill_chunk`` tokens is prefilled in chunks, one chunk's worth of tokens
-between two decode steps, so the sequences already decoding keep emitting while a long prompt comes in
-(chunked prefill; a chunk attends to the prefix, the earlier chunks and itself, exactly as a
-``TransformersEngine.prefill`` with ``chunk_size`` does). Every decode step is one model
-call for all active sequences: the linear layers see a ``(batch, 1)`` input, while attention runs per
-sequence on that sequence's own keys and values (no padding, no mask, each at its own position), through the
-model's usual attention kernel. The K/V of a sequence live in a buffer sized for its prompt plus
-``max_new_tokens``, written in place from its prefill on (the prefix copied in once, each chunk and each
-decoded token written after it: no concatenation per chunk or per step).
+Every step is one model call over one row of tokens: each decoding sequence's last token, then up to
+``prefill_chunk`` prompt-tail tokens of the requests still being prefilled (oldest first; a longer tail goes
+in chunks over several steps, so the sequences already decoding keep emitting while a long prompt comes in).
+The linear layers see all those tokens at once; attention runs per sequence on that sequence's own keys and
+values, through the model's usual attention kernel (transformers' SDPA is called as ``torch``'s SDPA
+directly, bit for bit the same), with the mask that sequence would get alone (none for one token, causal
+for a tail with nothing before it, causal after the prefix otherwise): no padding, each token at its own
+position. A chunk thus attends to the prefix, the earlier chunks and itself, exactly as a
+``TransformersEngine.prefill`` with ``chunk_size`` does. A sequence whose tail is done joins the decode
+batch with its first token, picked from its last tail token's logits (its ``on_prompt_seconds`` is called
+only if no other sequence shared its forwards: a time of its own). The K/V of a sequence live in a buffer
+sized for its prompt plus ``max_new_tokens``, written in place (the prefix copied in once, then each chunk
+and each decoded token after it: no concatenation per chunk or per step).
 
 New requests join between steps; a cancelled request leaves before the next step. ``max_batch`` bounds the
-active sequences; further requests wait in submission order. One scheduler thread owns the decoding; every
-model call (prefills from other threads included) holds ``TransformersEngine.lock``.
+sequences admitted (decoding or being prefilled); further requests wait in submission order. One scheduler
+thread owns the model calls of the batch; each holds ``TransformersEngine.lock``.
 
 Models whose attention does not go through transformers' attention interface with full K/V per layer (sliding
-window, recurrent state) are not batched: their requests run one at a time, as before (logged once).
+window, recurrent state), or whose batched step does not match their single-sequence one, are not batched:
+their requests run one at a time, as before (logged once).
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import threading
 import time
@@ -36,6 +39,7 @@ import torch
 
 from ..engine import GenerationParams, TransformersEngine, pick_token
 from ..errors import EngineError
+from ..kv import KVCache
 from ..textstream import TextStream
 from .base import Finish, FinishReason, GenerationRequest, Sink, Token, Usage
 
@@ -43,8 +47,8 @@ log = logging.getLogger("kvagent.engine")
 
 RAGGED = "kvagent_ragged"
 
-#: prompt-tail tokens prefilled between two decode steps: a longer tail is prefilled in chunks of this size,
-#: several short tails together up to it
+#: prompt-tail tokens prefilled per step (one forward, beside the decoding sequences' tokens): a longer tail
+#: is prefilled in chunks of this size, several short tails together up to it
 PREFILL_CHUNK = 256
 
 
@@ -79,11 +83,9 @@ class _Seq:
     last: int = 0  # the last generated token (the next step's input)
     produced: int = 0
     text: TextStream | None = None
-    # the prompt tail's prefill, while it runs: its ids, the transformers cache, how many are done, seconds
-    ids: torch.Tensor | None = None
-    cache: Any = None
-    done: int = 0
-    forward_s: float = 0.0
+    done: int = 0  # prompt-tail tokens prefilled so far
+    forward_s: float = 0.0  # seconds of the forwards that prefilled this prompt's tail
+    shared: bool = False  # whether any of them also ran other sequences' tokens
 
     def finish(self, reason: FinishReason, error: BaseException | None = None) -> None:
         now = time.perf_counter()
@@ -93,83 +95,128 @@ class _Seq:
         self.sink(Finish(reason, usage, error))
 
 
+@dataclass
+class _Part:
+    """``seq``'s ``ids`` in one batched forward: its next tokens, written into its buffers from ``start``."""
+
+    seq: _Seq
+    ids: Sequence[int]
+    start: int
+
+
 class _Rows:
-    """Per-sequence K (or V) views of one layer, handed from the step's cache to the ragged attention."""
+    """Per-sequence K (or V) views of one layer, handed from the step's cache to the ragged attention, with
+    where each sequence's queries lie in the row and the mask each gets."""
 
-    __slots__ = ("rows",)
+    __slots__ = ("rows", "step")
 
-    def __init__(self, rows: list[torch.Tensor]) -> None:
+    def __init__(self, rows: list[torch.Tensor], step: _StepCache) -> None:
         self.rows = rows
+        self.step = step
 
 
 class _StepCache:
-    """The cache a batched decode step passes to the model: writes each row's new K/V into its sequence's
+    """The cache a batched forward passes to the model: writes each part's new K/V into its sequence's
     buffer and returns every sequence's K/V so far (views, no copy)."""
 
-    def __init__(self, seqs: Sequence[_Seq]) -> None:
-        self.seqs = seqs
+    def __init__(self, parts: Sequence[_Part], dtype: torch.dtype, device: torch.device) -> None:
+        self.parts = parts
+        self.spans: list[tuple[int, int]] = []  # (offset in the row, length) of each part's tokens
+        self.masks: list[torch.Tensor | None] = []
+        off = 0
+        for p in parts:
+            n = len(p.ids)
+            self.spans.append((off, n))
+            self.masks.append(_tail_mask(p.start, n, dtype, device))
+            off += n
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: Any, **__: Any
     ) -> tuple[_Rows, _Rows]:
         ks, vs = [], []
-        for i, s in enumerate(self.seqs):
-            k, v = s.keys[layer_idx], s.values[layer_idx]
-            k[:, :, s.n].copy_(key_states[i, :, 0])
-            v[:, :, s.n].copy_(value_states[i, :, 0])
-            ks.append(k[:, :, : s.n + 1])
-            vs.append(v[:, :, : s.n + 1])
-        return _Rows(ks), _Rows(vs)
+        for p, (off, n) in zip(self.parts, self.spans, strict=True):
+            k, v = p.seq.keys[layer_idx], p.seq.values[layer_idx]
+            end = p.start + n
+            k[:, :, p.start : end].copy_(key_states[:, :, off : off + n])
+            v[:, :, p.start : end].copy_(value_states[:, :, off : off + n])
+            ks.append(k[:, :, :end])
+            vs.append(v[:, :, :end])
+        return _Rows(ks, self), _Rows(vs, self)
 
 
-@functools.cache
-def _buffered_layer_type() -> type:
-    """A transformers ``DynamicLayer`` that writes into preallocated K/V buffers instead of concatenating
-    (made once, on first use: transformers is imported lazily)."""
-    from transformers.cache_utils import DynamicLayer
-
-    class BufferedLayer(DynamicLayer):  # type: ignore[misc]
-        def __init__(self, kbuf: torch.Tensor, vbuf: torch.Tensor, n: int) -> None:
-            super().__init__()
-            self.kbuf, self.vbuf = kbuf, vbuf
-            self.device = kbuf.device
-            self.n = n
-            self.keys, self.values = kbuf[:, :, :n], vbuf[:, :, :n]
-            self.is_initialized = True
-
-        def update(
-            self, key_states: torch.Tensor, value_states: torch.Tensor, *_: Any, **__: Any
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            n0 = self.n
-            self.n = n1 = n0 + key_states.shape[-2]
-            self.kbuf[:, :, n0:n1].copy_(key_states)
-            self.vbuf[:, :, n0:n1].copy_(value_states)
-            self.keys, self.values = self.kbuf[:, :, :n1], self.vbuf[:, :, :n1]
-            return self.keys, self.values
-
-    return BufferedLayer
+def _tail_mask(start: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The mask transformers gives ``n`` queries after ``start`` cached tokens alone: none for one query
+    (attends to all) or for a tail with nothing before it (SDPA's own causal mask), else causal after the
+    prefix. Additive (0 or -inf), as SDPA turns transformers' boolean mask before use, so each layer's call
+    does not convert it again."""
+    if n == 1 or start == 0:
+        return None
+    cols = torch.arange(start + n, device=device)
+    rows = torch.arange(start, start + n, device=device)
+    mask = torch.zeros((1, 1, n, start + n), dtype=dtype, device=device)
+    return mask.masked_fill_(cols[None, None, None, :] > rows[None, None, :, None], float("-inf"))
 
 
 def _failed(seq: _Seq, exc: BaseException) -> None:
     """End ``seq`` with an error of its own prefill (logged unless the request itself was at fault)."""
     if not isinstance(exc, EngineError):
         log.exception("a prompt's forward failed", exc_info=exc)
-    seq.ids = seq.cache = None
     seq.finish("error", exc)
 
 
 def _ragged_attention(
     module: Any, query: torch.Tensor, key: Any, value: Any, attention_mask: Any, **kwargs: Any
 ) -> tuple[torch.Tensor, None]:
-    """Attention of a decode step, one sequence at a time on its own K/V, with the model's usual kernel."""
+    """Attention of a batched forward, one sequence at a time on its own K/V with its own mask, through the
+    model's usual kernel: SDPA called directly where the model's kernel is transformers' SDPA on CPU (see
+    :func:`_direct_sdpa`), else that kernel as the model calls it."""
     if not isinstance(key, _Rows) or not isinstance(value, _Rows):
-        raise EngineError("the ragged attention runs only inside a batched decode step")
+        raise EngineError("the ragged attention runs only inside a batched forward")
+    step = key.step
+    parts = zip(step.spans, step.masks, key.rows, value.rows, strict=True)
+    if _direct_sdpa(module, query, kwargs):
+        scale = kwargs.get("scaling")
+        gqa = getattr(module, "num_key_value_groups", 1) > 1
+        causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", True) if causal is None else causal
+        out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+        for (off, n), mask, k, v in parts:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, off : off + n],
+                k,
+                v,
+                attn_mask=mask,
+                scale=scale,
+                is_causal=bool(causal and n > 1 and mask is None),
+                enable_gqa=gqa,
+            )
+            out[:, off : off + n].copy_(o.transpose(1, 2))
+        return out, None
     inner = _ragged_inner(module)
     outs = [
-        inner(module, query[i : i + 1], k, v, None, **kwargs)[0]
-        for i, (k, v) in enumerate(zip(key.rows, value.rows, strict=True))
+        inner(module, query[:, :, off : off + n], k, v, mask, **kwargs)[0] for (off, n), mask, k, v in parts
     ]
-    return torch.cat(outs, dim=0), None
+    return torch.cat(outs, dim=1), None
+
+
+def _direct_sdpa(module: Any, query: torch.Tensor, kwargs: dict[str, Any]) -> bool:
+    """Whether the ragged attention may call ``torch.nn.functional.scaled_dot_product_attention`` itself
+    instead of transformers' ``sdpa_attention_forward``: the model's kernel is that one, on CPU, with none of
+    its extras (dropout, softcap, position bias). The call is then the one the wrapper makes, without its
+    per-call overhead and copies, except after a prefix (a mask) where the wrapper repeats the K/V heads of a
+    grouped-query model and this call lets SDPA share them (``enable_gqa``): the same arithmetic, bit for bit
+    on CPU (``tests/test_batching.py`` checks it), without copying every sequence's K/V per layer."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return (
+        query.device.type == "cpu"
+        and _ragged_inner(module) is sdpa_attention_forward
+        and not kwargs.get("dropout")
+        and kwargs.get("softcap") is None
+        and kwargs.get("position_bias") is None
+        and not kwargs.get("output_attentions")
+        and query.shape[-1] <= 256
+    )
 
 
 def _ragged_inner(module: Any) -> Callable[..., Any]:
@@ -188,7 +235,7 @@ def _register() -> None:
 class TransformersBatchEngine:
     """The :class:`~kvagent.engines.base.GenerationEngine` over a :class:`~kvagent.engine.TransformersEngine`:
     continuous batching of up to ``max_batch`` sequences. ``tokenizer`` is needed for stop strings;
-    ``prefill_chunk``: prompt-tail tokens prefilled between two decode steps."""
+    ``prefill_chunk``: prompt-tail tokens prefilled per step."""
 
     #: the prompt-turn core resolves the prompt's KV and hands it over as ``GenerationRequest.prefix``
     resolves_prefix = False
@@ -294,15 +341,13 @@ class TransformersBatchEngine:
             try:
                 self._admit()
                 self._drop_cancelled()
-                if self._prefilling:
-                    self._prefill_some()
-                if self._active:
+                if self._active or self._prefilling:
                     self._step()
             except Exception as exc:  # a failed step ends the requests in it; the scheduler goes on
-                log.exception("a batched decode step failed")
-                for s in self._active:
+                log.exception("a batched step failed")
+                for s in [*self._active, *self._prefilling]:
                     s.finish("error", exc)
-                self._active = []
+                self._active, self._prefilling = [], []
 
     def _admit(self) -> None:
         """Start the prefill of waiting requests while the batch has room, in order."""
@@ -327,7 +372,7 @@ class TransformersBatchEngine:
 
     def _start(self, seq: _Seq) -> None:
         """Set ``seq`` up for its prefill (or run it alone to its end, on a model that does not batch)."""
-        req, eng = seq.request, self.engine
+        req = seq.request
         seq.started = time.perf_counter()
         if req.params.seed is not None:
             seq.gen.manual_seed(req.params.seed)
@@ -338,71 +383,94 @@ class TransformersBatchEngine:
         if not self._batches():
             self._solo(seq)
             return
-        seq.ids = torch.as_tensor(req.prompt_ids, dtype=torch.long).view(1, -1).to(eng.device)
-        seq.cache = self._buffered_cache(seq)
+        self._buffers(seq)
         self._prefilling.append(seq)
 
-    def _buffered_cache(self, seq: _Seq) -> Any:
-        """A transformers cache for ``seq``'s prefill whose layers write into ``seq``'s K/V buffers (sized for
-        the prompt and the generation), the prefix KV copied in first."""
-        from transformers import DynamicCache
-
+    def _buffers(self, seq: _Seq) -> None:
+        """``seq``'s K/V buffers, sized for its prompt and its generation, the prefix KV copied in."""
         req, eng = seq.request, self.engine
-        n0 = req.prefix.n_tokens if req.prefix is not None else 0
         cap = req.n_prompt + req.params.max_new_tokens
         lay = eng.layout
-        cache = DynamicCache(config=eng.config)
-        layers = []
         for i in range(lay.num_layers):
             kb = torch.empty((1, lay.num_kv_heads, cap, lay.head_dim), dtype=eng.dtype, device=eng.device)
             vb = torch.empty_like(kb)
             if req.prefix is not None:
-                kb[:, :, :n0].copy_(req.prefix.keys[i])
-                vb[:, :, :n0].copy_(req.prefix.values[i])
+                kb[:, :, : req.prefix.n_tokens].copy_(req.prefix.keys[i])
+                vb[:, :, : req.prefix.n_tokens].copy_(req.prefix.values[i])
             seq.keys.append(kb)
             seq.values.append(vb)
-            layers.append(_buffered_layer_type()(kb, vb, n0))
-        cache.layers = layers
-        return cache
+        seq.n = req.prefix.n_tokens if req.prefix is not None else 0
 
     @torch.inference_mode()
-    def _prefill_some(self) -> None:
-        """Prefill up to ``prefill_chunk`` prompt-tail tokens, oldest prompts first; a prompt whose tail is
-        done joins the decode batch."""
-        eng, budget = self.engine, self.prefill_chunk
-        while budget > 0 and self._prefilling:
-            seq = self._prefilling[0]
-            assert seq.ids is not None
-            total = seq.ids.shape[1]
-            n = min(budget, total - seq.done)
-            try:
-                with eng.lock:
-                    t0 = time.perf_counter()
-                    chunk = seq.ids[:, seq.done : seq.done + n]
-                    out = eng.forward(seq.cache, input_ids=chunk, logits_to_keep=1)
-                    seq.forward_s += time.perf_counter() - t0
-                seq.done += n
-                budget -= n
-                if seq.done == total:
-                    self._prefilling.pop(0)
-                    self._join(seq, out.logits[0, -1])
-            except Exception as exc:
-                if self._prefilling and self._prefilling[0] is seq:
-                    self._prefilling.pop(0)
-                _failed(seq, exc)
+    def _step(self) -> None:
+        """One forward: a token for every decoding sequence, and up to ``prefill_chunk`` prompt-tail tokens
+        (oldest prompts first); a prompt whose tail is done joins the decode batch."""
+        decoding = self._active
+        parts = [_Part(s, (s.last,), s.n) for s in decoding]
+        budget = self.prefill_chunk
+        for s in self._prefilling:
+            if budget == 0:
+                break
+            tail = s.request.prompt_ids
+            n = min(budget, len(tail) - s.done)
+            parts.append(_Part(s, tail[s.done : s.done + n], s.n))
+            budget -= n
+        t0 = time.perf_counter()
+        logits = self._forward(parts)
+        seconds = time.perf_counter() - t0
+        for p in parts:
+            p.seq.n += len(p.ids)
+        if decoding:
+            self.observer.step(len(decoding), seconds)
+        self._active = [s for i, s in enumerate(decoding) if self._emit(s, logits[i])]
+        for i, p in enumerate(parts[len(decoding) :], start=len(decoding)):
+            s = p.seq
+            s.done += len(p.ids)
+            s.forward_s += seconds
+            s.shared = s.shared or len(parts) > 1
+            if s.done == len(s.request.prompt_ids):
+                self._prefilling.remove(s)
+                try:
+                    self._join(s, logits[i])
+                except Exception as exc:
+                    _failed(s, exc)
+
+    def _forward(self, parts: Sequence[_Part]) -> torch.Tensor:
+        """One model call over ``parts``' tokens as one row, each at its own positions, each sequence's
+        K/V written into its own buffers; the logits after each part's last token, one row per part."""
+        eng = self.engine
+        ids: list[int] = []
+        pos: list[int] = []
+        last: list[int] = []
+        for p in parts:
+            ids.extend(p.ids)
+            pos.extend(range(p.start, p.start + len(p.ids)))
+            last.append(len(ids) - 1)
+        dev = eng.device
+        with eng.lock, self._ragged():
+            out = eng.model(
+                input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
+                position_ids=torch.tensor([pos], dtype=torch.long, device=dev),
+                use_cache=True,
+                logits_to_keep=torch.tensor(last, dtype=torch.long, device=dev),
+                **{eng.cache_arg: _StepCache(parts, eng.dtype, dev)},
+            )
+        return out.logits[0]  # type: ignore[no-any-return]
 
     def _join(self, seq: _Seq, logits: torch.Tensor) -> None:
         """``seq``'s prompt is prefilled (into its buffers): hand its KV out, send the first token, join the
         decode batch."""
-        req, eng = seq.request, self.engine
-        assert seq.ids is not None
-        if req.on_prompt_seconds is not None:
+        req = seq.request
+        if req.on_prompt_seconds is not None and not seq.shared:  # a time of its own only
             req.on_prompt_seconds(seq.forward_s)
-        ids = seq.ids[0].cpu()
+        ids = torch.tensor(req.prompt_ids, dtype=torch.int64)
         prompt = ids if req.prefix is None else torch.cat([req.prefix.token_ids, ids])
-        kv = eng.extract(seq.cache, prompt)
-        seq.ids = seq.cache = None
-        seq.n = kv.n_tokens
+        n = seq.n
+        kv = KVCache(
+            keys=tuple(k[:, :, :n] for k in seq.keys),
+            values=tuple(v[:, :, :n] for v in seq.values),
+            token_ids=prompt,
+        )
         if req.on_prompt is not None:
             req.on_prompt(kv)  # views of the buffers' first n positions, which decoding never writes
         if self._emit(seq, logits):
@@ -434,27 +502,6 @@ class TransformersBatchEngine:
             return False
         return True
 
-    @torch.inference_mode()
-    def _step(self) -> None:
-        seqs = self._active
-        eng = self.engine
-        t0 = time.perf_counter()
-        ids = torch.tensor([[s.last] for s in seqs], dtype=torch.long, device=eng.device)
-        pos = torch.tensor([[s.n] for s in seqs], dtype=torch.long, device=eng.device)
-        with eng.lock, self._ragged():
-            out = eng.model(
-                input_ids=ids,
-                position_ids=pos,
-                use_cache=True,
-                logits_to_keep=1,
-                **{eng.cache_arg: _StepCache(seqs)},
-            )
-        for s in seqs:
-            s.n += 1
-        self.observer.step(len(seqs), time.perf_counter() - t0)
-        logits = out.logits[:, -1]
-        self._active = [s for i, s in enumerate(seqs) if self._emit(s, logits[i])]
-
     @contextmanager
     def _ragged(self) -> Iterator[None]:
         """The model's attention switched to the ragged kind for one call (under the engine lock)."""
@@ -476,7 +523,7 @@ class TransformersBatchEngine:
 
     def _probe(self) -> bool:
         """Whether this model batches: plain full K/V layers, its attention through transformers' interface,
-        and a ragged step of two different sequences matching each one's own decode step."""
+        and a batched forward of three different sequences matching each one's own forward."""
         from transformers.cache_utils import DynamicLayer
 
         eng = self.engine
@@ -505,43 +552,33 @@ class TransformersBatchEngine:
             return False
 
     def _probe_step(self) -> bool:
+        """A batched forward of a one-token tail after a prefix, a longer tail after a prefix and a tail from
+        nothing gives each one's logits from its own forward."""
         eng = self.engine
         vocab = eng.config.get_text_config(decoder=True).vocab_size
-        prompts = [[1 % vocab, 2 % vocab, 3 % vocab], [4 % vocab, 5 % vocab]]
-        nxt = [7 % vocab, 9 % vocab]
-        want, seqs = [], []
-        for p, t in zip(prompts, nxt, strict=True):
-            kv = eng.prefill(p)
-            cache = eng.new_cache(kv)
-            with eng.lock:
-                want.append(
-                    eng.forward(
-                        cache, input_ids=torch.tensor([[t]], device=eng.device), logits_to_keep=1
-                    ).logits[0, -1]
-                )
+        cases = [([1, 2, 3], [7]), ([4, 5], [9, 11, 13]), ([], [6, 8, 10])]
+        want, parts = [], []
+        for prefix, tail in cases:
+            kv = eng.prefill([t % vocab for t in prefix]) if prefix else None
+            ids = tuple(t % vocab for t in tail)
+            with torch.inference_mode(), eng.lock:
+                out = eng.forward(eng.new_cache(kv), input_ids=torch.tensor([ids], device=eng.device))
+            want.append(out.logits[0, -1])
             s = _Seq(
-                GenerationRequest(tuple(p), None, GenerationParams(max_new_tokens=1)),
+                GenerationRequest(ids, kv, GenerationParams(max_new_tokens=1)),
                 lambda _e: None,
                 _Handle(self),
                 0.0,
             )
-            s.keys = [torch.cat([k, torch.zeros_like(k[:, :, :1])], dim=2) for k in kv.keys]
-            s.values = [torch.cat([v, torch.zeros_like(v[:, :, :1])], dim=2) for v in kv.values]
-            s.n, s.last = kv.n_tokens, t
-            seqs.append(s)
-        ids = torch.tensor([[s.last] for s in seqs], device=eng.device)
-        pos = torch.tensor([[s.n] for s in seqs], device=eng.device)
-        with torch.inference_mode(), eng.lock, self._ragged():
-            got = eng.model(
-                input_ids=ids,
-                position_ids=pos,
-                use_cache=True,
-                logits_to_keep=1,
-                **{eng.cache_arg: _StepCache(seqs)},
-            ).logits[:, -1]
+            self._buffers(s)
+            parts.append(_Part(s, ids, s.n))
+        with torch.inference_mode():
+            got = self._forward(parts)
         ok = all(torch.allclose(got[i].float(), w.float(), rtol=1e-3, atol=1e-3) for i, w in enumerate(want))
         if not ok:
-            log.warning("not batching: a batched step of this model does not match its single-sequence step")
+            log.warning(
+                "not batching: a batched forward of this model does not match its single-sequence one"
+            )
         return ok
 
     def _solo(self, seq: _Seq) -> None:
