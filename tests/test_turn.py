@@ -102,7 +102,8 @@ def test_a_long_uncached_prompt_does_not_stall_the_running_reply(
     agent: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While a 650-token prompt nobody has cached is prefilled (chunks of 32), a reply already decoding emits
-    a token between every two chunks: no forward over more than one chunk, on any thread (the order of
+    a token between every two chunks: no forward over more than one chunk (plus the reply's token, which
+    shares it), on any thread (the order of
     events, not their timing). Before issue 27 the resolver prefilled the whole prompt in one forward on the
     request thread, holding the engine lock, and the running reply stood still."""
     chunk, n_long = 32, 650
@@ -149,7 +150,8 @@ def test_a_long_uncached_prompt_does_not_stall_the_running_reply(
         handle.remove()
     window = log[log.index("b asked") : log.index("b")]
     forwards = [e for e in window if isinstance(e, tuple)]
-    assert forwards and max(n for _, n in forwards) <= chunk, forwards
+    # a forward carries at most one chunk of the prompt, beside the running reply's one decode token
+    assert forwards and max(n for _, n in forwards) <= chunk + 1, forwards
     first, last = window.index(forwards[0]), len(window) - 1 - window[::-1].index(forwards[-1])
     n_chunks = -(-n_long // chunk)
     assert window[first:last].count("a") >= n_chunks - 1, window
