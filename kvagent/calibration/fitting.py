@@ -207,10 +207,23 @@ def _inliers(
     med = statistics.median(res)
     mad = 1.4826 * statistics.median(abs(x - med) for x in res)
     limit = max(math.log(OUTLIER_FACTOR), 3 * mad)
-    kept = [p for p, x in zip(pts, res, strict=True) if abs(x - med) <= limit]
+    # a sample beyond the others' range (the only long prompt of a few) is judged by a fit that extrapolates
+    # to it: its limit widens as predictions beyond the samples do (``Fit.predict``), three spreads' worth
+    kept = [p for i, (p, x) in enumerate(zip(pts, res, strict=True))
+            if abs(x - med) <= limit + 3 * EXTRAPOLATION_SPREAD * _beyond(p[0], pts[:i] + pts[i + 1:])]
     if len(kept) < len(pts):
         kept = _reinstated(kept, [p for p in pts if p not in kept], prefer, fixed_col, cap, limit)
     return kept if len(kept) >= max(3, len(pts) - len(pts) // 3) else list(pts)
+
+
+def _beyond(x: Row, others: Sequence[tuple[Row, float, float]]) -> float:
+    """How far (in e-folds) features ``x`` lie beyond the range of ``others``' features (0 inside it)."""
+    out = 0.0
+    for j, f in enumerate(x):
+        vals = [r[j] for r, _, _ in others if r[j] > 0]
+        if f > 0 and vals:
+            out = max(out, math.log(f / max(vals)), math.log(min(vals) / f))
+    return out
 
 
 def _reinstated(
