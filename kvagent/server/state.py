@@ -147,9 +147,11 @@ def build_state(settings: Settings) -> State:
             data_dir / "host-cache",
             memory_slots=settings.kv_cache_items,
             prompt_cache_bytes=settings.prompt_cache_bytes,
+            calibrate_at_start=settings.calibrate_at_start,
         )
         host = ModelHost(agent, settings.model, settings.kv_cache_items, settings.max_batch,
                          engine_factory, model_path(settings.model, models_dir), settings.prefill_chunk)
+        host.warm_up()  # before the server listens: its first decisions rest on measurements
         log.info("serving model %s on the %s engine (fingerprint %s…)", settings.model, settings.engine,
                  host.fingerprint[:16])
     from .ledger import open_ledger
