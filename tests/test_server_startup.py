@@ -1,6 +1,6 @@
-"""A host's start: with no measured prefill for its machine + model it measures a few short forwards before it
-serves (``ModelHost.warm_up``), so its first predictions (a chat's prompt, then a chat tail) are measured ones;
-``--no-calibrate-at-start`` / ``KVAGENT_CALIBRATE_AT_START=0`` skips that."""
+"""A host's start: with no measured prefill for its machine + model it measures a few short forwards before
+it serves (``ModelHost.warm_up``), so its first predictions (a chat's prompt, then a chat tail) are measured
+ones; ``--no-calibrate-at-start`` / ``KVAGENT_CALIBRATE_AT_START=0`` skips that."""
 
 from __future__ import annotations
 

@@ -209,8 +209,9 @@ def _inliers(
     limit = max(math.log(OUTLIER_FACTOR), 3 * mad)
     # a sample beyond the others' range (the only long prompt of a few) is judged by a fit that extrapolates
     # to it: its limit widens as predictions beyond the samples do (``Fit.predict``), three spreads' worth
-    kept = [p for i, (p, x) in enumerate(zip(pts, res, strict=True))
-            if abs(x - med) <= limit + 3 * EXTRAPOLATION_SPREAD * _beyond(p[0], pts[:i] + pts[i + 1:])]
+    widen = [3 * EXTRAPOLATION_SPREAD * _beyond(p[0], [q for k, q in enumerate(pts) if k != i])
+             for i, p in enumerate(pts)]
+    kept = [p for p, x, w in zip(pts, res, widen, strict=True) if abs(x - med) <= limit + w]
     if len(kept) < len(pts):
         kept = _reinstated(kept, [p for p in pts if p not in kept], prefer, fixed_col, cap, limit)
     return kept if len(kept) >= max(3, len(pts) - len(pts) // 3) else list(pts)
