@@ -129,7 +129,10 @@ class ModelHost:
         warm_up(cost, self.engine)
 
     def close(self) -> None:
-        """Stop the engine, when it has anything to stop (an engine in another process)."""
+        """Stop the engine, when it has anything to stop (an engine in another process), and write the
+        outcomes not yet written."""
+        if self.agent.cost is not None:
+            self.agent.cost.flush_outcomes()
         close = getattr(self.batch, "close", None)
         if callable(close):
             close()
