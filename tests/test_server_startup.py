@@ -122,3 +122,20 @@ def test_a_fresh_hosts_first_predictions_are_within_2x(tmp_path: Path, model_dir
     finally:
         host.close()
         st.meta.close()
+
+
+def test_kvagent_serve_answers_healthz_only_once_it_has_measured(tmp_path: Path, model_dir: Path):
+    """A real ``kvagent serve`` process: by the time ``/v1/healthz`` first answers, the samples are in the
+    calibration file and the log says what was measured."""
+    from registry_server import start_server
+
+    srv = start_server(tmp_path / "host", {"t-000000000001": {"principal": "a"}}, model=str(model_dir),
+                       extra_env={"KVAGENT_CALIBRATION": "", "KVAGENT_CALIBRATE_AT_START": ""})
+    try:
+        samples = _samples(tmp_path / "host")
+        assert len(samples) == len(cal.WARMUP_LENGTHS) + len(cal.WARMUP_TAILS)
+        stored = json.loads((tmp_path / "host" / "host-cache" / "calibration.json").read_text())
+        key = next(iter(stored["prefill"]))
+        assert f"calibrating {key}: {len(samples)} samples in" in srv.log()
+    finally:
+        srv.stop()
