@@ -182,9 +182,9 @@ def _inliers(
     leave suspects out: all of them, each one alone, and all but each one (so two outliers cannot hide by
     pulling one fit towards each other). The candidate with the smallest median miss over every sample is the
     reference; samples beyond OUTLIER_FACTOR and 3 robust standard deviations of its misses are left out,
-    unless they are leverage (``_reinstated``). Nothing is left out of fewer than 4 samples, nor more than a
+    unless they are leverage (``_reinstated``). Nothing is left out of fewer than 5 samples, nor more than a
     third of them."""
-    if len(pts) < 4:
+    if len(pts) < 5:  # four samples leave one degree of freedom: nothing tells an outlier from a term
         return list(pts)
     whole = _best_fit(pts, prefer, fixed_col, cap)
     if whole is None:
@@ -207,24 +207,10 @@ def _inliers(
     med = statistics.median(res)
     mad = 1.4826 * statistics.median(abs(x - med) for x in res)
     limit = max(math.log(OUTLIER_FACTOR), 3 * mad)
-    # a sample beyond the others' range (the only long prompt of a few) is judged by a fit that extrapolates
-    # to it: its limit widens as predictions beyond the samples do (``Fit.predict``), three spreads' worth
-    widen = [3 * EXTRAPOLATION_SPREAD * _beyond(p[0], [q for k, q in enumerate(pts) if k != i])
-             for i, p in enumerate(pts)]
-    kept = [p for p, x, w in zip(pts, res, widen, strict=True) if abs(x - med) <= limit + w]
+    kept = [p for p, x in zip(pts, res, strict=True) if abs(x - med) <= limit]
     if len(kept) < len(pts):
         kept = _reinstated(kept, [p for p in pts if p not in kept], prefer, fixed_col, cap, limit)
     return kept if len(kept) >= max(3, len(pts) - len(pts) // 3) else list(pts)
-
-
-def _beyond(x: Row, others: Sequence[tuple[Row, float, float]]) -> float:
-    """How far (in e-folds) features ``x`` lie beyond the range of ``others``' features (0 inside it)."""
-    out = 0.0
-    for j, f in enumerate(x):
-        vals = [r[j] for r, _, _ in others if r[j] > 0]
-        if f > 0 and vals:
-            out = max(out, math.log(f / max(vals)), math.log(min(vals) / f))
-    return out
 
 
 def _reinstated(
