@@ -338,13 +338,16 @@ def main(argv: list[str] | None = None) -> int:
             )
     finally:
         server.stop()
-    if not args.no_endpoint and not args.stall_only:
-        from benchmarks import policy_regret_endpoint as ep
+    from benchmarks import policy_regret_endpoint as ep
 
+    # every default read checked against its prediction (the forced modes fix their rates: nothing predicted)
+    result["sdk_distribution"] = ep.distribution(calibration)
+    if not args.no_endpoint and not args.stall_only:
         ends = [int(x) for x in args.endpoint_lengths.split(",")]
         result["endpoint"] = ep.endpoint_regret(ends, args.repeats, args.history, work, documents)
     args.out.write_text(json.dumps(result, indent=2))
     table(result)
+    ep.print_distribution("SDK reads (default policy)", result["sdk_distribution"])
     if "endpoint" in result:
         ep.table(result["endpoint"])
     plot(result, args.plot)

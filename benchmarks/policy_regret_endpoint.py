@@ -10,7 +10,9 @@ comes from its own prompt cache. A chat's time is the request's wall time with `
 first token); regret is the default's median over the faster forced mode's median.
 
 Each host's Prometheus histogram ``kvagent_cost_prediction_ratio`` (actual over predicted seconds of every
-read, prompt and chat) gives the share of decisions that predicted their own cost within 2x.
+read, prompt and chat) gives the share of decisions that predicted their own cost within 2x; each host's own
+calibration file (one per host, fresh) gives the whole distribution of those ratios: count, share within 2x,
+percentiles and the worst, per ``kind/path``, and every decision outside 2x (``distribution``).
 
     python -m benchmarks.policy_regret --endpoint-only [--endpoint-lengths 512,1024,2048] [--repeats 3]
 """
@@ -76,17 +78,54 @@ def prediction_share(url: str) -> dict[str, Any]:
     return out
 
 
+def distribution(calibration: Path) -> dict[str, Any]:
+    """Every decision a host checked against its cost (its calibration file's outcomes): the distribution of
+    actual/predicted (``kvagent.calibration.prediction_errors``) and the decisions outside 2x."""
+    from kvagent.calibration import CalibrationFile, prediction_errors
+
+    rows = CalibrationFile(calibration).read()["outcomes"]
+    out = prediction_errors(rows)
+    out["misses"] = [{"kind": o[1], "path": o[2], "tokens": int(o[3]), "past": int(o[4]), "predicted_s": o[5],
+                      "actual_s": o[6], "ratio": o[6] / o[5]} for o in rows if not 0.5 <= o[6] / o[5] <= 2.0]
+    return out
+
+
+def print_distribution(label: str, d: dict[str, Any]) -> None:
+    """``distribution``'s figures, one line overall and one per ``kind/path``, then the misses."""
+    if not d.get("count"):
+        print(f"{label}: no decision checked against its cost")
+        return
+
+    def line(name: str, e: dict[str, Any]) -> str:
+        return (f"{name}: {e['count']} decisions, {100 * e['within_2x']:.0f}% within 2x "
+                f"({100 * e['slower_than_2x']:.0f}% slower, {100 * e['faster_than_2x']:.0f}% faster), "
+                f"actual/predicted p05 {e['p05_ratio']:.2f} p25 {e['p25_ratio']:.2f} median "
+                f"{e['median_ratio']:.2f} p75 {e['p75_ratio']:.2f} p95 {e['p95_ratio']:.2f} worst "
+                f"{e['worst_ratio']:.2f}")
+
+    print(line(f"{label} (goal: 95% within 2x)", d))
+    for name, e in d.get("by_kind_path", {}).items():
+        print("  " + line(name, e))
+    for m in d.get("misses", []):
+        print(f"  miss: {m['kind']}/{m['path']} {m['tokens']} tokens after {m['past']}: predicted "
+              f"{m['predicted_s']:.3f} s, took {m['actual_s']:.3f} s ({m['ratio']:.2f}x)")
+
+
 def endpoint_regret(lengths: list[int], repeats: int, history: int, work: Path,
                     documents: Any) -> dict[str, Any]:
     """The chat endpoint's regret table (see the module docstring); ``documents(lengths, dir, tag)`` writes
     the texts."""
     from kvagent import KVAgent
+    from kvagent.calibration import OUTCOME_FLUSH_S
     from kvagent.policy import PolicyParams
 
     servers: dict[str, ServerProcess] = {}
+    calibration = {mode: work / f"host-{mode}-calibration.json" for mode in MODES}  # fresh, one per host
     try:
         for mode in MODES:
-            env = {"KVAGENT_POLICY": POLICIES[mode]} if POLICIES[mode] else {}
+            env = {"KVAGENT_CALIBRATION": str(calibration[mode]), "KVAGENT_CALIBRATE_AT_START": "1"}
+            if POLICIES[mode]:
+                env["KVAGENT_POLICY"] = POLICIES[mode]
             servers[mode] = start_server(work / f"host-{mode}", TOKENS, model="smollm2", extra_env=env,
                                          timeout=600)
         hist = documents(sorted(set(HISTORY_LENGTHS)), work, "history")
@@ -130,11 +169,14 @@ def endpoint_regret(lengths: list[int], repeats: int, history: int, work: Path,
             row["default_reason"] = runs[n]["default"][0]["reason"]
             row["regret"] = row["default"] / min(row["fetch"], row["prefill"])
             rows.append(row)
-        return {"history_chats": history, "repeats": repeats, "rows": rows,
-                "predictions": {mode: prediction_share(servers[mode].url) for mode in MODES}}
+        result = {"history_chats": history, "repeats": repeats, "rows": rows,
+                  "predictions": {mode: prediction_share(servers[mode].url) for mode in MODES}}
+        time.sleep(2 * OUTCOME_FLUSH_S)  # the hosts write their outcomes in the background
     finally:
         for srv in servers.values():
             srv.stop()
+    result["distribution"] = {mode: distribution(calibration[mode]) for mode in MODES}
+    return result
 
 
 def table(result: dict[str, Any]) -> None:
@@ -151,3 +193,5 @@ def table(result: dict[str, Any]) -> None:
                           for k, v in sorted(p.get("by_path", {}).items()))
         print(f"host {mode}: {p['decisions']:.0f} decisions checked, {100 * p['within_2x']:.0f}% predicted "
               f"their own cost within 2x (goal ≥ 95%); by path: {paths or 'none'}")
+    for mode, d in result.get("distribution", {}).items():
+        print_distribution(f"host {mode}", d)

@@ -382,7 +382,8 @@ class KVAgent:
         return {**self.counters, "memory_entries": len(self.resolver.memory), **self.store.stats()}
 
     def close(self) -> None:
-        self.store.close()
+        """Close the store and write the outcomes not yet written (a short-lived process would lose them)."""
+        self.runtime.close()
 
     def __enter__(self) -> KVAgent:
         return self

@@ -528,11 +528,12 @@ def _print_prediction_errors(console: Any, stored: dict[str, Any]) -> None:
         )
         return
     dist = Table(title=f"prediction errors (actual / predicted) of the last {errors['count']} decisions")
-    for col in ("path", "count", "within 2x", "median", "p10", "p90", "worst"):
+    for col in ("kind/path", "count", "within 2x", "p05", "p10", "median", "p90", "p95", "worst"):
         dist.add_column(col)
-    for path, e in [("all", errors), *errors["by_path"].items()]:
-        dist.add_row(path, str(e["count"]), f"{e['within_2x']:.0%}", f"{e['median_ratio']:.2f}",
-                     f"{e['p10_ratio']:.2f}", f"{e['p90_ratio']:.2f}", f"{e['worst_ratio']:.2f}")
+    for path, e in [("all", errors), *errors["by_kind_path"].items()]:
+        dist.add_row(path, str(e["count"]), f"{e['within_2x']:.0%}", f"{e['p05_ratio']:.2f}",
+                     f"{e['p10_ratio']:.2f}", f"{e['median_ratio']:.2f}", f"{e['p90_ratio']:.2f}",
+                     f"{e['p95_ratio']:.2f}", f"{e['worst_ratio']:.2f}")
     console.print(dist)
     recent = Table(title="recent decisions")
     for col in ("when (UTC)", "kind", "path", "tokens", "past", "predicted", "actual", "ratio"):

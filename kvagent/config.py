@@ -148,6 +148,9 @@ class Config:
     codec: str = _opt("raw", env="KVAGENT_CODEC")
     lock_timeout: float = _opt(600.0, env="KVAGENT_LOCK_TIMEOUT", parse=_env_float)
     calibration: str | Path | bool | None = _opt(None, env="KVAGENT_CALIBRATION")  # a file; False: none
+    # a host (``kvagent serve --model``) with no measured prefill for its machine + model measures a few short
+    # forwards before it serves (about 2 s), so its first decisions are not made on assumed constants
+    calibrate_at_start: bool = _opt(True, env="KVAGENT_CALIBRATE_AT_START", parse=_env_bool)
     # checking what comes from elsewhere
     verify: str = _opt("sample", env="KVAGENT_VERIFY")
     verify_probes: int = _opt(64, env="KVAGENT_VERIFY_PROBES", parse=_env_int)

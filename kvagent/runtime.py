@@ -66,6 +66,9 @@ class Runtime:
             raise EngineError(f"unknown generation parameter: {exc}") from exc
 
     def close(self) -> None:
+        """Close the store and write the outcomes the cost model has not written yet."""
+        if self.cost is not None:
+            self.cost.flush_outcomes()
         self.store.close()
 
 

@@ -100,3 +100,18 @@ def test_outcomes_reach_observers_at_once_and_the_file_in_the_background(tmp_pat
     errors = cal.prediction_errors([row, [0, "read", "local-prefill", 10, 0, 1.0, 0.25]])
     assert errors["count"] == 2 and errors["within_2x"] == 0.5 and errors["worst_ratio"] == 0.25
     assert errors["by_path"]["local-prefill"]["median_ratio"] == 0.25
+
+
+def test_the_distribution_has_percentiles_extremes_and_kind_path_groups():
+    ratios = (0.4, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.5, 1.9, 3.0)
+    rows = [[0, "chat", "tail", 16, 1500, 0.1, 0.1 * r] for r in ratios]
+    rows.append([0, "prompt", "tail", 16, 1500, 1.0, 1.0])
+    d = cal.prediction_errors(rows)
+    assert d["count"] == 11 and d["within_2x"] == pytest.approx(9 / 11)
+    assert d["slower_than_2x"] == pytest.approx(1 / 11) and d["faster_than_2x"] == pytest.approx(1 / 11)
+    assert d["worst_ratio"] == pytest.approx(3.0) and d["p05_ratio"] == pytest.approx(0.4)
+    assert d["p95_ratio"] == pytest.approx(3.0) and d["median_ratio"] == pytest.approx(1.1)
+    assert set(d["by_kind_path"]) == {"chat/tail", "prompt/tail"} and d["by_path"]["tail"]["count"] == 11
+    chat = d["by_kind_path"]["chat/tail"]
+    assert chat["count"] == 10 and chat["within_2x"] == 0.8 and chat["p25_ratio"] == pytest.approx(0.9)
+    assert cal.describe_ratios([]) == {"count": 0}

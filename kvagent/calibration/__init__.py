@@ -33,7 +33,7 @@ The package, one job a module (this module re-exports their public names):
 * ``estimates``: estimates from the contents (pure), and ``summary``;
 * ``outcomes``: predictions checked against costs (``Outcome``, ``prediction_errors``, ``OutcomeLog``);
 * ``model``: ``CostModel``, the facade the resolver uses (decisions, records, breaker hooks);
-* ``measure``: the first-use probe and ``kvagent calibrate``'s measurements.
+* ``measure``: the first-use probe, ``kvagent calibrate``'s measurements and a fresh host's warm-up.
 """
 
 from ..breaker import PROBE_LOOKUP_DEADLINE_S, PROBE_WAIT_S
@@ -74,19 +74,31 @@ from .fitting import (
     prefill_fit,
 )
 from .machine import Profile, machine_id
-from .measure import PROBE_BUDGET_S, calibrate, engine_probe, probe_prefill
+from .measure import (
+    PROBE_BUDGET_S,
+    WARMUP_LENGTHS,
+    WARMUP_TAILS,
+    calibrate,
+    engine_probe,
+    measure_prefill,
+    probe_prefill,
+    warm_up,
+)
 from .model import MIN_DOWNLOAD_BYTES, MIN_LOAD_BYTES, MIN_PREFILL_TOKENS, CostModel
-from .outcomes import OUTCOME_FLUSH_S, Outcome, OutcomeLog, prediction_errors
+from .outcomes import OUTCOME_FLUSH_S, PERCENTILES, Outcome, OutcomeLog, describe_ratios, prediction_errors
 
 __all__ = [
-    "CalibrationFile", "CostModel", "Fit", "Outcome", "Profile", "calibrate", "default_path", "engine_probe",
-    "fit_load", "fit_model", "fit_prefill", "keep_diverse", "machine_id", "prediction_errors", "prefill_fit",
-    "probe_prefill", "summary",
+    "CalibrationFile", "CostModel", "Fit", "Outcome", "Profile", "calibrate", "default_path",
+    "describe_ratios", "engine_probe",
+    "fit_load", "fit_model", "fit_prefill", "keep_diverse", "machine_id", "measure_prefill",
+    "prediction_errors", "prefill_fit", "probe_prefill", "summary", "warm_up",
     # also importable from here, as before the split
     "CLOCK_SLACK_S", "DEFAULT_MAX_AGE_S", "EWMA_ALPHA", "EXTRAPOLATION_SPREAD", "FORMAT", "LOAD_SUBSETS",
     "MAX_OUTCOMES", "MAX_SAMPLES", "MIN_DOWNLOAD_BYTES", "MIN_LOAD_BYTES", "MIN_PREFILL_TOKENS",
-    "MIN_TERM_SPREAD", "OUTCOME_FLUSH_S", "OUTCOME_KINDS", "OUTLIER_FACTOR", "PREFILL_SUBSETS", "PRIOR_DOF",
+    "MIN_TERM_SPREAD", "OUTCOME_FLUSH_S", "OUTCOME_KINDS", "OUTLIER_FACTOR", "PERCENTILES",
+    "PREFILL_SUBSETS", "PRIOR_DOF",
     "PRIOR_SPREAD", "PROBE_BUDGET_S", "PROBE_LOOKUP_DEADLINE_S", "PROBE_WAIT_S", "PROBE_WEIGHT",
-    "SPREAD_FLOOR", "VERSION", "CorruptCalibration", "OutcomeLog", "Row", "clean", "empty", "ewma",
+    "SPREAD_FLOOR", "VERSION", "WARMUP_LENGTHS", "WARMUP_TAILS", "CorruptCalibration", "OutcomeLog", "Row",
+    "clean", "empty", "ewma",
     "link_estimates", "load_estimate", "load_fit", "prefill_estimate", "prefill_features",
 ]

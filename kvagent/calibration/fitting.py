@@ -182,9 +182,9 @@ def _inliers(
     leave suspects out: all of them, each one alone, and all but each one (so two outliers cannot hide by
     pulling one fit towards each other). The candidate with the smallest median miss over every sample is the
     reference; samples beyond OUTLIER_FACTOR and 3 robust standard deviations of its misses are left out,
-    unless they are leverage (``_reinstated``). Nothing is left out of fewer than 4 samples, nor more than a
+    unless they are leverage (``_reinstated``). Nothing is left out of fewer than 5 samples, nor more than a
     third of them."""
-    if len(pts) < 4:
+    if len(pts) < 5:  # four samples leave one degree of freedom: nothing tells an outlier from a term
         return list(pts)
     whole = _best_fit(pts, prefer, fixed_col, cap)
     if whole is None:

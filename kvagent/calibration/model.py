@@ -233,6 +233,14 @@ class CostModel:
     def has_history(self) -> bool:
         return self.profile.key in self.calibration.read()["prefill"]
 
+    def needs_warm_up(self) -> bool:
+        """Whether this machine + model has no measured prefill sample (probes aside) and no fixed rate: its
+        next decision would rest on assumed constants or a first-use probe (see ``measure.warm_up``)."""
+        if self.params.prefill_tokens_per_s is not None:
+            return False
+        entry = self.calibration.read()["prefill"].get(self.profile.key, {})
+        return not any(s[4] == "m" for s in entry.get("samples", []))
+
     def ensure_probed(self, run: Callable[[int], object], budget_s: float = PROBE_BUDGET_S) -> bool:
         """Probe prefill (``run(n)`` prefills n tokens) when this machine has no history; True if it
         probed."""

@@ -43,22 +43,38 @@ class Outcome:
         return self.actual_s / self.predicted_s
 
 
+#: percentiles of actual/predicted that ``describe_ratios`` reports
+PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
+
+
+def describe_ratios(ratios: Sequence[float]) -> dict[str, Any]:
+    """The distribution of actual/predicted ratios: count, share within 2x (and slower / faster than that),
+    nearest-rank percentiles (``p05_ratio`` ... ``p95_ratio``, ``median_ratio``) and the worst (furthest from
+    1 in either direction)."""
+    if not ratios:
+        return {"count": 0}
+    q = sorted(ratios)
+    pick = lambda f: q[min(len(q) - 1, int(f * len(q)))]  # noqa: E731
+    out: dict[str, Any] = {
+        "count": len(q), "within_2x": sum(1 for r in q if 0.5 <= r <= 2.0) / len(q),
+        "slower_than_2x": sum(1 for r in q if r > 2.0) / len(q),
+        "faster_than_2x": sum(1 for r in q if r < 0.5) / len(q),
+        "median_ratio": statistics.median(q),
+    }
+    out.update({f"p{p:02d}_ratio": pick(p / 100) for p in PERCENTILES if p != 50})
+    out["worst_ratio"] = max(q, key=lambda r: abs(math.log(r)))
+    return out
+
+
 def prediction_errors(outcomes: Sequence[Sequence[Any]]) -> dict[str, Any]:
-    """The distribution of actual/predicted over stored outcome rows, overall and per path."""
-
-    def describe(ratios: list[float]) -> dict[str, Any]:
-        if not ratios:
-            return {"count": 0}
-        q = sorted(ratios)
-        pick = lambda f: q[min(len(q) - 1, int(f * len(q)))]  # noqa: E731
-        return {"count": len(q), "within_2x": sum(1 for r in q if 0.5 <= r <= 2.0) / len(q),
-                "median_ratio": statistics.median(q), "p10_ratio": pick(0.1), "p90_ratio": pick(0.9),
-                "worst_ratio": max(q, key=lambda r: abs(math.log(r)))}
-
+    """The distribution of actual/predicted over stored outcome rows (``describe_ratios``): overall, per path
+    and per ``kind/path``."""
     rows = [o for o in outcomes if o[5] > 0 and o[6] > 0]
-    out = describe([o[6] / o[5] for o in rows])
-    out["by_path"] = {path: describe([o[6] / o[5] for o in rows if o[2] == path])
+    out = describe_ratios([o[6] / o[5] for o in rows])
+    out["by_path"] = {path: describe_ratios([o[6] / o[5] for o in rows if o[2] == path])
                       for path in sorted({o[2] for o in rows})}
+    out["by_kind_path"] = {kp: describe_ratios([o[6] / o[5] for o in rows if f"{o[1]}/{o[2]}" == kp])
+                           for kp in sorted({f"{o[1]}/{o[2]}" for o in rows})}
     return out
 
 

@@ -90,6 +90,10 @@ def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentPar
     )
     ap.add_argument("--default-max-tokens", type=int, default=512,
                     help="completion length of a chat request that sets no max_tokens")
+    ap.add_argument("--no-calibrate-at-start", dest="calibrate_at_start", action="store_false", default=None,
+                    help="serve at once even when the calibration has no measured prefill for this machine + "
+                         "model (default: measure a few short forwards first, about 2 s; "
+                         "KVAGENT_CALIBRATE_AT_START=0 does the same)")
     ap.add_argument("--prompt-cache-bytes", type=int, default=2 << 30,
                     help="disk budget of the host's private prompt-KV cache (chat endpoint)")
     d = ConnectionLimits()
@@ -134,6 +138,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         migrate=not args.no_migrate,
         token_cache_s=args.token_cache_seconds,
         engine=args.engine,
+        calibrate_at_start=args.calibrate_at_start,
     )
 
 

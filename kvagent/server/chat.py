@@ -91,7 +91,7 @@ class ChatService:
         self._lock = threading.Lock()
         self._recent_s = 1.0  # a moving estimate of one job's duration, for Retry-After
         self.saves = QuietSaver(self)
-        host = st.host
+        host = self.host = st.serving()
         self.turns = PromptTurns(host.batch, host.agent.resolver, host.agent.tokenizer)
 
     def namespace(self, principal: Principal) -> str:
@@ -103,7 +103,7 @@ class ChatService:
         """Hold a queue slot for a job; 429 with Retry-After when the queue is full."""
         with self._lock:
             if self._active >= self.max_queue:
-                batch = max(1, self.st.host.batch.max_batch)
+                batch = max(1, self.host.max_batch)
                 wait = max(1, round(self._recent_s * self._active / batch / 2))
                 raise ApiError(429, "rate_limit_exceeded",
                                f"the server is busy ({self._active} requests queued or running); retry later",

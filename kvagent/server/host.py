@@ -22,13 +22,15 @@ log = logging.getLogger("kvagent.server")
 
 
 def load_host_agent(spec: str, models_dir: Path, cache_dir: Path, *, memory_slots: int = 2,
-                    prompt_cache_bytes: int = 2 << 30) -> Runtime:
+                    prompt_cache_bytes: int = 2 << 30, calibrate_at_start: bool | None = None) -> Runtime:
     """The host's model, tokenizer and resolver: a local-only runtime, built as an SDK agent's is, so its
     keys,
     block hashes and chat rendering are exactly those of an SDK agent on the same model (published artifacts
     match).
 
     ``cache_dir`` holds the host's own prompt cache (private prompt KVs, salted per principal).
+    ``calibrate_at_start``: None takes the Config's (``KVAGENT_CALIBRATE_AT_START``); see
+    ``ModelHost.warm_up``.
     """
     if spec.lower() not in EMBEDDED_NAMES and not Path(spec).expanduser().is_dir():
         raise ModelLoadError(f"--model {spec!r} is neither 'smollm2' nor a local model directory")
@@ -36,7 +38,8 @@ def load_host_agent(spec: str, models_dir: Path, cache_dir: Path, *, memory_slot
     from ..config import Config
 
     config = Config.from_env(model=loaded.name, models_dir=models_dir, cache_dir=cache_dir, local_only=True,
-                             memory_slots=memory_slots, cache_size_bytes=prompt_cache_bytes)
+                             memory_slots=memory_slots, cache_size_bytes=prompt_cache_bytes,
+                             calibrate_at_start=calibrate_at_start)
     return build_runtime(config, model=loaded)
 
 
@@ -109,8 +112,27 @@ class ModelHost:
             request = GenerationRequest(tuple(suffix_ids), kv, params)
         cancel.attach(self.batch.submit(request, sink))
 
+    def warm_up(self) -> None:
+        """Before serving: measure a few short forwards when the calibration has no measured prefill for this
+        machine + model (``kvagent.calibration.warm_up``), unless ``calibrate_at_start`` is off. The server
+        calls this before it listens, so ``/v1/healthz`` answers only once it is done."""
+        cost = self.agent.cost
+        if cost is None:
+            return
+        if not self.agent.config.calibrate_at_start:
+            if cost.needs_warm_up():
+                log.info("not calibrating at start (--no-calibrate-at-start): the first decisions use the "
+                         "assumed prefill rate")
+            return
+        from ..calibration import warm_up
+
+        warm_up(cost, self.engine)
+
     def close(self) -> None:
-        """Stop the engine, when it has anything to stop (an engine in another process)."""
+        """Stop the engine, when it has anything to stop (an engine in another process), and write the
+        outcomes not yet written."""
+        if self.agent.cost is not None:
+            self.agent.cost.flush_outcomes()
         close = getattr(self.batch, "close", None)
         if callable(close):
             close()

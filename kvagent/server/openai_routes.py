@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -33,6 +33,9 @@ from .chat import ChatJob, ChatService, load_secret
 from .events import thread_events
 from .http import ApiError, finish, read_body
 from .state import State
+
+if TYPE_CHECKING:
+    from .host import ModelHost
 
 MAX_CHAT_BODY = 8 << 20
 Number = Annotated[float, Field(allow_inf_nan=False)]
@@ -140,14 +143,16 @@ def routes(st: State) -> APIRouter:
     created = int(time.time())
 
     def served(model: str) -> ChatService:
-        if service is None or model != st.host.name:
-            names = f"the only model here is {st.host.name!r}" if st.host else "this node serves no model"
+        if service is None or model != service.host.name:
+            names = (
+                f"the only model here is {service.host.name!r}" if service else "this node serves no model"
+            )
             raise ApiError(
                 404, "model_not_found", f"The model {model!r} does not exist ({names})", param="model"
             )
         return service
 
-    def params(req: _Sampling, max_tokens: int | None, default_max: int) -> GenerationParams:
+    def params(host: ModelHost, req: _Sampling, max_tokens: int | None, default_max: int) -> GenerationParams:
         if req.n not in (None, 1):
             raise _bad("n: only n=1 is supported", "n")
         if req.logprobs:
@@ -155,7 +160,7 @@ def routes(st: State) -> APIRouter:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(req, name) not in (None, 0):
                 raise _bad(f"{name}: only 0 is supported", name)
-        template = st.host.agent.template
+        template = host.agent.template
         return GenerationParams(
             max_new_tokens=max_tokens or default_max,
             temperature=1.0 if req.temperature is None else float(req.temperature),
@@ -164,9 +169,9 @@ def routes(st: State) -> APIRouter:
             stop_token_ids=template.stop_token_ids if template else (),
         )
 
-    def check_length(n_prompt: int, p: GenerationParams) -> None:
-        limit = st.host.max_positions
-        if limit and n_prompt + p.max_new_tokens > limit and not st.host.agent.config.allow_context_overflow:
+    def check_length(host: ModelHost, n_prompt: int, p: GenerationParams) -> None:
+        limit = host.max_positions
+        if limit and n_prompt + p.max_new_tokens > limit and not host.agent.config.allow_context_overflow:
             raise ApiError(
                 400,
                 "context_length_exceeded",
@@ -198,12 +203,13 @@ def routes(st: State) -> APIRouter:
         p = st.principal(request)
         req: ChatRequest = await _body(request, ChatRequest)
         svc = served(req.model)
-        if st.host.agent.tokenizer is None:
+        host = svc.host
+        if host.agent.tokenizer is None:
             raise _bad(
-                f"model {st.host.name!r} has no tokenizer here: chat requests cannot be rendered", "model"
+                f"model {host.name!r} has no tokenizer here: chat requests cannot be rendered", "model"
             )
         max_tokens = req.max_completion_tokens or req.max_tokens
-        gen = params(req, max_tokens, st.settings.default_max_tokens)
+        gen = params(host, req, max_tokens, st.settings.default_max_tokens)
         messages = [_message(m) for m in req.messages]
         # rendered even with tool_choice "none", so the prompt (and its KV) stays the same
         tools = req.tools or None
@@ -211,7 +217,7 @@ def routes(st: State) -> APIRouter:
         guide = None
         try:
             if tools:
-                fmt = tl.require_tool_format(st.host.agent.tokenizer, st.host.name)
+                fmt = tl.require_tool_format(host.agent.tokenizer, host.name)
                 forced = tl.forced_tool(req.tool_choice, tools)
                 # "required" or a named function: the call is written, its arguments decoded
                 if forced is not None:
@@ -219,7 +225,7 @@ def routes(st: State) -> APIRouter:
 
                     def guide(cont: Any) -> str:
                         return guided.guided_tool_call(tool_fmt, tools, chosen, cont)
-            ids = tl.render(st.host.agent.tokenizer, messages, tools, model_name=st.host.name)
+            ids = tl.render(host.agent.tokenizer, messages, tools, model_name=host.name)
         except ToolsUnsupportedError as exc:
             raise _bad(str(exc), "tools") from exc
         except (ValueError, TypeError, KeyError) as exc:
@@ -230,7 +236,7 @@ def routes(st: State) -> APIRouter:
         if schema is not None and guide is None:
             def guide(cont: Any) -> str:
                 return guided.guided_json(schema, cont)[0]
-        check_length(len(ids), gen)
+        check_length(host, len(ids), gen)
         stops = _stops(req.stop)
         job = ChatJob(ids, gen, p, guide=guide, stops=tuple(stops))
         if req.tool_choice == "none":
@@ -246,28 +252,29 @@ def routes(st: State) -> APIRouter:
         p = st.principal(request)
         req: CompletionRequest = await _body(request, CompletionRequest)
         svc = served(req.model)
+        host = svc.host
         if req.echo or (req.best_of not in (None, 1)) or req.suffix:
             raise _bad("echo, best_of > 1 and suffix are not supported")
-        gen = params(req, req.max_tokens, 16)
+        gen = params(host, req, req.max_tokens, 16)
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise _bad("prompt: only one prompt per request is supported", "prompt")
             prompt = prompt[0]
-        if st.host.agent.tokenizer is None:
+        if host.agent.tokenizer is None:
             raise _bad(
-                f"model {st.host.name!r} has no tokenizer here: completions cannot be decoded", "model"
+                f"model {host.name!r} has no tokenizer here: completions cannot be decoded", "model"
             )
         if isinstance(prompt, str):
             if not prompt:
                 raise _bad("prompt: must not be empty", "prompt")
-            ids = [int(t) for t in st.host.agent.tokenizer.encode(prompt, add_special_tokens=True)]
+            ids = [int(t) for t in host.agent.tokenizer.encode(prompt, add_special_tokens=True)]
         else:
-            vocab = st.host.engine.config.get_text_config(decoder=True).vocab_size
+            vocab = host.engine.config.get_text_config(decoder=True).vocab_size
             if not prompt or any(not 0 <= t < vocab for t in prompt):  # type: ignore[operator]
                 raise _bad(f"prompt: token ids must be a non-empty list of ids in [0, {vocab})", "prompt")
             ids = [int(t) for t in prompt]  # type: ignore[arg-type]
-        check_length(len(ids), gen)
+        check_length(host, len(ids), gen)
         stops = _stops(req.stop)
         run = _Run(st, svc, ChatJob(ids, gen, p, stops=tuple(stops)), "completion", stops, None, request)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -325,10 +332,11 @@ class _Run:
     def __init__(self, st: State, svc: ChatService, job: ChatJob, kind: str, stops: list[str],
                  fmt: tl.ToolFormat | None, request: Request) -> None:
         self.st, self.svc, self.job, self.kind, self.request = st, svc, job, kind, request
+        self.host = svc.host
         self.receipt: Any = None  # the market's pre-charge (None when hosting is free)
         self.given_back = 0  # what settling the pre-charge returned (unused output tokens, found cache)
         self.charged_cached = 0  # the prompt tokens the pre-charge billed as cached
-        self.text = TextStream(st.host.agent.tokenizer, job.params.stop_token_ids, stops)
+        self.text = TextStream(self.host.agent.tokenizer, job.params.stop_token_ids, stops)
         self.parser = tl.StreamParser(fmt) if fmt else None
         self.calls: list[tl.ToolCall] = []
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -517,8 +525,8 @@ class _Run:
             choice = {"index": 0, "text": body, "logprobs": None, "finish_reason": self._finish_reason()}
             obj = "text_completion"
         return JSONResponse({
-            "id": self.id, "object": obj, "created": self.created, "model": self.st.host.name,
-            "system_fingerprint": f"kvagent-{self.st.host.fingerprint[:12]}",
+            "id": self.id, "object": obj, "created": self.created, "model": self.host.name,
+            "system_fingerprint": f"kvagent-{self.host.fingerprint[:12]}",
             "choices": [choice], "usage": self._usage(), "kvagent": self._kvagent(),
         }, headers=market_routes.receipt_headers(self.receipt, self.given_back))  # settled: what it moved
 
@@ -547,8 +555,8 @@ class _Run:
             else:
                 choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
             body: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created,
-                                    "model": self.st.host.name,
-                                    "system_fingerprint": f"kvagent-{self.st.host.fingerprint[:12]}",
+                                    "model": self.host.name,
+                                    "system_fingerprint": f"kvagent-{self.host.fingerprint[:12]}",
                                     "choices": [choice], **extra}
             if include_usage:
                 body.setdefault("usage", None)
@@ -582,7 +590,7 @@ class _Run:
                         yield chunk({} if self.kind == "chat" else "", self._finish_reason())
                         if include_usage:
                             body = {"id": self.id, "object": obj, "created": self.created,
-                                    "model": self.st.host.name, "choices": [], "usage": self._usage(),
+                                    "model": self.host.name, "choices": [], "usage": self._usage(),
                                     "kvagent": self._kvagent()}
                             yield b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
                         yield b"data: [DONE]\n\n"

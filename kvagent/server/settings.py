@@ -45,6 +45,9 @@ class Settings:
     token_cache_s: float = 2.0
     # the generation engine: "transformers", an installed engine ("vllm": vllm-kvagent) or module:attr
     engine: str = "transformers"
+    # measure prefill before serving when the calibration has none for this machine + model (None: the
+    # host's Config, i.e. KVAGENT_CALIBRATE_AT_START or its default)
+    calibrate_at_start: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_artifact_bytes <= 0:

@@ -39,9 +39,7 @@ class State:
     meta: MetaStore
     blobs: BlobStore
     metrics: Metrics
-    # the model this node serves, if any: a ModelHost or None. Annotated Any until the routes that use it
-    # (chat.py, openai_routes.py) narrow it; ``model_host`` is the typed view
-    host: Any
+    host: ModelHost | None  # the model this node serves, if any
     market: Ledger  # prices, accounts and charges
     quotas: Quotas  # rate limits and quotas per principal
     copies: OwnerCopies  # later publishers' own records of hidden keys
@@ -49,9 +47,14 @@ class State:
 
     @property
     def model_host(self) -> ModelHost | None:
-        """``host``, typed: the model this node serves, or None when it serves none."""
-        host: ModelHost | None = self.host
-        return host
+        """``host`` (the name routes used while ``host`` was untyped)."""
+        return self.host
+
+    def serving(self) -> ModelHost:
+        """The model this node serves (routes call this once they have answered a node without one)."""
+        if self.host is None:
+            raise ApiError(404, "not_found", "this node serves no model")
+        return self.host
 
     def principal(self, request: Request) -> Principal:
         p = self.authenticate(request.headers.get("authorization"))
@@ -147,9 +150,11 @@ def build_state(settings: Settings) -> State:
             data_dir / "host-cache",
             memory_slots=settings.kv_cache_items,
             prompt_cache_bytes=settings.prompt_cache_bytes,
+            calibrate_at_start=settings.calibrate_at_start,
         )
         host = ModelHost(agent, settings.model, settings.kv_cache_items, settings.max_batch,
                          engine_factory, model_path(settings.model, models_dir), settings.prefill_chunk)
+        host.warm_up()  # before the server listens: its first decisions rest on measurements
         log.info("serving model %s on the %s engine (fingerprint %s…)", settings.model, settings.engine,
                  host.fingerprint[:16])
     from .ledger import open_ledger
