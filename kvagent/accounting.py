@@ -27,6 +27,7 @@ COUNTERS = (
 )
 LOAD_RECORD_INTERVAL_S = 30.0  # local loads are calibrated at most this often per process
 MIN_RATE_TOKENS = 32  # a prefill shorter than this says little about the rate
+FETCH_ONLY = "fetch-only"  # the outcome path of a fetch whose uncovered tail the caller's engine ran
 
 
 class ReadCounters(dict[str, int]):
@@ -107,7 +108,9 @@ class ReadCosts:
 
     def account(self, info: CacheInfo, clock: stg.StageClock, document: bool, finished: bool) -> CacheInfo:
         """``info`` with the read's stages and prediction attached; records the outcome. ``finished``: the
-        read computed all its ids itself (no tail left to the caller, no remote generation)."""
+        read computed all its ids itself (no tail left to the caller, no remote generation); when it left a
+        tail to the caller after a fetch, the fetch is checked without the tail's prefill (path
+        ``fetch-only``)."""
         predicted, actual, path = 0.0, 0.0, ""
         p = clock.prediction
         if info.status == "local" and self.cost is not None and self.predicts():
@@ -115,6 +118,8 @@ class ReadCosts:
             predicted, actual, path = (est.value if est else 0.0), info.load_seconds, pol.LOCAL_HIT
         elif p is not None and p.done is not None and finished:
             predicted, actual, path = p.seconds, p.done - p.at, p.path
+        elif p is not None and p.done is not None and p.path == pol.FETCH and info.status == "remote":
+            predicted, actual, path = p.seconds - p.rest, p.done - p.at, FETCH_ONLY
         info = replace(info, stages=clock.breakdown(), predicted_seconds=predicted)
         if self.cost is not None and predicted > 0 and actual > 0:
             from .calibration import Outcome

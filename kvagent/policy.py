@@ -268,6 +268,7 @@ def decide(req: Request, params: PolicyParams = PolicyParams()) -> Decision:
         usd = nbytes / 1e9 * params.egress_usd_per_gb
         est.update(
             fetch_s=fetch_s,
+            fetch_rest_s=rest.value,
             fetch_sd_s=fetch_sd,
             fetch_bytes=nbytes,
             fetch_usd=usd,

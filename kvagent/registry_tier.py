@@ -215,7 +215,9 @@ class RegistryTier:
                             len(lookup.ids) - n_local, n_local)
             return RegistryAnswer(None, f"policy: {decision.reason}")
         if self.predicts():
-            stg.predict(pol.FETCH, decision.estimates["fetch_s"], len(lookup.ids) - n_local, n_local)
+            est = decision.estimates
+            stg.predict(pol.FETCH, est["fetch_s"], len(lookup.ids) - n_local, n_local,
+                        est.get("fetch_rest_s", 0.0))
         return self._buy(source, lookup, offer, decision.reason)
 
     def predicts(self) -> bool:

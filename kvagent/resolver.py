@@ -390,6 +390,7 @@ class Resolver:
         n_cached = best.n if best else 0
         if best is not None and 0 < len(ids) - n_cached <= lookup.max_tail:
             reason += f"; the last {len(ids) - n_cached} tokens run with the reply"
+            stg.path_done()  # a fetch's KV is complete: its fetch is checked (the tail is the caller's)
             return Resolution(
                 key, best.kv, self._hit(best, reason, len(ids), lookup_s, 0.0), tail=ids[n_cached:]
             )
@@ -440,7 +441,7 @@ class Resolver:
         """Attach the read's stages and prediction to its CacheInfo and record the outcome."""
         if res.info.status == "memory":
             return res
-        finished = not res.tail and res.remote is None
+        finished = not res.tail and res.remote is None  # else only a fetch's own part is checked
         return replace(res, info=self.costs.account(res.info, clock, document, finished))
 
     def _hit(self, best: Candidate, reason: str, n_ids: int, load_s: float, prefill_s: float) -> CacheInfo:

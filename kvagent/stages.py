@@ -27,6 +27,9 @@ class Prediction:
     past: int
     at: float  # perf_counter() when the path was chosen: its actual cost runs from here...
     done: float | None = None  # ...to here, when the KV is complete (before it is saved for later reads)
+    #: of ``seconds``, the prefill of the tokens the path leaves after what it reuses (a fetch's uncovered
+    # rest): when the read leaves them to the caller's engine, the rest of the prediction is checked alone
+    rest: float = 0.0
 
 
 class StageClock:
@@ -84,12 +87,12 @@ def add(name: str, seconds: float) -> None:
         clock.add(name, seconds)
 
 
-def predict(path: str, seconds: float, n_tokens: int, past: int) -> None:
+def predict(path: str, seconds: float, n_tokens: int, past: int, rest: float = 0.0) -> None:
     """Note the path the current read takes (from now on) and its predicted seconds (replacing an earlier
-    one)."""
+    one); ``rest``: the part of them that prefills what the path leaves uncovered."""
     clock = current()
     if clock is not None:
-        clock.prediction = Prediction(path, seconds, n_tokens, past, time.perf_counter())
+        clock.prediction = Prediction(path, seconds, n_tokens, past, time.perf_counter(), rest=rest)
 
 
 def path_done() -> None:

@@ -43,9 +43,11 @@ def _client(server, token: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0, timeout=600)
 
 
-def _metric(server, name: str) -> float:
+def _metric(server, name: str, labels: str = "") -> float:
+    """The sum of ``name``'s samples whose labels contain ``labels`` (e.g. ``path="fetch-only"``)."""
     text = httpx.get(server.url + "/metrics", timeout=10).text
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    pattern = rf"^{name}(?:{{([^}}]*)}})? (\S+)$"
+    return sum(float(m.group(2)) for m in re.finditer(pattern, text, re.M) if labels in (m.group(1) or ""))
 
 
 @pytest.mark.timeout(2400)  # about a minute on a quiet machine; a shared CI box can be 20x slower
@@ -77,3 +79,5 @@ def test_published_documents_are_reused_after_0_3_and_20_chats(server, embedded,
         assert cache["source"] == "registry", (earlier, cache)
     # the host checked its decisions against what they cost, and says so in Prometheus
     assert _metric(server, "kvagent_cost_prediction_ratio_count") >= 1
+    # each fetch too, though the reply's forward ran the question after it: its fetch part alone
+    assert _metric(server, "kvagent_cost_prediction_ratio_count", 'path="fetch-only"') == 3
