@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -84,10 +85,13 @@ class ReadCosts:
             if self.cost is not None:
                 self.cost.record_prefill(n_new, past, seconds)
 
-    def record_continuation(self, n_new: int, past: int, seconds: float) -> None:
+    def record_continuation(self, forwards: Sequence[tuple[int, int, float]]) -> None:
         """See ``Resolver.record_continuation``."""
-        if n_new <= 0 or not seconds > 0:
+        forwards = [(int(n), int(past), float(s)) for n, past, s in forwards if n > 0 and s > 0]
+        if not forwards:
             return
+        n_new = sum(f[0] for f in forwards)
+        past, seconds = forwards[0][1], sum(f[2] for f in forwards)
         if not past and n_new >= MIN_RATE_TOKENS:  # a whole prompt: the rate a resolver prefill would measure
             self.tier.prefill_tokens_per_s = n_new / seconds
         cost = self.cost
@@ -99,10 +103,11 @@ class ReadCosts:
         path = "tail" if past else pol.LOCAL_PREFILL
 
         def record() -> None:
-            if checked:
-                predicted = cost.estimate_prefill(n_new, past).value  # before the sample joins the fit
+            if checked:  # predicted before the samples join the fit, forward by forward as they ran
+                predicted = sum(cost.estimate_prefill(n, p).value for n, p, _ in forwards)
                 cost.record_outcome(Outcome("chat", path, predicted, seconds, n_new, past))
-            cost.record_prefill(n_new, past, seconds)
+            for n, p, s in forwards:
+                cost.record_prefill(n, p, s)
 
         threading.Thread(target=record, daemon=True, name="kvagent-calibrate").start()
 

@@ -429,13 +429,13 @@ class Resolver:
         return Resolution(key, kv, self._hit(best, reason, len(ids), lookup_s, prefill_s), save=save)
 
     # -- predictions checked against costs (``self.costs``) -----------------------------------------
-    def record_continuation(self, n_new: int, past: int, seconds: float) -> None:
-        """A chat turn's first forward prefilled ``n_new`` prompt tokens after ``past`` cached ones in
-        ``seconds``: a prefill sample for the cost model (a continuation; with ``past`` 0 a whole prompt from
-        scratch, left to the engine by a ``compute=False`` resolution, which also measures this process's
-        prefill rate as a resolver prefill does), and an outcome against its prediction (in the
-        background)."""
-        self.costs.record_continuation(n_new, past, seconds)
+    def record_continuation(self, forwards: Sequence[tuple[int, int, float]]) -> None:
+        """A chat turn's prompt was prefilled by the engine's ``forwards``, each ``(n_new, past, seconds)``
+        (one forward, or one per chunk of a chunked prefill): prefill samples for the cost model (with
+        ``past`` 0 at the first, a whole prompt from scratch, left to the engine by a ``compute=False``
+        resolution, which also measures this process's prefill rate as a resolver prefill does), and one
+        outcome, the forwards' total against the sum of their predictions (in the background)."""
+        self.costs.record_continuation(forwards)
 
     def _account(self, res: Resolution, clock: stg.StageClock, document: bool) -> Resolution:
         """Attach the read's stages and prediction to its CacheInfo and record the outcome."""

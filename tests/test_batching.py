@@ -16,6 +16,7 @@ from kvagent.engines import (
     BatchObserver,
     Finish,
     GenerationRequest,
+    PromptForward,
     Token,
     TransformersBatchEngine,
     events,
@@ -423,17 +424,19 @@ def test_a_tail_in_a_batched_forward_is_bitwise_its_own_forward(
         batch.close()
 
 
-def test_prompt_seconds_are_reported_only_for_a_forward_of_its_own(llama: TransformersEngine) -> None:
-    batch = TransformersBatchEngine(llama, max_batch=4)
+def test_prompt_forwards_are_reported_only_when_they_ran_alone(llama: TransformersEngine) -> None:
+    batch = TransformersBatchEngine(llama, max_batch=4, prefill_chunk=4)
     kv = llama.prefill(_ids(40, 400))
-    alone: list[float] = []
-    _tokens(batch, GenerationRequest(tuple(_ids(9, 401)), kv, GREEDY, on_prompt_seconds=alone.append))
-    assert len(alone) == 1 and alone[0] > 0
-    shared: list[float] = []
+    alone: list[tuple[PromptForward, ...]] = []
+    _tokens(batch, GenerationRequest(tuple(_ids(9, 401)), kv, GREEDY, on_prompt_forwards=alone.append))
+    # a 9-token tail in chunks of 4 after 40 cached tokens: three forwards, each after what came before
+    assert len(alone) == 1 and [(f.n_tokens, f.past) for f in alone[0]] == [(4, 40), (4, 44), (1, 48)]
+    assert all(f.seconds > 0 for f in alone[0])
+    shared: list[tuple[PromptForward, ...]] = []
     done = threading.Semaphore(0)
     with batch._cv:  # the scheduler admits all three at once, and prefills them in one forward
         for i in range(3):
-            request = GenerationRequest(tuple(_ids(9, 402 + i)), kv, GREEDY, on_prompt_seconds=shared.append)
+            request = GenerationRequest(tuple(_ids(9, 402 + i)), kv, GREEDY, on_prompt_forwards=shared.append)
             batch.submit(request, lambda ev: done.release() if isinstance(ev, Finish) else None)
     for _ in range(3):
         assert done.acquire(timeout=60)

@@ -14,7 +14,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from ..engine import GenerationParams
 from ..kv import KVCache
@@ -30,6 +30,16 @@ LEAVE_TIMEOUT_S = 60.0
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
+class PromptForward(NamedTuple):
+    """One model forward that prefilled ``n_tokens`` of a prompt after ``past`` tokens already in its KV, in
+    ``seconds`` (a chunked prefill is several); the ``(n_new, past, seconds)`` that
+    ``Resolver.record_continuation`` takes."""
+
+    n_tokens: int
+    past: int
+    seconds: float
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One generation: ``prompt_ids`` run after ``prefix`` (None: from nothing), then decoding by ``params``.
@@ -37,7 +47,7 @@ class GenerationRequest:
     Generation ends at one of ``params.stop_token_ids`` (included in the tokens), at a stop string (the token
     that completes it is the last one sent), or after ``params.max_new_tokens``. ``on_prompt``, if set,
     receives the KV of the whole prompt (prefix then ``prompt_ids``) once it is computed, before the first
-    token; ``on_prompt_seconds`` how long that forward took.
+    token; ``on_prompt_forwards`` the forwards that computed it (:class:`PromptForward`).
     """
 
     prompt_ids: tuple[int, ...]
@@ -45,9 +55,9 @@ class GenerationRequest:
     params: GenerationParams
     stop_strings: tuple[str, ...] = ()
     on_prompt: Callable[[KVCache], object] | None = None
-    #: receives the seconds the prompt's own forward took (after ``prefix``: a continuation prefill), for the
-    #: cost model; engines that cannot time it alone never call it
-    on_prompt_seconds: Callable[[float], object] | None = None
+    #: receives the forwards that prefilled ``prompt_ids`` (one, or one per chunk), each timed alone, for the
+    #: cost model; engines that cannot time them alone (another sequence shared one) never call it
+    on_prompt_forwards: Callable[[tuple[PromptForward, ...]], object] | None = None
     #: the private cache namespace (a server-derived salt) of an engine that resolves the prompt's KV itself
     #: (``resolves_prefix``): such an engine shares KV only between requests of the same namespace, plus
     #: unsalted published KV; None: the shared namespace

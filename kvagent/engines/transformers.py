@@ -10,8 +10,8 @@ directly, bit for bit the same), with the mask that sequence would get alone (no
 for a tail with nothing before it, causal after the prefix otherwise): no padding, each token at its own
 position. A chunk thus attends to the prefix, the earlier chunks and itself, exactly as a
 ``TransformersEngine.prefill`` with ``chunk_size`` does. A sequence whose tail is done joins the decode
-batch with its first token, picked from its last tail token's logits (its ``on_prompt_seconds`` is called
-only if no other sequence shared its forwards: a time of its own). The K/V of a sequence live in a buffer
+batch with its first token, picked from its last tail token's logits (its ``on_prompt_forwards`` is called
+only if no other sequence shared its forwards: times of its own). The K/V of a sequence live in a buffer
 sized for its prompt plus ``max_new_tokens``, written in place (the prefix copied in once, then each chunk
 and each decoded token after it: no concatenation per chunk or per step).
 
@@ -41,7 +41,7 @@ from ..engine import GenerationParams, TransformersEngine, pick_token
 from ..errors import EngineError
 from ..kv import KVCache
 from ..textstream import TextStream
-from .base import Finish, FinishReason, GenerationRequest, Sink, Token, Usage
+from .base import Finish, FinishReason, GenerationRequest, PromptForward, Sink, Token, Usage
 
 log = logging.getLogger("kvagent.engine")
 
@@ -84,7 +84,7 @@ class _Seq:
     produced: int = 0
     text: TextStream | None = None
     done: int = 0  # prompt-tail tokens prefilled so far
-    forward_s: float = 0.0  # seconds of the forwards that prefilled this prompt's tail
+    forwards: list[PromptForward] = field(default_factory=list)  # those that prefilled this prompt's tail
     shared: bool = False  # whether any of them also ran other sequences' tokens
 
     def finish(self, reason: FinishReason, error: BaseException | None = None) -> None:
@@ -426,7 +426,7 @@ class TransformersBatchEngine:
         for i, p in enumerate(parts[len(decoding) :], start=len(decoding)):
             s = p.seq
             s.done += len(p.ids)
-            s.forward_s += seconds
+            s.forwards.append(PromptForward(len(p.ids), p.start, seconds))
             s.shared = s.shared or len(parts) > 1
             if s.done == len(s.request.prompt_ids):
                 self._prefilling.remove(s)
@@ -461,8 +461,8 @@ class TransformersBatchEngine:
         """``seq``'s prompt is prefilled (into its buffers): hand its KV out, send the first token, join the
         decode batch."""
         req = seq.request
-        if req.on_prompt_seconds is not None and not seq.shared:  # a time of its own only
-            req.on_prompt_seconds(seq.forward_s)
+        if req.on_prompt_forwards is not None and not seq.shared:  # times of its own only
+            req.on_prompt_forwards(tuple(seq.forwards))
         ids = torch.tensor(req.prompt_ids, dtype=torch.int64)
         prompt = ids if req.prefix is None else torch.cat([req.prefix.token_ids, ids])
         n = seq.n

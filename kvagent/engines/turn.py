@@ -37,6 +37,7 @@ from .base import (
     Finish,
     GenerationEngine,
     GenerationRequest,
+    PromptForward,
     Sink,
     Token,
     Usage,
@@ -158,13 +159,12 @@ class PromptTurns:
             enough = len(feed) >= max(2, min_save_tokens or 0)
             if keep and (enough or res.kv is None):  # a whole prompt goes to memory, as a resolver prefill's
                 on_prompt, save = self._keeper(namespace, store=enough)
-            # that forward is a prefill (from scratch, or a continuation of the cached prefix): a sample for
-            # the cost model
-            n_new, past = len(feed), res.kv.n_tokens if res.kv is not None else 0
+            # those forwards are a prefill (from scratch, or a continuation of the cached prefix; one, or one
+            # per chunk): samples for the cost model, and an outcome against the prediction
 
-            def timed(seconds: float) -> None:
-                turn.engine_prefill_seconds = seconds
-                self.resolver.record_continuation(n_new, past, seconds)
+            def timed(forwards: tuple[PromptForward, ...]) -> None:
+                turn.engine_prefill_seconds = sum(f.seconds for f in forwards)
+                self.resolver.record_continuation(forwards)
 
         request = GenerationRequest(tuple(feed), res.kv, params, tuple(stops), on_prompt, timed)
         turn = Turn(ids, request, info, save)
