@@ -497,6 +497,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for machine, ld in stored["load"].items():
         rate = f"{ld['bytes_per_s'] / 1e6:.0f} MB/s" if ld["bytes_per_s"] else "n/a"
         table.add_row(f"local load [dim]({machine})[/]", rate, f"measured {ld['samples']}x")
+    for key, ld in stored.get("landing", {}).items():
+        rate = f"{ld['bytes_per_s'] / 1e6:.0f} MB/s" if ld["bytes_per_s"] else "n/a"
+        table.add_row(f"fetched KV landing [dim]({key})[/]", rate, f"measured {ld['samples']}x")
     for url, link in stored["links"].items():
         if link.get("rtt_n"):
             table.add_row(

@@ -311,6 +311,10 @@ class RegistryTier:
         if fetched.blob is not None:
             with stg.stage("store_write"):
                 self._keep(fetched)
+            if self.cost is not None:  # from the last byte to the KV kept: the next estimate's landing term
+                landed = time.perf_counter() - t0 - fetched.seconds
+                threading.Thread(target=self.cost.record_landing, args=(fetched.nbytes, landed), daemon=True,
+                                 name="kvagent-calibrate").start()
         kv = fetched.artifact.kv
         n = shared_prefix(kv.token_ids, lookup.target)
         if n <= lookup.local_tokens:

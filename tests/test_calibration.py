@@ -170,6 +170,31 @@ def test_decide_fills_measured_estimates_and_the_reason_names_them(tmp_path: Pat
     assert slow_link.decide(req, url=URL).choice == pol.LOCAL_PREFILL
 
 
+def test_a_fetch_is_priced_with_what_fetched_kv_took_to_land_here(tmp_path: Path):
+    """Once fetched artifacts have landed here (checksum, decode, verification, store write, after the
+    download), the next fetch's estimate uses that measured time instead of a load and a verification assumed
+    from the prefill rate; per verification mode, which changes what landing costs."""
+    path = tmp_path / "c.json"
+    m = model(path, verify="sample", num_layers=30)
+    for n, s in ((300, 1.2), (600, 2.4), (1200, 5.1)):
+        m.record_prefill(n, 0, s)
+    for _ in range(3):
+        m.record_lookup(URL, 0.004, ok=True)
+        m.record_download(URL, 20_000_000, 0.2)
+    req = pol.Request(n_tokens=600, remote_artifact=True, artifact_bytes=28_000_000)
+    assert m.estimate_landing(28_000_000) is None
+    assert m.decide(req, url=URL).estimates["sources"]["load"] == "assumed"
+    for nbytes, seconds in ((10_000_000, 0.12), (20_000_000, 0.22), (40_000_000, 0.42)):
+        m.record_landing(nbytes, seconds)
+    m.record_landing(10, 1.0)  # too small to say anything: ignored
+    after = model(path, verify="sample", num_layers=30).decide(req, url=URL)  # another process, later
+    assert after.estimates["load_s"] == pytest.approx(0.30, rel=0.02) and after.estimates["verify_s"] == 0.0
+    assert "load measured 3x" in after.reason
+    full = model(path, verify="full", num_layers=30).decide(req, url=URL)  # no landing measured for "full"
+    assert full.estimates["sources"]["load"] == "assumed" and full.estimates["verify_s"] > 2.0
+    assert cal.summary(cal.CalibrationFile(path).read())["landing"][m.landing_key]["samples"] == 3
+
+
 @pytest.mark.slow
 def test_first_use_probe_is_short_and_says_so(tmp_path: Path, tiny_model):
     from kvagent.engine import TransformersEngine

@@ -71,6 +71,16 @@ def test_publish_then_remote_hit_is_token_exact(server, model, tmp_path):
     assert doc_b.key == doc_a.key
     assert doc_b.cache.status == "remote" and doc_b.cache.bytes_read > 0 and "fetch" in doc_b.cache.reason
     assert doc_b.key in b.store  # stored locally: the next agent on this cache dir gets a local hit
+    # how long fetched bytes took to land (checksum, decode, verify, store write) prices the next fetch
+    cost = b.resolver.cost
+    assert cost is not None
+    deadline = time.monotonic() + 30  # recorded in the background
+    while cost.estimate_landing(doc_b.cache.bytes_read) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    landing = cost.estimate_landing(doc_b.cache.bytes_read)
+    stages = doc_b.cache.stages
+    assert landing is not None and landing.value == pytest.approx(
+        stages["verification"] + stages["store_write"], rel=0.5), (landing, stages)
     full = a.generate_full(ids + SUFFIX, max_new_tokens=16, stop_token_ids=()).token_ids
     local = b.ask_ids(doc_b, SUFFIX, mode="local", max_new_tokens=16, stop_token_ids=())
     assert len(full) == 16 and local.token_ids == full

@@ -178,8 +178,8 @@ def test_a_private_prompt_is_kept_in_its_namespace_only(agent: Any) -> None:
 
 
 def test_the_engines_prefill_is_a_cost_model_sample_of_its_kind(agent: Any) -> None:
-    """A miss the engine prefills is a from-scratch outcome (past 0, the "local-prefill" path) and measures the
-    process's prefill rate, as the resolver's own prefill did; a prefix continued is a continuation. Each
+    """A miss the engine prefills is a from-scratch outcome (past 0, the "local-prefill" path) and measures
+    the process's prefill rate, as the resolver's own prefill did; a prefix continued is a continuation. Each
     forward of the engine's chunked prefill (chunks of 64 here) is a sample of its own shape: the fit learns
     what the engine ran, not a 260-token forward that never happened."""
     cost = agent.resolver.cost

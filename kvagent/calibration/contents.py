@@ -2,7 +2,9 @@
 the changes the cost model's records make to them (applied under the file lock by ``CalibrationFile.update``).
 
 ``empty()`` is the shape: ``prefill`` samples ``[t, n_new, past, seconds, "m"|"p"]`` per profile key,
-``load`` samples ``[t, bytes, seconds]`` per machine, ``links`` and ``breakers`` per registry URL, and
+``load`` samples ``[t, bytes, seconds]`` per machine, ``landing`` samples of the same shape per profile key
+and verification mode (a fetched artifact's bytes landed: checksum, decode, verification, store write),
+``links`` and ``breakers`` per registry URL, and
 ``outcomes`` ``[t, kind, path, n_tokens, past, predicted_s, actual_s]``.
 """
 
@@ -30,8 +32,8 @@ class CorruptCalibration(ValueError):
 
 
 def empty() -> dict[str, Any]:
-    return {"format": FORMAT, "version": VERSION, "updated": 0.0, "prefill": {}, "load": {}, "links": {},
-            "breakers": {}, "outcomes": []}
+    return {"format": FORMAT, "version": VERSION, "updated": 0.0, "prefill": {}, "load": {}, "landing": {},
+            "links": {}, "breakers": {}, "outcomes": []}
 
 
 def _num(x: Any) -> float:
@@ -54,7 +56,7 @@ def clean(raw: Any, now: float, max_age_s: float = DEFAULT_MAX_AGE_S) -> dict[st
     if raw.get("version") != VERSION:
         raise CorruptCalibration(f"calibration format version {raw.get('version')!r:.20}, expected {VERSION}")
     out = empty()
-    sections = {k: raw.get(k, {}) for k in ("prefill", "load", "links", "breakers")}
+    sections = {k: raw.get(k, {}) for k in ("prefill", "load", "landing", "links", "breakers")}
     if not all(isinstance(v, dict) for v in sections.values()):
         raise CorruptCalibration("a section is not a JSON object")
     for key, entry in sections["prefill"].items():
@@ -69,17 +71,18 @@ def clean(raw: Any, now: float, max_age_s: float = DEFAULT_MAX_AGE_S) -> dict[st
         if samples:
             out["prefill"][str(key)] = {**{k: str(v) for k, v in entry.items() if k != "samples"},
                                         "samples": samples[-MAX_SAMPLES:]}
-    for key, entry in sections["load"].items():
-        samples = []
-        for s in _samples(entry):
-            if len(s) != 3:
-                raise CorruptCalibration("malformed load sample")
-            t = _stamp(_num(s[0]), now, max_age_s)
-            nbytes, secs = _num(s[1]), _num(s[2])
-            if t is not None and nbytes > 0 and secs > 0:
-                samples.append([t, nbytes, secs])
-        if samples:
-            out["load"][str(key)] = {"samples": samples[-MAX_SAMPLES:]}
+    for section in ("load", "landing"):
+        for key, entry in sections[section].items():
+            samples = []
+            for s in _samples(entry):
+                if len(s) != 3:
+                    raise CorruptCalibration(f"malformed {section} sample")
+                t = _stamp(_num(s[0]), now, max_age_s)
+                nbytes, secs = _num(s[1]), _num(s[2])
+                if t is not None and nbytes > 0 and secs > 0:
+                    samples.append([t, nbytes, secs])
+            if samples:
+                out[section][str(key)] = {"samples": samples[-MAX_SAMPLES:]}
     for url, link in sections["links"].items():
         if not isinstance(link, dict):
             raise CorruptCalibration("malformed link entry")
@@ -151,9 +154,11 @@ def add_prefill(
     entry["samples"] = keep_diverse(entry["samples"] + [[now, n, p, s, kind] for n, p, s in samples])
 
 
-def add_load(data: dict[str, Any], *, machine: str, nbytes: int, seconds: float, now: float) -> None:
-    """Add a local-store load sample to ``machine``'s (the newest MAX_SAMPLES kept)."""
-    entry = data["load"].setdefault(machine, {"samples": []})
+def add_load(data: dict[str, Any], *, machine: str, nbytes: int, seconds: float, now: float,
+             section: str = "load") -> None:
+    """Add a local-store load sample to ``machine``'s (the newest MAX_SAMPLES kept); ``section="landing"``: a
+    fetched artifact's landing sample, ``machine`` then its profile key and verification mode."""
+    entry = data[section].setdefault(machine, {"samples": []})
     entry["samples"] = (entry["samples"] + [[now, nbytes, seconds]])[-MAX_SAMPLES:]
 
 

@@ -25,8 +25,13 @@ def prefill_estimate(data: dict[str, Any], profile: str, n_new: int, past: int =
     return pol.Estimate(seconds, pol.MEASURED if measured else pol.PROBE, measured, rel_sd=spread)
 
 
-def load_estimate(data: dict[str, Any], machine: str, nbytes: int) -> pol.Estimate | None:
-    samples = data["load"].get(machine, {}).get("samples", [])
+def load_estimate(
+    data: dict[str, Any], machine: str, nbytes: int, section: str = "load"
+) -> pol.Estimate | None:
+    """Seconds to read, check and decode ``nbytes`` of artifact from ``machine``'s local store; with
+    ``section="landing"`` (``machine`` a landing key), for a fetched artifact's bytes to land (checksum,
+    decode, verification, store write). None without samples."""
+    samples = data[section].get(machine, {}).get("samples", [])
     fit = load_fit([(s[1], s[2]) for s in samples])
     if fit is None:
         return None
@@ -55,7 +60,7 @@ def summary(
     data: dict[str, Any], lengths: Sequence[int] = (256, 1024, 4096), recent: int = 20
 ) -> dict[str, Any]:
     """A machine-readable view of the contents: fits, predictions and provenance (``calibrate --json``)."""
-    out: dict[str, Any] = {"prefill": {}, "load": {}, "links": {}, "breakers": {}}
+    out: dict[str, Any] = {"prefill": {}, "load": {}, "landing": {}, "links": {}, "breakers": {}}
     for key, entry in data["prefill"].items():
         est = {n: prefill_estimate(data, key, n) for n in lengths}
         fit = prefill_fit([(s[1], s[2], s[3], s[4]) for s in entry["samples"]])
@@ -69,11 +74,12 @@ def summary(
             "spread": {str(n): e.spread for n, e in est.items() if e},
             "provenance": next((e.provenance for e in est.values() if e), "none"),
         }
-    for key, entry in data["load"].items():
-        coef = fit_load([(s[1], s[2]) for s in entry["samples"]])
-        out["load"][key] = {"samples": len(entry["samples"]),
-                            "bytes_per_s": (1 / coef[1]) if coef and coef[1] > 0 else None,
-                            "fixed_s": coef[0] if coef else None}
+    for section in ("load", "landing"):
+        for key, entry in data[section].items():
+            coef = fit_load([(s[1], s[2]) for s in entry["samples"]])
+            out[section][key] = {"samples": len(entry["samples"]),
+                                 "bytes_per_s": (1 / coef[1]) if coef and coef[1] > 0 else None,
+                                 "fixed_s": coef[0] if coef else None}
     out["links"] = {url: dict(link) for url, link in data["links"].items()}
     out["breakers"] = {url: dict(state) for url, state in data["breakers"].items()}
     out["prediction_errors"] = prediction_errors(data["outcomes"])

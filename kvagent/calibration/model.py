@@ -96,6 +96,16 @@ class CostModel:
         measured)."""
         return load_estimate(self.calibration.read(), self.profile.machine, nbytes)
 
+    @property
+    def landing_key(self) -> str:
+        """Whose landing samples these are: the model on this machine, and how fetched KV is verified."""
+        return f"{self.profile.key}|verify={self.verify}"
+
+    def estimate_landing(self, nbytes: int) -> pol.Estimate | None:
+        """Seconds for ``nbytes`` of fetched artifact to land here once downloaded: checksum, decode,
+        verification against its tokens and the store write (None: never measured)."""
+        return load_estimate(self.calibration.read(), self.landing_key, nbytes, section="landing")
+
     def _verify_fraction(self, covered: int) -> float:
         """Share of a prefill that ``kvagent.verification`` spends checking a fetched KV."""
         if self.verify == "full":
@@ -128,9 +138,13 @@ class CostModel:
             nbytes = (
                 req.artifact_bytes if req.artifact_bytes is not None else covered * (req.bytes_per_token or 0)
             )
-            if req.load_s is None:
+            landing = (load_estimate(data, self.landing_key, nbytes, section="landing")
+                       if req.load_s is None and req.verify_s is None else None)
+            if landing is not None:  # measured as a whole: checksum, decode, verification, store write
+                fill["load_s"], fill["verify_s"] = landing, pol.Estimate(0.0, pol.FIXED)
+            if req.load_s is None and landing is None:
                 fill["load_s"] = load_estimate(data, self.profile.machine, nbytes)
-            if req.verify_s is None:
+            if req.verify_s is None and landing is None:
                 base = (self.estimate_prefill(covered) if req.prefill_tokens_per_s is None
                         else pol.Estimate(covered / req.prefill_tokens_per_s, pol.MEASURED))
                 fill["verify_s"] = base.scaled(self._verify_fraction(covered))
@@ -206,6 +220,15 @@ class CostModel:
         self.calibration.update(
             partial(ct.add_load, machine=self.profile.machine, nbytes=nbytes, seconds=seconds, now=now)
         )
+
+    def record_landing(self, nbytes: int, seconds: float) -> None:
+        """A fetched artifact of ``nbytes`` landed in ``seconds`` after its download (checksum, decode,
+        verification, store write): what the next fetch's estimate adds to its transfer."""
+        if nbytes < MIN_LOAD_BYTES or not seconds > 0:
+            return
+        now = self.calibration.clock()
+        self.calibration.update(partial(ct.add_load, machine=self.landing_key, nbytes=nbytes, seconds=seconds,
+                                        now=now, section="landing"))
 
     def record_lookup(self, url: str, seconds: float, ok: bool, error: str = "") -> None:
         """A metadata request to ``url`` answered in ``seconds`` (``ok``; a 404 is ok) or failed."""
