@@ -114,6 +114,15 @@ class RegistrySkippedError(RegistryUnavailableError):
     """The registry was not asked: it failed recently and is skipped until its back-off ends."""
 
 
+class RegistryDownloadAbandonedError(RegistryError):
+    """A download given up part-way: finishing it would take longer than computing the KV here (not a
+    registry failure, not retried). ``received``/``seconds`` measure the link so far."""
+
+    def __init__(self, message: str, received: int, seconds: float):
+        super().__init__(message)
+        self.received, self.seconds = received, seconds
+
+
 class RegistryAuthError(RegistryError):
     """The registry refused the token (401) or the principal may not do this (403)."""
 

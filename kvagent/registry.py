@@ -35,6 +35,7 @@ from .errors import (
     ArtifactIntegrityError,
     RegistryAuthError,
     RegistryConflictError,
+    RegistryDownloadAbandonedError,
     RegistryError,
     RegistryNotImplementedError,
     RegistryPaymentRequiredError,
@@ -46,6 +47,8 @@ from .identity import validate_key
 from .signing import Signature
 
 T = TypeVar("T")
+#: ``give_up(received, size, seconds)``: why to stop a download part-way, or None to go on
+GiveUp = Callable[[int, int, float], "str | None"]
 
 VISIBILITIES = ("restricted", "public")
 DEFAULT_TIMEOUT = httpx.Timeout(connect=3.0, read=20.0, write=20.0, pool=3.0)
@@ -450,12 +453,14 @@ class RegistryClient:
         return self._retrying(once, deadline)
 
     def download_blob(self, handle: Handle, *, max_price: int | None = None,
-                      idempotency_key: str | None = None) -> Download:
+                      idempotency_key: str | None = None, give_up: GiveUp | None = None) -> Download:
         """The artifact bytes of ``handle``, streamed and cut off at the handle's declared size.
 
         Every attempt carries the same ``Idempotency-Key`` (a fresh one per call unless given), so a
         retried download is charged once; a priced artifact above ``max_price`` or the balance raises
         RegistryPaymentRequiredError (not retried). The returned ``Download`` says what this call cost.
+        ``give_up(received, size, seconds)``, asked as the bytes come in, returns why to stop (raising
+        RegistryDownloadAbandonedError, not retried) or None to go on.
         """
         pay = _payment_headers(max_price, idempotency_key)
         paid = _Paid()
@@ -479,14 +484,14 @@ class RegistryClient:
                                 raise RegistryUnavailableError(
                                     f"object store answered HTTP {obj.status_code} for {handle.key[:16]}…"
                                 )
-                            return _read_blob(obj, handle)
+                            return _read_blob(obj, handle, give_up, t0)
                         finally:
                             obj.close()
                     if resp.status_code != 200:
                         resp.read()
                         raise _error_for(resp, "download")
                     paid.note(resp)
-                    return _read_blob(resp, handle)
+                    return _read_blob(resp, handle, give_up, t0)
             except httpx.TransportError as exc:
                 raise RegistryUnavailableError(
                     f"download of {handle.key[:16]}… failed: {type(exc).__name__}: {exc}"
@@ -495,10 +500,15 @@ class RegistryClient:
         data = self._retrying(once)
         return Download(data, time.perf_counter() - t0, paid.charge, paid.receipt)
 
-    def download_verified(self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None,
-                          idempotency_key: str | None = None) -> VerifiedDownload:
-        """Download, verify (tree hash, header == handle, signature when keys are trusted) and decode."""
-        got = self.download_blob(handle, max_price=max_price, idempotency_key=idempotency_key)
+    def download_verified(
+        self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None,
+        idempotency_key: str | None = None, give_up: GiveUp | None = None,
+    ) -> VerifiedDownload:
+        """Download, verify (tree hash, header == handle, signature when keys are trusted) and decode;
+        ``give_up`` as for ``download_blob``."""
+        got = self.download_blob(
+            handle, max_price=max_price, idempotency_key=idempotency_key, give_up=give_up
+        )
         artifact = art.decode(got.data, expect=expect, limits=self.limits)
         if artifact.header != handle.header:
             raise ArtifactIntegrityError(
@@ -742,20 +752,28 @@ def _presigned_location(resp: httpx.Response) -> str:
     return url
 
 
-def _read_blob(resp: httpx.Response, handle: Handle) -> bytearray:
-    """The body of a blob response, checked against the handle's declared size."""
+def _read_blob(resp: httpx.Response, handle: Handle, give_up: GiveUp | None = None,
+               t0: float | None = None) -> bytearray:
+    """The body of a blob response, checked against the handle's declared size; ``give_up`` (see
+    ``RegistryClient.download_blob``) is asked after each chunk, with the seconds since ``t0``."""
     declared = resp.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) != handle.size:
         raise ArtifactIntegrityError(
             f"registry serves {declared} bytes for {handle.key[:16]}… but its handle says {handle.size}"
         )
     buf = bytearray()
+    start = time.perf_counter() if t0 is None else t0
     for chunk in resp.iter_bytes():
         buf += chunk
         if len(buf) > handle.size:
             raise ArtifactIntegrityError(
                 f"download of {handle.key[:16]}… exceeded its declared {handle.size} bytes"
             )
+        if give_up is not None and len(buf) < handle.size:
+            seconds = time.perf_counter() - start
+            why = give_up(len(buf), handle.size, seconds)
+            if why:
+                raise RegistryDownloadAbandonedError(why, len(buf), seconds)
     if len(buf) != handle.size:
         raise RegistryUnavailableError(
             f"download of {handle.key[:16]}… stopped at {len(buf)}/{handle.size} bytes"

@@ -10,6 +10,7 @@ more than the local tiers did, a handle to let the registry generate, or why not
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from .errors import (
     ArtifactError,
     ArtifactIntegrityError,
     KVAgentError,
+    RegistryDownloadAbandonedError,
     RegistryError,
     RegistryPaymentRequiredError,
     RegistrySkippedError,
@@ -39,7 +41,7 @@ from .verification import verify_kv
 if TYPE_CHECKING:
     from .calibration import CostModel
     from .engine import TransformersEngine
-    from .registry import Handle, RegistryClient
+    from .registry import GiveUp, Handle, RegistryClient
 
 log = logging.getLogger("kvagent")
 
@@ -74,13 +76,38 @@ class RegistrySource(Protocol):
         self, hashes: Sequence[str], *, timeout: float | None = None
     ) -> tuple[Handle, int] | None: ...
 
-    def fetch(self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None) -> Fetched:
+    def fetch(self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None,
+              give_up: GiveUp | None = None) -> Fetched:
         """Download (buying it for at most ``max_price`` when it is sold) and check checksum, header and
         signature;
-        raise RegistryError (RegistryPaymentRequiredError for a refused purchase) or ArtifactError."""
+        raise RegistryError (RegistryPaymentRequiredError for a refused purchase) or ArtifactError.
+        ``give_up(received, size, seconds)``: asked while the bytes come in, why to stop part-way
+        (RegistryDownloadAbandonedError) or None; a source whose fetch is not a transfer may ignore it."""
 
     def dispute(self, handle: Handle, receipt: str, reason: str, difference: float) -> str:
         """Report a bought artifact that failed verification; returns what the registry said."""
+
+
+#: seconds of a download over a link never measured before its throughput is judged (``_give_up_past``)
+GIVE_UP_AFTER_S = 0.2
+
+
+def _give_up_past(prefill_s: float) -> GiveUp:
+    """A download's ``give_up`` for a fetch chosen on an assumed link speed: once it has run
+    ``min(GIVE_UP_AFTER_S, prefill_s)``, stop when the rest, at the speed so far, would take longer than
+    prefilling here (``prefill_s``), the seconds already spent being lost either way."""
+
+    def give_up(received: int, size: int, seconds: float) -> str | None:
+        if seconds < min(GIVE_UP_AFTER_S, prefill_s) or received >= size:
+            return None
+        rest = seconds / received * (size - received) if received > 0 else math.inf
+        if rest <= prefill_s:
+            return None
+        return (f"gave up the download after {received / 1e6:.1f} of {size / 1e6:.1f} MB in {seconds:.2f} s "
+                f"({received / seconds / 1e6:.1f} MB/s, a link never measured before): the rest would take "
+                f"≈ {rest:.2f} s, more than prefilling here ≈ {prefill_s:.2f} s")
+
+    return give_up
 
 
 class ClientSource:
@@ -101,8 +128,9 @@ class ClientSource:
     ) -> tuple[Handle, int] | None:
         return self.client.lookup_prefix(hashes, timeout=timeout)
 
-    def fetch(self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None) -> Fetched:
-        got = self.client.download_verified(handle, expect, max_price=max_price)
+    def fetch(self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None,
+              give_up: GiveUp | None = None) -> Fetched:
+        got = self.client.download_verified(handle, expect, max_price=max_price, give_up=give_up)
         return Fetched(
             got.artifact, len(got.data), got.seconds, got.data, charged=got.charge, receipt=got.receipt
         )
@@ -214,11 +242,15 @@ class RegistryTier:
                 stg.predict("prefix-prefill" if n_local else "local-prefill", decision.estimates["prefill_s"],
                             len(lookup.ids) - n_local, n_local)
             return RegistryAnswer(None, f"policy: {decision.reason}")
+        est = decision.estimates
         if self.predicts():
-            est = decision.estimates
             stg.predict(pol.FETCH, est["fetch_s"], len(lookup.ids) - n_local, n_local,
                         est.get("fetch_rest_s", 0.0))
-        return self._buy(source, lookup, offer, decision.reason)
+        give_up = None
+        if source.remote and est.get("sources", {}).get("link") == "assumed" and not offer.handle.price:
+            # a link never measured: the download measures it, against prefilling what the fetch would cover
+            give_up = _give_up_past(float(est["prefill_s"]) - float(est.get("fetch_rest_s", 0.0)))
+        return self._buy(source, lookup, offer, decision.reason, give_up)
 
     def predicts(self) -> bool:
         """Whether reads are checked against the cost model: it is calibrated and no rate is fixed by hand."""
@@ -279,15 +311,26 @@ class RegistryTier:
                 self.cost.ensure_probed(engine_probe(self.engine))
         return self.cost.decide(req, url=source.label if source.remote else None, past=n_local, params=params)
 
-    def _buy(self, source: RegistrySource, lookup: Lookup, offer: _Offer, why: str) -> RegistryAnswer:
+    def _buy(self, source: RegistrySource, lookup: Lookup, offer: _Offer, why: str,
+             give_up: GiveUp | None = None) -> RegistryAnswer:
         """Fetch (and pay for) the offer, measure the link, verify the KV and keep it: a candidate, or why
-        not."""
+        not. ``give_up``: the source may stop the download part-way (see ``RegistrySource.fetch``)."""
         t0 = time.perf_counter()
         handle = offer.handle
         try:
-            fetched = source.fetch(handle, replace(self.expect, key=handle.key), max_price=self.price_cap())
+            expect = replace(self.expect, key=handle.key)
+            fetched = (source.fetch(handle, expect, max_price=self.price_cap(), give_up=give_up)
+                       if give_up is not None else source.fetch(handle, expect, max_price=self.price_cap()))
             stg.add("download", fetched.seconds)
             stg.add("verification", time.perf_counter() - t0 - fetched.seconds)  # checksum, header, signature
+        except RegistryDownloadAbandonedError as exc:
+            stg.add("download", exc.seconds)
+            if exc.received and exc.seconds > 0:  # what the link did so far: the next decision knows it
+                self.bandwidth[source.label] = exc.received / exc.seconds
+                if self.cost is not None:
+                    self.cost.record_download(source.label, exc.received, exc.seconds, abandoned=True)
+            log.warning("kvagent: %s; prefilling locally", exc)
+            return RegistryAnswer(None, f"{exc}; prefilling locally")
         except RegistryPaymentRequiredError as exc:
             q = exc.quote
             return RegistryAnswer(

@@ -119,7 +119,8 @@ class FakeSource:
                 best = (handle, n)
         return best
 
-    def fetch(self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None) -> Fetched:
+    def fetch(self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None,
+              give_up: Any = None) -> Fetched:
         self.fetches += 1
         price = handle.price or 0
         if self.refuse_payment or (max_price is not None and price > max_price):
@@ -254,3 +255,16 @@ def test_deferred_save_writes_only_when_called(tmp_path: Path) -> None:
     assert res.save is not None and res.key not in store.artifacts
     res.save()
     assert res.key in store.artifacts
+
+
+def test_a_download_is_given_up_only_when_its_rest_would_cost_more_than_prefilling() -> None:
+    from kvagent.registry_tier import _give_up_past
+
+    give_up = _give_up_past(1.0)  # prefilling what the fetch covers: 1 s
+    assert give_up(100_000, 10_000_000, 0.1) is None  # too early to judge the link
+    why = give_up(1_000_000, 10_000_000, 0.5)  # 4.5 s to go at this speed
+    assert why is not None and "more than prefilling here ≈ 1.00 s" in why and "2.0 MB/s" in why
+    assert give_up(9_000_000, 10_000_000, 0.5) is None  # 0.06 s to go: finishing is cheaper
+    assert give_up(0, 10_000_000, 0.3) is not None  # nothing came at all
+    assert give_up(10_000_000, 10_000_000, 5.0) is None  # done
+    assert _give_up_past(0.05)(1_000, 10_000_000, 0.06) is not None  # a short prefill is judged sooner

@@ -237,9 +237,11 @@ class CostModel:
             return
         self._link(url, partial(ct.link_answered, seconds=seconds))
 
-    def record_download(self, url: str, nbytes: int, seconds: float) -> None:
-        """A blob of ``nbytes`` came from ``url`` in ``seconds``: update its throughput, close its breaker."""
-        if nbytes < MIN_DOWNLOAD_BYTES or not seconds > 0:
+    def record_download(self, url: str, nbytes: int, seconds: float, *, abandoned: bool = False) -> None:
+        """A blob of ``nbytes`` came from ``url`` in ``seconds``: update its throughput, close its breaker.
+        ``abandoned``: the first ``nbytes`` of a download given up for being slow, a throughput sample
+        whatever its size (a short download otherwise measures mostly the round trip)."""
+        if (nbytes < MIN_DOWNLOAD_BYTES and not abandoned) or not nbytes > 0 or not seconds > 0:
             self._link(url, lambda link: None)
             return
         self._link(url, partial(ct.link_downloaded, nbytes=nbytes, seconds=seconds))

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from .. import artifact as art
 from ..errors import ArtifactMismatchError
-from ..registry import Handle, parse_handle
+from ..registry import GiveUp, Handle, parse_handle
 from ..resolver import Fetched
 from .auth import Principal
 from .http import ApiError
@@ -64,8 +64,10 @@ class ServerSource:
             return None
         return (self._handle(row), blocks) if self._offered(row) else None
 
-    def fetch(self, h: Handle, expect: art.Expectation, *, max_price: int | None = None) -> Fetched:
-        """The decoded KV (hosted use is charged per token by the chat endpoint, not per load)."""
+    def fetch(self, h: Handle, expect: art.Expectation, *, max_price: int | None = None,
+              give_up: GiveUp | None = None) -> Fetched:
+        """The decoded KV (hosted use is charged per token by the chat endpoint, not per load; a local read,
+        so ``give_up`` is never asked)."""
         blob = self._blobs.get(h.key)
         if blob is None:
             raise ArtifactMismatchError(f"artifact {h.key[:16]}… was not looked up through this source")

@@ -4,8 +4,10 @@ Modes: ``delay`` holds every upstream→client chunk for ``delay`` seconds (a sl
 ``cut`` forwards only ``cut_after`` bytes of each response stream and then drops the connection (a
 server killed mid-download, from the client's point of view); ``on_cut``, if set, runs at that moment
 (a test kills the real server there); ``down`` closes every connection at once (a registry that is down);
-``lie`` flips bytes of every response past its first 4 KiB (a registry serving corrupted blobs). The mode
-may change while the proxy runs; ``connections`` counts the connections accepted.
+``lie`` flips bytes of every response past its first 4 KiB (a registry serving corrupted blobs); ``throttle``
+passes the first ``free_bytes`` of each response stream at once and the rest at ``rate`` bytes/s (a slow link
+that still answers small requests quickly). The mode may change while the proxy runs; ``connections`` counts
+the connections accepted.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class FaultProxy:
     delay: float = 0.0
     cut_after: int = 0
     on_cut: Callable[[], None] | None = None
+    rate: float = 0.0
+    free_bytes: int = 8192
 
     def __post_init__(self) -> None:
         self.port = free_port()
@@ -60,7 +64,7 @@ class FaultProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, downstream: bool) -> None:
             sent = 0
             try:
-                while data := await src.read(65536):
+                while data := await src.read(65536 if self.mode != "throttle" else 16384):
                     if downstream and self.mode == "delay":
                         await asyncio.sleep(self.delay)
                     if downstream and self.mode == "cut":
@@ -69,6 +73,8 @@ class FaultProxy:
                             if self.on_cut is not None:
                                 self.on_cut()
                             break
+                    if downstream and self.mode == "throttle" and sent + len(data) > self.free_bytes:
+                        await asyncio.sleep((sent + len(data) - max(sent, self.free_bytes)) / self.rate)
                     if downstream and self.mode == "lie" and sent + len(data) > LIE_AFTER:
                         # flip bytes deep in the body (past the HTTP headers and the artifact's own header)
                         buf = bytearray(data)

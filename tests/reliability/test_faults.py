@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from kvagent import KVAgent
+from kvagent import calibration as cal
 from kvagent.policy import PolicyParams
 from kvagent.registry import RegistryClient
 from tests.conftest import tiny_config
@@ -204,6 +205,50 @@ def test_a_download_cut_mid_stream_leaves_nothing_partial(published, model, tmp_
         stored = list(bob.store.entries())
         assert [e.key for e in stored] == [doc.key]  # only the locally computed artifact
         assert bob.store.get(doc.key).artifact is not None
+        assert bob.ask_ids(doc, SUFFIX, max_new_tokens=8, stop_token_ids=()).token_ids == \
+            bob.generate_full(ids + SUFFIX, max_new_tokens=8, stop_token_ids=()).token_ids
+        bob.close()
+
+
+@contextmanager
+def _slow_downloads(server: ServerProcess, store: FaultProxy | None, rate: float) -> Iterator[str]:
+    """The registry URL a reader should use while every response past its first 8 KiB comes at ``rate``
+    bytes/s: a proxy in front of the registry (local blobs), or the object store's own proxy (S3)."""
+    if store is None:
+        proxy = FaultProxy(server.port, mode="throttle", rate=rate)
+        try:
+            yield proxy.url
+        finally:
+            proxy.close()
+        return
+    store.rate, store.mode = rate, "throttle"
+    try:
+        yield server.url
+    finally:
+        store.mode = "pass"
+
+
+def test_a_slow_download_over_a_link_never_measured_is_given_up_for_a_prefill(published, model, tmp_path):
+    """A fetch chosen on the assumed link speed (nobody measured this registry yet) is given up as soon as the
+    download shows that the rest would take longer than prefilling here; the read prefills, exactly, keeps
+    nothing partial, and the link is now measured for the next decision."""
+    server, store, ids = published
+    with RegistryClient(server.url, "bob-token-000002") as c:
+        handle = c.lookup(_key(model, ids))
+        assert handle is not None
+    with _slow_downloads(server, store, rate=handle.size / 60) as url:  # the whole blob: a minute
+        bob = _bob(model, tmp_path, url, timeout=90)  # prefill estimated at 12 s (600 tokens at 50/s)
+        t0 = time.perf_counter()
+        doc = bob.read_ids(ids)
+        elapsed = time.perf_counter() - t0
+        assert doc.cache.status == "prefill" and "gave up the download" in doc.cache.reason, doc.cache.reason
+        assert "never measured" in doc.cache.reason and doc.cache.stages.get("download", 0) > 0
+        assert elapsed < 12, elapsed  # given up early: not the minute the download would take
+        cost = bob.resolver.cost
+        assert cost is not None
+        _rtt, bps = cal.link_estimates(cost.calibration.read(), url)
+        assert bps is not None and bps.value < 1e8  # measured now (not the assumed 1 GB/s)
+        assert [e.key for e in bob.store.entries()] == [doc.key]  # only the locally computed artifact
         assert bob.ask_ids(doc, SUFFIX, max_new_tokens=8, stop_token_ids=()).token_ids == \
             bob.generate_full(ids + SUFFIX, max_new_tokens=8, stop_token_ids=()).token_ids
         bob.close()
