@@ -467,6 +467,7 @@ class RegistryClient:
         t0 = time.perf_counter()
 
         def once() -> bytearray:
+            started = time.perf_counter()  # give_up judges this attempt's speed, not earlier attempts'
             try:
                 with self._http.stream("GET", handle.blob_url, headers=pay) as resp:
                     # a presigned object-store URL: bytes bypass the registry
@@ -484,14 +485,14 @@ class RegistryClient:
                                 raise RegistryUnavailableError(
                                     f"object store answered HTTP {obj.status_code} for {handle.key[:16]}…"
                                 )
-                            return _read_blob(obj, handle, give_up, t0)
+                            return _read_blob(obj, handle, give_up, started)
                         finally:
                             obj.close()
                     if resp.status_code != 200:
                         resp.read()
                         raise _error_for(resp, "download")
                     paid.note(resp)
-                    return _read_blob(resp, handle, give_up, t0)
+                    return _read_blob(resp, handle, give_up, started)
             except httpx.TransportError as exc:
                 raise RegistryUnavailableError(
                     f"download of {handle.key[:16]}… failed: {type(exc).__name__}: {exc}"
@@ -752,17 +753,15 @@ def _presigned_location(resp: httpx.Response) -> str:
     return url
 
 
-def _read_blob(resp: httpx.Response, handle: Handle, give_up: GiveUp | None = None,
-               t0: float | None = None) -> bytearray:
+def _read_blob(resp: httpx.Response, handle: Handle, give_up: GiveUp | None, started: float) -> bytearray:
     """The body of a blob response, checked against the handle's declared size; ``give_up`` (see
-    ``RegistryClient.download_blob``) is asked after each chunk, with the seconds since ``t0``."""
+    ``RegistryClient.download_blob``) is asked after each chunk, with the seconds since ``started``."""
     declared = resp.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) != handle.size:
         raise ArtifactIntegrityError(
             f"registry serves {declared} bytes for {handle.key[:16]}… but its handle says {handle.size}"
         )
     buf = bytearray()
-    start = time.perf_counter() if t0 is None else t0
     for chunk in resp.iter_bytes():
         buf += chunk
         if len(buf) > handle.size:
@@ -770,7 +769,7 @@ def _read_blob(resp: httpx.Response, handle: Handle, give_up: GiveUp | None = No
                 f"download of {handle.key[:16]}… exceeded its declared {handle.size} bytes"
             )
         if give_up is not None and len(buf) < handle.size:
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - started
             why = give_up(len(buf), handle.size, seconds)
             if why:
                 raise RegistryDownloadAbandonedError(why, len(buf), seconds)

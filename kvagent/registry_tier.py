@@ -319,16 +319,15 @@ class RegistryTier:
         handle = offer.handle
         try:
             expect = replace(self.expect, key=handle.key)
+            # ``give_up`` only when there is one: a source written before it need not take the argument
             fetched = (source.fetch(handle, expect, max_price=self.price_cap(), give_up=give_up)
                        if give_up is not None else source.fetch(handle, expect, max_price=self.price_cap()))
             stg.add("download", fetched.seconds)
             stg.add("verification", time.perf_counter() - t0 - fetched.seconds)  # checksum, header, signature
         except RegistryDownloadAbandonedError as exc:
             stg.add("download", exc.seconds)
-            if exc.received and exc.seconds > 0:  # what the link did so far: the next decision knows it
-                self.bandwidth[source.label] = exc.received / exc.seconds
-                if self.cost is not None:
-                    self.cost.record_download(source.label, exc.received, exc.seconds, abandoned=True)
+            if exc.received:  # what the link did so far: the next decision knows it
+                self._measure(source, exc.received, exc.seconds, abandoned=True)
             log.warning("kvagent: %s; prefilling locally", exc)
             return RegistryAnswer(None, f"{exc}; prefilling locally")
         except RegistryPaymentRequiredError as exc:
@@ -344,7 +343,7 @@ class RegistryTier:
             what = f"fetching {handle.key[:16]}… from the registry failed ({source.label})"
             return RegistryAnswer(None, self.failed(what, exc))
         self.note_spent(fetched.charged)
-        self._measure(source, fetched)
+        self._measure(source, fetched.nbytes, fetched.seconds)
         with stg.stage("verification"):
             problem = self._check(handle.key, fetched.artifact)
         if problem is not None:
@@ -380,11 +379,15 @@ class RegistryTier:
         return RegistryAnswer(cand, reason)
 
     # -- what a fetch leaves behind ----------------------------------------------------------------
-    def _measure(self, source: RegistrySource, fetched: Fetched) -> None:
-        if fetched.seconds > 0:
-            self.bandwidth[source.label] = fetched.nbytes / fetched.seconds
+    def _measure(
+        self, source: RegistrySource, nbytes: int, seconds: float, *, abandoned: bool = False
+    ) -> None:
+        """``nbytes`` came from ``source`` in ``seconds`` (``abandoned``: the start of a download given up):
+        this process's and the machine's figure for its link."""
+        if seconds > 0:
+            self.bandwidth[source.label] = nbytes / seconds
             if self.cost is not None and source.remote:
-                self.cost.record_download(source.label, fetched.nbytes, fetched.seconds)
+                self.cost.record_download(source.label, nbytes, seconds, abandoned=abandoned)
 
     def _check(self, key: str, artifact: art.Artifact) -> str | None:
         """Verify a registry artifact's KV against its token ids (once per process); the failure reason or

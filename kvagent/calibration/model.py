@@ -214,21 +214,21 @@ class CostModel:
 
     def record_load(self, nbytes: int, seconds: float) -> None:
         """Reading, checking and decoding ``nbytes`` of artifact from the local store took ``seconds``."""
-        if nbytes < MIN_LOAD_BYTES or not seconds > 0:
-            return
-        now = self.calibration.clock()
-        self.calibration.update(
-            partial(ct.add_load, machine=self.profile.machine, nbytes=nbytes, seconds=seconds, now=now)
-        )
+        self._add_bytes_sample("load", self.profile.machine, nbytes, seconds)
 
     def record_landing(self, nbytes: int, seconds: float) -> None:
         """A fetched artifact of ``nbytes`` landed in ``seconds`` after its download (checksum, decode,
         verification, store write): what the next fetch's estimate adds to its transfer."""
+        self._add_bytes_sample("landing", self.landing_key, nbytes, seconds)
+
+    def _add_bytes_sample(self, section: str, key: str, nbytes: int, seconds: float) -> None:
+        """Add a ``[t, bytes, seconds]`` sample to ``section``'s ``key`` (too few bytes say nothing)."""
         if nbytes < MIN_LOAD_BYTES or not seconds > 0:
             return
         now = self.calibration.clock()
-        self.calibration.update(partial(ct.add_load, machine=self.landing_key, nbytes=nbytes, seconds=seconds,
-                                        now=now, section="landing"))
+        self.calibration.update(
+            partial(ct.add_load, machine=key, nbytes=nbytes, seconds=seconds, now=now, section=section)
+        )
 
     def record_lookup(self, url: str, seconds: float, ok: bool, error: str = "") -> None:
         """A metadata request to ``url`` answered in ``seconds`` (``ok``; a 404 is ok) or failed."""
