@@ -13,7 +13,8 @@ the reason printed (and recorded in the JSON).
         [--servers kvagent kvagent-vllm vllm vllm-connector transformers]
         [--vllm-python /work/vllm-venv/bin/python]
         [--vllm-cmd "<command line>"] [--transformers-cmd "transformers serve"] [--threads 2]
-        [--max-batch 8] [--prefill-chunk 256] [--json benchmarks/results/concurrent_agents.json]
+        [--max-batch N (default: the most agents)] [--prefill-chunk 256]
+        [--json benchmarks/results/concurrent_agents.json]
 """
 
 from __future__ import annotations
@@ -387,11 +388,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--vllm-args", default="", help="extra arguments for the vLLM server")
     ap.add_argument("--transformers-cmd", default=f"{Path(sys.executable).parent / 'transformers'} serve")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads of every server")
-    ap.add_argument("--max-batch", type=int, default=8, help="kvagent serve --max-batch")
+    ap.add_argument("--max-batch", type=int, default=0,
+                    help="kvagent serve --max-batch (default: the most agents, as kvagent-vllm gets)")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="kvagent serve --prefill-chunk")
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "concurrent_agents.json")
     args = ap.parse_args(argv)
+    args.max_batch = args.max_batch or max(args.agents)
 
     from kvagent.config import Config
     from kvagent.models import ensure_embedded

@@ -1,7 +1,8 @@
 """Concurrent chat requests through a real ``kvagent serve --model smollm2`` process: they decode together in
-the engine's batch (seen in ``kvagent_batch_size``), and every reply equals ``transformers.generate`` greedy
-on its own ids (prompt tails prefilled in chunks of 8 tokens); a client that disconnects mid-batch leaves
-the others' replies unchanged."""
+the engine's batch (seen in ``kvagent_batch_size``), those resuming from one cached document of their
+namespace read it once per step (``kvagent_batch_shared_prefix_size``), and every reply equals
+``transformers.generate`` greedy on its own ids (prompt tails prefilled in chunks of 8 tokens); a client that
+disconnects mid-batch leaves the others' replies unchanged."""
 
 from __future__ import annotations
 
@@ -68,12 +69,17 @@ def _stream(server: Any, i: int, out: dict[int, str], barrier: threading.Barrier
     out[i] = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
 
 
-def _batch_sizes(server: Any) -> dict[str, float]:
+def _batch_sizes(server: Any, name: str = "kvagent_batch_size") -> dict[str, float]:
     text = httpx.get(server.url + "/metrics", timeout=30).text
     return {
         m.group(1): float(m.group(2))
-        for m in re.finditer(r'^kvagent_batch_size_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)
+        for m in re.finditer(rf'^{name}_bucket\{{le="([^"]+)"\}} (\S+)$', text, re.M)
     }
+
+
+def _more_than_one(before: dict[str, float], after: dict[str, float]) -> float:
+    """Observations above 1 between two reads of a histogram's buckets."""
+    return (after["+Inf"] - after["1.0"]) - (before.get("+Inf", 0) - before.get("1.0", 0))
 
 
 def test_eight_concurrent_prompts_decode_together_and_each_equals_its_reference(
@@ -91,9 +97,7 @@ def test_eight_concurrent_prompts_decode_together_and_each_equals_its_reference(
         t.start()
     for t in threads:
         t.join(900)
-    after = _batch_sizes(server)
-    together = (after["+Inf"] - after["1.0"]) - (before.get("+Inf", 0) - before.get("1.0", 0))
-    assert together > 0, "no decode step ran more than one sequence"
+    assert _more_than_one(before, _batch_sizes(server)) > 0, "no decode step ran more than one sequence"
     for i in range(8):
         assert out[i] == reference(embedded, _messages(i), MAX_TOKENS), (i, QUESTIONS[i])
 
@@ -128,3 +132,34 @@ def test_a_disconnect_mid_batch_leaves_the_others_unchanged(server: Any, embedde
     assert left.is_set()
     for i in (1, 3, 4, 6):
         assert out[i] == reference(embedded, _messages(i), MAX_TOKENS), (i, QUESTIONS[i])
+
+
+def test_agents_asking_about_one_cached_document_read_it_once_per_step(server: Any, embedded: Any) -> None:
+    """Four of alice's agents, each with its own request about her cached document (long answers, so they
+    decode together): the steps read the document's KV once for all of them, and each reply equals its
+    reference."""
+    def messages(i: int) -> list[dict[str, str]]:
+        return [{"role": "user", "content": f"{DOC}\n\nRetell it at length, as chapter {i + 1} of a story."}]
+
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="alice-token-0001", max_retries=0, timeout=600)
+    c.chat.completions.create(model="smollm2", messages=messages(0), temperature=0, max_tokens=1)
+    before = _batch_sizes(server, "kvagent_batch_shared_prefix_size")
+    out: dict[int, str] = {}
+    barrier = threading.Barrier(4)
+
+    def agent(i: int) -> None:
+        barrier.wait()
+        chunks = c.chat.completions.create(
+            model="smollm2", messages=messages(i), temperature=0, max_tokens=MAX_TOKENS, stream=True
+        )
+        out[i] = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(900)
+    shared = _more_than_one(before, _batch_sizes(server, "kvagent_batch_shared_prefix_size"))
+    assert shared > 0, "no decode step read the document's KV for more than one agent"
+    for i in range(4):
+        assert out[i] == reference(embedded, messages(i), MAX_TOKENS), i

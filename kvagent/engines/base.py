@@ -46,8 +46,9 @@ class GenerationRequest:
 
     Generation ends at one of ``params.stop_token_ids`` (included in the tokens), at a stop string (the token
     that completes it is the last one sent), or after ``params.max_new_tokens``. ``on_prompt``, if set,
-    receives the KV of the whole prompt (prefix then ``prompt_ids``) once it is computed, before the first
-    token; ``on_prompt_forwards`` the forwards that computed it (:class:`PromptForward`).
+    receives the KV of the whole prompt (prefix then ``prompt_ids``) once it is computed, before the
+    request's Finish (the batching engine first sends the first tokens of every prompt done in that step);
+    ``on_prompt_forwards`` the forwards that computed it (:class:`PromptForward`).
     """
 
     prompt_ids: tuple[int, ...]
@@ -58,9 +59,10 @@ class GenerationRequest:
     #: receives the forwards that prefilled ``prompt_ids`` (one, or one per chunk), each timed alone, for the
     #: cost model; engines that cannot time them alone (another sequence shared one) never call it
     on_prompt_forwards: Callable[[tuple[PromptForward, ...]], object] | None = None
-    #: the private cache namespace (a server-derived salt) of an engine that resolves the prompt's KV itself
-    #: (``resolves_prefix``): such an engine shares KV only between requests of the same namespace, plus
-    #: unsalted published KV; None: the shared namespace
+    #: the request's cache namespace (a server-derived salt for a principal's private prompts; None: the
+    #: shared namespace): an engine shares KV only between requests of the same namespace (the batching
+    #: engine's shared prefixes; an engine that resolves the prompt's KV itself, ``resolves_prefix``, also
+    #: reads unsalted published KV)
     namespace: str | None = None
     #: the published KV the caller may read (the server's own registry, entitlements applied), for an engine
     #: that resolves the prompt's KV itself; None: only what the engine finds on its own

@@ -15,6 +15,16 @@ only if no other sequence shared its forwards: times of its own). The K/V of a s
 sized for its prompt plus ``max_new_tokens``, written in place (the prefix copied in once, then each chunk
 and each decoded token after it: no concatenation per chunk or per step).
 
+Sequences of one cache namespace that resume from one prefix (many agents asking about one cached document)
+read it in place (a :class:`_Segment`): their buffers start after it, and each step attends every member's
+queries to the shared prefix in one call, then each member's to its own K/V, merging the two partial
+softmaxes by their log-sum-exp (:func:`_cascade`). At ~4k tokens a decode step otherwise reads every
+sequence's copy of the document's K/V, the memory-bound part of a batched step. The merge equals one call over
+the whole K/V up to float rounding, not bit for bit: a sequence alone on its prefix is attended to plainly,
+bitwise as without batching; in a group its logits may differ from its solo run in the last bits, as with
+the batched linear layers (every reply still equals greedy decoding of its own ids in the tests). Requests of
+different namespaces never share (a principal's private prompts stay its own, in timing too).
+
 New requests join between steps; a cancelled request leaves before the next step. ``max_batch`` bounds the
 sequences admitted (decoding or being prefilled); further requests wait in submission order. One scheduler
 thread owns the model calls of the batch; each holds ``TransformersEngine.lock``.
@@ -40,6 +50,7 @@ import torch
 from ..engine import GenerationParams, TransformersEngine, pick_token
 from ..errors import EngineError
 from ..kv import KVCache
+from ..memory import shared_prefix
 from ..textstream import TextStream
 from .base import Finish, FinishReason, GenerationRequest, PromptForward, Sink, Token, Usage
 
@@ -51,12 +62,18 @@ RAGGED = "kvagent_ragged"
 #: is prefilled in chunks of this size, several short tails together up to it
 PREFILL_CHUNK = 256
 
+#: leading tokens a prefix must have in common with a live sequence's segment to be read from it in place
+SHARE_MIN = 64
+
 
 class BatchObserver:
     """Receives the engine's scheduling facts (metrics); the default does nothing."""
 
     def step(self, batch_size: int, seconds: float) -> None:
         """One decode step ran for ``batch_size`` sequences."""
+
+    def shared_prefix(self, sequences: int) -> None:
+        """In that step, ``sequences`` of them read a prefix they share with others in place."""
 
 
 class _Handle:
@@ -86,6 +103,11 @@ class _Seq:
     done: int = 0  # prompt-tail tokens prefilled so far
     forwards: list[PromptForward] = field(default_factory=list)  # those that prefilled this prompt's tail
     shared: bool = False  # whether any of them also ran other sequences' tokens
+    #: the prefix K/V this sequence reads in place, shared with the other sequences that resume from it (see
+    # :class:`_Segment`), and how many of its positions it reads; None: its buffers hold all its K/V
+    segment: _Segment | None = None
+    seg_n: int = 0
+    base: int = 0  # the position of its buffers' first slot (``seg_n`` when they start after the segment)
 
     def finish(self, reason: FinishReason, error: BaseException | None = None) -> None:
         now = time.perf_counter()
@@ -93,6 +115,23 @@ class _Seq:
         prefix = self.request.prefix.n_tokens if self.request.prefix is not None else 0
         usage = Usage(self.request.n_prompt, prefix, self.produced, started - self.submitted, now - started)
         self.sink(Finish(reason, usage, error))
+
+
+@dataclass(eq=False)
+class _Segment:
+    """A prefix KV that several sequences of one cache namespace resume from, read in place by all of them:
+    their decode steps (and prompt-tail chunks) attend to it in one call for the group, each then to its own
+    buffers, the two results merged by their log-sum-exp (see :func:`_cascade`), so the prefix is read once
+    per step for the group instead of once per sequence. Views of the first request's prefix (immutable)."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    token_ids: torch.Tensor
+    namespace: str | None
+
+    @property
+    def n(self) -> int:
+        return int(self.token_ids.numel())
 
 
 @dataclass
@@ -105,43 +144,78 @@ class _Part:
 
 
 class _Rows:
-    """Per-sequence K (or V) views of one layer, handed from the step's cache to the ragged attention, with
-    where each sequence's queries lie in the row and the mask each gets."""
+    """Per-part K (or V) views of one layer, handed from the step's cache to the ragged attention: a plain
+    part's whole K/V so far, a shared-prefix part's own K/V after its segment."""
 
-    __slots__ = ("rows", "step")
+    __slots__ = ("layer", "rows", "step")
 
-    def __init__(self, rows: list[torch.Tensor], step: _StepCache) -> None:
+    def __init__(self, rows: list[torch.Tensor], step: _StepCache, layer: int) -> None:
         self.rows = rows
         self.step = step
+        self.layer = layer
 
 
 class _StepCache:
     """The cache a batched forward passes to the model: writes each part's new K/V into its sequence's
-    buffer and returns every sequence's K/V so far (views, no copy)."""
+    buffer and returns every part's K/V so far (views, no copy). Parts of sequences that read one segment
+    (same prefix length) form a group attended to in one call (:func:`_cascade`); a sequence alone on its
+    segment whose buffers hold its whole K/V is attended to plainly, as it would be without sharing."""
 
     def __init__(self, parts: Sequence[_Part], dtype: torch.dtype, device: torch.device) -> None:
         self.parts = parts
         self.spans: list[tuple[int, int]] = []  # (offset in the row, length) of each part's tokens
         self.masks: list[torch.Tensor | None] = []
+        by_segment: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(parts):
+            if p.seq.segment is not None:
+                by_segment.setdefault((id(p.seq.segment), p.seq.seg_n), []).append(i)
+        #: the groups attended to through their segment (indexes into ``parts``)
+        self.groups = [g for g in by_segment.values() if len(g) > 1 or parts[g[0]].seq.base > 0]
+        grouped = {i for g in self.groups for i in g}
+        self.grouped = grouped
+        self._group_masks: dict[int, torch.Tensor | None] = {}
         off = 0
-        for p in parts:
+        for i, p in enumerate(parts):
             n = len(p.ids)
             self.spans.append((off, n))
-            self.masks.append(_tail_mask(p.start, n, dtype, device))
+            if i in grouped:
+                self.masks.append(_own_mask(p.start, n, p.seq.seg_n, dtype, device))
+            else:
+                self.masks.append(_tail_mask(p.start, n, dtype, device))
             off += n
+        #: each group's positions in the row: a slice where they are consecutive, else an index
+        self.group_rows: list[torch.Tensor | slice] = []
+        for g in self.groups:
+            first, last = self.spans[g[0]], self.spans[g[-1]]
+            if last[0] + last[1] - first[0] == sum(self.spans[i][1] for i in g):
+                self.group_rows.append(slice(first[0], last[0] + last[1]))
+            else:
+                at = [torch.arange(self.spans[i][0], sum(self.spans[i]), device=device) for i in g]
+                self.group_rows.append(torch.cat(at))
+
+    def group_mask(self, i: int, query: torch.Tensor) -> torch.Tensor | None:
+        """Part ``i``'s own mask in :func:`_cascade`'s layout (every query head of a K/V head over its
+        tokens; made on the first layer that asks)."""
+        if i not in self._group_masks:
+            mask = self.masks[i]
+            rep = query.shape[1] // self.parts[i].seq.keys[0].shape[1]
+            self._group_masks[i] = None if mask is None else mask.repeat(rep, 1)
+        return self._group_masks[i]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: Any, **__: Any
     ) -> tuple[_Rows, _Rows]:
         ks, vs = [], []
-        for p, (off, n) in zip(self.parts, self.spans, strict=True):
-            k, v = p.seq.keys[layer_idx], p.seq.values[layer_idx]
-            end = p.start + n
-            k[:, :, p.start : end].copy_(key_states[:, :, off : off + n])
-            v[:, :, p.start : end].copy_(value_states[:, :, off : off + n])
-            ks.append(k[:, :, :end])
-            vs.append(v[:, :, :end])
-        return _Rows(ks, self), _Rows(vs, self)
+        for i, (p, (off, n)) in enumerate(zip(self.parts, self.spans, strict=True)):
+            s = p.seq
+            k, v = s.keys[layer_idx], s.values[layer_idx]
+            at = p.start - s.base
+            k[:, :, at : at + n].copy_(key_states[:, :, off : off + n])
+            v[:, :, at : at + n].copy_(value_states[:, :, off : off + n])
+            first = s.seg_n - s.base if i in self.grouped else 0
+            ks.append(k[:, :, first : at + n])
+            vs.append(v[:, :, first : at + n])
+        return _Rows(ks, self, layer_idx), _Rows(vs, self, layer_idx)
 
 
 def _tail_mask(start: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -157,6 +231,97 @@ def _tail_mask(start: int, n: int, dtype: torch.dtype, device: torch.device) -> 
     return mask.masked_fill_(cols[None, None, None, :] > rows[None, None, :, None], float("-inf"))
 
 
+def _own_mask(
+    start: int, n: int, seg_n: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """The mask of ``n`` queries at ``start`` over a sequence's own K/V after its ``seg_n``-token segment:
+    causal (``n`` rows; :meth:`_StepCache.group_mask` repeats it for every query head of a K/V head); none
+    for one query."""
+    if n == 1:
+        return None
+    cols = torch.arange(seg_n, start + n, device=device)
+    rows = torch.arange(start, start + n, device=device)
+    mask = torch.zeros((n, start + n - seg_n), dtype=dtype, device=device)
+    return mask.masked_fill_(cols[None, :] > rows[:, None], float("-inf"))
+
+
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over ``k``/``v`` (same head count) and each query row's log-sum-exp of its scaled
+    scores: torch's CPU flash-attention kernel, which SDPA itself runs on CPU, else the plain formula."""
+    if _FLASH is not None and q.device.type == "cpu":
+        out, lse = _FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        return out, lse
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(q.dtype), lse
+
+
+def _cascade(
+    query: torch.Tensor,
+    out: torch.Tensor,
+    rows: torch.Tensor | slice,
+    members: Sequence[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    seg_k: torch.Tensor,
+    seg_v: torch.Tensor,
+    scale: float | None,
+) -> None:
+    """Attention of a group of sequences resuming from one segment (``seg_k``/``seg_v``): every member's
+    queries over the segment in one call, each member's over its own K/V, the two merged by their
+    log-sum-exp (the softmax over the union of the keys, as one call over the whole K/V gives up to float
+    rounding). ``rows``: the group's positions in the row (a slice when they are consecutive); ``members``:
+    each one's query count, own K, own V and own mask (in the layout below), in row order. Query heads
+    sharing a K/V head (grouped-query attention) go in as rows of that head, so no K/V is repeated. Writes
+    the group's rows of ``out``."""
+    _, heads, _, dim = query.shape
+    kv_heads = seg_k.shape[1]
+    rep = heads // kv_heads
+    q = query[:, :, rows] if isinstance(rows, slice) else query.index_select(2, rows)  # [1, H, T, D]
+    total = q.shape[2]
+    shared, shared_lse = _attend(q.reshape(1, kv_heads, rep * total, dim), seg_k, seg_v, None, scale)
+    owns, own_lses = [], []
+    t = 0
+    for n, k, v, mask in members:
+        o, lse = _attend(q[:, :, t : t + n].reshape(1, kv_heads, rep * n, dim), k, v, mask, scale)
+        owns.append(o.view(1, kv_heads, rep, n, dim))
+        own_lses.append(lse.view(1, kv_heads, rep, n))
+        t += n
+    own = torch.cat(owns, dim=3).view(1, kv_heads, rep * total, dim)
+    own_lse = torch.cat(own_lses, dim=3).view(1, kv_heads, rep * total)
+    lse = torch.logaddexp(shared_lse, own_lse)
+    merged = shared.mul_(torch.exp(shared_lse - lse).unsqueeze(-1))
+    merged.add_(own.mul_(torch.exp(own_lse - lse).unsqueeze(-1)))
+    merged = merged.view(1, heads, total, dim).transpose(1, 2)
+    if isinstance(rows, slice):
+        out[:, rows].copy_(merged)
+    else:
+        out.index_copy_(1, rows, merged)
+
+
+def _segment_for(
+    live: Sequence[_Seq], prefix: KVCache, namespace: str | None
+) -> tuple[_Segment | None, int]:
+    """The segment of a ``live`` sequence of ``namespace`` sharing the most leading tokens with ``prefix``
+    (at least ``SHARE_MIN``), and how many."""
+    best: tuple[_Segment | None, int] = (None, 0)
+    seen: set[int] = set()
+    for s in live:
+        seg = s.segment
+        if seg is None or id(seg) in seen or seg.namespace != namespace:
+            continue
+        seen.add(id(seg))
+        m = min(shared_prefix(seg.token_ids, prefix.token_ids), prefix.n_tokens)
+        if m >= SHARE_MIN and m > best[1]:
+            best = (seg, m)
+    return best
+
+
 def _failed(seq: _Seq, exc: BaseException) -> None:
     """End ``seq`` with an error of its own prefill (logged unless the request itself was at fault)."""
     if not isinstance(exc, EngineError):
@@ -169,7 +334,8 @@ def _ragged_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention of a batched forward, one sequence at a time on its own K/V with its own mask, through the
     model's usual kernel: SDPA called directly where the model's kernel is transformers' SDPA on CPU (see
-    :func:`_direct_sdpa`), else that kernel as the model calls it."""
+    :func:`_direct_sdpa`), else that kernel as the model calls it. Groups of sequences resuming from one
+    shared prefix are attended to together (:func:`_cascade`; direct SDPA only)."""
     if not isinstance(key, _Rows) or not isinstance(value, _Rows):
         raise EngineError("the ragged attention runs only inside a batched forward")
     step = key.step
@@ -180,7 +346,9 @@ def _ragged_attention(
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", True) if causal is None else causal
         out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
-        for (off, n), mask, k, v in parts:
+        for i, ((off, n), mask, k, v) in enumerate(parts):
+            if i in step.grouped:
+                continue
             o = torch.nn.functional.scaled_dot_product_attention(
                 query[:, :, off : off + n],
                 k,
@@ -191,7 +359,19 @@ def _ragged_attention(
                 enable_gqa=gqa,
             )
             out[:, off : off + n].copy_(o.transpose(1, 2))
+        for g, group in enumerate(step.groups):
+            seq = step.parts[group[0]].seq
+            seg = seq.segment
+            assert seg is not None
+            members = [
+                (step.spans[i][1], key.rows[i], value.rows[i], step.group_mask(i, query)) for i in group
+            ]
+            seg_k = seg.keys[key.layer][:, :, : seq.seg_n]
+            seg_v = seg.values[key.layer][:, :, : seq.seg_n]
+            _cascade(query, out, step.group_rows[g], members, seg_k, seg_v, scale)
         return out, None
+    if step.groups:
+        raise EngineError("shared-prefix attention needs the model's SDPA kernel on CPU")
     inner = _ragged_inner(module)
     outs = [
         inner(module, query[:, :, off : off + n], k, v, mask, **kwargs)[0] for (off, n), mask, k, v in parts
@@ -235,7 +415,9 @@ def _register() -> None:
 class TransformersBatchEngine:
     """The :class:`~kvagent.engines.base.GenerationEngine` over a :class:`~kvagent.engine.TransformersEngine`:
     continuous batching of up to ``max_batch`` sequences. ``tokenizer`` is needed for stop strings;
-    ``prefill_chunk``: prompt-tail tokens prefilled per step."""
+    ``prefill_chunk``: prompt-tail tokens prefilled per step; ``share_prefix``: sequences of one cache
+    namespace resuming from one prefix read it in place, attended to together (where the model's attention
+    allows it; probed)."""
 
     #: the prompt-turn core resolves the prompt's KV and hands it over as ``GenerationRequest.prefix``
     resolves_prefix = False
@@ -248,6 +430,7 @@ class TransformersBatchEngine:
         tokenizer: Any = None,
         observer: BatchObserver | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        share_prefix: bool = True,
     ) -> None:
         if max_batch < 1:
             raise EngineError(f"max_batch must be >= 1, got {max_batch}")
@@ -266,7 +449,10 @@ class TransformersBatchEngine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._batchable: bool | None = None  # decided on the first request (or chunked_prefill's first read)
+        self.share_prefix = share_prefix
+        self._shares = False  # whether sequences resuming from one prefix read it in place (probed)
         self._probe_lock = threading.Lock()
+        self._grouped: set[int] = set()  # the parts of the last forward that read a shared segment
 
     # -- the interface ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink) -> _Handle:
@@ -386,20 +572,35 @@ class TransformersBatchEngine:
         self._buffers(seq)
         self._prefilling.append(seq)
 
-    def _buffers(self, seq: _Seq) -> None:
-        """``seq``'s K/V buffers, sized for its prompt and its generation, the prefix KV copied in."""
+    def _buffers(self, seq: _Seq, live: Sequence[_Seq] | None = None) -> None:
+        """``seq``'s K/V buffers, sized for its prompt and its generation. A prefix that a live sequence of
+        the same namespace already reads as a segment (at least ``SHARE_MIN`` leading tokens in common) is
+        read from there in place: the buffers start after it, with the rest of the prefix copied in. Else the
+        prefix is copied in whole, and becomes a segment later sequences may share. ``live``: the sequences
+        whose segments may be shared (None: the batch's)."""
         req, eng = seq.request, self.engine
-        cap = req.n_prompt + req.params.max_new_tokens
+        prefix = req.prefix
+        n = prefix.n_tokens if prefix is not None else 0
+        if prefix is not None and self._shares and n >= SHARE_MIN:
+            if live is None:
+                live = (*self._active, *self._prefilling)
+            seg, m = _segment_for(live, prefix, req.namespace)
+            if seg is None:
+                seg, m = _Segment(prefix.keys, prefix.values, prefix.token_ids, req.namespace), n
+            else:
+                seq.base = m
+            seq.segment, seq.seg_n = seg, m
+        cap = req.n_prompt + req.params.max_new_tokens - seq.base
         lay = eng.layout
         for i in range(lay.num_layers):
             kb = torch.empty((1, lay.num_kv_heads, cap, lay.head_dim), dtype=eng.dtype, device=eng.device)
             vb = torch.empty_like(kb)
-            if req.prefix is not None:
-                kb[:, :, : req.prefix.n_tokens].copy_(req.prefix.keys[i])
-                vb[:, :, : req.prefix.n_tokens].copy_(req.prefix.values[i])
+            if prefix is not None and n > seq.base:
+                kb[:, :, : n - seq.base].copy_(prefix.keys[i][:, :, seq.base :])
+                vb[:, :, : n - seq.base].copy_(prefix.values[i][:, :, seq.base :])
             seq.keys.append(kb)
             seq.values.append(vb)
-        seq.n = req.prefix.n_tokens if req.prefix is not None else 0
+        seq.n = n
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -422,7 +623,9 @@ class TransformersBatchEngine:
             p.seq.n += len(p.ids)
         if decoding:
             self.observer.step(len(decoding), seconds)
+            self.observer.shared_prefix(sum(1 for i in self._grouped if i < len(decoding)))
         self._active = [s for i, s in enumerate(decoding) if self._emit(s, logits[i])]
+        kept: list[tuple[_Seq, Callable[[], None]]] = []  # prompt KVs to hand out after the first tokens
         for i, p in enumerate(parts[len(decoding) :], start=len(decoding)):
             s = p.seq
             s.done += len(p.ids)
@@ -431,9 +634,15 @@ class TransformersBatchEngine:
             if s.done == len(s.request.prompt_ids):
                 self._prefilling.remove(s)
                 try:
-                    self._join(s, logits[i])
+                    self._join(s, logits[i], kept)
                 except Exception as exc:
                     _failed(s, exc)
+        for s, keep in kept:  # once every prompt done in this step has sent its first token
+            try:
+                keep()
+            except Exception as exc:
+                self._active.remove(s)
+                _failed(s, exc)
 
     def _forward(self, parts: Sequence[_Part]) -> torch.Tensor:
         """One model call over ``parts``' tokens as one row, each at its own positions, each sequence's
@@ -447,60 +656,87 @@ class TransformersBatchEngine:
             pos.extend(range(p.start, p.start + len(p.ids)))
             last.append(len(ids) - 1)
         dev = eng.device
+        cache = _StepCache(parts, eng.dtype, dev)
+        self._grouped = cache.grouped
         with eng.lock, self._ragged():
             out = eng.model(
                 input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
                 position_ids=torch.tensor([pos], dtype=torch.long, device=dev),
                 use_cache=True,
                 logits_to_keep=torch.tensor(last, dtype=torch.long, device=dev),
-                **{eng.cache_arg: _StepCache(parts, eng.dtype, dev)},
+                **{eng.cache_arg: cache},
             )
         return out.logits[0]  # type: ignore[no-any-return]
 
-    def _join(self, seq: _Seq, logits: torch.Tensor) -> None:
-        """``seq``'s prompt is prefilled (into its buffers): hand its KV out, send the first token, join the
-        decode batch."""
+    def _join(self, seq: _Seq, logits: torch.Tensor, kept: list[tuple[_Seq, Callable[[], None]]]) -> None:
+        """``seq``'s prompt is prefilled (into its buffers): send the first token, join the decode batch, and
+        hand its prompt KV out (through ``kept``, once the step's other first tokens are out; at once if the
+        first token ends it, so always before its Finish)."""
         req = seq.request
         if req.on_prompt_forwards is not None and not seq.shared:  # times of its own only
             req.on_prompt_forwards(tuple(seq.forwards))
-        ids = torch.tensor(req.prompt_ids, dtype=torch.int64)
-        prompt = ids if req.prefix is None else torch.cat([req.prefix.token_ids, ids])
-        n = seq.n
-        kv = KVCache(
-            keys=tuple(k[:, :, :n] for k in seq.keys),
-            values=tuple(v[:, :, :n] for v in seq.values),
-            token_ids=prompt,
-        )
+        keep = None
         if req.on_prompt is not None:
-            req.on_prompt(kv)  # views of the buffers' first n positions, which decoding never writes
-        if self._emit(seq, logits):
+            on_prompt = req.on_prompt
+            ids = torch.tensor(req.prompt_ids, dtype=torch.int64)
+            prompt = ids if req.prefix is None else torch.cat([req.prefix.token_ids, ids])
+
+            def keep() -> None:
+                on_prompt(self._prompt_kv(seq, prompt))
+
+        if self._emit(seq, logits, keep):
             self._active.append(seq)
+            if keep is not None:
+                kept.append((seq, keep))
 
-    def _emit(self, seq: _Seq, logits: torch.Tensor) -> bool:
+    @staticmethod
+    def _prompt_kv(seq: _Seq, prompt: torch.Tensor) -> KVCache:
+        """``seq``'s prompt KV: views of its buffers' first positions, which decoding never writes; joined to
+        its segment's (a copy) when its buffers start after it."""
+        n, base, seg = seq.n, seq.base, seq.segment
+        if base == 0 or seg is None:
+            keys = tuple(k[:, :, :n] for k in seq.keys)
+            values = tuple(v[:, :, :n] for v in seq.values)
+        else:
+            keys = tuple(
+                torch.cat([s[:, :, :base], k[:, :, : n - base]], dim=2)
+                for s, k in zip(seg.keys, seq.keys, strict=True)
+            )
+            values = tuple(
+                torch.cat([s[:, :, :base], v[:, :, : n - base]], dim=2)
+                for s, v in zip(seg.values, seq.values, strict=True)
+            )
+        return KVCache(keys=keys, values=values, token_ids=prompt)
+
+    def _emit(self, seq: _Seq, logits: torch.Tensor, before_finish: Callable[[], None] | None = None) -> bool:
         """Pick and send ``seq``'s next token; whether it goes on."""
-        return self._emit_token(seq, pick_token(logits.float().cpu(), seq.request.params, seq.gen))
+        tok = pick_token(logits.float().cpu(), seq.request.params, seq.gen)
+        return self._emit_token(seq, tok, before_finish)
 
-    def _emit_token(self, seq: _Seq, tok: int) -> bool:
-        """Send ``tok`` as ``seq``'s next token, ending it at a stop condition; whether it goes on."""
+    def _emit_token(self, seq: _Seq, tok: int, before_finish: Callable[[], None] | None = None) -> bool:
+        """Send ``tok`` as ``seq``'s next token, ending it at a stop condition (``before_finish`` runs first);
+        whether it goes on."""
         params = seq.request.params
         seq.produced += 1
         seq.last = tok
         seq.sink(Token(tok))
+        reason: FinishReason | None = None
         if tok in params.stop_token_ids:
-            seq.finish("stop")
-            return False
-        if seq.text is not None:
+            reason = "stop"
+        elif seq.text is not None:
             seq.text.push(tok)
-            if seq.text.stopped:
-                seq.finish("stop")
-                return False
-        if seq.produced >= params.max_new_tokens:
-            seq.finish("length")
-            return False
-        if seq.handle.cancelled:
-            seq.finish("cancelled")
-            return False
-        return True
+            reason = "stop" if seq.text.stopped else None
+        if reason is None:
+            if seq.produced >= params.max_new_tokens:
+                reason = "length"
+            elif seq.handle.cancelled:
+                reason = "cancelled"
+            else:
+                return True
+        if before_finish is not None:
+            before_finish()
+        seq.finish(reason)
+        return False
 
     @contextmanager
     def _ragged(self) -> Iterator[None]:
@@ -546,10 +782,17 @@ class TransformersBatchEngine:
                     "not batching: the model keeps other state than full K/V (sliding window or recurrent)"
                 )
                 return False
-            return self._probe_step()
+            if not self._probe_step():
+                return False
         except Exception as exc:  # a model whose forward does not take a per-call cache object
             log.warning("not batching: a probe step failed (%s); requests run one at a time", exc)
             return False
+        if self.share_prefix:
+            try:
+                self._shares = self._probe_shared()
+            except EngineError as exc:
+                log.info("not sharing prefixes between sequences: %s", exc)
+        return True
 
     def _probe_step(self) -> bool:
         """A batched forward of a one-token tail after a prefix, a longer tail after a prefix and a tail from
@@ -579,6 +822,39 @@ class TransformersBatchEngine:
             log.warning(
                 "not batching: a batched forward of this model does not match its single-sequence one"
             )
+        return ok
+
+    def _probe_shared(self) -> bool:
+        """Whether sequences reading one prefix in place (a one-token tail, a longer tail, and a sequence
+        whose own buffers hold the prefix) get each one's logits from its own forward, within float rounding
+        (the shared attention merges two partial softmaxes)."""
+        eng = self.engine
+        vocab = eng.config.get_text_config(decoder=True).vocab_size
+        prefix = [(t * 37 + 11) % vocab for t in range(SHARE_MIN + 5)]
+        kv = eng.prefill(prefix)
+        tails = [(7,), (9, 11, 13), (6, 8)]
+        want: list[torch.Tensor] = []
+        parts: list[_Part] = []
+        self._shares = True
+        try:
+            for tail in tails:
+                ids = tuple(t % vocab for t in tail)
+                with torch.inference_mode(), eng.lock:
+                    out = eng.forward(eng.new_cache(kv), input_ids=torch.tensor([ids], device=eng.device))
+                want.append(out.logits[0, -1])
+                s = _Seq(GenerationRequest(ids, kv, GenerationParams(max_new_tokens=1)), lambda _e: None,
+                         _Handle(self), 0.0)
+                self._buffers(s, [p.seq for p in parts])
+                parts.append(_Part(s, ids, s.n))
+            if len({id(p.seq.segment) for p in parts}) != 1:
+                raise EngineError("the probe's sequences did not share their prefix")
+            with torch.inference_mode():
+                got = self._forward(parts)
+        finally:
+            self._shares = False
+        ok = all(torch.allclose(got[i].float(), w.float(), rtol=1e-4, atol=1e-4) for i, w in enumerate(want))
+        if not ok:
+            log.warning("not sharing prefixes: the shared attention does not match this model's own")
         return ok
 
     def _solo(self, seq: _Seq) -> None:

@@ -166,7 +166,9 @@ class PromptTurns:
                 turn.engine_prefill_seconds = sum(f.seconds for f in forwards)
                 self.resolver.record_continuation(forwards)
 
-        request = GenerationRequest(tuple(feed), res.kv, params, tuple(stops), on_prompt, timed)
+        request = GenerationRequest(
+            tuple(feed), res.kv, params, tuple(stops), on_prompt, timed, namespace=namespace
+        )
         turn = Turn(ids, request, info, save)
         return turn
 

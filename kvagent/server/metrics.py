@@ -69,6 +69,11 @@ class Metrics:
                                          "Time from a request's first forward to its last token",
                                          ["endpoint"],
                                          buckets=_SECONDS, registry=r)
+        self.shared_prefix = Histogram(
+            "kvagent_batch_shared_prefix_size",
+            "Sequences of a decode step reading a prefix they share with others in place",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=r,
+        )
         self.running = Gauge("kvagent_num_requests_running", "Requests in the decode batch", registry=r)
         self.waiting = Gauge("kvagent_num_requests_waiting", "Requests waiting for a batch slot",
                              registry=r)
@@ -112,3 +117,6 @@ class _StepObserver:
     def step(self, batch_size: int, seconds: float) -> None:
         self.metrics.batch_size.observe(batch_size)
         self.metrics.step_seconds.observe(seconds)
+
+    def shared_prefix(self, sequences: int) -> None:
+        self.metrics.shared_prefix.observe(sequences)

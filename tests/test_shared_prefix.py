@@ -1,0 +1,261 @@
+"""Sequences of the batching engine that resume from one prefix read it in place, attended to together
+(kvagent.engines.transformers: ``_Segment``, ``_cascade``): each reply still equals greedy decoding from a
+full prefill of its own ids; only requests of one cache namespace share; a prefix shorter or longer than the
+shared one, or the same tokens in another copy, share what they have in common; a member that leaves does
+not change the others."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+import kvagent.engines.transformers as batched
+from kvagent.engine import GenerationParams, TransformersEngine
+from kvagent.engines import GenerationRequest, TransformersBatchEngine, events
+from kvagent.kv import KVCache
+from tests.test_batching import _chat_ids, _hf_greedy, _ids, _tokens, _tokens_at_once
+
+
+class Spy:
+    """Records every shared-prefix attention call's group size and the segment each admitted sequence got."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.groups: list[int] = []
+        self.admitted: list[tuple[int | None, int, int]] = []  # (segment id, seg_n, base) per sequence
+        real_cascade, real_buffers = batched._cascade, batched.TransformersBatchEngine._buffers
+
+        def cascade(query: Any, out: Any, rows: Any, members: Any, *args: Any) -> None:
+            self.groups.append(len(members))
+            real_cascade(query, out, rows, members, *args)
+
+        def buffers(engine: Any, seq: Any, live: Any = None) -> None:
+            real_buffers(engine, seq, live)
+            seg = seq.segment
+            self.admitted.append((None if seg is None else id(seg), seq.seg_n, seq.base))
+
+        monkeypatch.setattr(batched, "_cascade", cascade)
+        monkeypatch.setattr(batched.TransformersBatchEngine, "_buffers", buffers)
+
+    def ready(self, batch: TransformersBatchEngine) -> TransformersBatchEngine:
+        """``batch`` probed (its probe shares too), and what the probe did forgotten."""
+        assert batch.chunked_prefill and batch._shares
+        self.groups.clear()
+        self.admitted.clear()
+        return batch
+
+
+def _copy(kv: KVCache) -> KVCache:
+    """The same KV in storage of its own."""
+    return KVCache(
+        keys=tuple(k.clone() for k in kv.keys), values=tuple(v.clone() for v in kv.values),
+        token_ids=kv.token_ids.clone(),
+    )
+
+
+def test_eight_agents_on_one_document_read_it_once_and_each_equals_generate(
+    embedded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SmolLM2 (grouped-query attention, 9 query heads over 3): eight questions about one cached document,
+    submitted at once; their tails are prefilled and decoded as one group over the document's KV, and each
+    reply is transformers' greedy generate on the whole prompt."""
+    from tests.conftest import long_text
+
+    spy = Spy(monkeypatch)
+    tok, engine = embedded.tokenizer, TransformersEngine(embedded.model)
+    batch = spy.ready(TransformersBatchEngine(engine, max_batch=8, tokenizer=tok))
+    doc = long_text(220, tok)
+    prompts = [
+        _chat_ids(tok, f"{doc}\n\nQuestion {i}: what does it say about item {i * 7}?") for i in range(8)
+    ]
+    common = min(batched.shared_prefix(prompts[0], p) for p in prompts)
+    assert common > batched.SHARE_MIN
+    kv = engine.prefill(prompts[0][:common])
+    params = GenerationParams(max_new_tokens=16)
+    out = _tokens_at_once(
+        batch, [GenerationRequest(tuple(p[common:]), kv, params, namespace="ns-a") for p in prompts]
+    )
+    assert [o[0] for o in out] == [_hf_greedy(embedded.model, p, 16) for p in prompts]
+    assert all(o[1].usage.cached_tokens == common for o in out)
+    assert len({a[0] for a in spy.admitted}) == 1, "the eight did not share one segment"
+    assert max(spy.groups) == 8
+    batch.close()
+
+
+def test_only_one_namespace_shares_and_the_same_tokens_in_another_copy_do(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = Spy(monkeypatch)
+    model = tiny_model("llama")
+    engine = TransformersEngine(model)
+    batch = spy.ready(TransformersBatchEngine(engine, max_batch=8))
+    doc = _ids(120, 5)
+    kv = engine.prefill(doc)
+    # the same document's KV in another copy (as a store read or another memory entry gives it)
+    requests = [
+        GenerationRequest(tuple(_ids(4, 10)), kv, GREEDY, namespace="alice"),
+        GenerationRequest(tuple(_ids(5, 11)), _copy(kv), GREEDY, namespace="alice"),
+        GenerationRequest(tuple(_ids(6, 12)), kv, GREEDY, namespace="bob"),
+        GenerationRequest(tuple(_ids(7, 13)), kv, GREEDY, namespace=None),
+    ]
+    gate = threading.Barrier(len(requests))
+    out: list[Any] = [None] * len(requests)
+
+    def run(i: int) -> None:
+        gate.wait()
+        out[i] = _tokens(batch, requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    want = [_hf_greedy(model, doc + list(r.prompt_ids), GREEDY.max_new_tokens) for r in requests]
+    assert [o[0] for o in out] == want
+    segments = {}
+    for seg, _n, _base in spy.admitted:
+        segments.setdefault(seg, 0)
+        segments[seg] += 1
+    assert sorted(segments.values()) == [1, 1, 2], spy.admitted  # alice's two share; bob and None alone
+    batch.close()
+
+
+def test_prefixes_shorter_or_longer_than_the_shared_one_share_what_they_have_in_common(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefix of 100 of the segment's 150 tokens reads 100 in place; one of 150 + 30 reads 150 and copies
+    its last 30; both replies and both kept prompt KVs equal a full prefill's."""
+    spy = Spy(monkeypatch)
+    model = tiny_model("llama")
+    engine = TransformersEngine(model)
+    batch = spy.ready(TransformersBatchEngine(engine, max_batch=8))
+    doc = _ids(180, 6)
+    full = engine.prefill(doc)
+    cases = [(150, _ids(3, 20)), (100, _ids(9, 21)), (180, _ids(2, 22)), (150, _ids(1, 23))]
+    kept: list[list[KVCache]] = [[] for _ in cases]
+    requests = [
+        GenerationRequest(tuple(tail), full.truncate(n), GREEDY, on_prompt=kept[i].append, namespace="n")
+        for i, (n, tail) in enumerate(cases)
+    ]
+    first = _tokens_in_background(batch, requests[0])  # the first admitted: its prefix becomes the segment
+    out = _tokens_at_once(batch, requests[1:])
+    first.join(120)
+    got = [first.result, *out]  # type: ignore[attr-defined]
+    want = [_hf_greedy(model, doc[:n] + tail, GREEDY.max_new_tokens) for n, tail in cases]
+    assert [g[0] for g in got] == want
+    assert [a[1:] for a in spy.admitted] == [(150, 0), (100, 100), (150, 150), (150, 150)], spy.admitted
+    assert len({a[0] for a in spy.admitted}) == 1
+    for (n, tail), k in zip(cases, kept, strict=True):
+        ref = engine.prefill(doc[:n] + tail)
+        assert k[0].token_ids.tolist() == doc[:n] + tail
+        for a, b in zip((*k[0].keys, *k[0].values), (*ref.keys, *ref.values), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    batch.close()
+
+
+def _tokens_in_background(batch: Any, request: GenerationRequest) -> threading.Thread:
+    """Start ``_tokens`` on a thread and return once the request is decoding (its first token is out)."""
+    first = threading.Event()
+
+    def run() -> None:
+        toks, fin = [], None
+        for ev in events(batch, request):
+            if hasattr(ev, "token_id"):
+                toks.append(ev.token_id)
+                first.set()
+            else:
+                fin = ev
+        t.result = (toks, fin)  # type: ignore[attr-defined]
+        first.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert first.wait(60)
+    return t
+
+
+def test_a_member_that_leaves_does_not_change_the_others(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = Spy(monkeypatch)
+    model = tiny_model("llama")
+    engine = TransformersEngine(model)
+    batch = spy.ready(TransformersBatchEngine(engine, max_batch=8))
+    doc = _ids(100, 7)
+    kv = engine.prefill(doc)
+    tails = [_ids(3 + i, 30 + i) for i in range(3)]
+    params = GenerationParams(max_new_tokens=30)
+    results: dict[int, Any] = {}
+    left = threading.Event()
+
+    def run(i: int) -> None:
+        results[i] = _tokens(batch, GenerationRequest(tuple(tails[i]), kv, params))
+
+    def leaver() -> None:
+        it = events(batch, GenerationRequest(tuple(_ids(4, 99)), kv, GenerationParams(max_new_tokens=400)))
+        for n, _ev in enumerate(it):
+            if n == 3:
+                it.close()
+                left.set()
+                break
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)] + [threading.Thread(target=leaver)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert left.is_set()
+    assert [results[i][0] for i in range(3)] == [_hf_greedy(model, doc + t, 30) for t in tails]
+    assert 4 in spy.groups and max(spy.groups[-5:]) <= 3
+
+
+def test_sharing_is_off_when_asked_and_the_replies_are_the_same(tiny_model: Any) -> None:
+    model = tiny_model("llama")
+    engine = TransformersEngine(model)
+    doc = _ids(90, 8)
+    kv = engine.prefill(doc)
+    requests = [GenerationRequest(tuple(_ids(4 + i, 40 + i)), kv, GREEDY) for i in range(4)]
+    on, off = TransformersBatchEngine(engine), TransformersBatchEngine(engine, share_prefix=False)
+    a, b = _tokens_at_once(on, requests), _tokens_at_once(off, requests)
+    assert on._shares and not off._shares
+    assert [x[0] for x in a] == [y[0] for y in b]
+    on.close()
+    off.close()
+
+
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_the_shared_attention_matches_one_call_over_the_whole_kv(consecutive: bool) -> None:
+    """``_cascade`` (segment and own K/V attended apart, merged by log-sum-exp) against SDPA over their
+    concatenation: grouped-query heads, one query and a causal tail, the group's rows consecutive in the
+    batch's row or not (another sequence's token between them, left untouched), within float rounding."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, seg_n = 9, 3, 64, 300
+    rep = heads // kv_heads
+    seg_k, seg_v = torch.randn(1, kv_heads, seg_n, dim), torch.randn(1, kv_heads, seg_n, dim)
+    own = [(1, 20), (5, 7)]  # (queries, own K/V length): a decode step; a 5-token tail after 2 own tokens
+    gap = 0 if consecutive else 1
+    query = torch.randn(1, heads, sum(n for n, _ in own) + gap, dim)
+    out = torch.full((1, query.shape[2], heads, dim), 7.0)
+    members, refs, rows, off = [], [], [], 0
+    for n, length in own:
+        k, v = torch.randn(1, kv_heads, length, dim), torch.randn(1, kv_heads, length, dim)
+        start = seg_n + length - n
+        mask = batched._own_mask(start, n, seg_n, query.dtype, query.device)
+        members.append((n, k, v, None if mask is None else mask.repeat(rep, 1)))
+        full_k, full_v = torch.cat([seg_k, k], dim=2), torch.cat([seg_v, v], dim=2)
+        refs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, off : off + n], full_k, full_v,
+            attn_mask=batched._tail_mask(start, n, query.dtype, query.device), enable_gqa=True,
+        ).transpose(1, 2))
+        rows.extend(range(off, off + n))
+        off += n + gap
+    at: Any = slice(0, len(rows)) if consecutive else torch.tensor(rows)
+    batched._cascade(query, out, at, members, seg_k, seg_v, None)
+    torch.testing.assert_close(out[:, rows], torch.cat(refs, dim=1), rtol=1e-5, atol=1e-5)
+    if not consecutive:
+        assert torch.equal(out[0, 1], torch.full((heads, dim), 7.0))
+
+
+GREEDY = GenerationParams(max_new_tokens=20)
