@@ -18,6 +18,8 @@ from kvagent.engines import GenerationRequest, TransformersBatchEngine, events
 from kvagent.kv import KVCache
 from tests.test_batching import _chat_ids, _hf_greedy, _ids, _tokens, _tokens_at_once
 
+GREEDY = GenerationParams(max_new_tokens=20)
+
 
 class Spy:
     """Records every shared-prefix attention call's group size and the segment each admitted sequence got."""
@@ -258,4 +260,26 @@ def test_the_shared_attention_matches_one_call_over_the_whole_kv(consecutive: bo
         assert torch.equal(out[0, 1], torch.full((heads, dim), 7.0))
 
 
-GREEDY = GenerationParams(max_new_tokens=20)
+
+def test_half_precision_models_batch_without_sharing_and_stay_exact(caplog: pytest.LogCaptureFixture) -> None:
+    """In bf16 each partial attention is rounded before the merge (logits off by ~4e-3): the probe turns
+    sharing off with its reason logged, the model still batches, and replies equal its own generate."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval().to(torch.bfloat16)
+    engine = TransformersEngine(model)
+    batch = TransformersBatchEngine(engine)
+    with caplog.at_level(logging.INFO, logger="kvagent.engine"):
+        assert batch.chunked_prefill and not batch._shares
+    assert "not sharing prefixes" in caplog.text and "bfloat16" in caplog.text
+    doc = _ids(90, 9)
+    kv = engine.prefill(doc)
+    requests = [GenerationRequest(tuple(_ids(4 + i, 50 + i)), kv, GREEDY) for i in range(3)]
+    out = _tokens_at_once(batch, requests)
+    assert [o[0] for o in out] == [engine.generate(kv, list(r.prompt_ids), GREEDY).token_ids for r in requests]
+    batch.close()
