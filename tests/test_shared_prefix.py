@@ -281,5 +281,6 @@ def test_half_precision_models_batch_without_sharing_and_stay_exact(caplog: pyte
     kv = engine.prefill(doc)
     requests = [GenerationRequest(tuple(_ids(4 + i, 50 + i)), kv, GREEDY) for i in range(3)]
     out = _tokens_at_once(batch, requests)
-    assert [o[0] for o in out] == [engine.generate(kv, list(r.prompt_ids), GREEDY).token_ids for r in requests]
+    want = [engine.generate(kv, list(r.prompt_ids), GREEDY).token_ids for r in requests]
+    assert [o[0] for o in out] == want
     batch.close()
