@@ -27,6 +27,7 @@ class Spy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.groups: list[int] = []
         self.admitted: list[tuple[int | None, int, int]] = []  # (segment id, seg_n, base) per sequence
+        self.prefixes: list[int] = []  # the prefix length of each, in the same order
         real_cascade, real_buffers = batched._cascade, batched.TransformersBatchEngine._buffers
 
         def cascade(query: Any, out: Any, rows: Any, members: Any, *args: Any) -> None:
@@ -37,6 +38,7 @@ class Spy:
             real_buffers(engine, seq, live)
             seg = seq.segment
             self.admitted.append((None if seg is None else id(seg), seq.seg_n, seq.base))
+            self.prefixes.append(seq.request.prefix.n_tokens if seq.request.prefix is not None else 0)
 
         monkeypatch.setattr(batched, "_cascade", cascade)
         monkeypatch.setattr(batched.TransformersBatchEngine, "_buffers", buffers)
@@ -46,6 +48,7 @@ class Spy:
         assert batch.chunked_prefill and batch._shares
         self.groups.clear()
         self.admitted.clear()
+        self.prefixes.clear()
         return batch
 
 
@@ -147,7 +150,9 @@ def test_prefixes_shorter_or_longer_than_the_shared_one_share_what_they_have_in_
     got = [first.result, *out]  # type: ignore[attr-defined]
     want = [_hf_greedy(model, doc[:n] + tail, GREEDY.max_new_tokens) for n, tail in cases]
     assert [g[0] for g in got] == want
-    assert [a[1:] for a in spy.admitted] == [(150, 0), (100, 100), (150, 150), (150, 150)], spy.admitted
+    got_layout = [(n, *a[1:]) for n, a in zip(spy.prefixes, spy.admitted, strict=True)]
+    assert got_layout[0] == (150, 150, 0)  # (prefix, read from the segment, buffers start at)
+    assert sorted(got_layout[1:]) == [(100, 100, 100), (150, 150, 150), (180, 150, 150)], got_layout
     assert len({a[0] for a in spy.admitted}) == 1
     for (n, tail), k in zip(cases, kept, strict=True):
         ref = engine.prefill(doc[:n] + tail)
