@@ -20,10 +20,12 @@ read it in place (a :class:`_Segment`): their buffers start after it, and each s
 queries to the shared prefix in one call, then each member's to its own K/V, merging the two partial
 softmaxes by their log-sum-exp (:func:`_cascade`). At ~4k tokens a decode step otherwise reads every
 sequence's copy of the document's K/V, the memory-bound part of a batched step. The merge equals one call over
-the whole K/V up to float rounding, not bit for bit: a sequence alone on its prefix is attended to plainly,
-bitwise as without batching; in a group its logits may differ from its solo run in the last bits, as with
+the whole K/V up to float rounding, not bit for bit: the first sequence on a prefix holds a copy of it and,
+while no other shares it, is attended to plainly, bitwise as without batching; in a group (or reading a
+prefix whose first reader left) a sequence's logits may differ from its solo run in the last bits, as with
 the batched linear layers (every reply still equals greedy decoding of its own ids in the tests). Requests of
-different namespaces never share (a principal's private prompts stay its own, in timing too).
+different namespaces never share: whether another principal has a prompt cached does not change how a
+request is computed.
 
 New requests join between steps; a cancelled request leaves before the next step. ``max_batch`` bounds the
 sequences admitted (decoding or being prefilled); further requests wait in submission order. One scheduler
