@@ -131,10 +131,6 @@ class _Segment:
     token_ids: torch.Tensor
     namespace: str | None
 
-    @property
-    def n(self) -> int:
-        return int(self.token_ids.numel())
-
 
 @dataclass
 class _Part:
@@ -225,20 +221,16 @@ def _tail_mask(start: int, n: int, dtype: torch.dtype, device: torch.device) -> 
     (attends to all) or for a tail with nothing before it (SDPA's own causal mask), else causal after the
     prefix. Additive (0 or -inf), as SDPA turns transformers' boolean mask before use, so each layer's call
     does not convert it again."""
-    if n == 1 or start == 0:
-        return None
-    cols = torch.arange(start + n, device=device)
-    rows = torch.arange(start, start + n, device=device)
-    mask = torch.zeros((1, 1, n, start + n), dtype=dtype, device=device)
-    return mask.masked_fill_(cols[None, None, None, :] > rows[None, None, :, None], float("-inf"))
+    mask = _own_mask(start, n, 0, dtype, device) if start else None
+    return None if mask is None else mask[None, None]
 
 
 def _own_mask(
     start: int, n: int, seg_n: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor | None:
-    """The mask of ``n`` queries at ``start`` over a sequence's own K/V after its ``seg_n``-token segment:
-    causal (``n`` rows; :meth:`_StepCache.group_mask` repeats it for every query head of a K/V head); none
-    for one query."""
+    """The mask of ``n`` queries at ``start`` over a sequence's K/V from position ``seg_n`` on (its own after
+    its segment; all of it for 0): causal, ``n`` rows (:meth:`_StepCache.group_mask` repeats it for every
+    query head of a K/V head); none for one query."""
     if n == 1:
         return None
     cols = torch.arange(seg_n, start + n, device=device)
@@ -454,7 +446,6 @@ class TransformersBatchEngine:
         self.share_prefix = share_prefix
         self._shares = False  # whether sequences resuming from one prefix read it in place (probed)
         self._probe_lock = threading.Lock()
-        self._grouped: set[int] = set()  # the parts of the last forward that read a shared segment
 
     # -- the interface ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink) -> _Handle:
@@ -574,16 +565,16 @@ class TransformersBatchEngine:
         self._buffers(seq)
         self._prefilling.append(seq)
 
-    def _buffers(self, seq: _Seq, live: Sequence[_Seq] | None = None) -> None:
+    def _buffers(self, seq: _Seq, live: Sequence[_Seq] | None = None, share: bool | None = None) -> None:
         """``seq``'s K/V buffers, sized for its prompt and its generation. A prefix that a live sequence of
         the same namespace already reads as a segment (at least ``SHARE_MIN`` leading tokens in common) is
         read from there in place: the buffers start after it, with the rest of the prefix copied in. Else the
         prefix is copied in whole, and becomes a segment later sequences may share. ``live``: the sequences
-        whose segments may be shared (None: the batch's)."""
+        whose segments may be shared (None: the batch's); ``share``: whether to share (None: as probed)."""
         req, eng = seq.request, self.engine
         prefix = req.prefix
         n = prefix.n_tokens if prefix is not None else 0
-        if prefix is not None and self._shares and n >= SHARE_MIN:
+        if prefix is not None and (self._shares if share is None else share) and n >= SHARE_MIN:
             if live is None:
                 live = (*self._active, *self._prefilling)
             seg, m = _segment_for(live, prefix, req.namespace)
@@ -619,13 +610,14 @@ class TransformersBatchEngine:
             parts.append(_Part(s, tail[s.done : s.done + n], s.n))
             budget -= n
         t0 = time.perf_counter()
-        logits = self._forward(parts)
+        cache = _StepCache(parts, self.engine.dtype, self.engine.device)
+        logits = self._forward(parts, cache)
         seconds = time.perf_counter() - t0
         for p in parts:
             p.seq.n += len(p.ids)
         if decoding:
             self.observer.step(len(decoding), seconds)
-            self.observer.shared_prefix(sum(1 for i in self._grouped if i < len(decoding)))
+            self.observer.shared_prefix(sum(1 for i in cache.grouped if i < len(decoding)))
         self._active = [s for i, s in enumerate(decoding) if self._emit(s, logits[i])]
         kept: list[tuple[_Seq, Callable[[], None]]] = []  # prompt KVs to hand out after the first tokens
         for i, p in enumerate(parts[len(decoding) :], start=len(decoding)):
@@ -646,9 +638,10 @@ class TransformersBatchEngine:
                 self._active.remove(s)
                 _failed(s, exc)
 
-    def _forward(self, parts: Sequence[_Part]) -> torch.Tensor:
+    def _forward(self, parts: Sequence[_Part], cache: _StepCache | None = None) -> torch.Tensor:
         """One model call over ``parts``' tokens as one row, each at its own positions, each sequence's
-        K/V written into its own buffers; the logits after each part's last token, one row per part."""
+        K/V written into its own buffers (through ``cache``, made here when None); the logits after each
+        part's last token, one row per part."""
         eng = self.engine
         ids: list[int] = []
         pos: list[int] = []
@@ -658,8 +651,8 @@ class TransformersBatchEngine:
             pos.extend(range(p.start, p.start + len(p.ids)))
             last.append(len(ids) - 1)
         dev = eng.device
-        cache = _StepCache(parts, eng.dtype, dev)
-        self._grouped = cache.grouped
+        if cache is None:
+            cache = _StepCache(parts, eng.dtype, dev)
         with eng.lock, self._ragged():
             out = eng.model(
                 input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
@@ -801,26 +794,11 @@ class TransformersBatchEngine:
     def _probe_step(self) -> bool:
         """A batched forward of a one-token tail after a prefix, a longer tail after a prefix and a tail from
         nothing gives each one's logits from its own forward."""
-        eng = self.engine
-        vocab = eng.config.get_text_config(decoder=True).vocab_size
+        vocab = self.engine.config.get_text_config(decoder=True).vocab_size
         cases = [([1, 2, 3], [7]), ([4, 5], [9, 11, 13]), ([], [6, 8, 10])]
-        want, parts = [], []
-        for prefix, tail in cases:
-            kv = eng.prefill([t % vocab for t in prefix]) if prefix else None
-            ids = tuple(t % vocab for t in tail)
-            with torch.inference_mode(), eng.lock:
-                out = eng.forward(eng.new_cache(kv), input_ids=torch.tensor([ids], device=eng.device))
-            want.append(out.logits[0, -1])
-            s = _Seq(
-                GenerationRequest(ids, kv, GenerationParams(max_new_tokens=1)),
-                lambda _e: None,
-                _Handle(self),
-                0.0,
-            )
-            self._buffers(s)
-            parts.append(_Part(s, ids, s.n))
-        with torch.inference_mode():
-            got = self._forward(parts)
+        got, want, _ = self._probe_forward(
+            [([t % vocab for t in prefix], [t % vocab for t in tail]) for prefix, tail in cases]
+        )
         ok = all(torch.allclose(got[i].float(), w.float(), rtol=1e-3, atol=1e-3) for i, w in enumerate(want))
         if not ok:
             log.warning(
@@ -835,27 +813,10 @@ class TransformersBatchEngine:
         eng = self.engine
         vocab = eng.config.get_text_config(decoder=True).vocab_size
         prefix = [(t * 37 + 11) % vocab for t in range(SHARE_MIN + 5)]
-        kv = eng.prefill(prefix)
-        tails = [(7,), (9, 11, 13), (6, 8)]
-        want: list[torch.Tensor] = []
-        parts: list[_Part] = []
-        self._shares = True
-        try:
-            for tail in tails:
-                ids = tuple(t % vocab for t in tail)
-                with torch.inference_mode(), eng.lock:
-                    out = eng.forward(eng.new_cache(kv), input_ids=torch.tensor([ids], device=eng.device))
-                want.append(out.logits[0, -1])
-                s = _Seq(GenerationRequest(ids, kv, GenerationParams(max_new_tokens=1)), lambda _e: None,
-                         _Handle(self), 0.0)
-                self._buffers(s, [p.seq for p in parts])
-                parts.append(_Part(s, ids, s.n))
-            if len({id(p.seq.segment) for p in parts}) != 1:
-                raise EngineError("the probe's sequences did not share their prefix")
-            with torch.inference_mode():
-                got = self._forward(parts)
-        finally:
-            self._shares = False
+        cases = [(prefix, [t % vocab for t in tail]) for tail in ((7,), (9, 11, 13), (6, 8))]
+        got, want, parts = self._probe_forward(cases, share=True)
+        if len({id(p.seq.segment) for p in parts}) != 1:
+            raise EngineError("the probe's sequences did not share their prefix")
         ok = all(torch.allclose(got[i].float(), w.float(), rtol=1e-4, atol=1e-4) for i, w in enumerate(want))
         if not ok:  # e.g. bf16/fp16 weights: each partial result is rounded before the merge
             worst = max(float((got[i].float() - w.float()).abs().max()) for i, w in enumerate(want))
@@ -864,6 +825,33 @@ class TransformersBatchEngine:
                 "model's own by up to %.2g (%s)", worst, eng.dtype,
             )
         return ok
+
+    def _probe_forward(
+        self, cases: Sequence[tuple[Sequence[int], Sequence[int]]], share: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[_Part]]:
+        """The probes' work: every ``(prefix ids, tail ids)`` case's last logits from its own forward and
+        from one batched forward of all of them (a prefix given twice is prefilled once, one KV for both;
+        ``share``: reading shared prefixes in place): (batched, own, the batch's parts)."""
+        eng = self.engine
+        want: list[torch.Tensor] = []
+        parts: list[_Part] = []
+        kvs: dict[tuple[int, ...], KVCache] = {}
+        for prefix, tail in cases:
+            key = tuple(prefix)
+            if key and key not in kvs:
+                kvs[key] = eng.prefill(key)
+            kv = kvs.get(key)
+            ids = tuple(tail)
+            with torch.inference_mode(), eng.lock:
+                out = eng.forward(eng.new_cache(kv), input_ids=torch.tensor([ids], device=eng.device))
+            want.append(out.logits[0, -1])
+            s = _Seq(GenerationRequest(ids, kv, GenerationParams(max_new_tokens=1)), lambda _e: None,
+                     _Handle(self), 0.0)
+            self._buffers(s, [p.seq for p in parts], share=share)
+            parts.append(_Part(s, ids, s.n))
+        with torch.inference_mode():
+            got = self._forward(parts)
+        return got, want, parts
 
     def _solo(self, seq: _Seq) -> None:
         """Run ``seq`` alone to its end with the plain streaming decode (models that do not batch)."""
