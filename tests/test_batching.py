@@ -44,12 +44,16 @@ def _tokens(engine: Any, request: GenerationRequest) -> tuple[list[int], Finish]
 
 
 def _tokens_at_once(engine: Any, requests: list[GenerationRequest]) -> list[Any]:
-    """``_tokens`` of every request, submitted from one thread each, at once."""
+    """``_tokens`` of every request, submitted from one thread each, at once (the threads wait for each
+    other before submitting)."""
     out: list[Any] = [None] * len(requests)
-    threads = [
-        threading.Thread(target=lambda i=i: out.__setitem__(i, _tokens(engine, requests[i])))
-        for i in range(len(requests))
-    ]
+    gate = threading.Barrier(len(requests))
+
+    def run(i: int) -> None:
+        gate.wait()
+        out[i] = _tokens(engine, requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
     for t in threads:
         t.start()
     for t in threads:
@@ -83,18 +87,9 @@ def test_concurrent_requests_decode_together_and_each_equals_its_own_decode(
         llama.generate(None, (doc if k is not None else []) + s, p).token_ids
         for (k, s), p in zip(prompts, params, strict=True)
     ]
-    got: list[Any] = [None] * 8
-    gate = threading.Barrier(8)
-
-    def run(i: int) -> None:
-        gate.wait()
-        got[i] = _tokens(batch, GenerationRequest(tuple(prompts[i][1]), prompts[i][0], params[i]))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    got = _tokens_at_once(
+        batch, [GenerationRequest(tuple(s), k, p) for (k, s), p in zip(prompts, params, strict=True)]
+    )
     assert [g[0] for g in got] == want
     assert [g[1].reason for g in got] == ["length"] * 8
     assert got[0][1].usage.cached_tokens == len(doc) and got[0][1].usage.completion_tokens == 8
@@ -119,31 +114,49 @@ def test_cancel_leaves_at_once_and_the_others_are_unchanged(llama: TransformersE
     prompts = [_ids(20, 40 + i) for i in range(3)]
     params = GenerationParams(max_new_tokens=40)
     want = [llama.generate(None, p, params).token_ids for p in prompts]
-    results: dict[int, Any] = {}
-    started = threading.Event()
-
-    def run(i: int) -> None:
-        results[i] = _tokens(batch, GenerationRequest(tuple(prompts[i]), None, params))
-
-    def leaver() -> None:
-        it = events(batch, GenerationRequest(tuple(_ids(30, 99)), None, GenerationParams(max_new_tokens=400)))
-        for n, _ev in enumerate(it):
-            if n == 3:
-                started.set()
-                it.close()  # cancels, and returns once the request has left the batch
-                break
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)] + [threading.Thread(target=leaver)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert started.is_set()
-    assert [results[i][0] for i in range(3)] == want
+    results, left = _with_a_leaver(
+        batch,
+        [GenerationRequest(tuple(p), None, params) for p in prompts],
+        GenerationRequest(tuple(_ids(30, 99)), None, GenerationParams(max_new_tokens=400)),
+    )
+    assert left
+    assert [r[0] for r in results] == want
     deadline = time.monotonic() + 10  # the counters update right after the step that sent the last Finish
     while (batch.running or batch.waiting) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert batch.running == 0 and batch.waiting == 0
+
+
+def _with_a_leaver(
+    batch: Any, requests: list[GenerationRequest], leaver: GenerationRequest
+) -> tuple[list[Any], bool]:
+    """``_tokens`` of ``requests``, submitted at once with ``leaver``, whose client goes away after its fourth
+    event (closing the iterator cancels, and returns once the request has left the batch); whether it
+    left."""
+    out: list[Any] = [None] * len(requests)
+    left = threading.Event()
+    gate = threading.Barrier(len(requests) + 1)
+
+    def run(i: int) -> None:
+        gate.wait()
+        out[i] = _tokens(batch, requests[i])
+
+    def leave() -> None:
+        gate.wait()
+        it = events(batch, leaver)
+        for n, _ev in enumerate(it):
+            if n == 3:
+                it.close()
+                left.set()
+                break
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    threads.append(threading.Thread(target=leave))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out, left.is_set()
 
 
 def test_max_batch_bounds_the_batch_and_the_rest_wait(llama: TransformersEngine) -> None:

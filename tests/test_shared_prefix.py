@@ -6,6 +6,7 @@ not change the others."""
 
 from __future__ import annotations
 
+import collections
 import threading
 from typing import Any
 
@@ -16,7 +17,7 @@ import kvagent.engines.transformers as batched
 from kvagent.engine import GenerationParams, TransformersEngine
 from kvagent.engines import GenerationRequest, TransformersBatchEngine, events
 from kvagent.kv import KVCache
-from tests.test_batching import _chat_ids, _hf_greedy, _ids, _tokens, _tokens_at_once
+from tests.test_batching import _chat_ids, _hf_greedy, _ids, _tokens_at_once, _with_a_leaver
 
 GREEDY = GenerationParams(max_new_tokens=20)
 
@@ -34,8 +35,8 @@ class Spy:
             self.groups.append(len(members))
             real_cascade(query, out, rows, members, *args)
 
-        def buffers(engine: Any, seq: Any, live: Any = None) -> None:
-            real_buffers(engine, seq, live)
+        def buffers(engine: Any, seq: Any, live: Any = None, share: Any = None) -> None:
+            real_buffers(engine, seq, live, share)
             seg = seq.segment
             self.admitted.append((None if seg is None else id(seg), seq.seg_n, seq.base))
             self.prefixes.append(seq.request.prefix.n_tokens if seq.request.prefix is not None else 0)
@@ -50,6 +51,17 @@ class Spy:
         self.admitted.clear()
         self.prefixes.clear()
         return batch
+
+
+def _tiny_batch(
+    tiny_model: Any, spy: Spy, doc_tokens: int, seed: int
+) -> tuple[Any, TransformersEngine, TransformersBatchEngine, list[int], KVCache]:
+    """The tiny llama, its engine, a probed batching engine watched by ``spy``, a document and its KV."""
+    model = tiny_model("llama")
+    engine = TransformersEngine(model)
+    batch = spy.ready(TransformersBatchEngine(engine, max_batch=8))
+    doc = _ids(doc_tokens, seed)
+    return model, engine, batch, doc, engine.prefill(doc)
 
 
 def _copy(kv: KVCache) -> KVCache:
@@ -93,11 +105,7 @@ def test_only_one_namespace_shares_and_the_same_tokens_in_another_copy_do(
     tiny_model: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = Spy(monkeypatch)
-    model = tiny_model("llama")
-    engine = TransformersEngine(model)
-    batch = spy.ready(TransformersBatchEngine(engine, max_batch=8))
-    doc = _ids(120, 5)
-    kv = engine.prefill(doc)
+    model, _engine, batch, doc, kv = _tiny_batch(tiny_model, spy, 120, 5)
     # the same document's KV in another copy (as a store read or another memory entry gives it)
     requests = [
         GenerationRequest(tuple(_ids(4, 10)), kv, GREEDY, namespace="alice"),
@@ -105,24 +113,10 @@ def test_only_one_namespace_shares_and_the_same_tokens_in_another_copy_do(
         GenerationRequest(tuple(_ids(6, 12)), kv, GREEDY, namespace="bob"),
         GenerationRequest(tuple(_ids(7, 13)), kv, GREEDY, namespace=None),
     ]
-    gate = threading.Barrier(len(requests))
-    out: list[Any] = [None] * len(requests)
-
-    def run(i: int) -> None:
-        gate.wait()
-        out[i] = _tokens(batch, requests[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    out = _tokens_at_once(batch, requests)
     want = [_hf_greedy(model, doc + list(r.prompt_ids), GREEDY.max_new_tokens) for r in requests]
     assert [o[0] for o in out] == want
-    segments = {}
-    for seg, _n, _base in spy.admitted:
-        segments.setdefault(seg, 0)
-        segments[seg] += 1
+    segments = collections.Counter(seg for seg, _n, _base in spy.admitted)
     assert sorted(segments.values()) == [1, 1, 2], spy.admitted  # alice's two share; bob and None alone
     batch.close()
 
@@ -133,11 +127,7 @@ def test_prefixes_shorter_or_longer_than_the_shared_one_share_what_they_have_in_
     """A prefix of 100 of the segment's 150 tokens reads 100 in place; one of 150 + 30 reads 150 and copies
     its last 30; both replies and both kept prompt KVs equal a full prefill's."""
     spy = Spy(monkeypatch)
-    model = tiny_model("llama")
-    engine = TransformersEngine(model)
-    batch = spy.ready(TransformersBatchEngine(engine, max_batch=8))
-    doc = _ids(180, 6)
-    full = engine.prefill(doc)
+    model, engine, batch, doc, full = _tiny_batch(tiny_model, spy, 180, 6)
     cases = [(150, _ids(3, 20)), (100, _ids(9, 21)), (180, _ids(2, 22)), (150, _ids(1, 23))]
     kept: list[list[KVCache]] = [[] for _ in cases]
     requests = [
@@ -187,34 +177,16 @@ def test_a_member_that_leaves_does_not_change_the_others(
     tiny_model: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = Spy(monkeypatch)
-    model = tiny_model("llama")
-    engine = TransformersEngine(model)
-    batch = spy.ready(TransformersBatchEngine(engine, max_batch=8))
-    doc = _ids(100, 7)
-    kv = engine.prefill(doc)
+    model, _engine, batch, doc, kv = _tiny_batch(tiny_model, spy, 100, 7)
     tails = [_ids(3 + i, 30 + i) for i in range(3)]
     params = GenerationParams(max_new_tokens=30)
-    results: dict[int, Any] = {}
-    left = threading.Event()
-
-    def run(i: int) -> None:
-        results[i] = _tokens(batch, GenerationRequest(tuple(tails[i]), kv, params))
-
-    def leaver() -> None:
-        it = events(batch, GenerationRequest(tuple(_ids(4, 99)), kv, GenerationParams(max_new_tokens=400)))
-        for n, _ev in enumerate(it):
-            if n == 3:
-                it.close()
-                left.set()
-                break
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)] + [threading.Thread(target=leaver)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert left.is_set()
-    assert [results[i][0] for i in range(3)] == [_hf_greedy(model, doc + t, 30) for t in tails]
+    results, left = _with_a_leaver(
+        batch,
+        [GenerationRequest(tuple(t), kv, params) for t in tails],
+        GenerationRequest(tuple(_ids(4, 99)), kv, GenerationParams(max_new_tokens=400)),
+    )
+    assert left
+    assert [r[0] for r in results] == [_hf_greedy(model, doc + t, 30) for t in tails]
     assert 4 in spy.groups and max(spy.groups[-5:]) <= 3
 
 
