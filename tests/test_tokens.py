@@ -441,6 +441,57 @@ def test_two_nodes_issue_use_dump_revoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_token_revoked_before_an_outage_gets_503_past_the_cap(tmp_path: Path) -> None:
+    """Two nodes on one PostgreSQL; node two reaches it through a proxy that the test cuts. A token is used
+    on node two, revoked through node one, then the database goes away for node two before its cache
+    expires: past ttl + stale_for, node two answers 503 for the token (never 200), and 401 once the
+    database is back."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from registry_server import start_server
+    from test_server_postgres import fresh_schema
+
+    from tests.reliability.faultproxy import FaultProxy
+
+    ttl, stale = 2.0, 3.0
+    with fresh_schema("kvstale") as dsn:
+        proxy = FaultProxy(int(str(conninfo_to_dict(dsn).get("port", 5432))))
+        one = start_server(tmp_path / "one", TOKENS, extra_args=["--postgres-dsn", dsn])
+        two = None
+        try:
+            two = start_server(tmp_path / "two", TOKENS, extra_args=[
+                "--postgres-dsn", make_conninfo(dsn, host="127.0.0.1", port=str(proxy.port)),
+                "--token-cache-seconds", str(ttl), "--token-stale-seconds", str(stale)])
+            admin = {"Authorization": bearer(ADMIN)}
+            r = httpx.post(one.url + "/v1/admin/tokens", json={"principal": "dave"}, headers=admin)
+            token, tid = r.json()["token"], r.json()["id"]
+
+            def models(url: str) -> int:  # authenticates, and asks the database nothing else
+                return httpx.get(url + "/v1/models", headers={"Authorization": bearer(token)},
+                                 timeout=60).status_code
+
+            assert models(two.url) == 200  # node two caches the token's answer (for ttl)
+            used = time.monotonic()
+            assert httpx.delete(one.url + f"/v1/admin/tokens/{tid}", headers=admin).status_code == 200
+            proxy.go_down()  # the database, for node two
+            assert time.monotonic() - used < ttl  # before node two's cache expires
+            time.sleep(max(0.0, used + ttl + stale + 0.5 - time.monotonic()))
+            # (each lookup waits out the pool's 10 s timeout first: one request costs 20 s here)
+            assert models(two.url) == 503
+            assert models(one.url) == 401
+            proxy.mode = "pass"  # the database is back for node two: the revocation is seen
+            t0 = time.monotonic()
+            while (status := models(two.url)) != 401:
+                assert status == 503 and time.monotonic() - t0 < 60, status
+                time.sleep(0.5)
+        finally:
+            for node in (two, one):
+                if node is not None:
+                    node.stop()
+            proxy.close()
+        assert "Traceback" not in one.log(), one.log()[-3000:]
+
+
+@pytest.mark.slow
 def test_cli_issues_and_revokes_for_a_running_server(tmp_path: Path) -> None:
     from registry_server import start_server
 
