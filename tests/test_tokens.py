@@ -429,6 +429,12 @@ def test_two_nodes_issue_use_dump_revoke(tmp_path: Path) -> None:
             r = httpx.post(two.url + f"/v1/admin/tokens/{old['id']}/rotate", headers=admin)
             assert r.status_code == 201 and r.json()["replaces"] == old["id"]
             assert _status(two.url, r.json()["token"]) == 200 and _status(two.url, old["token"]) == 401
+            # a principal whose name starts with tok_ is revoked by name like any other
+            r = httpx.post(one.url + "/v1/admin/tokens", json={"principal": "tok_bot"}, headers=admin)
+            bot = r.json()
+            r = httpx.delete(one.url + "/v1/admin/tokens", params={"principal": "tok_bot"}, headers=admin)
+            assert r.status_code == 200 and [t["id"] for t in r.json()["revoked"]] == [bot["id"]], r.text
+            assert _status(one.url, bot["token"]) == 401
         finally:
             for node in (two, one):
                 assert node.stop() == 0
