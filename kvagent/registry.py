@@ -99,12 +99,12 @@ class VerifiedDownload:
 
 
 def sign(header: art.ArtifactHeader, private_key: Any) -> str:
-    """The ``X-KVAgent-Signature`` value of an ed25519-v2 signature of ``header`` (see kvagent.signing)."""
+    """The ``X-KVAgent-Signature`` value of an ed25519-v3 signature of ``header`` (see kvagent.signing)."""
     return signing.sign(header, private_key).header_value()
 
 
 def verify_signature(handle: Handle, trusted_keys: Collection[str]) -> None:
-    """Raise ArtifactIntegrityError unless ``handle`` is v2-signed over its header by one of
+    """Raise ArtifactIntegrityError unless ``handle`` is v3- (or v2-) signed over its header by one of
     ``trusted_keys``."""
     if handle.signature is None:
         raise ArtifactIntegrityError(f"artifact {handle.key[:16]}… is unsigned but trusted keys are required")

@@ -1,15 +1,20 @@
-"""ed25519 signatures over an artifact's whole identity (signature version 2).
+"""ed25519 signatures over an artifact's whole identity (signature version 3).
 
-A v2 signature covers a canonical encoding of the artifact header — format and version, key, model and
+A v3 signature covers a canonical encoding of the artifact header — format and version, key, model and
 tokenizer fingerprints, dtype, token count, position offset, template hash, layout, codec, payload and
-content digests — so a signed payload cannot be re-served under a header that claims another model,
-tokenizer, template, offset or key. ``created_at`` and ``publisher`` are informational and not signed
-(the public key names the signer).
+content digests, and the ``engine`` that computed the KV (null when the header names none) — so a signed
+payload cannot be re-served under a header that claims another model, tokenizer, template, offset, key or
+engine (a reader with ``engines="same"`` trusts that field). ``created_at`` and ``publisher`` are
+informational and not signed (the public key names the signer).
+
+Version 2 (``alg = "ed25519-v2"``) signed the same fields but ``engine``; v2 signatures are still accepted
+and verified (records and clients that predate v3), over those fields only: they say nothing about the
+engine. New signatures are v3.
 
 Version 1 (``alg = "ed25519"``) signed the 32 bytes of the payload digest only; such signatures are
 parsed so old records stay readable, but never verify: a reader that trusts keys refuses them.
 
-Wire form (``X-KVAgent-Signature``): ``ed25519-v2:<64 hex public key>:<128 hex signature>``.
+Wire form (``X-KVAgent-Signature``): ``ed25519-v3:<64 hex public key>:<128 hex signature>`` (or ``-v2``).
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ from typing import Any
 from .artifact import ArtifactHeader
 from .errors import ArtifactFormatError, ArtifactIntegrityError
 
-ALG = "ed25519-v2"
+ALG = "ed25519-v3"
+V2_ALG = "ed25519-v2"
 LEGACY_ALG = "ed25519"
-ALGS = (ALG, LEGACY_ALG)
-#: Domain separation: a v2 signature can never be mistaken for a signature over anything else.
-DOMAIN = b"kvagent-artifact-signature-v2\n"
+ALGS = (ALG, V2_ALG, LEGACY_ALG)
+#: Domain separation, per version: a signature can never be mistaken for one over anything else.
+DOMAINS = {ALG: b"kvagent-artifact-signature-v3\n", V2_ALG: b"kvagent-artifact-signature-v2\n"}
+DOMAIN = DOMAINS[ALG]
 #: The header fields a v2 signature binds, in this order.
-SIGNED_FIELDS = (
+V2_FIELDS = (
     "format",
     "format_version",
     "key",
@@ -45,7 +52,10 @@ SIGNED_FIELDS = (
     "payload_bytes",
     "content_sha256",
 )
-_WIRE = re.compile(r"^(ed25519(?:-v2)?):([0-9a-f]{64}):([0-9a-f]{128})\Z")
+#: The header fields a v3 (current) signature binds: v2's and the engine that computed the KV.
+SIGNED_FIELDS = (*V2_FIELDS, "engine")
+_FIELDS = {ALG: SIGNED_FIELDS, V2_ALG: V2_FIELDS}
+_WIRE = re.compile(r"^(ed25519(?:-v[23])?):([0-9a-f]{64}):([0-9a-f]{128})\Z")
 
 
 @dataclass(frozen=True)
@@ -64,11 +74,13 @@ class Signature:
         return f"{self.alg}:{self.public_key}:{self.signature}"
 
 
-def canonical_header(header: ArtifactHeader) -> bytes:
-    """The signed bytes: the domain tag, then the SIGNED_FIELDS of ``header`` as compact sorted JSON."""
-    full = header.to_json()
-    fields = {name: full[name] for name in SIGNED_FIELDS}
-    return DOMAIN + json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+def canonical_header(header: ArtifactHeader, alg: str = ALG) -> bytes:
+    """The bytes an ``alg`` signature signs: its domain tag, then its fields of ``header`` as compact sorted
+    JSON (v3: SIGNED_FIELDS, ``engine`` null when absent; v2: V2_FIELDS)."""
+    full = {**header.to_json(), "engine": header.engine}
+    fields = {name: full[name] for name in _FIELDS[alg]}
+    return DOMAINS[alg] + json.dumps(fields, sort_keys=True, separators=(",", ":"),
+                                     ensure_ascii=True).encode()
 
 
 def public_key_hex(private_key: Any) -> str:
@@ -79,28 +91,28 @@ def public_key_hex(private_key: Any) -> str:
 
 
 def sign(header: ArtifactHeader, private_key: Any) -> Signature:
-    """A v2 signature of ``header`` by ``private_key`` (an ``Ed25519PrivateKey`` or 32 raw bytes)."""
+    """A v3 signature of ``header`` by ``private_key`` (an ``Ed25519PrivateKey`` or 32 raw bytes)."""
     sk = _private(private_key)
     return Signature(ALG, public_key_hex(sk), sk.sign(canonical_header(header)).hex())
 
 
 def parse(value: str) -> Signature:
-    """Parse an ``X-KVAgent-Signature`` value; only v2 is accepted for new signatures."""
+    """Parse an ``X-KVAgent-Signature`` value: v3, or v2 (from clients that predate v3); never v1."""
     m = _WIRE.match(value.strip().lower())
     if not m:
         raise ArtifactFormatError(
             f"X-KVAgent-Signature must be '{ALG}:<64 hex public key>:<128 hex signature>'"
         )
-    if m.group(1) != ALG:
+    if m.group(1) == LEGACY_ALG:
         raise ArtifactFormatError(
             f"'{LEGACY_ALG}' signatures cover the payload digest only and are no longer accepted; "
             f"sign the header with kvagent.signing.sign ('{ALG}')"
         )
-    return Signature(ALG, m.group(2), m.group(3))
+    return Signature(m.group(1), m.group(2), m.group(3))
 
 
 def verify(sig: Signature, header: ArtifactHeader, trusted_keys: Collection[str] | None = None) -> None:
-    """Raise ArtifactIntegrityError unless ``sig`` is a valid v2 signature of ``header``.
+    """Raise ArtifactIntegrityError unless ``sig`` is a valid v3 (or v2) signature of ``header``.
 
     With ``trusted_keys`` (hex public keys) the signer must also be one of them.
     """
@@ -108,7 +120,7 @@ def verify(sig: Signature, header: ArtifactHeader, trusted_keys: Collection[str]
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     what = f"artifact {header.key[:16]}…"
-    if sig.alg != ALG:
+    if sig.alg not in _FIELDS:
         raise ArtifactIntegrityError(
             f"{what} carries a '{sig.alg}' signature, which covers the payload digest only and not the "
             f"header; it must be re-signed as '{ALG}'"
@@ -119,11 +131,12 @@ def verify(sig: Signature, header: ArtifactHeader, trusted_keys: Collection[str]
         )
     try:
         Ed25519PublicKey.from_public_bytes(bytes.fromhex(sig.public_key)).verify(
-            bytes.fromhex(sig.signature), canonical_header(header)
+            bytes.fromhex(sig.signature), canonical_header(header, sig.alg)
         )
     except (InvalidSignature, ValueError) as exc:
         raise ArtifactIntegrityError(
-            f"the {ALG} signature on {what} does not verify over its header (key, fingerprints, digests)"
+            f"the {sig.alg} signature on {what} does not verify over its header (key, fingerprints, digests"
+            f"{', engine' if sig.alg == ALG else ''})"
         ) from exc
 
 

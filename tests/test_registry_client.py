@@ -254,7 +254,7 @@ def test_publish_sends_visibility_and_signature():
     req = seen[0]
     assert h.key == KEY and req.method == "PUT" and req.content == BLOB
     assert req.headers["x-kvagent-visibility"] == "public"
-    assert req.headers["x-kvagent-signature"].startswith(f"ed25519-v2:{pub}:")
+    assert req.headers["x-kvagent-signature"].startswith(f"ed25519-v3:{pub}:")
     with pytest.raises(ValueError):
         c.publish(BLOB, "everyone")
 

@@ -124,7 +124,7 @@ def test_publish_lookup_download_round_trip(server: ServerProcess, local: Any) -
     h = r.json()
     assert (h["key"], h["size"], h["owner"], h["visibility"]) == (key, len(blob), "alice", "public")
     assert h["header"] == header.to_json()
-    assert h["signature"] == {"alg": "ed25519-v2", "public_key": pub, "signature": sig.split(":")[2]}
+    assert h["signature"] == {"alg": "ed25519-v3", "public_key": pub, "signature": sig.split(":")[2]}
 
     looked_up = get(server, f"/v1/artifacts/{key}", BOB).json()
     assert looked_up == {**h, "price": 0, "currency": "uUSD"}  # a lookup also says what a load costs

@@ -10,21 +10,33 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 
-from kvagent.errors import ConfigError
-from kvagent.server.auth import Principal, TokenTable, digest
+from kvagent.errors import ConfigError, StoreError
+from kvagent.server.auth import (
+    MIN_BITS,
+    STALE_FACTOR,
+    Principal,
+    TokenRecord,
+    TokenTable,
+    digest,
+    estimated_bits,
+    token_id,
+)
 from kvagent.server.meta import SQLiteMeta
 from kvagent.server.quotas import Limits
-from kvagent.server.token_store import TokenStore
+from kvagent.server.token_store import TokenStore, new_token
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,17 +128,21 @@ def test_token_file_import_keeps_its_meaning(store: TokenStore) -> None:
     file1 = {"alice-token-0001": Principal("alice", publish=True, limits=Limits(rps=3)),
              "bob-token-000002": Principal("bob")}
     r = store.import_tokens(file1)
-    assert (r.added, r.updated, r.revoked) == (2, 0, [])
+    assert (r.added, r.updated, r.absent) == (2, 0, [])
     alice = table.lookup(bearer("alice-token-0001"))
     assert alice is not None and alice.publish and alice.limits == Limits(rps=3)
     api = store.issue("carol")
     # the file changes: alice loses publish, bob leaves it; a restart imports it again
     file2 = {"alice-token-0001": Principal("alice", admin=True)}
     r = store.import_tokens(file2)
-    assert (r.added, r.updated, len(r.revoked)) == (0, 1, 1)
+    bob_id = store.list_tokens("bob")[0].id
+    assert (r.added, r.updated, r.absent) == (0, 1, [bob_id])
     alice = table.lookup(bearer("alice-token-0001"))
     assert alice is not None and not alice.publish and alice.admin and alice.limits == Limits()
-    assert table.lookup(bearer("bob-token-000002")) is None  # removed from the file: revoked
+    # removed from the file: still active (an import never revokes), until revoked explicitly
+    assert table.lookup(bearer("bob-token-000002")) is not None
+    assert [t.id for t in store.revoke(bob_id, by="ops")] == [bob_id]
+    assert table.lookup(bearer("bob-token-000002")) is None
     assert table.lookup(bearer(api.token)) is not None  # tokens issued at run time are not the file's
     # a file token revoked at run time stays revoked, even though the file still names it
     store.revoke("alice", by="ops")
@@ -135,6 +151,194 @@ def test_token_file_import_keeps_its_meaning(store: TokenStore) -> None:
     # the file's validation is unchanged
     with pytest.raises(ConfigError):
         TokenTable.from_mapping({"short": {"principal": "x"}})
+
+
+class Outage:
+    """A token source in front of ``store`` whose database can be cut (lookups raise StoreError)."""
+
+    def __init__(self, store: TokenStore):
+        self.store, self.down, self.asked = store, False, 0
+
+    def by_digest(self, token_digest: str) -> TokenRecord | None:
+        self.asked += 1
+        if self.down:
+            raise StoreError("PostgreSQL is unavailable: couldn't get a connection after 10.00 sec")
+        return self.store.by_digest(token_digest)
+
+    def known_principal(self, name: str) -> bool:
+        return self.store.known_principal(name)
+
+
+def test_a_cached_answer_outlives_an_outage_by_stale_for_and_no_longer(store: TokenStore) -> None:
+    """A token revoked just before an outage: answered from the cache while the database is down for at
+    most ``stale_for`` seconds past the entry's expiry, then the lookup fails closed (StoreError: 503)."""
+    mono = Clock()
+    src = Outage(store)
+    table = TokenTable(src, ttl=2.0, clock=mono, stale_for=6.0)
+    a = store.issue("alice")
+    assert table.check(bearer(a.token))[1] == "ok"  # cached until 1002
+    store.revoke(a.record.id, by="ops")  # on another node: this one's cache does not know
+    src.down = True
+    mono.t += 2.5  # expired; the database is down: the last answer stands ...
+    assert table.check(bearer(a.token))[1] == "ok"
+    mono.t += 5.4  # ... up to stale_for past the expiry (1008) ...
+    assert table.check(bearer(a.token))[1] == "ok"
+    mono.t += 0.1  # ... and not a moment longer: fail closed, on every later request too
+    for _ in range(3):
+        with pytest.raises(StoreError):
+            table.check(bearer(a.token))
+        mono.t += 30
+    # the database back: the revocation is seen
+    src.down = False
+    assert table.check(bearer(a.token))[1:] == ("revoked", a.record.id)
+    # the default cap is ttl x STALE_FACTOR; with ttl 0 nothing stale is ever served
+    assert TokenTable(src, ttl=2.0).stale_for == 2.0 * STALE_FACTOR
+    b = store.issue("bob")
+    t0 = TokenTable(src, ttl=0, clock=mono)
+    assert t0.check(bearer(b.token))[1] == "ok"
+    src.down = True
+    with pytest.raises(StoreError):
+        t0.check(bearer(b.token))
+
+
+def test_the_stale_cap_counts_the_time_a_failing_lookup_took(store: TokenStore) -> None:
+    """A lookup that waits out a pool timeout: the cap is checked when it fails, not when it began."""
+    mono = Clock()
+
+    class Slow(Outage):
+        def by_digest(self, token_digest: str) -> TokenRecord | None:
+            if self.down:
+                mono.t += 10  # a pool timeout
+            return super().by_digest(token_digest)
+
+    src = Slow(store)
+    table = TokenTable(src, ttl=2.0, clock=mono, stale_for=5.0)
+    a = store.issue("alice")
+    assert table.check(bearer(a.token))[1] == "ok"
+    src.down = True
+    mono.t += 2.5  # 0.5 s past the expiry when asked; 10.5 s when the database has failed
+    with pytest.raises(StoreError):
+        table.check(bearer(a.token))
+
+
+def test_the_stale_cap_is_a_server_setting(tmp_path: Path) -> None:
+    from kvagent.server.__main__ import build_parser, settings_from_args
+    from kvagent.server.settings import Settings, from_env, to_env
+
+    args = ["--data-dir", str(tmp_path)]
+    default = settings_from_args(build_parser().parse_args(args))
+    assert default.token_stale_s is None  # ttl x STALE_FACTOR
+    s = settings_from_args(build_parser().parse_args([*args, "--token-stale-seconds", "7.5"]))
+    assert s.token_stale_s == 7.5 and from_env(to_env(s)).token_stale_s == 7.5  # --workers processes too
+    with pytest.raises(ConfigError, match="token_stale_s"):
+        Settings(tmp_path, None, token_stale_s=-1)
+
+
+def test_an_older_token_file_never_revokes_what_a_newer_one_added(store: TokenStore) -> None:
+    """Two nodes with two versions of the file start one after the other: the older file's import leaves
+    the newer file's tokens active (imports only add; revoking is explicit)."""
+    table = TokenTable(store, ttl=0)
+    old = {"alice-token-0001": Principal("alice")}
+    new = {**old, "carol-token-0003": Principal("carol", publish=True)}
+    assert store.import_tokens(new).added == 2  # the node with the newer file starts first
+    r = store.import_tokens(old)  # then a node with the older one
+    carol = store.list_tokens("carol")
+    assert [t.id for t in carol] == r.absent and table.lookup(bearer("carol-token-0003")) is not None
+    assert store.import_tokens(new).kept_revoked == []  # nothing to revive: nothing was revoked
+    assert table.lookup(bearer("carol-token-0003")) == Principal("carol", True, False, Limits(), carol[0].id)
+
+
+def test_weak_file_tokens_are_named_by_id_at_import(store: TokenStore,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    strong = "kva_" + "Zx9-" * 8 + "Qw7_pL3mN5vB"
+    hex128 = "0123456789abcdef" * 2  # 32 hex characters
+    tokens = {"alice-token-0001": Principal("alice"), "short-01": Principal("bob"),
+              strong: Principal("carol"), hex128: Principal("dave")}
+    assert estimated_bits("alice-token-0001") < MIN_BITS
+    assert MIN_BITS <= min(estimated_bits(strong), estimated_bits(hex128))
+    with caplog.at_level(logging.WARNING, logger="kvagent.server.auth"):
+        r = store.import_tokens(tokens, "token file t.json")
+    weak = [token_id(digest("alice-token-0001")), token_id(digest("short-01"))]
+    assert r.weak == weak
+    warned = [rec.getMessage() for rec in caplog.records if "bits of entropy" in rec.getMessage()]
+    assert len(warned) == 2 and all(tid in msg for tid, msg in zip(weak, warned, strict=True))
+    assert "kvagent token issue" in warned[0] and "token file t.json" in warned[0]
+    for secret in tokens:
+        assert secret not in caplog.text  # named by id, never the token
+    # a freshly issued token is never weak
+    assert estimated_bits(new_token()) >= MIN_BITS
+
+
+def test_revocation_by_name_works_for_any_principal_name(store: TokenStore, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from kvagent.server.ops_cli import token_main
+
+    table = TokenTable(store, ttl=0)
+    bot = [store.issue("tok_bot"), store.issue("tok_bot")]
+    other = store.issue("alice")
+    assert sorted(r.id for r in store.revoke("tok_bot", by="ops")) == sorted(t.record.id for t in bot)
+    assert all(table.lookup(bearer(t.token)) is None for t in bot)
+    assert table.lookup(bearer(other.token)) is not None
+    # a principal named exactly like an existing token's id: the id wins, unless the name is asked for
+    twin = store.issue(other.record.id)
+    assert [r.id for r in store.revoke(other.record.id)] == [other.record.id]
+    assert table.lookup(bearer(twin.token)) is not None
+    assert [r.id for r in store.revoke_principal(other.record.id)] == [twin.record.id]
+    # the CLI
+    (tmp_path / "data").mkdir()
+    meta = SQLiteMeta(tmp_path / "data" / "meta.sqlite3")
+    cli = TokenStore(meta).issue("tok_cli")
+    meta.close()
+    assert token_main(["revoke", "tok_cli", "--json", "--data-dir", str(tmp_path / "data")]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)["revoked"]] == [cli.record.id]
+    assert token_main(["revoke", "tok_cli", "--principal", "--data-dir", str(tmp_path / "data")]) == 1
+
+
+def _race(*calls: Callable[[], object]) -> list[object]:
+    """Run ``calls`` at once (threads released together by a barrier); their results in order."""
+    barrier = threading.Barrier(len(calls))
+    out: list[object] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        out[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_concurrent_rotations_and_revocations_never_leave_two_live_tokens() -> None:
+    """On PostgreSQL, threads rotate one token at once, beside a revocation of it (or of its principal):
+    at most one rotation wins, a revoked token is never rotated, and a revocation of the principal leaves
+    no live token (not even the successor of a rotation that committed while it waited)."""
+    from test_server_postgres import fresh_schema
+
+    from kvagent.server.meta import PostgresMeta
+
+    with fresh_schema("kvrace") as dsn:
+        meta = PostgresMeta(dsn, max_size=8)
+        try:
+            store = TokenStore(meta)
+            for n in range(12):
+                name = f"racer{n}"
+                tid = store.issue(name).record.id
+                by_principal = n % 2 == 1
+                revoke = partial(store.revoke, name if by_principal else tid)
+                out = _race(*[partial(store.rotate, tid)] * 4, revoke)
+                rotated = [r for r in out[:4] if r is not None]
+                live = store.list_tokens(name)
+                assert len(rotated) <= 1, f"round {n}: {len(rotated)} rotations of one token won"
+                if by_principal:
+                    assert live == [], f"round {n}: {[t.id for t in live]} live after revoking {name}"
+                else:
+                    assert [t.id for t in live] == [r.record.id for r in rotated], f"round {n}"  # type: ignore[union-attr]
+                assert store.get(tid).revoked_at is not None  # type: ignore[union-attr]
+        finally:
+            meta.close()
 
 
 # -- real servers ------------------------------------------------------------------------------------
@@ -225,6 +429,12 @@ def test_two_nodes_issue_use_dump_revoke(tmp_path: Path) -> None:
             r = httpx.post(two.url + f"/v1/admin/tokens/{old['id']}/rotate", headers=admin)
             assert r.status_code == 201 and r.json()["replaces"] == old["id"]
             assert _status(two.url, r.json()["token"]) == 200 and _status(two.url, old["token"]) == 401
+            # a principal whose name starts with tok_ is revoked by name like any other
+            r = httpx.post(one.url + "/v1/admin/tokens", json={"principal": "tok_bot"}, headers=admin)
+            bot = r.json()
+            r = httpx.delete(one.url + "/v1/admin/tokens", params={"principal": "tok_bot"}, headers=admin)
+            assert r.status_code == 200 and [t["id"] for t in r.json()["revoked"]] == [bot["id"]], r.text
+            assert _status(one.url, bot["token"]) == 401
         finally:
             for node in (two, one):
                 assert node.stop() == 0
@@ -234,6 +444,57 @@ def test_two_nodes_issue_use_dump_revoke(tmp_path: Path) -> None:
             assert tid in log  # logs name the token id ...
             for secret in (token, short, ADMIN, "alice-token-0001"):
                 assert secret not in log  # ... never a token
+
+
+@pytest.mark.slow
+def test_a_token_revoked_before_an_outage_gets_503_past_the_cap(tmp_path: Path) -> None:
+    """Two nodes on one PostgreSQL; node two reaches it through a proxy that the test cuts. A token is used
+    on node two, revoked through node one, then the database goes away for node two before its cache
+    expires: past ttl + stale_for, node two answers 503 for the token (never 200), and 401 once the
+    database is back."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from registry_server import start_server
+    from test_server_postgres import fresh_schema
+
+    from tests.reliability.faultproxy import FaultProxy
+
+    ttl, stale = 2.0, 3.0
+    with fresh_schema("kvstale") as dsn:
+        proxy = FaultProxy(int(str(conninfo_to_dict(dsn).get("port", 5432))))
+        one = start_server(tmp_path / "one", TOKENS, extra_args=["--postgres-dsn", dsn])
+        two = None
+        try:
+            two = start_server(tmp_path / "two", TOKENS, extra_args=[
+                "--postgres-dsn", make_conninfo(dsn, host="127.0.0.1", port=str(proxy.port)),
+                "--token-cache-seconds", str(ttl), "--token-stale-seconds", str(stale)])
+            admin = {"Authorization": bearer(ADMIN)}
+            r = httpx.post(one.url + "/v1/admin/tokens", json={"principal": "dave"}, headers=admin)
+            token, tid = r.json()["token"], r.json()["id"]
+
+            def models(url: str) -> int:  # authenticates, and asks the database nothing else
+                return httpx.get(url + "/v1/models", headers={"Authorization": bearer(token)},
+                                 timeout=60).status_code
+
+            assert models(two.url) == 200  # node two caches the token's answer (for ttl)
+            used = time.monotonic()
+            assert httpx.delete(one.url + f"/v1/admin/tokens/{tid}", headers=admin).status_code == 200
+            proxy.go_down()  # the database, for node two
+            assert time.monotonic() - used < ttl  # before node two's cache expires
+            time.sleep(max(0.0, used + ttl + stale + 0.5 - time.monotonic()))
+            # (each lookup waits out the pool's 10 s timeout first: one request costs 20 s here)
+            assert models(two.url) == 503
+            assert models(one.url) == 401
+            proxy.mode = "pass"  # the database is back for node two: the revocation is seen
+            t0 = time.monotonic()
+            while (status := models(two.url)) != 401:
+                assert status == 503 and time.monotonic() - t0 < 60, status
+                time.sleep(0.5)
+        finally:
+            for node in (two, one):
+                if node is not None:
+                    node.stop()
+            proxy.close()
+        assert "Traceback" not in one.log(), one.log()[-3000:]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from typing import Any
 from ..engines.plugins import DEFAULT_ENGINE, load_engine_factory
 from ..errors import ConfigError, KVAgentError
 from .limits import ConnectionLimits
-from .settings import DEFAULT_MAX_ARTIFACT_BYTES, SETTINGS_ENV, Settings, to_env
+from .settings import DEFAULT_MAX_ARTIFACT_BYTES, SETTINGS_ENV, TOKEN_STALE_FACTOR, Settings, to_env
 
 
 def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentParser:
@@ -38,6 +38,13 @@ def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentPar
         type=float,
         default=2.0,
         help="how long a node trusts a cached token lookup: revocations reach it within this time",
+    )
+    ap.add_argument(
+        "--token-stale-seconds",
+        type=float,
+        default=None,
+        help="while the database is unreachable, how long past its expiry a cached token lookup still "
+        f"answers before requests get 503 (default: --token-cache-seconds × {TOKEN_STALE_FACTOR:g})",
     )
     ap.add_argument(
         "--model", default="none", help="'smollm2', a local model directory, or 'none' (no generate)"
@@ -137,6 +144,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         prompt_cache_bytes=args.prompt_cache_bytes,
         migrate=not args.no_migrate,
         token_cache_s=args.token_cache_seconds,
+        token_stale_s=args.token_stale_seconds,
         engine=args.engine,
         calibrate_at_start=args.calibrate_at_start,
     )

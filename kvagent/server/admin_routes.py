@@ -6,7 +6,7 @@
     GET    /v1/admin/tokens[?principal=P&all=true]  -> {"tokens": [...]} (never a token or its digest)
     POST   /v1/admin/tokens/{id}/rotate     -> 201 a new token like it; the old one is revoked
     DELETE /v1/admin/tokens/{id}            -> {"revoked": [...]}
-    DELETE /v1/admin/tokens?principal=P     -> {"revoked": [...]} every active token of P
+    DELETE /v1/admin/tokens?principal=P     -> {"revoked": [...]} every active token of P (any name)
 
 Changes go to the database: this node sees them at once, every other node within its token cache's TTL.
 """
@@ -88,26 +88,21 @@ def routes(st: State) -> APIRouter:
         if not tid.startswith("tok_"):
             raise ApiError(422, "invalid_request", "a token id starts with tok_; revoke a principal's tokens "
                                                    "with DELETE /v1/admin/tokens?principal=NAME")
-        return _revoked(s, tid, p.name)
+        gone = s.revoke_id(tid, by=p.name)
+        st.tokens.forget()
+        old = s.get(tid)
+        return _revoked(gone, tid, [old] if old else [])
 
     @app.delete("/v1/admin/tokens")
     def revoke_principal(request: Request, principal: str) -> dict[str, Any]:
         p, s = admin(request)
-        if principal.startswith("tok_"):
-            raise ApiError(422, "invalid_request", "give a principal's name, or DELETE /v1/admin/tokens/{id}")
-        return _revoked(s, principal, p.name)
-
-    def _revoked(s: TokenStore, target: str, by: str) -> dict[str, Any]:
-        gone = s.revoke(target, by=by)
+        gone = s.revoke_principal(principal, by=p.name)  # any name: one that starts with tok_ too
         st.tokens.forget()
-        if not gone and not any(r.status() == "revoked" for r in _matching(s, target)):
+        return _revoked(gone, principal, s.list_tokens(principal, include_inactive=True))
+
+    def _revoked(gone: list[Any], target: str, matching: list[Any]) -> dict[str, Any]:
+        if not gone and not any(r.status() == "revoked" for r in matching):
             raise ApiError(404, "not_found", f"no token of {target[:130]}")
         return {"revoked": [r.to_json() for r in gone]}
-
-    def _matching(s: TokenStore, target: str) -> list[Any]:
-        if target.startswith("tok_"):
-            r = s.get(target)
-            return [r] if r else []
-        return s.list_tokens(target, include_inactive=True)
 
     return app

@@ -2,12 +2,18 @@
 
 A token is stored only as its sha256 digest and a short display prefix (table ``auth_tokens``, made by the
 migrations; kvagent.server.token_store writes it). Its id, ``tok_`` + 16 hex derived from the digest, is what
-lists, logs and revocations name: never the token. Tokens are 256 random bits, so one sha256 is the right
-hash (a slow password hash buys nothing against a brute force of 2^256 and would cost every request).
+lists, logs and revocations name: never the token. Issued tokens are 256 random bits, so one sha256 is the
+right hash (a slow password hash buys nothing against a brute force of 2^256 and would cost every request).
+Token-file tokens are whatever an operator wrote: a bootstrap; :func:`weak_tokens` names (by id) those of
+under :data:`MIN_BITS` bits, which the server warns about at start.
 
 :class:`TokenTable` answers every request from a per-digest cache that lives ``ttl`` seconds (default 2 s,
 ``--token-cache-seconds``): a token issued on another node works here at once (an unknown digest asks the
-database), and a revocation reaches every node within ``ttl``. Expiry is checked on every request.
+database), and a revocation reaches every node within ``ttl``. Expiry is checked on every request. While
+the database cannot be asked, an expired entry still answers for at most ``stale_for`` more seconds
+(default ``ttl`` × :data:`STALE_FACTOR`, ``--token-stale-seconds``); after that the lookup fails closed
+(StoreError, which the routes answer with 503), so a token revoked just before an outage stops working
+on every node within ``ttl + stale_for``.
 
 The JSON token file ``{"<token>": {"principal": "alice", "publish": true, "admin": false, "limits": {...}}}``
 is imported into the database at start (see :meth:`TokenStore.import_tokens
@@ -19,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
+import string
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -29,12 +37,15 @@ from typing import Any, Protocol
 
 from ..errors import ConfigError, StoreError
 from .quotas import Limits
+from .settings import TOKEN_STALE_FACTOR as STALE_FACTOR
 
 log = logging.getLogger("kvagent.server.auth")
 
 _PRINCIPAL = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}\Z")
 #: the cache holds at most this many digests (known and unknown); the older half goes when it is full
 _CACHE_MAX = 16_384
+#: a token-file token estimated weaker than this many bits is named (by id) in a warning at start
+MIN_BITS = 128
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,24 @@ def display_prefix(token: str) -> str:
     return token[:4] if len(token) >= 24 else ""
 
 
+def estimated_bits(token: str) -> float:
+    """An upper bound on a token's entropy: its length × log2 of the alphabet its character classes span
+    (lowercase, uppercase, digits, punctuation, anything else). ``kva_`` tokens from ``new_token`` score
+    ~300; a hand-written ``alice-token-0001`` scores ~98."""
+    classes = ((string.ascii_lowercase, 26), (string.ascii_uppercase, 26), (string.digits, 10),
+               (string.punctuation, len(string.punctuation)))
+    alphabet = sum(n for chars, n in classes if any(c in chars for c in token))
+    if any(not c.isascii() or c not in string.printable for c in token):
+        alphabet += 1000  # outside ASCII: generous, as an upper bound should be
+    return len(token) * math.log2(max(alphabet, 2))
+
+
+def weak_tokens(tokens: Mapping[str, Principal], min_bits: float = MIN_BITS) -> list[tuple[str, str]]:
+    """``(token id, principal)`` of each token of ``tokens`` estimated under ``min_bits`` bits (never the
+    token itself)."""
+    return [(token_id(digest(t)), p.name) for t, p in tokens.items() if estimated_bits(t) < min_bits]
+
+
 def parse_token_file(raw: object, source: str = "tokens") -> dict[str, Principal]:
     """The token file's mapping ``{"<token>": {"principal", "publish", "admin", "limits"}}``, validated."""
     if not isinstance(raw, dict):
@@ -164,11 +193,14 @@ FAILURE_REASONS = ("missing", "malformed", "unknown", "expired", "revoked")
 
 
 class TokenTable:
-    """Maps bearer tokens to principals through a cache of ``ttl`` seconds in front of ``source``."""
+    """Maps bearer tokens to principals through a cache of ``ttl`` seconds in front of ``source``; while
+    ``source`` raises StoreError, an expired entry answers ``stale_for`` seconds more (default ``ttl`` ×
+    STALE_FACTOR), then the lookup raises."""
 
     def __init__(self, source: TokenSource, ttl: float = 2.0, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time):
+                 wall: Callable[[], float] = time.time, stale_for: float | None = None):
         self.source, self.ttl, self.clock, self.wall = source, float(ttl), clock, wall
+        self.stale_for = self.ttl * STALE_FACTOR if stale_for is None else float(stale_for)
         # digest -> (record or None, its principal, fresh until (clock))
         self._cache: dict[str, tuple[TokenRecord | None, Principal | None, float]] = {}
         self._lock = threading.Lock()
@@ -188,7 +220,8 @@ class TokenTable:
         """``(principal, "ok", token id)`` for a valid ``Authorization: Bearer <token>`` value, else
         ``(None, reason, token id or None)`` with a reason of :data:`FAILURE_REASONS`.
 
-        Raises StoreError when the database cannot be asked and nothing about this token is cached."""
+        Raises StoreError when the database cannot be asked and no answer for this token is cached, or the
+        cached one expired more than ``stale_for`` seconds ago."""
         if not authorization:
             return None, "missing", None
         scheme, _, token = authorization.partition(" ")
@@ -228,12 +261,15 @@ class TokenTable:
         try:
             rec = self.source.by_digest(d)
         except StoreError:
-            if e is None:
+            # a database outage: the last answer stands for stale_for seconds past its expiry, then no more
+            # (the lookup may have waited out a pool timeout: the clock is read again)
+            now = self.clock()
+            if e is None or now >= e[2] + self.stale_for:
                 raise
-            # a database outage: keep the last answer rather than refuse all
             if now - self._stale_warned > 30:
                 self._stale_warned = now
-                log.warning("token lookups answered from the cache: the database is unavailable")
+                log.warning("token lookups answered from the cache (for at most %.3g s past their expiry): "
+                            "the database is unavailable", self.stale_for)
             return e[0], e[1]
         principal = rec.principal_of() if rec is not None else None
         with self._lock:

@@ -125,8 +125,11 @@ def token_parser() -> argparse.ArgumentParser:
     ls.add_argument("--principal", default=None)
     ls.add_argument("--all", action="store_true", help="revoked and expired ones too")
     ls.add_argument("--json", action="store_true")
-    rev = sub.add_parser("revoke", help="revoke token ID (tok_...) or every token of PRINCIPAL")
+    rev = sub.add_parser("revoke", help="revoke token ID (tok_...) or every token of PRINCIPAL (a name that "
+                         "is no token's id; --principal for any name)")
     rev.add_argument("target", metavar="PRINCIPAL|ID")
+    rev.add_argument("--principal", action="store_true",
+                     help="TARGET is a principal's name, even one that looks like (or is) a token id")
     rev.add_argument("--json", action="store_true")
     rot = sub.add_parser("rotate", help="issue a token like ID and revoke ID (printed once)")
     rot.add_argument("id")
@@ -185,7 +188,8 @@ def _token(args: argparse.Namespace) -> int:
                 print(f"{r.id}  {(r.prefix + '…') if r.prefix else '-':13}  {r.principal:20}  {rights:13}  "
                       f"{r.status():8}  expires {exp}  ({r.source})")
         else:
-            gone = store.revoke(args.target, by="cli")
+            gone = (store.revoke_principal(args.target, by="cli") if args.principal
+                    else store.revoke(args.target, by="cli"))
             if args.json:
                 print(json.dumps({"revoked": [r.to_json() for r in gone]}))
             elif not gone:

@@ -24,7 +24,7 @@ class Validated:
 
 
 def parse_signature(value: str | None) -> Signature | None:
-    """Parse an ``X-KVAgent-Signature`` value (None when the header is absent); only v2 is accepted."""
+    """Parse an ``X-KVAgent-Signature`` value (None when the header is absent); v3 or v2, never v1."""
     return None if value is None else signing.parse(value)
 
 

@@ -14,6 +14,9 @@ DEFAULT_MAX_ARTIFACT_BYTES = 8 << 30
 #: Largest JSON request body accepted (prefix lookups with 4096 hashes are ~270 KB).
 MAX_JSON_BODY = 1 << 20
 MAX_PREFIX_HASHES = 4096
+#: during a database outage a cached token answer serves at most ``token_cache_s`` × this many seconds past
+#: its expiry (unless ``token_stale_s`` says otherwise); then token lookups fail closed (503)
+TOKEN_STALE_FACTOR = 5.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class Settings:
     migrate: bool = True  # upgrade the database schema at start (False: refuse unless it is at head already)
     # how long a node trusts its cached answer for a token (revocations take this long)
     token_cache_s: float = 2.0
+    # how long past its expiry a cached token answer still serves while the database cannot be asked; then
+    # lookups fail closed (503). None: token_cache_s × TOKEN_STALE_FACTOR
+    token_stale_s: float | None = None
     # the generation engine: "transformers", an installed engine ("vllm": vllm-kvagent) or module:attr
     engine: str = "transformers"
     # measure prefill before serving when the calibration has none for this machine + model (None: the
@@ -64,6 +70,8 @@ class Settings:
             raise ConfigError("block_size must be positive")
         if not 0 <= self.token_cache_s <= 60:
             raise ConfigError("token_cache_s must be in 0..60 seconds")
+        if self.token_stale_s is not None and not 0 <= self.token_stale_s <= 3600:
+            raise ConfigError("token_stale_s must be in 0..3600 seconds")
         if self.dispute_verify not in ("sample", "full"):
             raise ConfigError("dispute_verify must be 'sample' or 'full'")
         check_engine_name(self.engine)

@@ -130,9 +130,10 @@ def build_state(settings: Settings) -> State:
     token_store = TokenStore(meta)
     if bootstrap is not None:
         report = token_store.import_tokens(bootstrap, f"token file {settings.token_file}")
-        log.info("token file %s: %d added, %d updated, %d revoked (no longer in it)", settings.token_file,
-                 report.added, report.updated, len(report.revoked))
-    tokens = TokenTable(token_store, ttl=settings.token_cache_s)
+        log.info("token file %s: %d added, %d updated, %d earlier file tokens not in it (still active), "
+                 "%d weak",
+                 settings.token_file, report.added, report.updated, len(report.absent), len(report.weak))
+    tokens = TokenTable(token_store, ttl=settings.token_cache_s, stale_for=settings.token_stale_s)
     blobs = open_blobs(settings.blobs, data_dir)
     copies = OwnerCopies(meta)
     blobs.cleanup(lambda: [*meta.blob_names(), *copies.blob_names()], settings.orphan_grace_s)

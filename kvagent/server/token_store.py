@@ -2,6 +2,12 @@
 
 Used by the admin API (kvagent.server.admin_routes), by ``kvagent token`` and, at start, to import the JSON
 token file. A token's plaintext exists only in the answer to the call that issued it.
+
+Rotation and revocation lock what they change (on PostgreSQL ``SELECT … FOR UPDATE`` of the rows, and an
+advisory lock per principal so that a revocation of a principal and a rotation of one of its tokens run one
+after the other; SQLite's ``BEGIN IMMEDIATE`` serialises every write) and check each UPDATE's row count: a
+rotation racing a revocation or another rotation never leaves two live tokens, and a revocation of a
+principal also takes the successor of a rotation that committed while it waited.
 """
 
 from __future__ import annotations
@@ -14,8 +20,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
-from .auth import Principal, TokenRecord, digest, display_prefix, token_id, valid_principal_name
+from ..errors import ConfigError, StoreError
+from .auth import (
+    MIN_BITS,
+    Principal,
+    TokenRecord,
+    digest,
+    display_prefix,
+    token_id,
+    valid_principal_name,
+    weak_tokens,
+)
 from .meta import MetaStore, PostgresMeta
 from .quotas import Limits
 
@@ -23,6 +38,8 @@ log = logging.getLogger("kvagent.server.auth")
 
 #: pg_advisory_xact_lock id serialising token-file imports of nodes starting together
 IMPORT_LOCK_ID = 7463532
+#: pg_advisory_xact_lock(id, hashtext(principal)) serialising rotations and revocations of one principal
+PRINCIPAL_LOCK_ID = 7463533
 _COLS = (
     "id, prefix, principal, publish, admin, limits, source, created_at, created_by, expires_at, revoked_at, "
     "revoked_by, replaced_by"
@@ -45,7 +62,8 @@ class ImportReport:
     added: int
     updated: int
     kept_revoked: list[str]  # ids of file tokens that stay revoked (revoked in the database earlier)
-    revoked: list[str]  # ids of file tokens no longer in the file, revoked now
+    absent: list[str]  # ids of active file tokens this file does not name (left active: revoke explicitly)
+    weak: list[str]  # ids of this file's tokens estimated under auth.MIN_BITS bits
 
 
 def new_token() -> str:
@@ -82,6 +100,9 @@ class TokenStore:
 
     def __init__(self, meta: MetaStore, clock: Any = time.time):
         self.meta, self.clock = meta, clock
+        #: appended to a SELECT that locks the rows it reads (SQLite has no row locks: BEGIN IMMEDIATE already
+        #: serialises every write transaction)
+        self._for_update = " FOR UPDATE" if isinstance(meta, PostgresMeta) else ""
 
     # -- reads ----------------------------------------------------------------------------------
     def by_digest(self, token_digest: str) -> TokenRecord | None:
@@ -169,42 +190,77 @@ class TokenStore:
         return Issued(token, rec)
 
     def revoke(self, target: str, by: str | None = None) -> list[TokenRecord]:
-        """Revoke the token with id ``target`` (``tok_…``), else every active token of principal ``target``;
-        returns the tokens revoked now (empty: nothing matched, or all were revoked already)."""
+        """Revoke the token with id ``target`` when there is one, else every active token of the principal
+        named ``target`` (any name, ``tok_…`` ones included); returns the tokens revoked now."""
+        if self.get(target) is not None:
+            return self.revoke_id(target, by)
+        return self.revoke_principal(target, by)
+
+    def revoke_id(self, tid: str, by: str | None = None) -> list[TokenRecord]:
+        """Revoke token ``tid``; returns it (empty: unknown, or revoked already)."""
+        return self._revoke("id", tid, by)
+
+    def revoke_principal(self, name: str, by: str | None = None) -> list[TokenRecord]:
+        """Revoke every active token of principal ``name``; returns the tokens revoked now."""
+        return self._revoke("principal", name, by)
+
+    def _revoke(self, col: str, value: str, by: str | None) -> list[TokenRecord]:
         now = self.clock()
-        col = "id" if target.startswith("tok_") else "principal"
         with self.meta.transaction() as cur:
-            cur.execute(
-                self.meta.q(f"SELECT {_COLS} FROM auth_tokens WHERE {col} = ? AND revoked_at IS NULL"),
-                (target,),
-            )
+            if col == "principal":
+                self._lock_principal(cur, value)  # a rotation of one of its tokens commits first, or waits
+            cur.execute(self.meta.q(f"SELECT {_COLS} FROM auth_tokens WHERE {col} = ? AND revoked_at IS NULL "
+                                    f"ORDER BY id{self._for_update}"), (value,))
             hits = [_record(r) for r in cur.fetchall()]
-            cur.execute(self.meta.q(f"UPDATE auth_tokens SET revoked_at = ?, revoked_by = ? WHERE {col} = ? "
-                                    "AND revoked_at IS NULL"), (now, by, target))
+            for r in hits:
+                cur.execute(self.meta.q("UPDATE auth_tokens SET revoked_at = ?, revoked_by = ? "
+                                        "WHERE id = ? AND revoked_at IS NULL"), (now, by, r.id))
+                if cur.rowcount != 1:  # cannot happen under the lock; if it did, nothing is revoked
+                    raise StoreError(f"token {r.id} changed while it was locked; nothing was revoked")
         for r in hits:
             log.info("token %s of %s revoked by %s", r.id, r.principal, by)
         return [TokenRecord(**{**r.__dict__, "revoked_at": now, "revoked_by": by}) for r in hits]
 
+    def _lock_principal(self, cur: Any, name: str) -> None:
+        """Serialise this transaction with every rotation and revocation of principal ``name``'s tokens
+        (PostgreSQL: an advisory lock until commit; SQLite's BEGIN IMMEDIATE serialises all writes already).
+        Row locks alone would let a revocation of the principal miss the successor a rotation inserts."""
+        if self._for_update:
+            cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (PRINCIPAL_LOCK_ID, name))
+
     def rotate(self, tid: str, by: str | None = None) -> Issued | None:
         """Issue a token like ``tid`` (principal, rights, limits, expiry) and revoke ``tid``, in one
-        transaction; None when ``tid`` is unknown or not active."""
+        transaction that holds ``tid``'s row lock and its principal's lock; None when ``tid`` is unknown or
+        not active (a concurrent rotation or revocation won)."""
         now = self.clock()
         with self.meta.transaction() as cur:
-            cur.execute(self.meta.q(f"SELECT {_COLS} FROM auth_tokens WHERE id = ?"), (tid,))
-            r = cur.fetchone()
-            old = _record(r) if r else None
-            if old is None or old.status(now) != "active":
+            cur.execute(self.meta.q("SELECT principal FROM auth_tokens WHERE id = ?"), (tid,))
+            row = cur.fetchone()
+            if row is None:
                 return None
+            self._lock_principal(cur, row[0])
+            cur.execute(self.meta.q(f"SELECT {_COLS} FROM auth_tokens WHERE id = ?{self._for_update}"),
+                        (tid,))
+            old = _record(cur.fetchone())
+            if old.status(now) != "active":
+                return None
+            if old.principal != row[0]:  # a token-file import moved it meanwhile: the lock was another's
+                raise StoreError(f"token {tid} changed principal while it was rotated; try again")
             new = self._insert(cur, old.principal, old.publish, old.admin, old.limits, old.expires_at, by)
             cur.execute(self.meta.q("UPDATE auth_tokens SET revoked_at = ?, revoked_by = ?, replaced_by = ? "
                                     "WHERE id = ? AND revoked_at IS NULL"), (now, by, new.record.id, tid))
+            if cur.rowcount != 1:  # cannot happen under the lock; if it did, the successor is rolled back
+                raise StoreError(f"token {tid} changed while it was locked; it was not rotated")
         log.info("token %s of %s rotated by %s: replaced by %s", tid, old.principal, by, new.record.id)
         return new
 
     def import_tokens(self, tokens: Mapping[str, Principal], source: str = "token file") -> ImportReport:
-        """Bring the table in line with a token file: its tokens are added (or their principal, rights and
-        limits updated to the file's), and earlier file tokens no longer in it are revoked, so the file
-        keeps its meaning. A token revoked in the database stays revoked (a restart never revives it)."""
+        """Import a token file: its tokens are added (or their principal, rights and limits set to the
+        file's). An import only ever adds: a file token the file no longer names stays active (listed in
+        ``absent`` and logged), because a node started with an older file must never revoke, for good, what
+        a newer file added; revoking is an explicit act (``kvagent token revoke tok_…``). A token revoked in
+        the database stays revoked (a restart never revives it). Each of the file's tokens estimated under
+        auth.MIN_BITS bits is named, by id, in a warning: file tokens are a bootstrap."""
         digests = {digest(t): (t, p) for t, p in tokens.items()}
         now = self.clock()
         added = updated = 0
@@ -246,13 +302,16 @@ class TokenStore:
                     cur.execute(q("UPDATE auth_tokens SET principal = ?, publish = ?, admin = ?, limits = ? "
                                   "WHERE digest = ?"), (*args, d))
                     updated += 1
-            gone = [r for d, r in earlier.items() if d not in digests and r.revoked_at is None]
-            for r in gone:
-                cur.execute(q("UPDATE auth_tokens SET revoked_at = ?, revoked_by = ? WHERE id = ? "
-                              "AND revoked_at IS NULL"), (now, "token-file", r.id))
+            absent = [r for d, r in earlier.items() if d not in digests and r.revoked_at is None]
         for tid in kept:
             log.warning("%s: token %s is revoked in the database and stays revoked; remove it from the file",
                         source, tid)
-        for r in gone:
-            log.info("%s: token %s of %s is no longer in the file: revoked", source, r.id, r.principal)
-        return ImportReport(added, updated, kept, [r.id for r in gone])
+        for r in absent:
+            log.info("%s: file token %s of %s is not in this file and stays active (an import never revokes; "
+                     "`kvagent token revoke %s` does)", source, r.id, r.principal, r.id)
+        weak = weak_tokens(tokens)
+        for tid, name in weak:
+            log.warning("%s: token %s of %s has under %d bits of entropy: file tokens are a bootstrap; "
+                        "issue real ones with `kvagent token issue` and revoke this one", source, tid, name,
+                        MIN_BITS)
+        return ImportReport(added, updated, kept, [r.id for r in absent], [tid for tid, _ in weak])

@@ -36,6 +36,7 @@ class FaultProxy:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.connections = 0
+        self._open: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -60,6 +61,7 @@ class FaultProxy:
         except OSError:
             writer.close()
             return
+        self._open.update((writer, up_w))
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, downstream: bool) -> None:
             sent = 0
@@ -90,6 +92,17 @@ class FaultProxy:
                 dst.close()
 
         await asyncio.gather(pipe(reader, up_w, False), pipe(up_r, writer, True))
+        self._open.difference_update((writer, up_w))
+
+    def go_down(self) -> None:
+        """From now on ``down``, and every connection open through the proxy dropped."""
+
+        async def drop() -> None:
+            self.mode = "down"
+            for w in list(self._open):
+                w.close()
+
+        asyncio.run_coroutine_threadsafe(drop(), self._loop).result(10)
 
     def close(self) -> None:
         async def shutdown() -> None:

@@ -1,4 +1,5 @@
-"""Signatures bind the whole artifact identity (ed25519-v2): the header-swap attack — a trusted
+"""Signatures bind the whole artifact identity (ed25519-v3, engine included; v2 still verifies): the
+header-swap attack — a trusted
 publisher's signed payload re-served under a header claiming another model or key — is refused by a
 reader that trusts keys and skips recomputation (``verify="none"``), end to end against a real server."""
 
@@ -41,8 +42,9 @@ def test_every_identity_field_is_bound_and_metadata_is_not() -> None:
         "position_offset": 1, "template_hash": "2" * 64, "codec": "bplane-zstd", "payload_sha256": "3" * 64,
         "payload_bytes": header.payload_bytes + 1, "content_sha256": "4" * 64, "format": "other",
         "layout": dataclasses.replace(header.layout, num_layers=header.layout.num_layers + 1),
+        "engine": "vllm 0.32.0",
     }
-    assert set(changes) == set(signing.SIGNED_FIELDS)
+    assert sig.alg == "ed25519-v3" and set(changes) == set(signing.SIGNED_FIELDS)
     for name, value in changes.items():
         with pytest.raises(ArtifactIntegrityError, match="does not verify"):
             signing.verify(sig, dataclasses.replace(header, **{name: value}))
@@ -57,6 +59,39 @@ def test_every_identity_field_is_bound_and_metadata_is_not() -> None:
     with pytest.raises(ArtifactIntegrityError, match="payload digest only"):
         signing.verify(legacy, header)
     assert signing.parse(sig.header_value().upper()) == sig
+
+
+def _v2(header: art.ArtifactHeader, sk: Ed25519PrivateKey) -> signing.Signature:
+    """What kvagent signed before v3: the header's identity fields, the engine not among them."""
+    fields = {k: v for k, v in header.to_json().items() if k in signing.V2_FIELDS}
+    raw = b"kvagent-artifact-signature-v2\n" + json.dumps(fields, sort_keys=True,
+                                                         separators=(",", ":")).encode()
+    return signing.Signature("ed25519-v2", signing.public_key_hex(sk), sk.sign(raw).hex())
+
+
+def test_the_engine_is_signed_and_v2_signatures_still_verify() -> None:
+    """A publisher cannot get past a reader's engines="same" by editing the header's engine: v3 binds it
+    (absent and named alike); v2 signatures, made before v3, still verify over their fields."""
+    sk = Ed25519PrivateKey.generate()
+    header, _ = make_artifact(make_kv())
+    vllm = dataclasses.replace(header, engine="vllm 0.32.0")
+    for signed, tampered in ((vllm, dataclasses.replace(vllm, engine="vllm 0.33.0")),
+                             (vllm, header), (header, vllm)):
+        sig = signing.sign(signed, sk)
+        signing.verify(sig, signed, {signing.public_key_hex(sk)})
+        with pytest.raises(ArtifactIntegrityError, match="does not verify"):
+            signing.verify(sig, tampered, {signing.public_key_hex(sk)})
+    old = _v2(vllm, sk)
+    assert signing.parse(old.header_value()) == old  # accepted on the wire ...
+    signing.verify(old, vllm, {signing.public_key_hex(sk)})  # ... and verified over its own fields
+    signing.verify(old, header)
+    with pytest.raises(ArtifactIntegrityError, match="does not verify"):
+        signing.verify(old, dataclasses.replace(vllm, model_fingerprint=OTHER_MODEL_FP))
+    # a v2 signature presented as v3 (or the reverse) does not verify
+    with pytest.raises(ArtifactIntegrityError, match="does not verify"):
+        signing.verify(dataclasses.replace(old, alg=signing.ALG), vllm)
+    with pytest.raises(ArtifactIntegrityError, match="does not verify"):
+        signing.verify(dataclasses.replace(signing.sign(vllm, sk), alg=signing.V2_ALG), vllm)
 
 
 @pytest.fixture()
@@ -114,7 +149,7 @@ def test_header_swap_attack_is_refused_end_to_end(server: ServerProcess) -> None
         # unsigned swap: refused by the trusting reader
         with pytest.raises(ArtifactIntegrityError, match="unsigned"):
             trusting.download(trusting.lookup(header_y.key), expect_y)
-        # a registry that attaches alice's v2 signature to the swapped record: the signature binds the header
+        # a registry that attaches alice's signature to the swapped record: the signature binds the header
         _attach_signature(server, header_y.key, alice_sig)
         with pytest.raises(ArtifactIntegrityError, match="does not verify over its header"):
             trusting.download(trusting.lookup(header_y.key), expect_y)
