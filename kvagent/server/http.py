@@ -20,6 +20,7 @@ from ..errors import (
     ArtifactTooLargeError,
     ConfigError,
     EngineError,
+    IdempotencyError,
     InvalidKeyError,
     KVAgentError,
     RegistryError,
@@ -64,14 +65,15 @@ _KVAGENT_STATUS: list[tuple[type[KVAgentError], int, str]] = [
     (InvalidKeyError, 422, "invalid_key"),
     (EngineError, 422, "invalid_generation"),
     (ConfigError, 422, "invalid_request"),
+    (IdempotencyError, 409, "idempotency_error"),  # the routes answer its own status and code (market_routes)
 ]
 
 
 #: Paths answered in OpenAI's error shape, so OpenAI clients raise their usual exceptions.
 OPENAI_PATHS = ("/v1/chat/", "/v1/completions", "/v1/models")
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
-                 403: "permission_error", 404: "invalid_request_error", 413: "invalid_request_error",
-                 422: "invalid_request_error", 429: "rate_limit_error"}
+                 403: "permission_error", 404: "invalid_request_error", 409: "invalid_request_error",
+                 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
 
 
 def is_openai_path(path: str) -> bool:
