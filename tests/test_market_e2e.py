@@ -582,6 +582,7 @@ def test_a_chat_completion_reports_what_it_moved(server: ServerProcess) -> None:
                            headers={**auth, "Idempotency-Key": key})
         assert again.status_code == 200 and again.headers["X-KVAgent-Replayed"] == "1"
         assert again.headers["X-KVAgent-Charged"] == "0" and bob.account_balance() == start - spent
+        assert again.json() == r.json()  # the stored answer, not a new generation (its id would differ)
 
 
 def test_a_stop_string_ends_a_chat_and_only_the_tokens_up_to_it_are_paid(server: ServerProcess) -> None:

@@ -65,7 +65,6 @@ _KVAGENT_STATUS: list[tuple[type[KVAgentError], int, str]] = [
     (InvalidKeyError, 422, "invalid_key"),
     (EngineError, 422, "invalid_generation"),
     (ConfigError, 422, "invalid_request"),
-    (IdempotencyError, 409, "idempotency_error"),  # the routes answer its own status and code (market_routes)
 ]
 
 
@@ -108,6 +107,8 @@ def kvagent_response(exc: KVAgentError) -> JSONResponse:
             body = {**exc.extra, "error": exc.code, "detail": exc.detail}
             return JSONResponse(body, status_code=exc.status, headers=exc.headers)
         return error_response(exc.status, exc.code, exc.detail, exc.headers)
+    if isinstance(exc, IdempotencyError):  # (the market routes answer it as an ApiError, receipt included)
+        return error_response(exc.status, exc.code, str(exc)[:1000])
     for cls, status, code in _KVAGENT_STATUS:
         if isinstance(exc, cls):
             return error_response(status, code, str(exc)[:1000])
