@@ -717,6 +717,23 @@ def test_a_reused_idempotency_key_never_generates_again(server: ServerProcess, m
     assert served.value.body["receipt"] == streamed.headers["X-KVAgent-Receipt"]  # type: ignore[index]
     assert _metric(server, "kvagent_generation_tokens_total") == tokens
     assert frank.account_balance() == start - paid - paid_stream
+    # four copies of one request at once: one generates and is charged, the others wait on its key, then
+    # are refused (409, it is still running) or replay its stored answer
+    z = {"Authorization": f"Bearer {token_of('frank')}", "Idempotency-Key": uuid.uuid4().hex}
+    body = {**ask, "max_tokens": 3}
+    before = frank.account_balance()
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: httpx.post(server.url + "/v1/chat/completions", json=body,
+                                                     headers=z, timeout=120), range(4)))
+    fresh = [a for a in answers if a.status_code == 200 and "X-KVAgent-Replayed" not in a.headers]
+    assert len(fresh) == 1, [a.text for a in answers]
+    for a in answers:
+        assert a.status_code in (200, 409), a.text
+        assert a.json() == fresh[0].json() if a.status_code == 200 else (
+            a.json()["error"]["code"] == "idempotency_key_already_served")
+    assert _metric(server, "kvagent_generation_tokens_total") == tokens + fresh[0].json()["usage"][
+        "completion_tokens"]
+    assert before - frank.account_balance() == int(fresh[0].headers["X-KVAgent-Charged"]) > 0
     frank.close()
 
 
