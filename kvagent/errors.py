@@ -15,6 +15,10 @@
     ├── EngineError            generation parameters or inputs the engine cannot run
     │   └── ContextLengthError     a document longer than the model's context (refused before prefill)
     ├── ToolsUnsupportedError  tools asked of a model whose chat template cannot render them
+    ├── IdempotencyError       an Idempotency-Key that cannot serve this request (kvagent.server.ledger)
+    │   ├── IdempotencyKeyReused     the key was claimed for another request (422)
+    │   ├── AlreadyServed            the key's generation was served; it is never generated again (409)
+    │   └── IdempotencyKeyRefunded   the key's purchase was refunded; it never serves again (409)
     └── RegistryError          the remote registry refused or failed (see kvagent.registry)
         ├── RegistryUnavailableError  unreachable, timed out, 5xx or 429 (retried)
         │   └── RegistrySkippedError  not asked: its circuit breaker is open (kvagent.calibration)
@@ -96,6 +100,42 @@ class ContextLengthError(EngineError):
 
 class ToolsUnsupportedError(KVAgentError, ValueError):
     """Tools were given to a model whose chat template has no (known) tool-call format."""
+
+
+class IdempotencyError(KVAgentError):
+    """An ``Idempotency-Key`` that cannot serve this request: ``status`` and ``code`` are the HTTP answer's,
+    ``receipt`` names the purchase that holds the key (None when it holds none)."""
+
+    code = "idempotency_key_reused"
+    status = 409
+
+    def __init__(self, message: str, receipt: str | None = None):
+        super().__init__(message)
+        self.receipt = receipt
+
+
+class IdempotencyKeyReused(IdempotencyError):
+    """The key was claimed for another request (another route, artifact, amount or body): 422, as the IETF
+    Idempotency-Key draft answers a key reused with another payload."""
+
+    status = 422
+
+
+class AlreadyServed(IdempotencyError):
+    """The key's paid generation was served already: it is never generated again. ``answer`` is the stored
+    answer (JSON text) when one was kept, for the route to replay."""
+
+    code = "idempotency_key_already_served"
+
+    def __init__(self, message: str, receipt: str | None = None, answer: str | None = None):
+        super().__init__(message, receipt)
+        self.answer = answer
+
+
+class IdempotencyKeyRefunded(IdempotencyError):
+    """The key's purchase was refunded: the key never serves again (send a new one)."""
+
+    code = "idempotency_key_refunded"
 
 
 class RegistryError(KVAgentError):

@@ -18,6 +18,7 @@ applies them in memory (the model the property tests use).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -225,6 +226,14 @@ class Quote:
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "price": self.price, "currency": self.currency, "balance": self.balance,
                 "reason": self.reason}
+
+
+def request_digest(route: str, target: str, body: Any) -> str:
+    """What an ``Idempotency-Key`` is bound to: sha256 hex of the request's route, its target (an artifact
+    key, a principal) and its body as canonical JSON (sorted keys, no spaces), so a repeat of the same
+    request has the same digest and any other request another (Stripe's rule: one key, one request)."""
+    text = json.dumps([route, target, body], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def refusal(price: int, balance: int, max_price: int | None) -> str | None:

@@ -10,13 +10,14 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvagent import market as mk
-from kvagent.errors import ConfigError
+from kvagent.errors import AlreadyServed, ConfigError, IdempotencyKeyRefunded, IdempotencyKeyReused
 from kvagent.server.ledger import QUARANTINED, IdempotencyConflict, Ledger
 from kvagent.server.meta import ArtifactRow, MetaStore, PostgresMeta, SQLiteMeta, can_see
 from kvagent.server.records import OwnerCopies
@@ -358,5 +359,124 @@ def test_a_receipt_has_one_dispute(meta: MetaStore, request: pytest.FixtureReque
         th.join()
     assert len({d for d, _ in got}) == 1 and sorted(n for _, n in got) == [False] * 7 + [True]
     assert len(led.disputes("bob")) == 2
+    for n in nodes[1:]:
+        n.meta.close()
+
+
+def test_a_key_is_bound_to_its_request_and_a_generation_is_never_served_twice(meta: MetaStore) -> None:
+    """Stripe's idempotency: a key is bound to a digest of its request. The same download again replays its
+    receipt (the same bytes); the same generation again is never charged nor served again (its stored answer,
+    or AlreadyServed); another request with the key is IdempotencyKeyReused. Nothing moves on a refusal."""
+    led = Ledger(meta, PRICES)
+    led.set_price("k", "alice", 300)
+    led.credit("bob", 100_000)
+    one = mk.request_digest("/v1/chat/completions", "", {"messages": [{"role": "user", "content": "hi"}]})
+    two = mk.request_digest("/v1/chat/completions", "", {"messages": [{"role": "user", "content": "yo"}]})
+    assert led.prior("bob", "x", "/v1/chat/completions", one, mk.GENERATE) is None  # new: nothing claimed
+    rec = led.charge_generate("bob", "k", "alice", "x", None, 10, 0, 1, request=one,
+                              scope="/v1/chat/completions")
+    assert rec is not None and not rec.replayed
+    balance = led.balance("bob")
+    for ask in (lambda: led.prior("bob", "x", "/v1/chat/completions", one, mk.GENERATE),
+                lambda: led.charge_generate("bob", "k", "alice", "x", None, 10, 0, 64, request=one,
+                                            scope="/v1/chat/completions")):
+        with pytest.raises(AlreadyServed) as served:
+            ask()
+        assert (served.value.receipt, served.value.answer, served.value.code) == (
+            rec.receipt, None, "idempotency_key_already_served")
+    with pytest.raises(IdempotencyKeyReused) as reused:  # another prompt, even with the same artifact
+        led.charge_generate("bob", "k", "alice", "x", None, 10, 0, 64, request=two,
+                            scope="/v1/chat/completions")
+    assert reused.value.receipt == rec.receipt and reused.value.status == 422
+    with pytest.raises(IdempotencyKeyReused):
+        led.prior("bob", "x", "/v1/chat/completions", two, mk.GENERATE)
+    with pytest.raises(IdempotencyKeyReused):  # the same key on another route
+        led.charge_load("bob", "k", "alice", "x", None)
+    led.keep_answer(rec.txn, '{"id": "chatcmpl-1"}')
+    with pytest.raises(AlreadyServed) as served:
+        led.prior("bob", "x", "/v1/chat/completions", one, mk.GENERATE)
+    assert served.value.answer == '{"id": "chatcmpl-1"}'
+    # the library's generate without a digest: the same call again is never generated again either
+    g = led.charge_generate("bob", "k", "alice", "g", None, 10, 0, 8)
+    assert g is not None
+    with pytest.raises(AlreadyServed):
+        led.charge_generate("bob", "k", "alice", "g", None, 10, 0, 8)
+    assert led.balance("bob") == balance - g.amount
+    # a download's repeat is the same bytes again: the first receipt, replayed, charged nothing
+    d = led.charge_load("bob", "k", "alice", "d", None)
+    again = led.charge_load("bob", "k", "alice", "d", None)
+    assert d is not None and again is not None and (again.receipt, again.replayed) == (d.receipt, True)
+    assert led.balance("bob") == balance - g.amount - 300
+    audit = led.audit()
+    assert (audit.total, audit.unbalanced) == (0, [])
+
+
+def test_a_refunded_key_never_serves_again(meta: MetaStore) -> None:
+    """A generation refunded before its first token (or a download refunded by a dispute) leaves its key
+    bound to a refunded transaction: the key is refused from then on, never served for free."""
+    led = Ledger(meta, PRICES)
+    led.set_price("k", "alice", 300)
+    led.credit("bob", 100_000)
+    for charge in (lambda: led.charge_generate("bob", "k", "alice", "r1", None, 10, 0, 8),
+                   lambda: led.charge_load("bob", "k", "alice", "r2", None)):
+        rec = charge()
+        assert rec is not None and led.refund(rec.receipt, "generation failed before its first token")
+        balance = led.balance("bob")
+        with pytest.raises(IdempotencyKeyRefunded) as refunded:
+            charge()
+        assert (refunded.value.receipt, refunded.value.code) == (rec.receipt, "idempotency_key_refunded")
+        assert led.balance("bob") == balance == 100_000
+    assert led.audit().transactions == {"credit": 1, "generate": 1, "sale": 1, "refund": 2}
+
+
+def test_an_admin_key_is_bound_to_its_memo_and_reason(meta: MetaStore) -> None:
+    led = Ledger(meta)
+    first = led.credit("bob", 500, "pi_1", idem="pi_1", by="hook")
+    assert led.credit("bob", 500, "pi_1", idem="pi_1", by="hook").replayed
+    with pytest.raises(IdempotencyKeyReused):
+        led.credit("bob", 500, "pi_2", idem="pi_1", by="hook")
+    led.adjust("bob", -5, "typo", idem="a1", by="op")
+    with pytest.raises(IdempotencyKeyReused):
+        led.adjust("bob", -5, "another reason", idem="a1", by="op")
+    assert led.balance("bob") == first.amount - 5
+
+
+def test_a_transaction_is_refunded_once_however_many_refunds_race(meta: MetaStore,
+                                                                  request: pytest.FixtureRequest) -> None:
+    """Two refunds of one transaction at once cannot both post: the database holds one refund row per
+    transaction. A refund that starts while another is posting (not committed yet) waits for it and then
+    posts nothing; so do 8 at once on two nodes; and a second refund row is refused by the database itself."""
+    led = Ledger(meta, PRICES)
+    led.set_price("k", "alice", 300)
+    led.credit("bob", 10_000)
+    rec = led.charge_load("bob", "k", "alice", None, None)
+    assert rec is not None
+    late: list[Any] = []
+    with meta.transaction() as cur:
+        assert led._refund(cur, rec.receipt, "first") is not None
+        second = threading.Thread(target=lambda: late.append(led.refund(rec.receipt, "second")))
+        second.start()
+        second.join(0.5)  # it waits on the first (or, before refunds were unique, had already posted)
+    second.join()
+    assert late == [None] and led.audit().transactions["refund"] == 1
+    nodes = [led] if isinstance(meta, SQLiteMeta) else [led, Ledger(PostgresMeta(request.getfixturevalue(
+        "pg_schema_dsn")), PRICES)]
+    others = [led.charge_load("bob", "k", "alice", None, None) for _ in range(3)]
+    got: list[Any] = []
+    barrier = threading.Barrier(8)
+
+    def refund(i: int) -> None:
+        barrier.wait()
+        got.append(nodes[i % len(nodes)].refund(others[i % 3].receipt))  # type: ignore[union-attr]
+
+    threads = [threading.Thread(target=refund, args=(i,)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sum(g is not None for g in got) == 3 and led.audit().transactions["refund"] == 4
+    assert (led.balance("bob"), led.audit().unbalanced) == (10_000, [])
+    with pytest.raises(Exception, match="(?i)unique|duplicate"), meta.transaction() as cur:  # the database's
+        cur.execute(meta.q("INSERT INTO market_refunds (txn, refund) VALUES (?, ?)"), (rec.txn, None))
     for n in nodes[1:]:
         n.meta.close()

@@ -22,7 +22,12 @@ import torch
 from kvagent import artifact as art
 from kvagent import cli
 from kvagent.engine import GenerationParams, TransformersEngine
-from kvagent.errors import RegistryAuthError, RegistryPaymentRequiredError
+from kvagent.errors import (
+    RegistryAuthError,
+    RegistryConflictError,
+    RegistryPaymentRequiredError,
+    RegistryRejectedError,
+)
 from kvagent.models import model_fingerprint
 from kvagent.registry import RegistryClient
 from kvagent.verification import verify_kv
@@ -44,6 +49,7 @@ TOKENS: dict[str, dict[str, Any]] = {
     "carol-token-0001": {"principal": "carol"},
     "dave-token-00001": {"principal": "dave"},  # a buyer no other test funds
     "erin-token-00001": {"principal": "erin"},  # the adjustments test's
+    "frank-token-0001": {"principal": "frank"},  # the reused Idempotency-Key test's
     **{f"pub-token-{i:04d}": {"principal": f"pub{i}", "publish": True} for i in range(N_PUBLISHERS)},
     **{f"buyer-token-{i:04d}": {"principal": f"buyer{i}"} for i in range(N_BUYERS)},
 }
@@ -576,6 +582,7 @@ def test_a_chat_completion_reports_what_it_moved(server: ServerProcess) -> None:
                            headers={**auth, "Idempotency-Key": key})
         assert again.status_code == 200 and again.headers["X-KVAgent-Replayed"] == "1"
         assert again.headers["X-KVAgent-Charged"] == "0" and bob.account_balance() == start - spent
+        assert again.json() == r.json()  # the stored answer, not a new generation (its id would differ)
 
 
 def test_a_stop_string_ends_a_chat_and_only_the_tokens_up_to_it_are_paid(server: ServerProcess) -> None:
@@ -644,3 +651,134 @@ def test_a_stop_token_ends_a_hosted_generate_and_only_the_tokens_up_to_it_are_pa
         while carol.account_balance() != want and time.monotonic() < deadline:
             time.sleep(0.05)
         assert carol.account_balance() == want
+
+
+def _metric(srv: ServerProcess, name: str) -> float:
+    import re
+
+    text = httpx.get(srv.url + "/metrics", timeout=10).text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def _settled(c: RegistryClient, want: int) -> int:
+    """The balance once it is ``want`` (a generation settles right after its last line), or as it stands."""
+    deadline = time.monotonic() + 30
+    while (got := c.account_balance()) != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
+
+
+def test_a_reused_idempotency_key_never_generates_again(server: ServerProcess, model: Any) -> None:
+    """Issue 34's attack, black box: a funded buyer pays one 1-token chat with Idempotency-Key X (official
+    openai client). X again with other prompts and max_tokens=64 is refused (422, idempotency_key_reused);
+    X with the same request replays the stored answer; a streamed chat's key, repeated, is 409 already
+    served. No token is generated for any repeat and the balance moves once per first request."""
+    import openai
+
+    with client(server, "admin-token-0001") as admin:
+        admin.credit("frank", 1_000_000)
+    oa = openai.OpenAI(base_url=server.url + "/v1", api_key=token_of("frank"), max_retries=0)
+    model_id = oa.models.list().data[0].id
+    frank = client(server, token_of("frank"))
+    start = frank.account_balance()
+    x = {"Idempotency-Key": uuid.uuid4().hex}
+    ask: dict[str, Any] = {"model": model_id, "temperature": 0,
+                           "messages": [{"role": "user", "content": "t5 t6"}]}
+    first = oa.chat.completions.with_raw_response.create(**ask, max_tokens=1, extra_headers=x)
+    answer = first.parse()
+    paid = int(first.headers["X-KVAgent-Charged"])
+    assert paid > 0 and answer.usage is not None and answer.usage.completion_tokens == 1
+    assert frank.account_balance() == start - paid
+    tokens = _metric(server, "kvagent_generation_tokens_total")
+    for prompt in ("t9 t10 t11", "t12 t13 t14 t15"):
+        with pytest.raises(openai.UnprocessableEntityError) as refused:
+            oa.chat.completions.create(model=model_id, temperature=0, max_tokens=64, extra_headers=x,
+                                       messages=[{"role": "user", "content": prompt}])
+        assert refused.value.code == "idempotency_key_reused", refused.value.body
+        assert isinstance(refused.value.body, dict) and refused.value.body["receipt"] == first.headers[
+            "X-KVAgent-Receipt"]
+    with pytest.raises(openai.UnprocessableEntityError):  # the same messages, more tokens: another request
+        oa.chat.completions.create(**ask, max_tokens=64, extra_headers=x)
+    again = oa.chat.completions.with_raw_response.create(**ask, max_tokens=1, extra_headers=x)
+    assert again.parse().model_dump() == answer.model_dump()  # the stored answer, the same id included
+    assert (again.headers["X-KVAgent-Replayed"], again.headers["X-KVAgent-Charged"]) == ("1", "0")
+    assert again.headers["X-KVAgent-Receipt"] == first.headers["X-KVAgent-Receipt"]
+    assert _metric(server, "kvagent_generation_tokens_total") == tokens
+    assert frank.account_balance() == start - paid
+    # a streamed chat keeps no answer: its key again is "already served", never a new stream
+    y = {"Idempotency-Key": uuid.uuid4().hex}
+    streamed = oa.chat.completions.with_raw_response.create(**ask, max_tokens=2, stream=True, extra_headers=y)
+    assert len([c for c in streamed.parse() if c.choices and c.choices[0].delta.content]) >= 1
+    paid_stream = start - paid - _settled(frank, start - paid - int(streamed.headers["X-KVAgent-Charged"]))
+    tokens = _metric(server, "kvagent_generation_tokens_total")
+    with pytest.raises(openai.ConflictError) as served:
+        oa.chat.completions.create(**ask, max_tokens=2, stream=True, extra_headers=y)
+    assert served.value.code == "idempotency_key_already_served"
+    assert served.value.body["receipt"] == streamed.headers["X-KVAgent-Receipt"]  # type: ignore[index]
+    assert _metric(server, "kvagent_generation_tokens_total") == tokens
+    assert frank.account_balance() == start - paid - paid_stream
+    # four copies of one request at once: one generates and is charged, the others wait on its key, then
+    # are refused (409, it is still running) or replay its stored answer
+    z = {"Authorization": f"Bearer {token_of('frank')}", "Idempotency-Key": uuid.uuid4().hex}
+    body = {**ask, "max_tokens": 3}
+    before = frank.account_balance()
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: httpx.post(server.url + "/v1/chat/completions", json=body,
+                                                     headers=z, timeout=120), range(4)))
+    fresh = [a for a in answers if a.status_code == 200 and "X-KVAgent-Replayed" not in a.headers]
+    assert len(fresh) == 1, [a.text for a in answers]
+    for a in answers:
+        assert a.status_code in (200, 409), a.text
+        assert a.json() == fresh[0].json() if a.status_code == 200 else (
+            a.json()["error"]["code"] == "idempotency_key_already_served")
+    assert _metric(server, "kvagent_generation_tokens_total") == tokens + fresh[0].json()["usage"][
+        "completion_tokens"]
+    assert before - frank.account_balance() == int(fresh[0].headers["X-KVAgent-Charged"]) > 0
+    frank.close()
+
+
+def test_a_reused_idempotency_key_never_generates_again_on_hosted_generate(server: ServerProcess,
+                                                                          model: Any) -> None:
+    """The same for /v1/artifacts/{key}/generate: the key with another suffix or max_new_tokens is 422, with
+    the same request 409 already served; and a generation refunded before its first token leaves a key that
+    never serves again (not even for a valid request). Charged exactly once, no tokens generated again."""
+    with client(server, token_of("alice")) as alice, client(server, token_of("frank")) as frank, \
+            client(server, "admin-token-0001") as admin:
+        h = alice.publish(_artifact(model, 13, 64, "alice"), visibility="public", price=50)
+        admin.credit("frank", 100_000)
+        start = frank.account_balance()
+
+        def gen(suffix: list[int], n: int, key: str) -> Any:
+            params = GenerationParams(max_new_tokens=n)
+            return frank.generate_stream(h.key, suffix, params, idempotency_key=key)
+
+        key = uuid.uuid4().hex
+        stream = gen([1, 2, 3], 1, key)
+        assert len(list(stream)) == 1 and stream.charge == 15 + 32 + 20 + 50
+        assert _settled(frank, start - stream.charge) == start - stream.charge
+        tokens = _metric(server, "kvagent_generated_tokens_total")
+        for suffix, n in (([4, 5, 6], 64), ([1, 2, 3], 64)):
+            with pytest.raises(RegistryRejectedError, match="another request"):
+                list(gen(suffix, n, key))
+        with pytest.raises(RegistryConflictError, match="already served"):
+            list(gen([1, 2, 3], 1, key))
+        auth = {"Authorization": f"Bearer {token_of('frank')}", "Idempotency-Key": key}
+        raw = httpx.post(server.url + f"/v1/artifacts/{h.key}/generate", json={"suffix_ids": [1, 2, 3],
+                         "max_new_tokens": 1}, headers=auth, timeout=60)
+        assert raw.status_code == 409 and raw.json()["error"] == "idempotency_key_already_served"
+        assert raw.json()["receipt"] == stream.receipt and "X-KVAgent-Receipt" not in raw.headers
+        assert _metric(server, "kvagent_generated_tokens_total") == tokens
+        assert frank.account_balance() == start - stream.charge
+        # a generation that fails before its first token is refunded; its key never serves again
+        bad = uuid.uuid4().hex
+        with pytest.raises(RegistryRejectedError):
+            list(gen([10**6], 8, bad))
+        assert frank.account_balance() == start - stream.charge  # refunded
+        with pytest.raises(RegistryRejectedError, match="another request"):  # the old hole: free tokens
+            list(gen([1, 2], 8, bad))
+        auth["Idempotency-Key"] = bad
+        again = httpx.post(server.url + f"/v1/artifacts/{h.key}/generate", json={"suffix_ids": [10**6],
+                           "max_new_tokens": 8}, headers=auth, timeout=60)
+        assert again.status_code == 409 and again.json()["error"] == "idempotency_key_refunded", again.text
+        assert _metric(server, "kvagent_generated_tokens_total") == tokens
+        assert frank.account_balance() == start - stream.charge

@@ -224,7 +224,8 @@ def test_upgrade_in_place_keeps_every_row(
         assert cur.fetchone()[0] == 0
     upgraded = shape(db)
     assert {t: s for t, s in upgraded.items() if t in legacy_shape} == legacy_shape  # nothing rebuilt
-    assert set(upgraded) - set(legacy_shape) == {"alembic_version", "auth_tokens"}
+    assert set(upgraded) - set(legacy_shape) == {"alembic_version", "auth_tokens", "market_requests",
+                                                 "market_refunds"}
 
     # the baseline revision is exactly the legacy schema: a fresh database migrated to it has the same shape
     with _fresh_database(name, tmp_path) as fresh:
@@ -243,6 +244,39 @@ def test_upgrade_in_place_keeps_every_row(
         assert ledger.balance("bob") == 900
         rec = ledger.credit("bob", 5)
         assert rec.txn == 3 and ledger.balance("bob") == 905 and ledger.audit().total == 0
+    finally:
+        meta.close()
+
+
+def test_refunds_posted_before_0003_stay_the_only_ones(
+    backend: tuple[str, Any, Callable[[], Any]], tmp_path: Path
+) -> None:
+    """0003 records the refunds already posted (the first of each transaction, also where the old race
+    posted two), so no transaction refunded before the upgrade can be refunded again after it."""
+    name, db, cursor = backend
+    schema.upgrade(db, "0002_auth_tokens")
+    ph = "?" if name == "sqlite" else "%s"
+    with cursor() as cur:
+        for r in [(1, "rcpt_1", 1.0, "credit", "bob", None, None, 1000, None, ""),
+                  (2, "rcpt_2", 2.0, "sale", "bob", K, "alice", 100, None, ""),
+                  (3, "rcpt_3", 3.0, "refund", "bob", K, "alice", 100, 2, ""),
+                  (4, "rcpt_4", 4.0, "refund", "bob", K, "alice", 100, 2, ""),  # the old race's second
+                  (5, "rcpt_5", 5.0, "sale", "bob", K, "alice", 100, None, "")]:
+            cur.execute(f"INSERT INTO market_transactions VALUES ({','.join([ph] * len(r))})", r)
+        if name == "postgres":
+            cur.execute("SELECT setval(pg_get_serial_sequence('market_transactions', 'id'), 5)")
+    schema.upgrade(db)
+    with cursor() as cur:
+        cur.execute("SELECT txn, refund FROM market_refunds")
+        assert [tuple(r) for r in cur.fetchall()] == [(2, 3)]
+    from kvagent.server.ledger import Ledger
+
+    meta = open_meta(tmp_path, db.postgres_dsn) if name == "postgres" else SQLiteMeta(db.sqlite_path)
+    try:
+        ledger = Ledger(meta)
+        assert ledger.refund("rcpt_2") is None  # refunded before the upgrade
+        rec = ledger.refund("rcpt_5")
+        assert rec is not None and rec.txn == 6 and ledger.refund("rcpt_5") is None
     finally:
         meta.close()
 
@@ -309,15 +343,16 @@ def test_no_migrate_refuses_an_old_schema_and_db_current_names_the_version(
     assert capsys.readouterr().out.strip() == f"upgraded 0001_baseline -> {schema.head()}"
     assert schema.prepare(db, migrate=False) == schema.head()
     assert cli.main(["db", "current", *opt]) == 0
-    assert capsys.readouterr().out.strip() == "0002_auth_tokens (head)"
+    assert capsys.readouterr().out.strip() == "0003_idempotent_requests (head)"
     assert cli.main(["db", "history"]) == 0
     out = capsys.readouterr().out
-    assert out.index("0001_baseline") < out.index("0002_auth_tokens (head)")
+    assert out.index("0001_baseline") < out.index("0002_auth_tokens") < out.index(
+        "0003_idempotent_requests (head)")
 
 
 def test_postgres_meta_checks_without_migrating() -> None:
     with fresh_schema("kvmigc") as dsn:
-        with pytest.raises(SchemaVersionError, match="needs '0002_auth_tokens'"):
+        with pytest.raises(SchemaVersionError, match="needs '0003_idempotent_requests'"):
             PostgresMeta(dsn, migrate=False)
         PostgresMeta(dsn).close()
         PostgresMeta(dsn, migrate=False).close()

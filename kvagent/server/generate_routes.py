@@ -14,6 +14,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from starlette.concurrency import run_in_threadpool
 
+from .. import market as mk
 from ..engine import GenerationParams
 from ..engines import Finish, Token
 from ..errors import KVAgentError
@@ -25,6 +26,9 @@ from .meta import LedgerEntry
 from .state import State
 
 log = logging.getLogger("kvagent.server")
+
+#: The route an Idempotency-Key of a hosted generation is bound to (with the artifact and the body).
+GENERATE_ROUTE = "/v1/artifacts/{key}/generate"
 
 
 class GenerateRequest(BaseModel):
@@ -62,12 +66,20 @@ def routes(st: State) -> APIRouter:
             raise ApiError(
                 409, "wrong_model", "the artifact was computed by another model than this server runs"
             )
+        # the Idempotency-Key is bound to the artifact and the whole request; a key seen before is refused
+        # here (409 already served or refunded, 422 reused), before any engine work and with nothing charged
+        digest = mk.request_digest(GENERATE_ROUTE, row.key, req.model_dump())
+        replayed = await run_in_threadpool(
+            market_routes.replay, st, p, request, market_routes.generate_scope(row), digest)
+        if replayed is not None:
+            return replayed
         lease = await run_in_threadpool(st.quotas.acquire, p.name, p.limits)  # or 429 too_many_generates
         try:
             kv = await run_in_threadpool(st.host.kv_for, key, row.blob, st.blobs.read_bytes)
             n_in, n_max = len(req.suffix_ids), req.max_new_tokens
-            # or 402
-            rec = await run_in_threadpool(market_routes.charge_generate, st, p, row, request, n_in, n_max)
+            # or 402, or the key's refusal if a duplicate claimed it meanwhile
+            rec = await run_in_threadpool(
+                market_routes.charge_generate, st, p, row, request, n_in, n_max, digest)
         except BaseException:
             await run_in_threadpool(st.quotas.release, lease)
             raise

@@ -20,6 +20,7 @@ from ..errors import (
     ArtifactTooLargeError,
     ConfigError,
     EngineError,
+    IdempotencyError,
     InvalidKeyError,
     KVAgentError,
     RegistryError,
@@ -70,8 +71,8 @@ _KVAGENT_STATUS: list[tuple[type[KVAgentError], int, str]] = [
 #: Paths answered in OpenAI's error shape, so OpenAI clients raise their usual exceptions.
 OPENAI_PATHS = ("/v1/chat/", "/v1/completions", "/v1/models")
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
-                 403: "permission_error", 404: "invalid_request_error", 413: "invalid_request_error",
-                 422: "invalid_request_error", 429: "rate_limit_error"}
+                 403: "permission_error", 404: "invalid_request_error", 409: "invalid_request_error",
+                 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
 
 
 def is_openai_path(path: str) -> bool:
@@ -106,6 +107,8 @@ def kvagent_response(exc: KVAgentError) -> JSONResponse:
             body = {**exc.extra, "error": exc.code, "detail": exc.detail}
             return JSONResponse(body, status_code=exc.status, headers=exc.headers)
         return error_response(exc.status, exc.code, exc.detail, exc.headers)
+    if isinstance(exc, IdempotencyError):  # (the market routes answer it as an ApiError, receipt included)
+        return error_response(exc.status, exc.code, str(exc)[:1000])
     for cls, status, code in _KVAGENT_STATUS:
         if isinstance(exc, cls):
             return error_response(status, code, str(exc)[:1000])

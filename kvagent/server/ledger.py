@@ -3,14 +3,22 @@
 Tables (made by the migrations, kvagent.server.schema): ``market_accounts`` (one balance per principal
 and per system account), ``market_transactions`` (one row per charge, credit, refund or adjustment, with
 its public receipt id), ``market_postings`` (the legs of each transaction; they sum to zero),
-``market_idempotency`` (buyer + client key -> transaction), ``market_prices`` (an artifact's price per
-load), ``market_disputes`` and ``market_quarantine``.
+``market_idempotency`` (buyer + client key -> transaction), ``market_requests`` (the digest of the request
+a key was claimed for, and the stored answer a repeat replays), ``market_refunds`` (one row per refunded
+transaction), ``market_prices`` (an artifact's price per load), ``market_disputes`` and ``market_quarantine``.
 
-Every money movement is one database transaction: the buyer's idempotency key is claimed first (a
-concurrent duplicate waits on it, then finds the receipt), the accounts touched are locked in name order
-(``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serialises writers), the
-balance is checked, then the postings and balances are written. Admin credits and adjustments claim the
-admin's idempotency key the same way (the claim row also records which admin posted them), and a dispute
+Every idempotent money movement is one database transaction, written once (:meth:`Ledger._once`): the
+owner's idempotency key is claimed first (a concurrent duplicate waits on it, then finds what holds it), the
+postings are planned, the accounts touched are locked in name order (``SELECT ... FOR UPDATE`` on
+PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serialises writers), the balance is checked, then the
+postings and balances are written and the key is bound to the transaction. A key is bound to a digest of
+its request (:func:`kvagent.market.request_digest`), as payment APIs define idempotency: the same request
+again replays the first receipt (a download) or is never served again (a generation: its stored answer or
+:class:`kvagent.errors.AlreadyServed`); another request with the key is
+:class:`kvagent.errors.IdempotencyKeyReused`; a refunded purchase's key is
+:class:`kvagent.errors.IdempotencyKeyRefunded`. Admin credits and adjustments claim the admin's key the
+same way (the claim row also records which admin posted them). A refund claims its transaction's row in
+``market_refunds`` first, so a transaction is refunded once however many refunds race, and a dispute
 locks the purchase's transaction row, so a receipt has one dispute however many filings race. The rules
 themselves are kvagent.market's.
 """
@@ -20,12 +28,12 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import market as mk
-from ..errors import ConfigError
+from ..errors import AlreadyServed, ConfigError, IdempotencyKeyRefunded, IdempotencyKeyReused
 from .meta import MetaStore, PostgresMeta
 
 QUARANTINED = "quarantined"
@@ -79,8 +87,24 @@ class Dispute:
         return dict(self.__dict__)
 
 
-class IdempotencyConflict(ConfigError):
-    """An idempotency key reused for another artifact or another kind of purchase."""
+#: An idempotency key reused for another request (the name this module gave it before the errors moved).
+IdempotencyConflict = IdempotencyKeyReused
+
+
+@dataclass(frozen=True)
+class Movement:
+    """What one idempotent money movement posts, planned inside its database transaction: its kind, postings
+    and amount, the transaction row's fields, and ``refuse``, which raises (nothing posted) when the locked
+    ``{account: balance}`` forbid it."""
+
+    kind: str
+    postings: list[mk.Posting]
+    amount: int
+    buyer: str | None = None
+    key: str | None = None
+    publisher: str | None = None
+    memo: str = ""
+    refuse: Callable[[dict[str, int]], None] | None = None
 
 
 class Ledger:
@@ -136,17 +160,16 @@ class Ledger:
         With ``idem`` (the admin ``by``'s Idempotency-Key) a repeat returns the first receipt, ``replayed``.
         """
         value = mk.amount(value, "credit", allow_zero=False)
-        with self.meta.transaction() as cur:
-            owner, idem = self._admin_key(by, idem)
-            replay = self._claim(cur, owner, idem, f"{mk.CREDIT}:{principal}:{value}")
-            if replay is not None:
-                return replay
-            postings = mk.credit_postings(principal, value)
-            mk.check_inflow(self._lock(cur, [p.account for p in postings]), postings)
-            rec = self._post(cur, mk.CREDIT, postings, value, memo=memo[:mk.MAX_MEMO], buyer=principal,
-                             locked=True)
-            self._bind(cur, owner, idem, rec.txn)
-            return rec
+        owner, key = self._admin_key(by, idem)
+        memo = memo[:mk.MAX_MEMO]
+        postings = mk.credit_postings(principal, value)
+        move = Movement(mk.CREDIT, postings, value, buyer=principal, memo=memo,
+                        refuse=lambda balances: mk.check_inflow(balances, postings))
+        rec = self._once(owner, key, f"{mk.CREDIT}:{principal}:{value}",
+                         mk.request_digest(mk.CREDIT, principal, {"amount": value, "memo": memo}),
+                         mk.CREDIT, lambda cur: move)
+        assert rec is not None  # a credit is never free
+        return rec
 
     def adjust(self, principal: str, delta: int, reason: str, *, idem: str | None = None, by: str = "",
                allow_negative: bool = False) -> Receipt:
@@ -161,19 +184,21 @@ class Ledger:
         reason = reason.strip() if isinstance(reason, str) else ""
         if not 1 <= len(reason) <= mk.MAX_REASON:
             raise ConfigError(f"an adjustment needs a reason of 1..{mk.MAX_REASON} characters")
-        with self.meta.transaction() as cur:
-            owner, idem = self._admin_key(by, idem)
-            replay = self._claim(cur, owner, idem, f"{mk.ADMIN_ADJUST}:{principal}:{delta}")
-            if replay is not None:
-                return replay
-            postings = mk.adjustment_postings(principal, delta)
-            balances = self._lock(cur, [p.account for p in postings])
+        owner, key = self._admin_key(by, idem)
+        postings = mk.adjustment_postings(principal, delta)
+
+        def refuse(balances: dict[str, int]) -> None:
             if mk.adjustment_refusal(delta, balances[principal], allow_negative):
                 raise mk.AdjustmentRefused(principal, delta, balances[principal])
             mk.check_inflow(balances, postings)
-            rec = self._post(cur, mk.ADMIN_ADJUST, postings, delta, buyer=principal, memo=reason, locked=True)
-            self._bind(cur, owner, idem, rec.txn)
-            return rec
+
+        move = Movement(mk.ADMIN_ADJUST, postings, delta, buyer=principal, memo=reason, refuse=refuse)
+        digest = mk.request_digest(mk.ADMIN_ADJUST, principal,
+                                   {"amount": delta, "reason": reason, "allow_negative": allow_negative})
+        rec = self._once(owner, key, f"{mk.ADMIN_ADJUST}:{principal}:{delta}", digest, mk.ADMIN_ADJUST,
+                         lambda cur: move)
+        assert rec is not None  # an adjustment is never zero
+        return rec
 
     def has_account(self, principal: str) -> bool:
         """Whether ``principal`` has an account (an adjustment may correct it after its token is gone)."""
@@ -195,20 +220,29 @@ class Ledger:
         """Charge one load of ``key`` at its price; ``None`` when free (price 0 or the publisher itself).
 
         Raises :class:`kvagent.market.PaymentRefused` (nothing charged) when the price is above
-        ``max_price`` or the buyer's balance; a repeated ``idem`` returns the first receipt.
-        """
+        ``max_price`` or the buyer's balance; a repeated ``idem`` returns the first receipt (a download of
+        the same bytes again), ``replayed``."""
         return self._charge(buyer, key, publisher, idem, max_price, mk.SALE, lambda price: (price, 0))
 
     def charge_generate(self, buyer: str, key: str, publisher: str, idem: str | None, max_price: int | None,
-                        input_tokens: int, cached_tokens: int, max_output_tokens: int) -> Receipt | None:
+                        input_tokens: int, cached_tokens: int, max_output_tokens: int, *,
+                        request: str | None = None, scope: str | None = None) -> Receipt | None:
         """Charge a hosted generation up front for ``max_output_tokens``; :meth:`settle_generate` returns the
-        rest."""
+        rest.
+
+        ``idem`` is bound to ``scope`` (default ``generate:<key>``) and ``request`` (the digest of the whole
+        request, :func:`kvagent.market.request_digest`): the same key again never generates again
+        (:class:`kvagent.errors.AlreadyServed`, with the stored answer if one was kept), another request with
+        it is :class:`kvagent.errors.IdempotencyKeyReused` and a refunded one's
+        :class:`kvagent.errors.IdempotencyKeyRefunded`; nothing is charged."""
 
         def bill(price: int) -> tuple[int, int]:
             b = mk.generate_bill(self.prices, input_tokens, cached_tokens, max_output_tokens, price)
             return b.royalty, b.host_fee
 
-        return self._charge(buyer, key, publisher, idem, max_price, mk.GENERATE, bill)
+        return self._charge(buyer, key, publisher, idem, max_price, mk.GENERATE, bill, request=request,
+                            scope=scope)
+
 
     def settle_generate(self, receipt: Receipt, input_tokens: int, cached_tokens: int, max_output_tokens: int,
                         used_output_tokens: int, *, used_input_tokens: int | None = None,
@@ -234,72 +268,139 @@ class Ledger:
             return self._post(cur, mk.ADJUST, postings, -back, buyer=buyer, key=key, publisher=publisher,
                               ref=receipt.txn, check_negative=False)
 
-    def _charge(
-        self,
-        buyer: str,
-        key: str,
-        publisher: str,
-        idem: str | None,
-        max_price: int | None,
-        kind: str,
-        bill: Any,
-    ) -> Receipt | None:
+    def _charge(self, buyer: str, key: str, publisher: str, idem: str | None, max_price: int | None,
+                kind: str, bill: Callable[[int], tuple[int, int]], *, request: str | None = None,
+                scope: str | None = None) -> Receipt | None:
         _check_idem(idem)
-        idem = idem or "srv-" + secrets.token_hex(16)
-        scope = f"{kind}:{key}"
-        with self.meta.transaction() as cur:
-            replay = self._claim(cur, buyer, idem, scope)
-            if replay is not None:
-                return replay
+        scope = scope or f"{kind}:{key}"
+
+        def plan(cur: Any) -> Movement | None:
             price = self._price(cur, key, publisher)
             royalty, host_fee = bill(price if buyer != publisher else 0)
             total = royalty + host_fee
             if total == 0:
-                cur.execute(
-                    self.meta.q("DELETE FROM market_idempotency WHERE principal = ? AND idem_key = ?"),
-                    (buyer, idem),
-                )
                 return None
+
+            def refuse(balances: dict[str, int]) -> None:
+                why = mk.refusal(total, balances[buyer], max_price)
+                if why:
+                    raise mk.PaymentRefused(mk.Quote(key, total, self.currency, balances[buyer], why))
+
             postings = mk.sale_postings(buyer, publisher, royalty, self.prices.commission_bps, host_fee)
-            balances = self._lock(cur, [p.account for p in postings])
-            why = mk.refusal(total, balances[buyer], max_price)
-            if why:
-                raise mk.PaymentRefused(mk.Quote(key, total, self.currency, balances[buyer], why))
-            rec = self._post(
-                cur, kind, postings, total, buyer=buyer, key=key, publisher=publisher, locked=True
+            return Movement(kind, postings, total, buyer=buyer, key=key, publisher=publisher, refuse=refuse)
+
+        return self._once(buyer, idem or "srv-" + secrets.token_hex(16), scope,
+                          request or mk.request_digest(scope, key, None), kind, plan)
+
+    def _once(self, owner: str, idem: str, scope: str, digest: str, kind: str,
+              plan: Callable[[Any], Movement | None]) -> Receipt | None:
+        """The one sequence of every idempotent money movement, in one database transaction: claim ``idem``
+        for (``scope``, ``digest``), or answer what already holds it (:meth:`_held`); plan the postings
+        (``None``: nothing to charge, the claim is released); lock their accounts in name order; let the plan
+        refuse on the locked balances (nothing posted); post; bind the key to the transaction."""
+        with self.meta.transaction() as cur:
+            replay = self._claim(cur, owner, idem, scope, digest, kind)
+            if replay is not None:
+                return replay
+            move = plan(cur)
+            if move is None:
+                for table in ("market_requests", "market_idempotency"):
+                    cur.execute(self.meta.q(f"DELETE FROM {table} WHERE principal = ? AND idem_key = ?"),
+                                (owner, idem))
+                return None
+            balances = self._lock(cur, [p.account for p in move.postings])
+            if move.refuse is not None:
+                move.refuse(balances)
+            rec = self._post(cur, move.kind, move.postings, move.amount, buyer=move.buyer, key=move.key,
+                             publisher=move.publisher, memo=move.memo, locked=True)
+            cur.execute(
+                self.meta.q("UPDATE market_idempotency SET txn = ? WHERE principal = ? AND idem_key = ?"),
+                (rec.txn, owner, idem),
             )
-            self._bind(cur, buyer, idem, rec.txn)
             return rec
 
-    def _bind(self, cur: Any, owner: str, idem: str, txn: int) -> None:
-        cur.execute(self.meta.q("UPDATE market_idempotency SET txn = ? WHERE principal = ? AND idem_key = ?"),
-                    (txn, owner, idem))
-
-    def _claim(self, cur: Any, buyer: str, idem: str, scope: str) -> Receipt | None:
-        """Claim ``idem`` for this purchase, or return the receipt of the purchase that already holds it.
+    def _claim(self, cur: Any, owner: str, idem: str, scope: str, digest: str, kind: str) -> Receipt | None:
+        """Claim ``idem`` for this request, or answer what already holds it (:meth:`_held`).
 
         The claim is the first write of the transaction: a concurrent duplicate blocks on the key's row until
-        this transaction ends, then finds the receipt (or, if this one rolled back, claims the key itself)."""
+        this transaction ends, then finds what holds it (or, if this one rolled back, claims the key
+        itself)."""
         cur.execute(
             self.meta.q("INSERT INTO market_idempotency (principal, idem_key, key, txn, created_at) "
                         "VALUES (?,?,?,NULL,?) ON CONFLICT DO NOTHING"),
-            (buyer, idem, scope, time.time()),
+            (owner, idem, scope, time.time()),
         )
         if cur.rowcount == 1:
+            cur.execute(
+                self.meta.q("INSERT INTO market_requests (principal, idem_key, request) VALUES (?,?,?)"),
+                (owner, idem, digest),
+            )
             return None
+        held = self._held(cur, owner, idem, scope, digest, kind)
+        if held is None:  # (never: the row that conflicted is committed) refuse rather than charge twice
+            raise IdempotencyKeyReused("this Idempotency-Key is in use; send a new one")
+        return held
+
+    def _held(self, cur: Any, owner: str, idem: str, scope: str, digest: str, kind: str) -> Receipt | None:
+        """What an already claimed ``idem`` answers to this request: ``None`` if nothing holds it; the first
+        receipt, ``replayed``, for the same download or admin operation again; otherwise it raises
+        (nothing is charged): :class:`AlreadyServed` for the same generation again (it is never generated
+        twice; the stored answer, if kept, comes with it), :class:`IdempotencyKeyRefunded` when the purchase
+        was refunded, :class:`IdempotencyKeyReused` for another request. A key claimed before requests had
+        digests (no ``market_requests`` row) is compared by its scope alone."""
         cur.execute(
             self.meta.q(
-                "SELECT i.key, t.id, t.receipt, t.amount FROM market_idempotency i "
-                "LEFT JOIN market_transactions t ON t.id = i.txn WHERE i.principal = ? AND i.idem_key = ?"
+                "SELECT i.key, r.request, r.answer, t.id, t.receipt, t.amount, f.txn "
+                "FROM market_idempotency i LEFT JOIN market_requests r "
+                "ON r.principal = i.principal AND r.idem_key = i.idem_key "
+                "LEFT JOIN market_transactions t ON t.id = i.txn "
+                "LEFT JOIN market_refunds f ON f.txn = i.txn WHERE i.principal = ? AND i.idem_key = ?"
             ),
-            (buyer, idem),
+            (owner, idem),
         )
-        held, txn, receipt, amount = cur.fetchone()
-        if held != scope or txn is None:
-            raise IdempotencyConflict(
-                "this Idempotency-Key was already used for another purchase; send a new one"
-            )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        held, request, answer, txn, receipt, amount, refunded = row
+        if held != scope or (request is not None and request != digest) or txn is None:
+            first = f" (receipt {receipt})" if receipt else ""
+            raise IdempotencyKeyReused(
+                f"this Idempotency-Key was already used for another request{first}; send a new key for a new "
+                "request", receipt)
+        if refunded is not None:
+            raise IdempotencyKeyRefunded(
+                f"the purchase made with this Idempotency-Key ({receipt}) was refunded: the key never serves "
+                "again; send a new one", receipt)
+        if kind == mk.GENERATE:
+            kept = "" if answer is not None else " (its answer is not kept: streamed, or still running)"
+            raise AlreadyServed(
+                f"this Idempotency-Key's generation was already served ({receipt}) and is never generated "
+                f"again{kept}; send a new key for a new generation", receipt, answer)
         return Receipt(receipt, int(txn), int(amount), self.currency, replayed=True)
+
+    def prior(self, owner: str, idem: str | None, scope: str, digest: str, kind: str) -> Receipt | None:
+        """What ``idem`` would answer to this request, read before any work is done (the routes ask it before
+        they run the engine): ``None`` when the key is new, else as :meth:`_held`. The charge claims the key
+        and decides again, atomically."""
+        if idem is None:
+            return None
+        _check_idem(idem)
+        with self.meta.read() as cur:
+            return self._held(cur, owner, idem, scope, digest, kind)
+
+    def keep_answer(self, txn: int, answer: str) -> None:
+        """Store the final answer of the paid request that made transaction ``txn``: a repeat of its
+        Idempotency-Key replays it (:class:`AlreadyServed` carries it) instead of generating again."""
+        with self.meta.transaction() as cur:
+            cur.execute(
+                self.meta.q(
+                    "UPDATE market_requests SET answer = ? WHERE EXISTS (SELECT 1 FROM market_idempotency i "
+                    "WHERE i.txn = ? AND i.principal = market_requests.principal "
+                    "AND i.idem_key = market_requests.idem_key)"
+                ),
+                (answer, txn),
+            )
+
 
     def _lock(self, cur: Any, accounts: Sequence[str]) -> dict[str, int]:
         """Create missing accounts and lock them all, in name order (no deadlock between two charges)."""
@@ -341,7 +442,10 @@ class Ledger:
         return Receipt(receipt, txn, amount, self.currency)
 
     def refund(self, receipt: str, memo: str = "") -> Receipt | None:
-        """Reverse a charge (and its adjustments) once; ``None`` if it was refunded already or is unknown."""
+        """Reverse a charge (and its adjustments) once; ``None`` if it was refunded already or is unknown.
+
+        Once per transaction is the database's rule (``market_refunds``' primary key), whatever races; the
+        purchase's Idempotency-Key then never serves again."""
         with self.meta.transaction() as cur:
             return self._refund(cur, receipt, memo)
 
@@ -354,10 +458,13 @@ class Ledger:
         if r is None or r[1] not in (mk.SALE, mk.GENERATE):
             return None
         txn, _, buyer, key, publisher = r
+        # the refund's claim, its first write: the primary key makes it one per transaction (a concurrent
+        # refund of the same transaction waits on this row, then finds it and posts nothing)
         cur.execute(
-            self.meta.q("SELECT 1 FROM market_transactions WHERE ref = ? AND kind = ?"), (txn, mk.REFUND)
+            self.meta.q("INSERT INTO market_refunds (txn, refund) VALUES (?, NULL) ON CONFLICT DO NOTHING"),
+            (txn,),
         )
-        if cur.fetchone() is not None:
+        if cur.rowcount != 1:
             return None
         cur.execute(
             self.meta.q(
@@ -369,8 +476,10 @@ class Ledger:
         net = mk.merge(mk.Posting(a, int(v)) for a, v in cur.fetchall())
         back = mk.reversal(net)
         paid = -sum(p.amount for p in net if p.account == buyer)
-        return self._post(cur, mk.REFUND, back, paid, buyer=buyer, key=key, publisher=publisher, ref=int(txn),
-                          memo=memo[:200])
+        rec = self._post(cur, mk.REFUND, back, paid, buyer=buyer, key=key, publisher=publisher, ref=int(txn),
+                         memo=memo[:200])
+        cur.execute(self.meta.q("UPDATE market_refunds SET refund = ? WHERE txn = ?"), (rec.txn, txn))
+        return rec
 
     # -- disputes and quarantine ----------------------------------------------------------------
     def purchase(self, receipt: str, buyer: str) -> tuple[int, str, str] | None:

@@ -1,7 +1,11 @@
 """Market routes (accounts, statements, credits, prices, disputes) and the charging hooks of the paid routes.
 
-``charge_download`` and ``charge_generate`` are called by the blob-download and generate routes before
-anything is served: a refused charge is a 402 with a machine-readable quote and nothing is sent.
+``charge_download``, ``charge_generate`` and ``charge_chat`` are called by the blob-download, generate and
+OpenAI routes before anything is served: a refused charge is a 402 with a machine-readable quote and nothing
+is sent. An ``Idempotency-Key`` is bound to its request (kvagent.server.ledger): a generation's routes ask
+:func:`replay` before they run the engine, so a repeated key replays the stored answer or is refused (409,
+``idempotency_key_already_served`` / ``idempotency_key_refunded``; 422 ``idempotency_key_reused`` for another
+request), never generated or charged again.
 """
 
 from __future__ import annotations
@@ -11,12 +15,12 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from starlette.concurrency import run_in_threadpool
 
 from .. import market as mk
-from ..errors import ConfigError
+from ..errors import AlreadyServed, ConfigError, IdempotencyError
 from ..identity import validate_key
 from .auth import Principal, valid_principal_name
 from .http import ApiError, not_found, read_json
@@ -82,6 +86,12 @@ def _payment_required(exc: mk.PaymentRefused) -> ApiError:
                     extra={"quote": q.to_json()})
 
 
+def idempotency_refused(exc: IdempotencyError) -> ApiError:
+    """The answer to a key that cannot serve this request: its status and code, and the receipt that holds
+    the key (OpenAI-shaped on the OpenAI routes)."""
+    return ApiError(exc.status, exc.code, str(exc), extra={"receipt": exc.receipt})
+
+
 def publish_price(st: State, key: str, p: Principal, request: Request) -> None:
     """Apply a publish's ``X-KVAgent-Price`` header before the artifact becomes visible."""
     raw = request.headers.get(PRICE_HEADER)
@@ -119,19 +129,55 @@ def charge_download(st: State, p: Principal, row: ArtifactRow, request: Request)
                                     _max_price(request))
     except mk.PaymentRefused as exc:
         raise _payment_required(exc) from exc
+    except IdempotencyError as exc:
+        raise idempotency_refused(exc) from exc
     return receipt_headers(rec)
 
 
+def generate_scope(row: ArtifactRow) -> str:
+    """What a hosted generation's Idempotency-Key is claimed for (the artifact it continues)."""
+    return f"{mk.GENERATE}:{row.key}"
+
+
+def replay(st: State, p: Principal, request: Request, scope: str, digest: str) -> Response | None:
+    """Before any engine work: ``None`` when the request's Idempotency-Key (if any) is new; the stored answer
+    of the first request, replayed with its receipt and charged 0, when the same request comes again and its
+    answer was kept; else the key's refusal (409 already served / refunded, 422 reused by another request).
+    """
+    try:
+        st.market.prior(p.name, request.headers.get(IDEMPOTENCY_HEADER), scope, digest, mk.GENERATE)
+    except AlreadyServed as exc:
+        if exc.answer is None or exc.receipt is None:
+            raise idempotency_refused(exc) from exc
+        headers = {RECEIPT_HEADER: exc.receipt, CHARGED_HEADER: "0", "X-KVAgent-Currency": st.market.currency,
+                   REPLAYED_HEADER: "1"}
+        return Response(exc.answer, media_type="application/json", headers=headers)
+    except IdempotencyError as exc:
+        raise idempotency_refused(exc) from exc
+    except ConfigError as exc:  # a key over the length limit
+        raise ApiError(422, "invalid_request", str(exc)) from exc
+    return None
+
+
+def keep_answer(st: State, rec: Receipt | None, request: Request, answer: bytes) -> None:
+    """Store the final answer of a paid request that sent an Idempotency-Key, for :func:`replay`."""
+    if rec is not None and not rec.replayed and request.headers.get(IDEMPOTENCY_HEADER) is not None:
+        st.market.keep_answer(rec.txn, answer.decode())
+
+
 def charge_generate(st: State, p: Principal, row: ArtifactRow, request: Request, input_tokens: int,
-                    max_output_tokens: int) -> Receipt | None:
-    """Pre-charge a hosted generation for ``max_output_tokens``; settle with :func:`settle_generate`."""
+                    max_output_tokens: int, digest: str) -> Receipt | None:
+    """Pre-charge a hosted generation for ``max_output_tokens``; settle with :func:`settle_generate`.
+    ``digest`` is the request's (its Idempotency-Key is bound to it)."""
     cached = int(json.loads(row.header_json).get("token_count", 0))
     try:
         return st.market.charge_generate(  # type: ignore[no-any-return]
             p.name, row.key, row.owner, request.headers.get(IDEMPOTENCY_HEADER), _max_price(request),
-            input_tokens, cached, max_output_tokens)
+            input_tokens, cached, max_output_tokens, request=digest, scope=generate_scope(row))
     except mk.PaymentRefused as exc:
         raise _payment_required(exc) from exc
+    except IdempotencyError as exc:
+        raise idempotency_refused(exc) from exc
 
 
 def settle_generate(
@@ -155,18 +201,22 @@ HOSTED_CHAT = "hosted-chat"
 
 
 def charge_chat(st: State, p: Principal, request: Request, prompt_tokens: int, cached_tokens: int,
-                max_output_tokens: int, row: ArtifactRow | None = None) -> Receipt | None:
+                max_output_tokens: int, scope: str, digest: str,
+                row: ArtifactRow | None = None) -> Receipt | None:
     """Pre-charge a chat completion: host token prices (``prompt_tokens - cached_tokens`` prefilled,
     ``cached_tokens`` read from the KV), plus the royalty of ``row`` when it resumed from a published artifact
     (``cached_tokens`` then counts the tokens that artifact supplied). Settle with :func:`settle_chat` when
-    the answer is done; 402 (nothing served) when refused."""
+    the answer is done; 402 (nothing served) when refused. The Idempotency-Key is claimed for ``scope`` (the
+    route) and ``digest`` (the whole request), whichever cache the prompt resumed from."""
     key, owner = (row.key, row.owner) if row is not None else (HOSTED_CHAT, mk.HOST)
     try:
         return st.market.charge_generate(  # type: ignore[no-any-return]
             p.name, key, owner, request.headers.get(IDEMPOTENCY_HEADER), _max_price(request),
-            prompt_tokens - cached_tokens, cached_tokens, max_output_tokens)
+            prompt_tokens - cached_tokens, cached_tokens, max_output_tokens, request=digest, scope=scope)
     except mk.PaymentRefused as exc:
         raise _payment_required(exc) from exc
+    except IdempotencyError as exc:
+        raise idempotency_refused(exc) from exc
 
 
 def settle_chat(st: State, rec: Receipt | None, prompt_tokens: int, charged_cached: int, cached_tokens: int,
@@ -224,9 +274,12 @@ def routes(st: State) -> APIRouter:
         p = admin(request)
         body: CreditRequest = await read_json(request, CreditRequest)
         known(body.principal, create=body.create)
-        rec = await run_in_threadpool(lambda: ledger.credit(
-            body.principal, body.amount, body.memo or f"by {p.name}", idem=_idempotency_key(request),
-            by=p.name))
+        try:
+            rec = await run_in_threadpool(lambda: ledger.credit(
+                body.principal, body.amount, body.memo or f"by {p.name}", idem=_idempotency_key(request),
+                by=p.name))
+        except IdempotencyError as exc:
+            raise idempotency_refused(exc) from exc
         if not rec.replayed:
             log.info("credit of %d %s to %s by %s (%s)", body.amount, ledger.currency, body.principal, p.name,
                      rec.receipt)
@@ -246,6 +299,8 @@ def routes(st: State) -> APIRouter:
         except mk.AdjustmentRefused as exc:
             raise ApiError(409, "insufficient_balance", str(exc),
                            extra={"balance": exc.balance, "currency": ledger.currency}) from exc
+        except IdempotencyError as exc:
+            raise idempotency_refused(exc) from exc
         if not rec.replayed:
             log.info("adjustment of %d %s to %s by %s (%s): %s", rec.amount, ledger.currency, body.principal,
                      p.name, rec.receipt, body.reason)

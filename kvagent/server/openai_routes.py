@@ -11,6 +11,7 @@ Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` (s
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.concurrency import run_in_threadpool
 
 from .. import guided
+from .. import market as mk
 from .. import tools as tl
 from ..engine import GenerationParams
 from ..engines import Cached, Finish, Guided, Token, TurnEvent, settled
@@ -36,6 +38,8 @@ from .state import State
 
 if TYPE_CHECKING:
     from .host import ModelHost
+
+log = logging.getLogger("kvagent.server")
 
 MAX_CHAT_BODY = 8 << 20
 Number = Annotated[float, Field(allow_inf_nan=False)]
@@ -111,10 +115,13 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> Api
     return ApiError(400, code or "invalid_request_error", message, param=param)
 
 
-async def _body(request: Request, model: type[BaseModel]) -> Any:
+async def _body(request: Request, model: type[BaseModel]) -> tuple[Any, str]:
+    """The request, validated, and its digest (route and whole JSON body, canonical: what an Idempotency-Key
+    is bound to, unknown fields included)."""
     body = await read_body(request, MAX_CHAT_BODY, "request_too_large")
     try:
-        return model.model_validate_json(body)
+        req = model.model_validate_json(body)
+        return req, mk.request_digest(request.url.path, "", json.loads(body))
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("str", "list[TextPart]"))
@@ -201,7 +208,8 @@ def routes(st: State) -> APIRouter:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         p = st.principal(request)
-        req: ChatRequest = await _body(request, ChatRequest)
+        req: ChatRequest
+        req, digest = await _body(request, ChatRequest)
         svc = served(req.model)
         host = svc.host
         if host.agent.tokenizer is None:
@@ -242,15 +250,14 @@ def routes(st: State) -> APIRouter:
         if req.tool_choice == "none":
             fmt = None  # the tools stay in the prompt, but the reply is not read for calls
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        run = _Run(st, svc, job, "chat", stops, fmt, request)
-        if req.stream:
-            return await run.stream(include_usage)
-        return await run.whole()
+        run = _Run(st, svc, job, "chat", stops, fmt, request, digest)
+        return await run.answer(req.stream, include_usage)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         p = st.principal(request)
-        req: CompletionRequest = await _body(request, CompletionRequest)
+        req: CompletionRequest
+        req, digest = await _body(request, CompletionRequest)
         svc = served(req.model)
         host = svc.host
         if req.echo or (req.best_of not in (None, 1)) or req.suffix:
@@ -276,11 +283,10 @@ def routes(st: State) -> APIRouter:
             ids = [int(t) for t in prompt]  # type: ignore[arg-type]
         check_length(host, len(ids), gen)
         stops = _stops(req.stop)
-        run = _Run(st, svc, ChatJob(ids, gen, p, stops=tuple(stops)), "completion", stops, None, request)
+        run = _Run(st, svc, ChatJob(ids, gen, p, stops=tuple(stops)), "completion", stops, None, request,
+                   digest)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        if req.stream:
-            return await run.stream(include_usage)
-        return await run.whole()
+        return await run.answer(req.stream, include_usage)
 
     return app
 
@@ -330,8 +336,9 @@ class _Run:
     """One request's generation: starts the job on the model thread and renders its events as OpenAI JSON."""
 
     def __init__(self, st: State, svc: ChatService, job: ChatJob, kind: str, stops: list[str],
-                 fmt: tl.ToolFormat | None, request: Request) -> None:
+                 fmt: tl.ToolFormat | None, request: Request, digest: str) -> None:
         self.st, self.svc, self.job, self.kind, self.request = st, svc, job, kind, request
+        self.digest = digest  # the request's, which its Idempotency-Key is bound to (with the route)
         self.host = svc.host
         self.receipt: Any = None  # the market's pre-charge (None when hosting is free)
         self.given_back = 0  # what settling the pre-charge returned (unused output tokens, found cache)
@@ -378,7 +385,7 @@ class _Run:
         self.charged_cached = cached
         self.receipt = await run_in_threadpool(
             market_routes.charge_chat, self.st, self.job.principal, self.request, len(self.job.ids), cached,
-            self.job.params.max_new_tokens, row)
+            self.job.params.max_new_tokens, self.request.url.path, self.digest, row)
 
     async def _settle(self) -> None:
         cached = self.info.cached_tokens if self.info else 0
@@ -492,6 +499,16 @@ class _Run:
         raise ApiError(500, "server_error", "generation failed")
 
     # -- answers ------------------------------------------------------------------------------
+    async def answer(self, stream: bool, include_usage: bool) -> Response:
+        """The answer: streamed or whole. A repeated Idempotency-Key is answered first, before the engine
+        runs: the same non-streamed request replays its stored answer (charged 0); otherwise the key's
+        refusal (409 already served or refunded, 422 reused by another request). Never generated again."""
+        replayed = await run_in_threadpool(market_routes.replay, self.st, self.job.principal, self.request,
+                                           self.request.url.path, self.digest)
+        if replayed is not None:
+            return replayed
+        return await (self.stream(include_usage) if stream else self.whole())
+
     async def whole(self) -> JSONResponse:
         content: list[str] = []
         events = self._events()
@@ -524,11 +541,16 @@ class _Run:
         else:
             choice = {"index": 0, "text": body, "logprobs": None, "finish_reason": self._finish_reason()}
             obj = "text_completion"
-        return JSONResponse({
+        answer = JSONResponse({
             "id": self.id, "object": obj, "created": self.created, "model": self.host.name,
             "system_fingerprint": f"kvagent-{self.host.fingerprint[:12]}",
             "choices": [choice], "usage": self._usage(), "kvagent": self._kvagent(),
         }, headers=market_routes.receipt_headers(self.receipt, self.given_back))  # settled: what it moved
+        try:  # what a repeat of this request's Idempotency-Key replays
+            await finish(market_routes.keep_answer, self.st, self.receipt, self.request, bytes(answer.body))
+        except Exception:  # the answer is paid for and still given; a repeat is refused (409), never served
+            log.warning("could not keep the answer of %s for its Idempotency-Key", self.id, exc_info=True)
+        return answer
 
     async def stream(self, include_usage: bool) -> Response:
         events = self._events()
