@@ -7,8 +7,10 @@ Every test here runs the real SDK, real signatures and real transactions; nothin
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -38,6 +40,7 @@ from kvagent.server.deposits import CHAIN, DEPOSIT, deposited, record_deposit  #
 from kvagent.server.ledger import Ledger  # noqa: E402
 from kvagent.server.meta import SQLiteMeta  # noqa: E402
 from kvagent.server.x402 import X402Gateway  # noqa: E402
+from kvagent.server.x402_facilitator import facilitator_app  # noqa: E402
 from tests.x402_chain import NETWORK, Chain, chain_or_skip  # noqa: E402
 
 _buyer_index = itertools.count()
@@ -293,3 +296,48 @@ def test_x402_facilitator_down_serves_and_moves_nothing(chain: Chain, buyer: Any
         X402Gateway.hosted(terms(chain), dead, timeout=2)
     assert chain.balance(host_address(chain)) == host0 and chain.balance(buyer.address) == buyer0
     assert ledger.audit().total == 0 and deposited(ledger) == 0
+
+
+# -- a hosted facilitator (--x402-facilitator URL): the SDK's HTTP client against kvagent's app ------------
+@contextmanager
+def hosted_facilitator(chain: Chain) -> Iterator[tuple[str, Any]]:
+    """The SDK's facilitator behind kvagent's HTTP app, served by uvicorn on a loopback port."""
+    import uvicorn
+
+    fac = x402FacilitatorSync()
+    signer = FacilitatorWeb3Signer(chain.keys["facilitator"], chain.rpc)
+    fac.register([NETWORK], ExactEvmFacilitatorScheme(signer, ExactEvmSchemeConfig(simulate_in_settle=True)))
+    config = uvicorn.Config(facilitator_app(fac), host="127.0.0.1", port=0, log_level="warning")
+    server = uvicorn.Server(config)
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 20
+    while not (server.started and server.servers):
+        assert time.monotonic() < deadline, "the facilitator did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        t.join(10)
+
+
+def test_x402_hosted_facilitator_settles_then_down_moves_nothing(chain: Chain, buyer: Any) -> None:
+    payer = Payer(Wallet(buyer.key.hex()), allowed_assets=[(NETWORK, chain.token)])
+    host = host_address(chain)
+    with hosted_facilitator(chain) as (url, server):
+        gw = X402Gateway.hosted(terms(chain), url)
+        host0 = chain.balance(host)
+        s = gw.settle(gw.verify(payer.pay(gw.required_header(2_500, "http://registry.test/a")).header, 2_500))
+        assert chain.balance(host) - host0 == 2_500 and s.payer == buyer.address
+        unpaid = payer.pay(gw.required_header(700, "http://registry.test/b"))
+        v = gw.verify(unpaid.header, 700)
+        server.should_exit = True  # the facilitator goes away between verification and settlement
+    with pytest.raises(SettlementFailed) as e:
+        gw.settle(v)
+    assert e.value.reason == "facilitator_unavailable"
+    with pytest.raises(PaymentError) as e2:
+        gw.verify(unpaid.header, 700)
+    assert e2.value.reason == "facilitator_unavailable"
+    assert chain.balance(host) - host0 == 2_500
