@@ -12,7 +12,7 @@ ENV_FILE="$HERE/chain.env"
 NPM_DIR="$HERE/.chain"
 TOKEN_NAME="KVUSD"
 TOKEN_VERSION="1"
-BUYERS=36               # dev accounts 2..37 get KVUSD; 38 is the unfunded buyer
+BUYERS=72               # dev accounts 2..73 get KVUSD; 74 is the unfunded buyer
 MINT=1000000000         # 1,000 KVUSD (6 decimals) each
 
 if [ "${1:-start}" = stop ]; then

@@ -38,12 +38,16 @@ from kvagent.payments import SpendCaps, Wallet, X402Terms, decode_header, encode
 from kvagent.payments.payer import Payer  # noqa: E402
 from kvagent.server.deposits import CHAIN, DEPOSIT, deposited, record_deposit  # noqa: E402
 from kvagent.server.ledger import Ledger  # noqa: E402
-from kvagent.server.meta import SQLiteMeta  # noqa: E402
+from kvagent.server.meta import PostgresMeta, SQLiteMeta  # noqa: E402
 from kvagent.server.x402 import X402Gateway  # noqa: E402
+from kvagent.server.x402_audit import chain_audit  # noqa: E402
 from kvagent.server.x402_facilitator import facilitator_app  # noqa: E402
+from tests.test_server_postgres import pg_schema_dsn  # noqa: E402,F401  (a fixture)
 from tests.x402_chain import NETWORK, Chain, chain_or_skip  # noqa: E402
 
 _buyer_index = itertools.count()
+#: The last CROWD funded buyers are the concurrent buyers' (their payments carry random nonces: reusable).
+CROWD = 32
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +59,7 @@ def chain() -> Chain:
 def buyer(chain: Chain) -> Any:
     """A funded buyer account of its own per test (nonces and balances never shared between tests)."""
     i = next(_buyer_index)
-    if i >= len(chain.keys["buyers"]):
+    if i >= len(chain.keys["buyers"]) - CROWD:
         pytest.fail("the test chain has too few funded buyers for these tests")
     return Account.from_key(chain.keys["buyers"][i])
 
@@ -341,3 +345,61 @@ def test_x402_hosted_facilitator_settles_then_down_moves_nothing(chain: Chain, b
         gw.verify(unpaid.header, 700)
     assert e2.value.reason == "facilitator_unavailable"
     assert chain.balance(host) - host0 == 2_500
+
+
+# -- money is conserved under concurrent wallet buyers -------------------------------------------------------
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    meta: Any
+    if request.param == "sqlite":
+        meta = SQLiteMeta(tmp_path / "meta.sqlite3")
+    else:
+        meta = PostgresMeta(request.getfixturevalue("pg_schema_dsn"))
+    yield Ledger(meta, mk.HostPrices(commission_bps=1_000))
+    meta.close()
+
+
+def test_x402_32_concurrent_wallet_buyers_conserve_money(chain: Chain, any_ledger: Ledger) -> None:
+    n, price, key = CROWD, 1_234, "c" * 64
+    buyers = [Account.from_key(k) for k in chain.keys["buyers"][-n:]]
+    gw = X402Gateway.in_process(terms(chain), chain.keys["facilitator"], chain.rpc)
+    led, host = any_ledger, host_address(chain)
+    led.set_price(key, "alice", price)
+    host0 = chain.balance(host)
+    barrier, errors = threading.Barrier(n), []
+
+    def buy(account: Any) -> None:
+        try:
+            payer = Payer(Wallet(account.key.hex()), SpendCaps(max_price_per_load=price),
+                          allowed_assets=[(NETWORK, chain.token)])
+            barrier.wait()
+            v = gw.verify(payer.pay(gw.required_header(price, "http://registry.test/c")).header, price)
+            s = gw.settle(v)
+            with led.meta.transaction() as cur:
+                record_deposit(led, cur, v.principal, s.amount, s.network, s.transaction)
+            assert led.charge_load(v.principal, key, "alice", v.idempotency_key, price) is not None
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=buy, args=(b,)) for b in buyers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
+    received = chain.balance(host) - host0
+    assert received == n * price == deposited(led)
+    a = led.audit()
+    assert a.total == 0 and not a.unbalanced and a.transactions[DEPOSIT] == n
+    assert led.balance("alice") + led.balance(mk.HOST) == n * price
+    assert all(led.balance("x402:" + b.address.lower()) == 0 for b in buyers)
+    audit = chain_audit(led, chain.rpc, chain.token, host)
+    assert audit.ok and audit.confirmed == n * price and audit.deposits == n
+
+
+def test_x402_chain_audit_finds_a_deposit_the_chain_never_saw(chain: Chain, ledger: Ledger) -> None:
+    with ledger.meta.transaction() as cur:
+        never = "0x" + "99" * 32  # no such transaction
+        record_deposit(ledger, cur, "x402:0x" + "12" * 20, 500, NETWORK, never)
+    audit = chain_audit(ledger, chain.rpc, chain.token, host_address(chain))
+    assert not audit.ok and len(audit.missing) == 1 and audit.deposited == 500 and audit.confirmed == 0
