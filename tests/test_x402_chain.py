@@ -43,7 +43,7 @@ from kvagent.server.x402 import X402Gateway  # noqa: E402
 from kvagent.server.x402_audit import chain_audit  # noqa: E402
 from kvagent.server.x402_facilitator import facilitator_app  # noqa: E402
 from tests.test_server_postgres import pg_schema_dsn  # noqa: E402,F401  (a fixture)
-from tests.x402_chain import NETWORK, Chain, chain_or_skip  # noqa: E402
+from tests.x402_chain import NETWORK, Chain, chain_or_skip, serve  # noqa: E402
 
 _buyer_index = itertools.count()
 #: The last CROWD funded buyers are the concurrent buyers' (their payments carry random nonces: reusable).
@@ -305,26 +305,12 @@ def test_x402_facilitator_down_serves_and_moves_nothing(chain: Chain, buyer: Any
 # -- a hosted facilitator (--x402-facilitator URL): the SDK's HTTP client against kvagent's app ------------
 @contextmanager
 def hosted_facilitator(chain: Chain) -> Iterator[tuple[str, Any]]:
-    """The SDK's facilitator behind kvagent's HTTP app, served by uvicorn on a loopback port."""
-    import uvicorn
-
+    """The SDK's facilitator behind kvagent's HTTP app, served on a loopback port."""
     fac = x402FacilitatorSync()
     signer = FacilitatorWeb3Signer(chain.keys["facilitator"], chain.rpc)
     fac.register([NETWORK], ExactEvmFacilitatorScheme(signer, ExactEvmSchemeConfig(simulate_in_settle=True)))
-    config = uvicorn.Config(facilitator_app(fac), host="127.0.0.1", port=0, log_level="warning")
-    server = uvicorn.Server(config)
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 20
-    while not (server.started and server.servers):
-        assert time.monotonic() < deadline, "the facilitator did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        server.should_exit = True
-        t.join(10)
+    with serve(facilitator_app(fac)) as served:
+        yield served
 
 
 def test_x402_hosted_facilitator_settles_then_down_moves_nothing(chain: Chain, buyer: Any) -> None:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,3 +49,23 @@ def chain_or_skip() -> Chain:
                  os.environ["KVAGENT_TEST_CHAIN_TOKEN_VERSION"],
                  json.load(open(os.environ["KVAGENT_TEST_CHAIN_ACCOUNTS"])),
                  w3.eth.contract(address=token, abi=abi))
+
+
+@contextmanager
+def serve(app: Any) -> Iterator[tuple[str, Any]]:
+    """``app`` served by uvicorn on a loopback port (real HTTP, in a thread); yields (URL, server)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 20
+    while not (server.started and server.servers):
+        assert t.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        t.join(10)
