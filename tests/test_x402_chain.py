@@ -39,6 +39,7 @@ from kvagent.payments.payer import Payer  # noqa: E402
 from kvagent.server.deposits import CHAIN, DEPOSIT, deposited, record_deposit  # noqa: E402
 from kvagent.server.ledger import Ledger  # noqa: E402
 from kvagent.server.meta import PostgresMeta, SQLiteMeta  # noqa: E402
+from kvagent.server.withdrawals import TokenSender, WithdrawalRefused, withdraw, withdrawn  # noqa: E402
 from kvagent.server.x402 import X402Gateway  # noqa: E402
 from kvagent.server.x402_audit import chain_audit  # noqa: E402
 from kvagent.server.x402_facilitator import facilitator_app  # noqa: E402
@@ -389,3 +390,63 @@ def test_x402_chain_audit_finds_a_deposit_the_chain_never_saw(chain: Chain, ledg
         record_deposit(ledger, cur, "x402:0x" + "12" * 20, 500, NETWORK, never)
     audit = chain_audit(ledger, chain.rpc, chain.token, host_address(chain))
     assert not audit.ok and len(audit.missing) == 1 and audit.deposited == 500 and audit.confirmed == 0
+
+
+# -- publishers paid out ----------------------------------------------------------------------------------
+def test_x402_publisher_withdraws_once_within_its_balance(chain: Chain, buyer: Any, any_ledger: Ledger
+                                                          ) -> None:
+    led, host, key = any_ledger, host_address(chain), "e" * 64
+    led.set_price(key, "alice", 5_000)
+    gw = X402Gateway.in_process(terms(chain), chain.keys["facilitator"], chain.rpc)
+    payer = Payer(Wallet(buyer.key.hex()), allowed_assets=[(NETWORK, chain.token)])
+    v = gw.verify(payer.pay(gw.required_header(5_000, "http://registry.test/e")).header, 5_000)
+    s = gw.settle(v)
+    with led.meta.transaction() as cur:
+        record_deposit(led, cur, v.principal, s.amount, s.network, s.transaction)
+    assert led.charge_load(v.principal, key, "alice", v.idempotency_key, 5_000) is not None
+    assert led.balance("alice") == 4_500  # the royalty, less the 10% commission
+    sender = TokenSender(chain.rpc, chain.token, chain.keys["host"])
+    to = Account.create().address
+    w = withdraw(led, sender, "alice", 4_000, to, "payout-1")
+    assert w.status == "sent" and w.transaction and chain.balance(to) == 4_000
+    again = withdraw(led, sender, "alice", 4_000, to, "payout-1")  # a retry: nothing sent twice
+    assert again.receipt.replayed and again.transaction == w.transaction and chain.balance(to) == 4_000
+    with pytest.raises(WithdrawalRefused):
+        withdraw(led, sender, "alice", 501, to, "payout-2")
+    assert led.balance("alice") == 500 and withdrawn(led) == 4_000 and chain.balance(to) == 4_000
+    a = led.audit()
+    assert a.total == 0 and not a.unbalanced
+    audit = chain_audit(led, chain.rpc, chain.token, host)
+    assert audit.ok and (audit.deposited, audit.withdrawn, audit.withdrawn_confirmed) == (5_000, 4_000, 4_000)
+
+
+def test_x402_failed_payout_is_reversed_and_racing_payouts_never_overdraw(chain: Chain,
+                                                                          any_ledger: Ledger) -> None:
+    led = any_ledger
+    led.credit("bob", 500)
+    to = Account.create().address
+    broke = TokenSender(chain.rpc, chain.token, chain.keys["unfunded"])  # holds gas, no KVUSD: reverts
+    with pytest.raises(SettlementFailed) as e:
+        withdraw(led, broke, "bob", 300, to, "p-broke")
+    assert e.value.reason == "transfer_failed"
+    assert led.balance("bob") == 500 and withdrawn(led) == 0 and chain.balance(to) == 0
+    assert withdraw(led, broke, "bob", 300, to, "p-broke").status == "reversed"  # its retry says so
+    sender = TokenSender(chain.rpc, chain.token, chain.keys["host"])
+    outcomes: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def take(i: int) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(withdraw(led, sender, "bob", 100, to, f"p-{i}").status)
+        except WithdrawalRefused:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(outcomes) == ["refused"] * 3 + ["sent"] * 5
+    assert chain.balance(to) == 500 and led.balance("bob") == 0 and withdrawn(led) == 500
+    assert led.audit().total == 0

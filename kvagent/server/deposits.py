@@ -33,26 +33,43 @@ def record_deposit(ledger: Ledger, cur: Any, principal: str, amount: int, networ
     idem = f"{network}:{transaction.lower()}"
     if len(idem) > mk.MAX_IDEMPOTENCY_KEY:
         raise ValueError("a settlement's network and transaction are too long to key a deposit")
-    q = ledger.meta.q
-    scope = f"{DEPOSIT}:{principal}"
-    cur.execute(q("INSERT INTO market_idempotency (principal, idem_key, key, txn, created_at) "
-                  "VALUES (?,?,?,NULL,?) ON CONFLICT DO NOTHING"), (CHAIN, idem, scope, time.time()))
-    if cur.rowcount != 1:
-        cur.execute(q("SELECT i.key, t.id, t.receipt, t.amount FROM market_idempotency i LEFT JOIN "
-                      "market_transactions t ON t.id = i.txn WHERE i.principal = ? AND i.idem_key = ?"),
-                    (CHAIN, idem))
-        held, txn, receipt, value = cur.fetchone()
-        if held != scope or txn is None:
-            raise ValueError(f"settlement {transaction} is already recorded for another principal")
-        return Receipt(receipt, int(txn), int(value), ledger.currency, replayed=True)
+    try:
+        replay = claim(ledger, cur, CHAIN, idem, f"{DEPOSIT}:{principal}")
+    except ValueError as exc:
+        raise ValueError(f"settlement {transaction} is already recorded for another principal") from exc
+    if replay is not None:
+        return replay
     postings = deposit_postings(principal, amount)
     balances = ledger._lock(cur, [p.account for p in postings])
     mk.check_inflow(balances, postings)
     rec = ledger._post(cur, DEPOSIT, postings, amount, buyer=principal, memo=f"x402 {network} {transaction}",
                        locked=True)
-    cur.execute(q("UPDATE market_idempotency SET txn = ? WHERE principal = ? AND idem_key = ?"),
-                (rec.txn, CHAIN, idem))
+    bind(ledger, cur, CHAIN, idem, rec.txn)
     return rec
+
+
+def claim(ledger: Ledger, cur: Any, owner: str, idem: str, scope: str) -> Receipt | None:
+    """Claim ``owner``'s idempotency key ``idem`` for ``scope`` in ``cur``'s transaction (a concurrent claim
+    waits on it); the receipt of the transaction that already holds it, ``replayed``; ValueError if it is
+    held for another scope. :func:`bind` names the transaction once posted."""
+    q = ledger.meta.q
+    cur.execute(q("INSERT INTO market_idempotency (principal, idem_key, key, txn, created_at) "
+                  "VALUES (?,?,?,NULL,?) ON CONFLICT DO NOTHING"), (owner, idem, scope, time.time()))
+    if cur.rowcount == 1:
+        return None
+    cur.execute(q("SELECT i.key, t.id, t.receipt, t.amount FROM market_idempotency i LEFT JOIN "
+                  "market_transactions t ON t.id = i.txn WHERE i.principal = ? AND i.idem_key = ?"),
+                (owner, idem))
+    held, txn, receipt, value = cur.fetchone()
+    if held != scope or txn is None:
+        raise ValueError(f"this key is already used for another operation ({str(held).split(':')[0]})")
+    return Receipt(receipt, int(txn), int(value), ledger.currency, replayed=True)
+
+
+def bind(ledger: Ledger, cur: Any, owner: str, idem: str, txn: int) -> None:
+    """Name the transaction that holds a key claimed by :func:`claim`."""
+    cur.execute(ledger.meta.q("UPDATE market_idempotency SET txn = ? WHERE principal = ? AND idem_key = ?"),
+                (txn, owner, idem))
 
 
 def deposited(ledger: Ledger) -> int:

@@ -1,5 +1,6 @@
-"""The chain audit of x402 deposits: every deposit the ledger holds must be an on-chain transfer of exactly
-its amount of the host's token to the host's wallet, in the settlement transaction the deposit names."""
+"""The chain audit of x402 money: every deposit the ledger holds must be an on-chain transfer of exactly its
+amount of the host's token to the host's wallet, in the settlement transaction the deposit names; every
+withdrawal sent, a transfer of its amount from the host's wallet to the address it names."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..payments import sdk
-from .deposits import CHAIN, DEPOSIT
+from .deposits import DEPOSIT
 from .ledger import Ledger
+from .withdrawals import WITHDRAWAL
 
 #: keccak256("Transfer(address,address,uint256)"), the ERC-20 Transfer event's topic.
 TRANSFER_TOPIC = "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
@@ -16,17 +18,20 @@ TRANSFER_TOPIC = "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3
 
 @dataclass(frozen=True)
 class ChainAudit:
-    """``deposited``: the ledger's net deposits (minus ``#x402``'s balance); ``confirmed``: what the chain
-    shows of them; ``missing``: the receipts of deposits with no matching transfer (should be empty)."""
+    """``deposited``: the ledger's deposits; ``confirmed``: what the chain shows of them; ``missing``: the
+    receipts of deposits or withdrawals with no matching transfer (should be empty)."""
 
     deposits: int
     deposited: int
     confirmed: int
     missing: list[str] = field(default_factory=list)
+    withdrawn: int = 0  # withdrawals sent, by the ledger
+    withdrawn_confirmed: int = 0  # of those, what the chain shows
 
     @property
     def ok(self) -> bool:
-        return not self.missing and self.deposited == self.confirmed
+        confirmed = (self.confirmed, self.withdrawn_confirmed)
+        return not self.missing and (self.deposited, self.withdrawn) == confirmed
 
 
 def chain_audit(ledger: Ledger, rpc_url: str, token: str, pay_to: str) -> ChainAudit:
@@ -37,6 +42,9 @@ def chain_audit(ledger: Ledger, rpc_url: str, token: str, pay_to: str) -> ChainA
         cur.execute(ledger.meta.q("SELECT receipt, amount, memo FROM market_transactions WHERE kind = ?"),
                     (DEPOSIT,))
         rows = cur.fetchall()
+        cur.execute(ledger.meta.q("SELECT receipt, amount, memo FROM market_transactions WHERE kind = ? "
+                                  "AND memo LIKE ?"), (WITHDRAWAL, "sent %"))
+        sent = cur.fetchall()
     confirmed, missing = 0, []
     for receipt, amount, memo in rows:
         tx = str(memo).rsplit(" ", 1)[-1]
@@ -44,11 +52,20 @@ def chain_audit(ledger: Ledger, rpc_url: str, token: str, pay_to: str) -> ChainA
             confirmed += int(amount)
         else:
             missing.append(str(receipt))
-    return ChainAudit(len(rows), -ledger.balance(CHAIN), confirmed, missing)
+    withdrawn = out = 0
+    for receipt, amount, memo in sent:
+        _, to, tx = str(memo).split()
+        withdrawn += int(amount)
+        if _transferred(w3, tx, token, to, sender=pay_to) == int(amount):
+            out += int(amount)
+        else:
+            missing.append(str(receipt))
+    return ChainAudit(len(rows), sum(int(r[1]) for r in rows), confirmed, missing, withdrawn, out)
 
 
-def _transferred(w3: Any, tx: str, token: str, pay_to: str) -> int:
-    """The amount of ``token`` that transaction ``tx`` moved to ``pay_to`` (0 if none, or if it failed)."""
+def _transferred(w3: Any, tx: str, token: str, pay_to: str, sender: str | None = None) -> int:
+    """The amount of ``token`` that transaction ``tx`` moved to ``pay_to`` (from ``sender`` when given; 0 if
+    none, or if it failed)."""
     try:
         r = w3.eth.get_transaction_receipt(tx)
     except Exception:  # unknown transaction (web3's TransactionNotFound) or a bad hash
@@ -59,6 +76,7 @@ def _transferred(w3: Any, tx: str, token: str, pay_to: str) -> int:
     for log in r["logs"]:
         topics = [bytes(t).hex().removeprefix("0x") for t in log["topics"]]
         if (str(log["address"]).lower() == token.lower() and len(topics) == 3 and topics[0] == TRANSFER_TOPIC
-                and int(topics[2], 16) == int(pay_to, 16)):
+                and int(topics[2], 16) == int(pay_to, 16)
+                and (sender is None or int(topics[1], 16) == int(sender, 16))):
             total += int(bytes(log["data"]).hex() or "0", 16)
     return total
