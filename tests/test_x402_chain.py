@@ -245,6 +245,17 @@ def test_x402_gateway_pays_settles_and_deposits_once(chain: Chain, buyer: Any, l
     assert chain.balance(host) - host0 == price
 
 
+def test_x402_gateway_takes_addresses_in_any_case(chain: Chain, buyer: Any) -> None:
+    """Addresses as a config file or anvil writes them (lowercase) settle: the gateway checksums them."""
+    lower = X402Terms(NETWORK, chain.token.lower(), host_address(chain).lower(), chain.token_name,
+                      chain.token_version)
+    gw = X402Gateway.in_process(lower, chain.keys["facilitator"], chain.rpc)
+    payer = Payer(Wallet(buyer.key.hex()), allowed_assets=[(NETWORK, chain.token)])
+    host0 = chain.balance(host_address(chain))
+    gw.settle(gw.verify(payer.pay(gw.required_header(321, "http://registry.test/l")).header, 321))
+    assert chain.balance(host_address(chain)) - host0 == 321
+
+
 def test_x402_gateway_refuses_a_payment_for_other_requirements(chain: Chain, buyer: Any) -> None:
     gw = X402Gateway.in_process(terms(chain), chain.keys["facilitator"], chain.rpc)
     payer = Payer(Wallet(buyer.key.hex()), allowed_assets=[(NETWORK, chain.token)])

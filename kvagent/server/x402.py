@@ -11,7 +11,7 @@ returns (settle-before-serve): a payment that does not settle serves nothing.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import ConfigError, PaymentError, PaymentInvalid, SettlementFailed
@@ -75,7 +75,8 @@ class X402Gateway:
     def __init__(self, terms: X402Terms, facilitator: Any):
         x402 = sdk.require("x402")
         exact = sdk.require("x402.mechanisms.evm.exact")
-        self.terms = terms
+        checksum = sdk.require("eth_utils").to_checksum_address  # the SDK's facilitator needs checksums
+        self.terms = replace(terms, asset=checksum(terms.asset), pay_to=checksum(terms.pay_to))
         self._schemas = sdk.require("x402.schemas")
         self._server = x402.x402ResourceServerSync(facilitator)
         self._server.register(terms.network, exact.ExactEvmServerScheme())
@@ -106,10 +107,10 @@ class X402Gateway:
         return encode_header(payment_required(self.terms, amount, url, description, error))
 
     # -- a paid request ---------------------------------------------------------------------------------
-    def verify(self, header: str, amount: int) -> Verified:
-        """Check a ``PAYMENT-SIGNATURE`` pays exactly ``amount`` to this host and have the facilitator verify
-        it (signature, validity window, unused nonce, the payer's balance). :class:`PaymentInvalid` when it
-        does not; :class:`PaymentError` (reason ``facilitator_unavailable``) when it cannot be asked."""
+    def check(self, header: str, amount: int) -> Verified:
+        """Read a ``PAYMENT-SIGNATURE`` and check, here, that it pays exactly ``amount`` to this host in its
+        token on its network (:class:`PaymentInvalid` otherwise). The facilitator has not seen it yet: the
+        payer it names is a claim until :meth:`verify` or :meth:`settle`."""
         ours = self._schemas.PaymentRequirements.model_validate(requirements(self.terms, amount))
         try:
             obj = decode_header(header)
@@ -121,8 +122,19 @@ class X402Gateway:
         if not _same_offer(payload.accepted, ours):
             raise PaymentInvalid("the payment is for other requirements than this request's",
                                  "requirements_mismatch")
+        auth = payload.payload.get("authorization") if isinstance(payload.payload, dict) else None
+        if not isinstance(auth, dict) or not isinstance(auth.get("from"), str):
+            raise PaymentInvalid("the payment carries no EIP-3009 authorisation", "malformed")
+        return Verified(payload, ours, auth["from"], amount, str(auth.get("nonce", "")))
+
+    def verify(self, header: str, amount: int) -> Verified:
+        """:meth:`check`, then have the facilitator verify the payment (signature, validity window, unused
+        nonce, the payer's balance). :class:`PaymentInvalid` when it does not; :class:`PaymentError` (reason
+        ``facilitator_unavailable``) when it cannot be asked. (Settling verifies too: a host that settles
+        before serving need not call this first.)"""
+        v = self.check(header, amount)
         try:
-            res = self._server.verify_payment(payload, ours)
+            res = self._server.verify_payment(v.payload, v.requirements)
         except Exception as exc:
             log.warning("x402 facilitator unavailable at verify: %s", type(exc).__name__)
             raise PaymentError(f"the payment facilitator could not be asked: {type(exc).__name__}",
@@ -132,9 +144,7 @@ class X402Gateway:
                                "facilitator_unavailable")
         if not res.is_valid:
             raise PaymentInvalid(f"payment refused: {res.invalid_reason}", res.invalid_reason or "invalid")
-        auth = payload.payload.get("authorization") or {}
-        payer = str(res.payer or auth.get("from", ""))
-        return Verified(payload, ours, payer, amount, str(auth.get("nonce", "")))
+        return replace(v, payer=str(res.payer or v.payer))
 
     def settle(self, v: Verified) -> Settlement:
         """Settle a verified payment on chain; :class:`SettlementFailed` (nothing moved) when it does not."""

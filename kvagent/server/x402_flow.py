@@ -3,9 +3,9 @@
 A request without ``PAYMENT-SIGNATURE`` is charged to its balance as today; refused, its 402 carries
 ``PAYMENT-REQUIRED`` (:func:`refusal`) beside the JSON quote. A request with one is paid by :func:`pay`:
 
-1. verified for this request's own price (nothing moves when it is refused: 402, or 503 when the facilitator
-   cannot be asked);
-2. settled on chain *before* anything is served (a payment that does not settle serves nothing);
+1. checked against this request's own price here (nothing moves when it is refused: 402);
+2. settled on chain *before* anything is served, the facilitator verifying it as it settles (a payment that
+   does not settle serves nothing: 402, or 503 when the facilitator cannot be asked);
 3. recorded: the deposit and the purchase in one database transaction. Should the purchase fail after the
    money settled, the deposit is still recorded on its own (idempotent per settlement), so the payer keeps the
    money as a balance it can spend, see in its statement or be refunded: nothing is lost either way.
@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import market as mk
 from ..errors import PaymentError, PaymentInvalid
-from ..payments.terms import PAYMENT_REQUIRED_HEADER, PAYMENT_RESPONSE_HEADER
+from ..payments.terms import PAYMENT_REQUIRED_HEADER, PAYMENT_RESPONSE_HEADER, wallet_principal
 from .deposits import record_deposit
 from .http import ApiError
 from .ledger import Ledger, Receipt
@@ -61,12 +61,12 @@ def pay(gw: X402Gateway, ledger: Ledger, header: str, amount: int, principal: st
     """Verify, settle and record the payment in ``header`` of ``amount`` for ``principal`` (the bearer's, or
     ``None`` for the paying wallet's own); ``charge`` posts the purchase in the same database transaction.
 
-    Raises :class:`PaymentInvalid` (402), :class:`PaymentError` with reason ``facilitator_unavailable`` (503)
-    or :class:`SettlementFailed` (nothing moved, nothing to serve); anything ``charge`` raises after the
-    settlement, with the deposit recorded."""
-    v = gw.verify(header, amount)
-    s = gw.settle(v)
-    who = principal or v.principal
+    Raises :class:`PaymentInvalid` or :class:`SettlementFailed` (402; reason ``facilitator_unavailable``:
+    503), nothing moved, nothing to serve; or whatever ``charge`` raises after the settlement, with the
+    deposit recorded."""
+    v = gw.check(header, amount)
+    s = gw.settle(v)  # the facilitator verifies as it settles: one round trip fewer than verify, then settle
+    who = principal or wallet_principal(s.payer)
     try:
         with ledger.meta.transaction() as cur:
             dep = record_deposit(ledger, cur, who, s.amount, s.network, s.transaction)
