@@ -19,6 +19,10 @@
     │   ├── IdempotencyKeyReused     the key was claimed for another request (422)
     │   ├── AlreadyServed            the key's generation was served; it is never generated again (409)
     │   └── IdempotencyKeyRefunded   the key's purchase was refunded; it never serves again (409)
+    ├── PaymentError           an x402 payment not made, not valid or not settled (kvagent.payments)
+    │   ├── PaymentDeclined        this agent will not pay: over its caps, or the offer is not payable
+    │   ├── PaymentInvalid         the facilitator refused the signed payment at verification
+    │   └── SettlementFailed       a verified payment did not settle on chain (nothing was served)
     └── RegistryError          the remote registry refused or failed (see kvagent.registry)
         ├── RegistryUnavailableError  unreachable, timed out, 5xx or 429 (retried)
         │   └── RegistrySkippedError  not asked: its circuit breaker is open (kvagent.calibration)
@@ -136,6 +140,26 @@ class IdempotencyKeyRefunded(IdempotencyError):
     """The key's purchase was refunded: the key never serves again (send a new one)."""
 
     code = "idempotency_key_refunded"
+
+
+class PaymentError(KVAgentError):
+    """An x402 payment was not made, was not valid, or did not settle; ``reason`` is machine-readable."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+
+class PaymentDeclined(PaymentError):
+    """This agent will not pay: the price is above its cap or its remaining budget, or no offer is payable."""
+
+
+class PaymentInvalid(PaymentError):
+    """The facilitator refused a signed payment at verification (forged, expired, replayed, underfunded)."""
+
+
+class SettlementFailed(PaymentError):
+    """A verified payment did not settle on chain, or the facilitator could not be reached."""
 
 
 class RegistryError(KVAgentError):

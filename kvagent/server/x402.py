@@ -1,0 +1,169 @@
+"""x402 on the host: the ``PAYMENT-REQUIRED`` header of a 402, and verifying and settling a
+``PAYMENT-SIGNATURE`` through a facilitator (the SDK's, in process, paying gas from its own key;
+or a hosted one at ``--x402-facilitator URL``), with the ``PAYMENT-RESPONSE`` header of a settled payment.
+
+The requirements a payment is verified against are always this host's own, built from the price of the
+request at hand, never the ``accepted`` copy the buyer sends: a payment for another amount, payee, token or
+network is refused before the facilitator is asked. Money is never served before :meth:`X402Gateway.settle`
+returns (settle-before-serve): a payment that does not settle serves nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..errors import ConfigError, PaymentError, PaymentInvalid, SettlementFailed
+from ..payments import sdk
+from ..payments.terms import (
+    X402Terms,
+    decode_header,
+    encode_header,
+    payment_required,
+    requirements,
+    wallet_principal,
+)
+
+log = logging.getLogger("kvagent.server")
+
+#: Facilitator answers that say it could not check the payment (its chain RPC failed), not that the payment is
+#: bad: the request is answered 503 (nothing served, nothing charged); the buyer's authorisation stays unused.
+UNAVAILABLE = frozenset({"invalid_exact_evm_failed_to_verify_signature",
+                         "invalid_exact_evm_failed_to_get_asset_info"})
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A payment the facilitator verified for ``amount``: who pays, and the key a retry of it is known by."""
+
+    payload: Any  # x402.schemas.PaymentPayload
+    requirements: Any  # x402.schemas.PaymentRequirements (this host's)
+    payer: str
+    amount: int
+    nonce: str
+
+    @property
+    def principal(self) -> str:
+        """The ledger principal of the paying wallet."""
+        return wallet_principal(self.payer)
+
+    @property
+    def idempotency_key(self) -> str:
+        """One authorisation, one key: the same ``PAYMENT-SIGNATURE`` sent twice names the same purchase."""
+        return f"x402:{self.requirements.network}:{self.nonce}"
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """A payment settled on chain: its transaction, payer, network and amount (token units = micro-units)."""
+
+    transaction: str
+    payer: str
+    network: str
+    amount: int
+    response: Any  # x402.schemas.SettleResponse
+
+    def header(self) -> str:
+        """The ``PAYMENT-RESPONSE`` header value."""
+        return encode_header(self.response.model_dump(by_alias=True, exclude_none=True))
+
+
+class X402Gateway:
+    """Payment requirements, verification and settlement for one host's :class:`X402Terms`."""
+
+    def __init__(self, terms: X402Terms, facilitator: Any):
+        x402 = sdk.require("x402")
+        exact = sdk.require("x402.mechanisms.evm.exact")
+        checksum = sdk.require("eth_utils").to_checksum_address  # the SDK's facilitator needs checksums
+        self.terms = replace(terms, asset=checksum(terms.asset), pay_to=checksum(terms.pay_to))
+        self._schemas = sdk.require("x402.schemas")
+        self._server = x402.x402ResourceServerSync(facilitator)
+        self._server.register(terms.network, exact.ExactEvmServerScheme())
+        self._server.initialize()
+
+    @classmethod
+    def in_process(cls, terms: X402Terms, facilitator_key: str, rpc_url: str) -> X402Gateway:
+        """A gateway whose facilitator runs here: it verifies against ``rpc_url`` and settles by sending the
+        transfer from ``facilitator_key``'s account (it pays the gas; the token goes to ``terms.pay_to``)."""
+        x402 = sdk.require("x402")
+        exact = sdk.require("x402.mechanisms.evm.exact")
+        signers = sdk.require("x402.mechanisms.evm.signers")
+        fac = x402.x402FacilitatorSync()
+        fac.register([terms.network], exact.ExactEvmFacilitatorScheme(
+            signers.FacilitatorWeb3Signer(facilitator_key, rpc_url),
+            exact.ExactEvmSchemeConfig(simulate_in_settle=True)))
+        return cls(terms, fac)
+
+    @classmethod
+    def hosted(cls, terms: X402Terms, url: str, timeout: float = 30.0) -> X402Gateway:
+        """A gateway that asks the facilitator at ``url`` (``/supported``, ``/verify``, ``/settle``)."""
+        http = sdk.require("x402.http")
+        return cls(terms, http.HTTPFacilitatorClientSync(http.FacilitatorConfig(url=url, timeout=timeout)))
+
+    # -- the 402 ----------------------------------------------------------------------------------------
+    def required_header(self, amount: int, url: str, description: str = "", error: str = "") -> str:
+        """The ``PAYMENT-REQUIRED`` header value of a 402 for ``url`` at ``amount``."""
+        return encode_header(payment_required(self.terms, amount, url, description, error))
+
+    # -- a paid request ---------------------------------------------------------------------------------
+    def check(self, header: str, amount: int) -> Verified:
+        """Read a ``PAYMENT-SIGNATURE`` and check, here, that it pays exactly ``amount`` to this host in its
+        token on its network (:class:`PaymentInvalid` otherwise). The facilitator has not seen it yet: the
+        payer it names is a claim until :meth:`verify` or :meth:`settle`."""
+        ours = self._schemas.PaymentRequirements.model_validate(requirements(self.terms, amount))
+        try:
+            obj = decode_header(header)
+            payload = self._schemas.PaymentPayload.model_validate(obj)
+        except (ConfigError, ValueError) as exc:
+            raise PaymentInvalid(f"unreadable PAYMENT-SIGNATURE header: {exc}", "malformed") from exc
+        if obj.get("x402Version") != 2:
+            raise PaymentInvalid("only x402 version 2 payments are accepted", "unsupported_version")
+        if not _same_offer(payload.accepted, ours):
+            raise PaymentInvalid("the payment is for other requirements than this request's",
+                                 "requirements_mismatch")
+        auth = payload.payload.get("authorization") if isinstance(payload.payload, dict) else None
+        if not isinstance(auth, dict) or not isinstance(auth.get("from"), str):
+            raise PaymentInvalid("the payment carries no EIP-3009 authorisation", "malformed")
+        return Verified(payload, ours, auth["from"], amount, str(auth.get("nonce", "")))
+
+    def verify(self, header: str, amount: int) -> Verified:
+        """:meth:`check`, then have the facilitator verify the payment (signature, validity window, unused
+        nonce, the payer's balance). :class:`PaymentInvalid` when it does not; :class:`PaymentError` (reason
+        ``facilitator_unavailable``) when it cannot be asked. (Settling verifies too: a host that settles
+        before serving need not call this first.)"""
+        v = self.check(header, amount)
+        try:
+            res = self._server.verify_payment(v.payload, v.requirements)
+        except Exception as exc:
+            log.warning("x402 facilitator unavailable at verify: %s", type(exc).__name__)
+            raise PaymentError(f"the payment facilitator could not be asked: {type(exc).__name__}",
+                               "facilitator_unavailable") from exc
+        if not res.is_valid and res.invalid_reason in UNAVAILABLE:
+            raise PaymentError(f"the payment facilitator could not check the payment: {res.invalid_reason}",
+                               "facilitator_unavailable")
+        if not res.is_valid:
+            raise PaymentInvalid(f"payment refused: {res.invalid_reason}", res.invalid_reason or "invalid")
+        return replace(v, payer=str(res.payer or v.payer))
+
+    def settle(self, v: Verified) -> Settlement:
+        """Settle a verified payment on chain; :class:`SettlementFailed` (nothing moved) when it does not."""
+        try:
+            res = self._server.settle_payment(v.payload, v.requirements)
+        except Exception as exc:
+            log.warning("x402 facilitator unavailable at settle: %s", type(exc).__name__)
+            raise SettlementFailed(f"the payment facilitator could not be asked: {type(exc).__name__}",
+                                   "facilitator_unavailable") from exc
+        if not res.success and res.error_reason in UNAVAILABLE:
+            raise SettlementFailed(f"the payment facilitator could not settle: {res.error_reason}",
+                                   "facilitator_unavailable")
+        if not res.success or not res.transaction:
+            raise SettlementFailed(f"payment not settled: {res.error_reason}", res.error_reason or "failed")
+        return Settlement(res.transaction, str(res.payer or v.payer), str(res.network), v.amount, res)
+
+
+def _same_offer(accepted: Any, ours: Any) -> bool:
+    """Whether the buyer signed for exactly this host's requirements (addresses in any case)."""
+    return (accepted.scheme == ours.scheme and accepted.network == ours.network
+            and accepted.asset.lower() == ours.asset.lower() and accepted.amount == ours.amount
+            and accepted.pay_to.lower() == ours.pay_to.lower())
