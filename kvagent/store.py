@@ -267,7 +267,7 @@ class KVStore:
     def drop_derived(self, source: str) -> list[str]:
         """Delete artifact ``source`` and every stored artifact derived from it, in any namespace, and the
         ones derived from those (copies of copies); returns their keys (deleted or already gone)."""
-        todo, done = [validate_key(source)], []
+        todo, done, removed = [validate_key(source)], [], False
         while todo:
             key = todo.pop()
             if key in done:
@@ -277,13 +277,14 @@ class KVStore:
                 with self._cache.transact():
                     copies = self._cache.get(f"from:{key}", default=None)
                     self._cache.delete(f"from:{key}")
-                    self.delete(key)
+                    removed = self.delete(key) or removed
             except (diskcache.Timeout, sqlite3.Error) as exc:
                 raise StoreError(f"could not delete the copies of {key[:16]}… in {self.directory}: {exc}") \
                     from exc
             if isinstance(copies, str):
                 todo.extend(k for k in json.loads(copies) if isinstance(k, str))
-        self._drop_orphans()
+        if removed:
+            self._drop_orphans()
         return done
 
     def clear(self) -> int:

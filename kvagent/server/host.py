@@ -13,7 +13,7 @@ from .. import artifact as art
 from ..engine import GenerationParams
 from ..engines import Cancel, EngineContext, EngineFactory, GenerationRequest, Sink
 from ..engines.plugins import transformers_engine
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, StoreError
 from ..kv import KVCache
 from ..models import EMBEDDED_NAMES, ensure_embedded, load_model
 from ..runtime import Runtime, build_runtime
@@ -104,7 +104,10 @@ class ModelHost:
         with self._kv_lock:
             for cid in [c for c in self._kvs if c.startswith(key + ":")]:
                 del self._kvs[cid]
-        self.agent.resolver.purge(key)
+        try:
+            self.agent.resolver.purge(key)
+        except StoreError:  # the artifact is gone already; its stored copies stay until the next purge
+            log.exception("could not drop the stored copies of %s…", key[:16])
         forget = getattr(self.batch, "forget", None)
         if callable(forget):
             forget(key)
