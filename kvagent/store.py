@@ -279,8 +279,8 @@ class KVStore:
                     self._cache.delete(f"from:{key}")
                     removed = self.delete(key) or removed
             except (diskcache.Timeout, sqlite3.Error) as exc:
-                raise StoreError(f"could not delete the copies of {key[:16]}… in {self.directory}: {exc}") \
-                    from exc
+                why = f"could not delete the copies of {key[:16]}… in {self.directory}: {exc}"
+                raise StoreError(why) from exc
             if isinstance(copies, str):
                 todo.extend(k for k in json.loads(copies) if isinstance(k, str))
         if removed:

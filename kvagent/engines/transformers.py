@@ -605,8 +605,8 @@ class TransformersBatchEngine:
         prefix = req.prefix
         n = prefix.n_tokens if prefix is not None else 0
         ident = _identity(req)
-        if prefix is not None and ident is not None and (self._shares if share is None else share) \
-                and n >= SHARE_MIN:
+        shares = self._shares if share is None else share
+        if prefix is not None and ident is not None and shares and n >= SHARE_MIN:
             identity, named = ident
             if live is None:
                 live = (*self._active, *self._prefilling)
