@@ -9,8 +9,15 @@ ended), time to first token (median and p99 over the agents), output tokens per 
 and failures (any non-200, any 5xx, a stream without tokens). A server that cannot be started is skipped with
 the reason printed (and recorded in the JSON).
 
+``--principals``: on the kvagent servers, ``one`` runs every agent under one bearer token (one principal: its
+private prompt cache holds the document after the first request); ``distinct`` gives each agent a token of
+its own (a principal each, agent i the same one in every cell) and publishes the document public first (by a
+publisher principal, through the SDK), so the agents resume from the published artifact: what the batching
+engine may share across principals. Both rows come out of one run, side by side, with their ratios over one
+agent (the other servers have no principals: ``one`` only).
+
     python -m benchmarks.concurrent_agents [--agents 1 8 32] [--doc-tokens 1500 4000] [--max-tokens 48]
-        [--servers kvagent kvagent-vllm vllm vllm-connector transformers]
+        [--servers kvagent kvagent-vllm vllm vllm-connector transformers] [--principals one distinct]
         [--vllm-python /work/vllm-venv/bin/python]
         [--vllm-cmd "<command line>"] [--transformers-cmd "transformers serve"] [--threads 2]
         [--max-batch N (default: the most agents)] [--prefill-chunk 256]
@@ -41,6 +48,24 @@ from tests.registry_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token-000001"
+PUBLISHER = "bench-publisher-token-0001"
+#: servers with principals (bearer tokens of their own): the only ones a ``distinct`` row is run on
+KVAGENT_SERVERS = ("kvagent", "kvagent-vllm")
+
+
+def agent_token(i: int) -> str:
+    """The bearer token of agent ``i`` in the distinct-principals rows (a principal of its own)."""
+    return f"bench-agent-{i:04d}-token"
+
+
+def token_file(tmp: Path, agents: int) -> Path:
+    """The kvagent servers' token file: the one-principal token, a publisher, and one token per agent."""
+    tokens: dict[str, dict[str, Any]] = {TOKEN: {"principal": "bench"},
+                                         PUBLISHER: {"principal": "publisher", "publish": True}}
+    tokens.update({agent_token(i): {"principal": f"agent-{i}"} for i in range(agents)})
+    path = tmp / "tokens.json"
+    path.write_text(json.dumps(tokens))
+    return path
 #: every server loads the weights from a local directory and must never reach for a model hub
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 TOPICS = (
@@ -118,7 +143,7 @@ def _launch(
 
 def start_kvagent(tmp: Path, args: argparse.Namespace) -> Server | str:
     port = free_port()
-    (tmp / "tokens.json").write_text(json.dumps({TOKEN: {"principal": "bench"}}))
+    tokens = token_file(tmp, max(args.agents))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
     cmd = [
         sys.executable,
@@ -129,7 +154,7 @@ def start_kvagent(tmp: Path, args: argparse.Namespace) -> Server | str:
         "--data-dir",
         str(tmp / "kvagent-data"),
         "--token-file",
-        str(tmp / "tokens.json"),
+        str(tokens),
         "--model",
         "smollm2",
         "--kv-cache-items",
@@ -159,13 +184,13 @@ def start_kvagent_vllm(tmp: Path, args: argparse.Namespace) -> Server | str:
     if not Path(args.vllm_python).exists():
         return f"kvagent-vllm: {args.vllm_python} does not exist (give --vllm-python)"
     port = free_port()
-    (tmp / "tokens.json").write_text(json.dumps({TOKEN: {"principal": "bench"}}))
+    tokens = token_file(tmp, max(args.agents))
     engine_args = {"enforce_eager": True} if "--enforce-eager" in shlex.split(args.vllm_args) else {}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "4", **OFFLINE,
            "PYTHONPATH": f"{REPO}:{REPO / 'integrations' / 'vllm'}",
            "VLLM_KVAGENT_ENGINE_ARGS": json.dumps({"max_model_len": 8192, **engine_args})}
     cmd = [args.vllm_python, "-m", "kvagent.server", "--port", str(port), "--data-dir",
-           str(tmp / "kvagent-vllm-data"), "--token-file", str(tmp / "tokens.json"), "--model", "smollm2",
+           str(tmp / "kvagent-vllm-data"), "--token-file", str(tokens), "--model", "smollm2",
            "--engine", "vllm_kvagent.engine:create_engine", "--max-batch", str(max(args.agents)),
            "--max-queue", str(max(args.agents) + 8)]
     return _launch("kvagent-vllm", cmd, env, tmp / "kvagent-vllm.log", f"http://127.0.0.1:{port}", "smollm2",
@@ -259,6 +284,7 @@ class Cell:
     server: str
     doc_tokens: int
     agents: int
+    principals: str
     wall_s: float
     ttft_median_s: float | None
     ttft_p99_s: float | None
@@ -267,6 +293,9 @@ class Cell:
     failures: int
     server_errors: int
     errors: list[str] = field(default_factory=list)
+    #: kvagent servers: decode-step sequences that read a prefix shared with others in place during the cell
+    # (the sum of ``kvagent_batch_shared_prefix_size``); None elsewhere
+    shared_prefix_reads: float | None = None
 
 
 def _pct(xs: Sequence[float], p: float) -> float:
@@ -275,7 +304,8 @@ def _pct(xs: Sequence[float], p: float) -> float:
 
 
 async def _one(
-    http: httpx.AsyncClient, srv: Server, messages: list[dict[str, str]], max_tokens: int, t0: float
+    http: httpx.AsyncClient, srv: Server, messages: list[dict[str, str]], max_tokens: int, t0: float,
+    token: str = TOKEN,
 ) -> Agent:
     a = Agent()
     body = {
@@ -289,7 +319,7 @@ async def _one(
     usage_tokens: int | None = None
     try:
         async with http.stream(
-            "POST", srv.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {TOKEN}"}
+            "POST", srv.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"}
         ) as r:
             a.status = r.status_code
             if r.status_code != 200:
@@ -320,16 +350,22 @@ def _messages(doc: str, question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"{doc}\n\nQuestion: {question}"}]
 
 
-async def run_cell(srv: Server, doc: str, doc_tokens: int, n: int, max_tokens: int) -> Cell:
+async def run_cell(srv: Server, doc: str, doc_tokens: int, n: int, max_tokens: int,
+                   principals: str = "one") -> Cell:
+    """N agents at once; ``principals``: ``one`` (every agent under one token) or ``distinct`` (a token
+    each)."""
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    shared0 = await _shared_reads(srv)
     async with httpx.AsyncClient(timeout=1800, limits=limits) as http:
         t0 = time.perf_counter()
         questions = [
             f"In one sentence, what does the text say about {TOPICS[i % len(TOPICS)]}? (agent {i + 1})"
             for i in range(n)
         ]
+        tokens = [TOKEN if principals == "one" else agent_token(i) for i in range(n)]
         agents = await asyncio.gather(
-            *[_one(http, srv, _messages(doc, q), max_tokens, t0) for q in questions]
+            *[_one(http, srv, _messages(doc, q), max_tokens, t0, tok)
+              for q, tok in zip(questions, tokens, strict=True)]
         )
     wall = max(a.end_s for a in agents)
     ttfts = [a.ttft_s for a in agents if a.ttft_s is not None]
@@ -339,6 +375,7 @@ async def run_cell(srv: Server, doc: str, doc_tokens: int, n: int, max_tokens: i
         srv.name,
         doc_tokens,
         n,
+        principals,
         round(wall, 3),
         round(statistics.median(ttfts), 3) if ttfts else None,
         round(_pct(ttfts, 99), 3) if ttfts else None,
@@ -347,12 +384,42 @@ async def run_cell(srv: Server, doc: str, doc_tokens: int, n: int, max_tokens: i
         len(failures),
         sum(1 for a in agents if a.status >= 500),
         sorted({f"{a.status} {a.error}" for a in failures})[:5],
+        None if shared0 is None else (await _shared_reads(srv) or 0.0) - shared0,
     )
 
 
-async def warm(srv: Server, doc: str) -> None:
+async def _shared_reads(srv: Server) -> float | None:
+    """A kvagent server's ``kvagent_batch_shared_prefix_size_sum`` now (None for other servers)."""
+    if srv.name not in KVAGENT_SERVERS:
+        return None
+    async with httpx.AsyncClient(timeout=60) as http:
+        r = await http.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    for line in r.text.splitlines():
+        if line.startswith("kvagent_batch_shared_prefix_size_sum "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def warm(srv: Server, doc: str, token: str = TOKEN) -> None:
     async with httpx.AsyncClient(timeout=1800) as http:
-        await _one(http, srv, _messages(doc, "What is this text about?"), 1, time.perf_counter())
+        await _one(http, srv, _messages(doc, "What is this text about?"), 1, time.perf_counter(), token)
+
+
+def publish(srv: Server, doc: str, cache_dir: Path) -> str:
+    """Publish ``doc``'s KV on ``srv``, public, by the publisher principal (the SDK reads and uploads it, as
+    an agent on another machine would); its key."""
+    from kvagent import KVAgent
+    from kvagent.config import Config
+    from kvagent.models import load_model
+    from kvagent.policy import PolicyParams
+
+    loaded = load_model(None, Config.resolve().models_dir)
+    agent = KVAgent(loaded.model, tokenizer=loaded.tokenizer, cache_dir=cache_dir, registry_url=srv.url,
+                    token=PUBLISHER, policy=PolicyParams(min_tokens=256))
+    try:
+        return agent.publish(agent.read(doc), "public").key
+    finally:
+        agent.close()
 
 
 def document(tokens: int) -> str:
@@ -371,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--agents", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--doc-tokens", type=int, nargs="+", default=[1500, 4000])
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--principals", nargs="+", default=["one", "distinct"], choices=["one", "distinct"],
+                    help="kvagent servers: every agent one principal, and/or each its own (document public)")
     ap.add_argument(
         "--servers",
         nargs="+",
@@ -417,19 +486,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"skipping {started}", flush=True)
                 skipped[name] = started
                 continue
+            modes = args.principals if name in KVAGENT_SERVERS else ["one"]
             try:
                 for n_doc, doc in docs.items():
-                    asyncio.run(warm(started, doc))
-                    for n in args.agents:
-                        cell = asyncio.run(run_cell(started, doc, n_doc, n, args.max_tokens))
-                        cells.append(cell)
-                        print(
-                            f"{name:>12} doc={n_doc:>5} agents={n:>3} wall={cell.wall_s:7.2f}s "
-                            f"ttft median/p99={cell.ttft_median_s}/{cell.ttft_p99_s}s "
-                            f"tok/s={cell.tokens_per_s:7.1f} "
-                            f"failures={cell.failures} 5xx={cell.server_errors}",
-                            flush=True,
-                        )
+                    for mode in modes:
+                        if mode == "distinct":
+                            publish(started, doc, Path(td) / f"publisher-{name}-{n_doc}")
+                        asyncio.run(warm(started, doc, TOKEN if mode == "one" else PUBLISHER))
+                        for n in args.agents:
+                            cell = asyncio.run(run_cell(started, doc, n_doc, n, args.max_tokens, mode))
+                            cells.append(cell)
+                            print(
+                                f"{name:>12} doc={n_doc:>5} agents={n:>3} principals={mode:>8} "
+                                f"wall={cell.wall_s:7.2f}s "
+                                f"ttft median/p99={cell.ttft_median_s}/{cell.ttft_p99_s}s "
+                                f"tok/s={cell.tokens_per_s:7.1f} "
+                                f"failures={cell.failures} 5xx={cell.server_errors} "
+                                f"shared-prefix reads={cell.shared_prefix_reads}",
+                                flush=True,
+                            )
             finally:
                 started.stop()
     result: dict[str, Any] = {
@@ -444,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "streaming": True,
             "kvagent_max_batch": args.max_batch,
             "kvagent_prefill_chunk": args.prefill_chunk,
+            "principals": args.principals,
         },
         "skipped": skipped,
         "cells": [asdict(c) for c in cells],
@@ -451,18 +527,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
+    for line in _side_by_side(result["ratios"]):
+        print(line)
     print(f"wrote {args.json}")
     return 0
 
 
 def _ratios(cells: list[Cell]) -> dict[str, float]:
-    """Wall time of N agents over one agent's, per server and document (the issue's "at most 3x" goal)."""
-    one = {(c.server, c.doc_tokens): c.wall_s for c in cells if c.agents == 1}
+    """Wall time of N agents over one agent's, per server, principals mode and document (the goals: at most
+    3x; one principal and distinct principals alike); the one-principal rows keep their earlier names
+    (``server/doc/agents``), the distinct ones are ``server/distinct/doc/agents``."""
+    one = {(c.server, c.principals, c.doc_tokens): c.wall_s for c in cells if c.agents == 1}
+
+    def name(c: Cell) -> str:
+        mode = "" if c.principals == "one" else f"{c.principals}/"
+        return f"{c.server}/{mode}{c.doc_tokens}/{c.agents}"
+
     return {
-        f"{c.server}/{c.doc_tokens}/{c.agents}": round(c.wall_s / one[(c.server, c.doc_tokens)], 2)
+        name(c): round(c.wall_s / one[(c.server, c.principals, c.doc_tokens)], 2)
         for c in cells
-        if c.agents > 1 and one.get((c.server, c.doc_tokens))
+        if c.agents > 1 and one.get((c.server, c.principals, c.doc_tokens))
     }
+
+
+def _side_by_side(ratios: dict[str, float]) -> list[str]:
+    """The N-agents-over-one ratios of each kvagent server, one principal beside distinct principals."""
+    lines = []
+    for key, one in ratios.items():
+        server, rest = key.split("/", 1)
+        if server in KVAGENT_SERVERS and not rest.startswith("distinct/"):
+            distinct = ratios.get(f"{server}/distinct/{rest}")
+            doc, n = rest.split("/")
+            lines.append(f"{server:>12} doc={doc:>5} agents={n:>3}: one principal {one:.2f}x, "
+                         f"distinct principals {'-' if distinct is None else f'{distinct:.2f}x'}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from .errors import (
 )
 from .hashing import payload_digest, tree_digests
 from .identity import FORMAT_VERSION, KeyContext, document_key
-from .kv import KVCache, KVLayout
+from .kv import KVCache, KVLayout, KVSource
 
 FORMAT_NAME = "kvagent-kv"
 #: Codecs an artifact may use: "raw" stores K/V as plain safetensors tensors; the others store each
@@ -117,6 +117,23 @@ class Expectation:
 class Artifact:
     header: ArtifactHeader
     kv: KVCache
+
+
+def bytes_name(h: ArtifactHeader) -> str:
+    """A name of a decoded artifact's K/V bytes: its key (model, tokenizer, dtype, ids) and its checked
+    payload digest under its codec (``decode`` verifies the payload against it, or the store its own file)."""
+    return f"{h.key}:{h.codec}:{h.payload_sha256}"
+
+
+def published_source(h: ArtifactHeader) -> KVSource:
+    """The source of a published artifact's decoded KV: its bytes, the same for every reader entitled to
+    it."""
+    return KVSource("artifact:" + bytes_name(h), h.token_count, published=True, artifact=h.key)
+
+
+def stored_source(h: ArtifactHeader) -> KVSource:
+    """The source of a KV read from a local store: its bytes, private to the namespace whose key it has."""
+    return KVSource("stored:" + bytes_name(h), h.token_count)
 
 
 @dataclass(frozen=True)

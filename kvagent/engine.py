@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from .errors import ContextLengthError, EngineError, UnsupportedModelError
-from .kv import KVCache, KVLayout
+from .kv import KVCache, KVLayout, extended_source
 
 if TYPE_CHECKING:
     from .engines.transformers import TransformersBatchEngine
@@ -154,7 +154,7 @@ class TransformersEngine:
             for h in hooks:
                 h.remove()
         all_ids = ids[0].cpu() if prefix is None else torch.cat([prefix.token_ids, ids[0].cpu()])
-        return self.extract(cache, all_ids)
+        return self.extract(cache, all_ids).with_source(extended_source(prefix, int(all_ids.numel())))
 
     def new_cache(self, kv: KVCache | None) -> Any:
         """A fresh transformers cache that starts from ``kv`` and never writes to its tensors.
@@ -258,7 +258,7 @@ class TransformersEngine:
             if step == 0 and on_prompt is not None:
                 prompt = ids[0].cpu() if kv is None else torch.cat([kv.token_ids, ids[0].cpu()])
                 # views of this step's tensors; later steps replace them
-                on_prompt(self.extract(cache, prompt))
+                on_prompt(self.extract(cache, prompt).with_source(extended_source(kv, int(prompt.numel()))))
             nxt = pick_token(out.logits[0, -1].float().cpu(), params, gen)
             yield nxt
             if nxt in stops:

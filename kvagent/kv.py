@@ -1,8 +1,10 @@
-"""In-memory KV cache of one document: per-layer keys and values plus the token ids they encode."""
+"""In-memory KV cache of one document: per-layer keys and values plus the token ids they encode, and what
+its leading positions are a copy of (:class:`KVSource`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -21,15 +23,44 @@ class KVLayout:
 
 
 @dataclass(frozen=True)
+class KVSource:
+    """What a KV's first ``n`` positions are: a copy of the KV that ``digest`` names, bit for bit.
+
+    ``digest`` names KV bytes, never token ids alone: for a published artifact
+    ``artifact:<key>:<codec>:<payload sha256>`` (its checksum-verified bytes; ``published`` True: the same
+    bytes for everyone entitled to the artifact, ``artifact`` its key); for KV computed or stored here a name
+    of that one computation or stored artifact (``published`` False: private to the namespace holding it;
+    ``artifact``: the published artifact its positions copy, if any, so that deleting it reaches them). Two
+    KVs with equal digests hold the same K/V over their common ``n``; the batching engine shares a prefix
+    only on that proof."""
+
+    digest: str
+    n: int
+    published: bool = False
+    artifact: str | None = None
+
+    def clipped(self, n: int) -> KVSource:
+        """The same source over at most ``n`` positions."""
+        return self if n >= self.n else replace(self, n=n)
+
+
+def computed_source(n: int) -> KVSource:
+    """A private source for ``n`` positions just computed: named by nothing else (a fresh random name)."""
+    return KVSource("computed:" + secrets.token_hex(16), n)
+
+
+@dataclass(frozen=True)
 class KVCache:
     """Keys and values for ``token_ids`` (1-D int64), one ``[1, H, S, D]`` tensor per layer each.
 
-    Treated as immutable: engines copy-on-extend, so a resume never changes these tensors.
+    Treated as immutable: engines copy-on-extend, so a resume never changes these tensors. ``source``: what
+    its leading positions are a copy of (None: unknown, never shared between requests by the batching engine).
     """
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
     token_ids: torch.Tensor
+    source: KVSource | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.keys) != len(self.values) or not self.keys:
@@ -68,4 +99,17 @@ class KVCache:
             keys=tuple(k[:, :, :n] for k in self.keys),
             values=tuple(v[:, :, :n] for v in self.values),
             token_ids=self.token_ids[:n],
+            source=None if self.source is None else self.source.clipped(n),
         )
+
+    def with_source(self, source: KVSource | None) -> KVCache:
+        """The same tensors with ``source`` (clipped to this KV's length)."""
+        return replace(self, source=None if source is None else source.clipped(self.n_tokens))
+
+
+def extended_source(prefix: KVCache | None, n: int) -> KVSource:
+    """The source of an ``n``-position KV computed after ``prefix`` (its positions copied in first): the
+    prefix's own where it has one, else a fresh computed one (the prefix's bytes named by nothing)."""
+    if prefix is not None and prefix.source is not None:
+        return prefix.source.clipped(prefix.n_tokens)
+    return computed_source(n)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -57,6 +57,14 @@ class KVMemory:
             if n > 0 and (best is None or n > best[2]):
                 best = (key, kv, n)
         return best
+
+    def drop(self, doomed: Callable[[str, KVCache], bool]) -> int:
+        """Remove every entry, in every namespace, for which ``doomed(key, kv)`` holds; how many."""
+        with self._lock:
+            gone = [k for k, kv in self._entries.items() if doomed(k[1], kv)]
+            for k in gone:
+                del self._entries[k]
+        return len(gone)
 
     def clear(self) -> None:
         with self._lock:

@@ -358,6 +358,8 @@ class RegistryTier:
                 threading.Thread(target=self.cost.record_landing, args=(fetched.nbytes, landed), daemon=True,
                                  name="kvagent-calibrate").start()
         kv = fetched.artifact.kv
+        if kv.source is None:  # its checked bytes, the same for every reader of this artifact
+            kv = kv.with_source(art.published_source(fetched.artifact.header))
         n = shared_prefix(kv.token_ids, lookup.target)
         if n <= lookup.local_tokens:
             return RegistryAnswer(None, f"the registry's artifact shares only {n} tokens")

@@ -347,7 +347,7 @@ class Resolver:
 
     def _local_hit(self, lookup: Lookup, found: StoreLookup, why: str) -> Resolution:
         assert found.artifact is not None
-        kv, t0 = found.artifact.kv, lookup.started
+        kv, t0 = self._stored(found.artifact), lookup.started
         self.costs.local_load(found.nbytes, time.perf_counter() - t0)
         self.memory.put(lookup.namespace, lookup.key, kv)
         self.counters.add("local_hits")
@@ -484,7 +484,7 @@ class Resolver:
             if found.artifact is None:
                 why = f"prefix candidate unusable: {found.reason}"
             else:
-                kv = found.artifact.kv
+                kv = self._stored(found.artifact)
                 n = shared_prefix(kv.token_ids, lookup.target)
                 self.memory.put(lookup.namespace, hit[0], kv)
                 if n > (best.n if best else 0):
@@ -496,6 +496,29 @@ class Resolver:
             return None, why
         where = "in memory" if best.source == "memory" else "in the local store"
         return best, f"reused a cached prefix of {best.n} tokens {where}"
+
+    def _stored(self, artifact: art.Artifact) -> KVCache:
+        """A local store artifact's KV, named by its bytes (private), with the published artifact it copies
+        when the store recorded one (so that ``purge`` of that artifact reaches what is derived from it)."""
+        h = artifact.header
+        src = replace(art.stored_source(h), artifact=self.store.derived_from(h.key))
+        return artifact.kv.with_source(src)
+
+    def purge(self, artifact_key: str) -> int:
+        """Forget every copy of published artifact ``artifact_key`` this resolver keeps, in every namespace:
+        memory entries whose KV copies it (a fetched copy, a prompt KV that began with it) and store entries
+        derived from it (staged copies, prompt saves, the fetched artifact itself). Returns how many
+        entries went (deleted or already gone)."""
+        stored = set(self.store.drop_derived(artifact_key))
+
+        def doomed(key: str, kv: KVCache) -> bool:
+            return key in stored or (kv.source is not None and kv.source.artifact == artifact_key)
+
+        dropped = self.memory.drop(doomed)
+        if dropped or len(stored) > 1:
+            log.info("dropped %d memory and %d stored copies of %s…", dropped, len(stored) - 1,
+                     artifact_key[:16])
+        return dropped + len(stored)
 
     # -- computing ------------------------------------------------------------------------------
     def _prefill(

@@ -58,7 +58,8 @@ class KVSaver:
         # written as they are: no joined copy for the store
         header, parts = self.encode_parts(key, kv, ctx)
         try:
-            self.store.put(header, parts, hashes)
+            derived = kv.source.artifact if kv.source is not None else None
+            self.store.put(header, parts, hashes, derived_from=derived)
         except StoreError as exc:
             log.warning("could not cache %s… locally (the answer is unaffected): %s", key[:16], exc)
         if self.on_saved is not None and not ns:

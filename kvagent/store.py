@@ -158,12 +158,15 @@ class KVStore:
 
     # -- writes ---------------------------------------------------------------------------
     def put(
-        self, header: art.ArtifactHeader, blob: Buffer | Sequence[Buffer], block_hashes: Sequence[str] = ()
+        self, header: art.ArtifactHeader, blob: Buffer | Sequence[Buffer], block_hashes: Sequence[str] = (),
+        derived_from: str | None = None,
     ) -> None:
         """Store an artifact and index its block hashes, then evict least-recently-used artifacts
         (never this one) until the store is within its size limit. The artifact row appears atomically.
 
         ``blob`` is the artifact's bytes, or the buffers they concatenate (``artifact.encode_parts``).
+        ``derived_from``: the published artifact whose KV this one's leading positions copy (a prompt KV kept
+        after reading it, a copy staged in a namespace): recorded with it, so that ``drop_derived`` finds it.
         """
         key = validate_key(header.key)
         parts = (
@@ -194,6 +197,13 @@ class KVStore:
                 self._cache.set(f"meta:{key}", json.dumps(meta.__dict__))
                 for h in block_hashes:
                     self._cache.set(f"blk:{h}", key)
+                if derived_from is not None and derived_from != key:
+                    validate_key(derived_from)
+                    copies = self._cache.get(f"from:{derived_from}", default=None)
+                    keys = json.loads(copies) if isinstance(copies, str) else []
+                    if key not in keys:
+                        self._cache.set(f"from:{derived_from}", json.dumps([*keys, key]))
+                    self._cache.set(f"src:{key}", derived_from)
             self._make_room(keep=key)
         except (OSError, diskcache.Timeout, sqlite3.Error) as exc:
             raise StoreError(f"could not write artifact {key[:16]}… to {self.directory}: {exc}") from exc
@@ -246,7 +256,36 @@ class KVStore:
         validate_key(key)
         removed = bool(self._cache.delete(f"kv:{key}"))
         self._cache.delete(f"meta:{key}")
+        self._cache.delete(f"src:{key}")
         return removed
+
+    def derived_from(self, key: str) -> str | None:
+        """The published artifact whose KV stored artifact ``key`` copies first (``put(derived_from=)``)."""
+        src = self._cache.get(f"src:{validate_key(key)}", default=None)
+        return src if isinstance(src, str) else None
+
+    def drop_derived(self, source: str) -> list[str]:
+        """Delete artifact ``source`` and every stored artifact derived from it, in any namespace, and the
+        ones derived from those (copies of copies); returns their keys (deleted or already gone)."""
+        todo, done, removed = [validate_key(source)], [], False
+        while todo:
+            key = todo.pop()
+            if key in done:
+                continue
+            done.append(key)
+            try:
+                with self._cache.transact():
+                    copies = self._cache.get(f"from:{key}", default=None)
+                    self._cache.delete(f"from:{key}")
+                    removed = self.delete(key) or removed
+            except (diskcache.Timeout, sqlite3.Error) as exc:
+                why = f"could not delete the copies of {key[:16]}… in {self.directory}: {exc}"
+                raise StoreError(why) from exc
+            if isinstance(copies, str):
+                todo.extend(k for k in json.loads(copies) if isinstance(k, str))
+        if removed:
+            self._drop_orphans()
+        return done
 
     def clear(self) -> int:
         return int(self._cache.clear())

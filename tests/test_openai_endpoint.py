@@ -148,6 +148,31 @@ def test_document_published_elsewhere_is_hit_through_the_registry(server, embedd
     assert r.choices[0].message.content == reference(embedded, msgs, 16)
 
 
+def test_a_deleted_published_document_is_never_reused_from_a_readers_copies(server, embedded, tmp_path):
+    """Issue 34: bob's chats about alice's published document keep copies of its KV in bob's namespace (his
+    prompt KV in memory and in the host's store); once alice deletes the artifact, bob's next chat reuses
+    none of it (a poisoned artifact quarantined is dropped the same way: ``ModelHost.forget``)."""
+    text = "Ferry notes, to be deleted. " + long_text(700, embedded.tokenizer)
+    publisher = KVAgent(embedded.model, tokenizer=embedded.tokenizer, cache_dir=tmp_path / "a",
+                        registry_url=server.url, token="alice-token-0001",
+                        policy=PolicyParams(min_tokens=256))
+    key = publisher.publish(publisher.read(text), "public").key
+    publisher.close()
+    c = client(server, "bob-token-000002")
+    msgs = ask("What is this text about?", text)
+    n_doc = len(embedded.tokenizer.encode(text, add_special_tokens=False))
+    first = c.chat.completions.create(model="smollm2", messages=msgs, temperature=0, max_tokens=8)
+    assert first.model_extra["kvagent"]["cache"]["source"] == "registry", first.model_extra["kvagent"]
+    again = c.chat.completions.create(model="smollm2", messages=msgs, temperature=0, max_tokens=8)
+    assert again.usage.prompt_tokens_details.cached_tokens >= 0.9 * n_doc  # bob's own copy now
+    r = httpx.delete(f"{server.url}/v1/artifacts/{key}", headers={"Authorization": "Bearer alice-token-0001"},
+                     timeout=60)
+    assert r.status_code == 204, r.text
+    after = c.chat.completions.create(model="smollm2", messages=msgs, temperature=0, max_tokens=8)
+    assert after.usage.prompt_tokens_details.cached_tokens < 0.5 * n_doc, after.model_extra["kvagent"]
+    assert after.choices[0].message.content == reference(embedded, msgs, 8)
+
+
 def test_private_prompts_never_reach_another_principal(server, embedded):
     secret = "Alice's private notes: " + long_text(600, embedded.tokenizer)
     msgs = ask("Summarise.", secret)

@@ -15,7 +15,7 @@ import kvagent.lookup
 from kvagent import artifact as art
 from kvagent.errors import RegistryPaymentRequiredError, RegistryUnavailableError
 from kvagent.identity import KeyContext, sha256_hex
-from kvagent.kv import KVCache
+from kvagent.kv import KVCache, extended_source
 from kvagent.policy import PolicyParams
 from kvagent.registry import Handle
 from kvagent.resolver import Fetched, Resolver, ResolverSettings
@@ -51,7 +51,8 @@ class FakeEngine:
 
     def prefill_from(self, prefix: KVCache, rest: Sequence[int], progress: Any = None) -> KVCache:
         self.prefilled.append(len(rest))
-        return kv_of(prefix.token_ids.tolist() + list(rest))
+        ids = prefix.token_ids.tolist() + list(rest)
+        return kv_of(ids).with_source(extended_source(prefix, len(ids)))  # as the real engine names it
 
 
 class FakeStore:
@@ -61,16 +62,30 @@ class FakeStore:
         self.directory = directory
         self.artifacts: dict[str, art.Artifact] = {}
         self.blocks: dict[str, str] = {}
+        self.sources: dict[str, str] = {}  # key -> the published artifact it was derived from
 
     def get(self, key: str, expect: art.Expectation | None = None) -> StoreLookup:
         a = self.artifacts.get(key)
         return StoreLookup(a, "" if a else "not in the local store", 100 if a else 0)
 
-    def put(self, header: art.ArtifactHeader, blob: Any, block_hashes: Sequence[str] = ()) -> None:
+    def put(self, header: art.ArtifactHeader, blob: Any, block_hashes: Sequence[str] = (),
+            derived_from: str | None = None) -> None:
         data = blob if isinstance(blob, (bytes, bytearray)) else b"".join(blob)
         self.artifacts[header.key] = art.decode(data)
         for h in block_hashes:
             self.blocks[h] = header.key
+        if derived_from is not None:
+            self.sources[header.key] = derived_from
+
+    def derived_from(self, key: str) -> str | None:
+        return self.sources.get(key)
+
+    def drop_derived(self, source: str) -> list[str]:
+        gone = [source, *(k for k, s in self.sources.items() if s == source)]
+        for k in gone:
+            self.artifacts.pop(k, None)
+            self.sources.pop(k, None)
+        return gone
 
     def find_prefix(self, hashes: Sequence[str]) -> tuple[str, int] | None:
         for i in range(len(hashes) - 1, -1, -1):
@@ -268,3 +283,28 @@ def test_a_download_is_given_up_only_when_its_rest_would_cost_more_than_prefilli
     assert give_up(0, 10_000_000, 0.3) is not None  # nothing came at all
     assert give_up(10_000_000, 10_000_000, 5.0) is None  # done
     assert _give_up_past(0.05)(1_000, 10_000_000, 0.06) is not None  # a short prefill is judged sooner
+
+
+def test_purge_drops_every_copy_of_a_published_artifact_in_every_namespace(tmp_path: Path) -> None:
+    """Issue 34: a published artifact read by alice (her prompt's KV, kept in memory and stored in her
+    namespace) and staged in bob's namespace (as the vLLM stager keeps it) is forgotten everywhere by
+    ``purge``; an unrelated entry stays; once the artifact is gone, alice's next read reuses none of it."""
+    src = FakeSource()
+    r, engine, store = make(tmp_path, source=src)
+    handle = src.publish(r, IDS[:12])
+    alice = r.resolve(IDS, namespace="alice", document=False)
+    assert alice.info.source == "registry" and alice.kv is not None
+    assert alice.kv.source is not None and alice.kv.source.artifact == handle.key
+    staged = r.resolve(IDS[:12] + [3, 4], namespace="bob", document=False, compute=False)
+    assert staged.kv is not None and staged.info.source == "registry"
+    bob_key = r.keep(staged.kv, namespace="bob")
+    other = r.resolve([7] * 16, namespace="alice")
+    assert {alice.key, bob_key} <= set(store.artifacts) and other.key in store.artifacts
+    assert r.purge(handle.key) >= 4  # alice's and bob's entries in memory and in the store
+    assert alice.key not in store.artifacts and bob_key not in store.artifacts
+    assert other.key in store.artifacts and r.resolve([7] * 16, namespace="alice").info.status == "memory"
+    del src.published[handle.key]  # deleted at the registry too
+    engine.prefilled.clear()
+    again = r.resolve(IDS, namespace="alice", document=False)
+    assert again.info.status == "prefill" and engine.prefilled == [20]
+    assert r.resolve(IDS[:12] + [3, 4], namespace="bob", document=False, compute=False).kv is None

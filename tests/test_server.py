@@ -20,6 +20,7 @@ from kvagent import artifact as art
 from kvagent import signing
 from kvagent.engine import GenerationParams, TransformersEngine
 from kvagent.identity import KeyContext, block_hashes, document_key, sha256_hex
+from kvagent.kv import KVCache
 from kvagent.models import model_fingerprint
 
 pytestmark = pytest.mark.slow
@@ -254,6 +255,70 @@ def test_generate_matches_local_full_prefill(server: ServerProcess, local: Any) 
     assert put(server, foreign_header.key, foreign, ALICE).status_code == 201
     r = post(server, f"/v1/artifacts/{foreign_header.key}/generate", BOB, json={"suffix_ids": suffix})
     assert r.status_code == 409 and r.json()["error"] == "wrong_model"
+
+
+def _generate_beside(srv: ServerProcess, long: tuple[str, dict[str, str], list[int]],
+                     short: tuple[str, dict[str, str], list[int]], n_long: int, n_short: int
+                     ) -> tuple[list[int], list[int], float]:
+    """Hosted generation of ``short`` (key, caller, suffix) submitted while ``long`` is decoding (its first
+    token is out) and answered before it ends (checked): both token lists, and the shared-prefix sequences
+    the batch engine counted meanwhile (``kvagent_batch_shared_prefix_size``)."""
+    shared0 = metric(srv, "kvagent_batch_shared_prefix_size_sum")
+    key, headers, suffix = long
+    body = {"suffix_ids": suffix, "max_new_tokens": n_long}
+    with httpx.stream("POST", f"{srv.url}/v1/artifacts/{key}/generate", headers=headers, json=body,
+                      timeout=300) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got_long = [httpx.Response(200, content=next(lines)).json()["token"]]
+        key2, headers2, suffix2 = short
+        r2 = post(srv, f"/v1/artifacts/{key2}/generate", headers2,
+                  json={"suffix_ids": suffix2, "max_new_tokens": n_short})
+        assert r2.status_code == 200, r2.text
+        short_done = time.perf_counter()
+        rest = [httpx.Response(200, content=x).json() for x in lines if x]
+    long_done = time.perf_counter()
+    assert rest[-1]["finish_reason"] == "length" and long_done > short_done  # the short one ran inside
+    got_long += [x["token"] for x in rest[:-1]]
+    got_short = [httpx.Response(200, content=x).json() for x in r2.content.splitlines()]
+    shared = metric(srv, "kvagent_batch_shared_prefix_size_sum") - shared0
+    return got_long, [x["token"] for x in got_short[:-1]], shared
+
+
+def test_generate_shares_a_prefix_by_artifact_never_by_token_ids(server: ServerProcess, local: Any) -> None:
+    """Issue 34: carol publishes a lookalike of alice's public document (its first 200 ids, then others; K/V
+    tampered: another key, publishing checks hashes, not KV) and keeps a long generation running on it; bob's
+    generation on the genuine document meanwhile reads only its own artifact's KV (equals a full prefill)
+    and the batch engine shares nothing. Two principals on the one genuine artifact do read it together."""
+    engine, ctx = local
+    ids, header, blob = doc_artifact(local, 300, seed=41)
+    assert put(server, header.key, blob, ALICE).status_code == 201
+    fake_ids = ids[:200] + [(t * 7 + 3) % 512 for t in range(100)]
+    kv = engine.prefill(fake_ids)
+    g = torch.Generator().manual_seed(3)
+    fake = KVCache(keys=tuple(k * 3 + torch.randn(k.shape, generator=g) for k in kv.keys),
+                   values=tuple(-2 * v + torch.randn(v.shape, generator=g) for v in kv.values),
+                   token_ids=kv.token_ids)
+    fake_header, fake_blob = art.encode(
+        fake, key=document_key(ctx, fake_ids), model_fingerprint=ctx.model_fingerprint,
+        tokenizer_fingerprint=ctx.tokenizer_fingerprint, template_hash=ctx.template_hash,
+    )
+    assert put(server, fake_header.key, fake_blob, CAROL).status_code == 201
+    s_carol, s_bob, s_alice = [5, 6, 7], [17, 99, 3, 250], [40, 41]
+    n_long, n_short = 600, 12
+    got_carol, got_bob, shared = _generate_beside(
+        server, (fake_header.key, CAROL, s_carol), (header.key, BOB, s_bob), n_long, n_short
+    )
+    assert got_bob == engine.generate(None, ids + s_bob, GenerationParams(max_new_tokens=n_short)).token_ids
+    assert got_carol == engine.generate(fake, s_carol, GenerationParams(max_new_tokens=n_long)).token_ids
+    assert shared == 0
+    got_alice, got_bob, shared = _generate_beside(
+        server, (header.key, ALICE, s_alice), (header.key, BOB, s_bob), n_long, n_short
+    )
+    assert got_bob == engine.generate(None, ids + s_bob, GenerationParams(max_new_tokens=n_short)).token_ids
+    want_alice = engine.generate(None, ids + s_alice, GenerationParams(max_new_tokens=n_long)).token_ids
+    assert got_alice == want_alice
+    assert shared > 0
 
 
 def test_ledger_and_metrics(server: ServerProcess, local: Any) -> None:

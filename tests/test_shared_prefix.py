@@ -1,8 +1,9 @@
 """Sequences of the batching engine that resume from one prefix read it in place, attended to together
 (kvagent.engines.transformers: ``_Segment``, ``_cascade``): each reply still equals greedy decoding from a
-full prefill of its own ids; only requests of one cache namespace share; a prefix shorter or longer than the
-shared one, or the same tokens in another copy, share what they have in common; a member that leaves does
-not change the others."""
+full prefill of its own ids; a segment is shared by what its KV is (its source), never by token ids: a
+published artifact's bytes across principals, private KV only in its namespace, equal ids with other K/V
+never; a prefix shorter or longer than the shared one shares what both name; a member that leaves does not
+change the others."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 import kvagent.engines.transformers as batched
 from kvagent.engine import GenerationParams, TransformersEngine
 from kvagent.engines import GenerationRequest, TransformersBatchEngine, events
-from kvagent.kv import KVCache
+from kvagent.kv import KVCache, KVSource
 from tests.test_batching import _chat_ids, _hf_greedy, _ids, _tokens_at_once, _with_a_leaver
 
 GREEDY = GenerationParams(max_new_tokens=20)
@@ -101,15 +102,19 @@ def test_eight_agents_on_one_document_read_it_once_and_each_equals_generate(
     batch.close()
 
 
-def test_only_one_namespace_shares_and_the_same_tokens_in_another_copy_do(
+def test_private_kv_shares_only_in_its_namespace_and_only_as_the_same_kv(
     tiny_model: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A private KV (computed here) is read in place only by requests of its namespace whose prefix is that
+    KV (the same source: here a copy of its bytes under its name, as two reads of one stored artifact give
+    it); the same tokens with K/V named by nothing, or the same KV in another namespace, read their own."""
     spy = Spy(monkeypatch)
     model, _engine, batch, doc, kv = _tiny_batch(tiny_model, spy, 120, 5)
-    # the same document's KV in another copy (as a store read or another memory entry gives it)
+    assert kv.source is not None and not kv.source.published
     requests = [
         GenerationRequest(tuple(_ids(4, 10)), kv, GREEDY, namespace="alice"),
-        GenerationRequest(tuple(_ids(5, 11)), _copy(kv), GREEDY, namespace="alice"),
+        GenerationRequest(tuple(_ids(5, 11)), _copy(kv).with_source(kv.source), GREEDY, namespace="alice"),
+        GenerationRequest(tuple(_ids(3, 14)), _copy(kv), GREEDY, namespace="alice"),
         GenerationRequest(tuple(_ids(6, 12)), kv, GREEDY, namespace="bob"),
         GenerationRequest(tuple(_ids(7, 13)), kv, GREEDY, namespace=None),
     ]
@@ -117,7 +122,97 @@ def test_only_one_namespace_shares_and_the_same_tokens_in_another_copy_do(
     want = [_hf_greedy(model, doc + list(r.prompt_ids), GREEDY.max_new_tokens) for r in requests]
     assert [o[0] for o in out] == want
     segments = collections.Counter(seg for seg, _n, _base in spy.admitted)
-    assert sorted(segments.values()) == [1, 1, 2], spy.admitted  # alice's two share; bob and None alone
+    # alice's two of one source share; the unnamed copy, bob and None alone
+    assert sorted(segments.values()) == [1, 1, 1, 2], spy.admitted
+    batch.close()
+
+
+class Shared(batched.BatchObserver):
+    """Counts the decode-step sequences that read a shared prefix in place (what the server's
+    ``kvagent_batch_shared_prefix_size`` observes)."""
+
+    def __init__(self) -> None:
+        self.sequences = 0
+
+    def shared_prefix(self, sequences: int) -> None:
+        self.sequences += sequences
+
+
+def _published(kv: KVCache, name: str) -> KVCache:
+    """``kv`` as a published artifact's decoded KV (named by its bytes)."""
+    return kv.with_source(KVSource(f"artifact:{name}", kv.n_tokens, published=True, artifact=name))
+
+
+def _tampered(kv: KVCache) -> KVCache:
+    """The same token ids with other K/V (as a publisher who checks hashes, not KV, could publish)."""
+    g = torch.Generator().manual_seed(99)
+    return KVCache(
+        keys=tuple(k * 3 + torch.randn(k.shape, generator=g) for k in kv.keys),
+        values=tuple(v * -2 + torch.randn(v.shape, generator=g) for v in kv.values),
+        token_ids=kv.token_ids.clone(),
+    )
+
+
+def test_equal_ids_with_other_kv_never_join_even_in_one_namespace(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attack of issue 34: a tampered artifact with a genuine document's leading ids (another key) kept
+    generating; a request on the genuine one (hosted generation ran every principal in one namespace) must
+    attend to its own K/V: each reply equals its own KV's unbatched generation, nothing shared."""
+    spy = Spy(monkeypatch)
+    model, engine, batch, doc, kv = _tiny_batch(tiny_model, spy, 150, 15)
+    shared = Shared()
+    batch.observer = shared
+    genuine = _published(kv, "g" * 64)
+    bad = _published(_tampered(kv), "b" * 64).truncate(120)  # equal leading ids, a prefix of them
+    long = GenerationParams(max_new_tokens=60)
+    attacker = _tokens_in_background(batch, GenerationRequest(tuple(_ids(4, 40)), bad, long))
+    victims = [GenerationRequest(tuple(_ids(5 + i, 41 + i)), genuine, GREEDY) for i in range(2)]
+    out = _tokens_at_once(batch, victims)
+    attacker.join(120)
+    assert [o[0] for o in out] == [
+        _hf_greedy(model, doc + list(r.prompt_ids), GREEDY.max_new_tokens) for r in victims
+    ]
+    solo = engine.generate(bad, _ids(4, 40), long).token_ids
+    assert attacker.result[0] == solo  # type: ignore[attr-defined]
+    attacker_seg = spy.admitted[0][0]
+    assert all(a[0] != attacker_seg for a in spy.admitted[1:]), spy.admitted
+    assert spy.admitted[1][0] == spy.admitted[2][0]  # the two on the genuine bytes read one copy
+    batch.close()
+
+
+def test_principals_on_one_published_artifact_share_it_and_private_kv_never(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three principals on one published artifact (each its own namespace, each its own decoded copy of the
+    same bytes, one of them only its first 100 positions: a longer prompt starting with the document) read
+    it in place together; a private KV with the same ids in a fourth namespace reads its own. Every reply
+    equals greedy decoding of its own ids."""
+    spy = Spy(monkeypatch)
+    model, engine, batch, doc, kv = _tiny_batch(tiny_model, spy, 150, 16)
+    shared = Shared()
+    batch.observer = shared
+    published = [_published(_copy(kv), "d" * 64) for _ in range(3)]
+    requests = [
+        GenerationRequest(tuple(_ids(4, 50)), published[0], GREEDY, namespace="alice"),
+        GenerationRequest(tuple(_ids(5, 51)), published[1], GREEDY, namespace="bob"),
+        GenerationRequest(tuple(_ids(6, 52)), published[2].truncate(100), GREEDY, namespace="carol"),
+        GenerationRequest(tuple(_ids(7, 53)), engine.prefill(doc), GREEDY, namespace="dave"),
+    ]
+    first = _tokens_in_background(batch, requests[0])  # the first admitted: its copy becomes the segment
+    out = _tokens_at_once(batch, requests[1:])
+    first.join(120)
+    got = [first.result, *out]  # type: ignore[attr-defined]
+    prefixes = [doc, doc, doc[:100], doc]
+    assert [g[0] for g in got] == [
+        _hf_greedy(model, p + list(r.prompt_ids), GREEDY.max_new_tokens)
+        for p, r in zip(prefixes, requests, strict=True)
+    ]
+    seg = spy.admitted[0][0]
+    readers = {(n, base) for s, n, base in spy.admitted[1:] if s == seg}
+    assert readers == {(150, 150), (100, 100)}, spy.admitted  # bob whole, carol her 100 positions
+    assert sum(1 for s, _n, _b in spy.admitted if s == seg) == 3  # dave's private KV is not among them
+    assert shared.sequences > 0
     batch.close()
 
 

@@ -395,3 +395,20 @@ def test_an_entry_replaced_while_it_is_read_still_reads_whole(tmp_path: Path) ->
     with open(path, "rb") as fh:
         path.unlink()
         assert bytes(_map(fh)) == data
+
+
+def test_drop_derived_deletes_an_artifact_and_its_copies_and_theirs_across_reopens(tmp_path: Path) -> None:
+    """Copies recorded as derived from a published artifact (and copies of those) are deleted with it, also
+    by a store opened later on the same directory; an unrelated artifact stays."""
+    headers = [make_artifact(make_kv(tokens=8 + i, seed=i)) for i in range(4)]
+    src, copy, copy2, other = (h.key for h, _ in headers)
+    with KVStore(tmp_path / "s") as store:
+        store.put(*headers[0])
+        store.put(*headers[1], derived_from=src)
+        store.put(*headers[2], derived_from=copy)
+        store.put(*headers[3])
+        assert store.derived_from(copy) == src and store.derived_from(other) is None
+    with KVStore(tmp_path / "s") as store:
+        assert sorted(store.drop_derived(src)) == sorted([src, copy, copy2])
+        assert [k in store for k in (src, copy, copy2, other)] == [False, False, False, True]
+        assert store.derived_from(copy) is None and store.drop_derived(src) == [src]

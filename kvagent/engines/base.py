@@ -60,9 +60,10 @@ class GenerationRequest:
     #: cost model; engines that cannot time them alone (another sequence shared one) never call it
     on_prompt_forwards: Callable[[tuple[PromptForward, ...]], object] | None = None
     #: the request's cache namespace (a server-derived salt for a principal's private prompts; None: the
-    #: shared namespace): an engine shares KV only between requests of the same namespace (the batching
-    #: engine's shared prefixes; an engine that resolves the prompt's KV itself, ``resolves_prefix``, also
-    #: reads unsalted published KV)
+    #: shared namespace; every front door sets it): an engine shares private KV only between requests of the
+    #: same namespace (the batching engine's shared prefixes share across namespaces only the bytes of a
+    #: published artifact, named by ``prefix.source``; an engine that resolves the prompt's KV itself,
+    #: ``resolves_prefix``, also reads unsalted published KV)
     namespace: str | None = None
     #: the published KV the caller may read (the server's own registry, entitlements applied), for an engine
     #: that resolves the prompt's KV itself; None: only what the engine finds on its own

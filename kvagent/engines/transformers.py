@@ -15,17 +15,25 @@ only if no other sequence shared its forwards: times of its own). The K/V of a s
 sized for its prompt plus ``max_new_tokens``, written in place (the prefix copied in once, then each chunk
 and each decoded token after it: no concatenation per chunk or per step).
 
-Sequences of one cache namespace that resume from one prefix (many agents asking about one cached document)
-read it in place (a :class:`_Segment`): their buffers start after it, and each step attends every member's
+Sequences that resume from one prefix KV (many agents asking about one cached document) read it in place (a
+:class:`_Segment`): their buffers start after it, and each step attends every member's
 queries to the shared prefix in one call, then each member's to its own K/V, merging the two partial
 softmaxes by their log-sum-exp (:func:`_cascade`). At ~4k tokens a decode step otherwise reads every
 sequence's copy of the document's K/V, the memory-bound part of a batched step. The merge equals one call over
 the whole K/V up to float rounding, not bit for bit: the first sequence on a prefix holds a copy of it and,
 while no other shares it, is attended to plainly, bitwise as without batching; in a group (or reading a
 prefix whose first reader left) a sequence's logits may differ from its solo run in the last bits, as with
-the batched linear layers (every reply still equals greedy decoding of its own ids in the tests). Requests of
-different namespaces never share: whether another principal has a prompt cached does not change how a
-request is computed.
+the batched linear layers (every reply still equals greedy decoding of its own ids in the tests).
+
+A segment is keyed by what its KV *is*, never by token ids: the prefix's :class:`~kvagent.kv.KVSource` names
+the bytes its leading positions copy (a published artifact's checksum-verified payload, a store entry's, or
+one computation here) and how many positions it names. A sequence reads another's segment only where both
+name the same source over the shared positions (and their ids agree). A published artifact's bytes are the
+same for every principal entitled to it (public or granted), so their sequences read its one copy together,
+whatever their namespaces; any other KV (a principal's salted prompt cache, a private save, a prompt KV
+computed here) is shared only between requests of the same namespace, never across namespaces. A prefix with
+the same leading ids but other K/V (another artifact, a tampered copy), or a KV whose source is unknown,
+reads nothing but its own copy.
 
 New requests join between steps; a cancelled request leaves before the next step. ``max_batch`` bounds the
 sequences admitted (decoding or being prefilled); further requests wait in submission order. One scheduler
@@ -51,7 +59,7 @@ import torch
 
 from ..engine import GenerationParams, TransformersEngine, pick_token
 from ..errors import EngineError
-from ..kv import KVCache
+from ..kv import KVCache, extended_source
 from ..memory import shared_prefix
 from ..textstream import TextStream
 from .base import Finish, FinishReason, GenerationRequest, PromptForward, Sink, Token, Usage
@@ -121,15 +129,34 @@ class _Seq:
 
 @dataclass(eq=False)
 class _Segment:
-    """A prefix KV that several sequences of one cache namespace resume from, read in place by all of them:
-    their decode steps (and prompt-tail chunks) attend to it in one call for the group, each then to its own
-    buffers, the two results merged by their log-sum-exp (see :func:`_cascade`), so the prefix is read once
-    per step for the group instead of once per sequence. Views of the first request's prefix (immutable)."""
+    """A prefix KV that several sequences resume from, read in place by all of them: their decode steps (and
+    prompt-tail chunks) attend to it in one call for the group, each then to its own buffers, the two results
+    merged by their log-sum-exp (see :func:`_cascade`), so the prefix is read once per step for the group
+    instead of once per sequence. Views of the first request's prefix (immutable).
+
+    ``identity`` says what its first ``named`` positions are (:func:`_identity`): only a sequence whose prefix
+    has the same identity reads them, and never more of them than both prefixes name."""
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
     token_ids: torch.Tensor
-    namespace: str | None
+    identity: tuple[str, ...]
+    named: int
+
+
+def _identity(request: GenerationRequest) -> tuple[tuple[str, ...], int] | None:
+    """What ``request``'s prefix KV is, as a segment is keyed, and over how many leading positions: the bytes
+    of a published artifact (``("published", digest)``: the same for every principal entitled to it), else
+    KV private to the request's namespace (``("private", namespace, digest)``); None when the prefix's
+    source is unknown (never shared). Never its token ids: equal ids with other K/V are another identity."""
+    prefix = request.prefix
+    src = prefix.source if prefix is not None else None
+    if prefix is None or src is None:
+        return None
+    named = min(src.n, prefix.n_tokens)
+    if src.published:
+        return ("published", src.digest), named
+    return ("private", request.namespace or "", src.digest), named
 
 
 @dataclass
@@ -299,18 +326,19 @@ def _cascade(
 
 
 def _segment_for(
-    live: Sequence[_Seq], prefix: KVCache, namespace: str | None
+    live: Sequence[_Seq], prefix: KVCache, identity: tuple[str, ...], named: int
 ) -> tuple[_Segment | None, int]:
-    """The segment of a ``live`` sequence of ``namespace`` sharing the most leading tokens with ``prefix``
-    (at least ``SHARE_MIN``), and how many."""
+    """The segment of a ``live`` sequence with ``identity`` (see :func:`_identity`) that ``prefix`` (named
+    over its first ``named`` positions) shares the most leading positions with (at least ``SHARE_MIN``), and
+    how many: positions both name, whose ids agree."""
     best: tuple[_Segment | None, int] = (None, 0)
     seen: set[int] = set()
     for s in live:
         seg = s.segment
-        if seg is None or id(seg) in seen or seg.namespace != namespace:
+        if seg is None or id(seg) in seen or seg.identity != identity:
             continue
         seen.add(id(seg))
-        m = min(shared_prefix(seg.token_ids, prefix.token_ids), prefix.n_tokens)
+        m = min(shared_prefix(seg.token_ids, prefix.token_ids), named, seg.named)
         if m >= SHARE_MIN and m > best[1]:
             best = (seg, m)
     return best
@@ -409,9 +437,9 @@ def _register() -> None:
 class TransformersBatchEngine:
     """The :class:`~kvagent.engines.base.GenerationEngine` over a :class:`~kvagent.engine.TransformersEngine`:
     continuous batching of up to ``max_batch`` sequences. ``tokenizer`` is needed for stop strings;
-    ``prefill_chunk``: prompt-tail tokens prefilled per step; ``share_prefix``: sequences of one cache
-    namespace resuming from one prefix read it in place, attended to together (where the model's attention
-    allows it; probed)."""
+    ``prefill_chunk``: prompt-tail tokens prefilled per step; ``share_prefix``: sequences resuming from one
+    prefix KV (the same source, see the module docstring) read it in place, attended to together (where the
+    model's attention allows it; probed)."""
 
     #: the prompt-turn core resolves the prompt's KV and hands it over as ``GenerationRequest.prefix``
     resolves_prefix = False
@@ -566,20 +594,25 @@ class TransformersBatchEngine:
         self._prefilling.append(seq)
 
     def _buffers(self, seq: _Seq, live: Sequence[_Seq] | None = None, share: bool | None = None) -> None:
-        """``seq``'s K/V buffers, sized for its prompt and its generation. A prefix that a live sequence of
-        the same namespace already reads as a segment (at least ``SHARE_MIN`` leading tokens in common) is
+        """``seq``'s K/V buffers, sized for its prompt and its generation. A prefix whose leading positions
+        a live sequence already reads as a segment of the same identity (:func:`_identity`: the same published
+        bytes, or the same private KV of the same namespace; at least ``SHARE_MIN`` positions both name) is
         read from there in place: the buffers start after it, with the rest of the prefix copied in. Else the
-        prefix is copied in whole, and becomes a segment later sequences may share. ``live``: the sequences
-        whose segments may be shared (None: the batch's); ``share``: whether to share (None: as probed)."""
+        prefix is copied in whole, and becomes a segment later sequences of its identity may share (none
+        when its source is unknown). ``live``: the sequences whose segments may be shared (None: the
+        batch's); ``share``: whether to share (None: as probed)."""
         req, eng = seq.request, self.engine
         prefix = req.prefix
         n = prefix.n_tokens if prefix is not None else 0
-        if prefix is not None and (self._shares if share is None else share) and n >= SHARE_MIN:
+        ident = _identity(req)
+        shares = self._shares if share is None else share
+        if prefix is not None and ident is not None and shares and n >= SHARE_MIN:
+            identity, named = ident
             if live is None:
                 live = (*self._active, *self._prefilling)
-            seg, m = _segment_for(live, prefix, req.namespace)
+            seg, m = _segment_for(live, prefix, identity, named)
             if seg is None:
-                seg, m = _Segment(prefix.keys, prefix.values, prefix.token_ids, req.namespace), n
+                seg, m = _Segment(prefix.keys, prefix.values, prefix.token_ids, identity, named), n
             else:
                 seq.base = m
             seq.segment, seq.seg_n = seg, m
@@ -701,7 +734,10 @@ class TransformersBatchEngine:
                 torch.cat([s[:, :, :base], v[:, :, : n - base]], dim=2)
                 for s, v in zip(seg.values, seq.values, strict=True)
             )
-        return KVCache(keys=keys, values=values, token_ids=prompt)
+        # its first positions are its prefix's bytes (a segment read in place has the same, by its identity)
+        return KVCache(keys=keys, values=values, token_ids=prompt).with_source(
+            extended_source(seq.request.prefix, int(prompt.numel()))
+        )
 
     def _emit(self, seq: _Seq, logits: torch.Tensor, before_finish: Callable[[], None] | None = None) -> bool:
         """Pick and send ``seq``'s next token; whether it goes on."""

@@ -140,7 +140,8 @@ class PromptTurns:
         if not reuse or len(ids) == 1:
             reason = "KV reuse disabled: full prefill" if not reuse else "one-token prompt"
             info = CacheInfo("disabled" if not reuse else "prefill", reason, 0, len(ids))
-            return Turn(ids, GenerationRequest(tuple(ids), None, params, tuple(stops)), info)
+            request = GenerationRequest(tuple(ids), None, params, tuple(stops), namespace=namespace)
+            return Turn(ids, request, info)
         if min_save_tokens is not None:
             resolve["min_save_tokens"] = min_save_tokens if keep else len(ids) + 1
         if self.engine_prefills:  # reuse only: what no tier covers is prefilled by the engine, in chunks

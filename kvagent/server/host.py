@@ -13,7 +13,7 @@ from .. import artifact as art
 from ..engine import GenerationParams
 from ..engines import Cancel, EngineContext, EngineFactory, GenerationRequest, Sink
 from ..engines.plugins import transformers_engine
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, StoreError
 from ..kv import KVCache
 from ..models import EMBEDDED_NAMES, ensure_embedded, load_model
 from ..runtime import Runtime, build_runtime
@@ -85,7 +85,10 @@ class ModelHost:
             if kv is not None:
                 self._kvs.move_to_end(cache_id)
                 return kv
-        kv = art.decode(read(blob), expect=art.Expectation(key=key)).kv
+        decoded = art.decode(read(blob), expect=art.Expectation(key=key))
+        # named by its checked bytes: every principal entitled to it reads the same KV, so the batching engine
+        # may let their sequences read one copy (never another artifact with the same ids)
+        kv = decoded.kv.with_source(art.published_source(decoded.header))
         if self._capacity:
             with self._kv_lock:
                 self._kvs[cache_id] = kv
@@ -94,22 +97,34 @@ class ModelHost:
         return kv
 
     def forget(self, key: str) -> None:
+        """Drop every copy of published artifact ``key`` this host keeps (it was deleted or quarantined): the
+        decoded one, and through the resolver every copy derived from it in any namespace (memory entries,
+        prompt saves and staged copies in the local store), and whatever the engine keeps of it (its
+        ``forget``, when it has one: vLLM's prefix cache)."""
         with self._kv_lock:
             for cid in [c for c in self._kvs if c.startswith(key + ":")]:
                 del self._kvs[cid]
+        try:
+            self.agent.resolver.purge(key)
+        except StoreError:  # the artifact is gone already; its stored copies stay until the next purge
+            log.exception("could not drop the stored copies of %s…", key[:16])
+        forget = getattr(self.batch, "forget", None)
+        if callable(forget):
+            forget(key)
 
     def generate(self, kv: KVCache, suffix_ids: Sequence[int], params: GenerationParams, sink: Sink,
                  cancel: Cancel, namespace: str | None = None) -> None:
         """Continue from a published artifact's ``kv`` with ``suffix_ids``: Token events, then one Finish, to
-        ``sink``. ``namespace``: the caller's private cache namespace (an engine that resolves prompts
-        itself keeps the caller's suffix in it). Raises EngineError for a request the model cannot run."""
+        ``sink``. ``namespace``: the caller's private cache namespace, carried by the request (an engine that
+        resolves prompts itself keeps the caller's suffix in it; the batching engine shares ``kv`` only as the
+        published bytes it is). Raises EngineError for a request the model cannot run."""
         if getattr(self.batch, "resolves_prefix", False):
             # such an engine takes whole prompts: it recomputes the artifact's tokens (or finds them in
             # its own cache), see docs/server.md
             ids = (*(int(t) for t in kv.token_ids.tolist()), *suffix_ids)
             request = GenerationRequest(ids, None, params, namespace=namespace)
         else:
-            request = GenerationRequest(tuple(suffix_ids), kv, params)
+            request = GenerationRequest(tuple(suffix_ids), kv, params, namespace=namespace)
         cancel.attach(self.batch.submit(request, sink))
 
     def warm_up(self) -> None:

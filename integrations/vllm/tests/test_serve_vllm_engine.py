@@ -193,6 +193,34 @@ def test_a_document_published_to_this_server_is_reused_by_those_who_may_see_it(
     assert audit["total"] == 0 and audit["unbalanced"] == [], audit
 
 
+def test_a_deleted_document_is_not_reused_from_a_staged_copy_or_vllms_cache(
+    server: Any, paragraphs: list[str], reference_model: Any, tmp_path: Path
+) -> None:
+    """Issue 34: alice's public document, staged in bob's namespace for his chat (and in vLLM's prefix cache,
+    salted by his namespace), is reused by neither once alice deletes it: the staged copy goes with the
+    artifact, and vLLM's prefix cache is reset."""
+    from kvagent import KVAgent
+
+    body = text_of(paragraphs, 41, 700, reference_model[1])
+    publisher = KVAgent(cache_dir=tmp_path / "pub", registry_url=server.url, token=ALICE, calibration=False)
+    try:
+        doc = publisher.read(body)
+        handle = publisher.publish(doc, "public")
+    finally:
+        publisher.close()
+    most = len(doc.token_ids) - 128  # vLLM's CPU backend reuses whole 128-token blocks
+    msgs = ask("What is this text about?", body)
+    c = client(server, BOB)
+    first = c.chat.completions.create(model="smollm2", messages=msgs, temperature=0, max_tokens=8)
+    assert first.usage.prompt_tokens_details.cached_tokens >= most, first.model_extra["kvagent"]
+    r = httpx.delete(f"{server.url}/v1/artifacts/{handle.key}", headers={"Authorization": f"Bearer {ALICE}"},
+                     timeout=60)
+    assert r.status_code == 204, r.text
+    after = c.chat.completions.create(model="smollm2", messages=msgs, temperature=0, max_tokens=8)
+    assert after.usage.prompt_tokens_details.cached_tokens < 64, after.model_extra["kvagent"]
+    assert after.choices[0].message.content == reference(reference_model, msgs, 8)
+
+
 def test_private_prompts_stay_with_their_principal(
     server: Any, paragraphs: list[str], reference_model: Any
 ) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from kvagent import Config, KeyContext, KVAgent, KVCache, KVStore
+from kvagent import Config, KeyContext, KVAgent, KVAgentError, KVCache, KVStore
 from kvagent.policy import PolicyParams
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -77,6 +77,9 @@ class SaveSpec:
     token_ids: tuple[int, ...]
     block_ids: tuple[int, ...]
     namespace: str | None
+    #: the artifact whose KV the prompt's loaded blocks copy (a copy staged in the caller's namespace names
+    # the published artifact it came from), recorded with the save so that deleting that artifact reaches it
+    derived_from: str | None = None
 
 
 @dataclass
@@ -249,8 +252,20 @@ class KVAgentConnector(KVConnectorBase_V1):
                 tracked.saved = True
                 computed = prompt - tracked.local - tracked.external
                 if computed >= self.settings.min_save_tokens:
-                    meta.saves.append(SaveSpec(req_id, tracked.token_ids, block_ids, tracked.namespace))
+                    meta.saves.append(SaveSpec(req_id, tracked.token_ids, block_ids, tracked.namespace,
+                                               self._derived_from(tracked)))
         return meta
+
+    def _derived_from(self, tracked: _Tracked) -> str | None:
+        """The artifact a prompt's saved KV copies where the connector loaded blocks for it: the published
+        artifact a staged copy came from, else the loaded artifact itself."""
+        match = tracked.match
+        if match is None or not tracked.external or not match.key or self._agent is None:
+            return None
+        try:
+            return self._agent.store.derived_from(match.key) or match.key
+        except KVAgentError:
+            return match.key
 
     def _block_ids(self, req_id: str) -> tuple[int, ...]:
         if self._kv_cache_manager is None:
@@ -392,7 +407,8 @@ class KVAgentConnector(KVConnectorBase_V1):
                 values=tuple(layers[i][1] for i in order),
                 token_ids=torch.as_tensor(spec.token_ids, dtype=torch.int64),
             )
-            self._saver.submit(SaveRequest(kv, meta.context, spec.namespace, meta.index_block_size))
+            self._saver.submit(SaveRequest(kv, meta.context, spec.namespace, meta.index_block_size,
+                                           spec.derived_from))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

@@ -194,6 +194,7 @@ class VLLMEngine:
         self.max_positions: int | None = int(self._llm.model_config.max_model_len)
         self._vocab = int(self._llm.model_config.get_vocab_size())
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._reset_for: str | None = None  # an artifact forgotten: vLLM's prefix cache is to be reset
         self._active: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._dead: BaseException | None = None
@@ -228,6 +229,12 @@ class VLLMEngine:
         rid = f"kvagent-{next(self._ids)}"
         self._inbox.put(("add", _Request(rid, replace_ids(request, ids), sink)))
         return _Handle(self, rid)
+
+    def forget(self, key: str) -> None:
+        """Published artifact ``key`` was deleted or quarantined (``ModelHost.forget``): reset vLLM's prefix
+        cache, which may hold blocks computed from a staged copy of it and cannot drop one artifact's blocks
+        alone (done on the engine's thread, once no running request holds blocks)."""
+        self._inbox.put(("reset", key))
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish what runs ("cancelled"), stop the loop and vLLM's engine core."""
@@ -274,12 +281,29 @@ class VLLMEngine:
                         return
                     if kind == "add":
                         self._add(item)
+                    elif kind == "reset":
+                        self._reset_for = item
                     else:
                         self._abort(item)
             except queue.Empty:
                 pass
+            if self._reset_for is not None:
+                self._reset()
             if self._active:
                 self._step()
+
+    def _reset(self) -> None:
+        """Reset vLLM's prefix cache for a forgotten artifact; vLLM refuses while running requests hold
+        blocks, so this is tried again after each step until it succeeds."""
+        key = str(self._reset_for)[:16]
+        try:
+            done = self._llm.reset_prefix_cache()
+        except Exception:  # noqa: BLE001 - vLLM without the call, or a failed core: logged, not retried
+            log.exception("could not reset vLLM's prefix cache after %s… was forgotten", key)
+            done = True
+        if done is not False:
+            log.info("reset vLLM's prefix cache: %s… was deleted or quarantined", key)
+            self._reset_for = None
 
     def _shut(self) -> None:
         """Cancel everything running or still queued (each gets its one Finish)."""

@@ -38,6 +38,7 @@ class SaveRequest:
     context: KeyContext
     namespace: str | None
     index_block_size: int  # kvagent's prefix-index block size (block hashes for the store)
+    derived_from: str | None = None  # the artifact its leading KV copies (``KVStore.put(derived_from=)``)
 
 
 class ArtifactSaver:
@@ -90,7 +91,8 @@ class ArtifactSaver:
                 publisher=self.settings.publisher,
                 engine=self.engine,
             )
-            self.store.put(header, parts, block_hashes(ctx, ids, req.index_block_size))
+            self.store.put(header, parts, block_hashes(ctx, ids, req.index_block_size),
+                           derived_from=req.derived_from)
         except (ArtifactError, StoreError) as exc:
             log.warning(
                 "could not keep the KV of a %d-token prompt (answers are unaffected): %s", len(ids), exc
