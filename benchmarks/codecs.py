@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from kvagent import KVAgent, KVCache
-from kvagent.codecs import CODECS
-from kvagent.engine import GenerationParams
+from kvagent.artifacts.codecs import CODECS
+from kvagent.engines.params import GenerationParams
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 QUESTIONS = ["Who founded the company?", "How much is a single adult fare?", "What happens to lost property?",

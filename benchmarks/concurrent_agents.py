@@ -410,8 +410,8 @@ def publish(srv: Server, doc: str, cache_dir: Path) -> str:
     an agent on another machine would); its key."""
     from kvagent import KVAgent
     from kvagent.config import Config
+    from kvagent.costs.policy import PolicyParams
     from kvagent.models import load_model
-    from kvagent.policy import PolicyParams
 
     loaded = load_model(None, Config.resolve().models_dir)
     agent = KVAgent(loaded.model, tokenizer=loaded.tokenizer, cache_dir=cache_dir, registry_url=srv.url,

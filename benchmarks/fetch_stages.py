@@ -36,7 +36,7 @@ FORCED = dict(min_tokens=0, prefill_tokens_per_s=1.0, bandwidth_bytes_per_s=1e15
 
 def read_once(model: Any, tokenizer: Any, text: str, url: str, cache_dir: str) -> dict[str, Any]:
     from kvagent import KVAgent
-    from kvagent.policy import PolicyParams
+    from kvagent.costs.policy import PolicyParams
 
     agent = KVAgent(model, tokenizer=tokenizer, cache_dir=cache_dir, registry_url=url, token=TOKEN,
                     policy=PolicyParams(**FORCED), publish=False)  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvagent import market as mk
+from kvagent.costs import market as mk
 from kvagent.server.ledger import Ledger
 from kvagent.server.meta import MetaStore, PostgresMeta, SQLiteMeta
 

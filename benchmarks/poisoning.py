@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from kvagent import KVAgent
-from kvagent.engine import GenerationParams
-from kvagent.kv import KVCache
-from kvagent.verification import verify_kv
+from kvagent.engines.params import GenerationParams
+from kvagent.kvcache.tensors import KVCache
+from kvagent.tiers.verification import verify_kv
 
 QUESTION = "Who founded the company?"
 ANSWER = GenerationParams(max_new_tokens=8, stop_token_ids=())

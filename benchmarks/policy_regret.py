@@ -20,8 +20,8 @@ One run, real processes, a real registry (``python -m kvagent.server`` on loopba
     python -m benchmarks.policy_regret [--lengths 256,512,1024,2048,4096] [--throttle-mbps 10] [--repeats 3]
     python -m benchmarks.policy_regret --endpoint-only [--endpoint-lengths 512,1024,2048] [--history 5]
 
-The default column measures the policy the resolver uses: with ``kvagent.calibration.CostModel`` wired
-into ``kvagent.resolver`` it is the calibrated one; before that, the in-process rates and built-in
+The default column measures the policy the resolver uses: with ``kvagent.costs.calibration.CostModel`` wired
+into ``kvagent.reuse.resolver`` it is the calibrated one; before that, the in-process rates and built-in
 constants (the JSON records which). Times are ``KVAgent.read`` wall time, model load excluded.
 """
 
@@ -137,7 +137,7 @@ def stalled_registry() -> str:
 def child(args: argparse.Namespace) -> int:
     """One new process: read documents with one policy; print one JSON line per read."""
     from kvagent import KVAgent
-    from kvagent.policy import PolicyParams
+    from kvagent.costs.policy import PolicyParams
 
     params = {
         "default": PolicyParams(),

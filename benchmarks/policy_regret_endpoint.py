@@ -80,8 +80,8 @@ def prediction_share(url: str) -> dict[str, Any]:
 
 def distribution(calibration: Path) -> dict[str, Any]:
     """Every decision a host checked against its cost (its calibration file's outcomes): the distribution of
-    actual/predicted (``kvagent.calibration.prediction_errors``) and the decisions outside 2x."""
-    from kvagent.calibration import CalibrationFile, prediction_errors
+    actual/predicted (``kvagent.costs.calibration.prediction_errors``) and the decisions outside 2x."""
+    from kvagent.costs.calibration import CalibrationFile, prediction_errors
 
     rows = CalibrationFile(calibration).read()["outcomes"]
     out = prediction_errors(rows)
@@ -116,8 +116,8 @@ def endpoint_regret(lengths: list[int], repeats: int, history: int, work: Path,
     """The chat endpoint's regret table (see the module docstring); ``documents(lengths, dir, tag)`` writes
     the texts."""
     from kvagent import KVAgent
-    from kvagent.calibration import OUTCOME_FLUSH_S
-    from kvagent.policy import PolicyParams
+    from kvagent.costs.calibration import OUTCOME_FLUSH_S
+    from kvagent.costs.policy import PolicyParams
 
     servers: dict[str, ServerProcess] = {}
     calibration = {mode: work / f"host-{mode}-calibration.json" for mode in MODES}  # fresh, one per host

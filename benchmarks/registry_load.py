@@ -31,9 +31,9 @@ from urllib.parse import urljoin
 
 import torch
 
-from kvagent import artifact as art
-from kvagent.kv import KVCache
-from kvagent.registry import RegistryClient
+from kvagent.artifacts import format as art
+from kvagent.client.registry import RegistryClient
+from kvagent.kvcache.tensors import KVCache
 
 TOKENS = {"tok-publisher": {"principal": "publisher", "publish": True},
           "tok-reader": {"principal": "reader", "publish": False}}

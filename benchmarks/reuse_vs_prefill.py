@@ -33,8 +33,9 @@ from typing import Any
 import torch
 
 from kvagent import KVAgent
-from kvagent import artifact as art
-from kvagent.engine import GenerationParams, TransformersEngine
+from kvagent.artifacts import format as art
+from kvagent.engines.hf import TransformersEngine
+from kvagent.engines.params import GenerationParams
 
 PAPER_LENGTHS = [255, 485, 945, 1888, 3774]
 ONE_TOKEN = GenerationParams(max_new_tokens=1, stop_token_ids=())
@@ -154,7 +155,7 @@ COLD_STAGES = ("key", "lookup", "encode", "store")
 
 def cold_breakdown(agent: KVAgent, ids: list[int], kv: Any) -> dict[str, float]:
     """Seconds per stage a cold read adds to its prefill: key, store lookup (a miss), encode, store write."""
-    from kvagent.resolver import block_hashes
+    from kvagent.reuse.resolver import block_hashes
 
     forget_document(agent, ids)
     t: dict[str, float] = {}

@@ -93,7 +93,7 @@ def main() -> None:
     from kvagent import KVAgent, KVStore, block_hashes
     from kvagent.config import Config
     from kvagent.models import ensure_embedded
-    from kvagent.verification import verify_kv
+    from kvagent.tiers.verification import verify_kv
     from tests.registry_server import start_server
 
     work = Path(tempfile.mkdtemp(prefix="kvagent-vllm-bench-"))

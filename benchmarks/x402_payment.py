@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvagent import market as mk
+from kvagent.costs import market as mk
 from kvagent.payments import SpendCaps, Wallet, X402Terms
 from kvagent.payments.payer import Payer
 from kvagent.server import x402_flow

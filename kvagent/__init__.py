@@ -8,23 +8,26 @@ Public API::
     agent.ask(doc, "What changed in 2024?")
 """
 
-from .agent import Answer, CacheInfo, DocumentHandle, KVAgent, VerifyReport
-from .artifact import Artifact, ArtifactHeader, Expectation, Limits
+from typing import TYPE_CHECKING
+
+from . import _moved
+from .agent import Answer, DocumentHandle, KVAgent, VerifyReport
+from .artifacts.format import Artifact, ArtifactHeader, Expectation, Limits
+from .artifacts.source import RegistrySource
+from .chat.turn import Cached, Guided, PromptTurns, Turn
 from .config import Config
-from .engine import Generation, GenerationParams, TransformersEngine
 from .engines import (
-    Cached,
     Cancel,
     Finish,
     GenerationEngine,
     GenerationRequest,
-    Guided,
-    PromptTurns,
     Token,
     TransformersBatchEngine,
-    Turn,
     Usage,
 )
+from .engines.hf import Generation, TransformersEngine
+from .engines.params import GenerationParams
+from .engines.textstream import TextStream, scan_stops
 from .errors import (
     ArtifactError,
     ArtifactFormatError,
@@ -40,20 +43,15 @@ from .errors import (
     StoreError,
     UnsupportedModelError,
 )
-from .identity import FORMAT_VERSION, KeyContext, block_hashes, document_key, salted
-from .kv import KVCache, KVLayout
-from .resolver import (
-    ClientSource,
-    KVMemory,
-    RegistrySource,
-    Resolution,
-    Resolver,
-    ResolverSettings,
-    shared_prefix,
-)
+from .kvcache.identity import FORMAT_VERSION, KeyContext, block_hashes, document_key, salted
+from .kvcache.prefix import shared_prefix
+from .kvcache.tensors import KVCache, KVLayout
+from .reuse.info import CacheInfo
+from .reuse.resolver import ClientSource, KVMemory, Resolution, Resolver, ResolverSettings
 from .runtime import Runtime, build_runtime
-from .store import KVStore
-from .textstream import TextStream, scan_stops
+from .tiers.store import KVStore
+
+_moved.install()  # the old deep paths (kvagent.engine, ...), for one release
 
 __version__ = "0.1.0"
 
@@ -116,3 +114,12 @@ __all__ = [
     "scan_stops",
     "shared_prefix",
 ]
+
+
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:
+        """Names and modules that moved out of this package: importable for one release, with a warning."""
+        from ._moved import moved_attribute
+
+        return moved_attribute(__name__, name)

@@ -1,7 +1,7 @@
 """The KVAgent facade: read a document once, answer many questions from its cached KV.
 
 It only composes the parts: a model (``models``), an engine (``engine``), a prompt template
-(``prompt``), and the :class:`~kvagent.resolver.Resolver`, which finds or computes a KV through the
+(``prompt``), and the :class:`~kvagent.reuse.resolver.Resolver`, which finds or computes a KV through the
 tiers (this process's memory, the local store, the registry when configured, a cached prefix, then
 prefill) — the same resolver the LangChain models and the OpenAI-compatible endpoint use.
 """
@@ -16,8 +16,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .chat.prompt import PromptTemplate
 from .config import Config
-from .engine import Generation, GenerationParams
+from .engines.hf import Generation
+from .engines.params import GenerationParams
+from .engines.textstream import TextStream
 from .errors import (
     ArtifactError,
     ConfigError,
@@ -27,16 +30,16 @@ from .errors import (
     RegistryNotImplementedError,
     RegistryPaymentRequiredError,
 )
-from .identity import token_tuple
-from .kv import KVCache
+from .kvcache.identity import token_tuple
+from .kvcache.tensors import KVCache
 from .models import LoadedModel
-from .prompt import PromptTemplate
-from .resolver import CacheInfo, Resolution
+from .reuse.info import CacheInfo
+from .reuse.resolver import Resolution
 from .runtime import Progress, Runtime, build_runtime
-from .textstream import TextStream
 
 if TYPE_CHECKING:  # the registry client is imported only when a registry is configured
-    from .registry import Handle, RegistryClient
+    from .artifacts.source import Handle
+    from .client.registry import RegistryClient
 
 log = logging.getLogger("kvagent")
 

@@ -375,7 +375,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def _store(args: argparse.Namespace) -> Any:
     from .config import Config
-    from .store import KVStore
+    from .tiers.store import KVStore
 
     cfg = Config.from_env(cache_dir=args.cache_dir)
     return KVStore(cfg.store_dir, size_limit=cfg.cache_size_bytes)
@@ -454,17 +454,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from rich.table import Table
 
-    from . import calibration as cal
     from .config import Config
+    from .costs import calibration as cal
 
     cfg = Config.from_env(model=args.model, cache_dir=args.cache_dir, registry_url=args.registry,
                           registry_token=args.token)
     store = cal.CalibrationFile(cal.default_path(cfg.cache_dir))
     rows: list[dict[str, Any]] = []
     if not args.show:
-        from .engine import TransformersEngine
+        from .client.registry import RegistryClient
+        from .engines.hf import TransformersEngine
         from .models import load_model
-        from .registry import RegistryClient
 
         loaded = load_model(cfg.model, cfg.models_dir, dtype=cfg.dtype)
         engine = TransformersEngine(loaded.model)
@@ -564,9 +564,9 @@ def cmd_economics(args: argparse.Namespace) -> int:
 
 # -- account -----------------------------------------------------------------------------------
 def _registry(args: argparse.Namespace) -> Any:
+    from .client.registry import RegistryClient
     from .config import Config
     from .errors import ConfigError
-    from .registry import RegistryClient
 
     cfg = Config.from_env(registry_url=args.registry, registry_token=args.token)
     if cfg.registry_url is None:

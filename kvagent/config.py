@@ -14,11 +14,11 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .costs.market import DEFAULT_PREFILL_MICROS_PER_TOKEN
 from .errors import ConfigError
-from .market import DEFAULT_PREFILL_MICROS_PER_TOKEN
 
 if TYPE_CHECKING:
-    from .policy import PolicyParams
+    from .costs.policy import PolicyParams
 
 DEFAULT_MODEL = "smollm2"
 PUBLISH_CHOICES = (False, True, "public", "restricted")
@@ -67,7 +67,7 @@ def _env_str(_name: str, raw: str) -> str:
 
 
 def _env_money(name: str, raw: str) -> int:
-    from .market import amount
+    from .costs.market import amount
 
     return amount(raw, name)
 
@@ -89,7 +89,7 @@ def _env_policy(name: str, raw: str) -> PolicyParams:
     rest keep their defaults). An unknown or malformed setting is an error, never ignored."""
     import typing
 
-    from .policy import PolicyParams
+    from .costs.policy import PolicyParams
 
     hints = typing.get_type_hints(PolicyParams)
     values: dict[str, Any] = {}
@@ -130,7 +130,7 @@ class Config:
 
     ``cache_dir`` holds the local KV store (``<cache_dir>/kv``) and the calibration file; ``models_dir``
     holds converted models (the user cache dir by default, shared by every cache_dir, so the embedded model
-    converts once). Money is in integer micro-units of the registry's currency (``kvagent.market``).
+    converts once). Money is in integer micro-units of the registry's currency (``kvagent.costs.market``).
     """
 
     # the model
@@ -166,7 +166,7 @@ class Config:
     publisher: str | None = _opt(None, env="KVAGENT_PUBLISHER")
     # publish what is computed: True ("restricted"), "public" or "restricted"
     publish: bool | str = _opt(False)
-    # the cost policy's settings (None: kvagent.policy's defaults)
+    # the cost policy's settings (None: kvagent.costs.policy's defaults)
     policy: PolicyParams | None = _opt(None, env="KVAGENT_POLICY", parse=_env_policy)
     # money, integer micro-units: None = no limit
     max_price_per_load: int | None = _opt(None, env="KVAGENT_MAX_PRICE_PER_LOAD", parse=_env_money)
@@ -217,8 +217,8 @@ class Config:
 
     def _checked(self) -> Config:
         """Normalise types (paths, money, keys) and refuse bad values with what was expected."""
-        from .codecs import ARTIFACT_CODECS
-        from .market import amount
+        from .artifacts.codecs import ARTIFACT_CODECS
+        from .costs.market import amount
 
         norm: dict[str, Any] = {
             "cache_dir": Path(self.cache_dir).expanduser(), "models_dir": Path(self.models_dir).expanduser(),

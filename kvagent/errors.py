@@ -23,9 +23,9 @@
     │   ├── PaymentDeclined        this agent will not pay: over its caps, or the offer is not payable
     │   ├── PaymentInvalid         the facilitator refused the signed payment at verification
     │   └── SettlementFailed       a verified payment did not settle on chain (nothing was served)
-    └── RegistryError          the remote registry refused or failed (see kvagent.registry)
+    └── RegistryError          the remote registry refused or failed (see kvagent.client.registry)
         ├── RegistryUnavailableError  unreachable, timed out, 5xx or 429 (retried)
-        │   └── RegistrySkippedError  not asked: its circuit breaker is open (kvagent.calibration)
+        │   └── RegistrySkippedError  not asked: its circuit breaker is open (kvagent.costs.calibration)
         ├── RegistryAuthError         401 / 403
         ├── RegistryPaymentRequiredError  402: price above the stated maximum or the balance (never retried)
         ├── RegistryNotImplementedError   501: this registry does not offer the call (no model to generate)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError
-from .identity import canonical_json, sha256_hex, tensor_fingerprint, tokenizer_fingerprint
+from .kvcache.identity import canonical_json, sha256_hex, tensor_fingerprint, tokenizer_fingerprint
 
 log = logging.getLogger("kvagent.models")
 

@@ -13,20 +13,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import artifact as art
-from . import policy as pol
+from .artifacts import format as art
+from .chat.prompt import PromptTemplate, build_template
 from .config import Config
-from .engine import GenerationParams, TransformersEngine
+from .costs import policy as pol
+from .engines.hf import TransformersEngine
+from .engines.params import GenerationParams
 from .errors import ArtifactError, EngineError, RegistryError
-from .identity import KeyContext, sha256_hex, tokenizer_fingerprint
+from .kvcache.identity import KeyContext, sha256_hex, tokenizer_fingerprint
 from .models import LoadedModel, load_model, model_fingerprint
-from .prompt import PromptTemplate, build_template
-from .resolver import ClientSource, KVMemory, Resolver, ResolverSettings
-from .store import KVStore
+from .reuse.resolver import ClientSource, KVMemory, Resolver, ResolverSettings
+from .tiers.store import KVStore
 
 if TYPE_CHECKING:
-    from .calibration import CostModel
-    from .registry import RegistryClient
+    from .client.registry import RegistryClient
+    from .costs.calibration import CostModel
 
 log = logging.getLogger("kvagent")
 
@@ -106,7 +107,7 @@ def build_runtime(
     policy = config.policy if config.policy is not None else pol.PolicyParams()
     registry: RegistryClient | None = None
     if not config.local_only:
-        from .registry import DEFAULT_TIMEOUT, RegistryClient
+        from .client.registry import DEFAULT_TIMEOUT, RegistryClient
 
         registry = registry_client or RegistryClient(
             config.registry_url or "", config.registry_token, trusted_keys=config.trusted_keys,
@@ -142,7 +143,7 @@ def _cost_model(config: Config, engine: TransformersEngine, context: KeyContext,
     none)."""
     if config.calibration is False:
         return None
-    from .calibration import CostModel
+    from .costs.calibration import CostModel
 
     path = None if config.calibration in (None, True) else config.calibration
     return CostModel.for_engine(

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from kvagent import artifact as art
-from kvagent.identity import KeyContext, document_key, sha256_hex
-from kvagent.kv import KVCache
+from kvagent.artifacts import format as art
+from kvagent.kvcache.identity import KeyContext, document_key, sha256_hex
+from kvagent.kvcache.tensors import KVCache
 
 MODEL_FP = sha256_hex(b"test-model")
 TOKENIZER_FP = sha256_hex(b"test-tokenizer")
@@ -103,7 +103,7 @@ def store_worker(args: tuple[str, int, int, int]) -> tuple[int, int, list[str]]:
 
     Returns (hits, misses, problems); a problem is a read that was neither a miss nor bit-exact.
     """
-    from kvagent.store import KVStore
+    from kvagent.tiers.store import KVStore
 
     directory, me, n_workers, rounds = args
     shared_kv = make_kv(num_layers=2, heads=2, tokens=300, head_dim=16, seed=1000)  # > 32 KiB: a file

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from kvagent import CacheInfo, KVAgent
-from kvagent.policy import PolicyParams
+from kvagent.costs.policy import PolicyParams
 from tests.test_market_e2e import client, model, model_dir, server, token_of  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow

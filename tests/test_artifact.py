@@ -25,7 +25,7 @@ from _kvfixtures import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvagent import artifact as art
+from kvagent.artifacts import format as art
 from kvagent.errors import (
     ArtifactError,
     ArtifactFormatError,
@@ -33,9 +33,9 @@ from kvagent.errors import (
     ArtifactMismatchError,
     ArtifactTooLargeError,
 )
-from kvagent.hashing import payload_digest
-from kvagent.identity import sha256_hex
-from kvagent.kv import KVLayout
+from kvagent.kvcache.hashing import payload_digest
+from kvagent.kvcache.identity import sha256_hex
+from kvagent.kvcache.tensors import KVLayout
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -1,4 +1,4 @@
-"""The batching transformers engine (kvagent.engines.transformers): concurrent requests decode together and
+"""The batching transformers engine (kvagent.engines.batch): concurrent requests decode together and
 each reply equals its own single-sequence decode; requests join and leave between steps; per-request settings
 hold."""
 
@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import torch
 
-from kvagent.engine import GenerationParams, TransformersEngine
 from kvagent.engines import (
     BatchObserver,
     Finish,
@@ -21,7 +20,9 @@ from kvagent.engines import (
     TransformersBatchEngine,
     events,
 )
-from kvagent.engines.transformers import _Handle, _Part, _Seq
+from kvagent.engines.batch import _Handle, _Part, _Seq
+from kvagent.engines.hf import TransformersEngine
+from kvagent.engines.params import GenerationParams
 from kvagent.errors import EngineError
 from tests.conftest import TINY_ARCHS
 
@@ -406,7 +407,7 @@ def test_a_tail_in_a_batched_forward_is_bitwise_its_own_forward(
     mask) gives exactly the logits of a plain forward (transformers' SDPA wrapper; after a prefix repeated
     K/V heads and a boolean mask): after a prefix, from nothing, one token; on SmolLM2 too (grouped-query
     attention, 9 heads over 3)."""
-    import kvagent.engines.transformers as batched
+    import kvagent.engines.batch as batched
 
     direct: list[bool] = []
     real = batched._direct_sdpa

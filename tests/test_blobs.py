@@ -19,8 +19,8 @@ from _kvfixtures import make_artifact, make_kv
 from registry_server import published_blobs, start_server, upload_temp_files
 from s3_server import aws_env, list_objects, new_bucket, s3_endpoint
 
-from kvagent import artifact as art
-from kvagent.registry import RegistryClient
+from kvagent.artifacts import format as art
+from kvagent.client.registry import RegistryClient
 from kvagent.server.blobs import BlobStore, LocalBlobs, S3Blobs, open_blobs
 
 pytestmark = pytest.mark.slow  # starts moto_server and registry processes

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from kvagent import calibration as cal
-from kvagent import policy as pol
-from kvagent.breaker import BreakerPolicy
+from kvagent.client.registry import RegistryClient
+from kvagent.costs import calibration as cal
+from kvagent.costs import policy as pol
+from kvagent.costs.breaker import BreakerPolicy
 from kvagent.errors import RegistrySkippedError, RegistryUnavailableError
-from kvagent.registry import RegistryClient
 
 PROFILE = cal.Profile("ab" * 32, "float32", "cpu:test|threads=2")
 URL = "http://registry.test:8765"
@@ -197,7 +197,7 @@ def test_a_fetch_is_priced_with_what_fetched_kv_took_to_land_here(tmp_path: Path
 
 @pytest.mark.slow
 def test_first_use_probe_is_short_and_says_so(tmp_path: Path, tiny_model):
-    from kvagent.engine import TransformersEngine
+    from kvagent.engines.hf import TransformersEngine
 
     m = model(tmp_path / "c.json")
     engine = TransformersEngine(tiny_model("llama"))

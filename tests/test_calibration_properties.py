@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvagent import calibration as cal
-from kvagent import policy as pol
+from kvagent.costs import calibration as cal
+from kvagent.costs import policy as pol
 
 PROFILE = cal.Profile("cd" * 32, "float32", "cpu:test|threads=2")
 HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvagent import artifact as art
-from kvagent import codecs
+from kvagent.artifacts import codecs
+from kvagent.artifacts import format as art
 from kvagent.errors import ArtifactError, ArtifactFormatError, ArtifactIntegrityError
 from tests._kvfixtures import make_artifact, make_kv, same_bits
 

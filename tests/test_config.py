@@ -82,9 +82,9 @@ def test_new_options_read_their_variables(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 def test_each_default_is_declared_once() -> None:
     """The resolver's and the policy's defaults are Config's (one literal each, in config.py or market.py)."""
-    from kvagent.market import DEFAULT_PREFILL_MICROS_PER_TOKEN
-    from kvagent.policy import PolicyParams
-    from kvagent.resolver import ResolverSettings
+    from kvagent.costs.market import DEFAULT_PREFILL_MICROS_PER_TOKEN
+    from kvagent.costs.policy import PolicyParams
+    from kvagent.reuse.resolver import ResolverSettings
 
     c, r = Config(), ResolverSettings()
     for name in ("block_size", "verify", "verify_probes", "lock_timeout", "allow_context_overflow",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvagent.engine import GenerationParams, TransformersEngine
+from kvagent.engines.hf import TransformersEngine
+from kvagent.engines.params import GenerationParams
 from kvagent.errors import EngineError, UnsupportedModelError
 from tests.conftest import TINY_ARCHS
 
@@ -91,10 +92,10 @@ def test_resume_from_a_stored_artifact_leaves_its_tensors_and_file_unchanged(tin
     not a resume, a stream, a sampled generation nor a prefix extension, on the store's mmap'd tensors."""
     from _kvfixtures import same_kv
 
-    from kvagent import artifact as art
-    from kvagent.identity import sha256_hex
-    from kvagent.kv import KVCache
-    from kvagent.store import KVStore
+    from kvagent.artifacts import format as art
+    from kvagent.kvcache.identity import sha256_hex
+    from kvagent.kvcache.tensors import KVCache
+    from kvagent.tiers.store import KVStore
 
     engine = TransformersEngine(tiny_model("qwen3"))
     doc = _ids(300, 15)

@@ -10,18 +10,9 @@ from typing import Any
 
 import pytest
 
-from kvagent.engine import GenerationParams
-from kvagent.engines import (
-    Cached,
-    Finish,
-    GenerationRequest,
-    PromptTurns,
-    Sink,
-    Token,
-    Usage,
-    load_engine_factory,
-    settled,
-)
+from kvagent.chat.turn import Cached, PromptTurns, settled
+from kvagent.engines import Finish, GenerationRequest, Sink, Token, Usage, load_engine_factory
+from kvagent.engines.params import GenerationParams
 from kvagent.engines.plugins import ENTRY_POINT_GROUP, transformers_engine
 from kvagent.errors import ConfigError
 from kvagent.server.settings import Settings

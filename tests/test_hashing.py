@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvagent.hashing import CHUNK_SIZE, chunk_digests, local_digest, payload_digest, tree_digests
+from kvagent.kvcache.hashing import CHUNK_SIZE, chunk_digests, local_digest, payload_digest, tree_digests
 
 
 def reference_digest(data: bytes, chunk_size: int = CHUNK_SIZE) -> str:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kvagent.errors import InvalidKeyError
-from kvagent.identity import (
+from kvagent.kvcache.identity import (
     FORMAT_VERSION,
     KeyContext,
     block_hashes,
@@ -50,7 +50,7 @@ def test_key_ignores_the_container_of_the_token_ids() -> None:
 
 _STABILITY_SCRIPT = """
 import json, sys
-from kvagent.identity import KeyContext, block_hashes, document_key
+from kvagent.kvcache.identity import KeyContext, block_hashes, document_key
 ctx = KeyContext(**json.loads(sys.argv[1]))
 tokens = json.loads(sys.argv[2])
 print(json.dumps([document_key(ctx, tokens), block_hashes(ctx, tokens, block_size=2)]))
@@ -235,7 +235,7 @@ def test_tensor_fingerprint_changes_with_name_dtype_shape_and_config() -> None:
 
 
 def test_token_tuple_takes_integers_only():
-    from kvagent.identity import token_tuple
+    from kvagent.kvcache.identity import token_tuple
 
     assert token_tuple([1, 2, 3]) == (1, 2, 3)
     assert token_tuple(np.array([4, 5], dtype=np.int64)) == (4, 5)

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvagent import market as mk
+from kvagent.costs import market as mk
 from kvagent.errors import AlreadyServed, ConfigError, IdempotencyKeyRefunded, IdempotencyKeyReused
 from kvagent.server.ledger import QUARANTINED, IdempotencyConflict, Ledger
 from kvagent.server.meta import ArtifactRow, MetaStore, PostgresMeta, SQLiteMeta, can_see
@@ -224,7 +224,8 @@ _ops = st.lists(st.one_of(
 @settings(max_examples=20, deadline=None)
 @given(ops=_ops)
 def test_sqlite_ledger_matches_the_pure_book(ops: list[tuple]) -> None:
-    """The SQL ledger and kvagent.market.Book agree on every balance after any sequence of operations."""
+    """The SQL ledger and kvagent.costs.market.Book agree on every balance after any sequence of
+    operations."""
     prices = {0: 0, 1: 120, 2: 333}
     owners = {0: "c", 1: "a", 2: "b"}
     with tempfile.TemporaryDirectory() as d:

@@ -7,7 +7,7 @@ import json
 import pytest
 from _kvfixtures import make_artifact, make_kv
 
-from kvagent.registry import parse_handle
+from kvagent.client.registry import parse_handle
 from kvagent.server.meta import ArtifactRow
 from kvagent.server.state import handle, handle_json
 

@@ -1,4 +1,4 @@
-"""The market's pure rules (kvagent.market): amounts, price files, sale postings, statements, and
+"""The market's pure rules (kvagent.costs.market): amounts, price files, sale postings, statements, and
 property tests of the ledger invariants on the in-memory Book."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvagent import market as mk
+from kvagent.costs import market as mk
 from kvagent.errors import ConfigError
 
 PRINCIPALS = ["alice", "bob", "carol", "dave"]
@@ -167,7 +167,7 @@ def test_split_is_exact(price: int, bps: int) -> None:
 
 # -- economics --market and the buyer's money settings -------------------------------------------------
 def test_market_band_paper_scenario() -> None:
-    from kvagent import economics as econ
+    from kvagent.analysis import economics as econ
 
     p = econ.CostParams()
     shipped, hosted = econ.market_report(p, 1000)
@@ -180,7 +180,7 @@ def test_market_band_paper_scenario() -> None:
 
 
 def test_economics_market_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    from kvagent import economics as econ
+    from kvagent.analysis import economics as econ
 
     assert econ.main(["--market", "--json", "--agents", "100"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -206,8 +206,8 @@ def test_money_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_client_reuses_one_idempotency_key_across_retries_and_never_retries_402() -> None:
     import httpx
 
+    from kvagent.client.registry import parse_handle
     from kvagent.errors import RegistryPaymentRequiredError
-    from kvagent.registry import parse_handle
     from tests.test_registry_client import BLOB, KEY, client_for, handle_json
 
     seen: list[httpx.Request] = []

@@ -19,9 +19,11 @@ import httpx
 import pytest
 import torch
 
-from kvagent import artifact as art
 from kvagent import cli
-from kvagent.engine import GenerationParams, TransformersEngine
+from kvagent.artifacts import format as art
+from kvagent.client.registry import RegistryClient
+from kvagent.engines.hf import TransformersEngine
+from kvagent.engines.params import GenerationParams
 from kvagent.errors import (
     RegistryAuthError,
     RegistryConflictError,
@@ -29,8 +31,7 @@ from kvagent.errors import (
     RegistryRejectedError,
 )
 from kvagent.models import model_fingerprint
-from kvagent.registry import RegistryClient
-from kvagent.verification import verify_kv
+from kvagent.tiers.verification import verify_kv
 from tests._kvfixtures import TEMPLATE_HASH, TOKENIZER_FP, make_artifact, make_kv
 from tests.conftest import save_tiny_llama
 from tests.registry_server import ServerProcess, start_server
@@ -340,7 +341,7 @@ def test_the_sdk_buys_within_its_limits_and_prefills_on_402(server: ServerProces
     """KVAgent's money settings: a 402 or a price above the limit is a local prefill with the reason, never an
     error; a purchase within them is made, said in the reason, and charged once."""
     from kvagent import KVAgent
-    from kvagent.policy import PolicyParams
+    from kvagent.costs.policy import PolicyParams
 
     ids = [(7 * i + 3) % 500 + 3 for i in range(600)]
     alice = KVAgent(model, cache_dir=tmp_path / "a", registry_url=server.url, token="alice-token-0001")
@@ -588,7 +589,7 @@ def test_a_chat_completion_reports_what_it_moved(server: ServerProcess) -> None:
 def test_a_stop_string_ends_a_chat_and_only_the_tokens_up_to_it_are_paid(server: ServerProcess) -> None:
     """A chat reply cut by a stop string that spans two tokens: usage counts the tokens up to the one that
     completes it, and the buyer pays exactly the host's price of those (whole and streamed answers)."""
-    from kvagent.market import HostPrices, generate_bill
+    from kvagent.costs.market import HostPrices, generate_bill
 
     prices = HostPrices(**PRICES)
     with client(server, "admin-token-0001") as admin:

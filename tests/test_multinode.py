@@ -18,7 +18,7 @@ from registry_server import ServerProcess, start_server
 from s3_server import aws_env, list_objects, new_bucket, s3_endpoint
 
 from kvagent import KVAgent
-from kvagent.policy import PolicyParams
+from kvagent.costs.policy import PolicyParams
 from tests.conftest import save_tiny_llama
 from tests.test_server_postgres import fresh_schema
 

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from kvagent import KVAgent, shared_prefix
-from kvagent.policy import PolicyParams
+from kvagent.costs.policy import PolicyParams
 from tests.conftest import SAMPLE, long_text
 from tests.registry_server import start_server
 

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from kvagent import KVAgent
-from kvagent.policy import PolicyParams
+from kvagent.costs.policy import PolicyParams
 from tests.conftest import long_text
 from tests.registry_server import start_server
 

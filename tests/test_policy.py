@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from kvagent import policy as pol
+from kvagent.costs import policy as pol
 
 P = pol.PolicyParams(bandwidth_bytes_per_s=80e6, prefill_tokens_per_s=1000.0, rtt_s=0.05)
 

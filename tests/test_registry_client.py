@@ -12,8 +12,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from kvagent import artifact as art
-from kvagent.engine import GenerationParams
+from kvagent.artifacts import format as art
+from kvagent.client.registry import RegistryClient, sign
+from kvagent.engines.params import GenerationParams
 from kvagent.errors import (
     ArtifactIntegrityError,
     ArtifactMismatchError,
@@ -24,7 +25,6 @@ from kvagent.errors import (
     RegistryRejectedError,
     RegistryUnavailableError,
 )
-from kvagent.registry import RegistryClient, sign
 from tests._kvfixtures import MODEL_FP, make_artifact, make_kv, same_kv, split
 
 KV = make_kv(num_layers=2, heads=2, tokens=9, head_dim=4)

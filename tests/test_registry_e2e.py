@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from kvagent import KVAgent
-from kvagent.policy import PolicyParams
-from kvagent.registry import RegistryClient
+from kvagent.client.registry import RegistryClient
+from kvagent.costs.policy import PolicyParams
 from tests.conftest import save_tiny_llama
 from tests.registry_server import free_port, start_server
 

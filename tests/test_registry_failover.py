@@ -7,9 +7,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from kvagent import artifact as art
+from kvagent.artifacts import format as art
+from kvagent.client.registry import RegistryClient, parse_handle
 from kvagent.errors import ArtifactIntegrityError, RegistryProtocolError
-from kvagent.registry import RegistryClient, parse_handle
 from tests._kvfixtures import make_artifact, make_kv
 
 HEADER, BLOB = make_artifact(make_kv(num_layers=2, heads=2, tokens=24, head_dim=8, seed=3))

@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 import torch
 
-import kvagent.lookup
-from kvagent import artifact as art
+import kvagent.tiers.lookup
+from kvagent.artifacts import format as art
+from kvagent.artifacts.source import Fetched, Handle
+from kvagent.costs.policy import PolicyParams
 from kvagent.errors import RegistryPaymentRequiredError, RegistryUnavailableError
-from kvagent.identity import KeyContext, sha256_hex
-from kvagent.kv import KVCache, extended_source
-from kvagent.policy import PolicyParams
-from kvagent.registry import Handle
-from kvagent.resolver import Fetched, Resolver, ResolverSettings
-from kvagent.store import StoreLookup
+from kvagent.kvcache.identity import KeyContext, sha256_hex
+from kvagent.kvcache.tensors import KVCache, extended_source
+from kvagent.reuse.resolver import Resolver, ResolverSettings
+from kvagent.tiers.store import StoreLookup
 
 BLOCK = 4
 LAYERS, HEADS, DIM = 2, 1, 4
@@ -110,7 +110,7 @@ class FakeSource:
         key = resolver.key_of(ids)
         header, blob = resolver.encode(key, kv)
         handle = Handle(key, header, len(blob), "public", "pub", f"/v1/artifacts/{key}/blob", None, price)
-        hashes = kvagent.lookup.block_hashes(CTX, list(ids), BLOCK)
+        hashes = kvagent.tiers.lookup.block_hashes(CTX, list(ids), BLOCK)
         self.published[key] = (handle, art.decode(blob), hashes)
         return handle
 
@@ -236,13 +236,13 @@ def test_block_hashes_are_computed_once_per_lookup(tmp_path: Path, monkeypatch: 
     src = FakeSource()
     r, _, _ = make(tmp_path, source=src)
     calls: list[int] = []
-    real = kvagent.lookup.block_hashes
+    real = kvagent.tiers.lookup.block_hashes
 
     def counted(ctx: KeyContext, ids: Sequence[int], block: int) -> list[str]:
         calls.append(len(ids))
         return real(ctx, ids, block)
 
-    monkeypatch.setattr(kvagent.lookup, "block_hashes", counted)
+    monkeypatch.setattr(kvagent.tiers.lookup, "block_hashes", counted)
     r.resolve(IDS)  # store prefix lookup, registry prefix lookup and the save all use them
     assert calls == [20]
 
@@ -273,7 +273,7 @@ def test_deferred_save_writes_only_when_called(tmp_path: Path) -> None:
 
 
 def test_a_download_is_given_up_only_when_its_rest_would_cost_more_than_prefilling() -> None:
-    from kvagent.registry_tier import _give_up_past
+    from kvagent.tiers.registry import _give_up_past
 
     give_up = _give_up_past(1.0)  # prefilling what the fetch covers: 1 s
     assert give_up(100_000, 10_000_000, 0.1) is None  # too early to judge the link

@@ -16,11 +16,12 @@ import torch
 from _kvfixtures import make_artifact, make_kv
 from registry_server import ServerProcess, download, published_blobs, start_server, upload_temp_files
 
-from kvagent import artifact as art
-from kvagent import signing
-from kvagent.engine import GenerationParams, TransformersEngine
-from kvagent.identity import KeyContext, block_hashes, document_key, sha256_hex
-from kvagent.kv import KVCache
+from kvagent.artifacts import format as art
+from kvagent.artifacts import signing
+from kvagent.engines.hf import TransformersEngine
+from kvagent.engines.params import GenerationParams
+from kvagent.kvcache.identity import KeyContext, block_hashes, document_key, sha256_hex
+from kvagent.kvcache.tensors import KVCache
 from kvagent.models import model_fingerprint
 
 pytestmark = pytest.mark.slow

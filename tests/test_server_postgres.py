@@ -19,7 +19,7 @@ import httpx
 import pytest
 from _kvfixtures import MODEL_FP, TEMPLATE_HASH, TOKENIZER_FP, make_artifact, make_kv
 
-from kvagent.identity import KeyContext, block_hashes, sha256_hex
+from kvagent.kvcache.identity import KeyContext, block_hashes, sha256_hex
 from kvagent.server.meta import ArtifactRow, LedgerEntry, MetaStore, PostgresMeta, SQLiteMeta, can_see
 
 ENV = "KVAGENT_TEST_POSTGRES_DSN"

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from kvagent import calibration as cal
-from kvagent import policy as pol
-from kvagent.engine import GenerationParams
-from kvagent.engines import Finish, PromptTurns, events
+from kvagent.chat.turn import PromptTurns
+from kvagent.costs import calibration as cal
+from kvagent.costs import policy as pol
+from kvagent.engines import Finish, events
+from kvagent.engines.params import GenerationParams
 from kvagent.server.__main__ import build_parser, settings_from_args
 from kvagent.server.settings import Settings
 from kvagent.server.state import build_state

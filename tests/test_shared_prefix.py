@@ -1,5 +1,5 @@
 """Sequences of the batching engine that resume from one prefix read it in place, attended to together
-(kvagent.engines.transformers: ``_Segment``, ``_cascade``): each reply still equals greedy decoding from a
+(kvagent.engines.batch: ``_Segment``, ``_cascade``): each reply still equals greedy decoding from a
 full prefill of its own ids; a segment is shared by what its KV is (its source), never by token ids: a
 published artifact's bytes across principals, private KV only in its namespace, equal ids with other K/V
 never; a prefix shorter or longer than the shared one shares what both name; a member that leaves does not
@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 import torch
 
-import kvagent.engines.transformers as batched
-from kvagent.engine import GenerationParams, TransformersEngine
+import kvagent.engines.batch as batched
 from kvagent.engines import GenerationRequest, TransformersBatchEngine, events
-from kvagent.kv import KVCache, KVSource
+from kvagent.engines.hf import TransformersEngine
+from kvagent.engines.params import GenerationParams
+from kvagent.kvcache.tensors import KVCache, KVSource
 from tests.test_batching import _chat_ids, _hf_greedy, _ids, _tokens_at_once, _with_a_leaver
 
 GREEDY = GenerationParams(max_new_tokens=20)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from kvagent import KVAgent
-from kvagent import calibration as cal
-from kvagent import stages as stg
+from kvagent.costs import calibration as cal
+from kvagent.costs import stages as stg
 from tests.conftest import long_text
 
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from _kvfixtures import MODEL_FP, TOKENIZER_FP, key_for, make_artifact, make_kv, same_kv, store_worker
 
-from kvagent import artifact as art
+from kvagent.artifacts import format as art
 from kvagent.errors import InvalidKeyError, StoreError
-from kvagent.hashing import CHUNK_SIZE, LOCAL_ALGORITHM, local_digest
-from kvagent.identity import KeyContext, block_hashes, sha256_hex
-from kvagent.store import KVStore, SafeDisk
+from kvagent.kvcache.hashing import CHUNK_SIZE, LOCAL_ALGORITHM, local_digest
+from kvagent.kvcache.identity import KeyContext, block_hashes, sha256_hex
+from kvagent.tiers.store import KVStore, SafeDisk
 
 # diskcache keeps values under 32 KiB inside SQLite and larger ones as files: test both paths.
 SMALL: dict[str, Any] = {"num_layers": 3, "heads": 2, "tokens": 17, "head_dim": 8}  # ~8 KiB
@@ -387,7 +387,7 @@ def test_an_entry_replaced_while_it_is_read_still_reads_whole(tmp_path: Path) ->
     """Another process putting the same key unlinks the old file while a reader holds it open: the reader
     maps what it opened (its size from the open file, not from the name), never a miss that evicts the new
     entry (seen once in ``test_concurrent_processes``)."""
-    from kvagent.store import _map
+    from kvagent.tiers.store import _map
 
     path = tmp_path / "entry.val"
     data = os.urandom(300_000)

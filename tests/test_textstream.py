@@ -1,4 +1,4 @@
-"""Stop strings and incremental detokenisation (kvagent.textstream)."""
+"""Stop strings and incremental detokenisation (kvagent.engines.textstream)."""
 
 from __future__ import annotations
 

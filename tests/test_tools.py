@@ -1,4 +1,4 @@
-"""kvagent.tools and kvagent.guided: tool formats from the real Qwen3 and Llama 3.1 chat templates,
+"""kvagent.chat.tools and kvagent.chat.guided: tool formats from the real Qwen3 and Llama 3.1 chat templates,
 rendering, parsing (whole and streamed token by token) and schema-guided JSON."""
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from kvagent.errors import ToolsUnsupportedError
-from kvagent.guided import GuidedJSON, guided_json, guided_tool_call
-from kvagent.tools import (
+from kvagent.chat.guided import GuidedJSON, guided_json, guided_tool_call
+from kvagent.chat.tools import (
     ContentDelta,
     StreamParser,
     ToolCallDelta,
@@ -25,6 +24,7 @@ from kvagent.tools import (
     require_tool_format,
     tool_format,
 )
+from kvagent.errors import ToolsUnsupportedError
 
 TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
 LLAMA_SPECIALS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"]

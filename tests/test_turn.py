@@ -14,17 +14,10 @@ import pytest
 import torch
 
 from kvagent import KVAgent
-from kvagent import calibration as cal
-from kvagent.engine import GenerationParams
-from kvagent.engines import (
-    Finish,
-    GenerationRequest,
-    PromptTurns,
-    Token,
-    TransformersBatchEngine,
-    Turn,
-    Usage,
-)
+from kvagent.chat.turn import PromptTurns, Turn
+from kvagent.costs import calibration as cal
+from kvagent.engines import Finish, GenerationRequest, Token, TransformersBatchEngine, Usage
+from kvagent.engines.params import GenerationParams
 
 PARAMS = GenerationParams(max_new_tokens=12)
 

@@ -32,7 +32,7 @@ from x402.mechanisms.evm.exact import client as exact_client  # noqa: E402
 from x402.mechanisms.evm.signers import EthAccountSigner, FacilitatorWeb3Signer  # noqa: E402
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements  # noqa: E402
 
-from kvagent import market as mk  # noqa: E402
+from kvagent.costs import market as mk  # noqa: E402
 from kvagent.errors import PaymentDeclined, PaymentError, PaymentInvalid, SettlementFailed  # noqa: E402
 from kvagent.payments import SpendCaps, Wallet, X402Terms, decode_header, encode_header  # noqa: E402
 from kvagent.payments.payer import Payer  # noqa: E402

@@ -20,7 +20,7 @@ from eth_account import Account  # noqa: E402
 from fastapi import FastAPI, Request, Response  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 
-from kvagent import market as mk  # noqa: E402
+from kvagent.costs import market as mk  # noqa: E402
 from kvagent.errors import PaymentDeclined, PaymentError  # noqa: E402
 from kvagent.payments import (  # noqa: E402
     PAYMENT_REQUIRED_HEADER,

@@ -17,7 +17,7 @@ pytest.importorskip("x402", reason="needs the x402 SDK: pip install 'kvagent[x40
 from x402.http.utils import decode_payment_required_header, encode_payment_signature_header  # noqa: E402
 from x402.schemas import PaymentPayload, PaymentRequired  # noqa: E402
 
-from kvagent import market as mk  # noqa: E402
+from kvagent.costs import market as mk  # noqa: E402
 from kvagent.errors import ConfigError, PaymentDeclined  # noqa: E402
 from kvagent.payments import (  # noqa: E402
     SpendCaps,

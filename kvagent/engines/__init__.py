@@ -1,7 +1,11 @@
-"""Engines behind one interface (:mod:`.base`), the transformers engine with continuous batching
-(:mod:`.transformers`), and the prompt-turn core every front door uses (:mod:`.turn`)."""
+"""Engines behind one interface (:mod:`.base`): decoding settings (:mod:`.params`), the transformers engine
+(:mod:`.hf`), the engine with continuous batching (:mod:`.batch`), the text stream they decode into
+(:mod:`.textstream`) and engines by name (:mod:`.plugins`). The prompt-turn core every front door uses is
+:mod:`kvagent.chat.turn`."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from .base import (
     Cancel,
@@ -18,23 +22,11 @@ from .base import (
     engine_failure,
     events,
 )
+from .batch import BatchObserver, TransformersBatchEngine
 from .plugins import EngineContext, EngineFactory, load_engine_factory
-from .transformers import BatchObserver, TransformersBatchEngine
-from .turn import (
-    Cached,
-    Guide,
-    Guided,
-    GuidedReply,
-    PromptTurns,
-    Turn,
-    TurnEvent,
-    continuation_ids,
-    settled,
-)
 
 __all__ = [
     "BatchObserver",
-    "Cached",
     "Cancel",
     "EngineContext",
     "EngineEvent",
@@ -43,21 +35,22 @@ __all__ = [
     "FinishReason",
     "GenerationEngine",
     "GenerationRequest",
-    "Guide",
-    "Guided",
-    "GuidedReply",
     "PromptForward",
-    "PromptTurns",
     "RequestHandle",
     "Sink",
     "Token",
     "TransformersBatchEngine",
-    "Turn",
-    "TurnEvent",
     "Usage",
-    "continuation_ids",
     "engine_failure",
     "events",
     "load_engine_factory",
-    "settled",
 ]
+
+
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:
+        """Names and modules that moved out of this package: importable for one release, with a warning."""
+        from .._moved import moved_attribute
+
+        return moved_attribute(__name__, name)

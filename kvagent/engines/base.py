@@ -2,8 +2,8 @@
 conditions), get typed events pushed to a sink, cancel at any time.
 
 Every front door (the OpenAI-compatible endpoint, hosted ``/generate``, LangChain) reaches a model through
-this interface, by way of the prompt-turn core (:mod:`kvagent.engines.turn`); the transformers engine
-(:mod:`kvagent.engines.transformers`) and a vLLM engine implement it. Events are delivered on the engine's own
+this interface, by way of the prompt-turn core (:mod:`kvagent.chat.turn`); the transformers engine
+(:mod:`kvagent.engines.batch`) and a vLLM engine implement it. Events are delivered on the engine's own
 thread, in order, and end with exactly one :class:`Finish`.
 """
 
@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
-from ..engine import GenerationParams
-from ..kv import KVCache
+from ..kvcache.tensors import KVCache
+from .params import GenerationParams
 
 if TYPE_CHECKING:
-    from ..registry_tier import RegistrySource
+    from ..artifacts.source import RegistrySource
 
 log = logging.getLogger("kvagent.engine")
 

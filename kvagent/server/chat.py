@@ -1,9 +1,10 @@
 """Hosted chat generation: admission, per-principal cache namespaces, and the prompt turn on the host's
 engine.
 
-A request's prompt ids resume through the host's :class:`~kvagent.resolver.Resolver` (memory → the host's
+A request's prompt ids resume through the host's :class:`~kvagent.reuse.resolver.Resolver` (memory → the
+host's
 prompt cache → this server's published artifacts the caller may see → prefill), by way of the prompt-turn
-core (:mod:`kvagent.engines.turn`). Private prompt KVs live in a namespace derived from the caller's identity
+core (:mod:`kvagent.chat.turn`). Private prompt KVs live in a namespace derived from the caller's identity
 with
 a server secret (HMAC), never from anything the client sends, so one principal's prompts can never be found
 from another's ids (vLLM's ``cache_salt`` lesson, CVE-2025-46570). Generations decode together in the
@@ -27,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine import GenerationParams
-from ..engines import Cached, Cancel, Finish, Guide, Guided, PromptTurns, Usage
+from ..chat.turn import Cached, Guide, Guided, PromptTurns
+from ..engines import Cancel, Finish, Usage
+from ..engines.params import GenerationParams
 from ..errors import KVAgentError
-from ..resolver import CacheInfo
+from ..reuse.info import CacheInfo
 from .auth import Principal
 from .http import ApiError
 from .source import ServerSource
@@ -75,7 +77,7 @@ class ChatJob:
     principal: Principal
     started: float = field(default_factory=time.perf_counter)
     #: a guided reply (a forced tool call, a JSON schema): writes the text, asking the model to continue
-    #: the prompt (plus what is written so far) for every value; see kvagent.guided
+    #: the prompt (plus what is written so far) for every value; see kvagent.chat.guided
     guide: Guide | None = None
     stops: tuple[str, ...] = ()
 

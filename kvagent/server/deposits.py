@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .. import market as mk
+from ..costs import market as mk
 from .ledger import Ledger, Receipt
 
 #: The system account x402 deposits come from (never a principal: principal names cannot start with ``#``).

@@ -14,9 +14,9 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from starlette.concurrency import run_in_threadpool
 
-from .. import market as mk
-from ..engine import GenerationParams
+from ..costs import market as mk
 from ..engines import Finish, Token
+from ..engines.params import GenerationParams
 from ..errors import KVAgentError
 from . import market_routes
 from .chat import load_secret, principal_namespace

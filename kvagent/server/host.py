@@ -9,12 +9,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .. import artifact as art
-from ..engine import GenerationParams
+from ..artifacts import format as art
 from ..engines import Cancel, EngineContext, EngineFactory, GenerationRequest, Sink
+from ..engines.params import GenerationParams
 from ..engines.plugins import transformers_engine
 from ..errors import ModelLoadError, StoreError
-from ..kv import KVCache
+from ..kvcache.tensors import KVCache
 from ..models import EMBEDDED_NAMES, ensure_embedded, load_model
 from ..runtime import Runtime, build_runtime
 
@@ -129,7 +129,8 @@ class ModelHost:
 
     def warm_up(self) -> None:
         """Before serving: measure a few short forwards when the calibration has no measured prefill for this
-        machine + model (``kvagent.calibration.warm_up``), unless ``calibrate_at_start`` is off. The server
+        machine + model (``kvagent.costs.calibration.warm_up``), unless ``calibrate_at_start`` is off. The
+        server
         calls this before it listens, so ``/v1/healthz`` answers only once it is done."""
         cost = self.agent.cost
         if cost is None:
@@ -139,7 +140,7 @@ class ModelHost:
                 log.info("not calibrating at start (--no-calibrate-at-start): the first decisions use the "
                          "assumed prefill rate")
             return
-        from ..calibration import warm_up
+        from ..costs.calibration import warm_up
 
         warm_up(cost, self.engine)
 

@@ -12,7 +12,8 @@ owner's idempotency key is claimed first (a concurrent duplicate waits on it, th
 postings are planned, the accounts touched are locked in name order (``SELECT ... FOR UPDATE`` on
 PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serialises writers), the balance is checked, then the
 postings and balances are written and the key is bound to the transaction. A key is bound to a digest of
-its request (:func:`kvagent.market.request_digest`), as payment APIs define idempotency: the same request
+its request (:func:`kvagent.costs.market.request_digest`), as payment APIs define idempotency: the same
+request
 again replays the first receipt (a download) or is never served again (a generation: its stored answer or
 :class:`kvagent.errors.AlreadyServed`); another request with the key is
 :class:`kvagent.errors.IdempotencyKeyReused`; a refunded purchase's key is
@@ -20,7 +21,7 @@ again replays the first receipt (a download) or is never served again (a generat
 same way (the claim row also records which admin posted them). A refund claims its transaction's row in
 ``market_refunds`` first, so a transaction is refunded once however many refunds race, and a dispute
 locks the purchase's transaction row, so a receipt has one dispute however many filings race. The rules
-themselves are kvagent.market's.
+themselves are kvagent.costs.market's.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import market as mk
+from ..costs import market as mk
 from ..errors import AlreadyServed, ConfigError, IdempotencyKeyRefunded, IdempotencyKeyReused
 from .meta import MetaStore, PostgresMeta
 
@@ -177,7 +178,8 @@ class Ledger:
 
         ``reason`` is mandatory and shown in the principal's statement and the audit. A debit never takes a
         balance below zero unless ``allow_negative`` (the operator records a debt, e.g. a chargeback of money
-        already spent): :class:`kvagent.market.AdjustmentRefused` otherwise, nothing posted. With ``idem``
+        already spent): :class:`kvagent.costs.market.AdjustmentRefused` otherwise, nothing posted. With
+        ``idem``
         a repeat returns the first receipt, ``replayed``.
         """
         delta = mk.signed_amount(delta, "adjustment")
@@ -219,7 +221,7 @@ class Ledger:
     ) -> Receipt | None:
         """Charge one load of ``key`` at its price; ``None`` when free (price 0 or the publisher itself).
 
-        Raises :class:`kvagent.market.PaymentRefused` (nothing charged) when the price is above
+        Raises :class:`kvagent.costs.market.PaymentRefused` (nothing charged) when the price is above
         ``max_price`` or the buyer's balance; a repeated ``idem`` returns the first receipt (a download of
         the same bytes again), ``replayed``."""
         return self._charge(buyer, key, publisher, idem, max_price, mk.SALE, lambda price: (price, 0))
@@ -231,7 +233,7 @@ class Ledger:
         rest.
 
         ``idem`` is bound to ``scope`` (default ``generate:<key>``) and ``request`` (the digest of the whole
-        request, :func:`kvagent.market.request_digest`): the same key again never generates again
+        request, :func:`kvagent.costs.market.request_digest`): the same key again never generates again
         (:class:`kvagent.errors.AlreadyServed`, with the stored answer if one was kept), another request with
         it is :class:`kvagent.errors.IdempotencyKeyReused` and a refunded one's
         :class:`kvagent.errors.IdempotencyKeyRefunded`; nothing is charged."""
@@ -420,7 +422,7 @@ class Ledger:
               key: str | None = None, publisher: str | None = None, ref: int | None = None, memo: str = "",
               locked: bool = False, check_negative: bool = False) -> Receipt:
         if not mk.balanced(postings):
-            # a bug in kvagent.market, never user input
+            # a bug in kvagent.costs.market, never user input
             raise AssertionError(f"unbalanced postings {postings}")
         if not locked:
             self._lock(cur, [p.account for p in postings])

@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from starlette.concurrency import run_in_threadpool
 
-from .. import market as mk
+from ..costs import market as mk
 from ..errors import AlreadyServed, ConfigError, IdempotencyError
-from ..identity import validate_key
+from ..kvcache.identity import validate_key
 from .auth import Principal, valid_principal_name
 from .http import ApiError, not_found, read_json
 from .ledger import Ledger, Receipt
@@ -384,7 +384,7 @@ def _adjudicate(st: State, row: ArtifactRow, dispute_id: int) -> Any:
         return ledger.record_open(
             dispute_id, "computed by another model than this host runs: recorded for the operator"
         )
-    from ..verification import verify_kv
+    from ..tiers.verification import verify_kv
 
     kv = host.kv_for(row.key, row.blob, st.blobs.read_bytes)
     with host.lock:

@@ -105,7 +105,7 @@ class Metrics:
         self.compute_seconds.labels(endpoint).observe(usage.compute_seconds)
 
     def observe_outcome(self, outcome: Any) -> None:
-        """A ``kvagent.calibration.Outcome``: its ratio and actual seconds, by kind and path."""
+        """A ``kvagent.costs.calibration.Outcome``: its ratio and actual seconds, by kind and path."""
         self.cost_ratio.labels(outcome.kind, outcome.path).observe(outcome.ratio)
         self.cost_actual.labels(outcome.kind, outcome.path).observe(outcome.actual_s)
 

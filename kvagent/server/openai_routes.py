@@ -22,14 +22,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from .. import guided
-from .. import market as mk
-from .. import tools as tl
-from ..engine import GenerationParams
-from ..engines import Cached, Finish, Guided, Token, TurnEvent, settled
+from ..chat import guided
+from ..chat import tools as tl
+from ..chat.turn import Cached, Guided, TurnEvent, settled
+from ..costs import market as mk
+from ..engines import Finish, Token
+from ..engines.params import GenerationParams
+from ..engines.textstream import TextStream
 from ..errors import ContextLengthError, KVAgentError, ToolsUnsupportedError
-from ..resolver import CacheInfo
-from ..textstream import TextStream
+from ..reuse.info import CacheInfo
 from . import market_routes
 from .chat import ChatJob, ChatService, load_secret
 from .events import thread_events
@@ -351,7 +352,7 @@ class _Run:
         self.info: CacheInfo | None = None
         self.n_generated = 0
         self.ttft: float | None = None
-        self.guided = False  # the reply was written by kvagent.guided (ends with "stop" or "tool_calls")
+        self.guided = False  # the reply was written by kvagent.chat.guided (ends with "stop" or "tool_calls")
 
     # -- the generation -----------------------------------------------------------------------
     async def _events(self) -> AsyncGenerator[TurnEvent, None]:

@@ -1,4 +1,4 @@
-"""Validation of an uploaded artifact file before it is published (signatures: kvagent.signing)."""
+"""Validation of an uploaded artifact file before it is published (signatures: kvagent.artifacts.signing)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import artifact as art
-from .. import signing
+from ..artifacts import format as art
+from ..artifacts import signing
+from ..artifacts.signing import Signature
 from ..errors import ArtifactFormatError, ArtifactMismatchError
-from ..identity import block_hashes
-from ..signing import Signature
+from ..kvcache.identity import block_hashes
 
 __all__ = ["Signature", "Validated", "parse_signature", "validate_upload"]
 

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from ..errors import KVAgentError
-from ..identity import validate_key
+from ..kvcache.identity import validate_key
 from . import market_routes, records
 from .auth import Principal, valid_principal_name
 from .http import ApiError, RangeNotSatisfiable, error_response, not_found, parse_range, read_json

@@ -31,7 +31,8 @@ class Settings:
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
     kv_cache_items: int = 2
     block_size: int = 256
-    prices_file: Path | None = None  # the host's price file (kvagent.market.HostPrices); None: free hosting
+    prices_file: Path | None = None  # the host's price file (kvagent.costs.market.HostPrices); None: free
+    # hosting
     currency: str | None = None  # overrides the price file's currency (default uUSD)
     dispute_verify: str = "full"  # how a model-running host re-verifies a disputed artifact
     blobs: str | None = None  # None: <data_dir>/blobs; a directory; or s3://BUCKET[/PREFIX] (AWS_* variables)

@@ -1,6 +1,7 @@
 """The server's own registry as a resolver source: published artifacts a principal may see, read in-process.
 
-The chat endpoint resumes through the same :class:`kvagent.resolver.Resolver` as the SDK; on the server its
+The chat endpoint resumes through the same :class:`kvagent.reuse.resolver.Resolver` as the SDK; on the server
+its
 registry tier is this source: lookups by key and by block-hash prefix go to the metadata database with the
 caller's entitlements (a restricted artifact the caller may not see is never a candidate), and a fetch reads
 the blob from the blob store and decodes it (checksum verified) through the host's LRU of decoded KVs.
@@ -11,10 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from .. import artifact as art
+from ..artifacts import format as art
+from ..artifacts.source import Fetched, GiveUp, Handle
+from ..client.registry import parse_handle
 from ..errors import ArtifactMismatchError
-from ..registry import GiveUp, Handle, parse_handle
-from ..resolver import Fetched
 from .auth import Principal
 from .http import ApiError
 from .meta import ArtifactRow

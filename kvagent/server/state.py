@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 
 from ..errors import StoreError
-from ..identity import validate_key
+from ..kvcache.identity import validate_key
 from .auth import Principal, TokenTable, read_token_file
 from .blobs import BlobStore, open_blobs
 from .http import ApiError, not_found

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .. import market as mk
+from ..costs import market as mk
 from ..errors import ConfigError, SettlementFailed
 from ..payments import sdk
 from .deposits import CHAIN, bind, claim

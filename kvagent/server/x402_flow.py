@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .. import market as mk
+from ..costs import market as mk
 from ..errors import PaymentError, PaymentInvalid
 from ..payments.terms import PAYMENT_REQUIRED_HEADER, PAYMENT_RESPONSE_HEADER, wallet_principal
 from .deposits import record_deposit

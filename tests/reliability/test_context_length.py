@@ -10,7 +10,7 @@ import pytest
 
 from kvagent import KVAgent, cli
 from kvagent.config import Config
-from kvagent.engine import check_context
+from kvagent.engines.hf import check_context
 from kvagent.errors import ContextLengthError, EngineError
 from tests.conftest import save_tiny_llama
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from kvagent import KVAgent
-from kvagent import calibration as cal
-from kvagent.policy import PolicyParams
-from kvagent.registry import RegistryClient
+from kvagent.client.registry import RegistryClient
+from kvagent.costs import calibration as cal
+from kvagent.costs.policy import PolicyParams
 from tests.conftest import tiny_config
 from tests.registry_server import ServerProcess, blob_backend, start_server
 from tests.reliability.faultproxy import FaultProxy

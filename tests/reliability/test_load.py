@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from kvagent.registry import RegistryClient
+from kvagent.client.registry import RegistryClient
 from tests.registry_server import start_server
 from tests.reliability.procs import run_workers
 
@@ -29,7 +29,7 @@ def _work(model_dir: str, cache_dir: str, url: str, token: str, docs: list[list[
     from transformers import AutoModelForCausalLM
 
     from kvagent import GenerationParams, KVAgent
-    from kvagent.policy import PolicyParams
+    from kvagent.costs.policy import PolicyParams
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     publish = "public" if token.startswith("alice") else False

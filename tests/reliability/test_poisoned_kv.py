@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from kvagent import KVAgent
-from kvagent import artifact as art
-from kvagent.engine import TransformersEngine
-from kvagent.kv import KVCache
-from kvagent.policy import PolicyParams
-from kvagent.registry import RegistryClient
-from kvagent.verification import verify_kv
+from kvagent.artifacts import format as art
+from kvagent.client.registry import RegistryClient
+from kvagent.costs.policy import PolicyParams
+from kvagent.engines.hf import TransformersEngine
+from kvagent.kvcache.tensors import KVCache
+from kvagent.tiers.verification import verify_kv
 from tests.conftest import tiny_config
 from tests.registry_server import start_server
 
@@ -75,7 +75,7 @@ def test_probes_recompute_every_layer_and_catch_a_last_layer_span(tiny_model, ar
 
 
 def test_probe_positions_are_distinct_sorted_and_include_the_last():
-    from kvagent.verification import probe_positions
+    from kvagent.tiers.verification import probe_positions
 
     assert probe_positions(0, 5, 1) == [] and probe_positions(10, 0, 1) == []
     assert probe_positions(10, 100, 1) == list(range(10))

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kvagent.client.registry import RegistryClient
 from kvagent.errors import ConfigError
-from kvagent.registry import RegistryClient
 from kvagent.server.http import ApiError
 from kvagent.server.meta import open_meta
 from kvagent.server.quotas import DAY, LEASE_SECONDS, Limits, Quotas
@@ -142,7 +142,7 @@ def _put(srv: ServerProcess, blob: bytes, token: str) -> httpx.Response:
 
 
 def make_artifact_key(blob: bytes) -> str:
-    from kvagent import artifact as art
+    from kvagent.artifacts import format as art
 
     return art.read_header(blob).key
 

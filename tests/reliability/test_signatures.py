@@ -14,11 +14,11 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from kvagent import artifact as art
-from kvagent import signing
+from kvagent.artifacts import format as art
+from kvagent.artifacts import signing
+from kvagent.client.registry import RegistryClient
 from kvagent.errors import ArtifactFormatError, ArtifactIntegrityError
-from kvagent.identity import sha256_hex
-from kvagent.registry import RegistryClient
+from kvagent.kvcache.identity import sha256_hex
 from tests._kvfixtures import MODEL_FP, make_artifact, make_kv
 from tests.registry_server import ServerProcess
 

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from kvagent import artifact as art
-from kvagent.identity import block_hashes
+from kvagent.artifacts import format as art
+from kvagent.kvcache.identity import block_hashes
 from tests._kvfixtures import make_artifact, make_kv
 from tests.registry_server import ServerProcess
 

@@ -9,8 +9,8 @@ from operator import itemgetter
 from typing import Any, Literal
 
 from kvagent import GenerationParams
-from kvagent.guided import guided_json, guided_tool_call
-from kvagent.tools import (
+from kvagent.chat.guided import guided_json, guided_tool_call
+from kvagent.chat.tools import (
     ContentDelta,
     Parsed,
     StreamParser,
@@ -74,9 +74,9 @@ class ChatKVAgent(KVAgentSettings, BaseChatModel):
     its second call on. ``response_metadata`` reports the cache: ``kv_status``, ``kv_cached_tokens``...
 
     Tools (``bind_tools``) are rendered through the template and the reply's calls parsed
-    (Hermes/Qwen ``<tool_call>`` or Llama 3.1 JSON, see ``kvagent.tools``); a forcing
+    (Hermes/Qwen ``<tool_call>`` or Llama 3.1 JSON, see ``kvagent.chat.tools``); a forcing
     ``tool_choice`` and ``with_structured_output`` decode the arguments guided by their JSON
-    schema (``kvagent.guided``). A template without tools refuses them (``ToolsUnsupportedError``).
+    schema (``kvagent.chat.guided``). A template without tools refuses them (``ToolsUnsupportedError``).
     """
 
     streaming: bool = False

@@ -1,11 +1,12 @@
-"""LangChain <-> kvagent.tools: messages as template dicts, parsed calls as messages, structured output."""
+"""LangChain <-> kvagent.chat.tools: messages as template dicts, parsed calls as messages, structured
+output."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from kvagent.tools import ToolCall
+from kvagent.chat.tools import ToolCall
 from langchain_core.messages import (
     AIMessage,
     BaseMessage,

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 from kvagent import KVAgent
-from kvagent.policy import PolicyParams
-from kvagent.registry import RegistryClient
+from kvagent.client.registry import RegistryClient
+from kvagent.costs.policy import PolicyParams
 from langchain_core.messages import HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate

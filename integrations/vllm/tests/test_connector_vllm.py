@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 from kvagent import KVAgent, KVCache, KVStore, block_hashes
-from kvagent import artifact as art
-from kvagent.registry import RegistryClient
+from kvagent.artifacts import format as art
+from kvagent.client.registry import RegistryClient
 
 pytestmark = pytest.mark.vllm
 

@@ -61,7 +61,7 @@ def server(registry: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     prices.write_text(json.dumps(PRICES))
     srv = start_server(work / "data", TOKENS, model="smollm2", timeout=900, extra_env=env,
                        extra_args=["--engine", ENGINE, "--max-batch", "4", "--prices", str(prices)])
-    from kvagent.registry import RegistryClient
+    from kvagent.client.registry import RegistryClient
 
     with RegistryClient(srv.url, ADMIN) as admin:
         for name in ("alice", "bob"):
@@ -154,8 +154,8 @@ def test_a_document_published_to_this_server_is_reused_by_those_who_may_see_it(
     restricted document is reused for her chat (exact reply, charged on what vLLM reused), never for Bob's;
     once she grants it to Bob, for his too. The ledger stays balanced."""
     from kvagent import KVAgent
-    from kvagent.market import HostPrices, generate_bill
-    from kvagent.registry import RegistryClient
+    from kvagent.client.registry import RegistryClient
+    from kvagent.costs.market import HostPrices, generate_bill
 
     body = text_of(paragraphs, 21, 700, reference_model[1])
     publisher = KVAgent(cache_dir=tmp_path / "pub", registry_url=server.url, token=ALICE, calibration=False)

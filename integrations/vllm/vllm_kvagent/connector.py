@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from kvagent import Config, KeyContext, KVAgent, KVAgentError, KVCache, KVStore
-from kvagent.policy import PolicyParams
+from kvagent.costs.policy import PolicyParams
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,

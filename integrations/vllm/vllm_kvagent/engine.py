@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvagent import ConfigError, EngineError
-from kvagent.engine import GenerationParams
 from kvagent.engines import (
     BatchObserver,
     EngineContext,
@@ -46,6 +45,7 @@ from kvagent.engines import (
     Token,
     Usage,
 )
+from kvagent.engines.params import GenerationParams
 from kvagent.errors import ContextLengthError
 
 from .published import PublishedStager

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 
 from kvagent import KVAgentError, Resolver, block_hashes, salted
-from kvagent.resolver import RegistrySource
+from kvagent.artifacts.source import RegistrySource
 
 from .settings import namespace_of
 

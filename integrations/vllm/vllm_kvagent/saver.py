@@ -23,7 +23,7 @@ from kvagent import (
     block_hashes,
     salted,
 )
-from kvagent import artifact as art
+from kvagent.artifacts import format as art
 
 from .settings import ConnectorSettings
 
@@ -50,7 +50,7 @@ class ArtifactSaver:
         self.store = KVStore(store_dir)
         self._registry = None
         if settings.publish != "none" and settings.registry_url:
-            from kvagent.registry import RegistryClient
+            from kvagent.client.registry import RegistryClient
 
             self._registry = RegistryClient(settings.registry_url, settings.token)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvagent-save")

@@ -1,0 +1,1 @@
+"""The HTTP client of a kvagent registry: artifacts, the market, remote generation."""
