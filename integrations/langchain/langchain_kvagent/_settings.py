@@ -5,8 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from kvagent import Config, GenerationParams, KVAgent, Runtime, build_runtime
-from kvagent.config import unknown_option
+from kvagent import Config, GenerationParams, KVAgent, Runtime, build_runtime, unknown_option
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
 from ._reuse import PromptRunner

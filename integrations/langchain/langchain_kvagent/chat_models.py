@@ -8,17 +8,18 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Literal
 
-from kvagent import GenerationParams
-from kvagent.chat.guided import guided_json, guided_tool_call
-from kvagent.chat.tools import (
+from kvagent import (
     ContentDelta,
+    GenerationParams,
     Parsed,
     StreamParser,
     ToolFormat,
     forced_tool,
+    guided_json,
+    guided_tool_call,
     normalize_tools,
-    parse,
-    render,
+    parse_tool_calls,
+    render_chat,
     require_tool_format,
     tool_format,
 )
@@ -165,14 +166,14 @@ class ChatKVAgent(KVAgentSettings, BaseChatModel):
             else:
                 schema = structured["tool"]["function"]["parameters"]
                 dicts.append({"role": "system", "content": JSON_INSTRUCTION + json.dumps(schema)})
-                return _Turn(render(tokenizer, dicts), json_schema=schema)
+                return _Turn(render_chat(tokenizer, dicts), json_schema=schema)
         if not tools:
-            return _Turn(render(tokenizer, dicts))
+            return _Turn(render_chat(tokenizer, dicts))
         name = self._model_name()
         fmt = require_tool_format(tokenizer, name)
         tools = normalize_tools(tools)
         return _Turn(
-            render(tokenizer, dicts, tools, model_name=name),
+            render_chat(tokenizer, dicts, tools, model_name=name),
             fmt=fmt,
             tools=tools,
             forced=forced_tool(choice, tools),
@@ -226,7 +227,7 @@ class ChatKVAgent(KVAgentSettings, BaseChatModel):
         else:
             done = runner.complete(turn.ids, params, self._stops(stop))
             text = done.text
-        parsed = parse(text, turn.fmt) if turn.fmt is not None and turn.parse_calls else Parsed(text)
+        parsed = parse_tool_calls(text, turn.fmt) if turn.fmt is not None and turn.parse_calls else Parsed(text)
         meta = self._message_meta(done, n_out, bool(parsed.tool_calls))
         message = AIMessage(
             content=parsed.content,

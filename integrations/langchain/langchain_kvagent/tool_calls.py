@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kvagent.chat.tools import ToolCall
+from kvagent import ToolCall
 from langchain_core.messages import (
     AIMessage,
     BaseMessage,

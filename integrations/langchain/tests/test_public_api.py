@@ -1,4 +1,5 @@
-"""The integration uses kvagent's public API only: no private module, name or attribute of kvagent."""
+"""The integration uses kvagent's public API only: no private module, name or attribute of kvagent, and no deep
+module path (every name comes from ``kvagent`` itself, in ``kvagent.__all__``)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,17 @@ def _violations(tree: ast.AST, where: str) -> list[str]:
     return out
 
 
+def _deep_imports(tree: ast.AST, where: str) -> list[str]:
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kvagent."):
+            out.append(f"{where}:{node.lineno}: imports from the deep path {node.module!r}, not from kvagent")
+        elif isinstance(node, ast.Import):
+            out += [f"{where}:{node.lineno}: imports the deep path {a.name!r}" for a in node.names
+                    if a.name.startswith("kvagent.")]
+    return out
+
+
 def test_integration_touches_no_private_name_of_kvagent() -> None:
     files = sorted(PACKAGE.glob("*.py"))
     assert files, PACKAGE
@@ -55,3 +67,16 @@ def test_the_check_catches_private_access() -> None:
     assert not _violations(
         ast.parse("from kvagent import KVAgent\nself._runner()\nagent.resolver.resolve([1])\n"), "ok"
     )
+
+
+def test_integration_imports_nothing_from_deep_paths() -> None:
+    files = sorted(PACKAGE.glob("*.py"))
+    problems = [v for f in files for v in _deep_imports(ast.parse(f.read_text(), str(f)), f.name)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_check_catches_deep_imports() -> None:
+    bad = ast.parse("from kvagent.chat.tools import ToolCall\nimport kvagent.config\n"
+                    "def f():\n    from kvagent.client.registry import RegistryClient\n")
+    assert len(_deep_imports(bad, "bad.py")) == 3
+    assert not _deep_imports(ast.parse("from kvagent import ToolCall\nimport kvagent\n"), "ok")

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from kvagent import Config, KeyContext, KVAgent, KVAgentError, KVCache, KVStore
-from kvagent.costs.policy import PolicyParams
+from kvagent import Config, KeyContext, KVAgent, KVAgentError, KVCache, KVStore, PolicyParams
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,

@@ -34,19 +34,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvagent import ConfigError, EngineError
-from kvagent.engines import (
+from kvagent import (
     BatchObserver,
+    ConfigError,
+    ContextLengthError,
     EngineContext,
+    EngineError,
     EngineFactory,
     Finish,
+    GenerationParams,
     GenerationRequest,
     Sink,
     Token,
     Usage,
 )
-from kvagent.engines.params import GenerationParams
-from kvagent.errors import ContextLengthError
 
 from .published import PublishedStager
 from .settings import ConnectorSettings
@@ -162,11 +163,11 @@ class _Request:
 
 
 class _Handle:
-    def __init__(self, engine: VLLMEngine, rid: str) -> None:
-        self._engine, self._rid = engine, rid
+    def __init__(self, inbox: queue.SimpleQueue[tuple[str, Any]], rid: str) -> None:
+        self._inbox, self._rid = inbox, rid  # the engine's inbox: its loop aborts the request
 
     def cancel(self) -> None:
-        self._engine._inbox.put(("abort", self._rid))
+        self._inbox.put(("abort", self._rid))
 
 
 class VLLMEngine:
@@ -228,7 +229,7 @@ class VLLMEngine:
             self.stager.stage(ids, request.namespace, request.registry)
         rid = f"kvagent-{next(self._ids)}"
         self._inbox.put(("add", _Request(rid, replace_ids(request, ids), sink)))
-        return _Handle(self, rid)
+        return _Handle(self._inbox, rid)
 
     def forget(self, key: str) -> None:
         """Published artifact ``key`` was deleted or quarantined (``ModelHost.forget``): reset vLLM's prefix

@@ -15,8 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from kvagent import KVAgentError, Resolver, block_hashes, salted
-from kvagent.artifacts.source import RegistrySource
+from kvagent import KVAgentError, RegistrySource, Resolver, block_hashes, salted
 
 from .settings import namespace_of
 

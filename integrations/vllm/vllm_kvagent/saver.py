@@ -21,9 +21,9 @@ from kvagent import (
     RegistryError,
     StoreError,
     block_hashes,
+    encode_parts,
     salted,
 )
-from kvagent.artifacts import format as art
 
 from .settings import ConnectorSettings
 
@@ -50,7 +50,7 @@ class ArtifactSaver:
         self.store = KVStore(store_dir)
         self._registry = None
         if settings.publish != "none" and settings.registry_url:
-            from kvagent.client.registry import RegistryClient
+            from kvagent import RegistryClient
 
             self._registry = RegistryClient(settings.registry_url, settings.token)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvagent-save")
@@ -82,7 +82,7 @@ class ArtifactSaver:
         ctx = salted(req.context, req.namespace) if req.namespace else req.context
         ids = req.kv.token_ids.tolist()
         try:
-            header, parts = art.encode_parts(
+            header, parts = encode_parts(
                 req.kv,
                 model_fingerprint=ctx.model_fingerprint,
                 tokenizer_fingerprint=ctx.tokenizer_fingerprint,
