@@ -16,12 +16,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ..errors import RegistryError, RegistrySkippedError, RegistryUnavailableError
-
-if TYPE_CHECKING:
-    from .calibration import CostModel
 
 T = TypeVar("T")
 log = logging.getLogger("kvagent.calibration")  # the calibration file's logger, as before the breaker moved
@@ -120,12 +117,38 @@ def sanitize(state: BreakerState, now: float, policy: BreakerPolicy) -> BreakerS
     )
 
 
+class _Calibration(Protocol):
+    """What the breaker reads and writes of the calibration file (``calibration.file.CalibrationFile``)."""
+
+    @property
+    def clock(self) -> Callable[[], float]: ...
+
+    def read(self) -> dict[str, Any]: ...
+
+    def update(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]: ...
+
+
+class _Costs(Protocol):
+    """What the breaker asks of the cost model (``calibration.CostModel``, which builds it): named here so
+    that the breaker imports nothing of the calibration, which imports the breaker."""
+
+    @property
+    def calibration(self) -> _Calibration: ...
+
+    @property
+    def breaker(self) -> BreakerPolicy: ...
+
+    def lookup_deadline(self, n_tokens: int, url: str | None = None) -> float: ...
+
+    def record_lookup(self, url: str, seconds: float, ok: bool, error: str = "") -> None: ...
+
+
 class RegistryBreaker:
     """Runs the breaker of each registry URL over ``cost``'s calibration file (shared by the machine's
     processes): skips a failing registry, lets one process probe it after the back-off, and bounds the
     probe so a read never waits on a stalled registry for longer than ``PROBE_WAIT_S``."""
 
-    def __init__(self, cost: CostModel) -> None:
+    def __init__(self, cost: _Costs) -> None:
         self.cost = cost
         self._probing: set[str] = set()  # URLs whose half-open probe this process claimed
 

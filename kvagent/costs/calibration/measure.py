@@ -8,10 +8,10 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .model import CostModel
+from .file import CalibrationFile
+from .machine import Profile
 
 log = logging.getLogger("kvagent.calibration")
 
@@ -21,6 +21,25 @@ PROBE_BUDGET_S = 1.0
 #: SmolLM2-135M on 2 CPU cores
 WARMUP_LENGTHS = (64, 768)
 WARMUP_TAILS = (16, 64)
+
+
+class CostRecords(Protocol):
+    """What the measurements record into (``model.CostModel``, which imports this module): named here so
+    that this module imports nothing of the cost model."""
+
+    @property
+    def calibration(self) -> CalibrationFile: ...
+
+    @property
+    def profile(self) -> Profile: ...
+
+    def record_prefill(self, n_new: int, past: int, seconds: float, *, probe: bool = False) -> None: ...
+
+    def record_load(self, nbytes: int, seconds: float) -> None: ...
+
+    def record_lookup(self, url: str, seconds: float, ok: bool, error: str = "") -> None: ...
+
+    def needs_warm_up(self) -> bool: ...
 
 
 def probe_prefill(run: Callable[[int], object], budget_s: float = PROBE_BUDGET_S,
@@ -54,7 +73,7 @@ def engine_probe(engine: Any) -> Callable[[int], object]:
 
 
 def measure_prefill(
-    cost: CostModel,
+    cost: CostRecords,
     engine: Any,
     lengths: Sequence[int],
     *,
@@ -89,7 +108,7 @@ def measure_prefill(
     return rows, kv
 
 
-def warm_up(cost: CostModel, engine: Any, *, lengths: Sequence[int] = WARMUP_LENGTHS,
+def warm_up(cost: CostRecords, engine: Any, *, lengths: Sequence[int] = WARMUP_LENGTHS,
             tails: Sequence[int] = WARMUP_TAILS) -> list[dict[str, Any]]:
     """Measure a few short forwards (``measure_prefill``) when this machine + model has no measured prefill
     sample yet (nor a fixed rate), so that a fresh host's first decision is not made on assumed constants.
@@ -119,7 +138,7 @@ def warm_up(cost: CostModel, engine: Any, *, lengths: Sequence[int] = WARMUP_LEN
 
 
 def calibrate(
-    cost: CostModel,
+    cost: CostRecords,
     engine: Any,
     *,
     lengths: Sequence[int] = (128, 512, 1024),
