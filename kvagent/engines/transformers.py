@@ -77,6 +77,9 @@ class BatchObserver:
     def shared_prefix(self, sequences: int) -> None:
         """In that step, ``sequences`` of them read a prefix they share with others in place."""
 
+    def queued(self, seconds: float) -> None:
+        """A request got a batch slot after waiting ``seconds`` since it was submitted."""
+
 
 class _Handle:
     def __init__(self, engine: TransformersBatchEngine) -> None:
@@ -553,6 +556,7 @@ class TransformersBatchEngine:
         """Set ``seq`` up for its prefill (or run it alone to its end, on a model that does not batch)."""
         req = seq.request
         seq.started = time.perf_counter()
+        self.observer.queued(seq.started - seq.submitted)
         if req.params.seed is not None:
             seq.gen.manual_seed(req.params.seed)
         else:
