@@ -9,6 +9,7 @@ import pytest
 from kvagent import ConfigError
 
 from vllm_kvagent import ConnectorSettings, namespace_of
+from vllm_kvagent.settings import engine_policy
 
 
 def test_defaults_reuse_without_a_registry_and_publish_nothing() -> None:
@@ -16,7 +17,7 @@ def test_defaults_reuse_without_a_registry_and_publish_nothing() -> None:
     assert (s.registry_url, s.publish, s.engines, s.min_save_tokens, s.price, s.salted_reads) == (
         None,
         "none",
-        "any",
+        None,  # by vLLM's dtype: engine_policy
         256,
         None,
         "own",
@@ -147,3 +148,10 @@ def test_the_vllm_engine_runs_in_the_dtype_the_host_was_given(
         assert args["dtype"] == "bfloat16" and args["max_num_seqs"] == 4
     finally:
         runtime.close()
+
+
+def test_engines_default_keeps_engines_apart_in_half_precision_only() -> None:
+    """Another engine's KV gives vLLM's greedy replies bit for bit in float32 only (docs/deploy.md)."""
+    assert engine_policy(None, "float32") == "any"
+    assert engine_policy(None, "bfloat16") == engine_policy(None, "float16") == "same"
+    assert engine_policy("any", "bfloat16") == "any" and engine_policy("same", "float32") == "same"
