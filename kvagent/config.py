@@ -136,7 +136,8 @@ class Config:
     # the model
     model: str = _opt(DEFAULT_MODEL, env="KVAGENT_MODEL")
     models_dir: Path = _opt(factory=lambda: _default_cache_dir() / "models", env="KVAGENT_MODELS_DIR")
-    dtype: str | None = _opt(None, env="KVAGENT_DTYPE")
+    # auto|float32|bfloat16|float16; auto: bfloat16 where the hardware computes it natively (kvagent.dtypes)
+    dtype: str = _opt("auto", env="KVAGENT_DTYPE")
     system_prompt: str | None = _opt(None)  # None: the chat template's own default
     prefill_chunk_size: int | None = _opt(None, env="KVAGENT_PREFILL_CHUNK_SIZE", parse=_env_int)
     allow_context_overflow: bool = _opt(False, env="KVAGENT_ALLOW_CONTEXT_OVERFLOW", parse=_env_bool)
@@ -219,9 +220,11 @@ class Config:
         """Normalise types (paths, money, keys) and refuse bad values with what was expected."""
         from .artifacts.codecs import ARTIFACT_CODECS
         from .costs.market import amount
+        from .dtypes import check_dtype
 
         norm: dict[str, Any] = {
             "cache_dir": Path(self.cache_dir).expanduser(), "models_dir": Path(self.models_dir).expanduser(),
+            "dtype": check_dtype(self.dtype),  # None: auto
         }
         for name in ("max_price_per_load", "budget", "prefill_cost_per_token"):
             value = getattr(self, name)
@@ -239,8 +242,6 @@ class Config:
         ):
             norm["calibration"] = False
         cfg = replace(self, **norm)
-        if cfg.dtype not in (None, "float32", "float16", "bfloat16"):
-            raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {cfg.dtype!r}")
         if cfg.verify not in ("none", "sample", "full"):
             raise ConfigError(f"verify must be none, sample or full, got {cfg.verify!r}")
         if cfg.verify_probes < 0:

@@ -67,6 +67,8 @@ def load_model(
 ) -> LoadedModel:
     """Load the model named by ``spec`` (embedded name, directory, or cached hub id).
 
+    ``dtype``: ``auto`` (``kvagent.dtypes``: bfloat16 where the hardware computes it natively, else
+    float32), an explicit one (checked to run here), or None for the checkpoint's own.
     With ``require_tokenizer=False`` a model directory without a tokenizer loads with ``tokenizer`` None
     (generation on token ids still works; a server hosting it answers text requests with a clear error).
     """
@@ -90,7 +92,9 @@ def _load_pretrained(source: str, dtype: str | None, require_tokenizer: bool = T
 
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype:
-        kwargs["dtype"] = getattr(torch, dtype)
+        from .dtypes import resolve_dtype
+
+        kwargs["dtype"] = getattr(torch, resolve_dtype(dtype))
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:

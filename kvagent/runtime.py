@@ -19,7 +19,7 @@ from .config import Config
 from .costs import policy as pol
 from .engines.hf import TransformersEngine
 from .engines.params import GenerationParams
-from .errors import ArtifactError, EngineError, RegistryError
+from .errors import ArtifactError, ConfigError, EngineError, RegistryError
 from .kvcache.identity import KeyContext, sha256_hex, tokenizer_fingerprint
 from .models import LoadedModel, load_model, model_fingerprint
 from .reuse.resolver import ClientSource, KVMemory, Resolver, ResolverSettings
@@ -129,12 +129,23 @@ def build_runtime(
 
 def _load(config: Config, model: Any, tokenizer: Any, progress: Progress | None) -> LoadedModel:
     if isinstance(model, LoadedModel):
-        return model
+        return _in_dtype(model, config.dtype)
     if model is not None and not isinstance(model, str):  # an already-loaded transformers model
         tfp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else sha256_hex(b"no-tokenizer")
-        return LoadedModel(model, tokenizer, type(model).__name__, model_fingerprint(model), tfp, 0.0)
+        loaded = LoadedModel(model, tokenizer, type(model).__name__, model_fingerprint(model), tfp, 0.0)
+        return _in_dtype(loaded, config.dtype)
     notify = (lambda msg: progress(msg, 0, 0)) if progress else None
     return load_model(model or config.model, config.models_dir, dtype=config.dtype, notify=notify)
+
+
+def _in_dtype(loaded: LoadedModel, dtype: str) -> LoadedModel:
+    """``loaded``, a model given already loaded: ``auto`` takes its dtype; an explicit dtype it is not in
+    is a ConfigError (it is never silently run in another)."""
+    have = art.dtype_name(next(loaded.model.parameters()).dtype)
+    if dtype != "auto" and have != dtype:
+        raise ConfigError(f"dtype={dtype!r} was asked for, but the model given is in {have}: load it in "
+                          f"{dtype}, or leave dtype at 'auto' to run it as it is")
+    return loaded
 
 
 def _cost_model(config: Config, engine: TransformersEngine, context: KeyContext,

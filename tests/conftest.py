@@ -13,6 +13,10 @@ import torch
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The suite's models run in float32 unless a test asks for another dtype (dtype=... / --dtype): its exactness
+# tests compare against float32 references, and "auto" would pick bfloat16 on a CPU with AMX / AVX512-BF16.
+# Spawned servers inherit it. The dtype tests (tests/test_dtype.py) set or clear it themselves.
+os.environ["KVAGENT_DTYPE"] = "float32"
 
 # Property tests: CI replays the same derandomised examples on every run (a new counterexample is found by
 # running the suite locally, where Hypothesis explores and keeps what it finds), and prints a reproducer blob.

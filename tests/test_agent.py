@@ -199,3 +199,38 @@ def test_compute_false_finds_the_cached_prefix_and_never_computes(embedded_agent
     miss = resolver.resolve([t + 1 for t in prompt[:300]], document=False, compute=False)
     assert miss.kv is None and len(miss.tail) == 300 and miss.info.cached_tokens == 0
     assert (resolver.counters["prefills"], len(list(agent.store.entries()))) == before
+
+
+@pytest.fixture(scope="module")
+def embedded_bf16():
+    from kvagent.config import Config
+    from kvagent.models import load_model
+
+    return load_model(None, Config.resolve().models_dir, dtype="bfloat16")
+
+
+def test_bf16_reuse_is_bitwise_the_computing_agents_own_and_never_meets_float32(embedded_bf16, embedded,
+                                                                                tmp_path):
+    """In bf16 an answer after reuse is not guaranteed to equal a one-shot full prefill's (bf16 matrix
+    products round a row differently with the call's row count; measured in docs/deploy.md). What holds bit
+    for bit: the stored artifact (lossless bplane-zstd) is the KV the prefill computed, so another agent's
+    answer from the store equals the computing agent's answer from memory; the key says bfloat16, so a
+    float32 agent on the same cache computes its own."""
+    lm = embedded_bf16
+    agent = KVAgent(lm.model, tokenizer=lm.tokenizer, cache_dir=tmp_path, dtype="bfloat16",
+                    codec="bplane-zstd")
+    ids = agent.document_ids(long_text(600, agent.tokenizer))[:600]
+    first = agent.read_ids(ids)
+    assert first.cache.status == "prefill" and agent.runtime.context.dtype == "bfloat16"
+    assert next(iter(agent.store.entries())).dtype == "bfloat16"
+    other = KVAgent(lm.model, tokenizer=lm.tokenizer, cache_dir=tmp_path, dtype="bfloat16")
+    doc = other.read_ids(ids)
+    assert doc.key == first.key and doc.cache.status == "local"
+    for question in (QUESTION, "Who founded the company?", "Summarise section 2."):
+        mine = agent.ask(first, question, max_new_tokens=32, stop_token_ids=())
+        assert mine.cache.status == "memory"
+        assert other.ask(doc, question, max_new_tokens=32, stop_token_ids=()).token_ids == mine.token_ids
+    fp32 = KVAgent(embedded.model, tokenizer=embedded.tokenizer, cache_dir=tmp_path, dtype="float32")
+    assert fp32.read_ids(ids).cache.status == "prefill"
+    for a in (agent, other, fp32):
+        a.close()

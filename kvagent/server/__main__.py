@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import DTYPE_CHOICES
 from ..engines.plugins import DEFAULT_ENGINE, load_engine_factory
 from ..errors import ConfigError, KVAgentError
 from .limits import ConnectionLimits
@@ -55,6 +56,9 @@ def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentPar
         help="the generation engine: 'transformers' (built in), 'vllm' (needs vllm-kvagent and vLLM), or a "
         "module:attr engine factory",
     )
+    ap.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                    help="the model's dtype, for every engine (default: KVAGENT_DTYPE or auto: bfloat16 "
+                         "where the CPU has AMX or AVX512-BF16 or the GPU supports it, else float32)")
     ap.add_argument("--models-dir", type=Path, default=None, help="where converted models are cached")
     ap.add_argument("--postgres-dsn", default=None, help="use PostgreSQL for metadata instead of SQLite")
     ap.add_argument("--max-artifact-bytes", type=int, default=DEFAULT_MAX_ARTIFACT_BYTES)
@@ -81,13 +85,15 @@ def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentPar
         "--presign-expiry", type=int, default=300, help="seconds a presigned blob URL stays valid"
     )
     ap.add_argument("--workers", type=int, default=1, help="worker processes serving the same port")
-    ap.add_argument("--max-queue", type=int, default=8,
-                    help="chat/completion requests queued or running at once; more get 429 + Retry-After")
+    ap.add_argument("--max-queue", type=int, default=None,
+                    help="chat/completion requests queued or running at once; more get 429 + Retry-After "
+                         "(default: twice --max-batch)")
     ap.add_argument(
         "--max-batch",
         type=int,
-        default=8,
-        help="sequences decoded together, one forward per step; more admitted ones wait for a slot",
+        default=None,
+        help="sequences decoded together, one forward per step; more admitted ones wait for a slot (default: "
+        "half the available memory / the KV bytes of one sequence at the model's full context, in 8..256)",
     )
     ap.add_argument(
         "--prefill-chunk",
@@ -147,6 +153,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         token_stale_s=args.token_stale_seconds,
         engine=args.engine,
         calibrate_at_start=args.calibrate_at_start,
+        dtype=args.dtype,
     )
 
 

@@ -35,6 +35,7 @@ from ..errors import KVAgentError
 from ..reuse.info import CacheInfo
 from .auth import Principal
 from .http import ApiError
+from .sizing import default_max_queue
 from .source import ServerSource
 from .state import State
 
@@ -85,15 +86,15 @@ class ChatJob:
 class ChatService:
     """Runs chat/completion jobs on the host's engine (batched), with a bounded queue."""
 
-    def __init__(self, st: State, secret: bytes, max_queue: int) -> None:
+    def __init__(self, st: State, secret: bytes, max_queue: int | None) -> None:
         self.st = st
         self._secret = secret
-        self.max_queue = max(1, max_queue)
+        host = self.host = st.serving()
+        self.max_queue = max(1, max_queue if max_queue is not None else default_max_queue(host.max_batch))
         self._active = 0
         self._lock = threading.Lock()
         self._recent_s = 1.0  # a moving estimate of one job's duration, for Retry-After
         self.saves = QuietSaver(self)
-        host = self.host = st.serving()
         self.turns = PromptTurns(host.batch, host.agent.resolver, host.agent.tokenizer)
 
     def namespace(self, principal: Principal) -> str:

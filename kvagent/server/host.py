@@ -22,7 +22,8 @@ log = logging.getLogger("kvagent.server")
 
 
 def load_host_agent(spec: str, models_dir: Path, cache_dir: Path, *, memory_slots: int = 2,
-                    prompt_cache_bytes: int = 2 << 30, calibrate_at_start: bool | None = None) -> Runtime:
+                    prompt_cache_bytes: int = 2 << 30, calibrate_at_start: bool | None = None,
+                    dtype: str | None = None) -> Runtime:
     """The host's model, tokenizer and resolver: a local-only runtime, built as an SDK agent's is, so its
     keys,
     block hashes and chat rendering are exactly those of an SDK agent on the same model (published artifacts
@@ -30,17 +31,23 @@ def load_host_agent(spec: str, models_dir: Path, cache_dir: Path, *, memory_slot
 
     ``cache_dir`` holds the host's own prompt cache (private prompt KVs, salted per principal).
     ``calibrate_at_start``: None takes the Config's (``KVAGENT_CALIBRATE_AT_START``); see
-    ``ModelHost.warm_up``.
+    ``ModelHost.warm_up``. ``dtype``: None takes the Config's (``KVAGENT_DTYPE``, default ``auto``); the
+    model is loaded in it, and every engine of the host runs in the model's dtype.
     """
     if spec.lower() not in EMBEDDED_NAMES and not Path(spec).expanduser().is_dir():
         raise ModelLoadError(f"--model {spec!r} is neither 'smollm2' nor a local model directory")
-    loaded = load_model(spec, models_dir, require_tokenizer=False)
     from ..config import Config
 
-    config = Config.from_env(model=loaded.name, models_dir=models_dir, cache_dir=cache_dir, local_only=True,
+    config = Config.from_env(models_dir=models_dir, cache_dir=cache_dir, local_only=True,
                              memory_slots=memory_slots, cache_size_bytes=prompt_cache_bytes,
-                             calibrate_at_start=calibrate_at_start)
-    return build_runtime(config, model=loaded)
+                             calibrate_at_start=calibrate_at_start, dtype=dtype)
+    loaded = load_model(spec, models_dir, dtype=config.dtype, require_tokenizer=False)
+    log.info("host model %s in %s (dtype %s)", loaded.name, _dtype_of(loaded.model), config.dtype)
+    return build_runtime(config.with_options(model=loaded.name), model=loaded)
+
+
+def _dtype_of(model: object) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")  # type: ignore[attr-defined]
 
 
 def model_path(spec: str, models_dir: Path) -> Path:

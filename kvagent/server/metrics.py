@@ -65,6 +65,10 @@ class Metrics:
         self.queue_seconds = Histogram("kvagent_request_queue_time_seconds",
                                        "Time a request waited for a batch slot (after its KV was found)",
                                        ["endpoint"], buckets=_SECONDS, registry=r)
+        # observed when a request gets its slot (the one above: when it finishes)
+        self.batch_queue_wait = Histogram("kvagent_batch_queue_wait_seconds",
+                                          "Time a request waited for a batch slot, observed when it got one",
+                                          buckets=_SECONDS, registry=r)
         self.compute_seconds = Histogram("kvagent_request_inference_time_seconds",
                                          "Time from a request's first forward to its last token",
                                          ["endpoint"],
@@ -120,3 +124,6 @@ class _StepObserver:
 
     def shared_prefix(self, sequences: int) -> None:
         self.metrics.shared_prefix.observe(sequences)
+
+    def queued(self, seconds: float) -> None:
+        self.metrics.batch_queue_wait.observe(seconds)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import check_dtype
 from ..engines.plugins import check_engine_name
 from ..errors import ConfigError
 
@@ -38,8 +39,11 @@ class Settings:
     blobs: str | None = None  # None: <data_dir>/blobs; a directory; or s3://BUCKET[/PREFIX] (AWS_* variables)
     presign_expiry_s: int = 300  # lifetime of a presigned blob URL (S3 backend)
     prompt_cache_bytes: int = 2 << 30  # the host's private prompt-KV cache on disk (chat endpoint)
-    max_queue: int = 8  # chat/completion requests waiting or running at once; more get 429 + Retry-After
-    max_batch: int = 8  # sequences the model decodes together; further admitted requests wait for a slot
+    # chat/completion requests waiting or running at once; more get 429 + Retry-After (None: 2 x max_batch)
+    max_queue: int | None = None
+    # sequences the model decodes together; further admitted requests wait for a slot (None: sized from the
+    # memory the KV may take, kvagent.server.sizing)
+    max_batch: int | None = None
     prefill_chunk: int = 256  # prompt-tail tokens prefilled between two decode steps (chunked prefill)
     default_max_tokens: int = 512  # completion length when a request gives no max_tokens
     # unreferenced blobs / temp files younger than this are left alone at startup
@@ -55,6 +59,9 @@ class Settings:
     # measure prefill before serving when the calibration has none for this machine + model (None: the
     # host's Config, i.e. KVAGENT_CALIBRATE_AT_START or its default)
     calibrate_at_start: bool | None = None
+    # the model's dtype: auto|float32|bfloat16|float16 (None: the host's Config, i.e. KVAGENT_DTYPE or auto);
+    # every engine of the host runs in it (kvagent.dtypes)
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_artifact_bytes <= 0:
@@ -63,8 +70,10 @@ class Settings:
             raise ConfigError("kv_cache_items must be >= 0")
         if not 1 <= self.presign_expiry_s <= 7 * 24 * 3600:
             raise ConfigError("presign_expiry_s must be in 1..604800 (S3 allows at most 7 days)")
-        if self.max_batch < 1:
+        if self.max_batch is not None and self.max_batch < 1:
             raise ConfigError("max_batch must be >= 1")
+        if self.max_queue is not None and self.max_queue < 1:
+            raise ConfigError("max_queue must be >= 1")
         if self.prefill_chunk < 1:
             raise ConfigError("prefill_chunk must be >= 1")
         if self.block_size <= 0:
@@ -76,6 +85,8 @@ class Settings:
         if self.dispute_verify not in ("sample", "full"):
             raise ConfigError("dispute_verify must be 'sample' or 'full'")
         check_engine_name(self.engine)
+        if self.dtype is not None:
+            check_dtype(self.dtype)
         if self.model is not None and self.model.lower() == "none":
             object.__setattr__(self, "model", None)
 

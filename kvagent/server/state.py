@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +121,23 @@ def handle_json(row: ArtifactRow, **extra: Any) -> bytes:
     return f'{head[:-1]},"header":{row.header_json},"signature":{row.signature_json or "null"}}}'.encode()
 
 
+def sized(settings: Settings, engine: Any) -> tuple[int, int]:
+    """``max_batch`` and ``max_queue``: the settings' where given, else sized for ``engine``'s model on this
+    machine (:mod:`kvagent.server.sizing`), logged."""
+    from . import sizing
+
+    batch = settings.max_batch
+    if batch is None:
+        available = sizing.available_memory(str(engine.device))
+        per_token = engine.layout.bytes_per_token(engine.dtype)
+        batch = sizing.default_max_batch(available, per_token, engine.max_positions)
+        log.info("--max-batch %d: %.1f GiB available x %.2f / (%d KV bytes per token x %s positions), in "
+                 "[%d, %d]", batch, available / 2**30, sizing.KV_FRACTION, per_token,
+                 engine.max_positions or sizing.FALLBACK_CONTEXT, sizing.MIN_BATCH, sizing.MAX_BATCH)
+    queue = settings.max_queue if settings.max_queue is not None else sizing.default_max_queue(batch)
+    return batch, queue
+
+
 def build_state(settings: Settings) -> State:
     """Open the data dir and database, clean up after crashes, and load the model (if any)."""
     data_dir = Path(settings.data_dir)
@@ -152,12 +169,15 @@ def build_state(settings: Settings) -> State:
             memory_slots=settings.kv_cache_items,
             prompt_cache_bytes=settings.prompt_cache_bytes,
             calibrate_at_start=settings.calibrate_at_start,
+            dtype=settings.dtype,
         )
-        host = ModelHost(agent, settings.model, settings.kv_cache_items, settings.max_batch,
+        max_batch, max_queue = sized(settings, agent.engine)
+        host = ModelHost(agent, settings.model, settings.kv_cache_items, max_batch,
                          engine_factory, model_path(settings.model, models_dir), settings.prefill_chunk)
+        settings = replace(settings, max_batch=max_batch, max_queue=max_queue)
         host.warm_up()  # before the server listens: its first decisions rest on measurements
-        log.info("serving model %s on the %s engine (fingerprint %s…)", settings.model, settings.engine,
-                 host.fingerprint[:16])
+        log.info("serving model %s in %s on the %s engine (fingerprint %s…)", settings.model,
+                 str(host.engine.dtype).removeprefix("torch."), settings.engine, host.fingerprint[:16])
     from .ledger import open_ledger
 
     market = open_ledger(meta, settings.prices_file, settings.currency)

@@ -16,6 +16,9 @@ REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# These tests compare vLLM with float32 references and SDK agents (bare vLLM runs --dtype float32): the
+# host, its vLLM engine and every SDK agent here run float32, not "auto" (bf16 on a CPU with AMX-BF16).
+os.environ["KVAGENT_DTYPE"] = "float32"
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 SKIP_REASON = (

@@ -3,10 +3,13 @@ Runs without vLLM."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from kvagent import ConfigError
 
 from vllm_kvagent import ConnectorSettings, namespace_of
+from vllm_kvagent.settings import engine_policy
 
 
 def test_defaults_reuse_without_a_registry_and_publish_nothing() -> None:
@@ -14,7 +17,7 @@ def test_defaults_reuse_without_a_registry_and_publish_nothing() -> None:
     assert (s.registry_url, s.publish, s.engines, s.min_save_tokens, s.price, s.salted_reads) == (
         None,
         "none",
-        "any",
+        None,  # by vLLM's dtype: engine_policy
         256,
         None,
         "own",
@@ -123,3 +126,32 @@ def test_the_engine_of_a_hit_is_read_from_its_header_and_same_refuses_others() -
                          engine="vllm x", same_engine_only=False)
     m = gone._find(tuple(range(600)), "ns")  # its header is gone: the lookup failed, so a miss
     assert m.n == 0 and "not in the local store" in m.reason
+
+
+def test_the_vllm_engine_runs_in_the_dtype_the_host_was_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``KVAGENT_DTYPE=bfloat16 kvagent serve --engine vllm``: the host's model loads in bf16 and vLLM's
+    engine args say bf16 (before, the host ignored the setting: vLLM ran float32)."""
+    from kvagent.engines import EngineContext
+    from kvagent.server.host import load_host_agent
+
+    from tests.conftest import save_tiny_llama
+    from vllm_kvagent.engine import engine_args
+
+    model_dir = save_tiny_llama(tmp_path / "model", seed=1)
+    monkeypatch.setenv("KVAGENT_DTYPE", "bfloat16")
+    monkeypatch.setenv("KVAGENT_CALIBRATE_AT_START", "0")
+    runtime = load_host_agent(str(model_dir), tmp_path / "models", tmp_path / "cache")
+    try:
+        args = engine_args(EngineContext(runtime, model_dir, 4, None))
+        assert args["dtype"] == "bfloat16" and args["max_num_seqs"] == 4
+    finally:
+        runtime.close()
+
+
+def test_engines_default_keeps_engines_apart_in_half_precision_only() -> None:
+    """Another engine's KV gives vLLM's greedy replies bit for bit in float32 only (docs/deploy.md)."""
+    assert engine_policy(None, "float32") == "any"
+    assert engine_policy(None, "bfloat16") == engine_policy(None, "float16") == "same"
+    assert engine_policy("any", "bfloat16") == "any" and engine_policy("same", "float32") == "same"

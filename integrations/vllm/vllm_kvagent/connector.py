@@ -33,7 +33,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from . import paged
 from .lookup import Match, PrefixLookups, aligned
 from .saver import ArtifactSaver, SaveRequest
-from .settings import ConnectorSettings, namespace_of
+from .settings import ConnectorSettings, engine_policy, namespace_of
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -132,7 +132,7 @@ class KVAgentConnector(KVConnectorBase_V1):
             self._lookups = PrefixLookups(
                 self._agent,
                 engine=self.engine,
-                same_engine_only=self.settings.engines == "same",
+                same_engine_only=engine_policy(self.settings.engines, _dtype_of(vllm_config)) == "same",
                 shared_reads=self.settings.salted_reads == "shared",
             )
             log.info(
@@ -148,7 +148,7 @@ class KVAgentConnector(KVConnectorBase_V1):
 
     def _make_agent(self, vllm_config: VllmConfig) -> KVAgent:
         s = self.settings
-        dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
+        dtype = _dtype_of(vllm_config)
         policy = PolicyParams(
             prefill_tokens_per_s=s.prefill_tokens_per_s, bandwidth_bytes_per_s=s.bandwidth_bytes_per_s
         )
@@ -418,6 +418,11 @@ class KVAgentConnector(KVConnectorBase_V1):
             self._saver.close()
         if self._lookups is not None:
             self._lookups.close()
+
+
+def _dtype_of(vllm_config: VllmConfig) -> str:
+    """vLLM's model dtype by kvagent's name for it (``bfloat16``)."""
+    return str(vllm_config.model_config.dtype).removeprefix("torch.")
 
 
 def _show_kvagent_log() -> None:

@@ -26,6 +26,8 @@ class ConnectorSettings:
     ``verify``: "none", "sample" or "full" check of registry artifacts against their tokens;
     ``min_save_tokens``: save a prompt's KV when vLLM computed at least this many of its tokens;
     ``engines``: "any" reuses KV whatever engine computed it, "same" only KV that this vLLM version computed;
+    None (the default): "any" in float32, "same" in bfloat16 and float16, where KV another engine computed
+    does not give vLLM's greedy replies bit for bit (:meth:`engine_policy`);
     ``calibration``: use the machine's measured costs (kvagent calibrate) in the fetch policy;
     ``publisher``: the name recorded in saved artifacts;
     ``prefill_tokens_per_s`` / ``bandwidth_bytes_per_s``: this vLLM's prefill rate and the registry link's
@@ -47,7 +49,7 @@ class ConnectorSettings:
     budget: int | None = None
     verify: str | None = None
     min_save_tokens: int = 256
-    engines: str = "any"
+    engines: str | None = None
     calibration: bool = True
     publisher: str | None = None
     prefill_tokens_per_s: float | None = None
@@ -87,7 +89,7 @@ class ConnectorSettings:
         s = cls(**extra)
         if s.publish not in PUBLISH_MODES:
             raise ConfigError(f"publish must be one of {PUBLISH_MODES}, got {s.publish!r}")
-        if s.engines not in ENGINE_POLICIES:
+        if s.engines is not None and s.engines not in ENGINE_POLICIES:
             raise ConfigError(f"engines must be one of {ENGINE_POLICIES}, got {s.engines!r}")
         if s.salted_reads not in SALTED_READS:
             raise ConfigError(f"salted_reads must be one of {SALTED_READS}, got {s.salted_reads!r}")
@@ -98,6 +100,16 @@ class ConnectorSettings:
         if s.price is not None and s.publish == "none":
             raise ConfigError("price is what buyers pay for published KV: set publish too")
         return s
+
+
+def engine_policy(engines: str | None, dtype: str) -> str:
+    """Whose KV the connector reuses: ``engines`` when set, else by vLLM's ``dtype``: any engine's in
+    float32, this vLLM's only in half precision. In bf16 a matrix product rounds a row differently with the
+    number of rows in its call, so KV computed by another engine (or in other chunks) moves vLLM's logits in
+    their last bits and can turn a greedy near-tie (docs/deploy.md, "Exactness in bf16")."""
+    if engines is not None:
+        return engines
+    return "any" if dtype == "float32" else "same"
 
 
 def namespace_of(cache_salt: str | None) -> str | None:
