@@ -136,8 +136,10 @@ class Config:
     # the model
     model: str = _opt(DEFAULT_MODEL, env="KVAGENT_MODEL")
     models_dir: Path = _opt(factory=lambda: _default_cache_dir() / "models", env="KVAGENT_MODELS_DIR")
-    # auto|float32|bfloat16|float16; auto: bfloat16 where the hardware computes it natively (kvagent.dtypes)
-    dtype: str = _opt("auto", env="KVAGENT_DTYPE")
+    # auto|float32|bfloat16|float16; auto: bfloat16 where the hardware computes it natively (kvagent.dtypes).
+    # float32 by default: the one dtype in which greedy output after reuse equals a full prefill's
+    # (docs/deploy.md)
+    dtype: str = _opt("float32", env="KVAGENT_DTYPE")
     system_prompt: str | None = _opt(None)  # None: the chat template's own default
     prefill_chunk_size: int | None = _opt(None, env="KVAGENT_PREFILL_CHUNK_SIZE", parse=_env_int)
     allow_context_overflow: bool = _opt(False, env="KVAGENT_ALLOW_CONTEXT_OVERFLOW", parse=_env_bool)

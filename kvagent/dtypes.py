@@ -2,9 +2,9 @@
 
 ``auto`` is bfloat16 where the hardware computes it natively (a CPU with AMX or AVX512-BF16, read from
 ``/proc/cpuinfo``'s ``amx_bf16`` / ``avx512_bf16`` flags; a CUDA GPU for which
-``torch.cuda.is_bf16_supported()``), else float32. The dtype is part of every content key, so an SDK agent
-and a host on the same kind of machine share artifacts by default. :func:`auto_dtype` is the pure choice
-(flags in, dtype out); :func:`resolve_dtype` asks the machine and checks that an explicit dtype runs.
+``torch.cuda.is_bf16_supported()``), else float32. The default (kvagent.config) is float32, the one
+dtype in which reuse is token-exact; the dtype is part of every content key. :func:`auto_dtype` is the pure
+choice (flags in, dtype out); :func:`resolve_dtype` asks the machine and checks that an explicit dtype runs.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """One dtype setting, honoured everywhere (``kvagent.dtypes``): ``auto`` chooses as vLLM does from the
-hardware's flags, it is the SDK's and the server's default, an explicit dtype reaches the host's model (and
-through it every engine of the host), and a dtype that cannot be honoured is an error, never ignored."""
+hardware's flags, float32 (token-exact) is the SDK's and the server's default, an explicit dtype reaches the
+host's model (and through it every engine of the host), and a dtype that cannot be honoured is an error,
+never ignored."""
 
 from __future__ import annotations
 
@@ -61,10 +62,12 @@ def test_auto_on_this_machine_is_the_pure_choice_from_its_flags() -> None:
 
 
 @pytest.mark.usefixtures("no_dtype_env")
-def test_auto_is_the_default_of_the_sdk_and_the_server(
+def test_float32_is_the_default_of_the_sdk_and_the_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert Config.from_env().dtype == "auto"
+    """float32, not auto, by default: auto picks bf16 on this CPU, where greedy reuse is not token-exact
+    (docs/deploy.md); the SDK and the server share one default, so they share artifacts."""
+    assert Config.from_env().dtype == "float32"
     monkeypatch.setenv("KVAGENT_DTYPE", "bfloat16")
     assert Config.from_env().dtype == "bfloat16"
     base = ["--data-dir", str(tmp_path)]
@@ -134,13 +137,12 @@ def test_the_hosts_model_is_loaded_in_the_dtype_asked_for(
 @pytest.mark.usefixtures("no_dtype_env")
 def test_an_sdk_agent_and_a_host_share_keys_by_default(model_dir: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both at ``auto``: the same dtype, so the same content key for the same tokens."""
+    """Both at the default (float32): the same dtype, so the same content key for the same tokens."""
     monkeypatch.setenv("KVAGENT_CALIBRATE_AT_START", "0")
     host = load_host_agent(str(model_dir), tmp_path / "models", tmp_path / "host")
     try:
         with KVAgent(str(model_dir), cache_dir=tmp_path / "sdk", models_dir=tmp_path / "models") as agent:
-            want = auto_dtype(cpu_flags())
-            assert agent.runtime.context.dtype == host.context.dtype == want
+            assert agent.runtime.context.dtype == host.context.dtype == "float32"
             assert agent.key_of(list(range(40))) == host.resolver.key_of(list(range(40)))
     finally:
         host.close()

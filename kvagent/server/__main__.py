@@ -57,8 +57,9 @@ def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentPar
         "module:attr engine factory",
     )
     ap.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                    help="the model's dtype, for every engine (default: KVAGENT_DTYPE or auto: bfloat16 "
-                         "where the CPU has AMX or AVX512-BF16 or the GPU supports it, else float32)")
+                    help="the model's dtype, for every engine (default: KVAGENT_DTYPE or float32, the "
+                         "token-exact one; auto: bfloat16 where the CPU has AMX or AVX512-BF16 or the GPU "
+                         "supports it, as vLLM chooses)")
     ap.add_argument("--models-dir", type=Path, default=None, help="where converted models are cached")
     ap.add_argument("--postgres-dsn", default=None, help="use PostgreSQL for metadata instead of SQLite")
     ap.add_argument("--max-artifact-bytes", type=int, default=DEFAULT_MAX_ARTIFACT_BYTES)

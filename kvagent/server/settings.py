@@ -59,7 +59,8 @@ class Settings:
     # measure prefill before serving when the calibration has none for this machine + model (None: the
     # host's Config, i.e. KVAGENT_CALIBRATE_AT_START or its default)
     calibrate_at_start: bool | None = None
-    # the model's dtype: auto|float32|bfloat16|float16 (None: the host's Config, i.e. KVAGENT_DTYPE or auto);
+    # the model's dtype: auto|float32|bfloat16|float16 (None: the host's Config, i.e. KVAGENT_DTYPE or
+    # float32);
     # every engine of the host runs in it (kvagent.dtypes)
     dtype: str | None = None
 
