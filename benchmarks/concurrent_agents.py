@@ -1,6 +1,13 @@
 """Concurrent agents on one document: ``kvagent serve`` beside bare vLLM (CPU) and ``transformers serve
 --continuous-batching`` (and ``kvagent serve --engine vllm``: ``kvagent-vllm``), in one run, on the same
-weights (the embedded SmolLM2-135M-Instruct, fp32).
+weights (the embedded SmolLM2-135M-Instruct).
+
+Two lines of settings: ``--peer-defaults`` starts every server as its users do (no dtype, eager, batch-size
+or other tuning flag: vLLM then picks bf16 and compiles on a CPU with AMX/AVX512-BF16, kvagent runs its
+float32 default); without it, the matched line gives every server ``--dtype`` (default float32) and
+``--vllm-args`` (e.g. ``--enforce-eager``) alike. Every cell runs ``--repeats`` times (default 3) with all
+servers up and their order rotated each repeat; the table and the ratios are medians, the JSON keeps each
+run.
 
 For each server, document length and agent count: the document is sent once first (so every server has had the
 chance to cache it), then N agents start together, each with its own question about the document, streaming,
@@ -21,6 +28,7 @@ agent (the other servers have no principals: ``one`` only).
         [--vllm-python /work/vllm-venv/bin/python]
         [--vllm-cmd "<command line>"] [--transformers-cmd "transformers serve"] [--threads 2]
         [--max-batch N (default: the most agents)] [--prefill-chunk 256]
+        [--repeats 3] [--peer-defaults | --dtype float32|bfloat16]
         [--json benchmarks/results/concurrent_agents.json]
 """
 
@@ -141,6 +149,19 @@ def _launch(
     return srv
 
 
+def _kvagent_tuning(args: argparse.Namespace) -> list[str]:
+    """``kvagent serve``'s flags beyond its defaults: none with ``--peer-defaults``; else the matched dtype
+    and ``--max-batch``."""
+    if args.peer_defaults:
+        return []
+    return ["--max-batch", str(args.max_batch), *(["--dtype", args.dtype] if args.dtype else [])]
+
+
+def _vllm_flags(args: argparse.Namespace) -> list[str]:
+    """vLLM's extra flags: none with ``--peer-defaults`` (as its users start it), else ``--vllm-args``."""
+    return [] if args.peer_defaults else shlex.split(args.vllm_args)
+
+
 def start_kvagent(tmp: Path, args: argparse.Namespace) -> Server | str:
     port = free_port()
     tokens = token_file(tmp, max(args.agents))
@@ -159,12 +180,11 @@ def start_kvagent(tmp: Path, args: argparse.Namespace) -> Server | str:
         "smollm2",
         "--kv-cache-items",
         "4",
-        "--max-batch",
-        str(args.max_batch),
         "--max-queue",
         str(max(args.agents) + 8),
         "--prefill-chunk",
         str(args.prefill_chunk),
+        *_kvagent_tuning(args),
     ]
     return _launch(
         "kvagent",
@@ -185,14 +205,14 @@ def start_kvagent_vllm(tmp: Path, args: argparse.Namespace) -> Server | str:
         return f"kvagent-vllm: {args.vllm_python} does not exist (give --vllm-python)"
     port = free_port()
     tokens = token_file(tmp, max(args.agents))
-    engine_args = {"enforce_eager": True} if "--enforce-eager" in shlex.split(args.vllm_args) else {}
+    engine_args = {"enforce_eager": True} if "--enforce-eager" in _vllm_flags(args) else {}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "4", **OFFLINE,
            "PYTHONPATH": f"{REPO}:{REPO / 'integrations' / 'vllm'}",
            "VLLM_KVAGENT_ENGINE_ARGS": json.dumps({"max_model_len": 8192, **engine_args})}
     cmd = [args.vllm_python, "-m", "kvagent.server", "--port", str(port), "--data-dir",
            str(tmp / "kvagent-vllm-data"), "--token-file", str(tokens), "--model", "smollm2",
-           "--engine", "vllm_kvagent.engine:create_engine", "--max-batch", str(max(args.agents)),
-           "--max-queue", str(max(args.agents) + 8)]
+           "--engine", "vllm_kvagent.engine:create_engine", "--max-queue", str(max(args.agents) + 8),
+           *_kvagent_tuning(args)]
     return _launch("kvagent-vllm", cmd, env, tmp / "kvagent-vllm.log", f"http://127.0.0.1:{port}", "smollm2",
                    "/v1/healthz", args.start_timeout)
 
@@ -215,15 +235,14 @@ def start_vllm(tmp: Path, args: argparse.Namespace, model_dir: Path, connector: 
         str(model_dir),
         "--served-model-name",
         "smollm2",
-        "--dtype",
-        "float32",
+        *(["--dtype", args.dtype] if args.dtype else []),
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
         "--max-model-len",
         "8192",
-        *shlex.split(args.vllm_args),
+        *_vllm_flags(args),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "4", **OFFLINE}
     if connector:
@@ -254,8 +273,7 @@ def start_transformers(tmp: Path, args: argparse.Namespace, model_dir: Path) -> 
         "127.0.0.1",
         "--port",
         str(port),
-        "--dtype",
-        "float32",
+        *(["--dtype", args.dtype] if args.dtype else []),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **OFFLINE}
     return _launch(
@@ -461,9 +479,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="kvagent serve --max-batch (default: the most agents, as kvagent-vllm gets)")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="kvagent serve --prefill-chunk")
     ap.add_argument("--start-timeout", type=float, default=600)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of every cell; the table reports medians, the server order rotated each "
+                         "repeat")
+    ap.add_argument("--peer-defaults", action="store_true",
+                    help="every server as its users start it: no dtype, eager, batch-size or other tuning "
+                         "flag (vLLM then chooses bf16 and compiles on a CPU with AMX/AVX512-BF16)")
+    ap.add_argument("--dtype", default="float32",
+                    help="the matched line's dtype, given to every server (ignored with --peer-defaults)")
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "concurrent_agents.json")
     args = ap.parse_args(argv)
     args.max_batch = args.max_batch or max(args.agents)
+    if args.peer_defaults:
+        args.dtype = None
 
     from kvagent.config import Config
     from kvagent.models import ensure_embedded
@@ -477,60 +505,126 @@ def main(argv: Sequence[str] | None = None) -> int:
         "vllm-connector": lambda tmp: start_vllm(tmp, args, model_dir, connector=True),
         "transformers": lambda tmp: start_transformers(tmp, args, model_dir),
     }
-    cells: list[Cell] = []
+    runs: list[Cell] = []
     skipped: dict[str, str] = {}
+    servers: list[Server] = []
     with tempfile.TemporaryDirectory(prefix="kvagent-concurrent-") as td:
-        for name in args.servers:
-            started = starters[name](Path(td))
-            if isinstance(started, str):
-                print(f"skipping {started}", flush=True)
-                skipped[name] = started
-                continue
-            modes = args.principals if name in KVAGENT_SERVERS else ["one"]
-            try:
+        try:
+            for name in args.servers:  # all up at once, so that every repeat can rotate their order
+                started = starters[name](Path(td))
+                if isinstance(started, str):
+                    print(f"skipping {started}", flush=True)
+                    skipped[name] = started
+                    continue
+                servers.append(started)
                 for n_doc, doc in docs.items():
-                    for mode in modes:
+                    for mode in _modes(name, args):
                         if mode == "distinct":
                             publish(started, doc, Path(td) / f"publisher-{name}-{n_doc}")
                         asyncio.run(warm(started, doc, TOKEN if mode == "one" else PUBLISHER))
-                        for n in args.agents:
-                            cell = asyncio.run(run_cell(started, doc, n_doc, n, args.max_tokens, mode))
-                            cells.append(cell)
-                            print(
-                                f"{name:>12} doc={n_doc:>5} agents={n:>3} principals={mode:>8} "
-                                f"wall={cell.wall_s:7.2f}s "
-                                f"ttft median/p99={cell.ttft_median_s}/{cell.ttft_p99_s}s "
-                                f"tok/s={cell.tokens_per_s:7.1f} "
-                                f"failures={cell.failures} 5xx={cell.server_errors} "
-                                f"shared-prefix reads={cell.shared_prefix_reads}",
-                                flush=True,
-                            )
-            finally:
-                started.stop()
+            for r in range(args.repeats):
+                for srv in _rotated(servers, r):
+                    for n_doc, doc in docs.items():
+                        for mode in _modes(srv.name, args):
+                            for n in args.agents:
+                                cell = asyncio.run(run_cell(srv, doc, n_doc, n, args.max_tokens, mode))
+                                runs.append(cell)
+                                print(
+                                    f"repeat {r + 1}/{args.repeats} {srv.name:>12} doc={n_doc:>5} "
+                                    f"agents={n:>3} "
+                                    f"principals={mode:>8} wall={cell.wall_s:7.2f}s "
+                                    f"ttft median/p99={cell.ttft_median_s}/{cell.ttft_p99_s}s "
+                                    f"tok/s={cell.tokens_per_s:7.1f} "
+                                    f"failures={cell.failures} 5xx={cell.server_errors} "
+                                    f"shared-prefix reads={cell.shared_prefix_reads}",
+                                    flush=True,
+                                )
+        finally:
+            for srv in servers:
+                srv.stop()
+    cells = medians(runs)
     result: dict[str, Any] = {
         "benchmark": "concurrent_agents",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "threads": args.threads},
         "settings": {
+            "peer_defaults": args.peer_defaults,
+            "dtype": args.dtype or "each server's default",
+            "vllm_args": " ".join(_vllm_flags(args)),
+            "repeats": args.repeats,
             "agents": args.agents,
             "doc_tokens": args.doc_tokens,
             "max_tokens": args.max_tokens,
             "temperature": 0,
             "streaming": True,
-            "kvagent_max_batch": args.max_batch,
+            "kvagent_max_batch": "default" if args.peer_defaults else args.max_batch,
             "kvagent_prefill_chunk": args.prefill_chunk,
             "principals": args.principals,
         },
         "skipped": skipped,
         "cells": [asdict(c) for c in cells],
+        "runs": [asdict(c) for c in runs],
         "ratios": _ratios(cells),
+        "vs_vllm": _vs_vllm(cells),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     for line in _side_by_side(result["ratios"]):
         print(line)
+    for key, v in result["vs_vllm"].items():
+        print(f"{key:>40}: wall {v['wall']:.2f}x, TTFT median {v['ttft_median']}x bare vLLM's (same run)")
     print(f"wrote {args.json}")
     return 0
+
+
+def _modes(name: str, args: argparse.Namespace) -> list[str]:
+    return list(args.principals) if name in KVAGENT_SERVERS else ["one"]
+
+
+def _rotated(servers: list[Server], r: int) -> list[Server]:
+    """Repeat ``r``'s order: the list rotated by ``r``, so each server runs first in some repeat (drift on a
+    shared machine falls on every server alike)."""
+    k = r % len(servers) if servers else 0
+    return servers[k:] + servers[:k]
+
+
+def medians(runs: list[Cell]) -> list[Cell]:
+    """One cell per (server, document, agents, principals): the median of its repeats' wall time, TTFT median
+    and p99 and tokens per second; failures and 5xx summed over the repeats (any failure shows)."""
+    groups: dict[tuple[str, int, int, str], list[Cell]] = {}
+    for c in runs:
+        groups.setdefault((c.server, c.doc_tokens, c.agents, c.principals), []).append(c)
+
+    def med(xs: list[float | None]) -> float | None:
+        vals = [x for x in xs if x is not None]
+        return round(statistics.median(vals), 3) if vals else None
+
+    out = []
+    for (server, doc, n, mode), cs in groups.items():
+        out.append(Cell(server, doc, n, mode, med([c.wall_s for c in cs]) or 0.0,
+                        med([c.ttft_median_s for c in cs]), med([c.ttft_p99_s for c in cs]),
+                        med([c.tokens_per_s for c in cs]) or 0.0,
+                        int(statistics.median(c.output_tokens for c in cs)),
+                        sum(c.failures for c in cs), sum(c.server_errors for c in cs),
+                        sorted({e for c in cs for e in c.errors})[:5],
+                        med([c.shared_prefix_reads for c in cs])))
+    return out
+
+
+def _vs_vllm(cells: list[Cell]) -> dict[str, dict[str, float | None]]:
+    """Each other server's median wall time and TTFT median over bare vLLM's, per document and agent count
+    (one principal), from the same run."""
+    base = {(c.doc_tokens, c.agents): c for c in cells if c.server == "vllm"}
+    out: dict[str, dict[str, float | None]] = {}
+    for c in cells:
+        b = base.get((c.doc_tokens, c.agents))
+        if c.server == "vllm" or c.principals != "one" or b is None or not b.wall_s:
+            continue
+        ttft = (round(c.ttft_median_s / b.ttft_median_s, 2)
+                if c.ttft_median_s is not None and b.ttft_median_s else None)
+        key = f"{c.server}/{c.doc_tokens}/{c.agents}"
+        out[key] = {"wall": round(c.wall_s / b.wall_s, 2), "ttft_median": ttft}
+    return out
 
 
 def _ratios(cells: list[Cell]) -> dict[str, float]:
