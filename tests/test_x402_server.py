@@ -326,3 +326,28 @@ def test_x402_options_without_the_sdk_say_what_to_install(tmp_path: Path) -> Non
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ})
     assert r.returncode == 2 and "pip install 'kvagent[x402]'" in r.stderr
+
+
+def test_x402_cli_tops_up_withdraws_and_audits(chain: Chain, server: ServerProcess, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from kvagent import cli
+
+    wallet = key_file(tmp_path, "bob.key", str(chain.keys["buyers"][52]))
+    reg = ["--registry", server.url]
+    host0, bob0 = chain.balance(host_address(chain)), balance(server, BOB)
+    bob = [*reg, "--token", "bob-token-000001"]
+    assert cli.main([*bob, "account", "topup", "2500", "--wallet", str(wallet), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["deposited"] == 2500 and out["balance"] == bob0 + 2500
+    assert chain.balance(host_address(chain)) - host0 == 2500
+    dest = str(Account.create().address)
+    args = [*bob, "account", "withdraw", "1000", "--to", dest, "--idempotency-key", "cli-w-1", "--json"]
+    assert cli.main(args) == 0 and cli.main(args) == 0  # the same key twice: paid out once
+    first, again = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert first["status"] == "sent" and again["replayed"] is True
+    assert chain.balance(dest) == 1000 and balance(server, BOB) == bob0 + 1500
+    assert cli.main([*bob, "account", "withdraw", str(bob0 + 1501), "--to", dest]) != 0  # above the balance
+    assert chain.balance(dest) == 1000
+    capsys.readouterr()
+    assert cli.main([*reg, "--token", "admin-token-0001", "account", "chain-audit", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
