@@ -351,3 +351,24 @@ def test_x402_cli_tops_up_withdraws_and_audits(chain: Chain, server: ServerProce
     capsys.readouterr()
     assert cli.main([*reg, "--token", "admin-token-0001", "account", "chain-audit", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
+
+
+def test_x402_no_token_names_a_wallet_principal(tmp_path: Path) -> None:
+    """A token for ``x402:<address>`` would spend that wallet's deposits: neither the token file nor the
+    token store issues one."""
+    from kvagent.errors import ConfigError
+    from kvagent.server.auth import read_token_file
+    from kvagent.server.meta import SQLiteMeta
+    from kvagent.server.token_store import TokenStore
+
+    wallet = "x402:0x" + "ab" * 20
+    f = tmp_path / "tokens.json"
+    f.write_text(json.dumps({"a-wallet-token-01": {"principal": wallet}}))
+    with pytest.raises(ConfigError, match="x402:"):
+        read_token_file(f)
+    meta = SQLiteMeta(tmp_path / "meta.sqlite3")
+    try:
+        with pytest.raises(ConfigError, match="x402:"):
+            TokenStore(meta).issue(wallet)
+    finally:
+        meta.close()
