@@ -353,6 +353,68 @@ def test_x402_cli_tops_up_withdraws_and_audits(chain: Chain, server: ServerProce
     assert json.loads(capsys.readouterr().out)["ok"] is True
 
 
+def test_x402_concurrent_wallet_buyers_and_twins_conserve_money(chain: Chain, server: ServerProcess) -> None:
+    """16 wallets buy at once, each sending its payment twice at once: every payment settles once, both twins
+    are served the same purchase, the chain's transfers equal the ledger's deposits and the ledger sums to
+    zero."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key, blob = publish(server, 11)
+    url = f"{server.url}/v1/artifacts/{key}/blob"
+    host0, dep0 = chain.balance(host_address(chain)), audit(server)["chain_net"]
+    req = httpx.get(url).headers[PAYMENT_REQUIRED_HEADER]
+    headers = [buyer(chain, 14 + i).pay(req).header for i in range(16)]
+
+    def get(h: str) -> httpx.Response:
+        return httpx.get(url, headers={PAYMENT_SIGNATURE_HEADER: h}, timeout=120)
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(get, [h for h in headers for _ in (0, 1)]))
+    assert all(r.status_code == 200 and r.content == blob for r in answers), [r.text for r in answers]
+    for i in range(16):
+        first, twin = answers[2 * i], answers[2 * i + 1]
+        assert first.headers["X-KVAgent-Receipt"] == twin.headers["X-KVAgent-Receipt"]
+    assert sum(int(r.headers["X-KVAgent-Charged"]) for r in answers) == 16 * PRICE
+    assert chain.balance(host_address(chain)) - host0 == 16 * PRICE  # chain transfers
+    a = audit(server)
+    assert a["chain_net"] - dep0 == 16 * PRICE and a["total"] == 0 and not a["negative"]  # = ledger deposits
+    x = httpx.get(f"{server.url}/v1/market/x402-audit", headers=ADMIN, timeout=120).json()
+    assert x["ok"] is True
+
+
+def test_x402_pays_a_presigned_download(chain: Chain, tmp_path: Path) -> None:
+    """With blobs on S3 the paid download is a 307 to a presigned URL: paid, settled and charged before the
+    URL is issued, with PAYMENT-RESPONSE on the 307."""
+    from tests.s3_server import ENV, new_bucket
+
+    url_s3 = os.environ.get(ENV)
+    if not url_s3:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{ENV} is not set under CI=true")
+        pytest.skip(f"{ENV} not set (run .ci/s3.sh and source .ci/s3.env)")
+    base = tmp_path / "s3"
+    base.mkdir()
+    (base / "prices.json").write_text(json.dumps(PRICES))
+    args = ["--prices", str(base / "prices.json"), "--blobs", f"s3://{new_bucket(url_s3)}/kv",
+            *x402_args(chain, base)]
+    srv = start_server(base / "data", TOKENS, extra_args=args)
+    try:
+        key, blob = publish(srv, 10)
+        url = f"{srv.url}/v1/artifacts/{key}/blob"
+        host0 = chain.balance(host_address(chain))
+        with httpx.Client(timeout=60) as c:
+            r, payment = request_paying(c, "GET", url, buyer(chain, 13))
+            assert r.status_code == 307 and settlement(r) is not None and payment is not None
+            assert r.headers["X-KVAgent-Charged"] == str(PRICE)
+            assert c.get(r.headers["Location"]).content == blob
+            again = c.get(url, headers={PAYMENT_SIGNATURE_HEADER: payment.header})
+            assert again.status_code == 307 and again.headers["X-KVAgent-Replayed"] == "1"
+        assert chain.balance(host_address(chain)) - host0 == PRICE
+        assert audit(srv)["total"] == 0
+    finally:
+        srv.stop()
+
+
 def test_x402_no_token_names_a_wallet_principal(tmp_path: Path) -> None:
     """A token for ``x402:<address>`` would spend that wallet's deposits: neither the token file nor the
     token store issues one."""

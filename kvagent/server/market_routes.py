@@ -158,20 +158,22 @@ def _pay(st: State, p: Principal, request: Request, sig: str, amount: int,
         gw.check(sig, amount)
     except PaymentError as exc:
         raise x402_flow.api_error(exc, gw, amount, url) from exc
-    first = prior()
-    if first is not None:
-        return first, {}
-    try:
-        paid = x402_flow.pay(gw, st.market, sig, amount, None if _wallet_only(request) else p.name, charge)
-    except PaymentError as exc:
-        won = prior() if exc.reason != "facilitator_unavailable" else None  # a twin of it settled first
-        if won is not None:
-            return won, {}
-        raise x402_flow.api_error(exc, gw, amount, url) from exc
-    except mk.PaymentRefused as exc:
-        raise _payment_required(exc, st, request) from exc
-    except IdempotencyError as exc:
-        raise idempotency_refused(exc) from exc
+    with gw.inflight.once(claimed(sig)[1]):  # a twin of this payment here waits, then finds its purchase
+        first = prior()
+        if first is not None:
+            return first, {}
+        try:
+            paid = x402_flow.pay(gw, st.market, sig, amount, None if _wallet_only(request) else p.name,
+                                 charge)
+        except PaymentError as exc:
+            won = prior() if exc.reason != "facilitator_unavailable" else None  # a twin elsewhere settled it
+            if won is not None:
+                return won, {}
+            raise x402_flow.api_error(exc, gw, amount, url) from exc
+        except mk.PaymentRefused as exc:
+            raise _payment_required(exc, st, request) from exc
+        except IdempotencyError as exc:
+            raise idempotency_refused(exc) from exc
     log.info("x402 payment of %d (%s) settled in %s", amount, paid.deposit.receipt,
              paid.settlement.transaction)
     request.state.x402_headers = paid.headers()
