@@ -160,6 +160,14 @@ def test_x402_bearer_buyer_pays_by_x402_and_keeps_its_balance(chain: Chain, serv
     assert [p["key"] for p in lines["purchases"]] == [key]
 
 
+def decode_header_required(chain: Chain, amount: int = PRICE) -> str:
+    """A ``PAYMENT-REQUIRED`` value of this host's terms for ``amount`` (to sign a claim with)."""
+    from kvagent.payments import X402Terms, encode_header, payment_required
+
+    terms = X402Terms(NETWORK, chain.token, host_address(chain), chain.token_name, chain.token_version)
+    return encode_header(payment_required(terms, amount, "http://x/"))
+
+
 def forged(header: str, **auth: Any) -> str:
     obj = decode_header(header)
     obj["payload"]["authorization"].update(auth)
@@ -206,6 +214,14 @@ def test_x402_wallet_buyer_sees_no_restricted_and_gets_no_free_artifact(chain: C
         assert c.get(f"{server.url}/v1/artifacts/{secret}/blob").status_code == 404
         assert c.get(f"{server.url}/v1/artifacts/{free}/blob").status_code == 401
         assert c.get(f"{server.url}/v1/artifacts/{free}").status_code == 200  # public: it may look
+        # granted to a wallet: a lookup claiming that wallet (a header anyone can write) does not see it
+        p = buyer(chain, 12)
+        wallet = "x402:" + p.wallet.address.lower()
+        assert c.post(f"{server.url}/v1/artifacts/{secret}/entitlements", json={"principal": wallet},
+                      headers=ALICE).is_success
+        claim = p.pay(decode_header_required(chain))
+        assert c.get(f"{server.url}/v1/artifacts/{secret}",
+                     headers={PAYMENT_SIGNATURE_HEADER: claim.header}).status_code == 404
 
 
 def test_x402_hosted_facilitator_pays_then_down_serves_and_charges_nothing(chain: Chain,

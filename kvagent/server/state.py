@@ -74,17 +74,18 @@ class State:
         request.state.token_id = p.token_id
         return p
 
-    def buyer(self, request: Request) -> Principal:
+    def buyer(self, request: Request, paying: bool = True) -> Principal:
         """Who buys: the bearer's principal as :meth:`principal` says; with x402 on and no ``Authorization``,
         the wallet its ``PAYMENT-SIGNATURE`` names (a claim its settlement proves: a wallet buyer is served
-        nothing it has not paid for) or, with none, :data:`ANONYMOUS` (it may see public artifacts and their
+        nothing it has not paid for) or, with none or when not ``paying`` (a lookup: an unproven claim must
+        not see what is granted to that wallet), :data:`ANONYMOUS` (it may see public artifacts and their
         402s, nothing else)."""
         if self.x402 is None or request.headers.get("authorization") is not None:
             return self.principal(request)
         from ..payments.terms import PAYMENT_SIGNATURE_HEADER, wallet_principal
         from .x402 import claimed
 
-        sig = request.headers.get(PAYMENT_SIGNATURE_HEADER)
+        sig = request.headers.get(PAYMENT_SIGNATURE_HEADER) if paying else None
         name = ANONYMOUS
         if sig is not None:
             try:
