@@ -450,3 +450,26 @@ def test_x402_no_token_names_a_wallet_principal(tmp_path: Path) -> None:
             TokenStore(meta).issue(wallet)
     finally:
         meta.close()
+
+
+def test_x402_incomplete_options_fail_the_start_saying_what_is_missing(tmp_path: Path) -> None:
+    from kvagent.errors import ConfigError
+    from kvagent.server.__main__ import build_parser, settings_from_args
+    from kvagent.server.x402_setup import open_x402
+
+    def settings(*args: str) -> Any:
+        return settings_from_args(build_parser().parse_args(["--data-dir", str(tmp_path), *args]))
+
+    assert open_x402(settings()) is None and not settings().x402_configured  # no options: no x402
+    with pytest.raises(ConfigError, match="wallet"):
+        open_x402(settings("--x402-network", NETWORK))
+    token = ["--x402-pay-to", "0x" + "11" * 20]
+    with pytest.raises(ConfigError, match="--x402-asset"):
+        open_x402(settings(*token, "--x402-network", NETWORK))
+    with pytest.raises(ConfigError, match="facilitator"):
+        open_x402(settings(*token, "--x402-network", NETWORK, "--x402-asset", "0x" + "22" * 20))
+    loose = tmp_path / "loose.key"
+    loose.write_text("ab" * 32)
+    loose.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        open_x402(settings("--x402-wallet", str(loose), "--x402-network", NETWORK))
