@@ -5,6 +5,7 @@ wallet without a token pays the generation's pre-charge (``exact``), is served, 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,15 @@ def gen_server(chain: Chain, tmp_path_factory: pytest.TempPathFactory, model_dir
         srv.stop()
 
 
+def settled_metric(srv: ServerProcess, name: str, want: float) -> float:
+    """The metric once it reads ``want`` (a stream counts its tokens right after its last line), or as it
+    stands after 30 s."""
+    deadline = time.monotonic() + 30
+    while (got := _metric(srv, name)) != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
+
+
 def test_x402_paid_generation_is_never_generated_twice(chain: Chain, gen_server: ServerProcess,
                                                        model: Any) -> None:  # noqa: F811
     h = RegistryClient(gen_server.url, "alice-token-0001").publish(_artifact(model, 21, 64, "alice"),
@@ -62,7 +72,7 @@ def test_x402_paid_generation_is_never_generated_twice(chain: Chain, gen_server:
         lines = [json.loads(x) for x in r.text.splitlines()]
         assert lines[-1]["done"] and lines[-1]["generated"] == 5 and settlement(r) is not None
         assert r.headers["X-KVAgent-Charged"] == str(charge) and payment is not None
-        assert _metric(gen_server, "kvagent_generated_tokens_total") == tokens0 + 5
+        assert settled_metric(gen_server, "kvagent_generated_tokens_total", tokens0 + 5) == tokens0 + 5
         again = c.post(url, json=body, headers={PAYMENT_SIGNATURE_HEADER: payment.header})
         assert again.status_code == 409 and again.json()["error"] == "idempotency_key_already_served"
         assert again.json()["receipt"] == r.headers["X-KVAgent-Receipt"]

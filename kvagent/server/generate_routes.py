@@ -73,6 +73,9 @@ def routes(st: State) -> APIRouter:
             market_routes.replay, st, p, request, market_routes.generate_scope(row), digest)
         if replayed is not None:
             return replayed
+        if market_routes.unpaid_wallet(st, request):  # a buyer with neither token nor payment: its 402 now
+            await run_in_threadpool(market_routes.charge_generate, st, p, row, request, len(req.suffix_ids),
+                                    req.max_new_tokens, digest)
         lease = await run_in_threadpool(st.quotas.acquire, p.name, p.limits)  # or 429 too_many_generates
         try:
             kv = await run_in_threadpool(st.host.kv_for, key, row.blob, st.blobs.read_bytes)

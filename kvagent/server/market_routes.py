@@ -100,6 +100,12 @@ def _wallet_only(request: Request) -> bool:
     return bool(getattr(request.state, "x402_wallet", False))
 
 
+def unpaid_wallet(st: State, request: Request) -> bool:
+    """A buyer with neither a token nor a payment (x402 on): its charge is a refusal (402 or 401) that
+    touches nothing, so a route may ask for it before any work."""
+    return _wallet_only(request) and _signature(st, request) is None
+
+
 def _signature(st: State, request: Request) -> str | None:
     """The request's ``PAYMENT-SIGNATURE`` when this host takes x402 (else None: it is ignored)."""
     return request.headers.get(PAYMENT_SIGNATURE_HEADER) if st.x402 is not None else None
