@@ -52,7 +52,7 @@ def routes(st: State) -> APIRouter:
     # -- generate -----------------------------------------------------------------------------
     @app.post("/v1/artifacts/{key}/generate")
     async def generate(key: str, request: Request) -> Response:
-        p = st.principal(request)
+        p = st.buyer(request)  # with x402 on, a wallet pays by PAYMENT-SIGNATURE without a token
         row = await run_in_threadpool(st.visible, key, p)
         if st.host is None:
             raise ApiError(501, "no_model", "this registry runs no model; download the KV instead")
@@ -73,6 +73,9 @@ def routes(st: State) -> APIRouter:
             market_routes.replay, st, p, request, market_routes.generate_scope(row), digest)
         if replayed is not None:
             return replayed
+        if market_routes.unpaid_wallet(st, request):  # a buyer with neither token nor payment: its 402 now
+            await run_in_threadpool(market_routes.charge_generate, st, p, row, request, len(req.suffix_ids),
+                                    req.max_new_tokens, digest)
         lease = await run_in_threadpool(st.quotas.acquire, p.name, p.limits)  # or 429 too_many_generates
         try:
             kv = await run_in_threadpool(st.host.kv_for, key, row.blob, st.blobs.read_bytes)
@@ -141,6 +144,7 @@ def routes(st: State) -> APIRouter:
                 market_routes.settle_generate(st, rec, row, n_in, n_max, n)
 
         return StreamingResponse(lines(), media_type="application/x-ndjson",
-                                 headers=market_routes.receipt_headers(rec))
+                                 headers={**market_routes.receipt_headers(rec),
+                                          **market_routes.payment_headers(request)})
 
     return app

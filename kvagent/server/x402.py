@@ -11,6 +11,9 @@ returns (settle-before-serve): a payment that does not settle serves nothing.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -81,6 +84,7 @@ class X402Gateway:
         self._server = x402.x402ResourceServerSync(facilitator)
         self._server.register(terms.network, exact.ExactEvmServerScheme())
         self._server.initialize()
+        self.inflight = InFlight()
 
     @classmethod
     def in_process(cls, terms: X402Terms, facilitator_key: str, rpc_url: str) -> X402Gateway:
@@ -162,8 +166,59 @@ class X402Gateway:
         return Settlement(res.transaction, str(res.payer or v.payer), str(res.network), v.amount, res)
 
 
+class InFlight:
+    """The payments this process is settling, by payment key: the same ``PAYMENT-SIGNATURE`` arriving again
+    meanwhile waits for the first to finish (then finds its purchase) instead of losing the settlement race
+    and being refused. Twins on two processes still settle once (the chain refuses the nonce again); the
+    loser is answered 402 and finds the purchase when it asks again."""
+
+    def __init__(self, wait_s: float = 60.0):
+        self._lock = threading.Lock()
+        self._events: dict[str, threading.Event] = {}
+        self._wait_s = wait_s
+
+    @contextmanager
+    def once(self, key: str) -> Iterator[None]:
+        """Run the body alone for ``key`` in this process (a later arrival waits for the first's end)."""
+        while True:
+            with self._lock:
+                ev = self._events.get(key)
+                if ev is None:
+                    ev = self._events[key] = threading.Event()
+                    break
+            ev.wait(self._wait_s)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._events.pop(key, None)
+            ev.set()
+
+
 def _same_offer(accepted: Any, ours: Any) -> bool:
     """Whether the buyer signed for exactly this host's requirements (addresses in any case)."""
     return (accepted.scheme == ours.scheme and accepted.network == ours.network
             and accepted.asset.lower() == ours.asset.lower() and accepted.amount == ours.amount
             and accepted.pay_to.lower() == ours.pay_to.lower())
+
+
+def claimed(header: str) -> tuple[str, str]:
+    """(payer address, payment key) that a ``PAYMENT-SIGNATURE`` claims, read without checking it: whose
+    wallet a request without a bearer token speaks for, and the key a repeat of the payment is known by
+    (:attr:`Verified.idempotency_key`). Settling proves the payer; :class:`PaymentInvalid` when unreadable."""
+    try:
+        obj = decode_header(header)
+    except ConfigError as exc:
+        raise PaymentInvalid(f"unreadable PAYMENT-SIGNATURE header: {exc}", "malformed") from exc
+    payload, accepted = obj.get("payload"), obj.get("accepted")
+    auth = payload.get("authorization") if isinstance(payload, dict) else None
+    if not isinstance(auth, dict) or not isinstance(accepted, dict):
+        raise PaymentInvalid("the payment carries no EIP-3009 authorisation", "malformed")
+    payer, nonce, network = auth.get("from"), auth.get("nonce"), accepted.get("network")
+    if not all(isinstance(x, str) and x for x in (payer, nonce, network)):
+        raise PaymentInvalid("the payment's authorisation names no payer, nonce or network", "malformed")
+    try:
+        wallet_principal(str(payer))
+    except ConfigError as exc:
+        raise PaymentInvalid(str(exc), "malformed") from exc
+    return str(payer), f"x402:{network}:{nonce}"
