@@ -45,9 +45,9 @@ def payer(chain: Chain, key: str, caps: SpendCaps | None = None) -> Payer:
     return Payer(Wallet(key), caps, allowed_assets=[(NETWORK, chain.token)])
 
 
-# buyers 40.. of the funded list (test_x402_http.py uses 20.., test_x402_chain.py the first and the last 32)
+# buyers 30.. of the funded list (test_x402_http.py uses 20.., test_x402_chain.py the first and the last 32)
 def buyer_key(chain: Chain, i: int) -> str:
-    return str(chain.keys["buyers"][40 + i])
+    return str(chain.keys["buyers"][30 + i])
 
 
 def test_x402_client_pays_the_402_once_and_reports_the_charge(chain: Chain, shop_url: str) -> None:
