@@ -16,7 +16,14 @@ from ..dtypes import DTYPE_CHOICES
 from ..engines.plugins import DEFAULT_ENGINE, load_engine_factory
 from ..errors import ConfigError, KVAgentError
 from .limits import ConnectionLimits
-from .settings import DEFAULT_MAX_ARTIFACT_BYTES, SETTINGS_ENV, TOKEN_STALE_FACTOR, Settings, to_env
+from .settings import (
+    DEFAULT_MAX_ARTIFACT_BYTES,
+    SETTINGS_ENV,
+    TOKEN_STALE_FACTOR,
+    X402_OPTIONS,
+    Settings,
+    to_env,
+)
 
 
 def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentParser:
@@ -125,6 +132,10 @@ def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentPar
     ap.add_argument(
         "--max-header-bytes", type=int, default=d.max_header_bytes, help="largest request head accepted"
     )
+    for flag, field, text in X402_OPTIONS:
+        ap.add_argument(flag, dest=field, default=None,
+                        type=Path if "Path" in str(Settings.__dataclass_fields__[field].type) else str,
+                        help=text)
     ap.add_argument("--log-level", default="info")
     return ap
 
@@ -154,6 +165,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         engine=args.engine,
         calibrate_at_start=args.calibrate_at_start,
         dtype=args.dtype,
+        **{field: getattr(args, field) for _, field, _h in X402_OPTIONS},
     )
 
 

@@ -45,6 +45,8 @@ class FastLookup:
         m = None
         if scope["type"] == "http" and scope["method"] == "GET" and self.st.meta.inline_reads:
             m = _PATH.fullmatch(scope["path"])
+        if m is not None and self.st.x402 is not None and authorization_of(scope) is None:
+            m = None  # a buyer without a token (x402): the route answers it (State.buyer)
         if m is None:
             await self.app(scope, receive, send)
             return

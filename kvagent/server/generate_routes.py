@@ -52,7 +52,7 @@ def routes(st: State) -> APIRouter:
     # -- generate -----------------------------------------------------------------------------
     @app.post("/v1/artifacts/{key}/generate")
     async def generate(key: str, request: Request) -> Response:
-        p = st.principal(request)
+        p = st.buyer(request)  # with x402 on, a wallet pays by PAYMENT-SIGNATURE without a token
         row = await run_in_threadpool(st.visible, key, p)
         if st.host is None:
             raise ApiError(501, "no_model", "this registry runs no model; download the KV instead")
@@ -141,6 +141,7 @@ def routes(st: State) -> APIRouter:
                 market_routes.settle_generate(st, rec, row, n_in, n_max, n)
 
         return StreamingResponse(lines(), media_type="application/x-ndjson",
-                                 headers=market_routes.receipt_headers(rec))
+                                 headers={**market_routes.receipt_headers(rec),
+                                          **market_routes.payment_headers(request)})
 
     return app

@@ -217,18 +217,22 @@ class Ledger:
         return by or ADMIN, idem or "srv-" + secrets.token_hex(16)
 
     def charge_load(
-        self, buyer: str, key: str, publisher: str, idem: str | None, max_price: int | None
+        self, buyer: str, key: str, publisher: str, idem: str | None, max_price: int | None, *,
+        request: str | None = None, cur: Any = None,
     ) -> Receipt | None:
         """Charge one load of ``key`` at its price; ``None`` when free (price 0 or the publisher itself).
 
         Raises :class:`kvagent.costs.market.PaymentRefused` (nothing charged) when the price is above
         ``max_price`` or the buyer's balance; a repeated ``idem`` returns the first receipt (a download of
-        the same bytes again), ``replayed``."""
-        return self._charge(buyer, key, publisher, idem, max_price, mk.SALE, lambda price: (price, 0))
+        the same bytes again), ``replayed``; ``request`` binds ``idem`` to a digest of the request (default:
+        the key alone); ``cur`` posts in the caller's database transaction (:meth:`_once`)."""
+        return self._charge(buyer, key, publisher, idem, max_price, mk.SALE, lambda price: (price, 0),
+                            request=request, cur=cur)
 
     def charge_generate(self, buyer: str, key: str, publisher: str, idem: str | None, max_price: int | None,
                         input_tokens: int, cached_tokens: int, max_output_tokens: int, *,
-                        request: str | None = None, scope: str | None = None) -> Receipt | None:
+                        request: str | None = None, scope: str | None = None, cur: Any = None
+                        ) -> Receipt | None:
         """Charge a hosted generation up front for ``max_output_tokens``; :meth:`settle_generate` returns the
         rest.
 
@@ -243,8 +247,19 @@ class Ledger:
             return b.royalty, b.host_fee
 
         return self._charge(buyer, key, publisher, idem, max_price, mk.GENERATE, bill, request=request,
-                            scope=scope)
+                            scope=scope, cur=cur)
 
+
+    def quote_load(self, buyer: str, key: str, publisher: str) -> int:
+        """What one load of ``key`` costs ``buyer`` now (0: free, or its own)."""
+        return 0 if buyer == publisher else self.price(key, publisher)
+
+    def quote_generate(self, buyer: str, key: str, publisher: str, input_tokens: int, cached_tokens: int,
+                       max_output_tokens: int) -> int:
+        """What :meth:`charge_generate` would pre-charge ``buyer`` now (an x402 payment pays exactly this)."""
+        price = 0 if buyer == publisher else self.price(key, publisher)
+        b = mk.generate_bill(self.prices, input_tokens, cached_tokens, max_output_tokens, price)
+        return b.royalty + b.host_fee
 
     def settle_generate(self, receipt: Receipt, input_tokens: int, cached_tokens: int, max_output_tokens: int,
                         used_output_tokens: int, *, used_input_tokens: int | None = None,
@@ -272,7 +287,7 @@ class Ledger:
 
     def _charge(self, buyer: str, key: str, publisher: str, idem: str | None, max_price: int | None,
                 kind: str, bill: Callable[[int], tuple[int, int]], *, request: str | None = None,
-                scope: str | None = None) -> Receipt | None:
+                scope: str | None = None, cur: Any = None) -> Receipt | None:
         _check_idem(idem)
         scope = scope or f"{kind}:{key}"
 
@@ -292,34 +307,43 @@ class Ledger:
             return Movement(kind, postings, total, buyer=buyer, key=key, publisher=publisher, refuse=refuse)
 
         return self._once(buyer, idem or "srv-" + secrets.token_hex(16), scope,
-                          request or mk.request_digest(scope, key, None), kind, plan)
+                          request or mk.request_digest(scope, key, None), kind, plan, cur)
 
     def _once(self, owner: str, idem: str, scope: str, digest: str, kind: str,
-              plan: Callable[[Any], Movement | None]) -> Receipt | None:
+              plan: Callable[[Any], Movement | None], cur: Any = None) -> Receipt | None:
         """The one sequence of every idempotent money movement, in one database transaction: claim ``idem``
         for (``scope``, ``digest``), or answer what already holds it (:meth:`_held`); plan the postings
         (``None``: nothing to charge, the claim is released); lock their accounts in name order; let the plan
-        refuse on the locked balances (nothing posted); post; bind the key to the transaction."""
-        with self.meta.transaction() as cur:
-            replay = self._claim(cur, owner, idem, scope, digest, kind)
-            if replay is not None:
-                return replay
-            move = plan(cur)
-            if move is None:
-                for table in ("market_requests", "market_idempotency"):
-                    cur.execute(self.meta.q(f"DELETE FROM {table} WHERE principal = ? AND idem_key = ?"),
-                                (owner, idem))
-                return None
-            balances = self._lock(cur, [p.account for p in move.postings])
-            if move.refuse is not None:
-                move.refuse(balances)
-            rec = self._post(cur, move.kind, move.postings, move.amount, buyer=move.buyer, key=move.key,
-                             publisher=move.publisher, memo=move.memo, locked=True)
-            cur.execute(
-                self.meta.q("UPDATE market_idempotency SET txn = ? WHERE principal = ? AND idem_key = ?"),
-                (rec.txn, owner, idem),
-            )
-            return rec
+        refuse on the locked balances (nothing posted); post; bind the key to the transaction.
+
+        ``cur``: post inside the caller's database transaction (an x402 payment's deposit and the purchase it
+        pays for commit together), else in a transaction of its own."""
+        if cur is not None:
+            return self._once_in(cur, owner, idem, scope, digest, kind, plan)
+        with self.meta.transaction() as own:
+            return self._once_in(own, owner, idem, scope, digest, kind, plan)
+
+    def _once_in(self, cur: Any, owner: str, idem: str, scope: str, digest: str, kind: str,
+                 plan: Callable[[Any], Movement | None]) -> Receipt | None:
+        replay = self._claim(cur, owner, idem, scope, digest, kind)
+        if replay is not None:
+            return replay
+        move = plan(cur)
+        if move is None:
+            for table in ("market_requests", "market_idempotency"):
+                cur.execute(self.meta.q(f"DELETE FROM {table} WHERE principal = ? AND idem_key = ?"),
+                            (owner, idem))
+            return None
+        balances = self._lock(cur, [p.account for p in move.postings])
+        if move.refuse is not None:
+            move.refuse(balances)
+        rec = self._post(cur, move.kind, move.postings, move.amount, buyer=move.buyer, key=move.key,
+                         publisher=move.publisher, memo=move.memo, locked=True)
+        cur.execute(
+            self.meta.q("UPDATE market_idempotency SET txn = ? WHERE principal = ? AND idem_key = ?"),
+            (rec.txn, owner, idem),
+        )
+        return rec
 
     def _claim(self, cur: Any, owner: str, idem: str, scope: str, digest: str, kind: str) -> Receipt | None:
         """Claim ``idem`` for this request, or answer what already holds it (:meth:`_held`).

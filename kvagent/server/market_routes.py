@@ -10,6 +10,7 @@ request), never generated or charged again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any
@@ -20,13 +21,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from starlette.concurrency import run_in_threadpool
 
 from ..costs import market as mk
-from ..errors import AlreadyServed, ConfigError, IdempotencyError
+from ..errors import AlreadyServed, ConfigError, IdempotencyError, PaymentError
 from ..kvcache.identity import validate_key
+from ..payments.terms import PAYMENT_SIGNATURE_HEADER
+from . import x402_flow
 from .auth import Principal, valid_principal_name
 from .http import ApiError, not_found, read_json
 from .ledger import Ledger, Receipt
 from .meta import ArtifactRow
 from .state import State
+from .x402 import claimed
 
 log = logging.getLogger("kvagent.server")
 
@@ -78,12 +82,105 @@ def _max_price(request: Request) -> int | None:
         raise ApiError(422, "invalid_request", str(exc)) from exc
 
 
-def _payment_required(exc: mk.PaymentRefused) -> ApiError:
+def _payment_required(exc: mk.PaymentRefused, st: State | None = None, request: Request | None = None
+                      ) -> ApiError:
+    """Today's 402 with its JSON quote; with x402 on, the ``PAYMENT-REQUIRED`` requirements beside it."""
     q = exc.quote
     what = ("the price is above your X-KVAgent-Max-Price" if q.reason == "price_above_max"
             else "your balance is below the price")
-    return ApiError(402, "payment_required", f"{what}: {q.price} {q.currency}, balance {q.balance}",
-                    extra={"quote": q.to_json()})
+    err = ApiError(402, "payment_required", f"{what}: {q.price} {q.currency}, balance {q.balance}",
+                   extra={"quote": q.to_json()})
+    if st is None or request is None or st.x402 is None:
+        return err
+    return x402_flow.refusal(err, st.x402, q, str(request.url))
+
+
+def _wallet_only(request: Request) -> bool:
+    """Whether the buyer has no bearer token (its principal is the wallet it signs with, or anonymous)."""
+    return bool(getattr(request.state, "x402_wallet", False))
+
+
+def _signature(st: State, request: Request) -> str | None:
+    """The request's ``PAYMENT-SIGNATURE`` when this host takes x402 (else None: it is ignored)."""
+    return request.headers.get(PAYMENT_SIGNATURE_HEADER) if st.x402 is not None else None
+
+
+def _no_payment(st: State, p: Principal, request: Request, quote: mk.Quote) -> ApiError:
+    """A wallet buyer's request that pays nothing: 402 with the requirements when there is a price, 401 when
+    there is none (what is free here is for token holders)."""
+    if quote.price > 0 and st.x402 is not None:
+        return _payment_required(mk.PaymentRefused(quote), st, request)
+    return ApiError(401, "unauthorized", "missing or invalid bearer token (a wallet buys priced artifacts "
+                    "only)", {"WWW-Authenticate": "Bearer"})
+
+
+def paid_digest(digest: str, sig: str | None) -> str:
+    """A request's digest, bound to the exact ``PAYMENT-SIGNATURE`` that pays it: another header with the
+    same payment key (a forgery reusing a nonce) is another request, never served the first's answer."""
+    if sig is None:
+        return digest
+    return mk.request_digest("x402", digest, hashlib.sha256(sig.encode()).hexdigest())
+
+
+def _idempotency(st: State, request: Request) -> str | None:
+    """The key a paid request is known by: its payment's (one authorisation, one purchase), else its
+    ``Idempotency-Key``."""
+    sig = _signature(st, request)
+    if sig is None:
+        return request.headers.get(IDEMPOTENCY_HEADER)
+    try:
+        return claimed(sig)[1]
+    except PaymentError as exc:
+        raise ApiError(400, "payment_invalid", str(exc), extra={"reason": exc.reason}) from exc
+
+
+def _pay(st: State, p: Principal, request: Request, sig: str, amount: int,
+         owner_key: tuple[str, str, str, str], charge: x402_flow.Charge
+         ) -> tuple[Receipt | None, dict[str, str]]:
+    """Pay ``amount`` by the x402 payment ``sig`` and post the purchase (``charge``) with its deposit in one
+    database transaction; (receipt, headers). A payment already made and recorded (the same header again)
+    answers the first receipt, ``replayed``, settling nothing (``owner_key``: the idempotency owner, scope
+    digest and kind ``charge`` claims). Refusals: 402 (invalid, not settled: nothing served or charged), 503
+    (facilitator down), the idempotency refusals, or the quote's 402 when the purchase failed after the
+    money settled (it stays on the payer's balance)."""
+    gw = st.x402
+    assert gw is not None
+    url = str(request.url)
+    owner, scope, digest, kind = owner_key
+
+    def prior() -> Receipt | None:
+        try:
+            return st.market.prior(owner, claimed(sig)[1], scope, digest, kind)  # type: ignore[no-any-return]
+        except IdempotencyError as exc:
+            raise idempotency_refused(exc) from exc
+
+    try:
+        gw.check(sig, amount)
+    except PaymentError as exc:
+        raise x402_flow.api_error(exc, gw, amount, url) from exc
+    first = prior()
+    if first is not None:
+        return first, {}
+    try:
+        paid = x402_flow.pay(gw, st.market, sig, amount, None if _wallet_only(request) else p.name, charge)
+    except PaymentError as exc:
+        won = prior() if exc.reason != "facilitator_unavailable" else None  # a twin of it settled first
+        if won is not None:
+            return won, {}
+        raise x402_flow.api_error(exc, gw, amount, url) from exc
+    except mk.PaymentRefused as exc:
+        raise _payment_required(exc, st, request) from exc
+    except IdempotencyError as exc:
+        raise idempotency_refused(exc) from exc
+    log.info("x402 payment of %d (%s) settled in %s", amount, paid.deposit.receipt,
+             paid.settlement.transaction)
+    request.state.x402_headers = paid.headers()
+    return paid.purchase, paid.headers()
+
+
+def payment_headers(request: Request) -> dict[str, str]:
+    """``PAYMENT-RESPONSE`` of a request paid by x402 (empty otherwise)."""
+    return dict(getattr(request.state, "x402_headers", {}) or {})
 
 
 def idempotency_refused(exc: IdempotencyError) -> ApiError:
@@ -122,13 +219,30 @@ def priced(st: State, handle: dict[str, Any], row: ArtifactRow) -> dict[str, Any
 
 
 def charge_download(st: State, p: Principal, row: ArtifactRow, request: Request) -> dict[str, str]:
-    """Charge one load of ``row`` to ``p`` (idempotent per ``Idempotency-Key``); the receipt headers to
-    send."""
+    """Charge one load of ``row`` to ``p`` (idempotent per ``Idempotency-Key``), or have it paid by the
+    request's x402 ``PAYMENT-SIGNATURE`` (idempotent per payment); the receipt headers to send."""
+    sig = _signature(st, request)
+    if sig is not None or _wallet_only(request):
+        price = st.market.quote_load(p.name, row.key, row.owner)
+        quote = mk.Quote(row.key, price, st.market.currency, 0, "insufficient_balance")
+        if sig is None or price == 0:
+            if _wallet_only(request):
+                raise _no_payment(st, p, request, quote)
+        else:
+            scope = f"{mk.SALE}:{row.key}"
+            digest = paid_digest(mk.request_digest(scope, row.key, None), sig)
+            idem = _idempotency(st, request)
+
+            def charge(cur: Any, who: str) -> Receipt | None:
+                return st.market.charge_load(who, row.key, row.owner, idem, None, request=digest, cur=cur)
+
+            rec, headers = _pay(st, p, request, sig, price, (p.name, scope, digest, mk.SALE), charge)
+            return {**receipt_headers(rec), **headers}
     try:
         rec = st.market.charge_load(p.name, row.key, row.owner, request.headers.get(IDEMPOTENCY_HEADER),
                                     _max_price(request))
     except mk.PaymentRefused as exc:
-        raise _payment_required(exc) from exc
+        raise _payment_required(exc, st, request) from exc
     except IdempotencyError as exc:
         raise idempotency_refused(exc) from exc
     return receipt_headers(rec)
@@ -145,7 +259,8 @@ def replay(st: State, p: Principal, request: Request, scope: str, digest: str) -
     answer was kept; else the key's refusal (409 already served / refunded, 422 reused by another request).
     """
     try:
-        st.market.prior(p.name, request.headers.get(IDEMPOTENCY_HEADER), scope, digest, mk.GENERATE)
+        st.market.prior(p.name, _idempotency(st, request), scope,
+                        paid_digest(digest, _signature(st, request)), mk.GENERATE)
     except AlreadyServed as exc:
         if exc.answer is None or exc.receipt is None:
             raise idempotency_refused(exc) from exc
@@ -161,7 +276,7 @@ def replay(st: State, p: Principal, request: Request, scope: str, digest: str) -
 
 def keep_answer(st: State, rec: Receipt | None, request: Request, answer: bytes) -> None:
     """Store the final answer of a paid request that sent an Idempotency-Key, for :func:`replay`."""
-    if rec is not None and not rec.replayed and request.headers.get(IDEMPOTENCY_HEADER) is not None:
+    if rec is not None and not rec.replayed and _idempotency(st, request) is not None:
         st.market.keep_answer(rec.txn, answer.decode())
 
 
@@ -170,12 +285,41 @@ def charge_generate(st: State, p: Principal, row: ArtifactRow, request: Request,
     """Pre-charge a hosted generation for ``max_output_tokens``; settle with :func:`settle_generate`.
     ``digest`` is the request's (its Idempotency-Key is bound to it)."""
     cached = int(json.loads(row.header_json).get("token_count", 0))
+    return _charge_generation(st, p, request, row.key, row.owner, input_tokens, cached, max_output_tokens,
+                              generate_scope(row), digest)
+
+
+def _charge_generation(st: State, p: Principal, request: Request, key: str, owner: str, input_tokens: int,
+                       cached: int, max_output_tokens: int, scope: str, digest: str) -> Receipt | None:
+    """The pre-charge of a generation or chat completion, from the balance or paid by x402 (``exact`` for the
+    whole pre-charge; what settling gives back stays on the payer's balance)."""
+    sig = _signature(st, request)
+    if sig is not None or _wallet_only(request):
+        total = st.market.quote_generate(p.name, key, owner, input_tokens, cached, max_output_tokens)
+        quote = mk.Quote(key, total, st.market.currency, 0, "insufficient_balance")
+        if sig is None or total == 0:
+            if _wallet_only(request):
+                raise _no_payment(st, p, request, quote)
+        else:
+            pdigest = paid_digest(digest, sig)
+            idem = _idempotency(st, request)
+
+            def charge(cur: Any, who: str) -> Receipt | None:
+                return st.market.charge_generate(  # type: ignore[no-any-return]
+                    who, key, owner, idem, None, input_tokens, cached, max_output_tokens, request=pdigest,
+                    scope=scope, cur=cur)
+
+            rec, _ = _pay(st, p, request, sig, total, (p.name, scope, pdigest, mk.GENERATE), charge)
+            if rec is not None and rec.replayed:  # (never: the replay check before the engine refused it)
+                raise idempotency_refused(AlreadyServed("this payment's generation was already served",
+                                                        rec.receipt))
+            return rec
     try:
         return st.market.charge_generate(  # type: ignore[no-any-return]
-            p.name, row.key, row.owner, request.headers.get(IDEMPOTENCY_HEADER), _max_price(request),
-            input_tokens, cached, max_output_tokens, request=digest, scope=generate_scope(row))
+            p.name, key, owner, request.headers.get(IDEMPOTENCY_HEADER), _max_price(request),
+            input_tokens, cached, max_output_tokens, request=digest, scope=scope)
     except mk.PaymentRefused as exc:
-        raise _payment_required(exc) from exc
+        raise _payment_required(exc, st, request) from exc
     except IdempotencyError as exc:
         raise idempotency_refused(exc) from exc
 
@@ -210,11 +354,8 @@ def charge_chat(st: State, p: Principal, request: Request, prompt_tokens: int, c
     route) and ``digest`` (the whole request), whichever cache the prompt resumed from."""
     key, owner = (row.key, row.owner) if row is not None else (HOSTED_CHAT, mk.HOST)
     try:
-        return st.market.charge_generate(  # type: ignore[no-any-return]
-            p.name, key, owner, request.headers.get(IDEMPOTENCY_HEADER), _max_price(request),
-            prompt_tokens - cached_tokens, cached_tokens, max_output_tokens, request=digest, scope=scope)
-    except mk.PaymentRefused as exc:
-        raise _payment_required(exc) from exc
+        return _charge_generation(st, p, request, key, owner, prompt_tokens - cached_tokens, cached_tokens,
+                                  max_output_tokens, scope, digest)
     except IdempotencyError as exc:
         raise idempotency_refused(exc) from exc
 

@@ -64,7 +64,7 @@ def routes(st: State) -> APIRouter:
     @app.get("/v1/artifacts/{key}")
     async def get_artifact(key: str, request: Request) -> Response:
         # with a SQLite backend, kvagent.server.fast_lookup answers this path before FastAPI sees it
-        p = st.principal(request)
+        p = st.buyer(request)  # with x402 on, a buyer without a token sees public artifacts
         body = (
             lookup_body(st, key, p)
             if st.meta.inline_reads
@@ -74,7 +74,7 @@ def routes(st: State) -> APIRouter:
 
     @app.post("/v1/lookup/prefix")
     async def lookup_prefix(request: Request) -> dict[str, Any]:
-        p = st.principal(request)
+        p = st.buyer(request)
         body: PrefixRequest = await read_json(request, PrefixRequest)
         for h in body.block_hashes:
             validate_key(h)
@@ -153,7 +153,7 @@ def routes(st: State) -> APIRouter:
     # -- download -----------------------------------------------------------------------------
     @app.get("/v1/artifacts/{key}/blob")
     def download(key: str, request: Request) -> Response:
-        p = st.principal(request)
+        p = st.buyer(request)  # with x402 on, a wallet pays by PAYMENT-SIGNATURE without a token
         row = st.visible(key, p)
         url = st.blobs.presign(row.blob, st.settings.presign_expiry_s)
         if url is not None:  # the bytes bypass the app (object store / CDN); metered once, at issue time

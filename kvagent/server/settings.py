@@ -62,6 +62,21 @@ class Settings:
     # the model's dtype: auto|float32|bfloat16|float16 (None: the host's Config, i.e. KVAGENT_DTYPE or auto);
     # every engine of the host runs in it (kvagent.dtypes)
     dtype: str | None = None
+    # x402 payments (kvagent.server.x402_setup; docs/market.md): all None, the server takes no x402
+    x402_wallet: Path | None = None  # the host's wallet key file (payee, payouts; or KVAGENT_X402_WALLET_KEY)
+    x402_pay_to: str | None = None  # the payee address, when the host holds no key here (no payouts then)
+    x402_network: str | None = None  # CAIP-2, e.g. eip155:8453 (Base), eip155:84532 (Base Sepolia)
+    x402_asset: str | None = None  # the token's address (USDC on the network)
+    x402_token_name: str | None = None  # its EIP-712 domain name (USDC: "USD Coin")
+    x402_token_version: str | None = None  # its EIP-712 domain version (USDC: "2")
+    x402_facilitator: str | None = None  # a hosted facilitator's URL (else one runs in process)
+    x402_facilitator_key: Path | None = None  # the in-process facilitator's gas key file (or env)
+    x402_rpc: str | None = None  # the chain's JSON-RPC URL (in-process facilitator, payouts, audit)
+
+    @property
+    def x402_configured(self) -> bool:
+        """Whether any ``--x402-*`` option is set (then x402 must be complete and installed at start)."""
+        return any(getattr(self, f) is not None for _, f, _h in X402_OPTIONS)
 
     def __post_init__(self) -> None:
         if self.max_artifact_bytes <= 0:
@@ -89,6 +104,23 @@ class Settings:
             check_dtype(self.dtype)
         if self.model is not None and self.model.lower() == "none":
             object.__setattr__(self, "model", None)
+
+
+#: The ``--x402-*`` options, declared once: (flag, Settings field, help); ``python -m kvagent.server`` and
+#: ``kvagent serve`` add them from here.
+X402_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("--x402-wallet", "x402_wallet", "the host's wallet key file: it is paid (payTo) and sends payouts "
+     "(or set KVAGENT_X402_WALLET_KEY)"),
+    ("--x402-pay-to", "x402_pay_to", "the payee address when the host's key is not kept here (no payouts)"),
+    ("--x402-network", "x402_network", "CAIP-2 network: eip155:8453 (Base), eip155:84532 (Base Sepolia)"),
+    ("--x402-asset", "x402_asset", "the token's contract address (USDC on that network)"),
+    ("--x402-token-name", "x402_token_name", "the token's EIP-712 name (default 'USD Coin')"),
+    ("--x402-token-version", "x402_token_version", "the token's EIP-712 version (default '2')"),
+    ("--x402-facilitator", "x402_facilitator", "a hosted x402 facilitator's URL (default: one in process)"),
+    ("--x402-facilitator-key", "x402_facilitator_key", "the in-process facilitator's key file; it pays the "
+     "settlement gas (or set KVAGENT_X402_FACILITATOR_KEY)"),
+    ("--x402-rpc", "x402_rpc", "the chain's JSON-RPC URL (in-process facilitator, payouts, chain audit)"),
+)
 
 
 #: Environment variable carrying the settings to ``--workers`` processes (see ``to_env`` / ``from_env``).

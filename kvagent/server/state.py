@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
-from ..errors import StoreError
+from ..errors import PaymentError, StoreError
 from ..kvcache.identity import validate_key
 from .auth import Principal, TokenTable, read_token_file
 from .blobs import BlobStore, open_blobs
@@ -26,8 +26,14 @@ from .token_store import TokenStore
 if TYPE_CHECKING:
     from .host import ModelHost
     from .ledger import Ledger
+    from .x402 import X402Gateway
+    from .x402_setup import X402Host
 
 log = logging.getLogger("kvagent.server")
+
+#: The buyer of a request with neither a bearer token nor a payment (x402 on): it sees public artifacts and
+#: their 402 quotes, and buys nothing until it signs a payment (``x402:`` names never hold a token).
+ANONYMOUS = "x402:anonymous"
 
 
 @dataclass
@@ -44,6 +50,12 @@ class State:
     quotas: Quotas  # rate limits and quotas per principal
     copies: OwnerCopies  # later publishers' own records of hidden keys
     token_store: TokenStore | None = None  # the tokens in the database (the admin API changes them)
+    x402_host: X402Host | None = None  # x402 payments (the --x402-* options), or None
+
+    @property
+    def x402(self) -> X402Gateway | None:
+        """The x402 gateway of the priced routes (None: no x402, 402s carry the JSON quote alone)."""
+        return self.x402_host.gateway if self.x402_host is not None else None
 
     @property
     def model_host(self) -> ModelHost | None:
@@ -61,6 +73,26 @@ class State:
         request.state.principal = p.name
         request.state.token_id = p.token_id
         return p
+
+    def buyer(self, request: Request) -> Principal:
+        """Who buys: the bearer's principal as :meth:`principal` says; with x402 on and no ``Authorization``,
+        the wallet its ``PAYMENT-SIGNATURE`` names (a claim its settlement proves: a wallet buyer is served
+        nothing it has not paid for) or, with none, :data:`ANONYMOUS` (it may see public artifacts and their
+        402s, nothing else)."""
+        if self.x402 is None or request.headers.get("authorization") is not None:
+            return self.principal(request)
+        from ..payments.terms import PAYMENT_SIGNATURE_HEADER, wallet_principal
+        from .x402 import claimed
+
+        sig = request.headers.get(PAYMENT_SIGNATURE_HEADER)
+        name = ANONYMOUS
+        if sig is not None:
+            try:
+                name = wallet_principal(claimed(sig)[0])
+            except PaymentError as exc:
+                raise ApiError(400, "payment_invalid", str(exc), extra={"reason": exc.reason}) from exc
+        request.state.principal, request.state.token_id, request.state.x402_wallet = name, None, True
+        return Principal(name)
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The principal of an ``Authorization`` header value; 401 for a missing, unknown, expired or revoked
@@ -140,6 +172,9 @@ def sized(settings: Settings, engine: Any) -> tuple[int, int]:
 
 def build_state(settings: Settings) -> State:
     """Open the data dir and database, clean up after crashes, and load the model (if any)."""
+    from .x402_setup import open_x402
+
+    x402_host = open_x402(settings)  # a bad or uninstalled --x402-* fails before anything is opened
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     bootstrap = read_token_file(settings.token_file) if settings.token_file else None
@@ -185,4 +220,5 @@ def build_state(settings: Settings) -> State:
     # the host's decisions, checked against their cost
     if host is not None and host.agent.resolver.cost is not None:
         host.agent.resolver.cost.observers.append(metrics.observe_outcome)
-    return State(settings, tokens, meta, blobs, metrics, host, market, Quotas(meta), copies, token_store)
+    return State(settings, tokens, meta, blobs, metrics, host, market, Quotas(meta), copies, token_store,
+                 x402_host)

@@ -18,8 +18,8 @@ from typing import Any
 from ..costs import market as mk
 from ..errors import ConfigError, SettlementFailed
 from ..payments import sdk
-from .deposits import CHAIN, bind, claim
-from .ledger import Ledger, Receipt
+from .deposits import CHAIN
+from .ledger import Ledger, Movement, Receipt
 
 log = logging.getLogger("kvagent.server")
 
@@ -86,17 +86,22 @@ def withdraw(ledger: Ledger, sender: TokenSender, principal: str, amount: int, t
         raise ConfigError(f"withdraw to a 0x-prefixed 20-byte address, not {to!r}")
     if not 1 <= len(idem) <= mk.MAX_IDEMPOTENCY_KEY:
         raise ConfigError(f"Idempotency-Key must be 1..{mk.MAX_IDEMPOTENCY_KEY} characters")
-    with ledger.meta.transaction() as cur:
-        replay = claim(ledger, cur, principal, idem, f"{WITHDRAWAL}:{to.lower()}:{amount}")
-        if replay is not None:
-            return _outcome(ledger, cur, replay)
-        postings = [mk.Posting(principal, -amount), mk.Posting(CHAIN, amount)]
-        balances = ledger._lock(cur, [p.account for p in postings])
+    postings = [mk.Posting(principal, -amount), mk.Posting(CHAIN, amount)]
+
+    def refuse(balances: dict[str, int]) -> None:
         if amount > balances[principal]:
             raise WithdrawalRefused(principal, amount, balances[principal])
-        rec = ledger._post(cur, WITHDRAWAL, postings, amount, buyer=principal, memo=f"pending {to.lower()}",
-                           locked=True)
-        bind(ledger, cur, principal, idem, rec.txn)
+
+    move = Movement(WITHDRAWAL, postings, amount, buyer=principal, memo=f"pending {to.lower()}",
+                    refuse=refuse)
+    scope = f"{WITHDRAWAL}:{to.lower()}:{amount}"
+    rec = ledger._once(principal, idem, scope, mk.request_digest(WITHDRAWAL, principal,
+                                                                  {"to": to.lower(), "amount": amount}),
+                       WITHDRAWAL, lambda _cur: move)
+    assert rec is not None  # a withdrawal is never zero
+    if rec.replayed:
+        with ledger.meta.read() as cur:
+            return _outcome(ledger, cur, rec)
     try:
         tx = sender.send(to, amount)
     except Exception as exc:

@@ -167,3 +167,25 @@ def _same_offer(accepted: Any, ours: Any) -> bool:
     return (accepted.scheme == ours.scheme and accepted.network == ours.network
             and accepted.asset.lower() == ours.asset.lower() and accepted.amount == ours.amount
             and accepted.pay_to.lower() == ours.pay_to.lower())
+
+
+def claimed(header: str) -> tuple[str, str]:
+    """(payer address, payment key) that a ``PAYMENT-SIGNATURE`` claims, read without checking it: whose
+    wallet a request without a bearer token speaks for, and the key a repeat of the payment is known by
+    (:attr:`Verified.idempotency_key`). Settling proves the payer; :class:`PaymentInvalid` when unreadable."""
+    try:
+        obj = decode_header(header)
+    except ConfigError as exc:
+        raise PaymentInvalid(f"unreadable PAYMENT-SIGNATURE header: {exc}", "malformed") from exc
+    payload, accepted = obj.get("payload"), obj.get("accepted")
+    auth = payload.get("authorization") if isinstance(payload, dict) else None
+    if not isinstance(auth, dict) or not isinstance(accepted, dict):
+        raise PaymentInvalid("the payment carries no EIP-3009 authorisation", "malformed")
+    payer, nonce, network = auth.get("from"), auth.get("nonce"), accepted.get("network")
+    if not all(isinstance(x, str) and x for x in (payer, nonce, network)):
+        raise PaymentInvalid("the payment's authorisation names no payer, nonce or network", "malformed")
+    try:
+        wallet_principal(str(payer))
+    except ConfigError as exc:
+        raise PaymentInvalid(str(exc), "malformed") from exc
+    return str(payer), f"x402:{network}:{nonce}"
