@@ -20,7 +20,7 @@ from eth_account import Account  # noqa: E402
 
 from kvagent import KVAgent  # noqa: E402
 from kvagent.costs.policy import PolicyParams  # noqa: E402
-from tests.registry_server import ServerProcess, free_port, start_server  # noqa: E402
+from tests.registry_server import ServerProcess, start_server  # noqa: E402
 from tests.test_market_e2e import PRICES, model, model_dir  # noqa: E402,F401  (fixtures)
 from tests.x402_chain import NETWORK, Chain, chain_or_skip  # noqa: E402
 
@@ -56,6 +56,7 @@ def x402_args(chain: Chain) -> list[str]:
 
 
 def host(base: Path, tiny: Path, extra: list[str]) -> ServerProcess:
+    base.mkdir(parents=True, exist_ok=True)
     (base / "prices.json").write_text(json.dumps(PRICES))
     return start_server(base / "data", TOKENS, model=str(tiny),
                         extra_args=["--prices", str(base / "prices.json"), *extra])
@@ -74,17 +75,6 @@ def paid_host(chain: Chain, model_dir: Path, tmp_path_factory: pytest.TempPathFa
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def down_host(chain: Chain, model_dir: Path, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
-              ) -> Iterator[ServerProcess]:
-    """A host whose hosted facilitator does not answer (nothing listens on its port)."""
-    base = tmp_path_factory.mktemp("x402-down")
-    srv = host(base, model_dir, [*x402_args(chain), "--x402-pay-to", host_address(chain),
-                                 "--x402-facilitator", f"http://127.0.0.1:{free_port()}"])
-    yield srv
-    srv.stop()
-
-
 def doc(j: int) -> list[int]:
     return [(13 * i + 5 * j + 1) % 500 + 3 for i in range(N)]
 
@@ -97,6 +87,7 @@ def publish(srv: ServerProcess, lm: Any, ids: list[int], tmp: Path) -> None:
 
 def buyer(srv: ServerProcess, lm: Any, chain: Chain, key: str, tmp: Path, **caps: Any) -> KVAgent:
     """A wallet-only agent: no token, only a key file (and the test chain's token allowed)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     return KVAgent(lm, cache_dir=tmp / "buyer", registry_url=srv.url, calibration=False,
                    wallet=key_file(tmp / "wallet.key", key), wallet_assets=f"{NETWORK}/{chain.token}",
                    policy=PolicyParams(min_tokens=64, prefill_tokens_per_s=20), **caps)
@@ -184,16 +175,32 @@ def test_x402_refusals_prefill_locally_and_move_nothing(
 
 
 def test_x402_facilitator_down_prefills_and_charges_nothing(
-        chain: Chain, down_host: ServerProcess, model: Any, tmp_path: Path) -> None:  # noqa: F811
+        chain: Chain, model_dir: Path, model: Any, tmp_path: Path) -> None:  # noqa: F811
+    """A host whose hosted facilitator goes away: the agent's payment is answered 503, never retried, its
+    budget given back; it prefills, and neither the chain nor the ledger moves."""
+    import time
+
+    from tests.test_x402_chain import hosted_facilitator
+
     ids = doc(2)
-    publish(down_host, model, ids, tmp_path)
-    host0, txns0 = chain.balance(host_address(chain)), audit(down_host)["transactions"]
-    agent = buyer(down_host, model, chain, buyer_key(chain, 2), tmp_path, max_price_per_load=2 * PRICE)
-    wallet0 = chain.balance(agent.runtime.registry.payer.wallet.address)  # type: ignore[union-attr]
-    got = agent.read_ids(ids)
-    assert got.cache.status == "prefill" and "x402" in got.cache.reason, got.cache.reason
-    assert agent.runtime.registry.payer.caps.spent == 0  # type: ignore[union-attr]
-    assert chain.balance(agent.runtime.registry.payer.wallet.address) == wallet0  # type: ignore[union-attr]
-    assert chain.balance(host_address(chain)) == host0
-    assert audit(down_host)["transactions"] == txns0
-    agent.close()
+    with hosted_facilitator(chain) as (fac_url, fac):
+        srv = host(tmp_path / "down", model_dir, [*x402_args(chain), "--x402-pay-to", host_address(chain),
+                                                  "--x402-facilitator", fac_url])
+        try:
+            publish(srv, model, ids, tmp_path)
+            fac.should_exit = True  # the facilitator goes down
+            time.sleep(0.5)
+            host0, txns0 = chain.balance(host_address(chain)), audit(srv)["transactions"]
+            agent = buyer(srv, model, chain, buyer_key(chain, 2), tmp_path, max_price_per_load=2 * PRICE)
+            payer = agent.runtime.registry.payer  # type: ignore[union-attr]
+            wallet0 = chain.balance(payer.wallet.address)
+            t0 = time.monotonic()
+            got = agent.read_ids(ids)
+            assert got.cache.status == "prefill" and "x402" in got.cache.reason, got.cache.reason
+            assert "payment_unavailable" in got.cache.reason and time.monotonic() - t0 < 5  # not retried
+            assert payer.caps.spent == 0 and chain.balance(payer.wallet.address) == wallet0
+            assert chain.balance(host_address(chain)) == host0
+            assert audit(srv)["transactions"] == txns0
+            agent.close()
+        finally:
+            srv.stop()
