@@ -101,9 +101,9 @@ def run_routes(n: int) -> dict[str, Any]:
     keys = json.load(open(os.environ["KVAGENT_TEST_CHAIN_ACCOUNTS"]))
     token = os.environ["KVAGENT_TEST_CHAIN_TOKEN"]
     blob = synthetic_artifact(256, 4, seed=0)  # a 256-token KV of 4 layers (about 1.5 MB)
-    tokens: dict[str, dict[str, object]] = {"tok-admin": {"principal": "operator", "admin": True},
-              "tok-pub": {"principal": PUBLISHER, "publish": True},
-              "tok-prepaid": {"principal": "prepaid"}}
+    tokens: dict[str, dict[str, object]] = {"tok-admin-0001": {"principal": "operator", "admin": True},
+                                            "tok-pub-00001": {"principal": PUBLISHER, "publish": True},
+                                            "tok-prepaid": {"principal": "prepaid"}}
     with tempfile.TemporaryDirectory() as d:
         base = Path(d)
         for name in ("host", "facilitator"):
@@ -117,7 +117,8 @@ def run_routes(n: int) -> dict[str, Any]:
             "--x402-wallet", str(base / "host.key"), "--x402-facilitator-key", str(base / "facilitator.key"),
             "--x402-rpc", os.environ["KVAGENT_TEST_CHAIN_RPC"]])
         try:
-            with RegistryClient(srv.url, "tok-pub") as pub, RegistryClient(srv.url, "tok-admin") as admin:
+            with (RegistryClient(srv.url, "tok-pub-00001") as pub,
+                  RegistryClient(srv.url, "tok-admin-0001") as admin):
                 handle = pub.publish(blob, "public", price=PRICE)
                 admin.credit("prepaid", PRICE * (n + 5))
             payer = Payer(Wallet(keys["buyers"][-2]), SpendCaps(max_price_per_load=PRICE),
