@@ -167,6 +167,24 @@ def _parser() -> argparse.ArgumentParser:
     adj.add_argument("--idempotency-key", help="repeat an adjustment safely: the same key posts once")
     adj.add_argument("--json", action="store_true")
     adj.set_defaults(func=cmd_account_adjust)
+    top = asub.add_parser("topup", help="add AMOUNT micro-units to your balance, paid by x402 from a wallet")
+    top.add_argument("amount", type=int)
+    top.add_argument("--wallet", default=None,
+                     help="the paying wallet's key file (default: KVAGENT_WALLET_KEY)")
+    top.add_argument("--json", action="store_true")
+    top.set_defaults(func=cmd_account_topup)
+    wdr = asub.add_parser("withdraw", help="pay AMOUNT micro-units of your balance out on chain to ADDRESS "
+                                           "(from the host's wallet)")
+    wdr.add_argument("amount", type=int)
+    wdr.add_argument("--to", required=True, help="the 0x address to pay")
+    wdr.add_argument("--principal", default=None, help="(admin) pay out this principal's balance instead")
+    wdr.add_argument("--idempotency-key", help="repeat a withdrawal safely: the same key pays out once")
+    wdr.add_argument("--json", action="store_true")
+    wdr.set_defaults(func=cmd_account_withdraw)
+    aud = asub.add_parser("chain-audit", help="(admin) compare the ledger's x402 deposits and withdrawals "
+                                              "with the chain's transfers")
+    aud.add_argument("--json", action="store_true")
+    aud.set_defaults(func=cmd_account_chain_audit)
 
     cal = sub.add_parser("calibrate", help="measure prefill, load and registry costs for the cost policy")
     cal.add_argument("--show", action="store_true", help="print what is stored; measure nothing")
@@ -609,6 +627,93 @@ def cmd_account_adjust(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_http(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
+    """The registry's URL and the bearer header of the configured token (the x402 account commands)."""
+    from .config import Config
+    from .errors import ConfigError
+
+    cfg = Config.from_env(registry_url=args.registry, registry_token=args.token)
+    if cfg.registry_url is None:
+        raise ConfigError("no registry configured: pass --registry URL or set KVAGENT_REGISTRY_URL")
+    auth = {"Authorization": f"Bearer {cfg.registry_token}"} if cfg.registry_token else {}
+    return cfg.registry_url.rstrip("/"), auth
+
+
+def _answer(r: Any, what: str) -> dict[str, Any]:
+    from .errors import KVAgentError
+
+    try:
+        body = r.json()
+    except ValueError:
+        body = {}
+    if r.status_code >= 400:
+        raise KVAgentError(f"{what} refused ({r.status_code}): {body.get('detail') or r.text[:200]}")
+    return dict(body)
+
+
+def cmd_account_topup(args: argparse.Namespace) -> int:
+    import httpx
+
+    from .payments import SpendCaps, load_wallet
+    from .payments.http import request_paying
+    from .payments.payer import Payer
+
+    url, auth = _registry_http(args)
+    wallet = load_wallet(args.wallet)
+    probe = httpx.post(f"{url}/v1/account/topup", json={"amount": args.amount}, headers=auth, timeout=60)
+    if probe.status_code != 402:
+        _answer(probe, "the top-up")
+    from .payments.terms import PAYMENT_REQUIRED_HEADER, decode_header
+
+    accepts = decode_header(probe.headers[PAYMENT_REQUIRED_HEADER])["accepts"]
+    payer = Payer(wallet, SpendCaps(max_price_per_load=args.amount),
+                  allowed_assets=[(a["network"], a["asset"]) for a in accepts])
+    with httpx.Client(timeout=120) as c:
+        r, _ = request_paying(c, "POST", f"{url}/v1/account/topup", payer, json={"amount": args.amount},
+                              headers=auth)
+    out = _answer(r, "the top-up")
+    print(json.dumps(out) if args.json else
+          f"deposited {out['deposited']} {out['currency']} to {out['principal']} (receipt {out['receipt']}, "
+          f"transaction {out['transaction']}); balance {out['balance']}")
+    return 0
+
+
+def cmd_account_withdraw(args: argparse.Namespace) -> int:
+    import uuid
+
+    import httpx
+
+    url, auth = _registry_http(args)
+    body: dict[str, Any] = {"amount": args.amount, "to": args.to}
+    if args.principal:
+        body["principal"] = args.principal
+    headers = {**auth, "Idempotency-Key": args.idempotency_key or uuid.uuid4().hex}
+    r = httpx.post(f"{url}/v1/account/withdraw", json=body, headers=headers, timeout=300)
+    out = _answer(r, "the withdrawal")
+    if args.json:
+        print(json.dumps(out))
+    else:
+        again = " (a replay: nothing new sent)" if out.get("replayed") else ""
+        print(f"withdrew {out['amount']} {out['currency']} of {out['principal']} to {out['to']}: "
+              f"{out['status']} (transaction {out['transaction']}, receipt {out['receipt']}); "
+              f"balance {out['balance']}{again}")
+    return 0
+
+
+def cmd_account_chain_audit(args: argparse.Namespace) -> int:
+    import httpx
+
+    url, auth = _registry_http(args)
+    out = _answer(httpx.get(f"{url}/v1/market/x402-audit", headers=auth, timeout=300), "the chain audit")
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{'ok' if out['ok'] else 'MISMATCH'}: {out['deposits']} deposits of {out['deposited']} "
+              f"({out['confirmed']} on chain), withdrawn {out['withdrawn']} ({out['withdrawn_confirmed']} on "
+              f"chain), missing {out['missing']}")
+    return 0 if out["ok"] else 1
+
+
 def cmd_account_statement(args: argparse.Namespace) -> int:
     with _registry(args) as reg:
         s = reg.statement()
@@ -619,6 +724,8 @@ def cmd_account_statement(args: argparse.Namespace) -> int:
     lines = [f"{s['principal']}: balance {s['balance']} {cur}, credits {s['credits']} {cur}"]
     for a in s.get("adjustments", []):
         lines.append(f"  adjustment {a['amount']:+d} {cur} ({a['receipt']}): {a['reason']}")
+    for t in s.get("transfers", []):
+        lines.append(f"  {t['kind']} {t['amount']:+d} {cur} ({t['receipt']}): {t['memo']}")
     for title, rows, cols in (("purchases", s["purchases"], ("loads", "amount", "refunds")),
                               ("sales", s["sales"], ("loads", "amount", "royalties", "refunds"))):
         lines.append(f"{title}:" if rows else f"{title}: none")

@@ -79,8 +79,8 @@ def x402_args(chain: Chain, d: Path, facilitator: str | None = None) -> list[str
 def start(chain: Chain, base: Path, facilitator: str | None = None) -> ServerProcess:
     base.mkdir(parents=True, exist_ok=True)
     (base / "prices.json").write_text(json.dumps(PRICES))
-    return start_server(base / "data", TOKENS,
-                        extra_args=["--prices", str(base / "prices.json"), *x402_args(chain, base, facilitator)])
+    args = ["--prices", str(base / "prices.json"), *x402_args(chain, base, facilitator)]
+    return start_server(base / "data", TOKENS, extra_args=args)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,8 @@ def server(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
         srv.stop()
 
 
-def publish(srv: ServerProcess, seed: int, price: int = PRICE, visibility: str = "public") -> tuple[str, bytes]:
+def publish(srv: ServerProcess, seed: int, price: int = PRICE, visibility: str = "public"
+            ) -> tuple[str, bytes]:
     _, blob = make_artifact(make_kv(seed=seed), publisher="alice")
     key = art.read_header(blob).key
     RegistryClient(srv.url, "alice-token-0001").publish(blob, visibility=visibility, price=price)
@@ -177,7 +178,8 @@ def test_x402_forged_expired_and_unfunded_payments_serve_and_charge_nothing(chai
         # the authorisation altered after signing: the signature no longer matches
         bad = c.get(url, headers={PAYMENT_SIGNATURE_HEADER: forged(good, value=str(PRICE * 2))})
         assert bad.status_code == 402 and bad.content != blob and PAYMENT_REQUIRED_HEADER in bad.headers
-        bad = c.get(url, headers={PAYMENT_SIGNATURE_HEADER: forged(good, validBefore=str(int(time.time()) - 5))})
+        expired = forged(good, validBefore=str(int(time.time()) - 5))
+        bad = c.get(url, headers={PAYMENT_SIGNATURE_HEADER: expired})
         assert bad.status_code == 402 and bad.content != blob
         # signed by another key than the payer it names
         other = buyer(chain, 3).pay(req).header
@@ -231,6 +233,89 @@ def test_x402_hosted_facilitator_pays_then_down_serves_and_charges_nothing(chain
             srv.stop()
 
 
+def test_x402_wallet_statement_by_signature_shows_its_purchases_and_deposits(chain: Chain,
+                                                                              server: ServerProcess) -> None:
+    from kvagent.payments.signin import WALLET_AUTH_HEADER, sign
+
+    key, _ = publish(server, 7)
+    p = buyer(chain, 6)
+    wallet_key = str(chain.keys["buyers"][46])
+    with httpx.Client(timeout=60) as c:
+        r, _ = request_paying(c, "GET", f"{server.url}/v1/artifacts/{key}/blob", p)
+        assert r.status_code == 200
+        path = "/v1/account/statement"
+        s = c.get(server.url + path, headers={WALLET_AUTH_HEADER: sign(wallet_key, "GET", path)})
+        assert s.status_code == 200, s.text
+        body = s.json()
+        assert body["principal"] == "x402:" + p.wallet.address.lower() and body["balance"] == 0
+        assert [(x["key"], x["amount"]) for x in body["purchases"]] == [(key, PRICE)]
+        assert body["deposited"] == PRICE and body["transfers"][0]["kind"] == "deposit"
+        assert r.headers["X-KVAgent-Receipt"] in {x["receipt"] for x in body["receipts"]}
+        # another wallet's signature naming this address, an old one, one for another path: refused
+        other = sign(str(chain.keys["buyers"][47]), "GET", path).split(":")
+        forged_auth = ":".join([p.wallet.address, *other[1:]])
+        for bad in (forged_auth, sign(wallet_key, "GET", path, int(time.time()) - 3600),
+                    sign(wallet_key, "GET", "/v1/account")):
+            assert c.get(server.url + path, headers={WALLET_AUTH_HEADER: bad}).status_code == 401
+        assert c.get(server.url + path).status_code == 401
+
+
+def test_x402_token_holder_tops_up_by_x402(chain: Chain, server: ServerProcess) -> None:
+    url = f"{server.url}/v1/account/topup"
+    bob0, host0 = balance(server, BOB), chain.balance(host_address(chain))
+    with httpx.Client(timeout=60) as c:
+        first = c.post(url, json={"amount": 12_345}, headers=BOB)
+        assert first.status_code == 402
+        (offer,) = decode_header(first.headers[PAYMENT_REQUIRED_HEADER])["accepts"]
+        assert offer["amount"] == "12345"
+        r, payment = request_paying(c, "POST", url, buyer(chain, 7, cap=20_000), json={"amount": 12_345},
+                                    headers=BOB)
+        assert r.status_code == 200, r.text
+        assert r.json()["deposited"] == 12_345 and settlement(r) is not None and payment is not None
+        # the same payment again moves nothing
+        again = c.post(url, json={"amount": 12_345},
+                       headers={**BOB, PAYMENT_SIGNATURE_HEADER: payment.header})
+        assert again.status_code == 402
+        assert c.post(url, json={"amount": 1}).status_code == 401  # a top-up is of a token's account
+    assert balance(server, BOB) - bob0 == 12_345
+    assert chain.balance(host_address(chain)) - host0 == 12_345
+
+
+def test_x402_publisher_withdraws_on_chain_once_within_its_balance(chain: Chain, server: ServerProcess
+                                                                   ) -> None:
+    publish(server, 8)
+    key, _ = publish(server, 9)
+    with httpx.Client(timeout=60) as c:  # a sale, so that alice holds royalties
+        sold, _ = request_paying(c, "GET", f"{server.url}/v1/artifacts/{key}/blob", buyer(chain, 8))
+        assert sold.is_success
+    dest = str(Account.create().address)
+    have = balance(server, ALICE)
+    assert have > 0
+    url = f"{server.url}/v1/account/withdraw"
+    with httpx.Client(timeout=60) as c:
+        over = c.post(url, json={"amount": have + 1, "to": dest},
+                      headers={**ALICE, "Idempotency-Key": "w-over"})
+        assert over.status_code == 409 and over.json()["balance"] == have
+        r = c.post(url, json={"amount": have, "to": dest}, headers={**ALICE, "Idempotency-Key": "w-1"})
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "sent" and r.json()["balance"] == 0
+        again = c.post(url, json={"amount": have, "to": dest}, headers={**ALICE, "Idempotency-Key": "w-1"})
+        assert again.status_code == 200 and again.json()["replayed"] is True
+        assert again.json()["transaction"] == r.json()["transaction"]
+        # bob may not pay out alice's balance
+        assert c.post(url, json={"amount": 1, "to": dest, "principal": "alice"},
+                      headers={**BOB, "Idempotency-Key": "w-2"}).status_code == 403
+        assert c.post(url, json={"amount": 1, "to": dest}, headers=ALICE).status_code == 422  # no key
+    assert chain.balance(dest) == have  # on chain, once
+    assert balance(server, ALICE) == 0
+    a = audit(server)
+    assert a["total"] == 0 and not a["unbalanced"] and not a["negative"]
+    x = httpx.get(f"{server.url}/v1/market/x402-audit", headers=ADMIN, timeout=60).json()
+    assert x["ok"] is True and not x["missing"] and x["withdrawn"] >= have
+    assert x["deposited"] == x["confirmed"] == a["chain_net"] + x["withdrawn"]  # chain transfers = ledger
+    assert httpx.get(f"{server.url}/v1/market/x402-audit", headers=BOB).status_code == 403
+
+
 def test_x402_options_without_the_sdk_say_what_to_install(tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -241,3 +326,49 @@ def test_x402_options_without_the_sdk_say_what_to_install(tmp_path: Path) -> Non
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ})
     assert r.returncode == 2 and "pip install 'kvagent[x402]'" in r.stderr
+
+
+def test_x402_cli_tops_up_withdraws_and_audits(chain: Chain, server: ServerProcess, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from kvagent import cli
+
+    wallet = key_file(tmp_path, "bob.key", str(chain.keys["buyers"][52]))
+    reg = ["--registry", server.url]
+    host0, bob0 = chain.balance(host_address(chain)), balance(server, BOB)
+    bob = [*reg, "--token", "bob-token-000001"]
+    assert cli.main([*bob, "account", "topup", "2500", "--wallet", str(wallet), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["deposited"] == 2500 and out["balance"] == bob0 + 2500
+    assert chain.balance(host_address(chain)) - host0 == 2500
+    dest = str(Account.create().address)
+    args = [*bob, "account", "withdraw", "1000", "--to", dest, "--idempotency-key", "cli-w-1", "--json"]
+    assert cli.main(args) == 0 and cli.main(args) == 0  # the same key twice: paid out once
+    first, again = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert first["status"] == "sent" and again["replayed"] is True
+    assert chain.balance(dest) == 1000 and balance(server, BOB) == bob0 + 1500
+    assert cli.main([*bob, "account", "withdraw", str(bob0 + 1501), "--to", dest]) != 0  # above the balance
+    assert chain.balance(dest) == 1000
+    capsys.readouterr()
+    assert cli.main([*reg, "--token", "admin-token-0001", "account", "chain-audit", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+
+
+def test_x402_no_token_names_a_wallet_principal(tmp_path: Path) -> None:
+    """A token for ``x402:<address>`` would spend that wallet's deposits: neither the token file nor the
+    token store issues one."""
+    from kvagent.errors import ConfigError
+    from kvagent.server.auth import read_token_file
+    from kvagent.server.meta import SQLiteMeta
+    from kvagent.server.token_store import TokenStore
+
+    wallet = "x402:0x" + "ab" * 20
+    f = tmp_path / "tokens.json"
+    f.write_text(json.dumps({"a-wallet-token-01": {"principal": wallet}}))
+    with pytest.raises(ConfigError, match="x402:"):
+        read_token_file(f)
+    meta = SQLiteMeta(tmp_path / "meta.sqlite3")
+    try:
+        with pytest.raises(ConfigError, match="x402:"):
+            TokenStore(meta).issue(wallet)
+    finally:
+        meta.close()

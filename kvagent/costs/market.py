@@ -30,7 +30,9 @@ from ..errors import ConfigError
 HOST = "#host"
 MINT = "#mint"
 ADJUSTMENTS = "#adjust"
-SYSTEM_ACCOUNTS = (HOST, MINT, ADJUSTMENTS)
+#: Where x402 money comes from and goes to: minus the net of deposits (payments in) and withdrawals (payouts).
+CHAIN = "#x402"
+SYSTEM_ACCOUNTS = (HOST, MINT, ADJUSTMENTS, CHAIN)
 DEFAULT_CURRENCY = "uUSD"
 BPS = 10_000
 TOKENS_PER_MTOK = 1_000_000
@@ -74,6 +76,9 @@ SALE, GENERATE, CREDIT, REFUND, ADJUST = "sale", "generate", "credit", "refund",
 #: An operator's correction of a balance (either sign, with a reason), against #adjust; ``adjust`` is the
 #: give-back of a prepaid generation's unused tokens.
 ADMIN_ADJUST = "admin_adjust"
+#: Money from and to the chain (x402): a payment's deposit, a payout, a payout whose transfer failed.
+DEPOSIT, WITHDRAWAL, WITHDRAWAL_REVERSED = "deposit", "withdrawal", "withdrawal_reversed"
+TRANSFERS = (DEPOSIT, WITHDRAWAL, WITHDRAWAL_REVERSED)
 
 
 def amount(value: Any, what: str = "amount", *, allow_zero: bool = True) -> int:
@@ -303,6 +308,20 @@ class ArtifactLine:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class TransferLine:
+    """A deposit or withdrawal of a statement's principal (signed: + in, - out) and its chain memo."""
+
+    receipt: str
+    kind: str
+    amount: int
+    memo: str
+    ts: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
 @dataclass
 class Statement:
     principal: str
@@ -310,11 +329,20 @@ class Statement:
     sales: dict[str, ArtifactLine] = field(default_factory=dict)
     credits: int = 0
     adjustments: list[AdjustmentLine] = field(default_factory=list)
+    #: deposits (x402 payments in) and withdrawals (payouts) of the principal, signed, with their memo (the
+    #: settlement or transfer transaction)
+    transfers: list[TransferLine] = field(default_factory=list)
+    #: every receipt that moved the principal's balance: (receipt, kind, key, signed amount, ts)
+    receipts: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"principal": self.principal, "credits": self.credits,
                 "adjusted": sum(a.amount for a in self.adjustments),
                 "adjustments": [a.to_json() for a in self.adjustments],
+                "deposited": sum(t.amount for t in self.transfers if t.kind == DEPOSIT),
+                "withdrawn": -sum(t.amount for t in self.transfers if t.kind != DEPOSIT),
+                "transfers": [t.to_json() for t in self.transfers],
+                "receipts": self.receipts,
                 "purchases": [v.to_json() for _, v in sorted(self.purchases.items())],
                 "sales": [v.to_json() for _, v in sorted(self.sales.items())]}
 
@@ -324,6 +352,11 @@ def statement(principal: str, rows: Iterable[StatementRow]) -> Statement:
     st = Statement(principal)
     for r in rows:
         if r.account != principal:
+            continue
+        st.receipts.append({"receipt": r.receipt, "kind": r.kind, "key": r.key, "amount": r.amount,
+                            "ts": r.ts})
+        if r.kind in TRANSFERS:
+            st.transfers.append(TransferLine(r.receipt, r.kind, r.amount, r.memo, r.ts))
             continue
         if r.kind == CREDIT:
             st.credits += r.amount

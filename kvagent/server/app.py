@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, KVAgentError
-from . import admin_routes, generate_routes, market_routes, openai_routes, registry_routes
+from . import admin_routes, generate_routes, market_routes, openai_routes, registry_routes, x402_routes
 from .fast_lookup import FastLookup
 from .http import (
     AccessLog,
@@ -103,6 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(generate_routes.routes(st))
     app.include_router(openai_routes.routes(st))
     app.include_router(market_routes.routes(st))
+    app.include_router(x402_routes.routes(st))
     app.include_router(admin_routes.routes(st))
     return app
 

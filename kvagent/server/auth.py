@@ -99,6 +99,16 @@ def valid_principal_name(name: object) -> bool:
     return isinstance(name, str) and bool(_PRINCIPAL.match(name))
 
 
+#: Principals named ``x402:...`` are wallets (kvagent.payments.wallet_principal): no token may name one, or
+#: its holder could spend a wallet's deposits.
+WALLET_PREFIX = "x402:"
+
+
+def token_principal_name(name: object) -> bool:
+    """Whether a token may name ``name``: a valid principal that is not a wallet's."""
+    return valid_principal_name(name) and not str(name).startswith(WALLET_PREFIX)
+
+
 def digest(token: str) -> str:
     """The sha256 hex digest a token is stored and looked up by."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
@@ -142,8 +152,9 @@ def parse_token_file(raw: object, source: str = "tokens") -> dict[str, Principal
     for token, info in raw.items():
         if not isinstance(token, str) or len(token) < 8:
             raise ConfigError(f"{source}: tokens must be strings of at least 8 characters")
-        if not isinstance(info, dict) or not valid_principal_name(info.get("principal")):
-            raise ConfigError(f"{source}: each token needs a 'principal' of [A-Za-z0-9_.@:-]{{1,128}}")
+        if not isinstance(info, dict) or not token_principal_name(info.get("principal")):
+            raise ConfigError(f"{source}: each token needs a 'principal' of [A-Za-z0-9_.@:-]{{1,128}}, not "
+                              f"starting {WALLET_PREFIX} (wallets)")
         publish = info.get("publish", False)
         if not isinstance(publish, bool):
             raise ConfigError(f"{source}: 'publish' must be true or false")

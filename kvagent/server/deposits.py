@@ -15,9 +15,9 @@ from ..errors import IdempotencyKeyReused
 from .ledger import Ledger, Movement, Receipt
 
 #: The system account x402 deposits come from (never a principal: principal names cannot start with ``#``).
-CHAIN = "#x402"
+CHAIN = mk.CHAIN
 #: The ledger's transaction kind of a deposit.
-DEPOSIT = "deposit"
+DEPOSIT = mk.DEPOSIT
 
 
 def deposit_postings(principal: str, amount: int) -> list[mk.Posting]:

@@ -73,6 +73,7 @@ class Audit:
     transactions: dict[str, int]
     adjusted: int = 0  # net money admin adjustments added (negative: they took more out than in)
     adjustments: list[dict[str, Any]] = field(default_factory=list)  # the latest first, with who posted each
+    chain_net: int = 0  # net money in from the chain: x402 deposits less payouts
 
 
 @dataclass(frozen=True)
@@ -657,7 +658,8 @@ class Ledger:
             unbalanced.append(-1)
         negative = {a: b for a, b in balances.items() if b < 0 and a not in mk.SYSTEM_ACCOUNTS}
         return Audit(sum(balances.values()), unbalanced, negative, -balances.get(mk.MINT, 0),
-                     balances.get(mk.HOST, 0), kinds, -balances.get(mk.ADJUSTMENTS, 0), adjustments)
+                     balances.get(mk.HOST, 0), kinds, -balances.get(mk.ADJUSTMENTS, 0), adjustments,
+                     -balances.get(mk.CHAIN, 0))
 
 
 def open_ledger(meta: MetaStore, prices_file: Any = None, currency: str | None = None) -> Ledger:

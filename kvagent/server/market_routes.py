@@ -391,8 +391,8 @@ def routes(st: State) -> APIRouter:
 
     @app.get("/v1/account/statement")
     def statement(request: Request) -> dict[str, Any]:
-        p = st.principal(request)
-        return {**ledger.statement(p.name).to_json(), "balance": ledger.balance(p.name),
+        name = st.account_holder(request)  # a token's principal, or a wallet that signed for it (x402)
+        return {**ledger.statement(name).to_json(), "balance": ledger.balance(name),
                 "currency": ledger.currency}
 
     @app.get("/v1/account/disputes")

@@ -208,7 +208,7 @@ def routes(st: State) -> APIRouter:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        p = st.principal(request)
+        p = st.buyer(request)  # with x402 on, a wallet pays a priced host by PAYMENT-SIGNATURE
         req: ChatRequest
         req, digest = await _body(request, ChatRequest)
         svc = served(req.model)
@@ -256,7 +256,7 @@ def routes(st: State) -> APIRouter:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        p = st.principal(request)
+        p = st.buyer(request)
         req: CompletionRequest
         req, digest = await _body(request, CompletionRequest)
         svc = served(req.model)
@@ -546,7 +546,8 @@ class _Run:
             "id": self.id, "object": obj, "created": self.created, "model": self.host.name,
             "system_fingerprint": f"kvagent-{self.host.fingerprint[:12]}",
             "choices": [choice], "usage": self._usage(), "kvagent": self._kvagent(),
-        }, headers=market_routes.receipt_headers(self.receipt, self.given_back))  # settled: what it moved
+        }, headers={**market_routes.receipt_headers(self.receipt, self.given_back),  # settled: what it moved
+                    **market_routes.payment_headers(self.request)})
         try:  # what a repeat of this request's Idempotency-Key replays
             await finish(market_routes.keep_answer, self.st, self.receipt, self.request, bytes(answer.body))
         except Exception:  # the answer is paid for and still given; a repeat is refused (409), never served
@@ -627,4 +628,5 @@ class _Run:
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                          **market_routes.receipt_headers(self.receipt)})
+                                          **market_routes.receipt_headers(self.receipt),
+                                          **market_routes.payment_headers(self.request)})

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
-from ..errors import PaymentError, StoreError
+from ..errors import ConfigError, PaymentError, StoreError
 from ..kvcache.identity import validate_key
 from .auth import Principal, TokenTable, read_token_file
 from .blobs import BlobStore, open_blobs
@@ -93,6 +93,24 @@ class State:
                 raise ApiError(400, "payment_invalid", str(exc), extra={"reason": exc.reason}) from exc
         request.state.principal, request.state.token_id, request.state.x402_wallet = name, None, True
         return Principal(name)
+
+    def account_holder(self, request: Request) -> str:
+        """Whose account a read is of: the bearer's principal; with x402 on and no ``Authorization``, the
+        wallet that signed the request's ``X-KVAgent-Wallet-Auth`` (kvagent.payments.signin: an EIP-191
+        signature of the method, path and a time within its window)."""
+        from ..payments.signin import WALLET_AUTH_HEADER, verify
+        from ..payments.terms import wallet_principal
+
+        signed = request.headers.get(WALLET_AUTH_HEADER)
+        if self.x402 is None or request.headers.get("authorization") is not None or signed is None:
+            return self.principal(request).name
+        try:
+            address = verify(signed, request.method, request.url.path)
+        except ConfigError as exc:
+            self.metrics.auth_failures.labels("wallet").inc()
+            raise ApiError(401, "unauthorized", str(exc), {"WWW-Authenticate": "Bearer"}) from exc
+        request.state.principal, request.state.token_id = wallet_principal(address), None
+        return wallet_principal(address)
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The principal of an ``Authorization`` header value; 401 for a missing, unknown, expired or revoked

@@ -28,7 +28,7 @@ from .auth import (
     digest,
     display_prefix,
     token_id,
-    valid_principal_name,
+    token_principal_name,
     weak_tokens,
 )
 from .meta import MetaStore, PostgresMeta
@@ -152,8 +152,9 @@ class TokenStore:
         created_by: str | None = None,
     ) -> Issued:
         """A new token for ``principal`` (returned once, in clear; only its digest is stored)."""
-        if not valid_principal_name(principal):
-            raise ConfigError(f"principal must match [A-Za-z0-9_.@:-]{{1,128}}, got {principal!r}")
+        if not token_principal_name(principal):
+            raise ConfigError(f"principal must match [A-Za-z0-9_.@:-]{{1,128}} and not start x402: (a "
+                              f"wallet's), got {principal!r}")
         if expires_at is not None and expires_at <= self.clock():
             raise ConfigError("expires_at is in the past")
         with self.meta.transaction() as cur:

@@ -23,8 +23,8 @@ from .ledger import Ledger, Movement, Receipt
 
 log = logging.getLogger("kvagent.server")
 
-WITHDRAWAL = "withdrawal"
-WITHDRAWAL_REVERSED = "withdrawal_reversed"
+WITHDRAWAL = mk.WITHDRAWAL
+WITHDRAWAL_REVERSED = mk.WITHDRAWAL_REVERSED
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _ERC20 = [
     {"name": "transfer", "type": "function", "stateMutability": "nonpayable",
