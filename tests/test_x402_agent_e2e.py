@@ -2,7 +2,7 @@
 another principal published at a price. It gets a 402 with x402 requirements, pays, resumes from the
 registry's KV, and answers as a local full prefill does; the chain and the ledger move by exactly the
 price. Every refusal (underfunded wallet, price above the cap, facilitator down) prefills locally with the
-reason recorded and moves nothing."""
+reason recorded and moves nothing. The publisher then withdraws its royalty, sent on chain."""
 
 from __future__ import annotations
 
@@ -139,6 +139,15 @@ def test_x402_wallet_only_agent_buys_resumes_and_answers_as_a_full_prefill(
     a = audit(paid_host)
     assert a["host"] - commission0 == commission and a["total"] == 0 and not a["unbalanced"]
     agent.close()
+    # the publisher withdraws its royalty (`kvagent account withdraw`): sent on chain from the host's wallet
+    from kvagent import cli
+
+    dest = str(Account.create().address)
+    args = ["--registry", paid_host.url, "--token", ALICE, "account", "withdraw", str(PRICE - commission),
+            "--to", dest, "--idempotency-key", "e2e-withdraw-1", "--json"]
+    assert cli.main(args) == 0
+    assert chain.balance(dest) == PRICE - commission and balance(paid_host, ALICE) == alice0
+    assert chain.balance(host_address(chain)) - host0 == commission  # the commission stays with the host
 
 
 def _key(lm: Any, ids: list[int], tmp: Path) -> str:
