@@ -76,6 +76,29 @@ def _env_keys(_name: str, raw: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in raw.split(",") if k.strip())
 
 
+def _env_wallet(_name: str, _raw: str) -> bool:
+    """KVAGENT_WALLET_KEY is set: the wallet is that key (read when the runtime is built; never kept here)."""
+    return True
+
+
+def _env_assets(_name: str, raw: str) -> tuple[tuple[str, str], ...]:
+    return wallet_assets(raw)
+
+
+def wallet_assets(value: str | Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """``eip155:8453/0x...`` entries (a comma-separated string or a list) as (CAIP-2 network, token) pairs."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: list[tuple[str, str]] = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        network, sep, asset = item.partition("/")
+        if not sep or not network.startswith("eip155:") or not asset.startswith("0x") or len(asset) != 42:
+            raise ConfigError(f"wallet_assets: {item!r} is not NETWORK/TOKEN (e.g. eip155:8453/0x833...)")
+        out.append((network, asset))
+    return tuple(out)
+
+
 #: PolicyParams fields with their own Config option (money is integer micro-units, set in one place)
 _POLICY_MONEY = {
     "prefill_cost_micros_per_token": "KVAGENT_PREFILL_COST_PER_TOKEN",
@@ -177,6 +200,11 @@ class Config:
     prefill_cost_per_token: int = _opt(
         DEFAULT_PREFILL_MICROS_PER_TOKEN, env="KVAGENT_PREFILL_COST_PER_TOKEN", parse=_env_money
     )
+    # x402: a wallet pays a priced artifact's 402 by itself, within max_price_per_load and budget. A key
+    # file's path, or True: the key in KVAGENT_WALLET_KEY (set, it turns this on). The key is never kept here.
+    wallet: str | Path | bool | None = _opt(None, env="KVAGENT_WALLET_KEY", parse=_env_wallet)
+    # tokens the wallet may pay in beyond the x402 SDK's own (USDC): "eip155:31337/0x...", comma-separated
+    wallet_assets: tuple[tuple[str, str], ...] = _opt((), env="KVAGENT_WALLET_ASSETS", parse=_env_assets)
 
     @property
     def store_dir(self) -> Path:
@@ -232,6 +260,11 @@ class Config:
             value = getattr(self, name)
             if value is not None:
                 norm[name] = amount(value, name)
+        if not (isinstance(self.wallet_assets, tuple)
+                and all(isinstance(a, tuple) and len(a) == 2 for a in self.wallet_assets)):
+            norm["wallet_assets"] = wallet_assets(self.wallet_assets)  # type: ignore[arg-type]
+        if isinstance(self.wallet, str) or isinstance(self.wallet, os.PathLike):
+            norm["wallet"] = Path(self.wallet).expanduser()
         if self.trusted_keys is not None:
             keys = (self.trusted_keys,) if isinstance(self.trusted_keys, str) else self.trusted_keys
             norm["trusted_keys"] = tuple(str(k) for k in keys)
@@ -266,6 +299,9 @@ class Config:
             raise ConfigError(f"registry URL must start with http:// or https://, got {cfg.registry_url!r}")
         if cfg.cache_size_bytes <= 0:
             raise ConfigError("cache_size_bytes must be positive")
+        if cfg.wallet is not None and not isinstance(cfg.wallet, (bool, Path)):
+            raise ConfigError(f"wallet must be a key file's path or True (KVAGENT_WALLET_KEY), got "
+                              f"{type(cfg.wallet).__name__}")
         if cfg.publish not in PUBLISH_CHOICES:
             raise ConfigError(f"publish must be False, True, 'public' or 'restricted', got {cfg.publish!r}")
         return cfg

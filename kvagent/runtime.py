@@ -28,6 +28,7 @@ from .tiers.store import KVStore
 if TYPE_CHECKING:
     from .client.registry import RegistryClient
     from .costs.calibration import CostModel
+    from .payments.payer import Payer
 
 log = logging.getLogger("kvagent")
 
@@ -113,6 +114,7 @@ def build_runtime(
             config.registry_url or "", config.registry_token, trusted_keys=config.trusted_keys,
             retries=config.registry_attempts,
             timeout=DEFAULT_TIMEOUT if config.registry_timeout is None else config.registry_timeout,
+            payer=wallet_payer(config),
         )
     store = KVStore(config.store_dir, size_limit=config.cache_size_bytes)
     resolver = Resolver(
@@ -125,6 +127,22 @@ def build_runtime(
         resolver.on_saved = AutoPublish(registry, config.publish_visibility, policy, resolver.counters)
     return Runtime(config, loaded, engine, loaded.tokenizer, template, context, store, registry, resolver,
                    resolver.cost, policy)
+
+
+def wallet_payer(config: Config) -> Payer | None:
+    """The x402 payer of ``config.wallet`` (a key file, or True: ``KVAGENT_WALLET_KEY``), capped by
+    ``max_price_per_load`` and ``budget``; None without a wallet. Needs ``kvagent[x402]``."""
+    if config.wallet is None or config.wallet is False:
+        return None
+    from .payments import SpendCaps, load_wallet
+    from .payments.payer import Payer
+
+    wallet = load_wallet(None if config.wallet is True else config.wallet)
+    payer = Payer(wallet, SpendCaps(config.max_price_per_load, config.budget),
+                  allowed_assets=config.wallet_assets)
+    log.info("kvagent: x402 wallet %s pays priced loads (cap %s, budget %s per process, micro-units)",
+             wallet.address, config.max_price_per_load, config.budget)
+    return payer
 
 
 def _load(config: Config, model: Any, tokenizer: Any, progress: Progress | None) -> LoadedModel:

@@ -35,6 +35,8 @@ from ..engines.params import GenerationParams
 from ..errors import (
     ArtifactError,
     ArtifactIntegrityError,
+    KVAgentError,
+    PaymentError,
     RegistryAuthError,
     RegistryConflictError,
     RegistryDownloadAbandonedError,
@@ -46,6 +48,9 @@ from ..errors import (
     RegistryUnavailableError,
 )
 from ..kvcache.identity import validate_key
+from ..payments.http import settlement
+from ..payments.payer import Payer, Payment
+from ..payments.terms import PAYMENT_REQUIRED_HEADER, PAYMENT_SIGNATURE_HEADER, decode_header
 
 T = TypeVar("T")
 VISIBILITIES = ("restricted", "public")
@@ -284,6 +289,9 @@ class _Wait:
 class RegistryClient:
     """Talks to a registry. ``trusted_keys`` (hex ed25519 public keys) makes signatures mandatory.
 
+    ``payer`` (a wallet within its caps) pays a download's 402 by x402 when the price is within the call's
+    ``max_price``; a wallet-only agent needs no token to buy public priced artifacts.
+
     ``base_url`` may name several stateless nodes of one registry (a list, or one comma-separated
     string): a refused connection moves to the next node at once, and any other failed attempt is
     retried on the next node.
@@ -302,6 +310,7 @@ class RegistryClient:
         sleep: Callable[[float], None] | None = None,
         trusted_keys: Collection[str] | None = None,
         limits: art.Limits = art.DEFAULT_LIMITS,
+        payer: Payer | None = None,
     ) -> None:
         if retries < 1:
             raise ValueError("retries counts attempts and must be at least 1")
@@ -315,6 +324,7 @@ class RegistryClient:
             client.headers.update(headers)
         self.trusted_keys = frozenset(k.lower() for k in trusted_keys) if trusted_keys is not None else None
         self.limits = limits
+        self.payer = payer  # pays a priced download's x402 402 from a wallet (kvagent.payments)
         self._retry_kw: dict[str, Any] = dict(
             stop=stop_after_attempt(retries) | stop_after_delay(max_retry_seconds),
             wait=_Wait(backoff_initial, 5.0),
@@ -447,42 +457,58 @@ class RegistryClient:
         """
         pay = _payment_headers(max_price, idempotency_key)
         paid = _Paid()
+        x402 = _X402(self.payer, max_price)
         t0 = time.perf_counter()
+
+        def attempt(headers: dict[str, str], started: float) -> bytearray | httpx.Response:
+            """One GET of the blob: its bytes, or a 402 answer that the wallet may pay (read)."""
+            with self._http.stream("GET", handle.blob_url, headers=headers) as resp:
+                # a presigned object-store URL: bytes bypass the registry
+                if resp.status_code in _REDIRECTS:
+                    resp.read()
+                    paid.note(resp)
+                    x402.served(resp)
+                    req = self._http.build_request("GET", _presigned_location(resp))
+                    # the bearer token never goes to the object store
+                    req.headers.pop("authorization", None)
+                    obj = self._http.send(req, stream=True)
+                    try:
+                        # expired or refused: the next attempt asks for a fresh URL
+                        if obj.status_code != 200:
+                            obj.read()
+                            raise RegistryUnavailableError(
+                                f"object store answered HTTP {obj.status_code} for {handle.key[:16]}…"
+                            )
+                        return _read_blob(obj, handle, give_up, started)
+                    finally:
+                        obj.close()
+                if resp.status_code != 200:
+                    resp.read()
+                    if x402.payable(resp):
+                        return resp
+                    raise x402.refused(resp) or _error_for(resp, "download")
+                paid.note(resp)
+                x402.served(resp)
+                return _read_blob(resp, handle, give_up, started)
 
         def once() -> bytearray:
             started = time.perf_counter()  # give_up judges this attempt's speed, not earlier attempts'
             try:
-                with self._http.stream("GET", handle.blob_url, headers=pay) as resp:
-                    # a presigned object-store URL: bytes bypass the registry
-                    if resp.status_code in _REDIRECTS:
-                        resp.read()
-                        paid.note(resp)
-                        req = self._http.build_request("GET", _presigned_location(resp))
-                        # the bearer token never goes to the object store
-                        req.headers.pop("authorization", None)
-                        obj = self._http.send(req, stream=True)
-                        try:
-                            # expired or refused: the next attempt asks for a fresh URL
-                            if obj.status_code != 200:
-                                obj.read()
-                                raise RegistryUnavailableError(
-                                    f"object store answered HTTP {obj.status_code} for {handle.key[:16]}…"
-                                )
-                            return _read_blob(obj, handle, give_up, started)
-                        finally:
-                            obj.close()
-                    if resp.status_code != 200:
-                        resp.read()
-                        raise _error_for(resp, "download")
-                    paid.note(resp)
-                    return _read_blob(resp, handle, give_up, started)
+                got = attempt(x402.headers(pay), started)
+                if isinstance(got, httpx.Response):  # a 402 the wallet pays: once, then the same signature
+                    x402.pay(got)
+                    got = attempt(x402.headers(pay), started)
+                    if isinstance(got, httpx.Response):
+                        raise _error_for(got, "download")
+                return got
             except httpx.TransportError as exc:
                 raise RegistryUnavailableError(
                     f"download of {handle.key[:16]}… failed: {type(exc).__name__}: {exc}"
                 ) from exc
 
         data = self._retrying(once)
-        return Download(data, time.perf_counter() - t0, paid.charge, paid.receipt)
+        charge = paid.charge if paid.charge or not x402.settled else x402.settled
+        return Download(data, time.perf_counter() - t0, charge, paid.receipt)
 
     def download_verified(
         self, handle: Handle, expect: art.Expectation, *, max_price: int | None = None,
@@ -681,6 +707,76 @@ class _Paid:
         charged = resp.headers.get("x-kvagent-charged", "0")
         if charged.isdigit() and resp.headers.get("x-kvagent-replayed") != "1":
             self.charge += int(charged)
+
+
+class _X402:
+    """One download's x402 payment: signed at most once, from the first 402 that carries requirements, and
+    sent again unchanged on every later attempt (the host settles one signature once, so a retry never pays
+    twice). What was settled comes back in ``PAYMENT-RESPONSE``."""
+
+    def __init__(self, payer: Payer | None, limit: int | None) -> None:
+        self.payer, self.limit = payer, limit
+        self.payment: Payment | None = None
+        self.settled = 0  # token units (= micro-units) the host settled for this download
+
+    def headers(self, base: dict[str, str]) -> dict[str, str]:
+        return base if self.payment is None else {**base, PAYMENT_SIGNATURE_HEADER: self.payment.header}
+
+    def payable(self, resp: httpx.Response) -> bool:
+        """A 402 with x402 requirements, and a wallet that has not paid this download yet."""
+        return (resp.status_code == 402 and self.payer is not None and self.payment is None
+                and PAYMENT_REQUIRED_HEADER in resp.headers)
+
+    def pay(self, resp: httpx.Response) -> None:
+        """Sign a payment for a 402 (never retried: RegistryPaymentRequiredError when the caps refuse)."""
+        assert self.payer is not None
+        try:
+            self.payment = self.payer.pay(resp.headers[PAYMENT_REQUIRED_HEADER], self.limit)
+        except PaymentError as exc:
+            quote = {**_quote(resp), "x402": f"not paid: {exc.reason or 'declined'} ({exc})"}
+            raise RegistryPaymentRequiredError(f"registry download needs a payment this agent refused: {exc}",
+                                               quote) from exc
+
+    def served(self, resp: httpx.Response) -> None:
+        if self.payment is not None and settlement(resp) is not None:
+            self.settled = self.payment.amount
+
+    def refused(self, resp: httpx.Response) -> RegistryError | None:
+        """After a payment was sent: the host refused it (402) or could not settle it (503
+        ``payment_unavailable``): nothing moved, the budget gets it back, and the download is not retried."""
+        if self.payment is None or self.payer is None:
+            return None
+        code = _error_code(resp)
+        if resp.status_code == 402 or (resp.status_code == 503 and code.startswith("payment")):
+            self.payer.unsettled(self.payment)
+            why = _x402_error(resp) or code or f"HTTP {resp.status_code}"
+            amount, self.payment = self.payment.amount, None
+            base = _error_for(resp, "download")
+            quote = {**_quote(resp), "x402": f"paid {amount} but not taken: {why}"}
+            msg = f"{base} (x402 payment of {amount} not settled: {why})"
+            return RegistryPaymentRequiredError(msg, quote)
+        return None
+
+
+def _error_code(resp: httpx.Response) -> str:
+    try:
+        body = json.loads(resp.content[:4096]) if resp.content else None
+    except (ValueError, RecursionError, httpx.ResponseNotRead):
+        return ""
+    code = body.get("error") if isinstance(body, Mapping) else None
+    return code if isinstance(code, str) else ""
+
+
+def _x402_error(resp: httpx.Response) -> str:
+    """The ``error`` of a 402's ``PAYMENT-REQUIRED`` header (why a payment was refused), if any."""
+    raw = resp.headers.get(PAYMENT_REQUIRED_HEADER)
+    if raw is None:
+        return ""
+    try:
+        err = decode_header(raw).get("error")
+    except KVAgentError:
+        return ""
+    return str(err)[:200] if err else ""
 
 
 class GenerationStream:

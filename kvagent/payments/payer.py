@@ -46,9 +46,10 @@ class Payer:
         self._client.register("eip155:*", exact.ExactEvmScheme(wallet.signer()))
         self._lock = threading.Lock()
 
-    def pay(self, payment_required_header: str) -> Payment:
+    def pay(self, payment_required_header: str, limit: int | None = None) -> Payment:
         """Sign a payment for a ``PAYMENT-REQUIRED`` header; :class:`PaymentDeclined` (nothing signed, nothing
-        reserved) when no offer fits the caps or none is payable."""
+        reserved) when no offer fits the caps (or ``limit``, the caller's own cap for this one) or none is
+        payable."""
         schemas = sdk.require("x402.schemas")
         try:
             pr = schemas.PaymentRequired.model_validate(decode_header(payment_required_header))
@@ -59,6 +60,8 @@ class Payer:
             raise PaymentDeclined("no exact-scheme offer in the 402 answer", "no_offer")
         offer = min(offers, key=lambda r: int(r.amount))
         amount = int(offer.amount)
+        if limit is not None and amount > limit:
+            raise PaymentDeclined(f"{amount} is above this load's limit of {limit}", "price_above_cap")
         why = self.caps.reserve(amount)
         if why:
             raise PaymentDeclined(f"{amount} is above this agent's {why.replace('_', ' ')}", why)

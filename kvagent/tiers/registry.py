@@ -294,11 +294,13 @@ class RegistryTier:
             return RegistryAnswer(None, f"{exc}; prefilling locally")
         except RegistryPaymentRequiredError as exc:
             q = exc.quote
-            return RegistryAnswer(
-                None,
-                f"not bought: {q.get('reason', 'refused')} (price {q.get('price')} "
-                f"{q.get('currency')}, balance {q.get('balance')}); prefilling locally",
+            x402 = f"; x402 {q['x402']}" if q.get("x402") else ""
+            reason = (
+                f"not bought: {q.get('reason', 'refused')} (price {q.get('price', handle.price)} "
+                f"{q.get('currency', handle.currency)}, balance {q.get('balance')}){x402}; prefilling locally"
             )
+            log.warning("kvagent: %s…: %s", handle.key[:16], reason)
+            return RegistryAnswer(None, reason)
         except (RegistryError, ArtifactError) as exc:
             if self.cost is not None and source.remote and isinstance(exc, RegistryUnavailableError):
                 self.cost.record_failure(source.label, f"{type(exc).__name__}: {exc}")

@@ -69,3 +69,14 @@ def test_timeout_and_max_retries_configure_the_registry_client(cls, tmp_path) ->
     assert cls(cache_dir=str(tmp_path)).kv_config().registry_attempts == Config().registry_attempts
     with pytest.raises(ValueError, match="registry_attempts"):
         cls(registry_url=R, max_retries=-1).kv_config()
+
+
+@pytest.mark.parametrize("cls", [ChatKVAgent, KVAgentLLM])
+def test_x402_wallet_caps_reach_the_config(cls, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A wallet (a key file's path: never the key) and its caps are Config options like any other."""
+    key = tmp_path / "wallet.key"
+    m = cls(registry_url=R, cache_dir=str(tmp_path), wallet=str(key), max_price_per_load=2000, budget=9000,
+            wallet_assets="eip155:31337/0x" + "ab" * 20)
+    cfg = m.kv_config()
+    assert (cfg.wallet, cfg.max_price_per_load, cfg.budget) == (key, 2000, 9000)
+    assert cfg.wallet_assets == (("eip155:31337", "0x" + "ab" * 20),) and cfg.registry_token is None

@@ -155,3 +155,14 @@ def test_engines_default_keeps_engines_apart_in_half_precision_only() -> None:
     assert engine_policy(None, "float32") == "any"
     assert engine_policy(None, "bfloat16") == engine_policy(None, "float16") == "same"
     assert engine_policy("any", "bfloat16") == "any" and engine_policy("same", "float32") == "same"
+
+
+def test_x402_wallet_is_a_key_file_or_the_environment() -> None:
+    assets = "eip155:31337/0x" + "ab" * 20
+    s = ConnectorSettings.from_extra({"registry_url": "http://a:1", "wallet": "/keys/w.key",
+                                      "max_price_per_load": 9, "wallet_assets": assets})
+    assert (s.wallet, s.max_price_per_load, s.wallet_assets) == ("/keys/w.key", 9, assets)
+    assert ConnectorSettings.from_extra({"wallet": True}).wallet is True
+    for bad in ({"wallet": 3}, {"wallet_assets": ["eip155:1/0x00"]}):
+        with pytest.raises(ConfigError):
+            ConnectorSettings.from_extra(bad)

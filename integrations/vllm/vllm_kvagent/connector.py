@@ -161,6 +161,8 @@ class KVAgentConnector(KVConnectorBase_V1):
             verify=s.verify,
             max_price_per_load=s.max_price_per_load,
             budget=s.budget,
+            wallet=s.wallet,
+            wallet_assets=s.wallet_assets,
             memory_slots=0,
             dtype=dtype,
             calibration=None if s.calibration else False,

@@ -90,6 +90,8 @@ def connector_extra(ctx: EngineContext) -> dict[str, Any]:
         "token": cfg.registry_token,
         "max_price_per_load": cfg.max_price_per_load,
         "budget": cfg.budget,
+        "wallet": cfg.wallet if cfg.wallet is None or isinstance(cfg.wallet, bool) else str(cfg.wallet),
+        "wallet_assets": ",".join(f"{n}/{a}" for n, a in cfg.wallet_assets) or None,
     }
     extra = {k: v for k, v in extra.items() if v is not None}
     extra.update(_json_object(CONNECTOR_ENV))

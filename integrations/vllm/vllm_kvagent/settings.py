@@ -23,6 +23,9 @@ class ConnectorSettings:
     ``publish``: "none", "restricted" or "public" for the KV of prompts vLLM computed (unsalted ones only);
     ``price``: what a load of a published artifact costs buyers (integer micro-units; None: free);
     ``max_price_per_load`` / ``budget``: what this server may pay for artifacts (micro-units; None: no limit);
+    ``wallet``: an x402 wallet's key file (or true: ``KVAGENT_WALLET_KEY``) that pays priced artifacts within
+    ``max_price_per_load`` and ``budget`` (no token needed for public ones); ``wallet_assets``: tokens it may
+    pay in beyond USDC ("eip155:8453/0x...", comma-separated);
     ``verify``: "none", "sample" or "full" check of registry artifacts against their tokens;
     ``min_save_tokens``: save a prompt's KV when vLLM computed at least this many of its tokens;
     ``engines``: "any" reuses KV whatever engine computed it, "same" only KV that this vLLM version computed;
@@ -47,6 +50,8 @@ class ConnectorSettings:
     price: int | None = None
     max_price_per_load: int | None = None
     budget: int | None = None
+    wallet: str | bool | None = None
+    wallet_assets: str | None = None
     verify: str | None = None
     min_save_tokens: int = 256
     engines: str | None = None
@@ -69,7 +74,11 @@ class ConnectorSettings:
         url = extra.get("registry_url")
         if isinstance(url, (list, tuple)):
             extra["registry_url"] = ",".join(str(u) for u in url) or None
-        for name in ("model", "cache_dir", "registry_url", "token", "publisher", "salted_reads"):
+        if extra.get("wallet") is not None and not isinstance(extra["wallet"], (str, bool)):
+            raise ConfigError("kv_connector_extra_config['wallet'] must be a key file's path or true")
+        strings = ("model", "cache_dir", "registry_url", "token", "publisher", "salted_reads",
+                   "wallet_assets")
+        for name in strings:
             if extra.get(name) is not None and not isinstance(extra[name], str):
                 raise ConfigError(
                     f"kv_connector_extra_config[{name!r}] must be a string, got {type(extra[name]).__name__}"
