@@ -407,16 +407,16 @@ def test_a_tail_in_a_batched_forward_is_bitwise_its_own_forward(
     mask) gives exactly the logits of a plain forward (transformers' SDPA wrapper; after a prefix repeated
     K/V heads and a boolean mask): after a prefix, from nothing, one token; on SmolLM2 too (grouped-query
     attention, 9 heads over 3)."""
-    import kvagent.engines.batch as batched
+    import kvagent.engines.attention as attention
 
     direct: list[bool] = []
-    real = batched._direct_sdpa
+    real = attention._direct_sdpa
 
     def spy(*args: Any) -> bool:
         direct.append(real(*args))
         return direct[-1]
 
-    monkeypatch.setattr(batched, "_direct_sdpa", spy)
+    monkeypatch.setattr(attention, "_direct_sdpa", spy)
     for model in (tiny_model(arch), embedded.model):
         engine = TransformersEngine(model)
         batch = TransformersBatchEngine(engine)
