@@ -242,6 +242,28 @@ class TransformersBatchEngine:
         self._shares = False  # whether sequences resuming from one prefix read it in place (probed)
         self._probe_lock = threading.Lock()
 
+    @classmethod
+    def shared(
+        cls,
+        engine: TransformersEngine,
+        tokenizer: Any = None,
+        max_batch: int = 8,
+        prefill_chunk: int | None = None,
+    ) -> TransformersBatchEngine:
+        """``engine``'s batching front, made on first use and shared by every later caller (it is kept as
+        ``engine.batch_front``); ``tokenizer`` serves stop strings; ``prefill_chunk``: prompt-tail tokens
+        prefilled per batched step (None: the default). A later caller's ``max_batch`` and ``prefill_chunk``
+        do not change the shared one."""
+        with engine.lock:
+            front = engine.batch_front
+            if not isinstance(front, TransformersBatchEngine):
+                front = cls(engine, max_batch=max_batch, tokenizer=tokenizer,
+                            prefill_chunk=prefill_chunk or PREFILL_CHUNK)
+                engine.batch_front = front
+            elif tokenizer is not None and front.tokenizer is None:
+                front.tokenizer = tokenizer
+            return front
+
     # -- the interface ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink) -> _Handle:
         if not request.prompt_ids:
