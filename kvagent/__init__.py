@@ -53,7 +53,8 @@ from .errors import (
 from .kvcache.identity import FORMAT_VERSION, KeyContext, block_hashes, document_key, salted
 from .kvcache.prefix import shared_prefix
 from .kvcache.tensors import KVCache, KVLayout
-from .reuse.info import CacheInfo
+from .modes import AskMode, Publish, Verify
+from .reuse.info import CacheInfo, CacheStatus
 from .reuse.resolver import ClientSource, KVMemory, Resolution, Resolver, ResolverSettings
 from .runtime import Runtime, build_runtime
 from .tiers.store import KVStore
@@ -107,8 +108,10 @@ __all__ = [
     "ArtifactIntegrityError",
     "ArtifactMismatchError",
     "ArtifactTooLargeError",
+    "AskMode",
     "BatchObserver",
     "CacheInfo",
+    "CacheStatus",
     "Cached",
     "Cancel",
     "ClientSource",
@@ -140,6 +143,7 @@ __all__ = [
     "Parsed",
     "PolicyParams",
     "PromptTurns",
+    "Publish",
     "RegistryClient",
     "RegistryError",
     "RegistrySource",
@@ -159,6 +163,7 @@ __all__ = [
     "Turn",
     "UnsupportedModelError",
     "Usage",
+    "Verify",
     "VerifyReport",
     "__version__",
     "block_hashes",

@@ -33,7 +33,8 @@ from .errors import (
 from .kvcache.identity import token_tuple
 from .kvcache.tensors import KVCache
 from .models import LoadedModel
-from .reuse.info import CacheInfo
+from .modes import AskMode
+from .reuse.info import CacheInfo, CacheStatus
 from .reuse.resolver import Resolution
 from .runtime import Progress, Runtime, build_runtime
 
@@ -222,8 +223,9 @@ class KVAgent:
     def ask(self, handle: DocumentHandle, question: str, *, mode: str = "auto", **gen: Any) -> Answer:
         """Answer ``question`` about a read document, resuming from its cached KV.
 
-        ``mode``: "local" always decodes here; "remote" asks the registry to generate from its copy;
-        "auto" lets the policy choose. Registry failures fall back to local decoding.
+        ``mode`` (an :class:`~kvagent.modes.AskMode` or its string): "local" always decodes here; "remote"
+        asks the registry to generate from its copy; "auto" lets the policy choose. Registry failures fall
+        back to local decoding.
         """
         pieces: list[int] = []
         t0 = time.perf_counter()
@@ -269,8 +271,7 @@ class KVAgent:
     def _run(self, handle: DocumentHandle, suffix: list[int], params: GenerationParams, mode: str) -> _Run:
         """Where the answer's tokens will come from: the local engine, or the registry (with local
         fallback)."""
-        if mode not in ("auto", "local", "remote"):
-            raise ConfigError(f"mode must be 'auto', 'local' or 'remote', got {mode!r}")
+        mode = AskMode.of(mode, "mode")
         if self.registry is None or mode == "local":
             res = self._resolve(handle.token_ids)
             return _Run(self, handle, suffix, params, res.kv, res.info)
@@ -285,14 +286,16 @@ class KVAgent:
                 if found is not None:
                     self._remote[handle.key] = found
             if handle.key in self._remote:
-                info = CacheInfo("remote-generate", "mode='remote': the registry generates from its copy",
+                info = CacheInfo(CacheStatus.REMOTE_GENERATE,
+                                 "mode='remote': the registry generates from its copy",
                                  handle.n_tokens, 0, source="registry")
                 return _Run(self, handle, suffix, params, None, info)
             log.warning(
                 "mode='remote' but the registry has no artifact %s…; answering locally", handle.key[:16]
             )
             if local is not None:
-                info = CacheInfo("memory", "in this process's memory", handle.n_tokens, 0, source="memory")
+                info = CacheInfo(CacheStatus.MEMORY, "in this process's memory", handle.n_tokens, 0,
+                                 source="memory")
                 return _Run(self, handle, suffix, params, local, info)
         res = self._resolve(handle.token_ids, remote_generate=mode == "auto" and self._remote_generate_ok)
         if res.remote is not None:

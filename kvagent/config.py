@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from .costs.market import DEFAULT_PREFILL_MICROS_PER_TOKEN
 from .errors import ConfigError
+from .modes import Publish, Verify
 
 if TYPE_CHECKING:
     from .costs.policy import PolicyParams
 
 DEFAULT_MODEL = "smollm2"
-PUBLISH_CHOICES = (False, True, "public", "restricted")
+#: what ``publish`` takes: a :class:`~kvagent.modes.Publish` or its string, or the older False / True
+PUBLISH_CHOICES = (False, True, *Publish.choices())
 #: other spellings accepted for an option (``KVAgent(token=...)`` as ``RegistryClient(url, token)`` has it)
 ALIASES = {"token": "registry_token"}
 
@@ -178,7 +180,7 @@ class Config:
     # forwards before it serves (about 2 s), so its first decisions are not made on assumed constants
     calibrate_at_start: bool = _opt(True, env="KVAGENT_CALIBRATE_AT_START", parse=_env_bool)
     # checking what comes from elsewhere
-    verify: str = _opt("sample", env="KVAGENT_VERIFY")
+    verify: Verify = _opt(Verify.SAMPLE, env="KVAGENT_VERIFY")  # "none", "sample" or "full"
     verify_probes: int = _opt(64, env="KVAGENT_VERIFY_PROBES", parse=_env_int)
     trusted_keys: tuple[str, ...] | None = _opt(None, env="KVAGENT_TRUSTED_KEYS", parse=_env_keys)
     # the registry
@@ -190,8 +192,8 @@ class Config:
     # tries per registry request
     registry_attempts: int = _opt(3, env="KVAGENT_REGISTRY_ATTEMPTS", parse=_env_int)
     publisher: str | None = _opt(None, env="KVAGENT_PUBLISHER")
-    # publish what is computed: True ("restricted"), "public" or "restricted"
-    publish: bool | str = _opt(False)
+    # publish what is computed: "none", "restricted" or "public" (a Publish; False: none, True: restricted)
+    publish: Publish = _opt(Publish.NONE)
     # the cost policy's settings (None: kvagent.costs.policy's defaults)
     policy: PolicyParams | None = _opt(None, env="KVAGENT_POLICY", parse=_env_policy)
     # money, integer micro-units: None = no limit
@@ -213,7 +215,7 @@ class Config:
     @property
     def publish_visibility(self) -> str | None:
         """The visibility computed KVs are published with, or None when they are not published."""
-        return "restricted" if self.publish is True else (self.publish or None)
+        return Publish.of(self.publish).visibility
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -276,9 +278,9 @@ class Config:
             "none",
         ):
             norm["calibration"] = False
+        norm["verify"] = Verify.of(self.verify, "verify")
+        norm["publish"] = Publish.of(self.publish, "publish")
         cfg = replace(self, **norm)
-        if cfg.verify not in ("none", "sample", "full"):
-            raise ConfigError(f"verify must be none, sample or full, got {cfg.verify!r}")
         if cfg.verify_probes < 0:
             raise ConfigError(f"verify_probes must be >= 0, got {cfg.verify_probes}")
         if cfg.codec not in ARTIFACT_CODECS:
@@ -302,8 +304,6 @@ class Config:
         if cfg.wallet is not None and not isinstance(cfg.wallet, (bool, Path)):
             raise ConfigError(f"wallet must be a key file's path or True (KVAGENT_WALLET_KEY), got "
                               f"{type(cfg.wallet).__name__}")
-        if cfg.publish not in PUBLISH_CHOICES:
-            raise ConfigError(f"publish must be False, True, 'public' or 'restricted', got {cfg.publish!r}")
         return cfg
 
 

@@ -20,7 +20,7 @@ from kvagent.engines import (
     TransformersBatchEngine,
     events,
 )
-from kvagent.engines.batch import _Handle, _Part, _Seq
+from kvagent.engines.batch import PREFILL_CHUNK, _Handle, _Part, _Seq
 from kvagent.engines.hf import TransformersEngine
 from kvagent.engines.params import GenerationParams
 from kvagent.errors import EngineError
@@ -96,6 +96,31 @@ def test_concurrent_requests_decode_together_and_each_equals_its_own_decode(
     assert got[0][1].usage.cached_tokens == len(doc) and got[0][1].usage.completion_tokens == 8
     assert max(steps.sizes) > 1, "the requests never decoded together"
     batch.close()
+
+
+def test_an_engine_has_one_shared_batching_front_which_the_transformers_factory_gives(
+    llama: TransformersEngine,
+) -> None:
+    """``TransformersBatchEngine.shared``: made on first use with the first caller's bounds, then the same
+    object for every caller (the server's factory and LangChain's runner batch together); a tokenizer given
+    later fills in a missing one. Built by the batch module, so the transformers engine does not import it."""
+    from types import SimpleNamespace
+
+    from kvagent.engines.plugins import EngineContext, transformers_engine
+
+    front = TransformersBatchEngine.shared(llama, max_batch=3, prefill_chunk=16)
+    assert (front.max_batch, front.prefill_chunk, front.tokenizer) == (3, 16, None)
+    assert llama.batch_front is front
+    tok = object()
+    assert TransformersBatchEngine.shared(llama, tok, max_batch=9) is front
+    assert (front.max_batch, front.tokenizer) == (3, tok)
+    runtime: Any = SimpleNamespace(engine=llama, tokenizer=None)
+    assert transformers_engine(EngineContext(runtime, None, 5)) is front
+    assert front.tokenizer is tok
+    fresh = TransformersBatchEngine.shared(TransformersEngine(llama.model), max_batch=2)
+    assert fresh is not front and fresh.prefill_chunk == PREFILL_CHUNK and fresh.max_batch == 2
+    front.close()
+    fresh.close()
 
 
 def test_a_batch_of_one_is_bitwise_the_single_sequence_decode(llama: TransformersEngine) -> None:
@@ -407,16 +432,16 @@ def test_a_tail_in_a_batched_forward_is_bitwise_its_own_forward(
     mask) gives exactly the logits of a plain forward (transformers' SDPA wrapper; after a prefix repeated
     K/V heads and a boolean mask): after a prefix, from nothing, one token; on SmolLM2 too (grouped-query
     attention, 9 heads over 3)."""
-    import kvagent.engines.batch as batched
+    import kvagent.engines.attention as attention
 
     direct: list[bool] = []
-    real = batched._direct_sdpa
+    real = attention._direct_sdpa
 
     def spy(*args: Any) -> bool:
         direct.append(real(*args))
         return direct[-1]
 
-    monkeypatch.setattr(batched, "_direct_sdpa", spy)
+    monkeypatch.setattr(attention, "_direct_sdpa", spy)
     for model in (tiny_model(arch), embedded.model):
         engine = TransformersEngine(model)
         batch = TransformersBatchEngine(engine)

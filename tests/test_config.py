@@ -110,3 +110,29 @@ def test_the_policy_is_one_variable_of_key_value_pairs(monkeypatch: pytest.Monke
         monkeypatch.setenv("KVAGENT_POLICY", raw)
         with pytest.raises(ConfigError, match=message):
             Config.from_env(cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("given", "publish", "visibility"), [
+    (False, "none", None), ("none", "none", None), (True, "restricted", "restricted"),
+    ("restricted", "restricted", "restricted"), ("public", "public", "public"),
+])
+def test_publish_has_one_typed_spelling_and_takes_the_old_ones(tmp_path, given, publish, visibility) -> None:
+    """``publish`` is a Publish (none / restricted / public, as the vLLM connector spells it); False and True
+    still mean none and restricted, as before."""
+    from kvagent import Publish
+
+    c = Config.from_env(cache_dir=tmp_path, publish=given)
+    assert isinstance(c.publish, Publish) and c.publish == publish and c.publish_visibility == visibility
+    assert Config.from_env(cache_dir=tmp_path).publish is Publish.NONE
+    assert c.with_options(publish=Publish.PUBLIC).publish_visibility == "public"
+
+
+def test_verify_is_typed_and_still_a_string(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from kvagent import Verify
+
+    monkeypatch.setenv("KVAGENT_VERIFY", "full")
+    c = Config.from_env(cache_dir=tmp_path)
+    assert c.verify is Verify.FULL and c.verify == "full" and f"{c.verify}" == "full"
+    assert Config.from_env(cache_dir=tmp_path, verify=Verify.NONE).verify is Verify.NONE
+    with pytest.raises(ConfigError, match=r"verify must be one of \['none', 'sample', 'full'\]"):
+        Config.from_env(cache_dir=tmp_path, verify=True)

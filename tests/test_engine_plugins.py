@@ -100,12 +100,39 @@ def test_a_whole_prompt_engine_gets_the_whole_prompt_in_its_namespace() -> None:
     assert isinstance(evs[0], Cached) and evs[0].info.status == "engine"
     finish = evs[-1]
     assert isinstance(finish, Finish)
+    assert not evs[0].info.hit  # nothing known reused before the engine's Finish
     info = settled(evs[0].info, finish.usage)
     assert (info.cached_tokens, info.prefilled_tokens, info.source) == (10, 10, "engine")
+    assert info.hit  # the engine's own prefix reuse is a hit
+    assert not settled(evs[0].info, Usage(20, 0, 1)).hit  # the engine found nothing: not a hit
     # the reference (no reuse): a namespace of its own, never the caller's
     ref = turns.prepare(list(range(10, 30)), params, namespace="ns-alice", reuse=False)
     assert ref.request.namespace not in (None, "ns-alice") and ref.info.status == "disabled"
     assert settled(ref.info, finish.usage) is ref.info
+    assert not ref.info.hit
+
+
+def test_cache_status_is_typed_and_still_a_string() -> None:
+    """Every status a read reports is a CacheStatus member that compares, hashes, prints and is written to
+    JSON as its string; a string given is taken as its member, an unknown one refused; the docstring names
+    them all."""
+    import json
+    from dataclasses import asdict
+
+    from kvagent import CacheInfo, CacheStatus
+
+    assert [s.value for s in CacheStatus] == [
+        "memory", "local", "prefix", "remote", "remote-generate", "engine", "prefill", "disabled"]
+    info = CacheInfo("prefix", "a cached prefix", 64, 3)  # type: ignore[arg-type]
+    assert info.status is CacheStatus.PREFIX and info.status == "prefix" and info.hit
+    assert f"{info.status}" == str(info.status) == "prefix" and {"prefix": 1}[info.status] == 1
+    assert json.loads(json.dumps(asdict(info)))["status"] == "prefix"
+    hits = {s for s in CacheStatus if CacheInfo(s, "", 5, 0).hit}
+    assert hits == {"memory", "local", "prefix", "remote", "remote-generate", "engine"}
+    assert not CacheInfo(CacheStatus.ENGINE, "", 0, 5).hit
+    with pytest.raises(ValueError):
+        CacheInfo("hit", "", 1, 0)  # type: ignore[arg-type]
+    assert all(f'"{s.value}"' in (CacheInfo.__doc__ or "") + (CacheStatus.__doc__ or "") for s in CacheStatus)
 
 
 def test_a_whole_prompt_engine_gets_the_published_kv_its_caller_may_read() -> None:

@@ -1,9 +1,9 @@
 """Sequences of the batching engine that resume from one prefix read it in place, attended to together
-(kvagent.engines.batch: ``_Segment``, ``_cascade``): each reply still equals greedy decoding from a
-full prefill of its own ids; a segment is shared by what its KV is (its source), never by token ids: a
-published artifact's bytes across principals, private KV only in its namespace, equal ids with other K/V
-never; a prefix shorter or longer than the shared one shares what both name; a member that leaves does not
-change the others."""
+(kvagent.engines.batch: ``_Segment``; kvagent.engines.attention: ``_cascade``): each reply still equals
+greedy decoding from a full prefill of its own ids; a segment is shared by what its KV is (its source),
+never by token ids: a published artifact's bytes across principals, private KV only in its namespace,
+equal ids with other K/V never; a prefix shorter or longer than the shared one shares what both name; a
+member that leaves does not change the others."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+import kvagent.engines.attention as attention
 import kvagent.engines.batch as batched
 from kvagent.engines import GenerationRequest, TransformersBatchEngine, events
 from kvagent.engines.hf import TransformersEngine
@@ -31,7 +32,7 @@ class Spy:
         self.groups: list[int] = []
         self.admitted: list[tuple[int | None, int, int]] = []  # (segment id, seg_n, base) per sequence
         self.prefixes: list[int] = []  # the prefix length of each, in the same order
-        real_cascade, real_buffers = batched._cascade, batched.TransformersBatchEngine._buffers
+        real_cascade, real_buffers = attention._cascade, batched.TransformersBatchEngine._buffers
 
         def cascade(query: Any, out: Any, rows: Any, members: Any, *args: Any) -> None:
             self.groups.append(len(members))
@@ -43,7 +44,7 @@ class Spy:
             self.admitted.append((None if seg is None else id(seg), seq.seg_n, seq.base))
             self.prefixes.append(seq.request.prefix.n_tokens if seq.request.prefix is not None else 0)
 
-        monkeypatch.setattr(batched, "_cascade", cascade)
+        monkeypatch.setattr(attention, "_cascade", cascade)
         monkeypatch.setattr(batched.TransformersBatchEngine, "_buffers", buffers)
 
     def ready(self, batch: TransformersBatchEngine) -> TransformersBatchEngine:
@@ -317,17 +318,17 @@ def test_the_shared_attention_matches_one_call_over_the_whole_kv(consecutive: bo
     for n, length in own:
         k, v = torch.randn(1, kv_heads, length, dim), torch.randn(1, kv_heads, length, dim)
         start = seg_n + length - n
-        mask = batched._own_mask(start, n, seg_n, query.dtype, query.device)
+        mask = attention._own_mask(start, n, seg_n, query.dtype, query.device)
         members.append((n, k, v, None if mask is None else mask.repeat(rep, 1)))
         full_k, full_v = torch.cat([seg_k, k], dim=2), torch.cat([seg_v, v], dim=2)
         refs.append(torch.nn.functional.scaled_dot_product_attention(
             query[:, :, off : off + n], full_k, full_v,
-            attn_mask=batched._tail_mask(start, n, query.dtype, query.device), enable_gqa=True,
+            attn_mask=attention._tail_mask(start, n, query.dtype, query.device), enable_gqa=True,
         ).transpose(1, 2))
         rows.extend(range(off, off + n))
         off += n + gap
     at: Any = slice(0, len(rows)) if consecutive else torch.tensor(rows)
-    batched._cascade(query, out, at, members, seg_k, seg_v, None)
+    attention._cascade(query, out, at, members, seg_k, seg_v, None)
     torch.testing.assert_close(out[:, rows], torch.cat(refs, dim=1), rtol=1e-5, atol=1e-5)
     if not consecutive:
         assert torch.equal(out[0, 1], torch.full((heads, dim), 7.0))

@@ -45,7 +45,7 @@ from ..engines.base import (
 )
 from ..engines.params import GenerationParams
 from ..engines.textstream import TextStream
-from ..reuse.info import CacheInfo
+from ..reuse.info import CacheInfo, CacheStatus
 from ..reuse.resolver import MAX_TAIL, Resolver
 
 log = logging.getLogger("kvagent")
@@ -143,7 +143,7 @@ class PromptTurns:
             return self._whole(ids, params, stops, namespace, reuse, resolve.get("registry"))
         if not reuse or len(ids) == 1:
             reason = "KV reuse disabled: full prefill" if not reuse else "one-token prompt"
-            info = CacheInfo("disabled" if not reuse else "prefill", reason, 0, len(ids))
+            info = CacheInfo(CacheStatus.DISABLED if not reuse else CacheStatus.PREFILL, reason, 0, len(ids))
             request = GenerationRequest(tuple(ids), None, params, tuple(stops), namespace=namespace)
             return Turn(ids, request, info)
         if min_save_tokens is not None:
@@ -261,7 +261,7 @@ class PromptTurns:
         if not reuse:  # a namespace nothing else uses: the engine computes the whole prompt (the reference)
             namespace, registry = "full-prefill-" + secrets.token_hex(16), None
         reason = "the engine resolves the prompt's KV itself (kvagent's resolver behind its connector)"
-        info = CacheInfo("engine" if reuse else "disabled", reason, 0, len(ids))
+        info = CacheInfo(CacheStatus.ENGINE if reuse else CacheStatus.DISABLED, reason, 0, len(ids))
         request = GenerationRequest(
             tuple(ids), None, params, tuple(stops), namespace=namespace, registry=registry
         )

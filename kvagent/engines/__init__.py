@@ -1,7 +1,7 @@
 """Engines behind one interface (:mod:`.base`): decoding settings (:mod:`.params`), the transformers engine
-(:mod:`.hf`), the engine with continuous batching (:mod:`.batch`), the text stream they decode into
-(:mod:`.textstream`) and engines by name (:mod:`.plugins`). The prompt-turn core every front door uses is
-:mod:`kvagent.chat.turn`."""
+(:mod:`.hf`), the engine with continuous batching (:mod:`.batch`; its attention kernel :mod:`.attention`,
+its batchability probes :mod:`.probe`), the text stream they decode into (:mod:`.textstream`) and engines
+by name (:mod:`.plugins`). The prompt-turn core every front door uses is :mod:`kvagent.chat.turn`."""
 
 from __future__ import annotations
 

@@ -5,10 +5,10 @@ Every step is one model call over one row of tokens: each decoding sequence's la
 ``prefill_chunk`` prompt-tail tokens of the requests still being prefilled (oldest first; a longer tail goes
 in chunks over several steps, so the sequences already decoding keep emitting while a long prompt comes in).
 The linear layers see all those tokens at once; attention runs per sequence on that sequence's own keys and
-values, through the model's usual attention kernel (transformers' SDPA is called as ``torch``'s SDPA
-directly, bit for bit the same), with the mask that sequence would get alone (none for one token, causal
-for a tail with nothing before it, causal after the prefix otherwise): no padding, each token at its own
-position. A chunk thus attends to the prefix, the earlier chunks and itself, exactly as a
+values (the kernel of :mod:`.attention`), through the model's usual attention kernel (transformers' SDPA is
+called as ``torch``'s SDPA directly, bit for bit the same), with the mask that sequence would get alone (none
+for one token, causal for a tail with nothing before it, causal after the prefix otherwise): no padding, each
+token at its own position. A chunk thus attends to the prefix, the earlier chunks and itself, exactly as a
 ``TransformersEngine.prefill`` with ``chunk_size`` does. A sequence whose tail is done joins the decode
 batch with its first token, picked from its last tail token's logits (its ``on_prompt_forwards`` is called
 only if no other sequence shared its forwards: times of its own). The K/V of a sequence live in a buffer
@@ -16,14 +16,14 @@ sized for its prompt plus ``max_new_tokens``, written in place (the prefix copie
 and each decoded token after it: no concatenation per chunk or per step).
 
 Sequences that resume from one prefix KV (many agents asking about one cached document) read it in place (a
-:class:`_Segment`): their buffers start after it, and each step attends every member's
-queries to the shared prefix in one call, then each member's to its own K/V, merging the two partial
-softmaxes by their log-sum-exp (:func:`_cascade`). At ~4k tokens a decode step otherwise reads every
-sequence's copy of the document's K/V, the memory-bound part of a batched step. The merge equals one call over
-the whole K/V up to float rounding, not bit for bit: the first sequence on a prefix holds a copy of it and,
-while no other shares it, is attended to plainly, bitwise as without batching; in a group (or reading a
-prefix whose first reader left) a sequence's logits may differ from its solo run in the last bits, as with
-the batched linear layers (every reply still equals greedy decoding of its own ids in the tests).
+:class:`_Segment`): their buffers start after it, and each step attends every member's queries to the shared
+prefix in one call, then each member's to its own K/V, merging the two partial softmaxes by their
+log-sum-exp (:func:`.attention._cascade`). At ~4k tokens a decode step otherwise reads every sequence's copy
+of the document's K/V, the memory-bound part of a batched step. The merge equals one call over the whole K/V
+up to float rounding, not bit for bit: the first sequence on a prefix holds a copy of it and, while no other
+shares it, is attended to plainly, bitwise as without batching; in a group (or reading a prefix whose first
+reader left) a sequence's logits may differ from its solo run in the last bits, as with the batched linear
+layers (every reply still equals greedy decoding of its own ids in the tests).
 
 A segment is keyed by what its KV *is*, never by token ids: the prefix's
 :class:`~kvagent.kvcache.tensors.KVSource` names
@@ -42,7 +42,7 @@ thread owns the model calls of the batch; each holds ``TransformersEngine.lock``
 
 Models whose attention does not go through transformers' attention interface with full K/V per layer (sliding
 window, recurrent state), or whose batched step does not match their single-sequence one, are not batched:
-their requests run one at a time, as before (logged once).
+their requests run one at a time, as before (logged once; the probes are :mod:`.probe`).
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,14 +60,14 @@ import torch
 from ..errors import EngineError
 from ..kvcache.prefix import shared_prefix
 from ..kvcache.tensors import KVCache, extended_source
+from .attention import StepCache, ragged
 from .base import Finish, FinishReason, GenerationRequest, PromptForward, Sink, Token, Usage
 from .hf import TransformersEngine, pick_token
 from .params import GenerationParams
+from .probe import probe
 from .textstream import TextStream
 
 log = logging.getLogger("kvagent.engine")
-
-RAGGED = "kvagent_ragged"
 
 #: prompt-tail tokens prefilled per step (one forward, beside the decoding sequences' tokens): a longer tail
 #: is prefilled in chunks of this size, several short tails together up to it
@@ -136,8 +135,8 @@ class _Seq:
 class _Segment:
     """A prefix KV that several sequences resume from, read in place by all of them: their decode steps (and
     prompt-tail chunks) attend to it in one call for the group, each then to its own buffers, the two results
-    merged by their log-sum-exp (see :func:`_cascade`), so the prefix is read once per step for the group
-    instead of once per sequence. Views of the first request's prefix (immutable).
+    merged by their log-sum-exp (see :func:`.attention._cascade`), so the prefix is read once per step for
+    the group instead of once per sequence. Views of the first request's prefix (immutable).
 
     ``identity`` says what its first ``named`` positions are (:func:`_identity`): only a sequence whose prefix
     has the same identity reads them, and never more of them than both prefixes name."""
@@ -173,162 +172,6 @@ class _Part:
     start: int
 
 
-class _Rows:
-    """Per-part K (or V) views of one layer, handed from the step's cache to the ragged attention: a plain
-    part's whole K/V so far, a shared-prefix part's own K/V after its segment."""
-
-    __slots__ = ("layer", "rows", "step")
-
-    def __init__(self, rows: list[torch.Tensor], step: _StepCache, layer: int) -> None:
-        self.rows = rows
-        self.step = step
-        self.layer = layer
-
-
-class _StepCache:
-    """The cache a batched forward passes to the model: writes each part's new K/V into its sequence's
-    buffer and returns every part's K/V so far (views, no copy). Parts of sequences that read one segment
-    (same prefix length) form a group attended to in one call (:func:`_cascade`); a sequence alone on its
-    segment whose buffers hold its whole K/V is attended to plainly, as it would be without sharing."""
-
-    def __init__(self, parts: Sequence[_Part], dtype: torch.dtype, device: torch.device) -> None:
-        self.parts = parts
-        self.spans: list[tuple[int, int]] = []  # (offset in the row, length) of each part's tokens
-        self.masks: list[torch.Tensor | None] = []
-        by_segment: dict[tuple[int, int], list[int]] = {}
-        for i, p in enumerate(parts):
-            if p.seq.segment is not None:
-                by_segment.setdefault((id(p.seq.segment), p.seq.seg_n), []).append(i)
-        #: the groups attended to through their segment (indexes into ``parts``)
-        self.groups = [g for g in by_segment.values() if len(g) > 1 or parts[g[0]].seq.base > 0]
-        grouped = {i for g in self.groups for i in g}
-        self.grouped = grouped
-        self._group_masks: dict[int, torch.Tensor | None] = {}
-        off = 0
-        for i, p in enumerate(parts):
-            n = len(p.ids)
-            self.spans.append((off, n))
-            if i in grouped:
-                self.masks.append(_own_mask(p.start, n, p.seq.seg_n, dtype, device))
-            else:
-                self.masks.append(_tail_mask(p.start, n, dtype, device))
-            off += n
-        #: each group's positions in the row: a slice where they are consecutive, else an index
-        self.group_rows: list[torch.Tensor | slice] = []
-        for g in self.groups:
-            first, last = self.spans[g[0]], self.spans[g[-1]]
-            if last[0] + last[1] - first[0] == sum(self.spans[i][1] for i in g):
-                self.group_rows.append(slice(first[0], last[0] + last[1]))
-            else:
-                at = [torch.arange(self.spans[i][0], sum(self.spans[i]), device=device) for i in g]
-                self.group_rows.append(torch.cat(at))
-
-    def group_mask(self, i: int, query: torch.Tensor) -> torch.Tensor | None:
-        """Part ``i``'s own mask in :func:`_cascade`'s layout (every query head of a K/V head over its
-        tokens; made on the first layer that asks)."""
-        if i not in self._group_masks:
-            mask = self.masks[i]
-            rep = query.shape[1] // self.parts[i].seq.keys[0].shape[1]
-            self._group_masks[i] = None if mask is None else mask.repeat(rep, 1)
-        return self._group_masks[i]
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: Any, **__: Any
-    ) -> tuple[_Rows, _Rows]:
-        ks, vs = [], []
-        for i, (p, (off, n)) in enumerate(zip(self.parts, self.spans, strict=True)):
-            s = p.seq
-            k, v = s.keys[layer_idx], s.values[layer_idx]
-            at = p.start - s.base
-            k[:, :, at : at + n].copy_(key_states[:, :, off : off + n])
-            v[:, :, at : at + n].copy_(value_states[:, :, off : off + n])
-            first = s.seg_n - s.base if i in self.grouped else 0
-            ks.append(k[:, :, first : at + n])
-            vs.append(v[:, :, first : at + n])
-        return _Rows(ks, self, layer_idx), _Rows(vs, self, layer_idx)
-
-
-def _tail_mask(start: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """The mask transformers gives ``n`` queries after ``start`` cached tokens alone: none for one query
-    (attends to all) or for a tail with nothing before it (SDPA's own causal mask), else causal after the
-    prefix. Additive (0 or -inf), as SDPA turns transformers' boolean mask before use, so each layer's call
-    does not convert it again."""
-    mask = _own_mask(start, n, 0, dtype, device) if start else None
-    return None if mask is None else mask[None, None]
-
-
-def _own_mask(
-    start: int, n: int, seg_n: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor | None:
-    """The mask of ``n`` queries at ``start`` over a sequence's K/V from position ``seg_n`` on (its own after
-    its segment; all of it for 0): causal, ``n`` rows (:meth:`_StepCache.group_mask` repeats it for every
-    query head of a K/V head); none for one query."""
-    if n == 1:
-        return None
-    cols = torch.arange(seg_n, start + n, device=device)
-    rows = torch.arange(start, start + n, device=device)
-    mask = torch.zeros((n, start + n - seg_n), dtype=dtype, device=device)
-    return mask.masked_fill_(cols[None, :] > rows[:, None], float("-inf"))
-
-
-_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q`` over ``k``/``v`` (same head count) and each query row's log-sum-exp of its scaled
-    scores: torch's CPU flash-attention kernel, which SDPA itself runs on CPU, else the plain formula."""
-    if _FLASH is not None and q.device.type == "cpu":
-        out, lse = _FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
-        return out, lse
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
-    if mask is not None:
-        scores = scores + mask
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(q.dtype), lse
-
-
-def _cascade(
-    query: torch.Tensor,
-    out: torch.Tensor,
-    rows: torch.Tensor | slice,
-    members: Sequence[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]],
-    seg_k: torch.Tensor,
-    seg_v: torch.Tensor,
-    scale: float | None,
-) -> None:
-    """Attention of a group of sequences resuming from one segment (``seg_k``/``seg_v``): every member's
-    queries over the segment in one call, each member's over its own K/V, the two merged by their
-    log-sum-exp (the softmax over the union of the keys, as one call over the whole K/V gives up to float
-    rounding). ``rows``: the group's positions in the row (a slice when they are consecutive); ``members``:
-    each one's query count, own K, own V and own mask (in the layout below), in row order. Query heads
-    sharing a K/V head (grouped-query attention) go in as rows of that head, so no K/V is repeated. Writes
-    the group's rows of ``out``."""
-    _, heads, _, dim = query.shape
-    kv_heads = seg_k.shape[1]
-    rep = heads // kv_heads
-    q = query[:, :, rows] if isinstance(rows, slice) else query.index_select(2, rows)  # [1, H, T, D]
-    total = q.shape[2]
-    shared, shared_lse = _attend(q.reshape(1, kv_heads, rep * total, dim), seg_k, seg_v, None, scale)
-    owns, own_lses = [], []
-    t = 0
-    for n, k, v, mask in members:
-        o, lse = _attend(q[:, :, t : t + n].reshape(1, kv_heads, rep * n, dim), k, v, mask, scale)
-        owns.append(o.view(1, kv_heads, rep, n, dim))
-        own_lses.append(lse.view(1, kv_heads, rep, n))
-        t += n
-    own = torch.cat(owns, dim=3).view(1, kv_heads, rep * total, dim)
-    own_lse = torch.cat(own_lses, dim=3).view(1, kv_heads, rep * total)
-    lse = torch.logaddexp(shared_lse, own_lse)
-    merged = shared.mul_(torch.exp(shared_lse - lse).unsqueeze(-1))
-    merged.add_(own.mul_(torch.exp(own_lse - lse).unsqueeze(-1)))
-    merged = merged.view(1, heads, total, dim).transpose(1, 2)
-    if isinstance(rows, slice):
-        out[:, rows].copy_(merged)
-    else:
-        out.index_copy_(1, rows, merged)
-
 
 def _segment_for(
     live: Sequence[_Seq], prefix: KVCache, identity: tuple[str, ...], named: int
@@ -355,88 +198,6 @@ def _failed(seq: _Seq, exc: BaseException) -> None:
         log.exception("a prompt's forward failed", exc_info=exc)
     seq.finish("error", exc)
 
-
-def _ragged_attention(
-    module: Any, query: torch.Tensor, key: Any, value: Any, attention_mask: Any, **kwargs: Any
-) -> tuple[torch.Tensor, None]:
-    """Attention of a batched forward, one sequence at a time on its own K/V with its own mask, through the
-    model's usual kernel: SDPA called directly where the model's kernel is transformers' SDPA on CPU (see
-    :func:`_direct_sdpa`), else that kernel as the model calls it. Groups of sequences resuming from one
-    shared prefix are attended to together (:func:`_cascade`; direct SDPA only)."""
-    if not isinstance(key, _Rows) or not isinstance(value, _Rows):
-        raise EngineError("the ragged attention runs only inside a batched forward")
-    step = key.step
-    parts = zip(step.spans, step.masks, key.rows, value.rows, strict=True)
-    if _direct_sdpa(module, query, kwargs):
-        scale = kwargs.get("scaling")
-        gqa = getattr(module, "num_key_value_groups", 1) > 1
-        causal = kwargs.get("is_causal")
-        causal = getattr(module, "is_causal", True) if causal is None else causal
-        out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
-        for i, ((off, n), mask, k, v) in enumerate(parts):
-            if i in step.grouped:
-                continue
-            o = torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, off : off + n],
-                k,
-                v,
-                attn_mask=mask,
-                scale=scale,
-                is_causal=bool(causal and n > 1 and mask is None),
-                enable_gqa=gqa,
-            )
-            out[:, off : off + n].copy_(o.transpose(1, 2))
-        for g, group in enumerate(step.groups):
-            seq = step.parts[group[0]].seq
-            seg = seq.segment
-            assert seg is not None
-            members = [
-                (step.spans[i][1], key.rows[i], value.rows[i], step.group_mask(i, query)) for i in group
-            ]
-            seg_k = seg.keys[key.layer][:, :, : seq.seg_n]
-            seg_v = seg.values[key.layer][:, :, : seq.seg_n]
-            _cascade(query, out, step.group_rows[g], members, seg_k, seg_v, scale)
-        return out, None
-    if step.groups:
-        raise EngineError("shared-prefix attention needs the model's SDPA kernel on CPU")
-    inner = _ragged_inner(module)
-    outs = [
-        inner(module, query[:, :, off : off + n], k, v, mask, **kwargs)[0] for (off, n), mask, k, v in parts
-    ]
-    return torch.cat(outs, dim=1), None
-
-
-def _direct_sdpa(module: Any, query: torch.Tensor, kwargs: dict[str, Any]) -> bool:
-    """Whether the ragged attention may call ``torch.nn.functional.scaled_dot_product_attention`` itself
-    instead of transformers' ``sdpa_attention_forward``: the model's kernel is that one, on CPU, with none of
-    its extras (dropout, softcap, position bias). The call is then the one the wrapper makes, without its
-    per-call overhead and copies, except after a prefix (a mask) where the wrapper repeats the K/V heads of a
-    grouped-query model and this call lets SDPA share them (``enable_gqa``): the same arithmetic, bit for bit
-    on CPU (``tests/test_batching.py`` checks it), without copying every sequence's K/V per layer."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return (
-        query.device.type == "cpu"
-        and _ragged_inner(module) is sdpa_attention_forward
-        and not kwargs.get("dropout")
-        and kwargs.get("softcap") is None
-        and kwargs.get("position_bias") is None
-        and not kwargs.get("output_attentions")
-        and query.shape[-1] <= 256
-    )
-
-
-def _ragged_inner(module: Any) -> Callable[..., Any]:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    name = getattr(module, "_kvagent_attention", None) or "sdpa"
-    return ALL_ATTENTION_FUNCTIONS[name]  # type: ignore[no-any-return]
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(RAGGED, _ragged_attention)
 
 
 class TransformersBatchEngine:
@@ -480,6 +241,28 @@ class TransformersBatchEngine:
         self.share_prefix = share_prefix
         self._shares = False  # whether sequences resuming from one prefix read it in place (probed)
         self._probe_lock = threading.Lock()
+
+    @classmethod
+    def shared(
+        cls,
+        engine: TransformersEngine,
+        tokenizer: Any = None,
+        max_batch: int = 8,
+        prefill_chunk: int | None = None,
+    ) -> TransformersBatchEngine:
+        """``engine``'s batching front, made on first use and shared by every later caller (it is kept as
+        ``engine.batch_front``); ``tokenizer`` serves stop strings; ``prefill_chunk``: prompt-tail tokens
+        prefilled per batched step (None: the default). A later caller's ``max_batch`` and ``prefill_chunk``
+        do not change the shared one."""
+        with engine.lock:
+            front = engine.batch_front
+            if not isinstance(front, TransformersBatchEngine):
+                front = cls(engine, max_batch=max_batch, tokenizer=tokenizer,
+                            prefill_chunk=prefill_chunk or PREFILL_CHUNK)
+                engine.batch_front = front
+            elif tokenizer is not None and front.tokenizer is None:
+                front.tokenizer = tokenizer
+            return front
 
     # -- the interface ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, sink: Sink) -> _Handle:
@@ -650,7 +433,7 @@ class TransformersBatchEngine:
             parts.append(_Part(s, tail[s.done : s.done + n], s.n))
             budget -= n
         t0 = time.perf_counter()
-        cache = _StepCache(parts, self.engine.dtype, self.engine.device)
+        cache = StepCache(parts, self.engine.dtype, self.engine.device)
         logits = self._forward(parts, cache)
         seconds = time.perf_counter() - t0
         for p in parts:
@@ -678,7 +461,7 @@ class TransformersBatchEngine:
                 self._active.remove(s)
                 _failed(s, exc)
 
-    def _forward(self, parts: Sequence[_Part], cache: _StepCache | None = None) -> torch.Tensor:
+    def _forward(self, parts: Sequence[_Part], cache: StepCache | None = None) -> torch.Tensor:
         """One model call over ``parts``' tokens as one row, each at its own positions, each sequence's
         K/V written into its own buffers (through ``cache``, made here when None); the logits after each
         part's last token, one row per part."""
@@ -692,8 +475,8 @@ class TransformersBatchEngine:
             last.append(len(ids) - 1)
         dev = eng.device
         if cache is None:
-            cache = _StepCache(parts, eng.dtype, dev)
-        with eng.lock, self._ragged():
+            cache = StepCache(parts, eng.dtype, dev)
+        with eng.lock, ragged(eng.model):
             out = eng.model(
                 input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
                 position_ids=torch.tensor([pos], dtype=torch.long, device=dev),
@@ -776,17 +559,6 @@ class TransformersBatchEngine:
         seq.finish(reason)
         return False
 
-    @contextmanager
-    def _ragged(self) -> Iterator[None]:
-        """The model's attention switched to the ragged kind for one call (under the engine lock)."""
-        cfg = self.engine.model.config
-        before = cfg._attn_implementation
-        cfg._attn_implementation = RAGGED
-        try:
-            yield
-        finally:
-            cfg._attn_implementation = before
-
     # -- models that cannot batch ----------------------------------------------------------------
     def _batches(self) -> bool:
         """Whether this model batches (probed once, on first need, from whichever thread asks first)."""
@@ -796,109 +568,28 @@ class TransformersBatchEngine:
             return self._batchable
 
     def _probe(self) -> bool:
-        """Whether this model batches: plain full K/V layers, its attention through transformers' interface,
-        and a batched forward of three different sequences matching each one's own forward."""
-        from transformers.cache_utils import DynamicLayer
+        """Whether this model batches, and whether its sequences share prefixes (:func:`.probe.probe`)."""
+        found = probe(self.engine, self._probe_batch, share_prefix=self.share_prefix, share_min=SHARE_MIN)
+        if found.shares:
+            self._shares = True
+        return found.batches
 
-        eng = self.engine
-        impl = eng.model.config._attn_implementation
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        if impl not in ALL_ATTENTION_FUNCTIONS:
-            log.warning(
-                "not batching: the model's attention %r is not in transformers' attention interface", impl
-            )
-            return False
-        for mod in eng.model.modules():
-            if hasattr(mod, "is_causal") and hasattr(mod, "layer_idx"):
-                mod._kvagent_attention = impl
-        _register()
-        try:
-            cache = eng.new_cache(None)
-            if any(type(layer) is not DynamicLayer for layer in cache.layers):
-                log.warning(
-                    "not batching: the model keeps other state than full K/V (sliding window or recurrent)"
-                )
-                return False
-            if not self._probe_step():
-                return False
-        except Exception as exc:  # a model whose forward does not take a per-call cache object
-            log.warning("not batching: a probe step failed (%s); requests run one at a time", exc)
-            return False
-        if self.share_prefix:
-            try:
-                self._shares = self._probe_shared()
-            except EngineError as exc:  # the model's attention cannot take the shared path
-                log.info("not sharing prefixes between sequences: %s", exc)
-            except Exception as exc:  # e.g. a dtype the kernel does not take: batch without sharing
-                log.warning("not sharing prefixes between sequences: a probe step failed (%s)", exc)
-        return True
-
-    def _probe_step(self) -> bool:
-        """A batched forward of a one-token tail after a prefix, a longer tail after a prefix and a tail from
-        nothing gives each one's logits from its own forward."""
-        vocab = self.engine.config.get_text_config(decoder=True).vocab_size
-        cases = [([1, 2, 3], [7]), ([4, 5], [9, 11, 13]), ([], [6, 8, 10])]
-        got, want, _ = self._probe_forward(
-            [([t % vocab for t in prefix], [t % vocab for t in tail]) for prefix, tail in cases]
-        )
-        ok = all(torch.allclose(got[i].float(), w.float(), rtol=1e-3, atol=1e-3) for i, w in enumerate(want))
-        if not ok:
-            log.warning(
-                "not batching: a batched forward of this model does not match its single-sequence one"
-            )
-        return ok
-
-    def _probe_shared(self) -> bool:
-        """Whether sequences reading one prefix in place (a one-token tail, a longer tail, and a sequence
-        whose own buffers hold the prefix) get each one's logits from its own forward, within float rounding
-        (the shared attention merges two partial softmaxes)."""
-        eng = self.engine
-        vocab = eng.config.get_text_config(decoder=True).vocab_size
-        prefix = [(t * 37 + 11) % vocab for t in range(SHARE_MIN + 5)]
-        cases = [(prefix, [t % vocab for t in tail]) for tail in ((7,), (9, 11, 13), (6, 8))]
-        got, want, parts = self._probe_forward(cases, share=True)
-        if len({id(p.seq.segment) for p in parts}) != 1:
-            raise EngineError("the probe's sequences did not share their prefix")
-        ok = all(torch.allclose(got[i].float(), w.float(), rtol=1e-4, atol=1e-4) for i, w in enumerate(want))
-        # bf16/fp16: off by up to ~0.5 in SmolLM2's logits, and not bitwise however the merge is done (in
-        # float32 too): the CPU flash kernel returns each part normalised and rounded, with its log-sum-exp,
-        # while one call over the whole K/V keeps a float32 accumulator across its 512-key blocks and rounds
-        # the probabilities to bf16 against the running maximum (docs/deploy.md, "Exactness in bf16")
-        if not ok:
-            worst = max(float((got[i].float() - w.float()).abs().max()) for i, w in enumerate(want))
-            log.info(
-                "not sharing prefixes between sequences: the shared attention's logits differ from this "
-                "model's own by up to %.2g (%s)", worst, eng.dtype,
-            )
-        return ok
-
-    def _probe_forward(
-        self, cases: Sequence[tuple[Sequence[int], Sequence[int]]], share: bool = False
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[_Part]]:
-        """The probes' work: every ``(prefix ids, tail ids)`` case's last logits from its own forward and
-        from one batched forward of all of them (a prefix given twice is prefilled once, one KV for both;
-        ``share``: reading shared prefixes in place): (batched, own, the batch's parts)."""
-        eng = self.engine
-        want: list[torch.Tensor] = []
+    def _probe_batch(
+        self, cases: Sequence[tuple[KVCache | None, Sequence[int]]], share: bool
+    ) -> tuple[torch.Tensor, int]:
+        """The probes' batched forward: every ``(prefix KV, tail ids)`` case as a sequence of one forward
+        (``share``: reading shared prefixes in place); each one's last logits, and how many distinct
+        segments they read."""
         parts: list[_Part] = []
-        kvs: dict[tuple[int, ...], KVCache] = {}
-        for prefix, tail in cases:
-            key = tuple(prefix)
-            if key and key not in kvs:
-                kvs[key] = eng.prefill(key)
-            kv = kvs.get(key)
-            ids = tuple(tail)
-            with torch.inference_mode(), eng.lock:
-                out = eng.forward(eng.new_cache(kv), input_ids=torch.tensor([ids], device=eng.device))
-            want.append(out.logits[0, -1])
-            s = _Seq(GenerationRequest(ids, kv, GenerationParams(max_new_tokens=1)), lambda _e: None,
+        for kv, ids in cases:
+            s = _Seq(GenerationRequest(tuple(ids), kv, GenerationParams(max_new_tokens=1)), lambda _e: None,
                      _Handle(self), 0.0)
             self._buffers(s, [p.seq for p in parts], share=share)
             parts.append(_Part(s, ids, s.n))
         with torch.inference_mode():
             got = self._forward(parts)
-        return got, want, parts
+        return got, len({id(p.seq.segment) for p in parts})
+
 
     def _solo(self, seq: _Seq) -> None:
         """Run ``seq`` alone to its end with the plain streaming decode (models that do not batch)."""

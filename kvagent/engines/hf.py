@@ -12,16 +12,13 @@ import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from ..errors import ContextLengthError, EngineError, UnsupportedModelError
 from ..kvcache.tensors import KVCache, KVLayout, extended_source
 from .params import GenerationParams
-
-if TYPE_CHECKING:
-    from .batch import TransformersBatchEngine
 
 LayerProgress = Callable[[int, int], None]
 
@@ -68,7 +65,8 @@ class TransformersEngine:
     """Engine over a Hugging Face causal LM on the CPU (or the model's device).
 
     Every model call holds ``lock`` (re-entrant), so prefills, single streams and the batch engine's decode
-    steps (:meth:`batch`) can share one model from several threads.
+    steps (:meth:`kvagent.engines.batch.TransformersBatchEngine.shared`) can share one model from several
+    threads.
     """
 
     def __init__(self, model: Any, *, chunk_size: int | None = None):
@@ -93,7 +91,9 @@ class TransformersEngine:
         params = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.lock = threading.RLock()
-        self._batch: TransformersBatchEngine | None = None
+        #: the batching front over this engine, made on first use and shared by every later caller
+        #: (:meth:`kvagent.engines.batch.TransformersBatchEngine.shared`, which sets it)
+        self.batch_front: object | None = None
 
     # -- prefill --------------------------------------------------------------------------
     def prefill(self, token_ids: Sequence[int], progress: LayerProgress | None = None) -> KVCache:
@@ -162,24 +162,6 @@ class TransformersEngine:
         output."""
         with self.lock:
             return self.model(**inputs, use_cache=True, **{self.cache_arg: cache})
-
-    def batch(
-        self, tokenizer: Any = None, max_batch: int = 8, prefill_chunk: int | None = None
-    ) -> TransformersBatchEngine:
-        """This engine's batching front (:class:`~kvagent.engines.batch.TransformersBatchEngine`),
-        made on first use and shared by every later caller; ``tokenizer`` serves stop strings;
-        ``prefill_chunk``: prompt-tail tokens prefilled per batched step (None: the default)."""
-        with self.lock:
-            if self._batch is None:
-                from .batch import PREFILL_CHUNK, TransformersBatchEngine
-
-                chunk = prefill_chunk or PREFILL_CHUNK
-                self._batch = TransformersBatchEngine(
-                    self, max_batch=max_batch, tokenizer=tokenizer, prefill_chunk=chunk
-                )
-            elif tokenizer is not None and self._batch.tokenizer is None:
-                self._batch.tokenizer = tokenizer
-            return self._batch
 
     def extract(self, cache: Any, ids: torch.Tensor) -> KVCache:
         """The KV of ``ids`` held in a transformers ``cache`` (views of its tensors)."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from .base import GenerationEngine
+from .batch import TransformersBatchEngine
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -49,8 +50,8 @@ EngineFactory = Callable[[EngineContext], GenerationEngine]
 
 def transformers_engine(ctx: EngineContext) -> GenerationEngine:
     """The built-in engine: continuous batching over the host's transformers model."""
-    return ctx.runtime.engine.batch(ctx.runtime.tokenizer, max_batch=ctx.max_batch,
-                                    prefill_chunk=ctx.prefill_chunk)
+    return TransformersBatchEngine.shared(ctx.runtime.engine, ctx.runtime.tokenizer, max_batch=ctx.max_batch,
+                                          prefill_chunk=ctx.prefill_chunk)
 
 
 def check_engine_name(name: str) -> str:

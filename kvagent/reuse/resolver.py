@@ -49,7 +49,7 @@ from ..tiers.saving import KVSaver, OnSaved
 from ..tiers.singleflight import single_flight
 from ..tiers.store import KVStore
 from .accounting import ReadCosts, ReadCounters
-from .info import CacheInfo
+from .info import CacheInfo, CacheStatus
 
 if TYPE_CHECKING:
     from ..artifacts.source import Handle
@@ -260,7 +260,8 @@ class Resolver:
         if kv is not None:
             self.counters.add("memory_hits")
             info = CacheInfo(
-                "memory", "in this process's memory", len(ids), 0, source="memory", origin=lookup.key
+                CacheStatus.MEMORY, "in this process's memory", len(ids), 0, source="memory",
+                origin=lookup.key,
             )
             return Resolution(lookup.key, kv, info)
         with stg.stage("lookup"):
@@ -323,7 +324,7 @@ class Resolver:
         self.memory.put(lookup.namespace, lookup.key, kv)
         self.counters.add("local_hits")
         self.counters.add("tokens_saved", len(lookup.ids))
-        info = CacheInfo("local", why, len(lookup.ids), 0, load_seconds=time.perf_counter() - t0,
+        info = CacheInfo(CacheStatus.LOCAL, why, len(lookup.ids), 0, load_seconds=time.perf_counter() - t0,
                          bytes_read=found.nbytes, source="store", origin=lookup.key)
         return Resolution(lookup.key, kv, info)
 
@@ -339,7 +340,7 @@ class Resolver:
             reasons.append(answer.reason)
             if answer.remote is not None:
                 info = CacheInfo(
-                    "remote-generate",
+                    CacheStatus.REMOTE_GENERATE,
                     answer.reason,
                     len(lookup.ids),
                     0,
@@ -367,7 +368,7 @@ class Resolver:
             )
         if best is None and not lookup.compute:
             reason += "; nothing cached (left to the caller's engine)"
-            info = CacheInfo("prefill", reason, 0, len(ids), lookup_seconds=lookup_s)
+            info = CacheInfo(CacheStatus.PREFILL, reason, 0, len(ids), lookup_seconds=lookup_s)
             return Resolution(key, None, info, tail=ids)
         if best is not None and n_cached == len(ids):
             kv, prefill_s = best.kv, 0.0
@@ -394,7 +395,7 @@ class Resolver:
             self.counters.add("prefills")
             log.info("prefilling %d tokens of %s…: %s", len(ids), key[:16], reason)
             info = CacheInfo(
-                "prefill", reason, 0, len(ids), prefill_seconds=prefill_s, lookup_seconds=lookup_s
+                CacheStatus.PREFILL, reason, 0, len(ids), prefill_seconds=prefill_s, lookup_seconds=lookup_s
             )
             return Resolution(key, kv, info, save=save)
         return Resolution(key, kv, self._hit(best, reason, len(ids), lookup_s, prefill_s), save=save)
@@ -417,7 +418,7 @@ class Resolver:
 
     def _hit(self, best: Candidate, reason: str, n_ids: int, load_s: float, prefill_s: float) -> CacheInfo:
         """Count a resolution that reused ``best`` (a cached prefix or a registry copy) and describe it."""
-        status = "remote" if best.source == "registry" else "prefix"
+        status = CacheStatus.REMOTE if best.source == "registry" else CacheStatus.PREFIX
         self.counters.add("remote_hits" if status == "remote" else "prefix_hits")
         self.counters.add("tokens_saved", best.n)
         return CacheInfo(

@@ -32,7 +32,7 @@ from ..chat.turn import Cached, Guide, Guided, PromptTurns
 from ..engines import Cancel, Finish, Usage
 from ..engines.params import GenerationParams
 from ..errors import KVAgentError
-from ..reuse.info import CacheInfo
+from ..reuse.info import CacheInfo, CacheStatus
 from .auth import Principal
 from .http import ApiError
 from .sizing import default_max_queue
@@ -137,7 +137,8 @@ class ChatService:
         resolve: dict[str, Any] = {"namespace": self.namespace(job.principal), "registry": source}
         if job.guide is not None:
             reply = self.turns.guided(job.ids, job.params, job.guide, cancel=cancel, **resolve)
-            sink(Cached(reply.info or CacheInfo("prefill", "guided reply fixed by its schema", 0, 0)))
+            fixed = CacheInfo(CacheStatus.PREFILL, "guided reply fixed by its schema", 0, 0)
+            sink(Cached(reply.info or fixed))
             sink(Guided(reply.text, reply.n_tokens))
             sink(Finish("stop", reply.usage))
             return

@@ -25,6 +25,7 @@ from kvagent import (
     Runtime,
     TextStream,
     Token,
+    TransformersBatchEngine,
     Turn,
 )
 
@@ -76,7 +77,8 @@ class PromptRunner:
         self.reuse = reuse
         self.save = save
         self.min_save_tokens = min_save_tokens
-        self.turns = PromptTurns(agent.engine.batch(agent.tokenizer), agent.resolver, agent.tokenizer)
+        batch = TransformersBatchEngine.shared(agent.engine, agent.tokenizer)
+        self.turns = PromptTurns(batch, agent.resolver, agent.tokenizer)
 
     def prepare(self, ids: Sequence[int], params: GenerationParams, stops: Sequence[str] = ()) -> Turn:
         """Resolve the prompt's KV and build the request. A KV the resolver computes (a model that does not

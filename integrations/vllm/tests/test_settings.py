@@ -24,6 +24,22 @@ def test_defaults_reuse_without_a_registry_and_publish_nothing() -> None:
     )
 
 
+@pytest.mark.parametrize(("given", "publish"), [
+    ("none", "none"), (False, "none"), ("restricted", "restricted"), (True, "restricted"),
+    ("public", "public"),
+])
+def test_publish_is_spelled_as_config_spells_it(tmp_path: Path, given: object, publish: str) -> None:
+    """One spelling across the connector and kvagent's Config: a Publish, its strings, or False / True."""
+    from kvagent import Config, Publish, Verify
+
+    registry = {"registry_url": "http://a"} if publish != "none" else {}
+    extra = {"publish": given, "verify": "full", **registry}
+    s = ConnectorSettings.from_extra(extra)
+    assert isinstance(s.publish, Publish) and s.publish == publish
+    assert s.publish is Config.from_env(cache_dir=tmp_path, publish=given).publish
+    assert s.verify is Verify.FULL
+
+
 def test_a_list_of_registry_urls_is_a_failover_list() -> None:
     s = ConnectorSettings.from_extra({"registry_url": ["http://a:1", "http://b:2"], "publish": "public"})
     assert s.registry_url == "http://a:1,http://b:2"

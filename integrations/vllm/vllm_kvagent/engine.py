@@ -83,7 +83,7 @@ def connector_extra(ctx: EngineContext) -> dict[str, Any]:
     cfg = ctx.runtime.config
     extra: dict[str, Any] = {
         "cache_dir": str(cfg.cache_dir),
-        "verify": cfg.verify,
+        "verify": str(cfg.verify),
         "salted_reads": "shared",
         "publisher": cfg.publisher,
         "registry_url": cfg.registry_url,

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kvagent import ConfigError
+from kvagent import ConfigError, Publish, Verify
 
-PUBLISH_MODES = ("none", "restricted", "public")
+PUBLISH_MODES = Publish.choices()
 ENGINE_POLICIES = ("any", "same")
 SALTED_READS = ("own", "shared")
 
@@ -20,13 +20,15 @@ class ConnectorSettings:
     ``model``: the kvagent model spec used for keys and verification (default: vLLM's own model directory);
     ``cache_dir``: kvagent's cache directory (local store under ``<cache_dir>/kv``; default: kvagent's);
     ``registry_url``: one URL, several comma-separated, or a list (failover); ``token``: the registry token;
-    ``publish``: "none", "restricted" or "public" for the KV of prompts vLLM computed (unsalted ones only);
+    ``publish``: "none", "restricted" or "public" (a :class:`~kvagent.Publish`, as ``Config.publish``; False
+    and True as there: "none" and "restricted") for the KV of prompts vLLM computed (unsalted ones only);
     ``price``: what a load of a published artifact costs buyers (integer micro-units; None: free);
     ``max_price_per_load`` / ``budget``: what this server may pay for artifacts (micro-units; None: no limit);
     ``wallet``: an x402 wallet's key file (or true: ``KVAGENT_WALLET_KEY``) that pays priced artifacts within
     ``max_price_per_load`` and ``budget`` (no token needed for public ones); ``wallet_assets``: tokens it may
     pay in beyond USDC ("eip155:8453/0x...", comma-separated);
-    ``verify``: "none", "sample" or "full" check of registry artifacts against their tokens;
+    ``verify``: "none", "sample" or "full" (a :class:`~kvagent.Verify`) check of registry artifacts against
+    their tokens (None: kvagent's default);
     ``min_save_tokens``: save a prompt's KV when vLLM computed at least this many of its tokens;
     ``engines``: "any" reuses KV whatever engine computed it, "same" only KV that this vLLM version computed;
     None (the default): "any" in float32, "same" in bfloat16 and float16, where KV another engine computed
@@ -46,13 +48,13 @@ class ConnectorSettings:
     cache_dir: str | None = None
     registry_url: str | None = None
     token: str | None = None
-    publish: str = "none"
+    publish: Publish = Publish.NONE
     price: int | None = None
     max_price_per_load: int | None = None
     budget: int | None = None
     wallet: str | bool | None = None
     wallet_assets: str | None = None
-    verify: str | None = None
+    verify: Verify | None = None
     min_save_tokens: int = 256
     engines: str | None = None
     calibration: bool = True
@@ -95,15 +97,14 @@ class ConnectorSettings:
                 raise ConfigError(f"kv_connector_extra_config[{name!r}] must be a positive number, got {v!r}")
         if "calibration" in extra and not isinstance(extra["calibration"], bool):
             raise ConfigError("kv_connector_extra_config['calibration'] must be true or false")
+        extra["publish"] = Publish.of(extra.get("publish"), "publish")
+        if extra.get("verify") is not None:
+            extra["verify"] = Verify.of(extra["verify"], "verify")
         s = cls(**extra)
-        if s.publish not in PUBLISH_MODES:
-            raise ConfigError(f"publish must be one of {PUBLISH_MODES}, got {s.publish!r}")
         if s.engines is not None and s.engines not in ENGINE_POLICIES:
             raise ConfigError(f"engines must be one of {ENGINE_POLICIES}, got {s.engines!r}")
         if s.salted_reads not in SALTED_READS:
             raise ConfigError(f"salted_reads must be one of {SALTED_READS}, got {s.salted_reads!r}")
-        if s.verify not in (None, "none", "sample", "full"):
-            raise ConfigError(f"verify must be none, sample or full, got {s.verify!r}")
         if s.publish != "none" and not s.registry_url:
             raise ConfigError(f"publish={s.publish!r} needs a registry_url")
         if s.price is not None and s.publish == "none":
