@@ -19,7 +19,7 @@ from kvagent.errors import RegistryPaymentRequiredError, RegistryUnavailableErro
 from kvagent.kvcache.identity import KeyContext, sha256_hex
 from kvagent.kvcache.tensors import KVCache, extended_source
 from kvagent.reuse.resolver import Resolver, ResolverSettings
-from kvagent.tiers.store import StoreLookup
+from kvagent.tiers.store import KVStore, StoreLookup
 
 BLOCK = 4
 LAYERS, HEADS, DIM = 2, 1, 4
@@ -63,22 +63,28 @@ class FakeStore:
         self.artifacts: dict[str, art.Artifact] = {}
         self.blocks: dict[str, str] = {}
         self.sources: dict[str, str] = {}  # key -> the published artifact it was derived from
+        self.published: dict[str, tuple[str, int]] = {}  # key -> (digest, n) of the published bytes it copies
 
     def get(self, key: str, expect: art.Expectation | None = None) -> StoreLookup:
         a = self.artifacts.get(key)
         return StoreLookup(a, "" if a else "not in the local store", 100 if a else 0)
 
     def put(self, header: art.ArtifactHeader, blob: Any, block_hashes: Sequence[str] = (),
-            derived_from: str | None = None) -> None:
+            derived_from: str | None = None, published: tuple[str, int] | None = None) -> None:
         data = blob if isinstance(blob, (bytes, bytearray)) else b"".join(blob)
         self.artifacts[header.key] = art.decode(data)
         for h in block_hashes:
             self.blocks[h] = header.key
         if derived_from is not None:
             self.sources[header.key] = derived_from
+        if published is not None:
+            self.published[header.key] = published
 
     def derived_from(self, key: str) -> str | None:
         return self.sources.get(key)
+
+    def published_prefix(self, key: str) -> tuple[str, int] | None:
+        return self.published.get(key)
 
     def drop_derived(self, source: str) -> list[str]:
         gone = [source, *(k for k, s in self.sources.items() if s == source)]
@@ -308,3 +314,26 @@ def test_purge_drops_every_copy_of_a_published_artifact_in_every_namespace(tmp_p
     again = r.resolve(IDS, namespace="alice", document=False)
     assert again.info.status == "prefill" and engine.prefilled == [20]
     assert r.resolve(IDS[:12] + [3, 4], namespace="bob", document=False, compute=False).kv is None
+
+
+def test_a_stored_copy_of_a_published_artifact_is_still_named_by_its_bytes(tmp_path: Path) -> None:
+    """Issue 34: alice's prompt KV that begins with a published artifact, read back from the local store by
+    a process with an empty memory (as a host reads it once its memory has moved on), still names its leading
+    positions by the published bytes (and so may be read in place beside other principals on the same
+    artifact); a KV stored from a private computation stays private. Before, every store read was private."""
+    src = FakeSource()
+    with KVStore(tmp_path / "kv") as store:
+        r, _, _ = make(tmp_path, source=src, store=store)  # type: ignore[arg-type]
+        handle = src.publish(r, IDS[:12])
+        alice = r.resolve(IDS, namespace="alice", document=False)
+        assert alice.kv is not None and alice.kv.source is not None and alice.kv.source.published
+        private = r.resolve([7] * 16, namespace="alice")
+        r2, _, _ = make(tmp_path, source=src, store=store)  # type: ignore[arg-type]  # empty memory
+        again = r2.resolve(IDS, namespace="alice", document=False)
+        assert again.info.status == "local" and again.kv is not None and again.kv.source is not None
+        assert again.kv.source.published and again.kv.source.digest == alice.kv.source.digest
+        assert again.kv.source.n == 12 and again.kv.source.artifact == handle.key
+        mine = r2.resolve([7] * 16, namespace="alice")
+        assert mine.info.status == "local" and mine.kv is not None and mine.kv.source is not None
+        assert not mine.kv.source.published and private.key == mine.key
+        assert r2.purge(handle.key) >= 1 and store.published_prefix(alice.key) is None

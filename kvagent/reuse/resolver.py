@@ -41,7 +41,7 @@ from ..engines.hf import check_context
 from ..errors import KVAgentError
 from ..kvcache.identity import KeyContext, block_hashes, document_key, salted, token_tuple
 from ..kvcache.prefix import shared_prefix
-from ..kvcache.tensors import KVCache
+from ..kvcache.tensors import KVCache, KVSource
 from ..tiers.lookup import Candidate, Lookup, PrefillProgress, ResolverSettings
 from ..tiers.memory import KVMemory
 from ..tiers.registry import ClientSource, RegistryTier
@@ -471,9 +471,17 @@ class Resolver:
 
     def _stored(self, artifact: art.Artifact) -> KVCache:
         """A local store artifact's KV, named by its bytes (private), with the published artifact it copies
-        when the store recorded one (so that ``purge`` of that artifact reaches what is derived from it)."""
+        when the store recorded one (so that ``purge`` of that artifact reaches what is derived from it). A
+        copy whose leading positions the store recorded as a published artifact's bytes is named by those
+        (``published``), as the copy in memory was: a principal's saved prompt still reads the document
+        part in place beside other principals reading the same artifact."""
         h = artifact.header
-        src = replace(art.stored_source(h), artifact=self.store.derived_from(h.key))
+        derived = self.store.derived_from(h.key)
+        pub = self.store.published_prefix(h.key)
+        if pub is not None and derived is not None:
+            src = KVSource(pub[0], min(pub[1], h.token_count), published=True, artifact=derived)
+        else:
+            src = replace(art.stored_source(h), artifact=derived)
         return artifact.kv.with_source(src)
 
     def purge(self, artifact_key: str) -> int:

@@ -58,8 +58,10 @@ class KVSaver:
         # written as they are: no joined copy for the store
         header, parts = self.encode_parts(key, kv, ctx)
         try:
-            derived = kv.source.artifact if kv.source is not None else None
-            self.store.put(header, parts, hashes, derived_from=derived)
+            src = kv.source
+            derived = src.artifact if src is not None else None
+            published = (src.digest, min(src.n, kv.n_tokens)) if src is not None and src.published else None
+            self.store.put(header, parts, hashes, derived_from=derived, published=published)
         except StoreError as exc:
             log.warning("could not cache %s… locally (the answer is unaffected): %s", key[:16], exc)
         if self.on_saved is not None and not ns:

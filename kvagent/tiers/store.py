@@ -159,7 +159,7 @@ class KVStore:
     # -- writes ---------------------------------------------------------------------------
     def put(
         self, header: art.ArtifactHeader, blob: Buffer | Sequence[Buffer], block_hashes: Sequence[str] = (),
-        derived_from: str | None = None,
+        derived_from: str | None = None, published: tuple[str, int] | None = None,
     ) -> None:
         """Store an artifact and index its block hashes, then evict least-recently-used artifacts
         (never this one) until the store is within its size limit. The artifact row appears atomically.
@@ -167,6 +167,9 @@ class KVStore:
         ``blob`` is the artifact's bytes, or the buffers they concatenate (``artifact.encode_parts``).
         ``derived_from``: the published artifact whose KV this one's leading positions copy (a prompt KV kept
         after reading it, a copy staged in a namespace): recorded with it, so that ``drop_derived`` finds it.
+        ``published``: (digest, n) when its first ``n`` positions are a bit-for-bit copy of the published
+        artifact bytes that ``digest`` names (``KVSource``): recorded, so that a read of this copy still names
+        those positions by what they are and may read them in place beside other principals' copies.
         """
         key = validate_key(header.key)
         parts = (
@@ -204,6 +207,8 @@ class KVStore:
                     if key not in keys:
                         self._cache.set(f"from:{derived_from}", json.dumps([*keys, key]))
                     self._cache.set(f"src:{key}", derived_from)
+                if published is not None:
+                    self._cache.set(f"pub:{key}", json.dumps([str(published[0]), int(published[1])]))
             self._make_room(keep=key)
         except (OSError, diskcache.Timeout, sqlite3.Error) as exc:
             raise StoreError(f"could not write artifact {key[:16]}… to {self.directory}: {exc}") from exc
@@ -257,12 +262,23 @@ class KVStore:
         removed = bool(self._cache.delete(f"kv:{key}"))
         self._cache.delete(f"meta:{key}")
         self._cache.delete(f"src:{key}")
+        self._cache.delete(f"pub:{key}")
         return removed
 
     def derived_from(self, key: str) -> str | None:
         """The published artifact whose KV stored artifact ``key`` copies first (``put(derived_from=)``)."""
         src = self._cache.get(f"src:{validate_key(key)}", default=None)
         return src if isinstance(src, str) else None
+
+    def published_prefix(self, key: str) -> tuple[str, int] | None:
+        """(digest, n): the published bytes stored artifact ``key``'s first ``n`` positions copy
+        (``put(published=)``), or None."""
+        raw = self._cache.get(f"pub:{validate_key(key)}", default=None)
+        try:
+            digest, n = json.loads(raw) if isinstance(raw, str) else (None, None)
+        except (ValueError, TypeError):
+            return None
+        return (digest, n) if isinstance(digest, str) and isinstance(n, int) and n > 0 else None
 
     def drop_derived(self, source: str) -> list[str]:
         """Delete artifact ``source`` and every stored artifact derived from it, in any namespace, and the
