@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from kvagent.server.ledger import Ledger
 
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -116,3 +119,20 @@ def long_text(tokens_wanted: int, tokenizer: Any) -> str:
         out.append(f"Section {i + 1}. {p}")
         i += 1
     return "\n\n".join(out)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    """A ledger (10% commission) on SQLite and on PostgreSQL (the x402 tests; a module using it imports the
+    pg_schema_dsn fixture of tests/test_server_postgres.py)."""
+    from kvagent.costs import market as mk
+    from kvagent.server.ledger import Ledger
+    from kvagent.server.meta import MetaStore, PostgresMeta, SQLiteMeta
+
+    meta: MetaStore
+    if request.param == "sqlite":
+        meta = SQLiteMeta(tmp_path / "meta.sqlite3")
+    else:
+        meta = PostgresMeta(request.getfixturevalue("pg_schema_dsn"))
+    yield Ledger(meta, mk.HostPrices(commission_bps=1_000))
+    meta.close()

@@ -38,7 +38,7 @@ from kvagent.payments import SpendCaps, Wallet, X402Terms, decode_header, encode
 from kvagent.payments.payer import Payer  # noqa: E402
 from kvagent.server.deposits import CHAIN, DEPOSIT, deposited, record_deposit  # noqa: E402
 from kvagent.server.ledger import Ledger  # noqa: E402
-from kvagent.server.meta import PostgresMeta, SQLiteMeta  # noqa: E402
+from kvagent.server.meta import SQLiteMeta  # noqa: E402
 from kvagent.server.withdrawals import TokenSender, WithdrawalRefused, withdraw, withdrawn  # noqa: E402
 from kvagent.server.x402 import X402Gateway  # noqa: E402
 from kvagent.server.x402_audit import chain_audit  # noqa: E402
@@ -346,17 +346,6 @@ def test_x402_hosted_facilitator_settles_then_down_moves_nothing(chain: Chain, b
 
 
 # -- money is conserved under concurrent wallet buyers -------------------------------------------------------
-@pytest.fixture(params=["sqlite", "postgres"])
-def any_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
-    meta: Any
-    if request.param == "sqlite":
-        meta = SQLiteMeta(tmp_path / "meta.sqlite3")
-    else:
-        meta = PostgresMeta(request.getfixturevalue("pg_schema_dsn"))
-    yield Ledger(meta, mk.HostPrices(commission_bps=1_000))
-    meta.close()
-
-
 def test_x402_32_concurrent_wallet_buyers_conserve_money(chain: Chain, any_ledger: Ledger) -> None:
     n, price, key = CROWD, 1_234, "c" * 64
     buyers = [Account.from_key(k) for k in chain.keys["buyers"][-n:]]

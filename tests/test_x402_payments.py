@@ -7,7 +7,6 @@ import logging
 import os
 import pickle
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ pytest.importorskip("x402", reason="needs the x402 SDK: pip install 'kvagent[x40
 from x402.http.utils import decode_payment_required_header, encode_payment_signature_header  # noqa: E402
 from x402.schemas import PaymentPayload, PaymentRequired  # noqa: E402
 
-from kvagent.costs import market as mk  # noqa: E402
 from kvagent.errors import ConfigError, PaymentDeclined  # noqa: E402
 from kvagent.payments import (  # noqa: E402
     SpendCaps,
@@ -33,7 +31,6 @@ from kvagent.payments.caps import usd  # noqa: E402
 from kvagent.payments.payer import Payer  # noqa: E402
 from kvagent.server.deposits import CHAIN, DEPOSIT, deposited, record_deposit  # noqa: E402
 from kvagent.server.ledger import Ledger  # noqa: E402
-from kvagent.server.meta import MetaStore, PostgresMeta, SQLiteMeta  # noqa: E402
 from tests.test_server_postgres import pg_schema_dsn  # noqa: E402,F401  (a fixture)
 
 KEY = "0x" + "11" * 32  # a throwaway key: never holds anything
@@ -161,18 +158,8 @@ def test_x402_payer_declines_without_signing() -> None:
 
 
 # -- the ledger's deposit ----------------------------------------------------------------------------------
-@pytest.fixture(params=["sqlite", "postgres"])
-def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
-    meta: MetaStore
-    if request.param == "sqlite":
-        meta = SQLiteMeta(tmp_path / "meta.sqlite3")
-    else:
-        meta = PostgresMeta(request.getfixturevalue("pg_schema_dsn"))
-    yield Ledger(meta, mk.HostPrices(commission_bps=1_000))
-    meta.close()
-
-
-def test_x402_deposit_is_posted_once_and_balances(ledger: Ledger) -> None:
+def test_x402_deposit_is_posted_once_and_balances(any_ledger: Ledger) -> None:
+    ledger = any_ledger
     buyer = wallet_principal("0x" + "12" * 20)
     with ledger.meta.transaction() as cur:
         first = record_deposit(ledger, cur, buyer, 4_000, NETWORK, TX)
@@ -186,7 +173,8 @@ def test_x402_deposit_is_posted_once_and_balances(ledger: Ledger) -> None:
     assert a.total == 0 and not a.unbalanced and a.transactions == {DEPOSIT: 1}
 
 
-def test_x402_deposit_rolls_back_with_its_purchase(ledger: Ledger) -> None:
+def test_x402_deposit_rolls_back_with_its_purchase(any_ledger: Ledger) -> None:
+    ledger = any_ledger
     """The deposit is written in the caller's transaction: if what it pays for fails, it was never there."""
     buyer = wallet_principal("0x" + "56" * 20)
     with pytest.raises(RuntimeError), ledger.meta.transaction() as cur:
