@@ -21,10 +21,15 @@ def facilitator_app(facilitator: Any) -> FastAPI:
     def dump(model: Any) -> dict[str, Any]:
         return model.model_dump(by_alias=True, exclude_none=True)  # type: ignore[no-any-return]
 
-    async def parse(request: Request) -> tuple[Any, Any]:
-        body = await request.json()
-        return (schemas.PaymentPayload.model_validate(body["paymentPayload"]),
-                schemas.PaymentRequirements.model_validate(body["paymentRequirements"]))
+    async def answer(request: Request, call: Any) -> JSONResponse:
+        """``call(payload, requirements)`` of the request's body, off the event loop; 400 when malformed."""
+        try:
+            body = await request.json()
+            payload = schemas.PaymentPayload.model_validate(body["paymentPayload"])
+            reqs = schemas.PaymentRequirements.model_validate(body["paymentRequirements"])
+        except (KeyError, ValueError, TypeError) as exc:
+            return JSONResponse({"error": f"malformed request: {type(exc).__name__}"}, status_code=400)
+        return JSONResponse(dump(await run_in_threadpool(call, payload, reqs)))
 
     @app.get("/supported")
     def supported() -> dict[str, Any]:
@@ -32,18 +37,10 @@ def facilitator_app(facilitator: Any) -> FastAPI:
 
     @app.post("/verify")
     async def verify(request: Request) -> JSONResponse:
-        try:
-            payload, reqs = await parse(request)
-        except (KeyError, ValueError, TypeError) as exc:
-            return JSONResponse({"error": f"malformed request: {type(exc).__name__}"}, status_code=400)
-        return JSONResponse(dump(await run_in_threadpool(facilitator.verify, payload, reqs)))
+        return await answer(request, facilitator.verify)
 
     @app.post("/settle")
     async def settle(request: Request) -> JSONResponse:
-        try:
-            payload, reqs = await parse(request)
-        except (KeyError, ValueError, TypeError) as exc:
-            return JSONResponse({"error": f"malformed request: {type(exc).__name__}"}, status_code=400)
-        return JSONResponse(dump(await run_in_threadpool(facilitator.settle, payload, reqs)))
+        return await answer(request, facilitator.settle)
 
     return app
