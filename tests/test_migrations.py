@@ -223,7 +223,12 @@ def test_upgrade_in_place_keeps_every_row(
         cur.execute("SELECT COUNT(*) FROM auth_tokens")
         assert cur.fetchone()[0] == 0
     upgraded = shape(db)
-    assert {t: s for t, s in upgraded.items() if t in legacy_shape} == legacy_shape  # nothing rebuilt
+    # nothing rebuilt: the legacy tables keep their shape, the artifacts table gains one index (0004)
+    cols, pk, uniq, idx = upgraded["artifacts"]
+    assert ("ix_artifacts_access", ("key", "owner", "visibility"), False) in idx
+    upgraded_legacy = {t: s for t, s in upgraded.items() if t in legacy_shape}
+    upgraded_legacy["artifacts"] = (cols, pk, uniq, [i for i in idx if i[0] != "ix_artifacts_access"])
+    assert upgraded_legacy == legacy_shape
     assert set(upgraded) - set(legacy_shape) == {"alembic_version", "auth_tokens", "market_requests",
                                                  "market_refunds"}
 
@@ -343,16 +348,16 @@ def test_no_migrate_refuses_an_old_schema_and_db_current_names_the_version(
     assert capsys.readouterr().out.strip() == f"upgraded 0001_baseline -> {schema.head()}"
     assert schema.prepare(db, migrate=False) == schema.head()
     assert cli.main(["db", "current", *opt]) == 0
-    assert capsys.readouterr().out.strip() == "0003_idempotent_requests (head)"
+    assert capsys.readouterr().out.strip() == "0004_artifact_access_index (head)"
     assert cli.main(["db", "history"]) == 0
     out = capsys.readouterr().out
     assert out.index("0001_baseline") < out.index("0002_auth_tokens") < out.index(
-        "0003_idempotent_requests (head)")
+        "0004_artifact_access_index (head)")
 
 
 def test_postgres_meta_checks_without_migrating() -> None:
     with fresh_schema("kvmigc") as dsn:
-        with pytest.raises(SchemaVersionError, match="needs '0003_idempotent_requests'"):
+        with pytest.raises(SchemaVersionError, match="needs '0004_artifact_access_index'"):
             PostgresMeta(dsn, migrate=False)
         PostgresMeta(dsn).close()
         PostgresMeta(dsn, migrate=False).close()
