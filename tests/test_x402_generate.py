@@ -117,3 +117,26 @@ def test_x402_paid_chat_on_a_priced_host_keeps_the_give_back_on_the_wallets_bala
     assert s["deposited"] == price and s["balance"] == price - charged  # what was not used stays its own
     a = audit(gen_server)
     assert a["total"] == 0 and not a["unbalanced"] and not a["negative"]
+
+
+def test_x402_chat_price_does_not_depend_on_whose_cache_the_prompt_is_in(
+        chain: Chain, gen_server: ServerProcess) -> None:
+    """The 402 is priced for an anonymous caller, the paid request for the wallet, whose private prompt cache
+    may hold the prompt already: an x402 pre-charge counts no prompt token as cached (the settlement gives
+    the cache's discount back), so the amount signed for is the amount checked."""
+    model_id = httpx.get(gen_server.url + "/v1/models", headers=ALICE).json()["data"][0]["id"]
+    body = {"model": model_id, "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "user", "content": "a wallet asks this twice: t3 t1 t4 t1 t5"}]}
+    url = gen_server.url + "/v1/chat/completions"
+    p = buyer(chain, 30, cap=10_000)
+    with httpx.Client(timeout=120) as c:
+        first, pay1 = request_paying(c, "POST", url, p, json=body)
+        assert first.status_code == 200 and pay1 is not None, first.text
+        assert first.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        # the same prompt again (another request: more tokens): the wallet's own cache holds its KV now
+        second, pay2 = request_paying(c, "POST", url, p, json={**body, "max_tokens": 5})
+        assert second.status_code == 200 and pay2 is not None, second.text
+        assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        usage = second.json()["usage"]
+        uncached = 5 * usage["prompt_tokens"] + 20 * usage["completion_tokens"]  # PRICES, per token
+        assert int(second.headers["X-KVAgent-Charged"]) < uncached  # the cache's discount was given back

@@ -383,6 +383,12 @@ class _Run:
             except ApiError:
                 row = None
         cached = info.cached_tokens if info else 0
+        if self.st.x402 is not None:
+            # a 402's x402 requirements are priced before the buyer is known (anonymous, or a bearer whose
+            # cache may change before it pays) and the paid request's after (the wallet's own private cache):
+            # the pre-charge counts no prompt token as cached, so the amount signed for is the amount checked;
+            # settling gives the cache's discount back
+            cached = 0
         self.charged_cached = cached
         self.receipt = await run_in_threadpool(
             market_routes.charge_chat, self.st, self.job.principal, self.request, len(self.job.ids), cached,
