@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import ConfigError, PaymentError, PaymentInvalid, SettlementFailed
 from ..payments import sdk
@@ -137,32 +137,19 @@ class X402Gateway:
         ``facilitator_unavailable``) when it cannot be asked. (Settling verifies too: a host that settles
         before serving need not call this first.)"""
         v = self.check(header, amount)
-        try:
-            res = self._server.verify_payment(v.payload, v.requirements)
-        except Exception as exc:
-            log.warning("x402 facilitator unavailable at verify: %s", type(exc).__name__)
-            raise PaymentError(f"the payment facilitator could not be asked: {type(exc).__name__}",
-                               "facilitator_unavailable") from exc
-        if not res.is_valid and res.invalid_reason in UNAVAILABLE:
-            raise PaymentError(f"the payment facilitator could not check the payment: {res.invalid_reason}",
-                               "facilitator_unavailable")
+        res = _ask(lambda: self._server.verify_payment(v.payload, v.requirements), "verify", PaymentError)
         if not res.is_valid:
-            raise PaymentInvalid(f"payment refused: {res.invalid_reason}", res.invalid_reason or "invalid")
+            _refuse(res.invalid_reason, "check the payment", PaymentError,
+                    PaymentInvalid(f"payment refused: {res.invalid_reason}", res.invalid_reason or "invalid"))
         return replace(v, payer=str(res.payer or v.payer))
 
     def settle(self, v: Verified) -> Settlement:
         """Settle a verified payment on chain; :class:`SettlementFailed` (nothing moved) when it does not."""
-        try:
-            res = self._server.settle_payment(v.payload, v.requirements)
-        except Exception as exc:
-            log.warning("x402 facilitator unavailable at settle: %s", type(exc).__name__)
-            raise SettlementFailed(f"the payment facilitator could not be asked: {type(exc).__name__}",
-                                   "facilitator_unavailable") from exc
-        if not res.success and res.error_reason in UNAVAILABLE:
-            raise SettlementFailed(f"the payment facilitator could not settle: {res.error_reason}",
-                                   "facilitator_unavailable")
+        res = _ask(lambda: self._server.settle_payment(v.payload, v.requirements), "settle", SettlementFailed)
         if not res.success or not res.transaction:
-            raise SettlementFailed(f"payment not settled: {res.error_reason}", res.error_reason or "failed")
+            why = res.error_reason
+            _refuse(why, "settle", SettlementFailed,
+                    SettlementFailed(f"payment not settled: {why}", why or "failed"))
         return Settlement(res.transaction, str(res.payer or v.payer), str(res.network), v.amount, res)
 
 
@@ -193,6 +180,25 @@ class InFlight:
             with self._lock:
                 self._events.pop(key, None)
             ev.set()
+
+
+def _ask(call: Callable[[], Any], step: str, error: type[PaymentError]) -> Any:
+    """The facilitator's answer to ``call`` (its ``step``: verify or settle); ``error`` with reason
+    ``facilitator_unavailable`` when it cannot be asked."""
+    try:
+        return call()
+    except Exception as exc:
+        log.warning("x402 facilitator unavailable at %s: %s", step, type(exc).__name__)
+        raise error(f"the payment facilitator could not be asked: {type(exc).__name__}",
+                    "facilitator_unavailable") from exc
+
+
+def _refuse(reason: str | None, what: str, error: type[PaymentError], refusal: PaymentError) -> NoReturn:
+    """Raise for a negative answer: ``error`` (``facilitator_unavailable``) when ``reason`` says the
+    facilitator could not ``what`` (its chain RPC failed), else ``refusal``."""
+    if reason in UNAVAILABLE:
+        raise error(f"the payment facilitator could not {what}: {reason}", "facilitator_unavailable")
+    raise refusal
 
 
 def _same_offer(accepted: Any, ours: Any) -> bool:
