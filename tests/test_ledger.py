@@ -481,3 +481,30 @@ def test_a_transaction_is_refunded_once_however_many_refunds_race(meta: MetaStor
         cur.execute(meta.q("INSERT INTO market_refunds (txn, refund) VALUES (?, ?)"), (rec.txn, None))
     for n in nodes[1:]:
         n.meta.close()
+
+
+def test_a_free_charge_without_a_key_takes_no_write_transaction(meta: MetaStore,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a free host every chat is 'charged' nothing: that must not take the database's write lock (on SQLite
+    each such transaction serialised the concurrent requests behind an fsync). A priced one, or one with an
+    Idempotency-Key to claim, still does."""
+    free, priced = Ledger(meta, mk.HostPrices()), Ledger(meta, PRICES)
+    free.set_price("k1", "alice", 0)
+    opened: list[int] = []
+    real = meta.transaction
+
+    def counting() -> Any:
+        opened.append(1)
+        return real()
+
+    reads = meta.read
+    monkeypatch.setattr(meta, "read", lambda: reads() if meta.inline_reads else real())  # reads: not counted
+    monkeypatch.setattr(meta, "transaction", counting)
+    assert free.charge_generate("bob", "hosted-chat", mk.HOST, None, None, 100, 20, 10) is None
+    assert free.charge_load("bob", "k1", "alice", None, None) is None
+    assert opened == []
+    assert free.charge_generate("bob", "hosted-chat", mk.HOST, "key-1", None, 100, 20, 10) is None
+    assert len(opened) == 1  # an Idempotency-Key is still claimed (then released: nothing to charge)
+    with pytest.raises(mk.PaymentRefused):
+        priced.charge_generate("bob", "hosted-chat", mk.HOST, None, None, 100, 20, 10)
+    assert len(opened) == 2
