@@ -29,7 +29,12 @@ agent (the other servers have no principals: ``one`` only).
         [--vllm-cmd "<command line>"] [--transformers-cmd "transformers serve"] [--threads 2]
         [--max-batch N (default: the most agents)] [--prefill-chunk 256]
         [--repeats 3] [--peer-defaults | --dtype float32|bfloat16]
+        [--baseline-tree /path/to/an/older/checkout]  # adds the server "kvagent-base"
         [--json benchmarks/results/concurrent_agents.json]
+
+``kvagent-base`` is ``kvagent serve`` from another checkout (``--baseline-tree``, e.g. a ``git worktree`` of
+the code before a change), started like ``kvagent`` beside it in the same run: the before/after line of a
+change. Its float32 default is used as is (an older tree may not have ``--dtype``).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token-000001"
 PUBLISHER = "bench-publisher-token-0001"
 #: servers with principals (bearer tokens of their own): the only ones a ``distinct`` row is run on
-KVAGENT_SERVERS = ("kvagent", "kvagent-vllm")
+KVAGENT_SERVERS = ("kvagent", "kvagent-base", "kvagent-vllm")
 
 
 def agent_token(i: int) -> str:
@@ -162,10 +167,17 @@ def _vllm_flags(args: argparse.Namespace) -> list[str]:
     return [] if args.peer_defaults else shlex.split(args.vllm_args)
 
 
-def start_kvagent(tmp: Path, args: argparse.Namespace) -> Server | str:
+def start_kvagent(tmp: Path, args: argparse.Namespace, repo: Path = REPO, name: str = "kvagent"
+                  ) -> Server | str:
+    """``kvagent serve`` from the checkout ``repo`` (this one, or ``--baseline-tree`` as ``kvagent-base``)."""
+    tuning = _kvagent_tuning(args)
+    if repo != REPO:
+        if args.dtype not in (None, "float32"):
+            return f"{name}: an older tree may not take --dtype {args.dtype} (it runs float32)"
+        tuning = [] if args.peer_defaults else ["--max-batch", str(args.max_batch)]
     port = free_port()
     tokens = token_file(tmp, max(args.agents))
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(repo)}
     cmd = [
         sys.executable,
         "-m",
@@ -173,7 +185,7 @@ def start_kvagent(tmp: Path, args: argparse.Namespace) -> Server | str:
         "--port",
         str(port),
         "--data-dir",
-        str(tmp / "kvagent-data"),
+        str(tmp / f"{name}-data"),
         "--token-file",
         str(tokens),
         "--model",
@@ -184,13 +196,13 @@ def start_kvagent(tmp: Path, args: argparse.Namespace) -> Server | str:
         str(max(args.agents) + 8),
         "--prefill-chunk",
         str(args.prefill_chunk),
-        *_kvagent_tuning(args),
+        *tuning,
     ]
     return _launch(
-        "kvagent",
+        name,
         cmd,
         env,
-        tmp / "kvagent.log",
+        tmp / f"{name}.log",
         f"http://127.0.0.1:{port}",
         "smollm2",
         "/v1/healthz",
@@ -462,8 +474,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--servers",
         nargs="+",
         default=["kvagent", "vllm", "transformers"],
-        choices=["kvagent", "kvagent-vllm", "vllm", "vllm-connector", "transformers"],
+        choices=["kvagent", "kvagent-base", "kvagent-vllm", "vllm", "vllm-connector", "transformers"],
     )
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="another checkout of kvagent, run as the server kvagent-base beside kvagent")
     ap.add_argument(
         "--vllm-python",
         default=str(REPO / ".vllm-venv" / "bin" / "python"),
@@ -500,6 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     docs = {n: document(n) for n in args.doc_tokens}
     starters = {
         "kvagent": lambda tmp: start_kvagent(tmp, args),
+        "kvagent-base": lambda tmp: (start_kvagent(tmp, args, args.baseline_tree.resolve(), "kvagent-base")
+                                     if args.baseline_tree else "kvagent-base: needs --baseline-tree"),
         "kvagent-vllm": lambda tmp: start_kvagent_vllm(tmp, args),
         "vllm": lambda tmp: start_vllm(tmp, args, model_dir),
         "vllm-connector": lambda tmp: start_vllm(tmp, args, model_dir, connector=True),
