@@ -54,6 +54,7 @@ from .kvcache.identity import FORMAT_VERSION, KeyContext, block_hashes, document
 from .kvcache.prefix import shared_prefix
 from .kvcache.tensors import KVCache, KVLayout
 from .modes import AskMode, Publish, Verify
+from .options import Option, option_name, option_of, options_of
 from .reuse.info import CacheInfo, CacheStatus
 from .reuse.resolver import ClientSource, KVMemory, Resolution, Resolver, ResolverSettings
 from .runtime import Runtime, build_runtime
@@ -140,6 +141,7 @@ __all__ = [
     "KeyContext",
     "Limits",
     "ModelLoadError",
+    "Option",
     "Parsed",
     "PolicyParams",
     "PromptTurns",
@@ -174,6 +176,9 @@ __all__ = [
     "guided_json",
     "guided_tool_call",
     "normalize_tools",
+    "option_name",
+    "option_of",
+    "options_of",
     "parse_tool_calls",
     "render_chat",
     "require_tool_format",

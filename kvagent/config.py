@@ -1,4 +1,5 @@
-"""Configuration in one place: every option, its default and its KVAGENT_* variable is declared once, here.
+"""Configuration in one place: every SDK option, its default, its KVAGENT_* variable and its doc is
+declared once, here (as ``kvagent.options`` fields).
 
 Explicit arguments override KVAGENT_* variables, which override defaults (``Config.from_env``). The
 runtime (``kvagent.runtime``), the ``KVAgent`` facade, the server host and the LangChain models all take
@@ -9,14 +10,15 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import MISSING, dataclass, field, fields, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .costs.market import DEFAULT_PREFILL_MICROS_PER_TOKEN
 from .errors import ConfigError
 from .modes import Publish, Verify
+from .options import declare, option_field
 
 if TYPE_CHECKING:
     from .costs.policy import PolicyParams
@@ -140,18 +142,11 @@ def _env_policy(name: str, raw: str) -> PolicyParams:
         raise ConfigError(f"{name}: {exc}") from exc
 
 
-def _opt(default: Any = MISSING, *, env: str | None = None, parse: Callable[[str, str], Any] = _env_str,
-         factory: Callable[[], Any] | None = None, show: bool = True) -> Any:
-    """A Config field: its default (or ``factory``), its KVAGENT_* variable and how to read that variable."""
-    meta = {"env": env, "parse": parse}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta, repr=show)
-    return field(default=default, metadata=meta, repr=show)
-
-
 @dataclass(frozen=True)
 class Config:
-    """Resolved settings of a kvagent runtime.
+    """Resolved settings of a kvagent runtime: every option of kvagent declared once (``kvagent.options``),
+    with its default, its KVAGENT_* variable and its doc; the server, the vLLM connector and the resolver
+    derive their fields of the same settings from these.
 
     ``cache_dir`` holds the local KV store (``<cache_dir>/kv``) and the calibration file; ``models_dir``
     holds converted models (the user cache dir by default, shared by every cache_dir, so the embedded model
@@ -159,54 +154,80 @@ class Config:
     """
 
     # the model
-    model: str = _opt(DEFAULT_MODEL, env="KVAGENT_MODEL")
-    models_dir: Path = _opt(factory=lambda: _default_cache_dir() / "models", env="KVAGENT_MODELS_DIR")
-    # auto|float32|bfloat16|float16; auto: bfloat16 where the hardware computes it natively (kvagent.dtypes).
-    # float32 by default: the one dtype in which greedy output after reuse equals a full prefill's
-    # (docs/deploy.md)
-    dtype: str = _opt("float32", env="KVAGENT_DTYPE")
-    system_prompt: str | None = _opt(None)  # None: the chat template's own default
-    prefill_chunk_size: int | None = _opt(None, env="KVAGENT_PREFILL_CHUNK_SIZE", parse=_env_int)
-    allow_context_overflow: bool = _opt(False, env="KVAGENT_ALLOW_CONTEXT_OVERFLOW", parse=_env_bool)
+    model: str = declare(DEFAULT_MODEL, env="KVAGENT_MODEL",
+                         doc="'smollm2', a local model directory or a cached Hugging Face id")
+    models_dir: Path = declare(factory=lambda: _default_cache_dir() / "models", env="KVAGENT_MODELS_DIR",
+                               doc="where converted models are cached")
+    dtype: str = declare(
+        "float32", env="KVAGENT_DTYPE",
+        doc="auto|float32|bfloat16|float16; auto: bfloat16 where the hardware computes it natively "
+        "(kvagent.dtypes). float32 by default: the one dtype in which greedy output after reuse equals a "
+        "full prefill's (docs/deploy.md)")
+    system_prompt: str | None = declare(None, doc="None: the chat template's own default")
+    prefill_chunk_size: int | None = declare(None, env="KVAGENT_PREFILL_CHUNK_SIZE", parse=_env_int,
+                                             doc="tokens per prefill forward (None: the whole prompt)")
+    allow_context_overflow: bool = declare(False, env="KVAGENT_ALLOW_CONTEXT_OVERFLOW", parse=_env_bool,
+                                           doc="run past the model's context length instead of refusing")
     # the local caches
-    cache_dir: Path = _opt(factory=_default_cache_dir, env="KVAGENT_CACHE_DIR")
-    cache_size_bytes: int = _opt(10 * 1024**3, env="KVAGENT_CACHE_SIZE", parse=_env_int)
-    memory_slots: int = _opt(2, env="KVAGENT_MEMORY_SLOTS", parse=_env_int)
-    block_size: int = _opt(256, env="KVAGENT_BLOCK_SIZE", parse=_env_int)
-    codec: str = _opt("raw", env="KVAGENT_CODEC")
-    lock_timeout: float = _opt(600.0, env="KVAGENT_LOCK_TIMEOUT", parse=_env_float)
-    calibration: str | Path | bool | None = _opt(None, env="KVAGENT_CALIBRATION")  # a file; False: none
-    # a host (``kvagent serve --model``) with no measured prefill for its machine + model measures a few short
-    # forwards before it serves (about 2 s), so its first decisions are not made on assumed constants
-    calibrate_at_start: bool = _opt(True, env="KVAGENT_CALIBRATE_AT_START", parse=_env_bool)
+    cache_dir: Path = declare(factory=_default_cache_dir, env="KVAGENT_CACHE_DIR",
+                              doc="the local KV store (<cache_dir>/kv) and the calibration file")
+    cache_size_bytes: int = declare(10 * 1024**3, env="KVAGENT_CACHE_SIZE", parse=_env_int,
+                                    doc="disk budget of the local KV store")
+    memory_slots: int = declare(2, env="KVAGENT_MEMORY_SLOTS", parse=_env_int,
+                                doc="decoded KVs kept in memory")
+    block_size: int = declare(256, env="KVAGENT_BLOCK_SIZE", parse=_env_int,
+                              doc="tokens per hashed block of a prefix")
+    codec: str = declare("raw", env="KVAGENT_CODEC", doc="the artifacts' lossless codec")
+    lock_timeout: float = declare(600.0, env="KVAGENT_LOCK_TIMEOUT", parse=_env_float,
+                                  doc="seconds to wait for the lock of a KV another process computes")
+    calibration: str | Path | bool | None = declare(
+        None, env="KVAGENT_CALIBRATION", doc="the calibration file (None: cache_dir's; False: none)")
+    calibrate_at_start: bool = declare(
+        True, env="KVAGENT_CALIBRATE_AT_START", parse=_env_bool,
+        doc="a host (kvagent serve --model) with no measured prefill for its machine + model measures a "
+        "few short forwards before it serves (about 2 s), so its first decisions are not made on assumed "
+        "constants")
     # checking what comes from elsewhere
-    verify: Verify = _opt(Verify.SAMPLE, env="KVAGENT_VERIFY")  # "none", "sample" or "full"
-    verify_probes: int = _opt(64, env="KVAGENT_VERIFY_PROBES", parse=_env_int)
-    trusted_keys: tuple[str, ...] | None = _opt(None, env="KVAGENT_TRUSTED_KEYS", parse=_env_keys)
+    verify: Verify = declare(Verify.SAMPLE, env="KVAGENT_VERIFY",
+                             doc="how KV from elsewhere is checked against its tokens: none, sample or full")
+    verify_probes: int = declare(64, env="KVAGENT_VERIFY_PROBES", parse=_env_int,
+                                 doc="positions a sample verification checks")
+    trusted_keys: tuple[str, ...] | None = declare(None, env="KVAGENT_TRUSTED_KEYS", parse=_env_keys,
+                                                   doc="publisher keys whose signatures are trusted")
     # the registry
-    registry_url: str | None = _opt(None, env="KVAGENT_REGISTRY_URL")
-    registry_token: str | None = _opt(None, env="KVAGENT_REGISTRY_TOKEN", show=False)
-    local_only: bool = _opt(True, env="KVAGENT_LOCAL_ONLY", parse=_env_bool)  # default: no registry_url
-    # seconds each registry request may take (None: the client's, 3 s to connect and 20 s to read)
-    registry_timeout: float | None = _opt(None, env="KVAGENT_REGISTRY_TIMEOUT", parse=_env_float)
-    # tries per registry request
-    registry_attempts: int = _opt(3, env="KVAGENT_REGISTRY_ATTEMPTS", parse=_env_int)
-    publisher: str | None = _opt(None, env="KVAGENT_PUBLISHER")
-    # publish what is computed: "none", "restricted" or "public" (a Publish; False: none, True: restricted)
-    publish: Publish = _opt(Publish.NONE)
-    # the cost policy's settings (None: kvagent.costs.policy's defaults)
-    policy: PolicyParams | None = _opt(None, env="KVAGENT_POLICY", parse=_env_policy)
-    # money, integer micro-units: None = no limit
-    max_price_per_load: int | None = _opt(None, env="KVAGENT_MAX_PRICE_PER_LOAD", parse=_env_money)
-    budget: int | None = _opt(None, env="KVAGENT_BUDGET", parse=_env_money)
-    prefill_cost_per_token: int = _opt(
-        DEFAULT_PREFILL_MICROS_PER_TOKEN, env="KVAGENT_PREFILL_COST_PER_TOKEN", parse=_env_money
-    )
-    # x402: a wallet pays a priced artifact's 402 by itself, within max_price_per_load and budget. A key
-    # file's path, or True: the key in KVAGENT_WALLET_KEY (set, it turns this on). The key is never kept here.
-    wallet: str | Path | bool | None = _opt(None, env="KVAGENT_WALLET_KEY", parse=_env_wallet)
-    # tokens the wallet may pay in beyond the x402 SDK's own (USDC): "eip155:31337/0x...", comma-separated
-    wallet_assets: tuple[tuple[str, str], ...] = _opt((), env="KVAGENT_WALLET_ASSETS", parse=_env_assets)
+    registry_url: str | None = declare(None, env="KVAGENT_REGISTRY_URL", doc="the registry (None: none)")
+    registry_token: str | None = declare(None, env="KVAGENT_REGISTRY_TOKEN", secret=True,
+                                         doc="the registry's bearer token")
+    local_only: bool = declare(True, env="KVAGENT_LOCAL_ONLY", parse=_env_bool,
+                               doc="use no registry (default: True unless a registry_url is given)")
+    registry_timeout: float | None = declare(
+        None, env="KVAGENT_REGISTRY_TIMEOUT", parse=_env_float,
+        doc="seconds each registry request may take (None: the client's, 3 s to connect and 20 s to read)")
+    registry_attempts: int = declare(3, env="KVAGENT_REGISTRY_ATTEMPTS", parse=_env_int,
+                                     doc="tries per registry request")
+    publisher: str | None = declare(None, env="KVAGENT_PUBLISHER", doc="the name recorded in saved artifacts")
+    publish: Publish = declare(
+        Publish.NONE,
+        doc="publish what is computed: none, restricted or public (a Publish; False: none, True: restricted)")
+    policy: PolicyParams | None = declare(
+        None, env="KVAGENT_POLICY", parse=_env_policy,
+        doc="the cost policy's settings (None: kvagent.costs.policy's defaults)")
+    # money, integer micro-units
+    max_price_per_load: int | None = declare(None, env="KVAGENT_MAX_PRICE_PER_LOAD", parse=_env_money,
+                                             doc="never buy a load above this (None: no limit)")
+    budget: int | None = declare(None, env="KVAGENT_BUDGET", parse=_env_money,
+                                 doc="never spend more than this in all (None: no limit)")
+    prefill_cost_per_token: int = declare(DEFAULT_PREFILL_MICROS_PER_TOKEN,
+                                          env="KVAGENT_PREFILL_COST_PER_TOKEN", parse=_env_money,
+                                          doc="what a local prefill costs, per token")
+    wallet: str | Path | bool | None = declare(
+        None, env="KVAGENT_WALLET_KEY", parse=_env_wallet,
+        doc="x402: a wallet pays a priced artifact's 402 by itself, within max_price_per_load and budget. A "
+        "key file's path, or True: the key in KVAGENT_WALLET_KEY (set, it turns this on); never kept here")
+    wallet_assets: tuple[tuple[str, str], ...] = declare(
+        (), env="KVAGENT_WALLET_ASSETS", parse=_env_assets,
+        doc="tokens the wallet may pay in beyond the x402 SDK's own (USDC): 'eip155:31337/0x...', "
+        "comma-separated")
 
     @property
     def store_dir(self) -> Path:
@@ -230,10 +251,10 @@ class Config:
             if given.get(f.name) is not None:
                 values[f.name] = given[f.name]
                 continue
-            env = f.metadata.get("env")
-            raw = os.environ.get(env) if env else None
-            if raw is not None and raw.strip() != "":
-                values[f.name] = f.metadata["parse"](env, raw)
+            opt = option_field(f)
+            raw = os.environ.get(opt.env) if opt.env else None
+            if opt.env and raw is not None and raw.strip() != "":
+                values[f.name] = (opt.parse or _env_str)(opt.env, raw)
         if "local_only" not in values:
             values["local_only"] = values.get("registry_url") is None
         return cls(**values)._checked()

@@ -22,6 +22,7 @@ from .engines.params import GenerationParams
 from .errors import ArtifactError, ConfigError, EngineError, RegistryError
 from .kvcache.identity import KeyContext, sha256_hex, tokenizer_fingerprint
 from .models import LoadedModel, load_model, model_fingerprint
+from .options import option_name, options_of
 from .reuse.resolver import ClientSource, KVMemory, Resolver, ResolverSettings
 from .tiers.store import KVStore
 
@@ -75,13 +76,11 @@ class Runtime:
 
 
 def resolver_settings(config: Config, policy: pol.PolicyParams) -> ResolverSettings:
-    """The resolver's settings from a Config (the same values, under the resolver's names)."""
-    return ResolverSettings(
-        block_size=config.block_size, verify=config.verify, verify_probes=config.verify_probes,
-        lock_timeout=config.lock_timeout, allow_context_overflow=config.allow_context_overflow, policy=policy,
-        max_price_per_load=config.max_price_per_load, budget=config.budget,
-        prefill_cost_per_token=config.prefill_cost_per_token,
-    )
+    """The resolver's settings from a Config: the value of each Config option a ResolverSettings field derives
+    from, and ``policy`` (the Config's, with kvagent's defaults where it has none)."""
+    values = {name: getattr(config, option_name(Config, opt.declaration))
+              for name, opt in options_of(ResolverSettings).items() if name != "policy"}
+    return ResolverSettings(policy=policy, **values)
 
 
 def build_runtime(

@@ -9,114 +9,23 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from ..dtypes import DTYPE_CHOICES
 from ..engines.plugins import DEFAULT_ENGINE, load_engine_factory
 from ..errors import ConfigError, KVAgentError
+from ..options import add_arguments, from_arguments
 from .limits import ConnectionLimits
-from .settings import (
-    DEFAULT_MAX_ARTIFACT_BYTES,
-    SETTINGS_ENV,
-    TOKEN_STALE_FACTOR,
-    X402_OPTIONS,
-    Settings,
-    to_env,
-)
+from .settings import SETTINGS_ENV, Settings, to_env
 
 
 def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentParser:
+    """``kvagent serve``'s options: where it listens, then every ``Settings`` option with a flag (declared
+    there once: default, type, help), its worker count and connection limits."""
     ap = argparse.ArgumentParser(prog=prog, description="Run the kvagent registry / KV host server.")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8765)
-    ap.add_argument("--data-dir", type=Path, required=True, help="blobs and (by default) the SQLite metadata")
-    ap.add_argument(
-        "--token-file",
-        type=Path,
-        default=None,
-        help='JSON {"<token>": {"principal": ..., "publish": bool, "admin": bool, "limits": {...}}}, '
-        "imported into the database at start (tokens are also issued with `kvagent token`)",
-    )
-    ap.add_argument("--no-migrate", action="store_true",
-                    help="do not upgrade the database schema at start; refuse to serve unless it is current "
-                         "(run `kvagent db upgrade` first)")
-    ap.add_argument(
-        "--token-cache-seconds",
-        type=float,
-        default=2.0,
-        help="how long a node trusts a cached token lookup: revocations reach it within this time",
-    )
-    ap.add_argument(
-        "--token-stale-seconds",
-        type=float,
-        default=None,
-        help="while the database is unreachable, how long past its expiry a cached token lookup still "
-        f"answers before requests get 503 (default: --token-cache-seconds × {TOKEN_STALE_FACTOR:g})",
-    )
-    ap.add_argument(
-        "--model", default="none", help="'smollm2', a local model directory, or 'none' (no generate)"
-    )
-    ap.add_argument(
-        "--engine",
-        default="transformers",
-        help="the generation engine: 'transformers' (built in), 'vllm' (needs vllm-kvagent and vLLM), or a "
-        "module:attr engine factory",
-    )
-    ap.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                    help="the model's dtype, for every engine (default: KVAGENT_DTYPE or float32, the "
-                         "token-exact one; auto: bfloat16 where the CPU has AMX or AVX512-BF16 or the GPU "
-                         "supports it, as vLLM chooses)")
-    ap.add_argument("--models-dir", type=Path, default=None, help="where converted models are cached")
-    ap.add_argument("--postgres-dsn", default=None, help="use PostgreSQL for metadata instead of SQLite")
-    ap.add_argument("--max-artifact-bytes", type=int, default=DEFAULT_MAX_ARTIFACT_BYTES)
-    ap.add_argument("--kv-cache-items", type=int, default=2, help="decoded KVs kept in memory for generate")
-    ap.add_argument(
-        "--prices",
-        type=Path,
-        default=None,
-        help="host price file (JSON: currency, input/cached_input/output_per_mtok, commission_bps)",
-    )
-    ap.add_argument(
-        "--currency", default=None, help="the currency amounts count micro-units of (default uUSD)"
-    )
-    ap.add_argument("--dispute-verify", choices=("sample", "full"), default="full",
-                    help="how a disputed artifact is re-verified when a model runs here")
-    ap.add_argument(
-        "--blobs",
-        default=None,
-        metavar="DIR|s3://BUCKET/PREFIX",
-        help="where blobs live: a directory (default <data-dir>/blobs) or an S3-compatible bucket "
-        "(credentials, region and AWS_ENDPOINT_URL from the standard AWS_* variables)",
-    )
-    ap.add_argument(
-        "--presign-expiry", type=int, default=300, help="seconds a presigned blob URL stays valid"
-    )
+    add_arguments(ap, Settings)
     ap.add_argument("--workers", type=int, default=1, help="worker processes serving the same port")
-    ap.add_argument("--max-queue", type=int, default=None,
-                    help="chat/completion requests queued or running at once; more get 429 + Retry-After "
-                         "(default: twice --max-batch)")
-    ap.add_argument(
-        "--max-batch",
-        type=int,
-        default=None,
-        help="sequences decoded together, one forward per step; more admitted ones wait for a slot (default: "
-        "half the available memory / the KV bytes of one sequence at the model's full context, in 8..256)",
-    )
-    ap.add_argument(
-        "--prefill-chunk",
-        type=int,
-        default=256,
-        help="prompt-tail tokens prefilled between two decode steps (a longer tail is prefilled in chunks)",
-    )
-    ap.add_argument("--default-max-tokens", type=int, default=512,
-                    help="completion length of a chat request that sets no max_tokens")
-    ap.add_argument("--no-calibrate-at-start", dest="calibrate_at_start", action="store_false", default=None,
-                    help="serve at once even when the calibration has no measured prefill for this machine + "
-                         "model (default: measure a few short forwards first, about 2 s; "
-                         "KVAGENT_CALIBRATE_AT_START=0 does the same)")
-    ap.add_argument("--prompt-cache-bytes", type=int, default=2 << 30,
-                    help="disk budget of the host's private prompt-KV cache (chat endpoint)")
     d = ConnectionLimits()
     ap.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
                     help="seconds a client has to send its request headers (slowloris guard)")
@@ -133,41 +42,12 @@ def build_parser(prog: str = "python -m kvagent.server") -> argparse.ArgumentPar
     ap.add_argument(
         "--max-header-bytes", type=int, default=d.max_header_bytes, help="largest request head accepted"
     )
-    for flag, field, text in X402_OPTIONS:
-        ap.add_argument(flag, dest=field, default=None,
-                        type=Path if "Path" in str(Settings.__dataclass_fields__[field].type) else str,
-                        help=text)
     ap.add_argument("--log-level", default="info")
     return ap
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings(
-        data_dir=args.data_dir,
-        token_file=args.token_file,
-        model=args.model,
-        models_dir=args.models_dir,
-        postgres_dsn=args.postgres_dsn,
-        max_artifact_bytes=args.max_artifact_bytes,
-        kv_cache_items=args.kv_cache_items,
-        prices_file=args.prices,
-        currency=args.currency,
-        dispute_verify=args.dispute_verify,
-        blobs=args.blobs,
-        presign_expiry_s=args.presign_expiry,
-        max_queue=args.max_queue,
-        max_batch=args.max_batch,
-        prefill_chunk=args.prefill_chunk,
-        default_max_tokens=args.default_max_tokens,
-        prompt_cache_bytes=args.prompt_cache_bytes,
-        migrate=not args.no_migrate,
-        token_cache_s=args.token_cache_seconds,
-        token_stale_s=args.token_stale_seconds,
-        engine=args.engine,
-        calibrate_at_start=args.calibrate_at_start,
-        dtype=args.dtype,
-        **{field: getattr(args, field) for _, field, _h in X402_OPTIONS},
-    )
+    return Settings(**from_arguments(args, Settings))
 
 
 def limits_from_args(args: argparse.Namespace) -> ConnectionLimits:

@@ -8,6 +8,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..artifacts import format as art
 from ..engines import Cancel, EngineContext, EngineFactory, GenerationRequest, Sink
@@ -16,31 +17,33 @@ from ..engines.plugins import transformers_engine
 from ..errors import ModelLoadError, StoreError
 from ..kvcache.tensors import KVCache
 from ..models import EMBEDDED_NAMES, ensure_embedded, load_model
+from ..options import option_of
 from ..runtime import Runtime, build_runtime
 
 log = logging.getLogger("kvagent.server")
 
 
-def load_host_agent(spec: str, models_dir: Path, cache_dir: Path, *, memory_slots: int = 2,
-                    prompt_cache_bytes: int = 2 << 30, calibrate_at_start: bool | None = None,
-                    dtype: str | None = None) -> Runtime:
+def load_host_agent(spec: str, models_dir: Path, cache_dir: Path, *, prompt_cache_bytes: int | None = None,
+                    **options: Any) -> Runtime:
     """The host's model, tokenizer and resolver: a local-only runtime, built as an SDK agent's is, so its
-    keys,
-    block hashes and chat rendering are exactly those of an SDK agent on the same model (published artifacts
-    match).
+    keys, block hashes and chat rendering are exactly those of an SDK agent on the same model (published
+    artifacts match).
 
-    ``cache_dir`` holds the host's own prompt cache (private prompt KVs, salted per principal).
-    ``calibrate_at_start``: None takes the Config's (``KVAGENT_CALIBRATE_AT_START``); see
-    ``ModelHost.warm_up``. ``dtype``: None takes the Config's (``KVAGENT_DTYPE``, default ``auto``); the
-    model is loaded in it, and every engine of the host runs in the model's dtype.
+    ``cache_dir`` holds the host's own prompt cache (private prompt KVs, salted per principal), of
+    ``prompt_cache_bytes`` (None: ``Settings.prompt_cache_bytes``'s default). ``options``: further Config
+    options (``Settings.host_options``: ``memory_slots``, ``calibrate_at_start``, ``dtype``...), None taking
+    the Config's (its KVAGENT_* variable or default); see ``ModelHost.warm_up``. The model is loaded in the
+    Config's dtype, and every engine of the host runs in the model's dtype.
     """
     if spec.lower() not in EMBEDDED_NAMES and not Path(spec).expanduser().is_dir():
         raise ModelLoadError(f"--model {spec!r} is neither 'smollm2' nor a local model directory")
     from ..config import Config
+    from .settings import Settings
 
+    if prompt_cache_bytes is None:
+        prompt_cache_bytes = option_of(Settings, "prompt_cache_bytes").default
     config = Config.from_env(models_dir=models_dir, cache_dir=cache_dir, local_only=True,
-                             memory_slots=memory_slots, cache_size_bytes=prompt_cache_bytes,
-                             calibrate_at_start=calibrate_at_start, dtype=dtype)
+                             cache_size_bytes=prompt_cache_bytes, **options)
     loaded = load_model(spec, models_dir, dtype=config.dtype, require_tokenizer=False)
     log.info("host model %s in %s (dtype %s)", loaded.name, _dtype_of(loaded.model), config.dtype)
     return build_runtime(config.with_options(model=loaded.name), model=loaded)

@@ -7,9 +7,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..dtypes import check_dtype
-from ..engines.plugins import check_engine_name
+from ..config import Config
+from ..dtypes import DTYPE_CHOICES, check_dtype
+from ..engines.plugins import DEFAULT_ENGINE, check_engine_name
 from ..errors import ConfigError
+from ..options import declare, derive, option_name, options_of
 
 DEFAULT_MAX_ARTIFACT_BYTES = 8 << 30
 #: Largest JSON request body accepted (prefix lookups with 4096 hashes are ~270 KB).
@@ -22,57 +24,116 @@ TOKEN_STALE_FACTOR = 5.0
 
 @dataclass(frozen=True)
 class Settings:
-    """Where the server keeps its data, who may call it, and which model (if any) it runs."""
+    """Where the server keeps its data, who may call it, and which model (if any) it runs.
 
-    data_dir: Path
-    token_file: Path | None  # the JSON tokens imported into the database at start (None: import nothing)
-    model: str | None = None
-    models_dir: Path | None = None
-    postgres_dsn: str | None = None
-    max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
-    kv_cache_items: int = 2
-    block_size: int = 256
-    prices_file: Path | None = None  # the host's price file (kvagent.costs.market.HostPrices); None: free
-    # hosting
-    currency: str | None = None  # overrides the price file's currency (default uUSD)
-    dispute_verify: str = "full"  # how a model-running host re-verifies a disputed artifact
-    blobs: str | None = None  # None: <data_dir>/blobs; a directory; or s3://BUCKET[/PREFIX] (AWS_* variables)
-    presign_expiry_s: int = 300  # lifetime of a presigned blob URL (S3 backend)
-    prompt_cache_bytes: int = 2 << 30  # the host's private prompt-KV cache on disk (chat endpoint)
-    # chat/completion requests waiting or running at once; more get 429 + Retry-After (None: 2 x max_batch)
-    max_queue: int | None = None
-    # sequences the model decodes together; further admitted requests wait for a slot (None: sized from the
-    # memory the KV may take, kvagent.server.sizing)
-    max_batch: int | None = None
-    prefill_chunk: int = 256  # prompt-tail tokens prefilled between two decode steps (chunked prefill)
-    default_max_tokens: int = 512  # completion length when a request gives no max_tokens
-    # unreferenced blobs / temp files younger than this are left alone at startup
-    orphan_grace_s: float = 600.0
-    migrate: bool = True  # upgrade the database schema at start (False: refuse unless it is at head already)
-    # how long a node trusts its cached answer for a token (revocations take this long)
-    token_cache_s: float = 2.0
-    # how long past its expiry a cached token answer still serves while the database cannot be asked; then
-    # lookups fail closed (503). None: token_cache_s × TOKEN_STALE_FACTOR
-    token_stale_s: float | None = None
-    # the generation engine: "transformers", an installed engine ("vllm": vllm-kvagent) or module:attr
-    engine: str = "transformers"
-    # measure prefill before serving when the calibration has none for this machine + model (None: the
-    # host's Config, i.e. KVAGENT_CALIBRATE_AT_START or its default)
-    calibrate_at_start: bool | None = None
-    # the model's dtype: auto|float32|bfloat16|float16 (None: the host's Config, i.e. KVAGENT_DTYPE or
-    # float32);
-    # every engine of the host runs in it (kvagent.dtypes)
-    dtype: str | None = None
+    Each field is an option (``kvagent.options``) with its ``kvagent serve`` flag and help; a setting the SDK
+    has too (the model, its dtype, block size...) derives from :class:`~kvagent.config.Config`'s
+    declaration, None there meaning the host's Config (its KVAGENT_* variable or default).
+    """
+
+    data_dir: Path = declare(flag="--data-dir", doc="blobs and (by default) the SQLite metadata")
+    token_file: Path | None = declare(
+        None, flag="--token-file",
+        doc='JSON {"<token>": {"principal": ..., "publish": bool, "admin": bool, "limits": {...}}}, '
+        "imported into the database at start (tokens are also issued with `kvagent token`)")
+    migrate: bool = declare(
+        True, flag="--no-migrate",
+        doc="do not upgrade the database schema at start; refuse to serve unless it is current "
+        "(run `kvagent db upgrade` first)")
+    token_cache_s: float = declare(
+        2.0, flag="--token-cache-seconds",
+        doc="how long a node trusts a cached token lookup: revocations reach it within this time")
+    token_stale_s: float | None = declare(
+        None, flag="--token-stale-seconds",
+        doc="while the database is unreachable, how long past its expiry a cached token lookup still "
+        f"answers before requests get 503 (default: --token-cache-seconds × {TOKEN_STALE_FACTOR:g})")
+    model: str | None = derive(Config, "model", None, flag="--model",
+                               doc="'smollm2', a local model directory, or 'none' (no generate)")
+    engine: str = declare(
+        DEFAULT_ENGINE, flag="--engine",
+        doc="the generation engine: 'transformers' (built in), 'vllm' (needs vllm-kvagent and vLLM), or a "
+        "module:attr engine factory")
+    dtype: str | None = derive(
+        Config, "dtype", None, flag="--dtype", choices=DTYPE_CHOICES,
+        doc="the model's dtype, for every engine (default: KVAGENT_DTYPE or float32, the token-exact one; "
+        "auto: bfloat16 where the CPU has AMX or AVX512-BF16 or the GPU supports it, as vLLM chooses)")
+    models_dir: Path | None = derive(Config, "models_dir", None, flag="--models-dir")
+    postgres_dsn: str | None = declare(None, flag="--postgres-dsn",
+                                       doc="use PostgreSQL for metadata instead of SQLite")
+    max_artifact_bytes: int = declare(DEFAULT_MAX_ARTIFACT_BYTES, flag="--max-artifact-bytes",
+                                      doc="the largest artifact accepted, in bytes")
+    kv_cache_items: int = derive(Config, "memory_slots", flag="--kv-cache-items",
+                                 doc="decoded KVs kept in memory for generate")
+    prices_file: Path | None = declare(
+        None, flag="--prices",
+        doc="host price file (JSON: currency, input/cached_input/output_per_mtok, commission_bps)")
+    currency: str | None = declare(None, flag="--currency",
+                                   doc="the currency amounts count micro-units of (default uUSD)")
+    dispute_verify: str = declare("full", flag="--dispute-verify", choices=("sample", "full"),
+                                  doc="how a disputed artifact is re-verified when a model runs here")
+    blobs: str | None = declare(
+        None, flag="--blobs", metavar="DIR|s3://BUCKET/PREFIX",
+        doc="where blobs live: a directory (default <data-dir>/blobs) or an S3-compatible bucket "
+        "(credentials, region and AWS_ENDPOINT_URL from the standard AWS_* variables)")
+    presign_expiry_s: int = declare(300, flag="--presign-expiry",
+                                    doc="seconds a presigned blob URL stays valid")
+    max_queue: int | None = declare(
+        None, flag="--max-queue",
+        doc="chat/completion requests queued or running at once; more get 429 + Retry-After "
+        "(default: twice --max-batch)")
+    max_batch: int | None = declare(
+        None, flag="--max-batch",
+        doc="sequences decoded together, one forward per step; more admitted ones wait for a slot (default: "
+        "half the available memory / the KV bytes of one sequence at the model's full context, in 8..256)")
+    prefill_chunk: int = declare(
+        256, flag="--prefill-chunk",
+        doc="prompt-tail tokens prefilled between two decode steps (a longer tail is prefilled in chunks)")
+    default_max_tokens: int = declare(512, flag="--default-max-tokens",
+                                      doc="completion length of a chat request that sets no max_tokens")
+    calibrate_at_start: bool | None = derive(
+        Config, "calibrate_at_start", None, flag="--no-calibrate-at-start",
+        doc="serve at once even when the calibration has no measured prefill for this machine + model "
+        "(default: measure a few short forwards first, about 2 s; KVAGENT_CALIBRATE_AT_START=0 does the "
+        "same)")
+    prompt_cache_bytes: int = declare(2 << 30, flag="--prompt-cache-bytes",
+                                      doc="disk budget of the host's private prompt-KV cache (chat endpoint)")
+    block_size: int = derive(Config, "block_size",
+                             doc="tokens per hashed block of the registry's prefix index")
+    orphan_grace_s: float = declare(
+        600.0, doc="unreferenced blobs / temp files younger than this are left alone at startup")
     # x402 payments (kvagent.server.x402_setup; docs/market.md): all None, the server takes no x402
-    x402_wallet: Path | None = None  # the host's wallet key file (payee, payouts; or KVAGENT_X402_WALLET_KEY)
-    x402_pay_to: str | None = None  # the payee address, when the host holds no key here (no payouts then)
-    x402_network: str | None = None  # CAIP-2, e.g. eip155:8453 (Base), eip155:84532 (Base Sepolia)
-    x402_asset: str | None = None  # the token's address (USDC on the network)
-    x402_token_name: str | None = None  # its EIP-712 domain name (USDC: "USD Coin")
-    x402_token_version: str | None = None  # its EIP-712 domain version (USDC: "2")
-    x402_facilitator: str | None = None  # a hosted facilitator's URL (else one runs in process)
-    x402_facilitator_key: Path | None = None  # the in-process facilitator's gas key file (or env)
-    x402_rpc: str | None = None  # the chain's JSON-RPC URL (in-process facilitator, payouts, audit)
+    x402_wallet: Path | None = declare(
+        None, flag="--x402-wallet",
+        doc="the host's wallet key file: it is paid (payTo) and sends payouts "
+        "(or set KVAGENT_X402_WALLET_KEY)")
+    x402_pay_to: str | None = declare(
+        None, flag="--x402-pay-to", doc="the payee address when the host's key is not kept here (no payouts)")
+    x402_network: str | None = declare(
+        None, flag="--x402-network", doc="CAIP-2 network: eip155:8453 (Base), eip155:84532 (Base Sepolia)")
+    x402_asset: str | None = declare(None, flag="--x402-asset",
+                                     doc="the token's contract address (USDC on that network)")
+    x402_token_name: str | None = declare(None, flag="--x402-token-name",
+                                          doc="the token's EIP-712 name (default 'USD Coin')")
+    x402_token_version: str | None = declare(None, flag="--x402-token-version",
+                                             doc="the token's EIP-712 version (default '2')")
+    x402_facilitator: str | None = declare(
+        None, flag="--x402-facilitator", doc="a hosted x402 facilitator's URL (default: one in process)")
+    x402_facilitator_key: Path | None = declare(
+        None, flag="--x402-facilitator-key",
+        doc="the in-process facilitator's key file; it pays the settlement gas (or set "
+        "KVAGENT_X402_FACILITATOR_KEY)")
+    x402_rpc: str | None = declare(
+        None, flag="--x402-rpc",
+        doc="the chain's JSON-RPC URL (in-process facilitator, payouts, chain audit)")
+
+    def host_options(self) -> dict[str, Any]:
+        """The Config options of the host's runtime that these settings give, under Config's names: each
+        option derived from Config's (None: the Config's own, i.e. its KVAGENT_* variable or default), but
+        the model and models_dir (the host resolves and loads the model itself) and block_size (the
+        registry's index)."""
+        return {option_name(Config, opt.declaration): getattr(self, name)
+                for name, opt in options_of(Settings).items()
+                if opt.of is not None and name not in ("model", "models_dir", "block_size")}
 
     @property
     def x402_configured(self) -> bool:
@@ -107,20 +168,10 @@ class Settings:
             object.__setattr__(self, "model", None)
 
 
-#: The ``--x402-*`` options, declared once: (flag, Settings field, help); ``python -m kvagent.server`` and
-#: ``kvagent serve`` add them from here.
-X402_OPTIONS: tuple[tuple[str, str, str], ...] = (
-    ("--x402-wallet", "x402_wallet", "the host's wallet key file: it is paid (payTo) and sends payouts "
-     "(or set KVAGENT_X402_WALLET_KEY)"),
-    ("--x402-pay-to", "x402_pay_to", "the payee address when the host's key is not kept here (no payouts)"),
-    ("--x402-network", "x402_network", "CAIP-2 network: eip155:8453 (Base), eip155:84532 (Base Sepolia)"),
-    ("--x402-asset", "x402_asset", "the token's contract address (USDC on that network)"),
-    ("--x402-token-name", "x402_token_name", "the token's EIP-712 name (default 'USD Coin')"),
-    ("--x402-token-version", "x402_token_version", "the token's EIP-712 version (default '2')"),
-    ("--x402-facilitator", "x402_facilitator", "a hosted x402 facilitator's URL (default: one in process)"),
-    ("--x402-facilitator-key", "x402_facilitator_key", "the in-process facilitator's key file; it pays the "
-     "settlement gas (or set KVAGENT_X402_FACILITATOR_KEY)"),
-    ("--x402-rpc", "x402_rpc", "the chain's JSON-RPC URL (in-process facilitator, payouts, chain audit)"),
+#: The ``--x402-*`` options: (flag, Settings field, help), from their declarations in ``Settings``.
+X402_OPTIONS: tuple[tuple[str, str, str], ...] = tuple(
+    (opt.flag, name, opt.doc) for name, opt in options_of(Settings).items()
+    if name.startswith("x402_") and opt.flag is not None
 )
 
 

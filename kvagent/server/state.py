@@ -216,15 +216,8 @@ def build_state(settings: Settings) -> State:
 
         models_dir = Path(settings.models_dir) if settings.models_dir else Config.from_env().models_dir
         engine_factory = load_engine_factory(settings.engine)  # a bad engine fails before the model loads
-        agent = load_host_agent(
-            settings.model,
-            models_dir,
-            data_dir / "host-cache",
-            memory_slots=settings.kv_cache_items,
-            prompt_cache_bytes=settings.prompt_cache_bytes,
-            calibrate_at_start=settings.calibrate_at_start,
-            dtype=settings.dtype,
-        )
+        agent = load_host_agent(settings.model, models_dir, data_dir / "host-cache",
+                                prompt_cache_bytes=settings.prompt_cache_bytes, **settings.host_options())
         max_batch, max_queue = sized(settings, agent.engine)
         host = ModelHost(agent, settings.model, settings.kv_cache_items, max_batch,
                          engine_factory, model_path(settings.model, models_dir), settings.prefill_chunk)

@@ -16,6 +16,7 @@ from ..config import Config
 from ..costs import policy as pol
 from ..kvcache.identity import KeyContext, block_hashes, document_key
 from ..kvcache.tensors import KVCache
+from ..options import derive
 
 #: progress(done, total) while prefilling
 PrefillProgress = Callable[[int, int], None]
@@ -90,14 +91,15 @@ class Candidate:
 @dataclass
 class ResolverSettings:
     """What the resolver needs to know besides its components: the values of the same-named
-    :class:`~kvagent.config.Config` options (their defaults are Config's; ``kvagent.runtime`` fills them)."""
+    :class:`~kvagent.config.Config` options, derived from their declarations there (so their defaults are
+    Config's; ``kvagent.runtime`` fills them)."""
 
-    block_size: int = Config.block_size
-    verify: str = Config.verify
-    verify_probes: int = Config.verify_probes
-    lock_timeout: float = Config.lock_timeout
-    allow_context_overflow: bool = Config.allow_context_overflow
-    policy: pol.PolicyParams = field(default_factory=pol.PolicyParams)
-    max_price_per_load: int | None = Config.max_price_per_load  # never buy a load above this (None: no limit)
-    budget: int | None = Config.budget  # never spend more than this in all (None: unlimited)
-    prefill_cost_per_token: int = Config.prefill_cost_per_token  # what a local prefill costs, per token
+    block_size: int = derive(Config, "block_size")
+    verify: str = derive(Config, "verify")
+    verify_probes: int = derive(Config, "verify_probes")
+    lock_timeout: float = derive(Config, "lock_timeout")
+    allow_context_overflow: bool = derive(Config, "allow_context_overflow")
+    policy: pol.PolicyParams = derive(Config, "policy", factory=pol.PolicyParams)
+    max_price_per_load: int | None = derive(Config, "max_price_per_load")
+    budget: int | None = derive(Config, "budget")
+    prefill_cost_per_token: int = derive(Config, "prefill_cost_per_token")

@@ -182,3 +182,48 @@ def test_x402_wallet_is_a_key_file_or_the_environment() -> None:
     for bad in ({"wallet": 3}, {"wallet_assets": ["eip155:1/0x00"]}):
         with pytest.raises(ConfigError):
             ConnectorSettings.from_extra(bad)
+
+
+def test_every_setting_shared_with_config_derives_from_its_declaration() -> None:
+    """The connector declares only its own options; a setting kvagent's Config has (under its name or alias)
+    is derived from Config's declaration, reads no variable itself, and never copies its default."""
+    from kvagent import Config, options_of
+
+    config = options_of(Config)
+    shared = {**{n: n for n in config}, "token": "registry_token"}  # token: Config's alias too
+    own = set()
+    for name, opt in options_of(ConnectorSettings).items():  # a field without an Option record raises
+        if name in shared:
+            assert opt.of is not None and opt.declaration is config[shared[name]], name
+        if opt.of is None:
+            own.add(name)
+        else:
+            assert opt.env is None and opt.declaration in config.values(), name
+    assert own == {"price", "min_save_tokens", "engines", "prefill_tokens_per_s", "bandwidth_bytes_per_s",
+                   "salted_reads"}
+
+
+def test_the_connectors_agent_sees_configs_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Left unset, a shared option is Config's: the same default, or None (and calibration's True) that the
+    connector's agent resolves through Config, so a KVAGENT_* variable reaches it too."""
+    from kvagent import Config, options_of
+
+    for opt in options_of(Config).values():
+        if opt.env:
+            monkeypatch.delenv(opt.env, raising=False)
+    monkeypatch.setenv("KVAGENT_CACHE_DIR", str(tmp_path))
+    defaults, s = Config.from_env(), ConnectorSettings.from_extra(None)
+    assert s.publish is defaults.publish  # a default kept, not resolved later
+    options = s.config_options()
+    assert set(options) == {"cache_dir", "registry_url", "registry_token", "max_price_per_load", "budget",
+                            "wallet", "wallet_assets", "verify", "calibration", "publisher"}
+    agent = Config.from_env(**options)
+    for name in options:
+        assert getattr(agent, name) == getattr(defaults, name), name
+    monkeypatch.setenv("KVAGENT_VERIFY", "full")
+    monkeypatch.setenv("KVAGENT_BUDGET", "7")
+    agent = Config.from_env(**options)
+    assert (agent.verify, agent.budget) == ("full", 7)
+    given = ConnectorSettings.from_extra({"calibration": False, "token": "t-1", "registry_url": "http://r:1"})
+    agent = Config.from_env(**given.config_options())
+    assert (agent.calibration, agent.registry_token, agent.registry_url) == (False, "t-1", "http://r:1")

@@ -152,22 +152,9 @@ class KVAgentConnector(KVConnectorBase_V1):
         policy = PolicyParams(
             prefill_tokens_per_s=s.prefill_tokens_per_s, bandwidth_bytes_per_s=s.bandwidth_bytes_per_s
         )
-        return KVAgent(
-            s.model or vllm_config.model_config.model,
-            policy=policy,
-            cache_dir=self.cache_dir,
-            registry_url=s.registry_url,
-            token=s.token,
-            verify=s.verify,
-            max_price_per_load=s.max_price_per_load,
-            budget=s.budget,
-            wallet=s.wallet,
-            wallet_assets=s.wallet_assets,
-            memory_slots=0,
-            dtype=dtype,
-            calibration=None if s.calibration else False,
-            publisher=s.publisher,
-        )
+        options = {**s.config_options(), "cache_dir": self.cache_dir}
+        return KVAgent(s.model or vllm_config.model_config.model, policy=policy, memory_slots=0, dtype=dtype,
+                       **options)
 
     # ==============================
     # Scheduler side

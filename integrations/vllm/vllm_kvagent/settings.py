@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kvagent import ConfigError, Publish, Verify
+from kvagent import Config, ConfigError, Option, Publish, Verify, option_name, option_of, options_of
 
 PUBLISH_MODES = Publish.choices()
 ENGINE_POLICIES = ("any", "same")
@@ -15,53 +15,82 @@ SALTED_READS = ("own", "shared")
 
 @dataclass(frozen=True)
 class ConnectorSettings:
-    """What ``kv_connector_extra_config`` may carry (every key optional).
+    """What ``kv_connector_extra_config`` may carry (every key optional): each field is an option whose doc
+    says what it does (``kvagent.options_of(ConnectorSettings)``). A setting kvagent's SDK has too derives
+    from :class:`~kvagent.Config`'s declaration (its meaning, default and checks); None there takes
+    kvagent's value (its KVAGENT_* variable or default) unless the doc says otherwise.
 
-    ``model``: the kvagent model spec used for keys and verification (default: vLLM's own model directory);
-    ``cache_dir``: kvagent's cache directory (local store under ``<cache_dir>/kv``; default: kvagent's);
-    ``registry_url``: one URL, several comma-separated, or a list (failover); ``token``: the registry token;
-    ``publish``: "none", "restricted" or "public" (a :class:`~kvagent.Publish`, as ``Config.publish``; False
-    and True as there: "none" and "restricted") for the KV of prompts vLLM computed (unsalted ones only);
-    ``price``: what a load of a published artifact costs buyers (integer micro-units; None: free);
-    ``max_price_per_load`` / ``budget``: what this server may pay for artifacts (micro-units; None: no limit);
-    ``wallet``: an x402 wallet's key file (or true: ``KVAGENT_WALLET_KEY``) that pays priced artifacts within
-    ``max_price_per_load`` and ``budget`` (no token needed for public ones); ``wallet_assets``: tokens it may
-    pay in beyond USDC ("eip155:8453/0x...", comma-separated);
-    ``verify``: "none", "sample" or "full" (a :class:`~kvagent.Verify`) check of registry artifacts against
-    their tokens (None: kvagent's default);
-    ``min_save_tokens``: save a prompt's KV when vLLM computed at least this many of its tokens;
-    ``engines``: "any" reuses KV whatever engine computed it, "same" only KV that this vLLM version computed;
-    None (the default): "any" in float32, "same" in bfloat16 and float16, where KV another engine computed
-    does not give vLLM's greedy replies bit for bit (:meth:`engine_policy`);
-    ``calibration``: use the machine's measured costs (kvagent calibrate) in the fetch policy;
-    ``publisher``: the name recorded in saved artifacts;
-    ``prefill_tokens_per_s`` / ``bandwidth_bytes_per_s``: this vLLM's prefill rate and the registry link's
-    rate, for the fetch-or-prefill policy (None: kvagent's calibration, which measures its engine, not vLLM);
-    ``salted_reads``: what a salted request may reuse: "own" (its namespace on this machine only) or "shared"
-    (its namespace first, then unsalted KV: the local store's shared namespace and the registry). Either way
-    a salted prompt's own KV is saved in its namespace only and never published; "shared" suits a server
-    that salts every request per tenant (``kvagent serve --engine vllm``) and whose registry token sees only
-    what all its tenants may see.
+    ``salted_reads`` "own" or "shared": either way a salted prompt's own KV is saved in its namespace only
+    and never published; "shared" suits a server that salts every request per tenant (``kvagent serve
+    --engine vllm``) and whose registry token sees only what all its tenants may see.
     """
 
-    model: str | None = None
-    cache_dir: str | None = None
-    registry_url: str | None = None
-    token: str | None = None
-    publish: Publish = Publish.NONE
-    price: int | None = None
-    max_price_per_load: int | None = None
-    budget: int | None = None
-    wallet: str | bool | None = None
-    wallet_assets: str | None = None
-    verify: Verify | None = None
-    min_save_tokens: int = 256
-    engines: str | None = None
-    calibration: bool = True
-    publisher: str | None = None
-    prefill_tokens_per_s: float | None = None
-    bandwidth_bytes_per_s: float | None = None
-    salted_reads: str = "own"
+    model: str | None = option_of(Config, "model").derive(
+        None, doc="the kvagent model spec used for keys and verification (None: vLLM's own model directory)"
+    ).field()
+    cache_dir: str | None = option_of(Config, "cache_dir").derive(
+        None, doc="kvagent's cache directory (local store under <cache_dir>/kv; None: kvagent's)"
+    ).field()
+    registry_url: str | None = option_of(Config, "registry_url").derive(
+        doc="the registry: one URL, several comma-separated, or a list (failover)"
+    ).field()
+    token: str | None = option_of(Config, "registry_token").derive().field()
+    publish: Publish = option_of(Config, "publish").derive(
+        doc="none, restricted or public (a Publish, as Config.publish; False and True as there: none and "
+        "restricted) for the KV of prompts vLLM computed (unsalted ones only)"
+    ).field()
+    price: int | None = Option(
+        None, doc="what a load of a published artifact costs buyers (integer micro-units; None: free)"
+    ).field()
+    max_price_per_load: int | None = option_of(Config, "max_price_per_load").derive(
+        doc="what this server may pay for one artifact load (micro-units; None: no limit)"
+    ).field()
+    budget: int | None = option_of(Config, "budget").derive(
+        doc="what this server may pay for artifacts in all (micro-units; None: no limit)"
+    ).field()
+    wallet: str | bool | None = option_of(Config, "wallet").derive(
+        doc="an x402 wallet's key file (or true: KVAGENT_WALLET_KEY) that pays priced artifacts within "
+        "max_price_per_load and budget (no token needed for public ones)"
+    ).field()
+    wallet_assets: str | None = option_of(Config, "wallet_assets").derive(
+        None, doc="tokens the wallet may pay in beyond USDC ('eip155:8453/0x...', comma-separated)"
+    ).field()
+    verify: Verify | None = option_of(Config, "verify").derive(
+        None, doc="none, sample or full (a Verify) check of registry artifacts against their tokens (None: "
+        "kvagent's)"
+    ).field()
+    min_save_tokens: int = Option(
+        256, doc="save a prompt's KV when vLLM computed at least this many of its tokens"
+    ).field()
+    engines: str | None = Option(
+        None, doc="'any' reuses KV whatever engine computed it, 'same' only KV that this vLLM version "
+        "computed; None: 'any' in float32, 'same' in bfloat16 and float16, where KV another engine computed "
+        "does not give vLLM's greedy replies bit for bit (engine_policy)"
+    ).field()
+    calibration: bool = option_of(Config, "calibration").derive(
+        True, doc="use the machine's measured costs (kvagent calibrate) in the fetch policy (False: none)"
+    ).field()
+    publisher: str | None = option_of(Config, "publisher").derive().field()
+    prefill_tokens_per_s: float | None = Option(
+        None, doc="this vLLM's prefill rate, for the fetch-or-prefill policy (None: kvagent's calibration, "
+        "which measures its engine, not vLLM)"
+    ).field()
+    bandwidth_bytes_per_s: float | None = Option(
+        None, doc="the registry link's rate, for the fetch-or-prefill policy (None: kvagent's calibration)"
+    ).field()
+    salted_reads: str = Option(
+        "own", doc="what a salted request may reuse: 'own' (its namespace on this machine only) or 'shared' "
+        "(its namespace first, then unsalted KV: the local store's shared namespace and the registry)"
+    ).field()
+
+    def config_options(self) -> dict[str, Any]:
+        """The kvagent Config options of the connector's agent that these settings give, under Config's
+        names: each derived option but the model (vLLM's when not set) and publish (the saver publishes)."""
+        out = {option_name(Config, opt.declaration): getattr(self, name)
+               for name, opt in options_of(ConnectorSettings).items()
+               if opt.of is not None and name not in ("model", "publish")}
+        out["calibration"] = None if self.calibration else False  # True: kvagent's calibration file
+        return out
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None) -> ConnectorSettings:
