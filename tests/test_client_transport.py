@@ -171,7 +171,7 @@ def test_retries_follow_the_error_type_not_its_text() -> None:
         return n
 
     assert failing(RegistryUnavailableError("HTTP 503")) == [4]  # transient: every attempt
-    assert failing(RegistryUnavailableError("its deadline passed, says the upstream")) == [4]  # text: no matter
+    assert failing(RegistryUnavailableError("its deadline passed, says the upstream")) == [4]  # text: moot
     assert failing(RegistryDeadlineError("registry lookup gave up: its 1 s deadline passed")) == [1]
     assert failing(RegistryError("the registry has deadline passed in its detail, and it is HTTP 400")) == [1]
     d = Deadline(30.0)
