@@ -25,7 +25,8 @@
     │   └── SettlementFailed       a verified payment did not settle on chain (nothing was served)
     └── RegistryError          the remote registry refused or failed (see kvagent.client.registry)
         ├── RegistryUnavailableError  unreachable, timed out, 5xx or 429 (retried)
-        │   └── RegistrySkippedError  not asked: its circuit breaker is open (kvagent.costs.calibration)
+        │   ├── RegistrySkippedError  not asked: its circuit breaker is open (kvagent.costs.calibration)
+        │   └── RegistryDeadlineError a call's own deadline passed (not retried)
         ├── RegistryAuthError         401 / 403
         ├── RegistryPaymentRequiredError  402: price above the stated maximum or the balance (never retried)
         ├── RegistryNotImplementedError   501: this registry does not offer the call (no model to generate)
@@ -176,6 +177,15 @@ class RegistryUnavailableError(RegistryError):
 
 class RegistrySkippedError(RegistryUnavailableError):
     """The registry was not asked: it failed recently and is skipped until its back-off ends."""
+
+
+class RegistryDeadlineError(RegistryUnavailableError):
+    """A call's own deadline (its ``timeout``, retries included) passed: never retried. ``last_error`` is what
+    its last attempt failed with ("" when none had failed)."""
+
+    def __init__(self, message: str, last_error: str = ""):
+        super().__init__(message)
+        self.last_error = last_error
 
 
 class RegistryDownloadAbandonedError(RegistryError):

@@ -1,4 +1,5 @@
-"""``kvagent account balance | statement | credit | adjust``: a principal's registry account."""
+"""``kvagent account balance | statement | credit | adjust | topup | withdraw | chain-audit``: a principal's
+registry account, through the registry client."""
 
 from __future__ import annotations
 
@@ -93,51 +94,11 @@ def cmd_account_adjust(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registry_http(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
-    """The registry's URL and the bearer header of the configured token (the x402 account commands)."""
-    from ..config import Config
-    from ..errors import ConfigError
-
-    cfg = Config.from_env(registry_url=args.registry, registry_token=args.token)
-    if cfg.registry_url is None:
-        raise ConfigError("no registry configured: pass --registry URL or set KVAGENT_REGISTRY_URL")
-    auth = {"Authorization": f"Bearer {cfg.registry_token}"} if cfg.registry_token else {}
-    return cfg.registry_url.rstrip("/"), auth
-
-
-def _answer(r: Any, what: str) -> dict[str, Any]:
-    from ..errors import KVAgentError
-
-    try:
-        body = r.json()
-    except ValueError:
-        body = {}
-    if r.status_code >= 400:
-        raise KVAgentError(f"{what} refused ({r.status_code}): {body.get('detail') or r.text[:200]}")
-    return dict(body)
-
-
 def cmd_account_topup(args: argparse.Namespace) -> int:
-    import httpx
+    from ..payments import load_wallet
 
-    from ..payments import SpendCaps, load_wallet
-    from ..payments.http import request_paying
-    from ..payments.payer import Payer
-
-    url, auth = _registry_http(args)
-    wallet = load_wallet(args.wallet)
-    probe = httpx.post(f"{url}/v1/account/topup", json={"amount": args.amount}, headers=auth, timeout=60)
-    if probe.status_code != 402:
-        _answer(probe, "the top-up")
-    from ..payments.terms import PAYMENT_REQUIRED_HEADER, decode_header
-
-    accepts = decode_header(probe.headers[PAYMENT_REQUIRED_HEADER])["accepts"]
-    payer = Payer(wallet, SpendCaps(max_price_per_load=args.amount),
-                  allowed_assets=[(a["network"], a["asset"]) for a in accepts])
-    with httpx.Client(timeout=120) as c:
-        r, _ = request_paying(c, "POST", f"{url}/v1/account/topup", payer, json={"amount": args.amount},
-                              headers=auth)
-    out = _answer(r, "the top-up")
+    with open_registry(args) as reg:
+        out = reg.topup(args.amount, load_wallet(args.wallet))
     print(json.dumps(out) if args.json else
           f"deposited {out['deposited']} {out['currency']} to {out['principal']} (receipt {out['receipt']}, "
           f"transaction {out['transaction']}); balance {out['balance']}")
@@ -145,17 +106,9 @@ def cmd_account_topup(args: argparse.Namespace) -> int:
 
 
 def cmd_account_withdraw(args: argparse.Namespace) -> int:
-    import uuid
-
-    import httpx
-
-    url, auth = _registry_http(args)
-    body: dict[str, Any] = {"amount": args.amount, "to": args.to}
-    if args.principal:
-        body["principal"] = args.principal
-    headers = {**auth, "Idempotency-Key": args.idempotency_key or uuid.uuid4().hex}
-    r = httpx.post(f"{url}/v1/account/withdraw", json=body, headers=headers, timeout=300)
-    out = _answer(r, "the withdrawal")
+    with open_registry(args) as reg:
+        out = reg.withdraw(args.amount, args.to, principal=args.principal,
+                           idempotency_key=args.idempotency_key)
     if args.json:
         print(json.dumps(out))
     else:
@@ -167,10 +120,8 @@ def cmd_account_withdraw(args: argparse.Namespace) -> int:
 
 
 def cmd_account_chain_audit(args: argparse.Namespace) -> int:
-    import httpx
-
-    url, auth = _registry_http(args)
-    out = _answer(httpx.get(f"{url}/v1/market/x402-audit", headers=auth, timeout=300), "the chain audit")
+    with open_registry(args) as reg:
+        out = reg.chain_audit()
     if args.json:
         print(json.dumps(out))
     else:
