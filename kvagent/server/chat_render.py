@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -84,7 +85,8 @@ class Reply:
     """The text and tool calls a generation's events make showable: incremental detokenisation cut at stop
     tokens and strings, and (with a tool format) tool calls parsed out of the text as they complete."""
 
-    def __init__(self, tokenizer: Any, stop_token_ids: Any, stops: list[str], fmt: tl.ToolFormat | None):
+    def __init__(self, tokenizer: Any, stop_token_ids: Iterable[int], stops: Sequence[str],
+                 fmt: tl.ToolFormat | None) -> None:
         self.text = TextStream(tokenizer, stop_token_ids, stops)
         self.parser = tl.StreamParser(fmt) if fmt else None
         self.calls: list[tl.ToolCall] = []
