@@ -11,36 +11,25 @@ Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` (s
 from __future__ import annotations
 
 import json
-import logging
 import time
-import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from ..chat import guided
 from ..chat import tools as tl
-from ..chat.turn import Cached, Guided, TurnEvent, settled
 from ..costs import market as mk
-from ..engines import Finish, Token
 from ..engines.params import GenerationParams
-from ..engines.textstream import TextStream
-from ..errors import ContextLengthError, KVAgentError, ToolsUnsupportedError
-from ..reuse.info import CacheInfo
-from . import market_routes
+from ..errors import ToolsUnsupportedError
 from .chat import ChatJob, ChatService, load_secret
-from .events import thread_events
-from .http import ApiError, finish, read_body
+from .chat_answer import ChatRun
+from .http import ApiError, read_body
 from .state import State
 
 if TYPE_CHECKING:
     from .host import ModelHost
-
-log = logging.getLogger("kvagent.server")
 
 MAX_CHAT_BODY = 8 << 20
 Number = Annotated[float, Field(allow_inf_nan=False)]
@@ -251,7 +240,7 @@ def routes(st: State) -> APIRouter:
         if req.tool_choice == "none":
             fmt = None  # the tools stay in the prompt, but the reply is not read for calls
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        run = _Run(st, svc, job, "chat", stops, fmt, request, digest)
+        run = ChatRun(st, svc, job, "chat", stops, fmt, request, digest)
         return await run.answer(req.stream, include_usage)
 
     @app.post("/v1/completions")
@@ -284,8 +273,8 @@ def routes(st: State) -> APIRouter:
             ids = [int(t) for t in prompt]  # type: ignore[arg-type]
         check_length(host, len(ids), gen)
         stops = _stops(req.stop)
-        run = _Run(st, svc, ChatJob(ids, gen, p, stops=tuple(stops)), "completion", stops, None, request,
-                   digest)
+        job = ChatJob(ids, gen, p, stops=tuple(stops))
+        run = ChatRun(st, svc, job, "completion", stops, None, request, digest)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await run.answer(req.stream, include_usage)
 
@@ -332,307 +321,3 @@ def _message(m: Message) -> dict[str, Any]:
         out["name"] = m.name
     return out
 
-
-class _Run:
-    """One request's generation: starts the job on the model thread and renders its events as OpenAI JSON."""
-
-    def __init__(self, st: State, svc: ChatService, job: ChatJob, kind: str, stops: list[str],
-                 fmt: tl.ToolFormat | None, request: Request, digest: str) -> None:
-        self.st, self.svc, self.job, self.kind, self.request = st, svc, job, kind, request
-        self.digest = digest  # the request's, which its Idempotency-Key is bound to (with the route)
-        self.host = svc.host
-        self.receipt: Any = None  # the market's pre-charge (None when hosting is free)
-        self.given_back = 0  # what settling the pre-charge returned (unused output tokens, found cache)
-        self.charged_cached = 0  # the prompt tokens the pre-charge billed as cached
-        self.text = TextStream(self.host.agent.tokenizer, job.params.stop_token_ids, stops)
-        self.parser = tl.StreamParser(fmt) if fmt else None
-        self.calls: list[tl.ToolCall] = []
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-        self.info: CacheInfo | None = None
-        self.n_generated = 0
-        self.ttft: float | None = None
-        self.guided = False  # the reply was written by kvagent.chat.guided (ends with "stop" or "tool_calls")
-
-    # -- the generation -----------------------------------------------------------------------
-    async def _events(self) -> AsyncGenerator[TurnEvent, None]:
-        p = self.job.principal
-        # the principal's generate slots
-        lease = await run_in_threadpool(self.st.quotas.acquire, p.name, p.limits)
-        try:
-            with self.svc.admitted():
-                events = thread_events(lambda sink, cancel: self.svc.run(self.job, sink, cancel),
-                                       "kvagent-chat")
-                try:
-                    async for ev in events:
-                        yield ev
-                finally:  # the client went away (or we are done): stop generating
-                    await events.aclose()
-        finally:
-            await finish(self.st.quotas.release, lease)
-
-    async def _charge(self) -> None:
-        """Pre-charge the request once its cache use is known (host token prices, plus the royalty of a
-        published
-        artifact it resumed from); a refusal is a 402 with a quote, before anything is served."""
-        info = self.info
-        row = None
-        if info is not None and info.source == "registry" and info.origin:
-            try:
-                row = await run_in_threadpool(self.st.visible, info.origin, self.job.principal)
-            except ApiError:
-                row = None
-        cached = info.cached_tokens if info else 0
-        if self.st.x402 is not None:
-            # a 402's x402 requirements are priced before the buyer is known (anonymous, or a bearer whose
-            # cache may change before it pays) and the paid request's after (the wallet's own private cache):
-            # the pre-charge counts no prompt token as cached, so the amount signed for is the amount checked;
-            # settling gives the cache's discount back
-            cached = 0
-        self.charged_cached = cached
-        self.receipt = await run_in_threadpool(
-            market_routes.charge_chat, self.st, self.job.principal, self.request, len(self.job.ids), cached,
-            self.job.params.max_new_tokens, self.request.url.path, self.digest, row)
-
-    async def _settle(self) -> None:
-        cached = self.info.cached_tokens if self.info else 0
-
-        def settle() -> None:  # an engine that resolved the prompt itself reported its cached tokens by now
-            self.given_back = market_routes.settle_chat(
-                self.st, self.receipt, len(self.job.ids), self.charged_cached, cached,
-                self.job.params.max_new_tokens, self.n_generated)
-
-        await finish(settle)
-
-    async def _refund(self, why: str) -> None:
-        """Reverse the pre-charge of a request that answers nothing (a replay's was never charged here)."""
-        if self.receipt is not None and not self.receipt.replayed:
-            await finish(self.st.market.refund, self.receipt.receipt, why)
-        self.receipt = None
-
-    def _observe(self, ev: TurnEvent) -> None:
-        m = self.st.metrics
-        if isinstance(ev, Cached):
-            self.info = ev.info
-            m.prompt_tokens.inc(len(self.job.ids))
-            m.prefix_cache_queries.inc(len(self.job.ids))
-            if self.info and self.info.cached_tokens and self.info.source:
-                m.prefix_cache_hits.labels(self.info.source).inc(self.info.cached_tokens)
-        elif isinstance(ev, Token):
-            self.n_generated += 1
-            m.generation_tokens.inc()
-            if self.ttft is None:
-                self.ttft = time.perf_counter() - self.job.started
-                m.ttft.labels(self.kind).observe(self.ttft)
-        elif isinstance(ev, Guided):
-            self.guided = True
-            self.n_generated = ev.n_tokens
-            m.generation_tokens.inc(self.n_generated)
-            self.ttft = time.perf_counter() - self.job.started
-        elif isinstance(ev, Finish) and ev.reason != "error":
-            m.observe_finish(self.kind, ev.usage)
-            if self.info is not None and self.info.status == "engine":  # the engine reused what it found
-                self.info = settled(self.info, ev.usage)
-                if self.info.cached_tokens:
-                    m.prefix_cache_hits.labels(self.info.source).inc(self.info.cached_tokens)
-
-    def _deltas(self, ev: TurnEvent) -> tuple[str, list[tl.ToolCallDelta]]:
-        """The text (and complete tool calls) an event makes showable."""
-        if isinstance(ev, Guided):
-            if self.parser is None:
-                return ev.text, []
-            parsed = tl.parse(ev.text, self.parser.fmt)
-            calls = [tl.ToolCallDelta(i, c) for i, c in enumerate(parsed.tool_calls)]
-            self.calls += list(parsed.tool_calls)
-            return parsed.content, calls
-        if isinstance(ev, Token):
-            text = self.text.push(ev.token_id)
-        elif isinstance(ev, Finish) and self.guided:
-            return "", []
-        elif isinstance(ev, Finish):
-            text = self.text.finish("length" if ev.reason == "length" else "stop")
-        else:
-            return "", []
-        if self.parser is None:
-            return text, []
-        events = self.parser.feed(text) if text else []
-        if isinstance(ev, Finish):
-            events += self.parser.finish()
-        content = "".join(e.text for e in events if isinstance(e, tl.ContentDelta))
-        calls = [e for e in events if isinstance(e, tl.ToolCallDelta)]
-        self.calls += [c.call for c in calls]
-        return content, calls
-
-    def _finish_reason(self) -> str:
-        if self.calls:
-            return "tool_calls"
-        return "stop" if self.guided or self.text.finish_reason == "stop" else "length"
-
-    def _usage(self) -> dict[str, Any]:
-        n_prompt = len(self.job.ids)
-        cached = self.info.cached_tokens if self.info else 0
-        return {
-            "prompt_tokens": n_prompt,
-            "completion_tokens": self.n_generated,
-            "total_tokens": n_prompt + self.n_generated,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        }
-
-    def _kvagent(self) -> dict[str, Any]:
-        info = self.info
-        return {
-            "cache": {
-                "status": info.status if info else "prefill",
-                "source": (info.source or None) if info else None,
-                "cached_tokens": info.cached_tokens if info else 0,
-                "reason": info.reason if info else "",
-            },
-            "time_to_first_token_s": round(self.ttft, 4) if self.ttft is not None else None,
-        }
-
-    @staticmethod
-    def _failed(ev: TurnEvent) -> bool:
-        return isinstance(ev, Finish) and ev.reason == "error"
-
-    @staticmethod
-    def _raise(ev: TurnEvent) -> None:
-        exc = ev.error if isinstance(ev, Finish) else None
-        if isinstance(exc, ContextLengthError):
-            raise ApiError(400, "context_length_exceeded", str(exc), param="messages")
-        if isinstance(exc, ApiError):
-            raise exc
-        if isinstance(exc, KVAgentError):
-            raise ApiError(400, "invalid_request_error", str(exc)[:1000])
-        raise ApiError(500, "server_error", "generation failed")
-
-    # -- answers ------------------------------------------------------------------------------
-    async def answer(self, stream: bool, include_usage: bool) -> Response:
-        """The answer: streamed or whole. A repeated Idempotency-Key is answered first, before the engine
-        runs: the same non-streamed request replays its stored answer (charged 0); otherwise the key's
-        refusal (409 already served or refunded, 422 reused by another request). Never generated again."""
-        replayed = await run_in_threadpool(market_routes.replay, self.st, self.job.principal, self.request,
-                                           self.request.url.path, self.digest)
-        if replayed is not None:
-            return replayed
-        return await (self.stream(include_usage) if stream else self.whole())
-
-    async def whole(self) -> JSONResponse:
-        content: list[str] = []
-        events = self._events()
-        try:
-            async for ev in events:
-                self._observe(ev)
-                if self._failed(ev):
-                    self.st.metrics.requests.labels(self.kind, "error").inc()
-                    await self._refund("generation failed: nothing was answered")
-                    self._raise(ev)
-                if isinstance(ev, Cached):
-                    await self._charge()
-                text, _calls = self._deltas(ev)
-                content.append(text)
-        finally:
-            await events.aclose()
-        await self._settle()
-        self.st.metrics.requests.labels(self.kind, "ok").inc()
-        body = "".join(content)
-        if self.kind == "chat":
-            message: dict[str, Any] = {
-                "role": "assistant",
-                "content": body if body or not self.calls else None,
-            }
-            if self.calls:
-                message["tool_calls"] = [c.openai() for c in self.calls]
-            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
-                                      "finish_reason": self._finish_reason()}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": body, "logprobs": None, "finish_reason": self._finish_reason()}
-            obj = "text_completion"
-        answer = JSONResponse({
-            "id": self.id, "object": obj, "created": self.created, "model": self.host.name,
-            "system_fingerprint": f"kvagent-{self.host.fingerprint[:12]}",
-            "choices": [choice], "usage": self._usage(), "kvagent": self._kvagent(),
-        }, headers={**market_routes.receipt_headers(self.receipt, self.given_back),  # settled: what it moved
-                    **market_routes.payment_headers(self.request)})
-        try:  # what a repeat of this request's Idempotency-Key replays
-            await finish(market_routes.keep_answer, self.st, self.receipt, self.request, bytes(answer.body))
-        except Exception:  # the answer is paid for and still given; a repeat is refused (409), never served
-            log.warning("could not keep the answer of %s for its Idempotency-Key", self.id, exc_info=True)
-        return answer
-
-    async def stream(self, include_usage: bool) -> Response:
-        events = self._events()
-        first = await events.__anext__()  # admission and the prompt's KV: errors here are plain HTTP errors
-        self._observe(first)
-        try:
-            if self._failed(first):
-                self.st.metrics.requests.labels(self.kind, "error").inc()
-                self._raise(first)
-            await self._charge()
-        except BaseException:
-            await events.aclose()
-            raise
-        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-
-        def chunk(delta: dict[str, Any] | str | None, finish: str | None = None, **extra: Any) -> bytes:
-            if self.kind == "chat":
-                choice: dict[str, Any] = {
-                    "index": 0,
-                    "delta": delta,
-                    "logprobs": None,
-                    "finish_reason": finish,
-                }
-            else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            body: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created,
-                                    "model": self.host.name,
-                                    "system_fingerprint": f"kvagent-{self.host.fingerprint[:12]}",
-                                    "choices": [choice], **extra}
-            if include_usage:
-                body.setdefault("usage", None)
-            return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
-
-        async def sse() -> AsyncIterator[bytes]:
-            ok = False
-            try:
-                if self.kind == "chat":
-                    yield chunk({"role": "assistant", "content": ""})
-                async for ev in events:
-                    self._observe(ev)
-                    if self._failed(ev):
-                        err = {
-                            "error": {
-                                "message": "generation failed",
-                                "type": "server_error",
-                                "param": None,
-                                "code": "server_error",
-                            }
-                        }
-                        yield b"data: " + json.dumps(err).encode() + b"\n\n"
-                        return
-                    text, calls = self._deltas(ev)
-                    if text:
-                        yield chunk({"content": text} if self.kind == "chat" else text)
-                    for c in calls:
-                        call = c.call.openai()
-                        yield chunk({"tool_calls": [{"index": c.index, **call}]})
-                    if isinstance(ev, Finish):
-                        yield chunk({} if self.kind == "chat" else "", self._finish_reason())
-                        if include_usage:
-                            body = {"id": self.id, "object": obj, "created": self.created,
-                                    "model": self.host.name, "choices": [], "usage": self._usage(),
-                                    "kvagent": self._kvagent()}
-                            yield b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
-                        yield b"data: [DONE]\n\n"
-                        ok = True
-            finally:  # the client may be gone and this task cancelled: count first, then clean up for sure
-                self.st.metrics.requests.labels(self.kind, "ok" if ok else "cancelled").inc()
-                try:
-                    await events.aclose()
-                finally:
-                    await self._settle()
-
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                          **market_routes.receipt_headers(self.receipt),
-                                          **market_routes.payment_headers(self.request)})
