@@ -36,6 +36,7 @@ MOVED: dict[str, str] = {
     "kvagent.economics": "kvagent.analysis.economics",
     "kvagent.engine": "kvagent.engines.hf",
     "kvagent.engines.transformers": "kvagent.engines.batch",
+    "kvagent.engines.plugins": "kvagent.plugins",
     "kvagent.engines.turn": "kvagent.chat.turn",
     "kvagent.guided": "kvagent.chat.guided",
     "kvagent.hashing": "kvagent.kvcache.hashing",
@@ -63,6 +64,8 @@ MOVED: dict[str, str] = {
 MOVED_NAMES: dict[str, dict[str, str]] = {
     "kvagent.engines": {
         "Cached": "kvagent.chat.turn",
+        "EngineContext": "kvagent.plugins",
+        "EngineFactory": "kvagent.plugins",
         "Guide": "kvagent.chat.turn",
         "Guided": "kvagent.chat.turn",
         "GuidedReply": "kvagent.chat.turn",
@@ -70,6 +73,7 @@ MOVED_NAMES: dict[str, dict[str, str]] = {
         "Turn": "kvagent.chat.turn",
         "TurnEvent": "kvagent.chat.turn",
         "continuation_ids": "kvagent.chat.turn",
+        "load_engine_factory": "kvagent.plugins",
         "settled": "kvagent.chat.turn",
     },
     "kvagent.costs.calibration": {

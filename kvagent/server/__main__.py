@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..dtypes import DTYPE_CHOICES
-from ..engines.plugins import DEFAULT_ENGINE, load_engine_factory
 from ..errors import ConfigError, KVAgentError
+from ..plugins import DEFAULT_ENGINE, load_engine_factory
 from .limits import ConnectionLimits
 from .settings import (
     DEFAULT_MAX_ARTIFACT_BYTES,

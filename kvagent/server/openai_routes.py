@@ -24,11 +24,10 @@ from starlette.concurrency import run_in_threadpool
 
 from ..chat import guided
 from ..chat import tools as tl
-from ..chat.turn import Cached, Guided, TurnEvent, settled
+from ..chat.turn import Cached, Guided, Reply, TurnEvent, settled
 from ..costs import market as mk
 from ..engines import Finish, Token
 from ..engines.params import GenerationParams
-from ..engines.textstream import TextStream
 from ..errors import ContextLengthError, KVAgentError, ToolsUnsupportedError
 from ..reuse.info import CacheInfo
 from . import market_routes
@@ -344,7 +343,7 @@ class _Run:
         self.receipt: Any = None  # the market's pre-charge (None when hosting is free)
         self.given_back = 0  # what settling the pre-charge returned (unused output tokens, found cache)
         self.charged_cached = 0  # the prompt tokens the pre-charge billed as cached
-        self.text = TextStream(self.host.agent.tokenizer, job.params.stop_token_ids, stops)
+        self.reply = Reply(self.host.agent.tokenizer, job.params, stops)
         self.parser = tl.StreamParser(fmt) if fmt else None
         self.calls: list[tl.ToolCall] = []
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -445,12 +444,10 @@ class _Run:
             calls = [tl.ToolCallDelta(i, c) for i, c in enumerate(parsed.tool_calls)]
             self.calls += list(parsed.tool_calls)
             return parsed.content, calls
-        if isinstance(ev, Token):
-            text = self.text.push(ev.token_id)
-        elif isinstance(ev, Finish) and self.guided:
+        if isinstance(ev, Finish) and self.guided:
             return "", []
-        elif isinstance(ev, Finish):
-            text = self.text.finish("length" if ev.reason == "length" else "stop")
+        if isinstance(ev, (Token, Finish)):
+            text = self.reply.feed(ev)
         else:
             return "", []
         if self.parser is None:
@@ -466,7 +463,7 @@ class _Run:
     def _finish_reason(self) -> str:
         if self.calls:
             return "tool_calls"
-        return "stop" if self.guided or self.text.finish_reason == "stop" else "length"
+        return "stop" if self.guided else self.reply.finish_reason
 
     def _usage(self) -> dict[str, Any]:
         n_prompt = len(self.job.ids)

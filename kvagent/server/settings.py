@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..dtypes import check_dtype
-from ..engines.plugins import check_engine_name
 from ..errors import ConfigError
+from ..plugins import check_engine_name
 
 DEFAULT_MAX_ARTIFACT_BYTES = 8 << 30
 #: Largest JSON request body accepted (prefix lookups with 4096 hashes are ~270 KB).
