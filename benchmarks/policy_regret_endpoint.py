@@ -116,7 +116,7 @@ def endpoint_regret(lengths: list[int], repeats: int, history: int, work: Path,
     """The chat endpoint's regret table (see the module docstring); ``documents(lengths, dir, tag)`` writes
     the texts."""
     from kvagent import KVAgent
-    from kvagent.costs.calibration import OUTCOME_FLUSH_S
+    from kvagent.costs.calibration.outcomes import OUTCOME_FLUSH_S
     from kvagent.costs.policy import PolicyParams
 
     servers: dict[str, ServerProcess] = {}

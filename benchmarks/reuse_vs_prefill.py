@@ -34,7 +34,6 @@ import torch
 
 from kvagent import KVAgent
 from kvagent.artifacts import format as art
-from kvagent.engines.hf import TransformersEngine
 from kvagent.engines.params import GenerationParams
 
 PAPER_LENGTHS = [255, 485, 945, 1888, 3774]
@@ -78,9 +77,9 @@ def build(args: argparse.Namespace, cache_dir: Path) -> tuple[KVAgent, Any]:
         agent = KVAgent(model, tokenizer=None, cache_dir=cache_dir)
         return agent, None
     agent = KVAgent(args.model, cache_dir=cache_dir, dtype=args.dtype)
-    if args.device != "cpu":
+    if args.device != "cpu":  # the runtime's engine is built on the model where it is: move it, build again
         agent.loaded.model.to(args.device)
-        agent.engine = TransformersEngine(agent.loaded.model)
+        agent = KVAgent(agent.loaded, cache_dir=cache_dir, dtype=args.dtype)
     return agent, agent.tokenizer
 
 
@@ -103,7 +102,7 @@ def warm_breakdown(agent: KVAgent, ids: list[int], suffix: list[int]) -> dict[st
     t0 = time.perf_counter()
     key = agent.key_of(ids)
     t["key"] = time.perf_counter() - t0
-    found = agent.store.get(key, expect=agent.expect, timings=t)
+    found = agent.store.get(key, expect=agent.resolver.registry_tier.expect, timings=t)
     assert found.artifact is not None, found.reason
     kv = found.artifact.kv
     engine = agent.engine
@@ -162,14 +161,14 @@ def cold_breakdown(agent: KVAgent, ids: list[int], kv: Any) -> dict[str, float]:
     t0 = time.perf_counter()
     key = agent.key_of(ids)
     t1 = time.perf_counter()
-    missed = agent.store.get(key, expect=agent.expect)
+    missed = agent.store.get(key, expect=agent.resolver.registry_tier.expect)
     assert missed.artifact is None
     t2 = time.perf_counter()
     ctx = agent.resolver.context
     # as the read does: the buffers go to the store file without a joined copy
     header, parts = art.encode_parts(
         kv, key=key, model_fingerprint=ctx.model_fingerprint, tokenizer_fingerprint=ctx.tokenizer_fingerprint,
-        template_hash=ctx.template_hash, position_offset=ctx.position_offset, codec=agent.resolver.codec)
+        template_hash=ctx.template_hash, position_offset=ctx.position_offset, codec=agent.config.codec)
     t3 = time.perf_counter()
     agent.store.put(header, parts, block_hashes(ctx, ids, agent.resolver.settings.block_size))
     t4 = time.perf_counter()

@@ -15,14 +15,12 @@ from . import _moved
 from .agent import Answer, DocumentHandle, KVAgent, VerifyReport
 from .artifacts.format import Artifact, ArtifactHeader, Expectation, Limits, encode_parts
 from .artifacts.source import RegistrySource
-from .chat.turn import Cached, Guided, PromptTurns, Turn
+from .chat.turn import Cached, Guided, PromptTurns, Reply, Turn
 from .config import Config, unknown_option
 from .costs.policy import PolicyParams
 from .engines import (
     BatchObserver,
     Cancel,
-    EngineContext,
-    EngineFactory,
     Finish,
     GenerationEngine,
     GenerationRequest,
@@ -55,6 +53,7 @@ from .kvcache.prefix import shared_prefix
 from .kvcache.tensors import KVCache, KVLayout
 from .modes import AskMode, Publish, Verify
 from .options import Option, option_name, option_of, options_of
+from .plugins import EngineContext, EngineFactory
 from .reuse.info import CacheInfo, CacheStatus
 from .reuse.resolver import ClientSource, KVMemory, Resolution, Resolver, ResolverSettings
 from .runtime import Runtime, build_runtime
@@ -145,6 +144,7 @@ __all__ = [
     "Parsed",
     "PolicyParams",
     "PromptTurns",
+    "Reply",
     "Publish",
     "RegistryClient",
     "RegistryError",

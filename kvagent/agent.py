@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .chat.prompt import PromptTemplate
+from .chat.turn import PromptTurns, Reply, TurnEvent
 from .config import Config
-from .engines.hf import Generation
+from .engines.base import Token
+from .engines.batch import TransformersBatchEngine
+from .engines.hf import Generation, TransformersEngine
 from .engines.params import GenerationParams
-from .engines.textstream import TextStream
 from .errors import (
     ArtifactError,
     ConfigError,
@@ -30,13 +32,14 @@ from .errors import (
     RegistryNotImplementedError,
     RegistryPaymentRequiredError,
 )
-from .kvcache.identity import token_tuple
+from .kvcache.identity import KeyContext, token_tuple
 from .kvcache.tensors import KVCache
 from .models import LoadedModel
 from .modes import AskMode
 from .reuse.info import CacheInfo, CacheStatus
-from .reuse.resolver import Resolution
+from .reuse.resolver import Resolution, Resolver
 from .runtime import Progress, Runtime, build_runtime
+from .tiers.store import KVStore
 
 if TYPE_CHECKING:  # the registry client is imported only when a registry is configured
     from .artifacts.source import Handle
@@ -93,6 +96,10 @@ class KVAgent:
     ``model`` is a model spec (``"smollm2"`` for the embedded default, a local Hugging Face
     directory, or a hub id already cached), a ``kvagent.models.LoadedModel``, or an already-loaded
     transformers model, in which case ``tokenizer`` must be given for the text APIs.
+
+    The agent is a facade over its :class:`~kvagent.runtime.Runtime` (``runtime``), which owns the parts;
+    answers are generated through the prompt-turn core (:class:`~kvagent.chat.turn.PromptTurns`) on the
+    runtime's batching engine, as the OpenAI-compatible endpoint and the LangChain models do.
     """
 
     def __init__(
@@ -114,39 +121,85 @@ class KVAgent:
         if registry_client is not None and options.get("registry_url") is None:
             options["registry_url"] = registry_client.base_url
         options["model"] = spec
-        self.config = config.with_options(**options) if config is not None else Config.from_env(**options)
+        cfg = config.with_options(**options) if config is not None else Config.from_env(**options)
         if isinstance(model, LoadedModel):
             tokenizer = model.tokenizer
-        self._adopt(build_runtime(self.config, model=None if isinstance(model, str) else model,
-                                  tokenizer=tokenizer, registry_client=registry_client, progress=progress))
-        self._progress = progress
+        self._start(build_runtime(cfg, model=None if isinstance(model, str) else model, tokenizer=tokenizer,
+                                  registry_client=registry_client, progress=progress), progress)
 
     @classmethod
     def from_runtime(cls, runtime: Runtime) -> KVAgent:
         """A facade over an already-built runtime (sharing its model, caches and counters)."""
         agent = cls.__new__(cls)
-        agent._adopt(runtime)
-        agent._progress = None
+        agent._start(runtime, None)
         return agent
 
-    def _adopt(self, runtime: Runtime) -> None:
-        """Take the runtime's parts, under the names the facade has always had."""
+    def _start(self, runtime: Runtime, progress: Progress | None) -> None:
         self.runtime = runtime
-        self.config = runtime.config
-        self.loaded = runtime.loaded
-        self.engine = runtime.engine
-        self.tokenizer = runtime.tokenizer
-        self.template = runtime.template
-        self.context = runtime.context
-        self.store = runtime.store
-        self.registry = runtime.registry
-        self.resolver = runtime.resolver
-        self.policy = runtime.policy
-        self.publish_visibility = runtime.config.publish_visibility
-        self.expect = runtime.resolver.expect
-        self.counters = runtime.resolver.counters
+        self._progress = progress
         self._remote: dict[str, Handle] = {}  # documents whose questions the registry answers
         self._remote_generate_ok = True
+        self._turn_core: PromptTurns | None = None
+
+    # -- the runtime's parts, read from it -------------------------------------------------
+    @property
+    def config(self) -> Config:
+        """The options this agent runs with."""
+        return self.runtime.config
+
+    @property
+    def loaded(self) -> LoadedModel:
+        """The model, its tokenizer and their fingerprints."""
+        return self.runtime.loaded
+
+    @property
+    def engine(self) -> TransformersEngine:
+        """The transformers engine (prefill, and the reference decode of ``generate_full``)."""
+        return self.runtime.engine
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (None for a bare model given without one: ids-only APIs)."""
+        return self.runtime.tokenizer
+
+    @property
+    def template(self) -> PromptTemplate | None:
+        """The prompt template documents and questions are tokenized with (None without a tokenizer)."""
+        return self.runtime.template
+
+    @property
+    def context(self) -> KeyContext:
+        """What a content key covers besides the token ids (model, tokenizer, template, dtype)."""
+        return self.runtime.context
+
+    @property
+    def store(self) -> KVStore:
+        """The local store of KV artifacts."""
+        return self.runtime.store
+
+    @property
+    def registry(self) -> RegistryClient | None:
+        """The registry client (None when no registry is configured)."""
+        return self.runtime.registry
+
+    @property
+    def resolver(self) -> Resolver:
+        """The resolver that finds or computes a KV through the tiers."""
+        return self.runtime.resolver
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The resolver's counters (hits, prefills, publishes, ...), as ``stats()`` reports them."""
+        return self.runtime.counters
+
+    @property
+    def turns(self) -> PromptTurns:
+        """The prompt-turn core this agent generates through, on the runtime's batching engine (shared with
+        any other front door on the same runtime; made on first use)."""
+        if self._turn_core is None:
+            batch = TransformersBatchEngine.shared(self.engine, self.tokenizer)
+            self._turn_core = PromptTurns(batch, self.resolver, self.tokenizer)
+        return self._turn_core
 
     # -- reading ---------------------------------------------------------------------------
     def read(self, source: str | os.PathLike[str]) -> DocumentHandle:
@@ -220,61 +273,67 @@ class KVAgent:
         self.resolver.memory.clear()
 
     # -- asking ----------------------------------------------------------------------------
-    def ask(self, handle: DocumentHandle, question: str, *, mode: str = "auto", **gen: Any) -> Answer:
+    def ask(
+        self, handle: DocumentHandle, question: str, *, mode: str = "auto", stop: Sequence[str] = (),
+        **gen: Any,
+    ) -> Answer:
         """Answer ``question`` about a read document, resuming from its cached KV.
 
         ``mode`` (an :class:`~kvagent.modes.AskMode` or its string): "local" always decodes here; "remote"
         asks the registry to generate from its copy; "auto" lets the policy choose. Registry failures fall
-        back to local decoding.
+        back to local decoding. ``stop``: stop strings (the answer ends before the first one); ``gen``:
+        :class:`~kvagent.engines.params.GenerationParams` fields.
         """
-        pieces: list[int] = []
         t0 = time.perf_counter()
-        first = None
-        run, suffix, params = self._prepare(handle, question, gen, mode)
-        for tok in run.tokens():
-            if first is None:
-                first = time.perf_counter() - t0
-            pieces.append(tok)
-        return self._answer(handle, pieces, params, run.info, len(suffix), t0, first)
+        suffix, params = self._question(question, gen)
+        return self._complete(self._run(handle, suffix, params, stop, mode), t0)
 
     def ask_ids(
-        self, handle: DocumentHandle, suffix_ids: Sequence[int], *, mode: str = "auto", **gen: Any
+        self, handle: DocumentHandle, suffix_ids: Sequence[int], *, mode: str = "auto",
+        stop: Sequence[str] = (), **gen: Any,
     ) -> Answer:
-        """Continue a read document with ``suffix_ids`` (no tokenizer needed); ``mode`` as in ``ask``."""
+        """Continue a read document with ``suffix_ids`` (no tokenizer needed, unless ``stop`` strings are
+        given); ``mode`` and ``stop`` as in ``ask``."""
         t0 = time.perf_counter()
         params = self.params(**gen)
         suffix = [int(t) for t in suffix_ids]
-        run = self._run(handle, suffix, params, mode)
-        ids = list(run.tokens())
-        return self._answer(handle, ids, params, run.info, len(suffix), t0, None)
+        return self._complete(self._run(handle, suffix, params, stop, mode), t0)
 
     def ask_many(self, handle: DocumentHandle, questions: Sequence[str], **gen: Any) -> list[Answer]:
         """Answer several questions over one document; its KV is loaded or prefilled once."""
         return [self.ask(handle, q, **gen) for q in questions]
 
     def stream(
-        self, handle: DocumentHandle, question: str, *, mode: str = "auto", **gen: Any
+        self, handle: DocumentHandle, question: str, *, mode: str = "auto", stop: Sequence[str] = (),
+        **gen: Any,
     ) -> Iterator[str]:
-        """Yield the answer's text as it is generated (stop tokens are not shown)."""
-        run, _suffix, params = self._prepare(handle, question, gen, mode)
-        yield from TextStream(self.tokenizer, params.stop_token_ids).deltas(run.tokens())
+        """Yield the answer's text as it is generated (stop tokens and stop strings are not shown)."""
+        suffix, params = self._question(question, gen)
+        run = self._run(handle, suffix, params, stop, mode)
+        yield from run.reply.deltas(self._events(run))
 
-    def _prepare(
-        self, handle: DocumentHandle, question: str, gen: dict[str, Any], mode: str
-    ) -> tuple[_Run, list[int], GenerationParams]:
+    def _question(self, question: str, gen: dict[str, Any]) -> tuple[list[int], GenerationParams]:
         if not isinstance(question, str) or not question.strip():
             raise EngineError("the question must be a non-empty string")
         params = self.params(**gen)
-        suffix = self._template().question_ids(self.tokenizer, question)
-        return self._run(handle, suffix, params, mode), suffix, params
+        return self._template().question_ids(self.tokenizer, question), params
 
-    def _run(self, handle: DocumentHandle, suffix: list[int], params: GenerationParams, mode: str) -> _Run:
+    def _run(self, handle: DocumentHandle, suffix: list[int], params: GenerationParams, stops: Sequence[str],
+             mode: str) -> _Run:
         """Where the answer's tokens will come from: the local engine, or the registry (with local
         fallback)."""
         mode = AskMode.of(mode, "mode")
+        if stops and self.tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer; pass tokenizer= or use stop_token_ids")
+        reply = Reply(self.tokenizer, params, stops)
+
+        def run(kv: KVCache | None, info: CacheInfo) -> _Run:
+            return _Run(handle, suffix, params, tuple(stops), kv, info, reply)
+
         if self.registry is None or mode == "local":
             res = self._resolve(handle.token_ids)
-            return _Run(self, handle, suffix, params, res.kv, res.info)
+            return run(res.kv, res.info)
+        tier = self.resolver.registry_tier
         if mode == "remote":
             local = self.resolver.memory.get("", handle.key)
             if handle.key not in self._remote:
@@ -282,38 +341,46 @@ class KVAgent:
                     found = self.registry.lookup(handle.key)
                 except (RegistryError, ArtifactError) as exc:
                     found = None
-                    self.resolver.note_registry_failure(f"registry lookup of {handle.key[:16]}… failed", exc)
+                    tier.failed(f"registry lookup of {handle.key[:16]}… failed", exc)
                 if found is not None:
                     self._remote[handle.key] = found
             if handle.key in self._remote:
                 info = CacheInfo(CacheStatus.REMOTE_GENERATE,
                                  "mode='remote': the registry generates from its copy",
                                  handle.n_tokens, 0, source="registry")
-                return _Run(self, handle, suffix, params, None, info)
+                return run(None, info)
             log.warning(
                 "mode='remote' but the registry has no artifact %s…; answering locally", handle.key[:16]
             )
             if local is not None:
                 info = CacheInfo(CacheStatus.MEMORY, "in this process's memory", handle.n_tokens, 0,
                                  source="memory")
-                return _Run(self, handle, suffix, params, local, info)
+                return run(local, info)
         res = self._resolve(handle.token_ids, remote_generate=mode == "auto" and self._remote_generate_ok)
         if res.remote is not None:
             self._remote[handle.key] = res.remote
-        return _Run(self, handle, suffix, params, res.kv, res.info)
+        return run(res.kv, res.info)
 
-    def _remote_tokens(self, run: _Run) -> Iterator[int]:
-        """Tokens from the registry; on any failure, the rest from a local KV (exact for greedy decoding)."""
+    def _events(self, run: _Run) -> Iterator[TurnEvent]:
+        """The answer's events: a turn on the prompt-turn core from the document's KV, or tokens from the
+        registry."""
+        if run.kv is None:
+            return self._remote_events(run)
+        turn = self.turns.resume(run.kv, run.suffix, run.params, run.info, stops=run.stops)
+        return self.turns.events(turn)
+
+    def _remote_events(self, run: _Run) -> Iterator[TurnEvent]:
+        """Tokens from the registry; on any failure, the rest from a local KV through the turn core (exact
+        for greedy decoding)."""
         assert self.registry is not None
+        tier = self.resolver.registry_tier
         key = run.handle.key
         produced: list[int] = []
-        stream = self.registry.generate_stream(
-            key, run.suffix, run.params, max_price=self.resolver.price_cap()
-        )
+        stream = self.registry.generate_stream(key, run.suffix, run.params, max_price=tier.price_cap())
         try:
             for tok in stream:
                 produced.append(tok)
-                yield tok
+                yield Token(tok)
             self.counters["remote_generates"] += 1
             return
         except RegistryError as exc:
@@ -321,56 +388,63 @@ class KVAgent:
             if isinstance(exc, (RegistryPaymentRequiredError, RegistryNotImplementedError)):
                 self._remote_generate_ok = False
             what = f"remote generate for {key[:16]}… failed after {len(produced)} tokens"
-            reason = self.resolver.note_registry_failure(what, exc)
+            reason = tier.failed(what, exc)
         finally:
-            self.resolver.note_spent(stream.charge)
+            tier.note_spent(stream.charge)
             run.info = replace(run.info, charged=run.info.charged + stream.charge)
         res = self._resolve(run.handle.token_ids)
         run.info = replace(res.info, reason=f"{reason}; {res.info.reason}",
                            charged=run.info.charged + res.info.charged)
         left = run.params.max_new_tokens - len(produced)
-        if left > 0 and res.kv is not None:
-            yield from self.engine.stream(
-                res.kv, run.suffix + produced, replace(run.params, max_new_tokens=left)
-            )
+        if left > 0 and res.kv is not None and not run.reply.stream.stopped:
+            turn = self.turns.resume(res.kv, run.suffix + produced, replace(run.params, max_new_tokens=left),
+                                     run.info, stops=run.stops)
+            yield from self.turns.events(turn)
+
+    def _complete(self, run: _Run, t0: float) -> Answer:
+        """Drive ``run`` to its end; the answer as its reply worked it out."""
+        first: list[float] = []
+
+        def timed(events: Iterator[TurnEvent]) -> Iterator[TurnEvent]:
+            for ev in events:
+                if not first and isinstance(ev, Token):
+                    first.append(time.perf_counter() - t0)
+                yield ev
+
+        for _delta in run.reply.deltas(timed(self._events(run))):
+            pass
+        return Answer(
+            text=run.reply.text.strip(),
+            token_ids=run.reply.token_ids,
+            finish_reason=run.reply.finish_reason,
+            key=run.handle.key,
+            cache=run.info,
+            prompt_tokens=run.handle.n_tokens + len(run.suffix),
+            seconds=time.perf_counter() - t0,
+            first_token_seconds=first[0] if first else 0.0,
+        )
 
     def params(self, **gen: Any) -> GenerationParams:
         """GenerationParams with this model's stop tokens unless ``stop_token_ids`` is given."""
         return self.runtime.params(**gen)
 
-    def _answer(
-        self, handle: DocumentHandle, ids: list[int], params: GenerationParams, info: CacheInfo,
-        n_suffix: int, t0: float, first: float | None,
-    ) -> Answer:
-        stops = set(params.stop_token_ids)
-        finish = "stop" if ids and ids[-1] in stops else "length"
-        shown = ids[:-1] if finish == "stop" else ids
-        text = self.tokenizer.decode(shown, skip_special_tokens=True) if self.tokenizer is not None else ""
-        return Answer(
-            text=text.strip(),
-            token_ids=ids,
-            finish_reason=finish,
-            key=handle.key,
-            cache=info,
-            prompt_tokens=handle.n_tokens + n_suffix,
-            seconds=time.perf_counter() - t0,
-            first_token_seconds=first if first is not None else 0.0,
-        )
-
     # -- checking --------------------------------------------------------------------------
     def verify(
         self, handle: DocumentHandle, question: str = "Summarise the document.", max_new_tokens: int = 32
     ) -> VerifyReport:
-        """Greedy answer after reuse vs a full prefill of the same ids, with ``max_new_tokens`` forced."""
+        """Greedy answer after reuse (through the turn core, as ``ask``) vs a full prefill of the same ids
+        (the reference decode, ``generate_full``), with ``max_new_tokens`` forced."""
         params = GenerationParams(max_new_tokens=max_new_tokens, stop_token_ids=())
-        kv = self.kv_of(handle)
+        res = self._resolve(handle.token_ids)
+        assert res.kv is not None
         suffix = self._template().question_ids(self.tokenizer, question)
         t0 = time.perf_counter()
-        reused = self.engine.generate(kv, suffix, params).token_ids
+        run = _Run(handle, suffix, params, (), res.kv, res.info, Reply(self.tokenizer, params))
+        reused = self._complete(run, t0).token_ids
         t1 = time.perf_counter()
         full = self.engine.generate(None, list(handle.token_ids) + suffix, params).token_ids
         t2 = time.perf_counter()
-        div = next((i for i, (a, b) in enumerate(zip(reused, full, strict=True)) if a != b), None)
+        div = next((i for i, (a, b) in enumerate(zip(reused, full, strict=False)) if a != b), None)
         if div is None and len(reused) != len(full):
             div = min(len(reused), len(full))
         return VerifyReport(
@@ -403,22 +477,17 @@ class KVAgent:
         return self.template
 
 
+@dataclass
 class _Run:
-    """One answer's token source; ``info`` is updated if a remote run falls back to local decoding."""
+    """One answer in the making: the document, the question's ids, the settings, the KV it resumes from (None:
+    the registry generates), what the cache did (updated if a remote run falls back to local decoding) and
+    the reply its events are fed to."""
 
-    def __init__(self, agent: KVAgent, handle: DocumentHandle, suffix: list[int], params: GenerationParams,
-                 kv: KVCache | None, info: CacheInfo) -> None:
-        self.agent, self.handle, self.suffix, self.params, self.kv, self.info = (
-            agent,
-            handle,
-            suffix,
-            params,
-            kv,
-            info,
-        )
-
-    def tokens(self) -> Iterator[int]:
-        if self.kv is not None:
-            return self.agent.engine.stream(self.kv, self.suffix, self.params)
-        return self.agent._remote_tokens(self)
+    handle: DocumentHandle
+    suffix: list[int]
+    params: GenerationParams
+    stops: tuple[str, ...]
+    kv: KVCache | None
+    info: CacheInfo
+    reply: Reply
 

@@ -123,7 +123,7 @@ def build_runtime(
         cost=_cost_model(config, engine, context, policy),
     )
     if registry is not None and config.publish_visibility is not None:
-        resolver.on_saved = AutoPublish(registry, config.publish_visibility, policy, resolver.counters)
+        resolver.saver.on_saved = AutoPublish(registry, config.publish_visibility, policy, resolver.counters)
     return Runtime(config, loaded, engine, loaded.tokenizer, template, context, store, registry, resolver,
                    resolver.cost, policy)
 

@@ -58,5 +58,5 @@ def test_16_threads_on_one_agent_each_see_their_own_charge(server, model: Any, t
     with client(server, token_of("dave")) as dave:
         assert start - dave.account_balance() == reported == sum(prices)
         bought = sum(line["amount"] for line in dave.statement()["purchases"]) - bought_before
-    assert bought == reported and buyer.resolver.spent == reported
+    assert bought == reported and buyer.resolver.registry_tier.spent == reported
     buyer.close()

@@ -106,7 +106,7 @@ def test_an_engine_has_one_shared_batching_front_which_the_transformers_factory_
     later fills in a missing one. Built by the batch module, so the transformers engine does not import it."""
     from types import SimpleNamespace
 
-    from kvagent.engines.plugins import EngineContext, transformers_engine
+    from kvagent.plugins import EngineContext, transformers_engine
 
     front = TransformersBatchEngine.shared(llama, max_batch=3, prefill_chunk=16)
     assert (front.max_batch, front.prefill_chunk, front.tokenizer) == (3, 16, None)

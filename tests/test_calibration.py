@@ -15,7 +15,9 @@ import pytest
 from kvagent.client.registry import RegistryClient
 from kvagent.costs import calibration as cal
 from kvagent.costs import policy as pol
-from kvagent.costs.breaker import BreakerPolicy
+from kvagent.costs.breaker import PROBE_LOOKUP_DEADLINE_S, PROBE_WAIT_S, BreakerPolicy
+from kvagent.costs.calibration.contents import FORMAT, MAX_SAMPLES, VERSION, empty
+from kvagent.costs.calibration.fitting import prefill_features
 from kvagent.errors import RegistrySkippedError, RegistryUnavailableError
 
 PROFILE = cal.Profile("ab" * 32, "float32", "cpu:test|threads=2")
@@ -42,7 +44,7 @@ def test_fit_recovers_a_superlinear_prefill_and_extrapolates():
     samples = [(n, p, truth(n, p)) for n, p in ((64, 0), (300, 0), (900, 0), (1500, 500))]
     coef = cal.fit_prefill(samples)
     assert coef == pytest.approx((a, b, c), rel=1e-6)
-    est = sum(k * f for k, f in zip(coef, cal.prefill_features(4096, 0), strict=True))
+    est = sum(k * f for k, f in zip(coef, prefill_features(4096, 0), strict=True))
     assert est == pytest.approx(truth(4096, 0), rel=1e-6)
 
 
@@ -70,7 +72,7 @@ def test_estimates_persist_across_instances_and_say_how_they_were_made(tmp_path:
     assert 1.8 < est.value < 2.4
     # a chat's short tail is priced with the fixed cost the short sample taught (0.03 s from the rate alone)
     assert 0.04 < second.estimate_prefill(8).value < 0.09
-    assert json.loads(path.read_text())["version"] == cal.VERSION
+    assert json.loads(path.read_text())["version"] == VERSION
     fixed = model(path, params=pol.PolicyParams(prefill_tokens_per_s=100.0))
     assert fixed.estimate_prefill(600) == pol.Estimate(6.0, pol.FIXED)
 
@@ -86,11 +88,11 @@ def test_old_samples_age_out_and_the_count_is_bounded(tmp_path: Path):
     assert m.estimate_prefill(600).n == 1
     clock.t += 100
     assert m.estimate_prefill(600).source == pol.ASSUMED
-    for i in range(cal.MAX_SAMPLES + 5):
+    for i in range(MAX_SAMPLES + 5):
         m.record_prefill(100 + i, 0, 0.3)
     assert (
         len(json.loads((tmp_path / "c.json").read_text())["prefill"][PROFILE.key]["samples"])
-        == cal.MAX_SAMPLES
+        == MAX_SAMPLES
     )
 
 
@@ -112,8 +114,8 @@ def test_a_clock_going_backwards_restamps_samples_and_bounds_the_breaker(tmp_pat
 def test_a_corrupt_or_foreign_file_is_ignored_with_a_warning_and_rebuilt(tmp_path: Path, caplog):
     path = tmp_path / "c.json"
     for bad in (b"\x00garbage{", json.dumps({"format": "someone-else", "version": 1}).encode(),
-                json.dumps({**cal.empty(), "version": 99}).encode(),
-                json.dumps({**cal.empty(), "prefill": {"k": {"samples": [[1, "x", 0, 1, "m"]]}}}).encode()):
+                json.dumps({**empty(), "version": 99}).encode(),
+                json.dumps({**empty(), "prefill": {"k": {"samples": [[1, "x", 0, 1, "m"]]}}}).encode()):
         path.write_bytes(bad)
         caplog.clear()
         m = model(path)
@@ -123,7 +125,7 @@ def test_a_corrupt_or_foreign_file_is_ignored_with_a_warning_and_rebuilt(tmp_pat
         warnings = [r for r in caplog.records if "ignoring calibration file" in r.getMessage()]
         assert len(warnings) == 1 and "rebuilt" in warnings[0].getMessage()
         m.record_prefill(500, 0, 2.0)
-        assert json.loads(path.read_text())["format"] == cal.FORMAT
+        assert json.loads(path.read_text())["format"] == FORMAT
         assert model(path).estimate_prefill(500).n == 1
 
 
@@ -236,7 +238,7 @@ def test_breaker_opens_backs_off_probes_once_and_closes(tmp_path: Path):
     assert "next probe in 10 s" in why
     clock.t += 10
     assert a.breaker_open(URL) is None  # half-open: a claims the one probe...
-    assert a.lookup_deadline(100_000, URL) == cal.PROBE_LOOKUP_DEADLINE_S  # ...and keeps it short
+    assert a.lookup_deadline(100_000, URL) == PROBE_LOOKUP_DEADLINE_S  # ...and keeps it short
     assert "another process is probing" in (b.breaker_open(URL) or "")
     a.record_failure(URL, "ReadTimeout")  # the probe failed: a longer back-off
     clock.t += 15
@@ -325,10 +327,10 @@ def test_a_half_open_probe_costs_a_read_little_and_finishes_in_the_background(
         RegistrySkippedError, match="^registry skipped: failing since .*goes on in the background"
     ):
         m.guarded_lookup(stalled_registry, 1000, lambda deadline: client.lookup("0" * 64, timeout=deadline))
-    assert time.perf_counter() - t0 < cal.PROBE_WAIT_S + 0.3  # not the probe's 1 s deadline
+    assert time.perf_counter() - t0 < PROBE_WAIT_S + 0.3  # not the probe's 1 s deadline
     other = model(path, clock)  # meanwhile the other processes keep skipping it
     assert "another process is probing" in (other.breaker_open(stalled_registry) or "")
-    deadline = time.monotonic() + cal.PROBE_LOOKUP_DEADLINE_S + 3
+    deadline = time.monotonic() + PROBE_LOOKUP_DEADLINE_S + 3
     while "2 failures" not in (other.breaker_open(stalled_registry) or ""):  # the probe timed out aside
         assert time.monotonic() < deadline, other.breaker_open(stalled_registry)
         time.sleep(0.05)

@@ -16,6 +16,10 @@ from hypothesis import strategies as st
 
 from kvagent.costs import calibration as cal
 from kvagent.costs import policy as pol
+from kvagent.costs.calibration.contents import MAX_SAMPLES
+from kvagent.costs.calibration.estimates import link_estimates
+from kvagent.costs.calibration.fitting import SPREAD_FLOOR, load_fit, prefill_features
+from kvagent.costs.calibration.measure import WARMUP_LENGTHS, WARMUP_TAILS
 
 PROFILE = cal.Profile("cd" * 32, "float32", "cpu:test|threads=2")
 HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -24,7 +28,7 @@ HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChec
 def predict(samples: list[tuple[float, ...]], n: float, past: float = 0.0) -> float:
     fit = cal.prefill_fit(samples)
     assert fit is not None
-    return fit.predict(cal.prefill_features(n, past))[0]
+    return fit.predict(prefill_features(n, past))[0]
 
 
 # -- the issue's failure, reproduced --------------------------------------------------------------
@@ -65,7 +69,7 @@ noise = st.floats(0.7, 1.4)
 
 
 def _truth(t: tuple[float, float, float], n: float, past: float) -> float:
-    return sum(c * f for c, f in zip(t, cal.prefill_features(n, past), strict=True))
+    return sum(c * f for c, f in zip(t, prefill_features(n, past), strict=True))
 
 
 @HYP
@@ -79,12 +83,12 @@ def test_any_samples_give_a_sane_model(samples):
     a, b, c = fit.coef
     assert min(a, b, c) >= 0 and all(math.isfinite(x) for x in fit.coef)
     assert a <= min(s for *_, s in samples) * (1 + 1e-9)
-    assert math.isfinite(fit.spread) and fit.spread >= cal.SPREAD_FLOOR
+    assert math.isfinite(fit.spread) and fit.spread >= SPREAD_FLOOR
     for n, past in ((256, 1768), (2024, 0), (64, 0), (8000, 100)):
-        value, spread = fit.predict(cal.prefill_features(n, past))
+        value, spread = fit.predict(prefill_features(n, past))
         assert math.isfinite(value) and value >= 0 and math.isfinite(spread)
-        assert value <= fit.predict(cal.prefill_features(n + past, 0))[0] * (1 + 1e-9) + 1e-12
-        assert value <= fit.predict(cal.prefill_features(n * 2, past))[0] + 1e-12
+        assert value <= fit.predict(prefill_features(n + past, 0))[0] * (1 + 1e-9) + 1e-12
+        assert value <= fit.predict(prefill_features(n * 2, past))[0] + 1e-12
 
 
 @HYP
@@ -215,8 +219,8 @@ def test_spread_shrinks_with_agreeing_samples_and_grows_beyond_them():
     many = cal.prefill_fit([(n, 0, n * 0.004 * k) for n, k in ((500, 1.01), (1000, 0.99), (1500, 1.0),
                                                                   (800, 1.02), (1200, 0.98), (600, 1.0))])
     assert one is not None and many is not None and many.spread < one.spread
-    inside = many.predict(cal.prefill_features(1000, 0))[1]
-    far = many.predict(cal.prefill_features(16000, 0))[1]
+    inside = many.predict(prefill_features(1000, 0))[1]
+    far = many.predict(prefill_features(16000, 0))[1]
     assert far > inside * 2
 
 
@@ -224,15 +228,15 @@ def test_a_host_repeating_one_length_keeps_its_other_lengths(tmp_path: Path):
     model = cal.CostModel(cal.CalibrationFile(tmp_path / "c.json"), profile=PROFILE)
     model.record_prefill(64, 0, 0.3)
     model.record_prefill(300, 1700, 1.4)
-    for i in range(3 * cal.MAX_SAMPLES):
+    for i in range(3 * MAX_SAMPLES):
         model.record_prefill(2000 + i % 7, 24, 8.0)
     kept = model.calibration.read()["prefill"][PROFILE.key]["samples"]
-    assert len(kept) == cal.MAX_SAMPLES
+    assert len(kept) == MAX_SAMPLES
     assert {s[1] for s in kept} >= {64, 300}
 
 
 def test_loads_of_one_size_are_a_rate():
-    fit = cal.load_fit([(90e6, 0.5), (90e6, 0.55), (91e6, 0.45)])
+    fit = load_fit([(90e6, 0.5), (90e6, 0.55), (91e6, 0.45)])
     assert fit is not None and fit.coef[0] == 0.0
     assert fit.predict((1.0, 9e6))[0] == pytest.approx(0.05, rel=0.1)
 
@@ -242,10 +246,10 @@ def test_the_link_estimate_carries_its_spread(tmp_path: Path):
     url = "http://r.test"
     for secs in (1.0, 1.0, 1.0, 1.0):
         model.record_download(url, 100_000_000, secs)
-    steady = cal.link_estimates(model.calibration.read(), url)[1]
+    steady = link_estimates(model.calibration.read(), url)[1]
     for secs in (0.2, 3.0, 0.3, 4.0):
         model.record_download(url, 100_000_000, secs)
-    jumpy = cal.link_estimates(model.calibration.read(), url)[1]
+    jumpy = link_estimates(model.calibration.read(), url)[1]
     assert steady is not None and jumpy is not None and jumpy.spread > steady.spread
 
 
@@ -283,8 +287,8 @@ def test_a_chat_tail_after_a_warm_up_and_a_few_chats_is_predicted_within_2x(trut
     0.8-1.25x: a 16-token question after a 1-2k token document is predicted within 2x. (With 0.7-1.4x, about
     one draw in 400 misses 2x for the tail or for a 1-2k prompt from scratch, the latter extrapolated from
     the warm-up's 768 tokens when the noise hides the attention term.)"""
-    big = max(cal.WARMUP_LENGTHS)
-    shapes = [(n, 0) for n in cal.WARMUP_LENGTHS] + [(n, big) for n in cal.WARMUP_TAILS]
+    big = max(WARMUP_LENGTHS)
+    shapes = [(n, 0) for n in WARMUP_LENGTHS] + [(n, big) for n in WARMUP_TAILS]
     samples = [(n, p, _truth(truth, n, p) * k) for (n, p), k in zip(shapes, warm, strict=True)]
     for n, tail, k in chats:
         samples += [(n, 0, _truth(truth, n, 0) * k), (tail, n, _truth(truth, tail, n) * k)]

@@ -11,10 +11,13 @@ import pytest
 from kvagent.chat import tools as tl
 from kvagent.chat.turn import Cached, Guided, TurnEvent
 from kvagent.engines import Finish, Token, Usage
+from kvagent.engines.params import GenerationParams
 from kvagent.errors import ContextLengthError, EngineError
 from kvagent.reuse.info import CacheInfo, CacheStatus
 from kvagent.server import chat_render as render
 from kvagent.server.http import ApiError
+
+STOP_0 = GenerationParams(stop_token_ids=(0,))
 
 
 class _CharTokenizer:
@@ -86,7 +89,7 @@ def test_a_failed_generation_maps_to_its_http_error() -> None:
 
 
 def test_reply_cuts_at_a_stop_string_and_says_stop() -> None:
-    reply = render.Reply(_CharTokenizer(), [0], ["END"], None)
+    reply = render.ShownReply(_CharTokenizer(), STOP_0, ["END"], None)
     assert reply.deltas(Cached(CacheInfo(CacheStatus.PREFILL, "", 0, 5))) == ("", [])
     shown = "".join(reply.deltas(t)[0] for t in _tokens("hi ENDthere"))
     shown += reply.deltas(_finish("length"))[0]
@@ -94,13 +97,13 @@ def test_reply_cuts_at_a_stop_string_and_says_stop() -> None:
 
 
 def test_reply_out_of_tokens_says_length() -> None:
-    reply = render.Reply(_CharTokenizer(), [0], [], None)
+    reply = render.ShownReply(_CharTokenizer(), STOP_0, [], None)
     shown = "".join(reply.deltas(t)[0] for t in _tokens("abc")) + reply.deltas(_finish("length"))[0]
     assert shown == "abc" and reply.finish_reason() == "length"
 
 
 def test_reply_parses_streamed_hermes_tool_calls() -> None:
-    reply = render.Reply(_CharTokenizer(), [0], [], "hermes")
+    reply = render.ShownReply(_CharTokenizer(), STOP_0, [], "hermes")
     text = 'Let me look.<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>'
     shown, calls = "", list[tl.ToolCallDelta]()
     events: list[TurnEvent] = [*_tokens(text), _finish("stop")]
@@ -113,11 +116,11 @@ def test_reply_parses_streamed_hermes_tool_calls() -> None:
 
 
 def test_a_guided_reply_is_shown_whole_and_its_finish_adds_nothing() -> None:
-    plain = render.Reply(_CharTokenizer(), [0], [], None)
+    plain = render.ShownReply(_CharTokenizer(), STOP_0, [], None)
     assert plain.deltas(Guided('{"a": 1}', 6)) == ('{"a": 1}', [])
     assert plain.deltas(_finish("stop")) == ("", []) and plain.finish_reason() == "stop"
 
-    tools = render.Reply(_CharTokenizer(), [0], [], "hermes")
+    tools = render.ShownReply(_CharTokenizer(), STOP_0, [], "hermes")
     text, calls = tools.deltas(Guided('<tool_call>{"name": "f", "arguments": {"x": 2}}</tool_call>', 9))
     assert text == "" and [(c.index, c.call.name) for c in calls] == [(0, "f")]
     assert tools.deltas(_finish("stop")) == ("", []) and tools.finish_reason() == "tool_calls"

@@ -1,4 +1,4 @@
-"""Engines by name (kvagent.engines.plugins) and the prompt-turn core's path for an engine that resolves the
+"""Engines by name (kvagent.plugins) and the prompt-turn core's path for an engine that resolves the
 prompt's KV itself (``resolves_prefix``): whole prompts in the caller's namespace, nothing resolved, the reuse
 reported from the engine's Finish."""
 
@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from kvagent.chat.turn import Cached, PromptTurns, settled
-from kvagent.engines import Finish, GenerationRequest, Sink, Token, Usage, load_engine_factory
+from kvagent.engines import Finish, GenerationRequest, Sink, Token, Usage
 from kvagent.engines.params import GenerationParams
-from kvagent.engines.plugins import ENTRY_POINT_GROUP, transformers_engine
 from kvagent.errors import ConfigError
+from kvagent.plugins import ENTRY_POINT_GROUP, load_engine_factory, transformers_engine
 from kvagent.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -361,7 +361,8 @@ def test_the_sdk_buys_within_its_limits_and_prefills_on_402(server: ServerProces
     agent = buyer("funded", budget=4000)
     doc = agent.read_ids(ids)
     assert doc.cache.status == "remote" and "bought for 1000" in doc.cache.reason, doc.cache.reason
-    assert agent.resolver.spent == 1000 and client(server, "dave-token-00001").account_balance() == 4000
+    assert agent.resolver.registry_tier.spent == 1000
+    assert client(server, "dave-token-00001").account_balance() == 4000
     agent.close()
 
 

@@ -316,6 +316,34 @@ def test_document_read_and_chat_ids_differ_only_at_the_end(embedded, tmp_path):
     agent.close()
 
 
+@pytest.mark.parametrize(("max_tokens", "stop", "finish"), [
+    (64, [], "stop"),  # the model's end-of-turn token (the answer is 52 tokens)
+    (8, [], "length"),
+    (64, ["Holloway"], "stop"),  # a stop string inside the answer
+])
+def test_the_facade_and_the_endpoint_finish_alike(server, embedded, tmp_path, max_tokens, stop, finish):
+    """KVAgent and the OpenAI-compatible endpoint generate through one turn core: for the same prompt ids
+    they give the same text, the same finish reason and the same number of tokens (EOS, max tokens, a
+    stop string)."""
+    agent = KVAgent(embedded.model, tokenizer=embedded.tokenizer, cache_dir=tmp_path)
+    doc = agent.read(DOC)
+    question = agent.template.question_ids(agent.tokenizer, "Who founded the company?")
+    ans = agent.ask_ids(doc, question, max_new_tokens=max_tokens, stop=stop)
+    streamed = "".join(agent.stream(doc, "Who founded the company?", max_new_tokens=max_tokens, stop=stop))
+    agent.close()
+    r = client(server).completions.create(model="smollm2", prompt=[*doc.token_ids, *question], temperature=0,
+                                          max_tokens=max_tokens, stop=stop or None)
+    choice = r.choices[0]
+    assert (ans.finish_reason, choice.finish_reason) == (finish, finish)
+    assert ans.text and ans.text == choice.text.strip() == streamed.strip()
+    assert len(ans.token_ids) == r.usage.completion_tokens
+    assert all(s not in ans.text for s in stop)
+    if finish == "length":
+        assert len(ans.token_ids) == max_tokens
+    elif not stop:
+        assert ans.token_ids[-1] in agent.template.stop_token_ids
+
+
 def test_metrics_follow_prometheus_naming(server):
     text = httpx.get(server.url + "/metrics", timeout=10).text
     for name in ("kvagent_prefix_cache_queries_total", "kvagent_prefix_cache_hits_total",

@@ -198,7 +198,7 @@ def test_registry_exact_key_is_bought_and_its_charge_reported(tmp_path: Path) ->
     src.publish(r, IDS, price=60)
     res = r.resolve(IDS)
     assert res.info.status == "remote" and res.info.cached_tokens == 20 and engine.prefilled == []
-    assert res.info.charged == 60 and r.spent == 60 and "bought for 60" in res.info.reason
+    assert res.info.charged == 60 and r.registry_tier.spent == 60 and "bought for 60" in res.info.reason
     assert r.resolve(IDS).info.charged == 0  # from memory now: nothing bought again
 
 
@@ -234,8 +234,8 @@ def test_a_refused_purchase_and_the_price_cap(tmp_path: Path) -> None:
     r, engine, _ = make(tmp_path, source=src, max_price_per_load=50)
     src.publish(r, IDS, price=60)
     res = r.resolve(IDS)
-    assert res.info.status == "prefill" and "not bought" in res.info.reason and r.spent == 0
-    assert r.price_cap() == 50
+    assert res.info.status == "prefill" and "not bought" in res.info.reason and r.registry_tier.spent == 0
+    assert r.registry_tier.price_cap() == 50
 
 
 def test_block_hashes_are_computed_once_per_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,7 @@ import pytest
 from kvagent.chat.turn import PromptTurns
 from kvagent.costs import calibration as cal
 from kvagent.costs import policy as pol
+from kvagent.costs.calibration.measure import WARMUP_LENGTHS, WARMUP_TAILS
 from kvagent.engines import Finish, events
 from kvagent.engines.params import GenerationParams
 from kvagent.server.__main__ import build_parser, settings_from_args
@@ -54,8 +55,8 @@ def test_a_fresh_host_measures_before_it_serves_and_logs_it(tmp_path: Path, mode
         samples = _samples(tmp_path / "a")  # written before build_state returned, i.e. before any request
         assert all(s[4] == "m" for s in samples)
         shapes = sorted((int(s[1]), int(s[2])) for s in samples)
-        big = max(cal.WARMUP_LENGTHS)
-        assert shapes == sorted([(n, 0) for n in cal.WARMUP_LENGTHS] + [(n, big) for n in cal.WARMUP_TAILS])
+        big = max(WARMUP_LENGTHS)
+        assert shapes == sorted([(n, 0) for n in WARMUP_LENGTHS] + [(n, big) for n in WARMUP_TAILS])
         assert any(f"{len(samples)} samples in" in r.getMessage() and r.getMessage().startswith("calibrating")
                    for r in caplog.records)
         est = st.model_host.agent.cost.estimate_prefill(16, 1500)
@@ -135,7 +136,7 @@ def test_kvagent_serve_answers_healthz_only_once_it_has_measured(tmp_path: Path,
                        extra_env={"KVAGENT_CALIBRATION": "", "KVAGENT_CALIBRATE_AT_START": ""})
     try:
         samples = _samples(tmp_path / "host")
-        assert len(samples) == len(cal.WARMUP_LENGTHS) + len(cal.WARMUP_TAILS)
+        assert len(samples) == len(WARMUP_LENGTHS) + len(WARMUP_TAILS)
         stored = json.loads((tmp_path / "host" / "host-cache" / "calibration.json").read_text())
         key = next(iter(stored["prefill"]))
         assert f"calibrating {key}: {len(samples)} samples in" in srv.log()

@@ -12,6 +12,7 @@ import pytest
 from kvagent import KVAgent
 from kvagent.costs import calibration as cal
 from kvagent.costs import stages as stg
+from kvagent.costs.calibration.model import MIN_LOAD_BYTES
 from tests.conftest import long_text
 
 
@@ -52,7 +53,7 @@ def test_reads_carry_stages_and_predictions_and_are_recorded(embedded, tmp_path:
     assert [(o.kind, o.path) for o in seen] == [("read", "local-prefill")]
     assert seen[0].actual_s == pytest.approx(first.stages["resume"], rel=0.5)
     # a local hit is checked against the load estimate once loads have been measured
-    cost.record_load(10 * cal.MIN_LOAD_BYTES, 0.01)
+    cost.record_load(10 * MIN_LOAD_BYTES, 0.01)
     other = KVAgent(embedded.model, tokenizer=embedded.tokenizer, cache_dir=tmp_path, memory_slots=1)
     other.resolver.cost.observers.append(seen.append)  # type: ignore[union-attr]
     hit = other.read(text).cache

@@ -1,8 +1,25 @@
-"""Stop strings and incremental detokenisation (kvagent.engines.textstream)."""
+"""Stop strings and incremental detokenisation (kvagent.engines.textstream), and a reply worked out from a
+turn's events (kvagent.chat.turn.Reply)."""
 
 from __future__ import annotations
 
-from kvagent import TextStream, scan_stops
+import pytest
+
+from kvagent import (
+    Cached,
+    CacheInfo,
+    CacheStatus,
+    EngineError,
+    Finish,
+    GenerationParams,
+    Reply,
+    TextStream,
+    Token,
+    Usage,
+    scan_stops,
+)
+
+_INFO = CacheInfo(CacheStatus.PREFILL, "test", 0, 3)
 
 
 def test_no_stops_shows_everything() -> None:
@@ -67,3 +84,28 @@ def test_partial_multibyte_character_is_held_back() -> None:
     assert s.push(ord("a")) == "a"
     assert s.push(201) == ""  # first half only
     assert s.push(202) == "é"
+
+
+def test_without_a_tokenizer_stop_tokens_still_end_the_stream() -> None:
+    stream = TextStream(None, [0])
+    assert list(stream.deltas([104, 105, 0, 106])) == []
+    assert (stream.finish_reason, stream.token_ids, stream.text) == ("stop", [104, 105], "")
+
+
+def test_a_reply_works_out_text_and_finish_reason_from_turn_events() -> None:
+    """kvagent.Reply, fed a turn's events: a stop string ends the reply (later tokens are not kept), a
+    Finish's "length" stands when nothing stopped it, and an error Finish is raised."""
+    params = GenerationParams(max_new_tokens=8, stop_token_ids=(0,))
+    stopped = Reply(_CharTokenizer(), params, ["c"])
+    events = [Cached(_INFO), *(Token(ord(ch)) for ch in "abcd"), Finish("stop", Usage(3, 0, 4))]
+    assert "".join(stopped.deltas(events)) == "ab"
+    assert (stopped.finish_reason, stopped.token_ids) == ("stop", [97, 98, 99])
+    long = Reply(_CharTokenizer(), params)
+    assert "".join(long.deltas([Token(97), Token(98), Finish("length", Usage(3, 0, 2))])) == "ab"
+    assert long.finish_reason == "length" and long.usage == Usage(3, 0, 2)
+    eos = Reply(_CharTokenizer(), params)
+    assert "".join(eos.deltas([Token(97), Token(0)])) == "a"  # bare tokens (a registry's), no Finish
+    assert (eos.finish_reason, eos.token_ids) == ("stop", [97, 0])
+    with pytest.raises(EngineError, match="boom"):
+        list(Reply(_CharTokenizer(), params).deltas([Token(97), Finish("error", Usage(3, 0, 1),
+                                                                         EngineError("boom"))]))

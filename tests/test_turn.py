@@ -176,7 +176,7 @@ def test_the_engines_prefill_is_a_cost_model_sample_of_its_kind(agent: Any) -> N
     forward of the engine's chunked prefill (chunks of 64 here) is a sample of its own shape: the fit learns
     what the engine ran, not a 260-token forward that never happened."""
     cost = agent.resolver.cost
-    assert cost is not None and agent.resolver.prefill_tokens_per_s is None
+    assert cost is not None and agent.resolver.registry_tier.prefill_tokens_per_s is None
     seen: list[cal.Outcome] = []
     cost.observers.append(seen.append)
     turns, batch = _turns(agent)
@@ -191,7 +191,7 @@ def test_the_engines_prefill_is_a_cost_model_sample_of_its_kind(agent: Any) -> N
         ("chat", "local-prefill", 260, 0), ("chat", "tail", 50, 260)
     ]
     assert all(o.predicted_s > 0 and o.actual_s > 0 for o in seen)
-    assert (agent.resolver.prefill_tokens_per_s or 0) > 0
+    assert (agent.resolver.registry_tier.prefill_tokens_per_s or 0) > 0
     want = {(64, 0), (64, 64), (64, 128), (64, 192), (4, 256), (50, 260)}
     while time.monotonic() < deadline:
         entry = cost.calibration.read()["prefill"].get(cost.profile.key, {"samples": []})

@@ -9,13 +9,15 @@ engine. A guided reply (a forced tool call, schema JSON: :mod:`kvagent.chat.guid
 turns,
 one per value.
 
-The OpenAI-compatible endpoint, hosted ``/generate`` and the LangChain models are thin adapters over this
-module. An engine that prefills prompts itself between its decode steps (``chunked_prefill``: the batching
-transformers engine) is asked for no prefill at all: the resolver answers with what it can reuse only (its
-reuse-only lookup, ``compute=False``, the tiers, policy and checks unchanged), and the engine computes the
-rest, the whole prompt on a miss, in chunks, so a new prompt never stalls the replies already decoding; that
-KV is kept the same way. An engine that resolves the prompt's KV itself (``resolves_prefix``: vLLM behind
-kvagent's connector, which asks the same resolver) gets the whole prompt instead; its Finish says what it
+The OpenAI-compatible endpoint, hosted ``/generate``, the LangChain models and the ``KVAgent`` facade are thin
+adapters over this module; a reply's text, stop handling and finish reason are worked out by one
+:class:`Reply` for all of them. An engine that prefills prompts itself between its decode steps
+(``chunked_prefill``: the batching transformers engine) is asked for no prefill at all: the resolver answers
+with what it can reuse only (its reuse-only lookup, ``compute=False``, the tiers, policy and checks
+unchanged), and the engine computes the rest, the whole prompt on a miss, in chunks, so a new prompt never
+stalls the replies already decoding; that KV is kept the same way. An engine that resolves the prompt's KV
+itself (``resolves_prefix``: vLLM behind kvagent's connector, which asks the same resolver) gets the whole
+prompt instead; its Finish says what it
 reused (:func:`settled`).
 Events: :class:`Cached` first (what the cache did), then the engine's
 :class:`~kvagent.engines.base.Token` events and one :class:`~kvagent.engines.base.Finish`; a guided reply
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,6 +47,8 @@ from ..engines.base import (
 )
 from ..engines.params import GenerationParams
 from ..engines.textstream import TextStream
+from ..errors import EngineError
+from ..kvcache.tensors import KVCache
 from ..reuse.info import CacheInfo, CacheStatus
 from ..reuse.resolver import MAX_TAIL, Resolver
 
@@ -105,6 +109,54 @@ class GuidedReply:
 def continuation_ids(tokenizer: Any, ids: Sequence[int], forced: str) -> list[int]:
     """The prompt ``ids`` followed by the forced text of a guided reply (its ids, no special tokens added)."""
     return [*ids, *tokenizer.encode(forced, add_special_tokens=False)] if forced else list(ids)
+
+
+class Reply:
+    """A turn's reply as text, from its events: the one place where a reply's stop handling (stop tokens, stop
+    strings, partial characters held back) and its finish reason are worked out, for every front door.
+
+    ``token_ids`` holds every generated id up to the stop (a stop token included); ``text`` what has been
+    shown; ``finish_reason`` is ``"stop"`` (a stop token or string, or an engine that stopped it) or
+    ``"length"``."""
+
+    def __init__(self, tokenizer: Any, params: GenerationParams, stops: Sequence[str] = ()) -> None:
+        self.stream = TextStream(tokenizer, params.stop_token_ids, stops)
+        self.token_ids: list[int] = []
+        self.usage: Usage | None = None
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.stream.finish_reason or "length"
+
+    def feed(self, ev: TurnEvent) -> str:
+        """The text ``ev`` makes showable: a generated token's (none once the reply has stopped), or at the
+        engine's Finish the tail held back (the Finish's reason, unless a stop came first)."""
+        if isinstance(ev, Token):
+            if self.stream.stopped:
+                return ""
+            self.token_ids.append(ev.token_id)
+            return self.stream.push(ev.token_id)
+        if isinstance(ev, Finish):
+            self.usage = ev.usage
+            return self.stream.finish("length" if ev.reason == "length" else "stop")
+        return ""
+
+    def deltas(self, events: Iterable[TurnEvent]) -> Iterator[str]:
+        """Feed all of ``events`` (a turn's, or bare Token events from elsewhere: their end is a "length" end
+        unless a stop came), yielding the showable text; an engine's error Finish is raised."""
+        for ev in events:
+            if isinstance(ev, Finish) and ev.reason == "error":
+                raise ev.error if ev.error is not None else EngineError("generation failed")
+            delta = self.feed(ev)
+            if delta:
+                yield delta
+        tail = self.stream.finish()
+        if tail:
+            yield tail
 
 
 class PromptTurns:
@@ -176,6 +228,19 @@ class PromptTurns:
         )
         turn = Turn(ids, request, info, save)
         return turn
+
+    def resume(
+        self, kv: KVCache, ids: Sequence[int], params: GenerationParams, info: CacheInfo, *,
+        stops: Sequence[str] = (), namespace: str | None = None,
+    ) -> Turn:
+        """A turn that continues a KV the caller resolved itself (a read document, ``KVAgent.ask``): the
+        engine runs ``ids`` after ``kv``; ``info`` is what the cache did for ``kv``. Nothing is kept (a
+        question's KV is not a document's)."""
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError("a turn needs at least one token after its KV")
+        request = GenerationRequest(tuple(ids), kv, params, tuple(stops), namespace=namespace)
+        return Turn([*(int(t) for t in kv.token_ids.tolist()), *ids], request, info)
 
     def submit(self, turn: Turn, sink: Sink, cancel: Cancel | None = None) -> None:
         """Start ``turn`` on the engine; its events go to ``sink`` (``cancel`` stops it)."""

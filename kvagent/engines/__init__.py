@@ -1,7 +1,8 @@
 """Engines behind one interface (:mod:`.base`): decoding settings (:mod:`.params`), the transformers engine
 (:mod:`.hf`), the engine with continuous batching (:mod:`.batch`; its attention kernel :mod:`.attention`,
 its batchability probes :mod:`.probe`), the text stream they decode into (:mod:`.textstream`) and engines
-by name (:mod:`.plugins`). The prompt-turn core every front door uses is :mod:`kvagent.chat.turn`."""
+by name are chosen above them (:mod:`kvagent.plugins`). The prompt-turn core every front door uses is
+:mod:`kvagent.chat.turn`."""
 
 from __future__ import annotations
 
@@ -23,14 +24,11 @@ from .base import (
     events,
 )
 from .batch import BatchObserver, TransformersBatchEngine
-from .plugins import EngineContext, EngineFactory, load_engine_factory
 
 __all__ = [
     "BatchObserver",
     "Cancel",
-    "EngineContext",
     "EngineEvent",
-    "EngineFactory",
     "Finish",
     "FinishReason",
     "GenerationEngine",
@@ -43,7 +41,6 @@ __all__ = [
     "Usage",
     "engine_failure",
     "events",
-    "load_engine_factory",
 ]
 
 

@@ -36,7 +36,8 @@ class TextStream:
     """Feed generated token ids one at a time; get the text that may be shown now.
 
     ``finish_reason`` becomes ``"stop"`` at a stop token or stop string; ``token_ids`` holds the
-    generated ids up to (not including) a stop token. ``text`` is everything shown so far.
+    generated ids up to (not including) a stop token. ``text`` is everything shown so far (always empty
+    without a ``tokenizer``: ids only, stop tokens still end the stream).
     """
 
     def __init__(self, tokenizer: Any, stop_token_ids: Iterable[int] = (), stops: Sequence[str] = ()) -> None:
@@ -59,7 +60,7 @@ class TextStream:
             self.finish_reason = "stop"
             return self._flush()
         self.token_ids.append(token)
-        full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        full = self._decode()
         if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
             return ""
         safe, hit = scan_stops(full, self.stops)
@@ -87,11 +88,16 @@ class TextStream:
         return self._flush()
 
     def _flush(self) -> str:
-        full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        full = self._decode()
         safe, hit = scan_stops(full, self.stops)
         if hit:
             self.finish_reason = "stop"
         return self._show(safe if hit else full)
+
+    def _decode(self) -> str:
+        if self.tokenizer is None:
+            return ""
+        return str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
 
     def _show(self, safe: str) -> str:
         if len(safe) > len(self.text):

@@ -123,9 +123,10 @@ def _accounted(
 class Resolver:
     """Finds or computes the KV of token ids through the tiers (see the module docstring).
 
-    Its collaborators do the rest: ``registry_tier`` (sources, purchases and budget, bandwidth,
-    verification, disputes, the breaker), ``saver`` (encode, store and publish a computed KV), ``costs``
-    (predictions checked against costs, calibration samples) and ``counters``.
+    Its collaborators do the rest, and callers reach them directly: ``registry_tier`` (sources, purchases
+    and budget: ``spent``, ``price_cap()``, ``note_spent()``; bandwidth, verification, disputes, the
+    breaker: ``failed()``), ``saver`` (encode, store and publish a computed KV: ``publisher``, ``codec``,
+    ``on_saved``), ``costs`` (predictions checked against costs, calibration samples) and ``counters``.
     """
 
     def __init__(
@@ -156,55 +157,7 @@ class Resolver:
             engine, context, store, settings=self.settings, cost=cost, count=self.counters.add
         )
         self.costs = ReadCosts(cost, self.registry_tier)
-        self.expect = self.registry_tier.expect
         self._last_key: tuple[KeyContext, tuple[int, ...], str] | None = None
-
-    # -- the saver's settings, under the names the resolver has always had -------------------------
-    @property
-    def publisher(self) -> str | None:
-        return self.saver.publisher
-
-    @property
-    def codec(self) -> str:
-        return self.saver.codec
-
-    @property
-    def on_saved(self) -> OnSaved | None:
-        """Called with (key, artifact_bytes, n_tokens) after a computed KV is stored (publishing)."""
-        return self.saver.on_saved
-
-    @on_saved.setter
-    def on_saved(self, hook: OnSaved | None) -> None:
-        self.saver.on_saved = hook
-
-    # -- the registry tier's state, under the names the resolver has always had --------------------
-    @property
-    def spent(self) -> int:
-        """Micro-units spent on purchases by this resolver."""
-        return self.registry_tier.spent
-
-    @property
-    def bandwidth(self) -> dict[str, float]:
-        """Measured bytes/s per registry label."""
-        return self.registry_tier.bandwidth
-
-    @property
-    def prefill_tokens_per_s(self) -> float | None:
-        """Prefill rate measured in this process."""
-        return self.registry_tier.prefill_tokens_per_s
-
-    def price_cap(self) -> int | None:
-        """The most one purchase may cost now (None: no limit)."""
-        return self.registry_tier.price_cap()
-
-    def note_spent(self, amount: int) -> None:
-        """Count a purchase made outside ``resolve`` (e.g. a remote generation) against the budget."""
-        self.registry_tier.note_spent(amount)
-
-    def note_registry_failure(self, what: str, exc: KVAgentError) -> str:
-        """Count and log a registry failure seen by a caller (e.g. a broken remote generation); returns the
-        reason."""
-        return self.registry_tier.failed(what, exc)
 
     # -- public ------------------------------------------------------------------------------
     def key_of(self, token_ids: Sequence[int], namespace: str | None = None) -> str:
@@ -265,7 +218,7 @@ class Resolver:
             )
             return Resolution(lookup.key, kv, info)
         with stg.stage("lookup"):
-            found = self.store.get(lookup.key, expect=self.expect)
+            found = self.store.get(lookup.key, expect=self.registry_tier.expect)
         if found.artifact is not None:
             return self._local_hit(lookup, found, "found in the local store")
         if not document:
@@ -273,7 +226,7 @@ class Resolver:
         with single_flight(self.store.directory / "locks", lookup.key, self.settings.lock_timeout) as flight:
             if flight.waited:  # another process was computing this key: it is probably stored now
                 stg.add("wait", flight.seconds)
-                again = self.store.get(lookup.key, expect=self.expect)
+                again = self.store.get(lookup.key, expect=self.registry_tier.expect)
                 if again.artifact is not None:
                     why = f"computed by another process while we waited {flight.seconds:.1f} s"
                     return self._local_hit(lookup, again, why)
@@ -452,7 +405,7 @@ class Resolver:
             why = "the stored prefix candidate cannot beat the one in memory"
         else:
             t0 = time.perf_counter()
-            found = self.store.get(hit[0], expect=self.expect)
+            found = self.store.get(hit[0], expect=self.registry_tier.expect)
             if found.artifact is None:
                 why = f"prefix candidate unusable: {found.reason}"
             else:

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..engines.plugins import DEFAULT_ENGINE, load_engine_factory
 from ..errors import ConfigError, KVAgentError
 from ..options import add_arguments, from_arguments
+from ..plugins import DEFAULT_ENGINE, load_engine_factory
 from .limits import ConnectionLimits
 from .settings import SETTINGS_ENV, Settings, to_env
 

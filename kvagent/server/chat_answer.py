@@ -31,7 +31,7 @@ class ChatRun:
         host = svc.host
         self.bill = ChatBill(st, job.principal, request, digest, len(job.ids), job.params.max_new_tokens)
         self.meter = ChatMeter(st.metrics, kind, len(job.ids), job.started)
-        self.reply = render.Reply(host.agent.tokenizer, job.params.stop_token_ids, stops, fmt)
+        self.reply = render.ShownReply(host.agent.tokenizer, job.params, stops, fmt)
         self.env = render.Envelope(kind, host.name, host.fingerprint)
 
     async def answer(self, stream: bool, include_usage: bool) -> Response:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..chat import tools as tl
-from ..chat.turn import Guided, TurnEvent
+from ..chat.turn import Guided, Reply, TurnEvent
 from ..engines import Finish, Token
-from ..engines.textstream import TextStream
+from ..engines.params import GenerationParams
 from ..errors import ContextLengthError, KVAgentError
 from ..reuse.info import CacheInfo
 from .http import ApiError
@@ -81,13 +81,14 @@ def generation_error(ev: TurnEvent) -> ApiError:
     return ApiError(500, "server_error", "generation failed")
 
 
-class Reply:
-    """The text and tool calls a generation's events make showable: incremental detokenisation cut at stop
-    tokens and strings, and (with a tool format) tool calls parsed out of the text as they complete."""
+class ShownReply:
+    """What a generation's events make showable to an OpenAI client: the turn core's :class:`Reply` (text
+    cut at stop tokens and strings, the finish reason) and, with a tool format, tool calls parsed out of that
+    text as they complete; a guided reply is shown whole."""
 
-    def __init__(self, tokenizer: Any, stop_token_ids: Iterable[int], stops: Sequence[str],
+    def __init__(self, tokenizer: Any, params: GenerationParams, stops: Sequence[str],
                  fmt: tl.ToolFormat | None) -> None:
-        self.text = TextStream(tokenizer, stop_token_ids, stops)
+        self.reply = Reply(tokenizer, params, stops)
         self.parser = tl.StreamParser(fmt) if fmt else None
         self.calls: list[tl.ToolCall] = []
         self.guided = False  # written by kvagent.chat.guided (ends with "stop" or "tool_calls")
@@ -102,14 +103,11 @@ class Reply:
             calls = [tl.ToolCallDelta(i, c) for i, c in enumerate(parsed.tool_calls)]
             self.calls += list(parsed.tool_calls)
             return parsed.content, calls
-        if isinstance(ev, Token):
-            text = self.text.push(ev.token_id)
-        elif isinstance(ev, Finish) and self.guided:
+        if isinstance(ev, Finish) and self.guided:
             return "", []
-        elif isinstance(ev, Finish):
-            text = self.text.finish("length" if ev.reason == "length" else "stop")
-        else:
+        if not isinstance(ev, (Token, Finish)):
             return "", []
+        text = self.reply.feed(ev)
         if self.parser is None:
             return text, []
         events = self.parser.feed(text) if text else []
@@ -121,7 +119,7 @@ class Reply:
         return content, calls
 
     def finish_reason(self) -> str:
-        return finish_reason(bool(self.calls), self.guided, self.text.finish_reason)
+        return finish_reason(bool(self.calls), self.guided, self.reply.finish_reason)
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import format as art
-from ..engines import Cancel, EngineContext, EngineFactory, GenerationRequest, Sink
+from ..engines import Cancel, GenerationRequest, Sink
 from ..engines.params import GenerationParams
-from ..engines.plugins import transformers_engine
 from ..errors import ModelLoadError, StoreError
 from ..kvcache.tensors import KVCache
 from ..models import EMBEDDED_NAMES, ensure_embedded, load_model
 from ..options import option_of
+from ..plugins import EngineContext, EngineFactory, transformers_engine
 from ..runtime import Runtime, build_runtime
 
 log = logging.getLogger("kvagent.server")

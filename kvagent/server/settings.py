@@ -9,9 +9,9 @@ from typing import Any
 
 from ..config import Config
 from ..dtypes import DTYPE_CHOICES, check_dtype
-from ..engines.plugins import DEFAULT_ENGINE, check_engine_name
 from ..errors import ConfigError
 from ..options import declare, derive, option_name, options_of
+from ..plugins import DEFAULT_ENGINE, check_engine_name
 
 DEFAULT_MAX_ARTIFACT_BYTES = 8 << 30
 #: Largest JSON request body accepted (prefix lookups with 4096 hashes are ~270 KB).

@@ -211,7 +211,7 @@ def build_state(settings: Settings) -> State:
     host = None
     if settings.model:
         from ..config import Config
-        from ..engines import load_engine_factory
+        from ..plugins import load_engine_factory
         from .host import ModelHost, load_host_agent, model_path
 
         models_dir = Path(settings.models_dir) if settings.models_dir else Config.from_env().models_dir

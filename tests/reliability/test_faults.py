@@ -22,7 +22,7 @@ import torch
 
 from kvagent import KVAgent
 from kvagent.client.registry import RegistryClient
-from kvagent.costs import calibration as cal
+from kvagent.costs.calibration.estimates import link_estimates
 from kvagent.costs.policy import PolicyParams
 from tests.conftest import tiny_config
 from tests.registry_server import ServerProcess, blob_backend, start_server
@@ -246,7 +246,7 @@ def test_a_slow_download_over_a_link_never_measured_is_given_up_for_a_prefill(pu
         assert elapsed < 12, elapsed  # given up early: not the minute the download would take
         cost = bob.resolver.cost
         assert cost is not None
-        _rtt, bps = cal.link_estimates(cost.calibration.read(), url)
+        _rtt, bps = link_estimates(cost.calibration.read(), url)
         assert bps is not None and bps.value < 1e8  # measured now (not the assumed 1 GB/s)
         assert [e.key for e in bob.store.entries()] == [doc.key]  # only the locally computed artifact
         assert bob.ask_ids(doc, SUFFIX, max_new_tokens=8, stop_token_ids=()).token_ids == \

@@ -18,13 +18,11 @@ from typing import Any
 
 from kvagent import (
     CacheInfo,
-    Finish,
     GenerationParams,
     KVCache,
     PromptTurns,
+    Reply,
     Runtime,
-    TextStream,
-    Token,
     TransformersBatchEngine,
     Turn,
 )
@@ -115,18 +113,10 @@ class PromptRunner:
     def _deltas(
         self, done: Completion, turn: Turn, params: GenerationParams, stops: Sequence[str], t0: float
     ) -> Iterator[str]:
-        text = TextStream(self.agent.tokenizer, params.stop_token_ids, stops)
-        done.token_ids = text.token_ids
-
-        def tokens() -> Iterator[int]:
-            for ev in self.turns.events(turn):
-                if isinstance(ev, Token):
-                    yield ev.token_id
-                elif isinstance(ev, Finish) and ev.reason == "error" and ev.error is not None:
-                    raise ev.error
-
-        yield from text.deltas(tokens())
+        reply = Reply(self.agent.tokenizer, params, stops)
+        done.token_ids = reply.stream.token_ids  # the ids shown (a stop token is not)
+        yield from reply.deltas(self.turns.events(turn))
         done.prefill_seconds = turn.prefill_seconds
-        done.finish_reason = text.finish_reason or "length"
-        done.text = text.text
+        done.finish_reason = reply.finish_reason
+        done.text = reply.text
         done.seconds = time.perf_counter() - t0

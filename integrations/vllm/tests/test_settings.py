@@ -149,7 +149,7 @@ def test_the_vllm_engine_runs_in_the_dtype_the_host_was_given(
 ) -> None:
     """``KVAGENT_DTYPE=bfloat16 kvagent serve --engine vllm``: the host's model loads in bf16 and vLLM's
     engine args say bf16 (before, the host ignored the setting: vLLM ran float32)."""
-    from kvagent.engines import EngineContext
+    from kvagent import EngineContext
     from kvagent.server.host import load_host_agent
 
     from tests.conftest import save_tiny_llama

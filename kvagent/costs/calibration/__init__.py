@@ -23,7 +23,8 @@ re-stamped to now, so they age from there. A corrupt or foreign file is ignored 
 on the next write; calibration is best-effort and never fails a read. ``CostModel`` turns all this into
 ``kvagent.costs.policy`` estimates, each with its provenance.
 
-The package, one job a module (this module re-exports their public names):
+The package, one job a module (this module re-exports the public API; other names are imported from the
+module that defines them):
 
 * ``fitting``: the maths (pure): features, robust identifiable fits, outliers, spread, moving averages;
 * ``contents``: the file's contents (pure): shape, validation and ageing, sample keeping, and the changes
@@ -36,69 +37,48 @@ The package, one job a module (this module re-exports their public names):
 * ``measure``: the first-use probe, ``kvagent calibrate``'s measurements and a fresh host's warm-up.
 """
 
-from ..breaker import PROBE_LOOKUP_DEADLINE_S, PROBE_WAIT_S
-from .contents import (
-    CLOCK_SLACK_S,
-    DEFAULT_MAX_AGE_S,
-    FORMAT,
-    MAX_OUTCOMES,
-    MAX_SAMPLES,
-    OUTCOME_KINDS,
-    VERSION,
-    CorruptCalibration,
-    clean,
-    empty,
-    keep_diverse,
-)
-from .estimates import link_estimates, load_estimate, prefill_estimate, summary
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .contents import keep_diverse
+from .estimates import summary
 from .file import CalibrationFile, default_path
-from .fitting import (
-    EWMA_ALPHA,
-    EXTRAPOLATION_SPREAD,
-    LOAD_SUBSETS,
-    MIN_TERM_SPREAD,
-    OUTLIER_FACTOR,
-    PREFILL_SUBSETS,
-    PRIOR_DOF,
-    PRIOR_SPREAD,
-    PROBE_WEIGHT,
-    SPREAD_FLOOR,
-    Fit,
-    Row,
-    ewma,
-    fit_load,
-    fit_model,
-    fit_prefill,
-    load_fit,
-    prefill_features,
-    prefill_fit,
-)
+from .fitting import Fit, fit_load, fit_model, fit_prefill, prefill_fit
 from .machine import Profile, machine_id
-from .measure import (
-    PROBE_BUDGET_S,
-    WARMUP_LENGTHS,
-    WARMUP_TAILS,
-    calibrate,
-    engine_probe,
-    measure_prefill,
-    probe_prefill,
-    warm_up,
-)
-from .model import MIN_DOWNLOAD_BYTES, MIN_LOAD_BYTES, MIN_PREFILL_TOKENS, CostModel
-from .outcomes import OUTCOME_FLUSH_S, PERCENTILES, Outcome, OutcomeLog, describe_ratios, prediction_errors
+from .measure import calibrate, engine_probe, measure_prefill, probe_prefill, warm_up
+from .model import CostModel
+from .outcomes import Outcome, describe_ratios, prediction_errors
 
 __all__ = [
-    "CalibrationFile", "CostModel", "Fit", "Outcome", "Profile", "calibrate", "default_path",
-    "describe_ratios", "engine_probe",
-    "fit_load", "fit_model", "fit_prefill", "keep_diverse", "machine_id", "measure_prefill",
-    "prediction_errors", "prefill_fit", "probe_prefill", "summary", "warm_up",
-    # also importable from here, as before the split
-    "CLOCK_SLACK_S", "DEFAULT_MAX_AGE_S", "EWMA_ALPHA", "EXTRAPOLATION_SPREAD", "FORMAT", "LOAD_SUBSETS",
-    "MAX_OUTCOMES", "MAX_SAMPLES", "MIN_DOWNLOAD_BYTES", "MIN_LOAD_BYTES", "MIN_PREFILL_TOKENS",
-    "MIN_TERM_SPREAD", "OUTCOME_FLUSH_S", "OUTCOME_KINDS", "OUTLIER_FACTOR", "PERCENTILES",
-    "PREFILL_SUBSETS", "PRIOR_DOF",
-    "PRIOR_SPREAD", "PROBE_BUDGET_S", "PROBE_LOOKUP_DEADLINE_S", "PROBE_WAIT_S", "PROBE_WEIGHT",
-    "SPREAD_FLOOR", "VERSION", "WARMUP_LENGTHS", "WARMUP_TAILS", "CorruptCalibration", "OutcomeLog", "Row",
-    "clean", "empty", "ewma",
-    "link_estimates", "load_estimate", "load_fit", "prefill_estimate", "prefill_features",
+    "CalibrationFile",
+    "CostModel",
+    "Fit",
+    "Outcome",
+    "Profile",
+    "calibrate",
+    "default_path",
+    "describe_ratios",
+    "engine_probe",
+    "fit_load",
+    "fit_model",
+    "fit_prefill",
+    "keep_diverse",
+    "machine_id",
+    "measure_prefill",
+    "prediction_errors",
+    "prefill_fit",
+    "probe_prefill",
+    "summary",
+    "warm_up",
 ]
+
+
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:
+        """Names this package re-exported before it kept only its public API: importable from here for one
+        release, with a warning (``kvagent._moved.MOVED_NAMES``); import them from their module."""
+        from ..._moved import moved_attribute
+
+        return moved_attribute(__name__, name)

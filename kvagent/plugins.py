@@ -1,5 +1,6 @@
 """Engines a host can run, by name: ``transformers`` (built in), any package's entry point in the
-``kvagent.engines`` group (``vllm`` from ``vllm-kvagent``), or a ``module:attr`` spec.
+``kvagent.engines`` group (``vllm`` from ``vllm-kvagent``), or a ``module:attr`` spec. Above the engines and
+the runtime, since a factory is handed the host's runtime.
 
 An engine factory takes an :class:`EngineContext` (the host's model runtime, the model's directory, the batch
 bound) and returns a :class:`~kvagent.engines.base.GenerationEngine`. Packages register one with::
@@ -16,14 +17,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
-from .base import GenerationEngine
-from .batch import TransformersBatchEngine
-
-if TYPE_CHECKING:
-    from ..runtime import Runtime
+from .engines.base import GenerationEngine
+from .engines.batch import TransformersBatchEngine
+from .errors import ConfigError
+from .runtime import Runtime
 
 ENTRY_POINT_GROUP = "kvagent.engines"
 DEFAULT_ENGINE = "transformers"
