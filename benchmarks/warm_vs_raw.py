@@ -44,7 +44,7 @@ STAGES = ("key", "store.lookup", "store.read", "store.parse", "store.integrity",
 class _Child:
     """One tree's agent with its documents read, answering the parent's commands (one JSON line each)."""
 
-    def __init__(self, lengths: list[int]) -> None:
+    def __init__(self, lengths: list[int], threads: int) -> None:
         import hashlib
         import tempfile
 
@@ -59,6 +59,8 @@ class _Child:
         from tests.conftest import long_text
 
         torch.manual_seed(0)
+        if threads:
+            torch.set_num_threads(threads)
         self.agent = KVAgent(None, cache_dir=tempfile.mkdtemp(prefix="kvagent-warm-"))
         self.one = GenerationParams(max_new_tokens=1, stop_token_ids=())
         self.engine = self.agent.engine
@@ -175,8 +177,8 @@ class _Child:
                 "cumulative_s": dict(sorted(cum.items(), key=lambda kv: -kv[1])[:60])}
 
 
-def child_main(lengths: list[int]) -> int:
-    child = _Child(lengths)
+def child_main(lengths: list[int], threads: int) -> int:
+    child = _Child(lengths, threads)
     print(json.dumps({"ready": True, "ids_sha256": child.ids_sha}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -197,12 +199,12 @@ def child_main(lengths: list[int]) -> int:
 
 # -- the parent --------------------------------------------------------------------------------------------
 class _Tree:
-    def __init__(self, name: str, root: Path, lengths: list[int]) -> None:
+    def __init__(self, name: str, root: Path, lengths: list[int], threads: int) -> None:
         self.name, self.root = name, root
         paths = [root, root / "integrations" / "langchain", root / "integrations" / "vllm"]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in paths),
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "child", *map(str, lengths)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "child", str(threads), *map(str, lengths)]
         self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         self.commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
@@ -236,7 +238,7 @@ def _median(xs: list[float]) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    trees = [_Tree(name, path.resolve(), args.lengths) for name, path in args.trees]
+    trees = [_Tree(name, path.resolve(), args.lengths, args.threads) for name, path in args.trees]
     names = [t.name for t in trees]
     load = [os.getloadavg()[0]]
     try:
@@ -288,6 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t.name: {"root": str(t.root), "commit": t.commit, "uncommitted_changes": t.dirty} for t in trees
         },
         "repeats": args.repeats,
+        "torch_threads": args.threads or "default",
         "steady": steady,
         "profile_reads": args.profile_reads,
         "load_avg_1min": load,
@@ -337,13 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "child":
         sys.path.insert(0, os.getcwd())  # the tree's own tests.conftest
-        return child_main([int(a) for a in argv[1:]])
+        return child_main([int(a) for a in argv[2:]], int(argv[1]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tree", dest="trees", type=_tree, action="append", metavar="NAME=PATH",
                    help="a source tree to time (repeatable; default: old=/work/wt/old_e1c43f2, new=.)")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warm-up", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per child (0: torch's default; 1 keeps a shared machine's other work "
+                        "from stalling every parallel region)")
     p.add_argument("--steady-reads", type=int, default=512,
                    help="warm reads before timing, as a long-running process has done (0: a fresh process)")
     p.add_argument("--profile-reads", type=int, default=10)
