@@ -90,11 +90,11 @@ class CalibrationFile:
         kept = self._cleaned
         if kept is not None and kept[0] == parsed[0] and kept[1] <= now < kept[2]:
             return kept[3]
-        data = self._clean(parsed, now)
-        if data is None:
+        found = self._clean(parsed, now)
+        if found is None:
             return empty()
-        self._cleaned = (parsed[0], now, data[1], data[0])
-        return data[0]
+        self._cleaned = (parsed[0], now, found[1], found[0])
+        return found[0]
 
     def _clean(self, parsed: tuple[_Sig, Any], now: float) -> tuple[dict[str, Any], float] | None:
         """``clean_until`` of ``parsed``'s contents (new dicts and lists throughout), or None (warned once)
