@@ -129,6 +129,74 @@ def test_a_corrupt_or_foreign_file_is_ignored_with_a_warning_and_rebuilt(tmp_pat
         assert model(path).estimate_prefill(500).n == 1
 
 
+def _count_cleaning(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every timestamp the calibration contents are cleaned of (one per sample, link and outcome)."""
+    from kvagent.costs.calibration import contents
+
+    seen: list[float] = []
+    stamp = contents._stamp
+
+    def counted(t: float, now: float, max_age_s: float) -> float | None:
+        seen.append(t)
+        return stamp(t, now, max_age_s)
+
+    monkeypatch.setattr(contents, "_stamp", counted)
+    return seen
+
+
+def _full_file(m: cal.CostModel, clock: Clock) -> None:
+    """A file as a busy process leaves it: load and prefill samples and the most outcomes it keeps."""
+    for i in range(8):
+        m.record_load(1_000_000 * (i + 1), 0.002 * (i + 1))
+        m.record_prefill(100 * (i + 1), 0, 0.3 * (i + 1))
+    for i in range(cal.MAX_OUTCOMES):
+        m.record_outcome(cal.Outcome("read", pol.LOCAL_HIT, 0.01, 0.011 + i * 1e-6, 512))
+    m.flush_outcomes()
+    clock.t += 1
+
+
+def test_warm_reads_clean_the_file_once_per_change_not_once_per_read(tmp_path: Path, monkeypatch):
+    """A local hit estimates its load from the calibration file (issue 35): the file, 512 outcomes and
+    all, is parsed and cleaned once per change (or when an entry ages out), not on every read."""
+    path, clock = tmp_path / "c.json", Clock()
+    writer = model(path, clock, max_age_s=100.0)
+    _full_file(writer, clock)
+    reader = model(path, clock, max_age_s=100.0)  # another process
+    cleaned = _count_cleaning(monkeypatch)
+    first = reader.estimate_load(4_000_000)
+    assert first is not None and first.n == 8
+    once = len(cleaned)
+    assert once > cal.MAX_OUTCOMES  # the first read cleans the whole file...
+    for _ in range(20):
+        clock.t += 0.5
+        assert reader.estimate_load(4_000_000) == first
+        assert reader.estimate_prefill(500).n == 8
+    assert len(cleaned) == once  # ...and the next 40 estimates clean nothing
+    writer.record_load(9_000_000, 0.02)  # the file changes: the reader sees the new sample
+    assert reader.estimate_load(4_000_000).n == 9  # type: ignore[union-attr]
+    assert len(cleaned) > once
+    clock.t += 100 - 10.5 + 1  # the first samples (recorded at t0) are now older than max_age_s
+    after = reader.estimate_load(4_000_000)
+    assert after is not None and after.n == 1  # aged out without any write: kept contents expire
+    assert reader.calibration.read() == cal.CalibrationFile(path, clock=clock, max_age_s=100.0).read()
+
+
+def test_a_process_reads_its_own_outcome_writes_without_cleaning_them(tmp_path: Path, monkeypatch):
+    """The outcomes' background writer leaves the cleaned contents ready: a warm read after this process's
+    own write (every second while reads are recorded) neither parses nor cleans the file."""
+    path, clock = tmp_path / "c.json", Clock()
+    m = model(path, clock)
+    _full_file(m, clock)
+    m.record_outcome(cal.Outcome("read", pol.LOCAL_HIT, 0.01, 0.012, 512))
+    m.flush_outcomes()  # what the writer thread does
+    cleaned = _count_cleaning(monkeypatch)
+    for _ in range(10):
+        assert m.estimate_load(4_000_000) is not None
+    assert cleaned == []
+    fresh = cal.CalibrationFile(path, clock=clock, max_age_s=1000.0).read()
+    assert m.calibration.read() == fresh and fresh["outcomes"][-1][6] == 0.012
+
+
 def _writer(path: str, worker: int, n: int) -> None:
     m = cal.CostModel(cal.CalibrationFile(path), profile=PROFILE)
     for i in range(n):

@@ -51,6 +51,24 @@ def _stamp(t: float, now: float, max_age_s: float) -> float | None:
 
 def clean(raw: Any, now: float, max_age_s: float = DEFAULT_MAX_AGE_S) -> dict[str, Any]:
     """Validate a parsed file and drop what is too old; raises CorruptCalibration on a foreign shape."""
+    return clean_until(raw, now, max_age_s)[0]
+
+
+def clean_until(raw: Any, now: float, max_age_s: float = DEFAULT_MAX_AGE_S) -> tuple[dict[str, Any], float]:
+    """``clean(raw, now)``, and the clock time up to which ``clean(raw, later)`` gives the same contents: the
+    first time a kept entry ages out (``now`` when an entry is dated in the future: its stamp moves with the
+    clock). A reader may keep the result that long instead of cleaning the same file on every read."""
+    until = math.inf
+
+    def stamp(t: float) -> float | None:
+        nonlocal until
+        kept = _stamp(t, now, max_age_s)
+        if t > now + CLOCK_SLACK_S:
+            until = min(until, now)
+        elif kept is not None:
+            until = min(until, t + max_age_s)
+        return kept
+
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CorruptCalibration("not a kvagent calibration file")
     if raw.get("version") != VERSION:
@@ -64,7 +82,7 @@ def clean(raw: Any, now: float, max_age_s: float = DEFAULT_MAX_AGE_S) -> dict[st
         for s in _samples(entry):
             if len(s) != 5 or s[4] not in ("m", "p"):
                 raise CorruptCalibration("malformed prefill sample")
-            t = _stamp(_num(s[0]), now, max_age_s)
+            t = stamp(_num(s[0]))
             n, past, secs = _num(s[1]), _num(s[2]), _num(s[3])
             if t is not None and n > 0 and past >= 0 and secs > 0:
                 samples.append([t, n, past, secs, s[4]])
@@ -77,7 +95,7 @@ def clean(raw: Any, now: float, max_age_s: float = DEFAULT_MAX_AGE_S) -> dict[st
             for s in _samples(entry):
                 if len(s) != 3:
                     raise CorruptCalibration(f"malformed {section} sample")
-                t = _stamp(_num(s[0]), now, max_age_s)
+                t = stamp(_num(s[0]))
                 nbytes, secs = _num(s[1]), _num(s[2])
                 if t is not None and nbytes > 0 and secs > 0:
                     samples.append([t, nbytes, secs])
@@ -86,7 +104,7 @@ def clean(raw: Any, now: float, max_age_s: float = DEFAULT_MAX_AGE_S) -> dict[st
     for url, link in sections["links"].items():
         if not isinstance(link, dict):
             raise CorruptCalibration("malformed link entry")
-        t = _stamp(_num(link.get("t", 0.0)), now, max_age_s)
+        t = stamp(_num(link.get("t", 0.0)))
         if t is None:
             continue
         fields = {k: _num(link[k]) for k in ("rtt_s", "rtt_n", "bps", "bps_n", "bps_lv") if k in link}
@@ -105,11 +123,11 @@ def clean(raw: Any, now: float, max_age_s: float = DEFAULT_MAX_AGE_S) -> dict[st
     for o in outcomes[-MAX_OUTCOMES:]:
         if not isinstance(o, list) or len(o) != 7 or o[1] not in OUTCOME_KINDS or not isinstance(o[2], str):
             raise CorruptCalibration("malformed outcome")
-        t = _stamp(_num(o[0]), now, max_age_s)
+        t = stamp(_num(o[0]))
         n, past, predicted, actual = (_num(x) for x in o[3:])
         if t is not None and predicted > 0 and actual > 0 and n >= 0 and past >= 0:
             out["outcomes"].append([t, o[1], o[2][:40], n, past, predicted, actual])
-    return out
+    return out, until
 
 
 def _length_class(sample: Sequence[Any]) -> tuple[int, bool]:

@@ -6,6 +6,7 @@ file lock. A corrupt or foreign file is ignored with a warning and rebuilt on th
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -17,9 +18,11 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .contents import DEFAULT_MAX_AGE_S, CorruptCalibration, clean, empty
+from .contents import DEFAULT_MAX_AGE_S, CorruptCalibration, clean_until, empty
 
 log = logging.getLogger("kvagent.calibration")
+
+_Sig = tuple[int, int, int]  # a file's (mtime_ns, size, inode)
 
 
 def default_path(cache_dir: str | os.PathLike[str], path: str | os.PathLike[str] | None = None) -> Path:
@@ -29,7 +32,12 @@ def default_path(cache_dir: str | os.PathLike[str], path: str | os.PathLike[str]
 
 
 class CalibrationFile:
-    """The machine's calibration file: atomic writes, a file lock for read-modify-write, a bounded age."""
+    """The machine's calibration file: atomic writes, a file lock for read-modify-write, a bounded age.
+
+    ``read`` keeps its cleaned contents until the file changes or an entry ages out, so that an estimate on
+    a warm read neither parses nor cleans the file (its outcomes alone are 512 rows); what this process
+    writes (``update``) it keeps cleaned at once, from the writer's thread.
+    """
 
     def __init__(
         self,
@@ -43,66 +51,105 @@ class CalibrationFile:
         self.max_age_s = max_age_s
         self.lock_timeout = lock_timeout
         self.clock = clock
-        self._cache: tuple[tuple[int, int, int], Any] | None = None
-        self._warned: set[tuple[int, int, int]] = set()
+        self._cache: tuple[_Sig, Any] | None = None
+        #: (file signature, cleaned at, valid until, contents): what ``read`` returns while it holds
+        self._cleaned: tuple[_Sig, float, float, dict[str, Any]] | None = None
+        self._warned: set[_Sig] = set()
 
-    def _parse(self) -> Any:
-        """The file's JSON (cached by stat), None when absent."""
+    def _stat(self) -> _Sig | None:
+        """The file's signature (it changes with every write: a write replaces the file), None when absent."""
         try:
             st = self.path.stat()
         except FileNotFoundError:
             return None
-        sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _parse(self) -> tuple[_Sig, Any] | None:
+        """The file's signature and JSON (cached by signature), None when absent."""
+        sig = self._stat()
+        if sig is None:
+            return None
         if self._cache is not None and self._cache[0] == sig:
-            return self._cache[1]
+            return self._cache
         try:
             raw: Any = json.loads(self.path.read_bytes())
         except (OSError, ValueError, RecursionError) as exc:
             raw = CorruptCalibration(f"unreadable JSON: {exc}")
         self._cache = (sig, raw)
-        return raw
+        return self._cache
 
     def read(self) -> dict[str, Any]:
-        """The current, aged contents; an empty calibration when the file is absent, corrupt or foreign."""
-        raw = self._parse()
-        if raw is None:
+        """The current, aged contents; an empty calibration when the file is absent, corrupt or foreign.
+
+        The same dict is returned until the file changes or an entry in it ages out: callers never change it
+        (``update`` changes contents of its own)."""
+        parsed = self._parse()
+        if parsed is None:
             return empty()
+        now = self.clock()
+        kept = self._cleaned
+        if kept is not None and kept[0] == parsed[0] and kept[1] <= now < kept[2]:
+            return kept[3]
+        found = self._clean(parsed, now)
+        if found is None:
+            return empty()
+        self._cleaned = (parsed[0], now, found[1], found[0])
+        return found[0]
+
+    def _clean(self, parsed: tuple[_Sig, Any], now: float) -> tuple[dict[str, Any], float] | None:
+        """``clean_until`` of ``parsed``'s contents (new dicts and lists throughout), or None (warned once)
+        when it is not a calibration file this version trusts."""
+        sig, raw = parsed
         try:
             if isinstance(raw, CorruptCalibration):
                 raise raw
-            return clean(raw, self.clock(), self.max_age_s)
+            return clean_until(raw, now, self.max_age_s)
         except CorruptCalibration as exc:
-            sig = self._cache[0] if self._cache else (0, 0, 0)
             if sig not in self._warned:
                 self._warned.add(sig)
                 log.warning("ignoring calibration file %s (%s); it will be rebuilt from new measurements",
                             self.path, exc)
-            return empty()
+            return None
 
     def update(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        """Apply ``change`` to the contents under the file lock and write them back atomically."""
+        """Apply ``change`` to the contents under the file lock and write them back atomically.
+
+        What a reader would parse and clean after the write is done here, from the writer's thread (the
+        outcomes' background writer, for reads): a warm read after this process's own write finds it done."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(self.path) + ".lock", timeout=self.lock_timeout):
                 self._cache = None
-                data = self.read()
+                parsed = self._parse()
+                found = self._clean(parsed, self.clock()) if parsed is not None else None
+                data = found[0] if found is not None else empty()
                 change(data)
                 data["updated"] = self.clock()
-                self._write(data)
+                text = self._write(data)
+                sig = self._stat()  # still under the lock: the file is the one just written
+                if sig is not None:
+                    now, written = self.clock(), (sig, json.loads(text))
+                    self._cache = written
+                    kept = self._clean(written, now)
+                    if kept is not None:
+                        self._cleaned = (sig, now, kept[1], kept[0])
                 return data
         except (OSError, Timeout) as exc:
             log.warning("could not update calibration file %s (measurements of this process are lost): %s",
                         self.path, exc)
-            data = self.read()
+            data = copy.deepcopy(self.read())
             change(data)
             return data
 
-    def _write(self, data: dict[str, Any]) -> None:
+    def _write(self, data: dict[str, Any]) -> str:
+        """Write ``data`` atomically; returns the JSON written."""
+        text = json.dumps(data, separators=(",", ":"))  # no fsync: losing a sample to a crash is harmless
         fd, tmp = tempfile.mkstemp(prefix=".calibration-", suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, separators=(",", ":"))  # no fsync: losing a sample to a crash is harmless
+                fh.write(text)
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return text
