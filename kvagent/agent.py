@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .artifacts import format as art
 from .chat.prompt import PromptTemplate
 from .chat.turn import PromptTurns, Reply, TurnEvent
 from .config import Config
@@ -176,6 +177,12 @@ class KVAgent:
     def store(self) -> KVStore:
         """The local store of KV artifacts."""
         return self.runtime.store
+
+    @property
+    def expect(self) -> art.Expectation:
+        """What an artifact must match to be resumed by this agent (model, tokenizer, dtype, KV layout): pass
+        it to ``store.get(key, expect=...)`` to read a stored artifact as the agent would."""
+        return self.runtime.resolver.registry_tier.expect
 
     @property
     def registry(self) -> RegistryClient | None:
