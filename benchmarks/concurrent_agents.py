@@ -25,7 +25,7 @@ agent (the other servers have no principals: ``one`` only).
 
     python -m benchmarks.concurrent_agents [--agents 1 8 32] [--doc-tokens 1500 4000] [--max-tokens 48]
         [--servers kvagent kvagent-vllm vllm vllm-connector transformers] [--principals one distinct]
-        [--vllm-python /work/vllm-venv/bin/python]
+        [--vllm-python .vllm-venv/bin/python]
         [--vllm-cmd "<command line>"] [--transformers-cmd "transformers serve"] [--threads 2]
         [--max-batch N (default: the most agents)] [--prefill-chunk 256]
         [--repeats 3] [--peer-defaults | --dtype float32|bfloat16]

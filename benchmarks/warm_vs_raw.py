@@ -1,11 +1,11 @@
 """SDK warm vs raw reuse, old code beside new, in one run: where a warm read's time goes, stage by stage.
 
-One child process per source tree (``--tree NAME=PATH``, repeatable; default ``old``, the worktree of
-e1c43f2, and ``new``, this checkout), each with its own ``PYTHONPATH``, loads the embedded model and reads
-the same documents (512 / 2048 / 4096 tokens) once. Each child first makes ``--steady-reads`` warm reads
-(what a long-running process leaves in its calibration file: the newest 512 outcomes); then the parent
-alternates them, repeat by repeat (which tree goes first rotates), and each child times, per length, one
-back-to-back pair (which path goes first alternates):
+One child process per source tree (``--tree NAME=PATH``, repeatable; default: this checkout alone, as ``new``;
+add e.g. ``--tree old=<a git worktree of e1c43f2>``), each with its own ``PYTHONPATH``, loads the embedded
+model and reads the same documents (512 / 2048 / 4096 tokens) once. Each child first makes ``--steady-reads``
+warm reads (what a long-running process leaves in its calibration file: the newest 512 outcomes); then the
+parent alternates them, repeat by repeat (which tree goes first rotates), and each child times, per length,
+one back-to-back pair (which path goes first alternates):
 
 * raw — ``engine.generate(kv, question, 1 token)`` on the document's KV held in memory;
 * SDK warm — the memory tier emptied outside the clock, then ``read_ids`` (key, tier lookups, store
@@ -18,7 +18,8 @@ child profiles ``--profile-reads`` warm reads with cProfile: call counts do not 
 so they name the calls one tree makes and the other does not. Medians; SDK ÷ raw per length, old and new
 side by side. JSON in ``benchmarks/results/warm_vs_raw.json``.
 
-    python -m benchmarks.warm_vs_raw [--tree old=/work/wt/old_e1c43f2 --tree new=.] [--repeats 9]
+    git worktree add ../kvagent-e1c43f2 e1c43f2
+    python -m benchmarks.warm_vs_raw --tree old=../kvagent-e1c43f2 --tree new=. [--repeats 9]
 """
 
 from __future__ import annotations
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         return child_main([int(a) for a in argv[2:]], int(argv[1]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tree", dest="trees", type=_tree, action="append", metavar="NAME=PATH",
-                   help="a source tree to time (repeatable; default: old=/work/wt/old_e1c43f2, new=.)")
+                   help="a source tree to time (repeatable; default: this checkout alone, as new)")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warm-up", type=int, default=2)
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--show-calls", type=int, default=40)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "warm_vs_raw.json")
     args = p.parse_args(argv)
-    args.trees = args.trees or [("old", Path("/work/wt/old_e1c43f2")), ("new", REPO)]
+    args.trees = args.trees or [("new", REPO)]
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
