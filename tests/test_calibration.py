@@ -16,7 +16,7 @@ from kvagent.client.registry import RegistryClient
 from kvagent.costs import calibration as cal
 from kvagent.costs import policy as pol
 from kvagent.costs.breaker import PROBE_LOOKUP_DEADLINE_S, PROBE_WAIT_S, BreakerPolicy
-from kvagent.costs.calibration.contents import FORMAT, MAX_SAMPLES, VERSION, empty
+from kvagent.costs.calibration.contents import FORMAT, MAX_OUTCOMES, MAX_SAMPLES, VERSION, empty
 from kvagent.costs.calibration.fitting import prefill_features
 from kvagent.errors import RegistrySkippedError, RegistryUnavailableError
 
@@ -149,7 +149,7 @@ def _full_file(m: cal.CostModel, clock: Clock) -> None:
     for i in range(8):
         m.record_load(1_000_000 * (i + 1), 0.002 * (i + 1))
         m.record_prefill(100 * (i + 1), 0, 0.3 * (i + 1))
-    for i in range(cal.MAX_OUTCOMES):
+    for i in range(MAX_OUTCOMES):
         m.record_outcome(cal.Outcome("read", pol.LOCAL_HIT, 0.01, 0.011 + i * 1e-6, 512))
     m.flush_outcomes()
     clock.t += 1
@@ -166,7 +166,7 @@ def test_warm_reads_clean_the_file_once_per_change_not_once_per_read(tmp_path: P
     first = reader.estimate_load(4_000_000)
     assert first is not None and first.n == 8
     once = len(cleaned)
-    assert once > cal.MAX_OUTCOMES  # the first read cleans the whole file...
+    assert once > MAX_OUTCOMES  # the first read cleans the whole file...
     for _ in range(20):
         clock.t += 0.5
         assert reader.estimate_load(4_000_000) == first
