@@ -227,3 +227,37 @@ def test_the_connectors_agent_sees_configs_defaults(monkeypatch: pytest.MonkeyPa
     given = ConnectorSettings.from_extra({"calibration": False, "token": "t-1", "registry_url": "http://r:1"})
     agent = Config.from_env(**given.config_options())
     assert (agent.calibration, agent.registry_token, agent.registry_url) == (False, "t-1", "http://r:1")
+
+
+def test_a_quick_lookup_answers_the_poll_that_started_it() -> None:
+    """A local lookup (a few ms) is answered in the scheduler step that asked for it, not a later one: the
+    first poll waits up to ``first_wait_s`` for it (vLLM's busy loop otherwise kept the lookup thread from the
+    GIL for up to ~1 s of a lone agent's TTFT); a slow lookup still answers "not yet"."""
+    import time
+    from types import SimpleNamespace
+
+    from vllm_kvagent.lookup import NO_MATCH, PrefixLookups
+
+    def local(ids: object, namespace: object) -> object:
+        time.sleep(0.003)  # what a local store lookup takes
+        return NO_MATCH
+
+    quick = PrefixLookups(SimpleNamespace(), engine="vllm x", same_engine_only=False)  # type: ignore[arg-type]
+    quick.find = local  # type: ignore[method-assign]
+    assert quick.poll("r1", (1, 2, 3), None) is NO_MATCH
+
+    def slow(ids: object, namespace: object) -> object:
+        time.sleep(0.5)
+        return NO_MATCH
+
+    late = PrefixLookups(SimpleNamespace(), engine="vllm x", same_engine_only=False)  # type: ignore[arg-type]
+    late.find = slow  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    assert late.poll("r2", (1, 2, 3), None) is None
+    assert time.perf_counter() - t0 < 0.4  # waited at most first_wait_s, not for the lookup
+    deadline = time.monotonic() + 5
+    while (got := late.poll("r2", (1, 2, 3), None)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got is NO_MATCH
+    quick.close()
+    late.close()

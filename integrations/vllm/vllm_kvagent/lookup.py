@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
 from kvagent import KVAgent, KVAgentError
@@ -45,8 +45,15 @@ class PrefixLookups:
         same_engine_only: bool,
         shared_reads: bool = False,
         workers: int = 1,
+        first_wait_s: float = 0.02,
     ) -> None:
         self.agent = agent
+        #: how long the first poll of a request waits for its lookup: a local lookup (memory, the store's
+        #: index) answers within it, in the step that asked, instead of a later one. Returning at once left
+        #: the lookup thread to win the GIL from vLLM's busy scheduler loop (which polls again every step),
+        #: and a lookup of a few ms took up to ~1 s of one agent's TTFT; a slow one (the registry) still
+        #: runs on while the request waits and others decode.
+        self.first_wait_s = first_wait_s
         self.engine = engine
         self.same_engine_only = same_engine_only
         self.shared_reads = shared_reads
@@ -55,13 +62,18 @@ class PrefixLookups:
         self._lock = threading.Lock()
 
     def poll(self, req_id: str, token_ids: Sequence[int], namespace: str | None) -> Match | None:
-        """The lookup's result for ``req_id``, starting it on first call; None while it runs."""
+        """The lookup's result for ``req_id``, starting it on first call (and waiting up to ``first_wait_s``
+        for it then); None while it runs."""
+        first = False
         with self._lock:
             fut = self._running.get(req_id)
             if fut is None:
                 ids = tuple(token_ids)
                 fut = self._pool.submit(self._find, ids, namespace)
                 self._running[req_id] = fut
+                first = True
+        if first and self.first_wait_s > 0:
+            wait([fut], timeout=self.first_wait_s)  # releases the GIL to the lookup meanwhile
         if not fut.done():
             return None
         return fut.result()
