@@ -242,7 +242,8 @@ def test_a_quick_lookup_answers_the_poll_that_started_it() -> None:
         time.sleep(0.003)  # what a local store lookup takes
         return NO_MATCH
 
-    quick = PrefixLookups(SimpleNamespace(), engine="vllm x", same_engine_only=False)  # type: ignore[arg-type]
+    quick = PrefixLookups(SimpleNamespace(), engine="vllm x", same_engine_only=False,  # type: ignore[arg-type]
+                          first_wait_s=2.0)  # (generous: a loaded CI machine may start the thread late)
     quick.find = local  # type: ignore[method-assign]
     assert quick.poll("r1", (1, 2, 3), None) is NO_MATCH
 
