@@ -248,6 +248,10 @@ def test_sqlite_ledger_matches_the_pure_book(ops: list[tuple]) -> None:
                         book.charge(buyer, owners[k], f"k{k}", prices[k], f"i{idem}-{k}")
                     assert e.quote.balance == book.balance(buyer)
                     continue
+                except IdempotencyKeyRefunded:  # a refunded purchase's key never serves again (issue 34)
+                    with pytest.raises(IdempotencyKeyRefunded):
+                        book.charge(buyer, owners[k], f"k{k}", prices[k], f"i{idem}-{k}")
+                    continue
                 txn = book.charge(buyer, owners[k], f"k{k}", prices[k], f"i{idem}-{k}")
                 assert (rec is None) == (txn is None)
                 if rec is not None and txn is not None and not rec.replayed:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, IdempotencyKeyRefunded
 
 HOST = "#host"
 MINT = "#mint"
@@ -438,9 +438,13 @@ class Book:
         self, buyer: str, publisher: str, key: str, price: int, idem: str, max_price: int | None = None
     ) -> int | None:
         """The receipt (transaction id) of buying ``key``; ``None`` when free; the same receipt for a repeated
-        ``idem``."""
+        ``idem``, or :class:`IdempotencyKeyRefunded` once that purchase was refunded (the key never serves
+        again)."""
         if (buyer, idem) in self.idempotency:
-            return self.idempotency[(buyer, idem)]
+            txn = self.idempotency[(buyer, idem)]
+            if txn in self.refunded:
+                raise IdempotencyKeyRefunded(f"the purchase with this Idempotency-Key ({txn}) was refunded")
+            return txn
         if price == 0 or buyer == publisher:
             return None
         why = refusal(price, self.balance(buyer), max_price)
