@@ -291,9 +291,11 @@ class Ledger:
                 scope: str | None = None, cur: Any = None) -> Receipt | None:
         _check_idem(idem)
         scope = scope or f"{kind}:{key}"
-        if idem is None and cur is None and sum(bill(self.quote_load(buyer, key, publisher))) == 0:
+        if idem is None and cur is None and sum(bill(0)) == 0 and sum(bill(self.quote_load(buyer, key,
+                                                                                       publisher))) == 0:
             # free, and no key to claim: nothing to post, so no write transaction (on a free host every
-            # chat came here, and each took SQLite's write lock and an fsync just to release its claim)
+            # chat came here, and each took SQLite's write lock and an fsync just to release its claim).
+            # The host's own fee is asked first: a priced host's charge never pays for the price read here.
             return None
 
         def plan(cur: Any) -> Movement | None:
