@@ -382,23 +382,30 @@ def test_a_stalled_registry_costs_one_deadline_then_is_skipped(tmp_path: Path, s
 
 
 def test_a_half_open_probe_costs_a_read_little_and_finishes_in_the_background(
-    tmp_path: Path, stalled_registry: str
+    tmp_path: Path, stalled_registry: str, monkeypatch: pytest.MonkeyPatch
 ):
+    # the probe's deadline made long here (3 s), so that only the read's own wait can end it early: with the
+    # 0.5 s floor, a CI machine that stalled this process for 0.5 s let the probe time out before the read
+    # began to wait (the read then got the probe's RegistryUnavailableError, as it should)
+    probe_deadline = 3.0
+    monkeypatch.setattr("kvagent.costs.calibration.model.PROBE_LOOKUP_DEADLINE_S", probe_deadline)
     clock = Clock()
     path = tmp_path / "c.json"
     m = model(path, clock)
     m.record_failure(stalled_registry, "ReadTimeout")
     clock.t += 3600  # the back-off is over: the next read sends the half-open probe
+    m.record_prefill(1000, 0, 4 * probe_deadline)  # a lookup deadline of half the prefill: the probe's binds
+    assert m.lookup_deadline(1000, stalled_registry) > probe_deadline
     client = RegistryClient(stalled_registry, retries=1)
     t0 = time.perf_counter()
     with pytest.raises(
         RegistrySkippedError, match="^registry skipped: failing since .*goes on in the background"
     ):
         m.guarded_lookup(stalled_registry, 1000, lambda deadline: client.lookup("0" * 64, timeout=deadline))
-    assert time.perf_counter() - t0 < PROBE_WAIT_S + 0.3  # not the probe's 1 s deadline
+    assert time.perf_counter() - t0 < PROBE_WAIT_S + 1.0  # not the probe's 3 s deadline
     other = model(path, clock)  # meanwhile the other processes keep skipping it
     assert "another process is probing" in (other.breaker_open(stalled_registry) or "")
-    deadline = time.monotonic() + PROBE_LOOKUP_DEADLINE_S + 3
+    deadline = time.monotonic() + probe_deadline + 5
     while "2 failures" not in (other.breaker_open(stalled_registry) or ""):  # the probe timed out aside
         assert time.monotonic() < deadline, other.breaker_open(stalled_registry)
         time.sleep(0.05)

@@ -326,14 +326,17 @@ def test_a_stored_copy_of_a_published_artifact_is_still_named_by_its_bytes(tmp_p
         r, _, _ = make(tmp_path, source=src, store=store)  # type: ignore[arg-type]
         handle = src.publish(r, IDS[:12])
         alice = r.resolve(IDS, namespace="alice", document=False)
-        assert alice.kv is not None and alice.kv.source is not None and alice.kv.source.published
+        assert alice.kv is not None and alice.kv.source is not None
+        first = alice.kv.source.published_part()  # its first 12 positions: the artifact's bytes
+        assert first is not None and first.n == 12 and alice.kv.source.n == len(IDS)
         private = r.resolve([7] * 16, namespace="alice")
         r2, _, _ = make(tmp_path, source=src, store=store)  # type: ignore[arg-type]  # empty memory
         again = r2.resolve(IDS, namespace="alice", document=False)
         assert again.info.status == "local" and again.kv is not None and again.kv.source is not None
-        assert again.kv.source.published and again.kv.source.digest == alice.kv.source.digest
-        assert again.kv.source.n == 12 and again.kv.source.artifact == handle.key
+        pub = again.kv.source.published_part()
+        assert pub is not None and pub.digest == first.digest and pub.n == 12 and pub.artifact == handle.key
+        assert again.kv.source.n == len(IDS) and not again.kv.source.published  # the rest: alice's own
         mine = r2.resolve([7] * 16, namespace="alice")
         assert mine.info.status == "local" and mine.kv is not None and mine.kv.source is not None
-        assert not mine.kv.source.published and private.key == mine.key
+        assert mine.kv.source.published_part() is None and private.key == mine.key
         assert r2.purge(handle.key) >= 1 and store.published_prefix(alice.key) is None

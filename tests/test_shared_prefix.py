@@ -20,7 +20,7 @@ from kvagent.engines import GenerationRequest, TransformersBatchEngine, events
 from kvagent.engines.hf import TransformersEngine
 from kvagent.engines.params import GenerationParams
 from kvagent.kvcache.tensors import KVCache, KVSource
-from tests.test_batching import _chat_ids, _hf_greedy, _ids, _tokens_at_once, _with_a_leaver
+from tests.test_batching import _chat_ids, _hf_greedy, _ids, _tokens, _tokens_at_once, _with_a_leaver
 
 GREEDY = GenerationParams(max_new_tokens=20)
 
@@ -268,6 +268,97 @@ def _tokens_in_background(batch: Any, request: GenerationRequest) -> threading.T
     t.start()
     assert first.wait(60)
     return t
+
+
+def test_a_prompt_kv_computed_after_a_short_cached_prefix_is_shared_by_what_it_computed(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CI flake of test_concurrent_chat's shared-document test, at its cause: alice's document prompt
+    resumed from a 3-token cached prefix (a chat template's first tokens), and the prompt KV the engine kept
+    was named by that prefix's source alone, over 3 positions; so the agents that later resumed from the
+    document's KV never read it in place together (fewer than SHARE_MIN named positions). Now the kept KV
+    names all its positions (its prefix's source stays its base), and they share it."""
+    spy = Spy(monkeypatch)
+    model, engine, batch, doc, _kv = _tiny_batch(tiny_model, spy, 140, 8)
+    short = engine.prefill(doc[:3])
+    kept: list[KVCache] = []
+    _tokens(batch, GenerationRequest(tuple(doc[3:]), short, GREEDY, on_prompt=kept.append, namespace="alice"))
+    (prompt,) = kept
+    assert prompt.source is not None and prompt.source.n == len(doc)
+    assert [s.n for s in prompt.source.lineage()] == [len(doc), 3]
+    spy.admitted.clear()
+    shared = Shared()
+    batch.observer = shared
+    requests = [
+        GenerationRequest(tuple(_ids(4 + i, 60 + i)), prompt, GREEDY, namespace="alice") for i in range(3)
+    ]
+    first = _tokens_in_background(batch, requests[0])
+    out = _tokens_at_once(batch, requests[1:])
+    first.join(120)
+    got = [first.result, *out]  # type: ignore[attr-defined]
+    assert [g[0] for g in got] == [
+        _hf_greedy(model, doc + list(r.prompt_ids), GREEDY.max_new_tokens) for r in requests
+    ]
+    assert len({a[0] for a in spy.admitted}) == 1, spy.admitted
+    assert sorted(n for _s, n, _b in spy.admitted) == [len(doc)] * 3
+    assert shared.sequences > 0
+    batch.close()
+
+
+def test_a_prompt_kv_extended_from_a_published_artifact_still_shares_the_artifact(
+    tiny_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alice's prompt KV computed after a published document names its own positions (private to her) and,
+    through its base, the document's: bob, reading the artifact itself, reads the document's positions in
+    place beside her; carol, in another namespace with alice's KV (which the resolver never hands her),
+    reads only the published positions in common with them, never alice's own."""
+    spy = Spy(monkeypatch)
+    model, engine, batch, doc, kv = _tiny_batch(tiny_model, spy, 130, 9)
+    published = _published(kv, "e" * 64)
+    question = _ids(20, 70)
+    alice_kv = engine.prefill_from(published, question)
+    assert alice_kv.source is not None and not alice_kv.source.published
+    pub = alice_kv.source.published_part()
+    assert pub is not None and pub.n == len(doc) and pub.artifact == "e" * 64
+    requests = [
+        GenerationRequest(tuple(_ids(3, 80)), alice_kv, GREEDY, namespace="alice"),
+        GenerationRequest(tuple(_ids(5, 81)), _published(_copy(kv), "e" * 64), GREEDY, namespace="bob"),
+        GenerationRequest(tuple(_ids(4, 82)), alice_kv, GREEDY, namespace="carol"),
+    ]
+    first = _tokens_in_background(batch, requests[0])  # alice's KV becomes the segment
+    out = _tokens_at_once(batch, requests[1:])
+    first.join(120)
+    got = [first.result, *out]  # type: ignore[attr-defined]
+    prefixes = [doc + question, doc, doc + question]
+    assert [g[0] for g in got] == [
+        _hf_greedy(model, p + list(r.prompt_ids), GREEDY.max_new_tokens)
+        for p, r in zip(prefixes, requests, strict=True)
+    ]
+    seg = spy.admitted[0][0]
+    assert spy.admitted[0][1] == len(doc) + len(question)
+    assert sorted(n for s, n, _b in spy.admitted[1:] if s == seg) == [len(doc), len(doc)], spy.admitted
+    batch.close()
+
+
+def test_a_lineage_stays_bounded_and_keeps_its_first_source() -> None:
+    """A conversation extends its KV turn after turn: its source's lineage keeps at most MAX_LINEAGE
+    sources, the newest and the first (a published document's), each naming fewer positions than the
+    one before, and clipping a KV to its first positions names them by the source that covers them."""
+    from kvagent.kvcache.tensors import MAX_LINEAGE, extended_source
+
+    def kv_of(n: int, source: KVSource | None) -> KVCache:
+        z = torch.zeros((1, 1, n, 2))
+        return KVCache(keys=(z,), values=(z,), token_ids=torch.arange(n), source=source)
+
+    kv = kv_of(100, KVSource("artifact:doc", 100, published=True, artifact="d" * 64))
+    for turn in range(1, 21):
+        kv = kv_of(100 + 10 * turn, extended_source(kv, 100 + 10 * turn))
+    assert kv.source is not None
+    chain = kv.source.lineage()
+    assert len(chain) == MAX_LINEAGE and chain[0].n == 300 and chain[-1].digest == "artifact:doc"
+    assert all(a.n > b.n for a, b in zip(chain, chain[1:], strict=False)) and kv.source.artifact == "d" * 64
+    assert kv.truncate(100).source == chain[-1] and kv.truncate(295).source.n == 295  # type: ignore[union-attr]
+    assert extended_source(kv, 300) is kv.source  # nothing computed: the same source
 
 
 def test_a_member_that_leaves_does_not_change_the_others(

@@ -28,13 +28,15 @@ layers (every reply still equals greedy decoding of its own ids in the tests).
 A segment is keyed by what its KV *is*, never by token ids: the prefix's
 :class:`~kvagent.kvcache.tensors.KVSource` names
 the bytes its leading positions copy (a published artifact's checksum-verified payload, a store entry's, or
-one computation here) and how many positions it names. A sequence reads another's segment only where both
-name the same source over the shared positions (and their ids agree). A published artifact's bytes are the
-same for every principal entitled to it (public or granted), so their sequences read its one copy together,
-whatever their namespaces; any other KV (a principal's salted prompt cache, a private save, a prompt KV
-computed here) is shared only between requests of the same namespace, never across namespaces. A prefix with
-the same leading ids but other K/V (another artifact, a tampered copy), or a KV whose source is unknown,
-reads nothing but its own copy.
+one computation here) and how many positions it names, and so on for the prefix a computed KV was
+extended from (its lineage: a prompt KV computed after a short cached prefix names its own positions, one
+computed after a published document still names the document's). A sequence reads another's segment only
+where both name one source over the shared positions (and their ids agree). A published artifact's bytes are
+the same for every principal entitled to it (public or granted), so their sequences read its one copy
+together, whatever their namespaces; any other KV (a principal's salted prompt cache, a private save, a
+prompt KV computed here) is shared only between requests of the same namespace, never across namespaces. A
+prefix with the same leading ids but other K/V (another artifact, a tampered copy), or a KV whose source is
+unknown, reads nothing but its own copy.
 
 New requests join between steps; a cancelled request leaves before the next step. ``max_batch`` bounds the
 sequences admitted (decoding or being prefilled); further requests wait in submission order. One scheduler
@@ -138,29 +140,30 @@ class _Segment:
     merged by their log-sum-exp (see :func:`.attention._cascade`), so the prefix is read once per step for
     the group instead of once per sequence. Views of the first request's prefix (immutable).
 
-    ``identity`` says what its first ``named`` positions are (:func:`_identity`): only a sequence whose prefix
-    has the same identity reads them, and never more of them than both prefixes name."""
+    ``names`` says what its leading positions are (:func:`_names`: each source, over how many positions):
+    only a sequence whose prefix has one of its sources reads them, and never more of them than both name."""
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
     token_ids: torch.Tensor
-    identity: tuple[str, ...]
-    named: int
+    names: dict[tuple[str, ...], int]
 
 
-def _identity(request: GenerationRequest) -> tuple[tuple[str, ...], int] | None:
-    """What ``request``'s prefix KV is, as a segment is keyed, and over how many leading positions: the bytes
-    of a published artifact (``("published", digest)``: the same for every principal entitled to it), else
-    KV private to the request's namespace (``("private", namespace, digest)``); None when the prefix's
+def _names(request: GenerationRequest) -> dict[tuple[str, ...], int]:
+    """What ``request``'s prefix KV is, as a segment is keyed: each source of its lineage (see
+    :meth:`~kvagent.kvcache.tensors.KVSource.lineage`) and over how many leading positions. A published
+    artifact's bytes are ``("published", digest)``: the same for every principal entitled to it; any other KV
+    is private to the request's namespace (``("private", namespace, digest)``). Empty when the prefix's
     source is unknown (never shared). Never its token ids: equal ids with other K/V are another identity."""
     prefix = request.prefix
     src = prefix.source if prefix is not None else None
     if prefix is None or src is None:
-        return None
-    named = min(src.n, prefix.n_tokens)
-    if src.published:
-        return ("published", src.digest), named
-    return ("private", request.namespace or "", src.digest), named
+        return {}
+    names: dict[tuple[str, ...], int] = {}
+    for s in src.clipped(prefix.n_tokens).lineage():
+        key = ("published", s.digest) if s.published else ("private", request.namespace or "", s.digest)
+        names[key] = max(names.get(key, 0), min(s.n, prefix.n_tokens))
+    return names
 
 
 @dataclass
@@ -174,19 +177,22 @@ class _Part:
 
 
 def _segment_for(
-    live: Sequence[_Seq], prefix: KVCache, identity: tuple[str, ...], named: int
+    live: Sequence[_Seq], prefix: KVCache, names: dict[tuple[str, ...], int]
 ) -> tuple[_Segment | None, int]:
-    """The segment of a ``live`` sequence with ``identity`` (see :func:`_identity`) that ``prefix`` (named
-    over its first ``named`` positions) shares the most leading positions with (at least ``SHARE_MIN``), and
-    how many: positions both name, whose ids agree."""
+    """The segment of a ``live`` sequence that ``prefix`` (whose sources are ``names``, see :func:`_names`)
+    shares the most leading positions with (at least ``SHARE_MIN``), and how many: positions that a source
+    of both names, whose ids agree."""
     best: tuple[_Segment | None, int] = (None, 0)
     seen: set[int] = set()
     for s in live:
         seg = s.segment
-        if seg is None or id(seg) in seen or seg.identity != identity:
+        if seg is None or id(seg) in seen:
             continue
         seen.add(id(seg))
-        m = min(shared_prefix(seg.token_ids, prefix.token_ids), named, seg.named)
+        named = max((min(n, seg.names[k]) for k, n in names.items() if k in seg.names), default=0)
+        if named < SHARE_MIN or named <= best[1]:
+            continue
+        m = min(shared_prefix(seg.token_ids, prefix.token_ids), named)
         if m >= SHARE_MIN and m > best[1]:
             best = (seg, m)
     return best
@@ -385,24 +391,23 @@ class TransformersBatchEngine:
 
     def _buffers(self, seq: _Seq, live: Sequence[_Seq] | None = None, share: bool | None = None) -> None:
         """``seq``'s K/V buffers, sized for its prompt and its generation. A prefix whose leading positions
-        a live sequence already reads as a segment of the same identity (:func:`_identity`: the same published
-        bytes, or the same private KV of the same namespace; at least ``SHARE_MIN`` positions both name) is
-        read from there in place: the buffers start after it, with the rest of the prefix copied in. Else the
-        prefix is copied in whole, and becomes a segment later sequences of its identity may share (none
-        when its source is unknown). ``live``: the sequences whose segments may be shared (None: the
-        batch's); ``share``: whether to share (None: as probed)."""
+        a live sequence already reads as a segment with a source in common (:func:`_names`: the same
+        published bytes, or the same private KV of the same namespace; at least ``SHARE_MIN`` positions both
+        name) is read from there in place: the buffers start after it, with the rest of the prefix copied in.
+        Else the prefix is copied in whole, and becomes a segment later sequences with one of its sources may
+        share (none when its source is unknown). ``live``: the sequences whose segments may be shared (None:
+        the batch's); ``share``: whether to share (None: as probed)."""
         req, eng = seq.request, self.engine
         prefix = req.prefix
         n = prefix.n_tokens if prefix is not None else 0
-        ident = _identity(req)
+        names = _names(req)
         shares = self._shares if share is None else share
-        if prefix is not None and ident is not None and shares and n >= SHARE_MIN:
-            identity, named = ident
+        if prefix is not None and names and shares and n >= SHARE_MIN:
             if live is None:
                 live = (*self._active, *self._prefilling)
-            seg, m = _segment_for(live, prefix, identity, named)
+            seg, m = _segment_for(live, prefix, names)
             if seg is None:
-                seg, m = _Segment(prefix.keys, prefix.values, prefix.token_ids, identity, named), n
+                seg, m = _Segment(prefix.keys, prefix.values, prefix.token_ids, names), n
             else:
                 seq.base = m
             seq.segment, seq.seg_n = seg, m
@@ -524,7 +529,7 @@ class TransformersBatchEngine:
                 torch.cat([s[:, :, :base], v[:, :, : n - base]], dim=2)
                 for s, v in zip(seg.values, seq.values, strict=True)
             )
-        # its first positions are its prefix's bytes (a segment read in place has the same, by its identity)
+        # its first positions are its prefix's bytes (so are a segment's read in place: a source in common)
         return KVCache(keys=keys, values=values, token_ids=prompt).with_source(
             extended_source(seq.request.prefix, int(prompt.numel()))
         )

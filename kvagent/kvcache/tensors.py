@@ -22,6 +22,12 @@ class KVLayout:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
 
 
+#: sources a KV's lineage keeps (itself and the prefixes it was computed after): past it, the ones just
+#: above the first are forgotten (they name fewer positions than the newer ones, and other principals' KV
+#: less often than the first, often a published artifact's)
+MAX_LINEAGE = 8
+
+
 @dataclass(frozen=True)
 class KVSource:
     """What a KV's first ``n`` positions are: a copy of the KV that ``digest`` names, bit for bit.
@@ -32,21 +38,53 @@ class KVSource:
     of that one computation or stored artifact (``published`` False: private to the namespace holding it;
     ``artifact``: the published artifact its positions copy, if any, so that deleting it reaches them). Two
     KVs with equal digests hold the same K/V over their common ``n``; the batching engine shares a prefix
-    only on that proof."""
+    only on that proof.
+
+    ``base``: for KV computed after a prefix (its positions copied in first), the prefix's source, naming
+    those first ``base.n`` positions; so a KV extended from a short prefix still names its own positions
+    (``digest``), and one extended from a published artifact still names the artifact's (``base``). See
+    :meth:`lineage`."""
 
     digest: str
     n: int
     published: bool = False
     artifact: str | None = None
+    base: KVSource | None = None
 
     def clipped(self, n: int) -> KVSource:
-        """The same source over at most ``n`` positions."""
-        return self if n >= self.n else replace(self, n=n)
+        """The same source over at most ``n`` positions (its base's, when they lie within the base)."""
+        if n >= self.n:
+            return self
+        if self.base is not None and n <= self.base.n:
+            return self.base.clipped(n)
+        return replace(self, n=n)
+
+    def lineage(self) -> tuple[KVSource, ...]:
+        """This source and those it copies (its base, the base's base, ...), most positions first: each
+        names the first ``n`` positions of this KV."""
+        out: list[KVSource] = []
+        s: KVSource | None = self
+        while s is not None:
+            out.append(s)
+            s = s.base
+        return tuple(out)
+
+    def published_part(self) -> KVSource | None:
+        """The published artifact's source in this lineage (naming the most positions), or None."""
+        return next((s for s in self.lineage() if s.published), None)
 
 
-def computed_source(n: int) -> KVSource:
-    """A private source for ``n`` positions just computed: named by nothing else (a fresh random name)."""
-    return KVSource("computed:" + secrets.token_hex(16), n)
+def computed_source(n: int, base: KVSource | None = None) -> KVSource:
+    """A private source for ``n`` positions just computed: named by nothing else (a fresh random name);
+    ``base``: the source of the prefix whose positions it copied first (at most ``MAX_LINEAGE`` - 1 deep)."""
+    if base is not None:
+        chain = base.lineage()
+        if len(chain) >= MAX_LINEAGE:  # keep the newest and the first (a published artifact, often)
+            kept, base = (*chain[: MAX_LINEAGE - 2], chain[-1]), None
+            for s in reversed(kept):
+                base = replace(s, base=base)
+    artifact = base.artifact if base is not None else None
+    return KVSource("computed:" + secrets.token_hex(16), n, artifact=artifact, base=base)
 
 
 @dataclass(frozen=True)
@@ -108,8 +146,10 @@ class KVCache:
 
 
 def extended_source(prefix: KVCache | None, n: int) -> KVSource:
-    """The source of an ``n``-position KV computed after ``prefix`` (its positions copied in first): the
-    prefix's own where it has one, else a fresh computed one (the prefix's bytes named by nothing)."""
-    if prefix is not None and prefix.source is not None:
-        return prefix.source.clipped(prefix.n_tokens)
-    return computed_source(n)
+    """The source of an ``n``-position KV computed after ``prefix`` (its positions copied in first): a fresh
+    computed one whose base is the prefix's own source where it has one (so the positions both name stay
+    named), the prefix's source itself where the KV adds no position to it."""
+    src = None if prefix is None or prefix.source is None else prefix.source.clipped(prefix.n_tokens)
+    if src is not None and n <= src.n:
+        return src.clipped(n)
+    return computed_source(n, src)

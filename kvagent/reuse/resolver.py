@@ -425,16 +425,16 @@ class Resolver:
     def _stored(self, artifact: art.Artifact) -> KVCache:
         """A local store artifact's KV, named by its bytes (private), with the published artifact it copies
         when the store recorded one (so that ``purge`` of that artifact reaches what is derived from it). A
-        copy whose leading positions the store recorded as a published artifact's bytes is named by those
-        (``published``), as the copy in memory was: a principal's saved prompt still reads the document
-        part in place beside other principals reading the same artifact."""
+        copy whose leading positions the store recorded as a published artifact's bytes names those by it
+        (its ``base``), as the copy in memory did: a principal's saved prompt still reads the document part
+        in place beside other principals reading the same artifact."""
         h = artifact.header
         derived = self.store.derived_from(h.key)
         pub = self.store.published_prefix(h.key)
+        base = None
         if pub is not None and derived is not None:
-            src = KVSource(pub[0], min(pub[1], h.token_count), published=True, artifact=derived)
-        else:
-            src = replace(art.stored_source(h), artifact=derived)
+            base = KVSource(pub[0], min(pub[1], h.token_count), published=True, artifact=derived)
+        src = replace(art.stored_source(h), artifact=derived, base=base)
         return artifact.kv.with_source(src)
 
     def purge(self, artifact_key: str) -> int:

@@ -60,7 +60,8 @@ class KVSaver:
         try:
             src = kv.source
             derived = src.artifact if src is not None else None
-            published = (src.digest, min(src.n, kv.n_tokens)) if src is not None and src.published else None
+            pub = src.published_part() if src is not None else None
+            published = (pub.digest, min(pub.n, kv.n_tokens)) if pub is not None else None
             self.store.put(header, parts, hashes, derived_from=derived, published=published)
         except StoreError as exc:
             log.warning("could not cache %s… locally (the answer is unaffected): %s", key[:16], exc)
