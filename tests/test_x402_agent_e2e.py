@@ -150,6 +150,33 @@ def test_x402_wallet_only_agent_buys_resumes_and_answers_as_a_full_prefill(
     assert chain.balance(host_address(chain)) - host0 == commission  # the commission stays with the host
 
 
+def test_x402_wallet_only_agent_pays_for_a_hosted_generation(
+        chain: Chain, paid_host: ServerProcess, model: Any, tmp_path: Path) -> None:  # noqa: F811
+    """``mode="remote"``: the host generates from its copy of the document and the wallet pays the 402 of
+    the generation by x402 (before, the SDK's generate stream could not pay, and a wallet-only agent fell
+    back to answering locally). The answer equals a full prefill's; the chain moves by exactly what the
+    answer says it was charged; the books still sum to zero."""
+    ids = doc(3)
+    publish(paid_host, model, ids, tmp_path)
+    agent = buyer(paid_host, model, chain, buyer_key(chain, 3), tmp_path, max_price_per_load=4 * PRICE,
+                  budget=10 * PRICE)
+    wallet = agent.runtime.registry.payer.wallet.address  # type: ignore[union-attr]
+    handle = agent.read_ids(ids)
+    assert handle.cache.status == "remote" and handle.cache.charged == PRICE, handle.cache.reason
+    host0, wallet0 = chain.balance(host_address(chain)), chain.balance(wallet)
+    remote = agent.ask_ids(handle, [7, 8, 9], max_new_tokens=12, mode="remote")
+    assert remote.cache.status == "remote-generate", remote.cache.reason
+    assert remote.token_ids == agent.generate_full([*ids, 7, 8, 9], max_new_tokens=12).token_ids
+    charged = remote.cache.charged
+    assert charged > PRICE  # the publisher's price, and the host's for the tokens
+    assert chain.balance(host_address(chain)) - host0 == charged
+    assert wallet0 - chain.balance(wallet) == charged
+    assert agent.runtime.registry.payer.caps.spent == PRICE + charged  # type: ignore[union-attr]
+    a = audit(paid_host)
+    assert a["total"] == 0 and not a["unbalanced"] and not a["negative"]
+    agent.close()
+
+
 def _key(lm: Any, ids: list[int], tmp: Path) -> str:
     a = KVAgent(lm, cache_dir=tmp / "keys", calibration=False)
     try:

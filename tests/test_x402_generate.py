@@ -86,6 +86,32 @@ def test_x402_paid_generation_is_never_generated_twice(chain: Chain, gen_server:
     assert a["total"] == 0 and not a["unbalanced"] and not a["negative"]
 
 
+def test_x402_client_pays_a_generation_within_its_caps_and_refuses_above_them(
+        chain: Chain, gen_server: ServerProcess, model: Any) -> None:  # noqa: F811
+    """The SDK's generate stream pays a generation's 402 from its wallet (no token): the tokens come, the
+    stream's charge is what the chain moved; a wallet whose cap is below the price signs nothing, sends
+    nothing and gets RegistryPaymentRequiredError saying why."""
+    from kvagent.engines.params import GenerationParams
+    from kvagent.errors import RegistryPaymentRequiredError
+
+    h = RegistryClient(gen_server.url, "alice-token-0001").publish(_artifact(model, 22, 64, "alice"),
+                                                                   visibility="public", price=50)
+    charge = 15 + 32 + 100 + 50  # as above: 3 input, 64 cached, 5 output, the publisher's 50
+    params = GenerationParams(max_new_tokens=5)
+    host0 = chain.balance(host_address(chain))
+    with RegistryClient(gen_server.url, payer=buyer(chain, 13, cap=1_000)) as client:
+        stream = client.generate_stream(h.key, [1, 2, 3], params, max_price=1_000)
+        assert len(list(stream)) == 5 and stream.charge == charge and stream.receipt
+    assert chain.balance(host_address(chain)) - host0 == charge
+    capped = buyer(chain, 14, cap=charge - 1)
+    with RegistryClient(gen_server.url, payer=capped) as client:
+        with pytest.raises(RegistryPaymentRequiredError, match="generate needs a payment this agent refused"):
+            list(client.generate_stream(h.key, [1, 2, 3], params))
+    assert capped.caps.spent == 0 and chain.balance(host_address(chain)) - host0 == charge
+    a = audit(gen_server)
+    assert a["total"] == 0 and not a["unbalanced"] and not a["negative"]
+
+
 def test_x402_paid_chat_on_a_priced_host_keeps_the_give_back_on_the_wallets_balance(
         chain: Chain, gen_server: ServerProcess) -> None:
     from kvagent.payments.signin import WALLET_AUTH_HEADER, sign

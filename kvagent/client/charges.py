@@ -44,12 +44,13 @@ class Paid:
 
 
 class X402:
-    """One download's x402 payment: signed at most once, from the first 402 that carries requirements, and
-    sent again unchanged on every later attempt (the host settles one signature once, so a retry never pays
-    twice). What was settled comes back in ``PAYMENT-RESPONSE``."""
+    """One paid call's x402 payment (a download, a hosted generation: ``what``): signed at most once, from
+    the first 402 that carries requirements, and sent again unchanged on every later attempt (the host
+    settles one signature once, so a retry never pays twice). What was settled comes back in
+    ``PAYMENT-RESPONSE``."""
 
-    def __init__(self, payer: Payer | None, limit: int | None) -> None:
-        self.payer, self.limit = payer, limit
+    def __init__(self, payer: Payer | None, limit: int | None, what: str = "download") -> None:
+        self.payer, self.limit, self.what = payer, limit, what
         self.payment: Payment | None = None
         self.settled = 0  # token units (= micro-units) the host settled for this download
 
@@ -57,7 +58,7 @@ class X402:
         return base if self.payment is None else {**base, PAYMENT_SIGNATURE_HEADER: self.payment.header}
 
     def payable(self, resp: httpx.Response) -> bool:
-        """A 402 with x402 requirements, and a wallet that has not paid this download yet."""
+        """A 402 with x402 requirements, and a wallet that has not paid this call yet."""
         return (resp.status_code == 402 and self.payer is not None and self.payment is None
                 and PAYMENT_REQUIRED_HEADER in resp.headers)
 
@@ -68,8 +69,9 @@ class X402:
             self.payment = self.payer.pay(resp.headers[PAYMENT_REQUIRED_HEADER], self.limit)
         except PaymentError as exc:
             offer = {**quote(resp), "x402": f"not paid: {exc.reason or 'declined'} ({exc})"}
-            raise RegistryPaymentRequiredError(f"registry download needs a payment this agent refused: {exc}",
-                                               offer) from exc
+            raise RegistryPaymentRequiredError(
+                f"registry {self.what} needs a payment this agent refused: {exc}", offer
+            ) from exc
 
     def served(self, resp: httpx.Response) -> None:
         if self.payment is not None and settlement(resp) is not None:
@@ -77,7 +79,7 @@ class X402:
 
     def refused(self, resp: httpx.Response) -> RegistryError | None:
         """After a payment was sent: the host refused it (402) or could not settle it (503
-        ``payment_unavailable``): nothing moved, the budget gets it back, and the download is not retried."""
+        ``payment_unavailable``): nothing moved, the budget gets it back, and the call is not retried."""
         if self.payment is None or self.payer is None:
             return None
         code = error_code(resp)
@@ -85,7 +87,7 @@ class X402:
             self.payer.unsettled(self.payment)
             why = x402_error(resp) or code or f"HTTP {resp.status_code}"
             amount, self.payment = self.payment.amount, None
-            base = error_for(resp, "download")
+            base = error_for(resp, self.what)
             offer = {**quote(resp), "x402": f"paid {amount} but not taken: {why}"}
             msg = f"{base} (x402 payment of {amount} not settled: {why})"
             return RegistryPaymentRequiredError(msg, offer)

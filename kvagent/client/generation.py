@@ -13,7 +13,8 @@ import httpx
 from ..engines.params import GenerationParams
 from ..errors import RegistryProtocolError, RegistryUnavailableError
 from ..kvcache.identity import validate_key
-from .charges import Paid, payment_headers
+from ..payments.payer import Payer
+from .charges import X402, Paid, payment_headers
 from .transport import Transport
 from .wire import error_for
 
@@ -27,14 +28,18 @@ class GenerationStream:
     by the registry afterwards, not reflected here.
     """
 
-    def __init__(self, max_new_tokens: int) -> None:
+    def __init__(self, max_new_tokens: int, x402: X402 | None = None) -> None:
         self.max_new_tokens = max_new_tokens
         self.paid = Paid()
+        self.x402 = x402
         self.start: Callable[[], httpx.Response] | None = None
 
     @property
     def charge(self) -> int:
-        return self.paid.charge
+        """What the call cost (integer micro-units): the host's ``X-KVAgent-Charged``, else what an x402
+        payment settled."""
+        settled = self.x402.settled if self.x402 is not None else 0
+        return self.paid.charge if self.paid.charge or not settled else settled
 
     @property
     def receipt(self) -> str | None:
@@ -56,10 +61,12 @@ class GenerationStream:
 
 
 class GenerationClient:
-    """Generation hosted by a registry, from the KV of an artifact it holds."""
+    """Generation hosted by a registry, from the KV of an artifact it holds. ``payer`` (a wallet within its
+    caps) pays a generation's 402 by x402 when its price is within the call's ``max_price``."""
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, payer: Payer | None = None) -> None:
         self._t = transport
+        self.payer = payer
 
     def generate_stream(self, key: str, suffix_ids: Sequence[int], params: GenerationParams, *,
                         max_price: int | None = None, idempotency_key: str | None = None) -> GenerationStream:
@@ -68,7 +75,9 @@ class GenerationClient:
 
         Nothing is sent until the first token is asked for. The request is retried until the stream starts,
         never after a token has been yielded; every attempt carries the same ``Idempotency-Key``, so it is
-        charged once: the stream's ``charge`` and ``receipt`` say what it cost once it has started.
+        charged once: the stream's ``charge`` and ``receipt`` say what it cost once it has started. A 402
+        with x402 requirements is paid by the client's ``payer`` (within ``max_price`` and its caps) once,
+        and every later attempt sends the same signature; RegistryPaymentRequiredError when it may not pay.
         """
         validate_key(key)
         pay = payment_headers(max_price, idempotency_key)
@@ -81,20 +90,33 @@ class GenerationClient:
             "seed": params.seed,
             "stop_token_ids": list(params.stop_token_ids),
         }
-        stream = GenerationStream(params.max_new_tokens)
+        x402 = X402(self.payer, max_price, "generate")
+        stream = GenerationStream(params.max_new_tokens, x402)
 
-        def start() -> httpx.Response:
+        def post() -> httpx.Response:
             try:
-                resp = self._t.open("POST", f"/v1/artifacts/{key}/generate", json=body, headers=pay)
+                url = f"/v1/artifacts/{key}/generate"
+                return self._t.open("POST", url, json=body, headers=x402.headers(pay))
             except httpx.TransportError as exc:
                 raise RegistryUnavailableError(
                     f"registry generate failed: {type(exc).__name__}: {exc}"
                 ) from exc
+
+        def start() -> httpx.Response:
+            resp = post()
             if resp.status_code != 200:
                 resp.read()
                 resp.close()
-                raise error_for(resp, "generate")
+                if not x402.payable(resp):
+                    raise x402.refused(resp) or error_for(resp, "generate")
+                x402.pay(resp)  # once: a later attempt sends the same signature
+                resp = post()
+                if resp.status_code != 200:
+                    resp.read()
+                    resp.close()
+                    raise x402.refused(resp) or error_for(resp, "generate")
             stream.paid.note(resp)
+            x402.served(resp)
             return resp
 
         stream.start = lambda: self._t.retrying(start)

@@ -34,8 +34,9 @@ __all__ = [
 class RegistryClient:
     """Talks to a registry. ``trusted_keys`` (hex ed25519 public keys) makes signatures mandatory.
 
-    ``payer`` (a wallet within its caps) pays a download's 402 by x402 when the price is within the call's
-    ``max_price``; a wallet-only agent needs no token to buy public priced artifacts.
+    ``payer`` (a wallet within its caps) pays a download's or a hosted generation's 402 by x402 when the
+    price is within the call's ``max_price``; a wallet-only agent needs no token to buy public priced
+    artifacts.
 
     ``base_url`` may name several stateless nodes of one registry (a list, or one comma-separated
     string): a refused connection moves to the next node at once, and any other failed attempt is
@@ -63,7 +64,7 @@ class RegistryClient:
         self.transport = Transport(base_url, token, timeout=timeout, client=client, retry=policy)
         self.artifacts = ArtifactClient(self.transport, trusted_keys=trusted_keys, limits=limits, payer=payer)
         self.market = MarketClient(self.transport)
-        self.generation = GenerationClient(self.transport)
+        self.generation = GenerationClient(self.transport, payer=payer)
 
     @property
     def base_url(self) -> str:
