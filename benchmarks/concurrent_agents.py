@@ -1,6 +1,8 @@
 """Concurrent agents on one document: ``kvagent serve`` beside bare vLLM (CPU) and ``transformers serve
 --continuous-batching`` (and ``kvagent serve --engine vllm``: ``kvagent-vllm``), in one run, on the same
-weights (the embedded SmolLM2-135M-Instruct).
+weights (the embedded SmolLM2-135M-Instruct). ``vllm-connector`` is bare vLLM with the KVAgentConnector, and
+``vllm-noop-connector`` bare vLLM with a connector that does nothing (vLLM's connector framework alone), so
+the rows split a connector row's gap to bare vLLM into vLLM's hooks and kvagent's own work.
 
 Two lines of settings: ``--peer-defaults`` starts every server as its users do (no dtype, eager, batch-size
 or other tuning flag: vLLM then picks bf16 and compiles on a CPU with AMX/AVX512-BF16, kvagent runs its
@@ -24,7 +26,8 @@ engine may share across principals. Both rows come out of one run, side by side,
 agent (the other servers have no principals: ``one`` only).
 
     python -m benchmarks.concurrent_agents [--agents 1 8 32] [--doc-tokens 1500 4000] [--max-tokens 48]
-        [--servers kvagent kvagent-vllm vllm vllm-connector transformers] [--principals one distinct]
+        [--servers kvagent kvagent-vllm vllm vllm-connector vllm-noop-connector transformers]
+        [--principals one distinct]
         [--vllm-python .vllm-venv/bin/python]
         [--vllm-cmd "<command line>"] [--transformers-cmd "transformers serve"] [--threads 2]
         [--max-batch N (default: the most agents)] [--prefill-chunk 256]
@@ -229,10 +232,13 @@ def start_kvagent_vllm(tmp: Path, args: argparse.Namespace) -> Server | str:
                    "/v1/healthz", args.start_timeout)
 
 
-def start_vllm(tmp: Path, args: argparse.Namespace, model_dir: Path, connector: bool = False) -> Server | str:
-    """Bare vLLM's OpenAI server; with ``connector``, the same with the KVAgentConnector (local store in the
-    run's temporary directory, no registry)."""
-    name = "vllm-connector" if connector else "vllm"
+def start_vllm(
+    tmp: Path, args: argparse.Namespace, model_dir: Path, connector: str | None = None
+) -> Server | str:
+    """Bare vLLM's OpenAI server; with ``connector`` ``"kvagent"``, the same with the KVAgentConnector (local
+    store in the run's temporary directory, no registry); ``"noop"``: with a connector that does nothing
+    (``benchmarks/vllm_noop_connector.py``: what vLLM's connector framework costs by itself)."""
+    name = {None: "vllm", "kvagent": "vllm-connector", "noop": "vllm-noop-connector"}[connector]
     port = free_port()
     base = (
         shlex.split(args.vllm_cmd)
@@ -257,7 +263,12 @@ def start_vllm(tmp: Path, args: argparse.Namespace, model_dir: Path, connector: 
         *_vllm_flags(args),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "4", **OFFLINE}
-    if connector:
+    if connector == "noop":
+        cmd += ["--kv-transfer-config", json.dumps({
+            "kv_connector": "NoopConnector", "kv_connector_module_path": "benchmarks.vllm_noop_connector",
+            "kv_role": "kv_both"})]
+        env["PYTHONPATH"] = str(REPO)
+    elif connector == "kvagent":
         extra = {"model": str(model_dir), "cache_dir": str(tmp / "connector-cache")}
         cmd += ["--kv-transfer-config", json.dumps({
             "kv_connector": "KVAgentConnector", "kv_connector_module_path": "vllm_kvagent",
@@ -474,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--servers",
         nargs="+",
         default=["kvagent", "vllm", "transformers"],
-        choices=["kvagent", "kvagent-base", "kvagent-vllm", "vllm", "vllm-connector", "transformers"],
+        choices=["kvagent", "kvagent-base", "kvagent-vllm", "vllm", "vllm-connector", "vllm-noop-connector",
+                 "transformers"],
     )
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="another checkout of kvagent, run as the server kvagent-base beside kvagent")
@@ -518,7 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      if args.baseline_tree else "kvagent-base: needs --baseline-tree"),
         "kvagent-vllm": lambda tmp: start_kvagent_vllm(tmp, args),
         "vllm": lambda tmp: start_vllm(tmp, args, model_dir),
-        "vllm-connector": lambda tmp: start_vllm(tmp, args, model_dir, connector=True),
+        "vllm-connector": lambda tmp: start_vllm(tmp, args, model_dir, connector="kvagent"),
+        "vllm-noop-connector": lambda tmp: start_vllm(tmp, args, model_dir, connector="noop"),
         "transformers": lambda tmp: start_transformers(tmp, args, model_dir),
     }
     runs: list[Cell] = []

@@ -69,7 +69,9 @@ class Runtime:
             raise EngineError(f"unknown generation parameter: {exc}") from exc
 
     def close(self) -> None:
-        """Close the store and write the outcomes the cost model has not written yet."""
+        """Stop the engine's batching front (its scheduler thread), close the store and write the outcomes
+        the cost model has not written yet."""
+        self.engine.close()
         if self.cost is not None:
             self.cost.flush_outcomes()
         self.store.close()

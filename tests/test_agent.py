@@ -127,6 +127,25 @@ def test_memory_tier_is_bounded(embedded, tmp_path):
     agent.close()
 
 
+def test_close_stops_the_batching_thread(embedded, tmp_path):
+    """An agent that answered has a batching scheduler thread; ``close`` ends it (a process that makes and
+    closes agents no longer keeps an idle thread, and its model, per closed agent)."""
+    import threading
+
+    def schedulers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "kvagent-batch"}
+
+    before = schedulers()
+    agent = KVAgent(embedded.model, tokenizer=embedded.tokenizer, cache_dir=tmp_path)
+    agent.ask(agent.read("A short note about ferries."), "What is it about?", max_new_tokens=2)
+    mine = schedulers() - before
+    assert len(mine) == 1
+    agent.close()
+    (thread,) = mine
+    thread.join(10)
+    assert not thread.is_alive()
+
+
 def test_compressed_artifacts_are_exact_too(embedded, tmp_path):
     agent = KVAgent(embedded.model, tokenizer=embedded.tokenizer, cache_dir=tmp_path, codec="bplane-zstd")
     ids = agent.document_ids(long_text(400, agent.tokenizer))[:400]

@@ -95,6 +95,14 @@ class TransformersEngine:
         #: (:meth:`kvagent.engines.batch.TransformersBatchEngine.shared`, which sets it)
         self.batch_front: object | None = None
 
+    def close(self) -> None:
+        """Stop the batching front made over this engine, if any (its scheduler thread ends; its requests
+        end "cancelled"); a later ``TransformersBatchEngine.shared`` makes a new one."""
+        front, self.batch_front = self.batch_front, None
+        close = getattr(front, "close", None)
+        if close is not None:
+            close()
+
     # -- prefill --------------------------------------------------------------------------
     def prefill(self, token_ids: Sequence[int], progress: LayerProgress | None = None) -> KVCache:
         """Run the model over ``token_ids`` and return their KV (one shot, or in ``chunk_size`` chunks)."""
