@@ -2,7 +2,10 @@
 --continuous-batching`` (and ``kvagent serve --engine vllm``: ``kvagent-vllm``), in one run, on the same
 weights (the embedded SmolLM2-135M-Instruct). ``vllm-connector`` is bare vLLM with the KVAgentConnector, and
 ``vllm-noop-connector`` bare vLLM with a connector that does nothing (vLLM's connector framework alone), so
-the rows split a connector row's gap to bare vLLM into vLLM's hooks and kvagent's own work.
+the rows split a connector row's gap to bare vLLM into vLLM's hooks and kvagent's own work. ``llamacpp`` is
+llama-cpp-python's OpenAI server at its defaults on the embedded model's GGUF (Q4_1 weights:
+``--peer-defaults`` only; build it into ``.llamacpp-venv`` as docs/benchmarks.md says), ``llamacpp-queue``
+the same with ``--interrupt_requests False`` (its default interrupts a stream when the next request comes).
 
 Two lines of settings: ``--peer-defaults`` starts every server as its users do (no dtype, eager, batch-size
 or other tuning flag: vLLM then picks bf16 and compiles on a CPU with AMX/AVX512-BF16, kvagent runs its
@@ -26,9 +29,10 @@ engine may share across principals. Both rows come out of one run, side by side,
 agent (the other servers have no principals: ``one`` only).
 
     python -m benchmarks.concurrent_agents [--agents 1 8 32] [--doc-tokens 1500 4000] [--max-tokens 48]
-        [--servers kvagent kvagent-vllm vllm vllm-connector vllm-noop-connector transformers]
+        [--servers kvagent kvagent-vllm vllm vllm-connector vllm-noop-connector llamacpp llamacpp-queue
+                   transformers]
         [--principals one distinct]
-        [--vllm-python .vllm-venv/bin/python]
+        [--vllm-python .vllm-venv/bin/python] [--llamacpp-python .llamacpp-venv/bin/python]
         [--vllm-cmd "<command line>"] [--transformers-cmd "transformers serve"] [--threads 2]
         [--max-batch N (default: the most agents)] [--prefill-chunk 256]
         [--repeats 3] [--peer-defaults | --dtype float32|bfloat16]
@@ -286,6 +290,30 @@ def start_vllm(
     )
 
 
+def start_llamacpp(tmp: Path, args: argparse.Namespace, queue: bool = False) -> Server | str:
+    """llama.cpp's OpenAI server as llama-cpp-python users start it (``python -m llama_cpp.server --model``,
+    its defaults: 2048-token context, half the cores' threads, one request at a time, its prompt cache off,
+    and a new request *interrupting* the one being streamed: concurrent agents then fail, and the table says
+    so) on the GGUF shipped with the embedded model (SmolLM2-135M-Instruct, Q4_1 weights: not a matched
+    dtype, so it runs in the ``--peer-defaults`` line only). ``queue`` (``llamacpp-queue``): the one flag that
+    makes it serve concurrent agents, ``--interrupt_requests False`` (they wait their turn). ``--model_alias``
+    only names it."""
+    name = "llamacpp-queue" if queue else "llamacpp"
+    if not Path(args.llamacpp_python).exists():
+        return (f"{name}: {args.llamacpp_python} does not exist (give --llamacpp-python: a venv with "
+                "llama-cpp-python[server], docs/benchmarks.md)")
+    if not args.peer_defaults:
+        return f"{name}: its GGUF has Q4_1 weights, no matched dtype: it runs with --peer-defaults only"
+    from kvagent.models import locate_gguf
+
+    port = free_port()
+    cmd = [args.llamacpp_python, "-m", "llama_cpp.server", "--model", str(locate_gguf()),
+           "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(port),
+           *(["--interrupt_requests", "False"] if queue else [])]
+    return _launch(name, cmd, {**os.environ, **OFFLINE}, tmp / f"{name}.log", f"http://127.0.0.1:{port}",
+                   "smollm2", "/v1/models", args.start_timeout)
+
+
 def start_transformers(tmp: Path, args: argparse.Namespace, model_dir: Path) -> Server | str:
     port = free_port()
     cmd = [
@@ -486,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         default=["kvagent", "vllm", "transformers"],
         choices=["kvagent", "kvagent-base", "kvagent-vllm", "vllm", "vllm-connector", "vllm-noop-connector",
-                 "transformers"],
+                 "llamacpp", "llamacpp-queue", "transformers"],
     )
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="another checkout of kvagent, run as the server kvagent-base beside kvagent")
@@ -499,6 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--vllm-cmd", default="", help="the whole vLLM server command instead (model and port added)"
     )
     ap.add_argument("--vllm-args", default="", help="extra arguments for the vLLM server")
+    ap.add_argument("--llamacpp-python", default=str(REPO / ".llamacpp-venv" / "bin" / "python"),
+                    help="a python with llama-cpp-python[server] (the llamacpp server)")
     ap.add_argument("--transformers-cmd", default=f"{Path(sys.executable).parent / 'transformers'} serve")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads of every server")
     ap.add_argument("--max-batch", type=int, default=0,
@@ -533,6 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "vllm-connector": lambda tmp: start_vllm(tmp, args, model_dir, connector="kvagent"),
         "vllm-noop-connector": lambda tmp: start_vllm(tmp, args, model_dir, connector="noop"),
         "transformers": lambda tmp: start_transformers(tmp, args, model_dir),
+        "llamacpp": lambda tmp: start_llamacpp(tmp, args),
+        "llamacpp-queue": lambda tmp: start_llamacpp(tmp, args, queue=True),
     }
     runs: list[Cell] = []
     skipped: dict[str, str] = {}
