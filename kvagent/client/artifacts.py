@@ -193,7 +193,7 @@ class ArtifactClient:
                 ) from exc
 
         data = self._t.retrying(once)
-        charge = paid.charge if paid.charge or not x402.settled else x402.settled
+        charge = x402.charge(paid)
         return Download(data, time.perf_counter() - t0, charge, paid.receipt)
 
     def download_verified(

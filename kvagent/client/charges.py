@@ -73,6 +73,11 @@ class X402:
                 f"registry {self.what} needs a payment this agent refused: {exc}", offer
             ) from exc
 
+    def charge(self, paid: Paid) -> int:
+        """What the call cost (integer micro-units): the host's ``X-KVAgent-Charged`` over its attempts
+        (``paid``), else what this payment settled."""
+        return paid.charge if paid.charge or not self.settled else self.settled
+
     def served(self, resp: httpx.Response) -> None:
         if self.payment is not None and settlement(resp) is not None:
             self.settled = self.payment.amount

@@ -28,7 +28,7 @@ class GenerationStream:
     by the registry afterwards, not reflected here.
     """
 
-    def __init__(self, max_new_tokens: int, x402: X402 | None = None) -> None:
+    def __init__(self, max_new_tokens: int, x402: X402) -> None:
         self.max_new_tokens = max_new_tokens
         self.paid = Paid()
         self.x402 = x402
@@ -36,10 +36,8 @@ class GenerationStream:
 
     @property
     def charge(self) -> int:
-        """What the call cost (integer micro-units): the host's ``X-KVAgent-Charged``, else what an x402
-        payment settled."""
-        settled = self.x402.settled if self.x402 is not None else 0
-        return self.paid.charge if self.paid.charge or not settled else settled
+        """What the call cost (integer micro-units), see :meth:`X402.charge`."""
+        return self.x402.charge(self.paid)
 
     @property
     def receipt(self) -> str | None:
@@ -104,17 +102,15 @@ class GenerationClient:
 
         def start() -> httpx.Response:
             resp = post()
+            if x402.payable(resp):
+                resp.read()
+                resp.close()
+                x402.pay(resp)  # once: a later attempt sends the same signature
+                resp = post()
             if resp.status_code != 200:
                 resp.read()
                 resp.close()
-                if not x402.payable(resp):
-                    raise x402.refused(resp) or error_for(resp, "generate")
-                x402.pay(resp)  # once: a later attempt sends the same signature
-                resp = post()
-                if resp.status_code != 200:
-                    resp.read()
-                    resp.close()
-                    raise x402.refused(resp) or error_for(resp, "generate")
+                raise x402.refused(resp) or error_for(resp, "generate")
             stream.paid.note(resp)
             x402.served(resp)
             return resp
