@@ -1,20 +1,27 @@
 """Cross-engine exactness and first-request TTFT of vLLM with the KVAgentConnector (integrations/vllm).
 
 Runs in an environment where vLLM is importable (see integrations/vllm/README.md). Starts a real kvagent
-registry and one vLLM server (CPU, float32, the embedded SmolLM2) with the connector, then, on real documents
-(the repository's own Markdown and the sample text, cut to about ``--tokens`` tokens):
+registry and two vLLM servers (CPU, the embedded SmolLM2, ``--dtype`` as given, compiled as vLLM runs by
+default unless ``--eager``), each with the connector: a *publisher* (``publish=public``: the KV of the
+prompts it computes is saved and published) and a *reader* (``engines=any``, so KV from either engine is
+taken and its exactness measured; the reader's fetch policy is the connector's default, calibrated on its
+own empty cache). On real documents (the repository's own prose, cut to about ``--tokens`` tokens), per
+document:
 
-* transformers -> vLLM: an SDK agent on another cache reads and publishes each document; vLLM answers a
-  question about it from that KV (fetched, verified, loaded by the connector). Greedy output is compared
-  with vLLM's own full prefill of the same ids (the same server under a fresh ``cache_salt``).
-* vLLM -> transformers: vLLM prefills each document (the connector saves the KV); an SDK agent on vLLM's
-  cache directory reads the document from that artifact and compares its greedy answer with transformers'
-  full prefill (``KVAgent.verify``). Also records whether kvagent's ``sample`` verification accepts the
-  vLLM-computed KV and the largest element difference from transformers' own KV.
-* TTFT: the first streamed token of a request on a just-published document through the connector, then the
-  same ids cold under a fresh salt (bare vLLM computing them), per document; medians reported.
+* vLLM -> vLLM, a document published elsewhere: the publisher answers one question
+  about the document; once its KV is in the registry, the reader's *first* request on the document (another
+  question) streams through the connector (lookup, download, verification, load), then the same ids cold
+  under fresh ``cache_salt`` s (bare vLLM computing them, ``--cold-repeats`` times). TTFT of both, and
+  whether the connector's greedy answer equals the cold one (vLLM's own full prefill of the same ids);
+* transformers -> vLLM: an SDK agent (the same dtype) reads and publishes a variant of the document; the
+  reader's first request on it against its own full prefill, as above;
+* vLLM -> transformers: an SDK agent on the publisher's cache directory reads the document from the artifact
+  vLLM saved and compares its greedy answers with transformers' full prefill (``KVAgent.verify``); also
+  whether kvagent's ``sample`` verification accepts the vLLM-computed KV and the largest element difference
+  from transformers' own KV.
 
-    python benchmarks/vllm_connector.py --docs 6 --tokens 1000 --out benchmarks/results/vllm_connector.json
+    python benchmarks/vllm_connector.py --dtype bfloat16 --docs 5 --tokens 1600 \
+        --out benchmarks/results/vllm_connector_bf16.json
 """
 
 from __future__ import annotations
@@ -64,22 +71,51 @@ def documents(agent: Any, n: int, tokens: int) -> list[str]:
 
 def summarise(result: dict[str, Any], out: Path) -> None:
     """Add match rates and TTFT medians to ``result`` and write it to ``out``."""
-    for name in ("t_to_v", "v_to_t"):
+    for name in ("v_to_v", "t_to_v", "v_to_t"):
         rows = result[name]
         result[f"{name}_match_rate"] = sum(r["exact"] for r in rows) / len(rows) if rows else None
-    ratios = [r["connector_s"] / r["cold_s"] for r in result["ttft"]]
-    result["ttft_median_connector_s"] = statistics.median(r["connector_s"] for r in result["ttft"])
-    result["ttft_median_cold_s"] = statistics.median(r["cold_s"] for r in result["ttft"])
-    result["ttft_median_ratio"] = statistics.median(ratios)
+    for name in ("v_to_v", "t_to_v"):
+        rows = [r for r in result[name] if "connector_s" in r]
+        if rows:
+            result[f"{name}_ttft_median_connector_s"] = statistics.median(r["connector_s"] for r in rows)
+            result[f"{name}_ttft_median_cold_s"] = statistics.median(r["cold_s"] for r in rows)
+            result[f"{name}_ttft_median_ratio"] = statistics.median(
+                r["connector_s"] / r["cold_s"] for r in rows
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def wait_published(client: Any, hashes: list[str], blocks: int, timeout: float = 180) -> None:
+    """Until the registry holds an artifact covering at least ``blocks`` of ``hashes``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = client.lookup_prefix(hashes)
+        if found is not None and found[1] >= blocks:
+            return
+        time.sleep(0.25)
+    raise RuntimeError(f"no artifact covering {blocks} blocks was published within {timeout:.0f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--docs", type=int, default=6)
-    ap.add_argument("--tokens", type=int, default=1000)
+    ap.add_argument("--docs", type=int, default=5)
+    ap.add_argument(
+        "--tokens", type=int, default=1600, help="each document's length, at most (80%% at least)"
+    )
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="bfloat16",
+        help="vLLM's --dtype and the SDK agents' (bfloat16: what vLLM picks on this CPU by default)",
+    )
+    ap.add_argument(
+        "--eager", action="store_true", help="vLLM with --enforce-eager (default: compiled, as vLLM)"
+    )
+    ap.add_argument(
+        "--cold-repeats", type=int, default=3, help="cold TTFTs per request (their median is used)"
+    )
     ap.add_argument(
         "--reverse-questions", type=int, default=len(QUESTIONS), help="per document, vLLM -> transformers"
     )
@@ -91,6 +127,7 @@ def main() -> None:
     from vllm_procs import ALICE, TOKENS, VLLM_TOKEN, start_vllm
 
     from kvagent import KVAgent, KVStore, block_hashes
+    from kvagent.client.registry import RegistryClient
     from kvagent.config import Config
     from kvagent.models import ensure_embedded
     from kvagent.tiers.verification import verify_kv
@@ -100,109 +137,143 @@ def main() -> None:
     model_dir = ensure_embedded(Config.resolve().models_dir)
     registry = start_server(work / "registry", TOKENS)
     t0 = time.perf_counter()
-    server = start_vllm(
+    publisher = start_vllm(
         model_dir,
-        work / "vllm",
+        work / "vllm-pub",
         {
-            "cache_dir": str(work / "vllm-cache"),
+            "cache_dir": str(work / "pub-cache"),
+            "registry_url": registry.url,
+            "token": ALICE,
+            "publish": "public",
+            "calibration": False,
+        },
+        dtype=args.dtype,
+        eager=args.eager,
+    )
+    reader_vllm = start_vllm(
+        model_dir,
+        work / "vllm-read",
+        {
+            "cache_dir": str(work / "read-cache"),
             "registry_url": registry.url,
             "token": VLLM_TOKEN,
-            "calibration": False,
-            "bandwidth_bytes_per_s": 1e9,
-            "prefill_tokens_per_s": 300.0,
+            "engines": "any",
         },
+        dtype=args.dtype,
+        eager=args.eager,
     )
     startup = time.perf_counter() - t0
-    alice = KVAgent(cache_dir=work / "alice", registry_url=registry.url, token=ALICE, calibration=False)
-    reader = KVAgent(cache_dir=work / "vllm-cache", calibration=False)
+    sdk = KVAgent(
+        cache_dir=work / "sdk", registry_url=registry.url, token=ALICE, calibration=False, dtype=args.dtype
+    )
+    lookups = RegistryClient(registry.url, VLLM_TOKEN)
     result: dict[str, Any] = {
         "vllm": vllm.__version__,
         "torch": torch.__version__,
-        "dtype": "float32",
+        "dtype": args.dtype,
+        "vllm_mode": "eager" if args.eager else "compiled",
         "model": "SmolLM2-135M-Instruct (embedded)",
+        "reader_policy": "the connector's default (calibrated on its own empty cache), engines=any",
         "vllm_startup_s": round(startup, 1),
         "max_tokens": args.max_tokens,
+        "cold_repeats": args.cold_repeats,
+        "v_to_v": [],
         "t_to_v": [],
         "v_to_t": [],
-        "ttft": [],
     }
+    block = sdk.config.block_size
+
+    def first_request(ids: list[int]) -> dict[str, Any]:
+        """The reader's first request on ``ids`` through the connector, then cold under fresh salts."""
+        ttft, text, cached = reader_vllm.streamed(ids, max_tokens=args.max_tokens)
+        colds = [
+            reader_vllm.streamed(ids, max_tokens=args.max_tokens, cache_salt=f"cold-{uuid.uuid4().hex}")
+            for _ in range(args.cold_repeats)
+        ]
+        return {
+            "tokens": len(ids),
+            "cached_tokens": cached,
+            "connector_s": round(ttft, 3),
+            "cold_s": round(statistics.median(c[0] for c in colds), 3),
+            "cold_all_s": [round(c[0], 3) for c in colds],
+            "cold_cached_tokens": [c[2] for c in colds],
+            "exact": text == colds[0][1],
+            "cold_answers_agree": len({c[1] for c in colds}) == 1,
+        }
+
     try:
-        docs = documents(alice, args.docs, args.tokens)
-        server.complete([1, 2, 3, 4], max_tokens=2, cache_salt="warmup")
+        docs = documents(sdk, args.docs, args.tokens)
+        for server in (publisher, reader_vllm):
+            server.complete([1, 2, 3, 4], max_tokens=2, cache_salt="warmup")
         for i, body in enumerate(docs):
-            # transformers -> vLLM (and the first-request TTFT through the connector vs cold)
-            doc = alice.read(body)
-            alice.publish(doc, "public")
-            ids0 = list(doc.token_ids) + alice.template.question_ids(alice.tokenizer, QUESTIONS[0])
-            ttft_connector = server.first_token_seconds(ids0)
-            ttft_cold = server.first_token_seconds(ids0, cache_salt=f"cold-{uuid.uuid4().hex}")
-            result["ttft"].append(
-                {
-                    "doc": i,
-                    "tokens": len(ids0),
-                    "connector_s": round(ttft_connector, 3),
-                    "cold_s": round(ttft_cold, 3),
-                }
-            )
-            for q in QUESTIONS:
-                ids = list(doc.token_ids) + alice.template.question_ids(alice.tokenizer, q)
-                got = server.complete(ids, max_tokens=args.max_tokens)
-                ref = server.complete(ids, max_tokens=args.max_tokens, cache_salt=f"full-{uuid.uuid4().hex}")
-                cached = (got["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                same = got["choices"][0]["text"] == ref["choices"][0]["text"]
-                result["t_to_v"].append({"doc": i, "question": q, "cached_tokens": cached, "exact": same})
-            # vLLM -> transformers: a document vLLM prefilled, read back and decoded by transformers
-            other = f"Part {i}.\n\n{body}"
-            ids = reader.document_ids(other)
-            server.complete(ids + reader.template.question_ids(reader.tokenizer, QUESTIONS[0]), max_tokens=2)
-            store = KVStore(reader.config.store_dir)
-            hashes = block_hashes(reader.context, ids, reader.config.block_size)
-            deadline = time.monotonic() + 120
-            while (hit := store.find_prefix(hashes)) is None and time.monotonic() < deadline:
-                time.sleep(0.5)
-            if hit is None:
-                raise RuntimeError(f"vLLM's KV of document {i} was not saved:\n{server.log()[-3000:]}")
-            vkv = store.get(hit[0], expect=reader.expect).artifact.kv  # type: ignore[union-attr]
-            tkv = reader.engine.prefill(vkv.token_ids.tolist())
-            diff = max(
-                float((a - b).abs().max())
-                for a, b in zip(vkv.keys + vkv.values, tkv.keys + tkv.values, strict=True)
-            )
-            check = verify_kv(reader.engine, vkv, "sample", probes=64, seed=i)
-            handle = reader.read(other)
-            for q in QUESTIONS[: args.reverse_questions]:
-                report = reader.verify(handle, q, max_new_tokens=args.max_tokens)
-                result["v_to_t"].append(
-                    {
-                        "doc": i,
-                        "question": q,
-                        "source": handle.cache.source,
-                        "cached_tokens": handle.cache.cached_tokens,
-                        "exact": report.exact,
-                        "first_divergence": report.first_divergence,
-                        "max_abs_kv_diff": diff,
-                        "sample_verification_ok": check.ok,
-                        "verification_rel_diff": check.max_rel_diff,
-                    }
-                )
+            # vLLM -> vLLM: published by the other vLLM, the reader's first request on it
+            doc_ids = sdk.document_ids(body)
+            publisher.complete(doc_ids + sdk.template.question_ids(sdk.tokenizer, QUESTIONS[0]), max_tokens=1)
+            hashes = block_hashes(sdk.context, doc_ids, block)
+            wait_published(lookups, hashes, len(doc_ids) // block)
+            row = first_request(doc_ids + sdk.template.question_ids(sdk.tokenizer, QUESTIONS[1]))
+            result["v_to_v"].append({"doc": i, "question": QUESTIONS[1], **row})
             print(
-                f"doc {i}: {len(ids0)} tokens, TTFT {ttft_connector:.2f} s vs cold {ttft_cold:.2f} s",
+                f"doc {i}: vLLM -> vLLM, {row['tokens']} tokens ({row['cached_tokens']} from the connector): "
+                f"TTFT {row['connector_s']:.3f} s vs cold {row['cold_s']:.3f} s, exact {row['exact']}",
                 flush=True,
             )
+            # transformers -> vLLM: a variant the SDK read and published
+            other = f"Part {i}.\n\n{body}"
+            doc = sdk.read(other)
+            sdk.publish(doc, "public")
+            row = first_request(list(doc.token_ids) + sdk.template.question_ids(sdk.tokenizer, QUESTIONS[0]))
+            result["t_to_v"].append({"doc": i, "question": QUESTIONS[0], **row})
+            print(
+                f"doc {i}: transformers -> vLLM ({row['cached_tokens']} from the connector): "
+                f"TTFT {row['connector_s']:.3f} s vs cold {row['cold_s']:.3f} s, exact {row['exact']}",
+                flush=True,
+            )
+            # vLLM -> transformers: the publisher's saved artifact, read by the SDK on its cache directory
+            reader = KVAgent(cache_dir=work / "pub-cache", calibration=False, dtype=args.dtype)
+            try:
+                store = KVStore(reader.config.store_dir)
+                hit = store.find_prefix(block_hashes(reader.context, doc_ids, block))
+                if hit is None:
+                    raise RuntimeError(f"the publisher's KV of document {i} is not in its store")
+                vkv = store.get(hit[0], expect=reader.expect).artifact.kv  # type: ignore[union-attr]
+                tkv = reader.engine.prefill(vkv.token_ids.tolist())
+                diff = max(
+                    float((a.float() - b.float()).abs().max())
+                    for a, b in zip(vkv.keys + vkv.values, tkv.keys + tkv.values, strict=True)
+                )
+                check = verify_kv(reader.engine, vkv, "sample", probes=64, seed=i)
+                handle = reader.read(body)
+                for q in QUESTIONS[: args.reverse_questions]:
+                    report = reader.verify(handle, q, max_new_tokens=args.max_tokens)
+                    result["v_to_t"].append(
+                        {
+                            "doc": i,
+                            "question": q,
+                            "source": handle.cache.source,
+                            "cached_tokens": handle.cache.cached_tokens,
+                            "exact": report.exact,
+                            "first_divergence": report.first_divergence,
+                            "max_abs_kv_diff": diff,
+                            "sample_verification_ok": check.ok,
+                            "verification_rel_diff": check.max_rel_diff,
+                        }
+                    )
+            finally:
+                reader.close()
             summarise(result, args.out)  # after every document: a stopped run keeps what it measured
     finally:
-        alice.close()
-        reader.close()
-        server.stop()
+        sdk.close()
+        lookups.close()
+        reader_vllm.stop()
+        publisher.stop()
         registry.stop()
     summarise(result, args.out)
-    keys = (
-        "t_to_v_match_rate",
-        "v_to_t_match_rate",
-        "ttft_median_connector_s",
-        "ttft_median_cold_s",
-        "ttft_median_ratio",
-    )
+    keys = [
+        k
+        for k in result
+        if k.endswith(("_match_rate", "_median_connector_s", "_median_cold_s", "_median_ratio"))
+    ]
     print(json.dumps({k: result[k] for k in keys}, indent=2))
 
 

@@ -230,3 +230,25 @@ def test_estimates_and_money_params_validate():
         pol.Estimate(1.0, "guessed")
     with pytest.raises(ValueError):
         pol.PolicyParams(budget_left_micros=-1)
+
+
+def test_a_free_fetch_over_a_link_never_measured_is_taken_near_a_tie_to_measure_it():
+    """A first read on a new machine (prefill probed, the link assumed) a little slower to fetch than to
+    prefill: the fetch is taken to measure the link, its loss bounded by the download's give-up; a measured
+    link or a price decides as before."""
+    req = _fetchable(
+        remote_tokens=500,
+        prefill_s=pol.Estimate(0.4, pol.PROBE), rest_prefill_s=pol.Estimate(0.15, pol.PROBE),
+    )
+    first = pol.decide(req)
+    assert first.estimates["sources"]["link"] == "assumed" and first.estimates["near_tie"]
+    assert first.estimates["fetch_s"] > first.estimates["prefill_s"]
+    assert first.estimates["fetch_expected_loss_s"] > 0.05 * 0.4  # the tie rule alone would prefill
+    assert first.choice == pol.FETCH and "link never measured" in first.reason
+    link = pol.Estimate(100e6, pol.MEASURED, 5)
+    measured = pol.decide(pol.Request(**{**req.__dict__, "link_bytes_per_s": link}))
+    assert measured.choice == pol.LOCAL_PREFILL and "does not pay" in measured.reason
+    priced = pol.decide(pol.Request(**{**req.__dict__, "price_micros": 1}))
+    assert priced.choice == pol.LOCAL_PREFILL and "does not pay" in priced.reason
+    far = pol.decide(pol.Request(**{**req.__dict__, "artifact_bytes": 2_000_000_000}))  # 20 s over the link
+    assert far.choice == pol.LOCAL_PREFILL  # predicted 50x the prefill: not a tie to explore

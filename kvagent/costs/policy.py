@@ -21,9 +21,12 @@ from the fit's residuals and its extrapolation, else a default per source).
 **Near a tie** the uncertainty decides: a fetch predicted slower than the prefill is still taken when the
 expected loss of taking it (the mean of ``max(0, fetch - prefill)`` over both estimates' spreads) is at most
 ``PolicyParams.tie_tolerance`` of the prefill, because reuse also saves the compute and leaves the KV cached
-here; the reason then says "near a tie". Setting ``PolicyParams.prefill_tokens_per_s`` or
-``bandwidth_bytes_per_s`` fixes that rate: it replaces every measured estimate (for debugging and
-benchmarks, e.g. ``bandwidth_bytes_per_s=1e12`` forces fetches, ``min_tokens=10**9`` forces prefill).
+here; the reason then says "near a tie". A free fetch over a link never measured is taken near a tie
+(predicted at most twice the prefill) whatever the expected loss: it measures the link, and the registry
+tier gives such a download up once the rest would take longer than prefilling, so the loss is bounded and
+paid once per link. Setting ``PolicyParams.prefill_tokens_per_s`` or ``bandwidth_bytes_per_s`` fixes
+that rate: it replaces every measured estimate (for debugging and benchmarks, e.g.
+``bandwidth_bytes_per_s=1e12`` forces fetches, ``min_tokens=10**9`` forces prefill).
 """
 
 from __future__ import annotations
@@ -298,6 +301,21 @@ def decide(req: Request, params: PolicyParams = PolicyParams()) -> Decision:
             notes.append(f"{fetch_txt} exceeds the ${params.max_egress_usd:.4f} egress cap")
         elif refused is not None:
             notes.append(f"not bought: {refused}")
+        elif (fetch_s >= prefill_s and near_tie and fetch_s <= 2 * prefill_s and bw.source == ASSUMED
+              and not req.price_micros):
+            # a free fetch over a link never measured, near a tie (predicted at most twice the prefill):
+            # taking it measures the link (and the landing), and the loss is bounded: the registry tier gives
+            # such a download up once the rest would take longer than prefilling. Declining would leave every
+            # later read of this link on the same assumption.
+            return Decision(
+                FETCH,
+                (
+                    f"{bought}near a tie on a link never measured: {fetch_txt} ≈ {prefill_txt}; fetching "
+                    f"measures the link (the download is given up once the rest would take longer than "
+                    f"prefilling)"
+                ),
+                est,
+            )
         elif fetch_s >= prefill_s and loss > tolerance_s:
             tie = (f" (near a tie, but the expected loss of fetching ≈ {loss:.2f} s exceeds "
                    f"{params.tie_tolerance:.0%} of the prefill)" if near_tie else "")

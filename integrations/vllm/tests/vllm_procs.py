@@ -55,27 +55,49 @@ class VLLMServer:
 
     def first_token_seconds(self, prompt: list[int], *, cache_salt: str | None = None) -> float:
         """Seconds until the first streamed token of a greedy completion (TTFT as a client sees it)."""
+        return self.streamed(prompt, max_tokens=4, cache_salt=cache_salt)[0]
+
+    def streamed(
+        self, prompt: list[int], *, max_tokens: int = 24, cache_salt: str | None = None
+    ) -> tuple[float, str, int]:
+        """A streamed greedy completion: (seconds to its first token, its text, the prompt tokens vLLM
+        reported cached)."""
         body: dict[str, Any] = {
             "model": "m",
             "prompt": prompt,
-            "max_tokens": 4,
+            "max_tokens": max_tokens,
             "temperature": 0,
             "stream": True,
+            "stream_options": {"include_usage": True},
         }
         if cache_salt is not None:
             body["cache_salt"] = cache_salt
         t0 = time.perf_counter()
+        first: float | None = None
+        text, cached = "", 0
         with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=300) as r:
             r.raise_for_status()
             for line in r.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    if json.loads(line[6:])["choices"][0].get("text") is not None:
-                        return time.perf_counter() - t0
-        raise AssertionError("the stream ended without a token")
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                for choice in chunk.get("choices") or ():
+                    if choice.get("text") is not None:
+                        first = time.perf_counter() - t0 if first is None else first
+                        text += choice["text"]
+                usage = chunk.get("usage") or {}
+                cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or cached)
+        if first is None:
+            raise AssertionError("the stream ended without a token")
+        return first, text, cached
 
 
-def start_vllm(model_dir: Path, work: Path, extra: dict[str, Any], timeout: float = 900) -> VLLMServer:
-    """``python -m vllm.entrypoints.openai.api_server`` with the connector, on a free loopback port."""
+def start_vllm(model_dir: Path, work: Path, extra: dict[str, Any], timeout: float = 900, *,
+               dtype: str = "float32", eager: bool | None = None) -> VLLMServer:
+    """``python -m vllm.entrypoints.openai.api_server`` with the connector, on a free loopback port.
+
+    ``dtype``: vLLM's ``--dtype``; ``eager``: ``--enforce-eager`` (None: unless ``KVAGENT_VLLM_COMPILE=1``,
+    since torch.compile adds minutes to a start on 2 cores)."""
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     transfer = {
@@ -93,7 +115,7 @@ def start_vllm(model_dir: Path, work: Path, extra: dict[str, Any], timeout: floa
         "--served-model-name",
         "m",
         "--dtype",
-        "float32",
+        dtype,
         "--max-model-len",
         "2048",
         "--host",
@@ -104,7 +126,7 @@ def start_vllm(model_dir: Path, work: Path, extra: dict[str, Any], timeout: floa
         "--kv-transfer-config",
         json.dumps(transfer),
     ]
-    if os.environ.get("KVAGENT_VLLM_COMPILE") != "1":  # torch.compile adds minutes to a start on 2 cores
+    if eager if eager is not None else os.environ.get("KVAGENT_VLLM_COMPILE") != "1":
         args.append("--enforce-eager")
     env = {
         **os.environ,

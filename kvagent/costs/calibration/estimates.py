@@ -3,21 +3,35 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import policy as pol
-from .fitting import PRIOR_DOF, PRIOR_SPREAD, SPREAD_FLOOR, fit_load, load_fit, prefill_features, prefill_fit
+from .fitting import (
+    PRIOR_DOF,
+    PRIOR_SPREAD,
+    SPREAD_FLOOR,
+    Fit,
+    fit_load,
+    load_fit,
+    prefill_features,
+    prefill_fit,
+)
 from .outcomes import prediction_errors
 
+FitOf = Callable[[str, list[tuple[Any, ...]]], "Fit | None"]
 
-def prefill_estimate(data: dict[str, Any], profile: str, n_new: int, past: int = 0) -> pol.Estimate | None:
+
+def prefill_estimate(data: dict[str, Any], profile: str, n_new: int, past: int = 0, *,
+                     fit_of: FitOf | None = None) -> pol.Estimate | None:
     """Seconds to prefill ``n_new`` tokens after ``past`` cached ones, or None without samples.
 
     The estimate's spread is the fit's, widened when ``n_new`` or the attention work lie beyond the samples.
+    ``fit_of(profile, samples)``: the fit to use (``Refits.fit``; default: a fit of exactly these samples).
     """
     samples = data["prefill"].get(profile, {}).get("samples", [])
-    fit = prefill_fit([(s[1], s[2], s[3], s[4]) for s in samples])
+    points = [(s[1], s[2], s[3], s[4]) for s in samples]
+    fit = fit_of(profile, points) if fit_of is not None else prefill_fit(points)
     if fit is None:
         return None
     seconds, spread = fit.predict(prefill_features(n_new, past))

@@ -19,6 +19,7 @@ from .file import CalibrationFile, default_path
 from .machine import Profile, machine_id
 from .measure import PROBE_BUDGET_S, probe_prefill
 from .outcomes import Outcome, OutcomeLog
+from .refits import Refits
 
 #: every forward is a sample: the short ones (a chat's question after a cached document, 10-50 tokens) are
 #: what pin the fixed cost of one forward, which dominates them (dropping them under 32 tokens left a host
@@ -59,6 +60,7 @@ class CostModel:
         self.client_timeout_s = client_timeout_s
         self._breaker: brk.RegistryBreaker | None = None
         self.outcomes = OutcomeLog(calibration)
+        self._refits = Refits()  # a host asks per request: refit only when the samples moved
 
     @property
     def observers(self) -> list[Callable[[Outcome], None]]:
@@ -89,7 +91,8 @@ class CostModel:
         """Seconds to prefill ``n_new`` tokens after ``past``: fixed rate > measured > probe > assumed."""
         if self.params.prefill_tokens_per_s is not None:
             return pol.Estimate(n_new / self.params.prefill_tokens_per_s, pol.FIXED)
-        found = prefill_estimate(self.calibration.read(), self.profile.key, n_new, past)
+        found = prefill_estimate(self.calibration.read(), self.profile.key, n_new, past,
+                                 fit_of=self._refits.fit)
         return found or pol.Estimate(n_new / pol.ASSUMED_PREFILL_TOKENS_PER_S, pol.ASSUMED)
 
     def estimate_load(self, nbytes: int) -> pol.Estimate | None:
@@ -128,12 +131,12 @@ class CostModel:
         covered = min(n, req.remote_tokens if req.remote_tokens is not None else n)
         fill: dict[str, Any] = {}
         if req.prefill_s is None and req.prefill_tokens_per_s is None:
-            found = prefill_estimate(data, self.profile.key, n, past)
+            found = prefill_estimate(data, self.profile.key, n, past, fit_of=self._refits.fit)
             if found is not None:
                 fill["prefill_s"] = found
                 if covered < n and req.rest_prefill_s is None:
                     fill["rest_prefill_s"] = prefill_estimate(
-                        data, self.profile.key, n - covered, past + covered
+                        data, self.profile.key, n - covered, past + covered, fit_of=self._refits.fit
                     )
         if req.remote_artifact:
             nbytes = (
