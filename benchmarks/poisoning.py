@@ -1,7 +1,11 @@
 """Poisoned-KV detection: how often `sample` verification catches planted tampering, whether the
 tampering would have changed the answer, and what `sample` costs next to a full prefill (one run).
 
-    python -m benchmarks.poisoning [--lengths 512 2048] [--trials 10] [--probes 64]
+    python -m benchmarks.poisoning [--lengths 512 2048] [--trials 10] [--probes 64] [--dtype bfloat16]
+
+Honest KV is checked with ``--honest-seeds`` probe draws, both as computed in one pass and in 256-token chunks
+(as a host's batching engine computes it); each row gives the largest honest difference and, per kind of
+tampering, the smallest difference a tampered KV showed: the margin a dtype's tolerance sits in.
 """
 
 from __future__ import annotations
@@ -85,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--probes", type=int, default=64, help="positions `sample` recomputes in every layer")
+    p.add_argument("--honest-seeds", type=int, default=3, help="probe draws over each honest KV")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/poisoning.json"))
     args = p.parse_args(argv)
     from tests.conftest import long_text
 
-    agent = KVAgent(cache_dir=tempfile.mkdtemp(prefix="kvagent-poison-"))
+    agent = KVAgent(cache_dir=tempfile.mkdtemp(prefix="kvagent-poison-"), dtype=args.dtype)
     engine = agent.engine
     rng = random.Random(2026)
     text = long_text(max(args.lengths) * 2 + 64, agent.tokenizer)
@@ -105,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             kv = engine.prefill(ids)
             prefill_times.append(time.perf_counter() - t0)
         prefill_s = statistics.median(prefill_times)
-        honest = [verify_kv(engine, kv, "sample", probes=args.probes, seed=s) for s in range(3)]
+        chunked = engine.prefill(ids[:256])
+        for start in range(256, n, 256):
+            chunked = engine.prefill_from(chunked, ids[start : start + 256])
+        honest = [verify_kv(engine, k, "sample", probes=args.probes, seed=s)
+                  for k in (kv, chunked) for s in range(args.honest_seeds)]
         sample_s = statistics.median(r.seconds for r in honest)
         reference = engine.generate(kv, suffix, ANSWER).token_ids
         row: dict[str, Any] = {
@@ -114,27 +124,34 @@ def main(argv: list[str] | None = None) -> int:
             "prefill_s": prefill_s,
             "sample_s": sample_s,
             "sample_cost_fraction": sample_s / prefill_s,
+            "dtype": args.dtype,
+            "tolerance": honest[0].tolerance,
+            "honest_checks": len(honest),
             "honest_false_alarms": sum(not r.ok for r in honest),
             "honest_max_rel_diff": max(r.max_rel_diff for r in honest),
+            "honest_rel_diffs": sorted(round(r.max_rel_diff, 5) for r in honest),
             # a SPAN-position span in the last layer escapes every probe with 1 minus this chance
             "last_layer_span_expected_detection": 1 - (1 - SPAN / n) ** min(args.probes, n),
             "kinds": {},
         }
         for kind in KINDS:
             detected = harmful = harmful_missed = 0
+            diffs = []
             for _ in range(args.trials):
                 bad = tamper(agent, kv, ids, kind, rng, others)
                 rep = verify_kv(engine, bad, "sample", probes=args.probes, seed=rng.randrange(1 << 30))
+                diffs.append(rep.max_rel_diff)
                 changed = engine.generate(bad, suffix, ANSWER).token_ids != reference
                 detected += not rep.ok
                 harmful += changed
                 harmful_missed += changed and rep.ok
             row["kinds"][kind] = {"trials": args.trials, "detected": detected, "changed_answer": harmful,
-                                  "changed_answer_but_missed": harmful_missed}
+                                  "changed_answer_but_missed": harmful_missed,
+                                  "min_rel_diff": min(diffs), "median_rel_diff": statistics.median(diffs)}
             print(
                 f"{n:>5} {kind:24} detected {detected}/{args.trials}  changed the answer "
                 f"{harmful}/{args.trials}"
-                f"  harmful and missed {harmful_missed}",
+                f"  harmful and missed {harmful_missed}  smallest difference {min(diffs):.3g}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -143,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{n:>5} sample verification ({args.probes} probes) {sample_s * 1e3:.0f} ms vs prefill "
             f"{prefill_s * 1e3:.0f} ms "
-            f"= {row['sample_cost_fraction']:.1%}; false alarms on honest KV {row['honest_false_alarms']}/3",
+            f"= {row['sample_cost_fraction']:.1%}; false alarms on honest KV {row['honest_false_alarms']}/"
+            f"{len(honest)} (largest honest difference {row['honest_max_rel_diff']:.3g}, tolerance "
+            f"{row['tolerance']:g})",
             file=sys.stderr,
             flush=True,
         )
@@ -152,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "poisoning",
         "model": agent.loaded.name,
+        "dtype": args.dtype,
         "trials": args.trials,
         "probes": args.probes,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

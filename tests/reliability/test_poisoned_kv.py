@@ -138,3 +138,28 @@ def test_an_agent_refuses_a_poisoned_artifact_from_the_registry(tmp_path: Path, 
             agent.close()
     finally:
         server.stop()
+
+
+def test_honest_bf16_kv_of_a_long_document_passes_and_a_swapped_one_does_not(tmp_path: Path):
+    """bf16 products round with the shape of their call, so honest KV recomputed at the probes differs by
+    a few percent of a tensor's largest value (up to 0.068 at 1,600 tokens on an AMX CPU, where the old 3e-2
+    tolerance rejected half of such checks); a swapped document differs by far more (>= 1.5)."""
+    from tests.conftest import long_text
+
+    agent = KVAgent(cache_dir=tmp_path, dtype="bfloat16")
+    try:
+        ids = agent.document_ids(long_text(3300, agent.tokenizer))
+        kv = agent.engine.prefill(ids[:1600])
+        chunked = agent.engine.prefill(ids[:256])
+        for start in range(256, 1600, 256):  # as a host's batching engine computes it
+            chunked = agent.engine.prefill_from(chunked, ids[start : start + 256])
+        for honest in (kv, chunked):
+            for seed in range(4):
+                report = verify_kv(agent.engine, honest, "sample", probes=64, seed=seed)
+                assert report.ok, report.reason
+        other = agent.engine.prefill(ids[1600:3200])
+        swapped = KVCache(other.keys, other.values, kv.token_ids)
+        report = verify_kv(agent.engine, swapped, "sample", probes=64, seed=0)
+        assert not report.ok and report.max_rel_diff > 1.0
+    finally:
+        agent.close()
