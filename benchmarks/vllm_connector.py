@@ -140,31 +140,15 @@ def main() -> None:
     model_dir = ensure_embedded(Config.resolve().models_dir)
     registry = start_server(work / "registry", TOKENS)
     t0 = time.perf_counter()
-    publisher = start_vllm(
-        model_dir,
-        work / "vllm-pub",
-        {
-            "cache_dir": str(work / "pub-cache"),
-            "registry_url": registry.url,
-            "token": ALICE,
-            "publish": "public",
-            "calibration": False,
-        },
-        dtype=args.dtype,
-        eager=args.eager,
-    )
-    reader_vllm = start_vllm(
-        model_dir,
-        work / "vllm-read",
-        {
-            "cache_dir": str(work / "read-cache"),
-            "registry_url": registry.url,
-            "token": VLLM_TOKEN,
-            "engines": "any",
-        },
-        dtype=args.dtype,
-        eager=args.eager,
-    )
+
+    def connector_server(name: str, token: str, **extra: object) -> Any:
+        """A vLLM server with the connector on ``<work>/<name>-cache``, the registry and ``extra``."""
+        config = {"cache_dir": str(work / f"{name}-cache"), "registry_url": registry.url, "token": token,
+                  **extra}
+        return start_vllm(model_dir, work / f"vllm-{name}", config, dtype=args.dtype, eager=args.eager)
+
+    publisher = connector_server("pub", ALICE, publish="public", calibration=False)
+    reader_vllm = connector_server("read", VLLM_TOKEN, engines="any")
     startup = time.perf_counter() - t0
     sdk = KVAgent(
         cache_dir=work / "sdk", registry_url=registry.url, token=ALICE, calibration=False, dtype=args.dtype
