@@ -468,6 +468,18 @@ class KVAgent:
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "memory_entries": len(self.resolver.memory), **self.store.stats()}
 
+    def warm_up(self) -> bool:
+        """Measure this model's prefill on this machine (a few short forwards, about 2 s) when the calibration
+        has no measured sample for it, so the first fetch-or-prefill decision rests on measurements, not on a
+        first-use probe on a request's time; what ``kvagent serve`` does before it listens. True if it
+        measured (False: samples already there, a fixed rate, or no calibration)."""
+        cost = self.runtime.cost
+        if cost is None:
+            return False
+        from .costs.calibration import warm_up
+
+        return bool(warm_up(cost, self.engine))
+
     def close(self) -> None:
         """Close the store and write the outcomes not yet written (a short-lived process would lose them)."""
         self.runtime.close()

@@ -253,3 +253,24 @@ def test_bf16_reuse_is_bitwise_the_computing_agents_own_and_never_meets_float32(
     assert fp32.read_ids(ids).cache.status == "prefill"
     for a in (agent, other, fp32):
         a.close()
+
+
+def test_warm_up_measures_prefill_once_on_a_machine_with_no_samples(embedded, tmp_path):  # type: ignore[no-untyped-def]
+    """``KVAgent.warm_up`` (what the vLLM connector runs when it starts): measured samples on a fresh
+    calibration, then nothing more to do; a first decision after it no longer rests on a probe."""
+    from kvagent import KVAgent
+
+    agent = KVAgent(embedded.model, tokenizer=embedded.tokenizer, cache_dir=tmp_path / "c")
+    try:
+        cost = agent.runtime.cost
+        assert cost is not None and cost.needs_warm_up()
+        assert agent.warm_up() is True and not cost.needs_warm_up()
+        assert agent.warm_up() is False
+        assert cost.estimate_prefill(600).source == "measured"
+    finally:
+        agent.close()
+    off = KVAgent(embedded.model, tokenizer=embedded.tokenizer, cache_dir=tmp_path / "off", calibration=False)
+    try:
+        assert off.warm_up() is False
+    finally:
+        off.close()

@@ -262,3 +262,27 @@ def test_a_quick_lookup_answers_the_poll_that_started_it() -> None:
     assert got is NO_MATCH
     quick.close()
     late.close()
+
+
+def test_the_scheduler_measures_prefill_at_start_and_not_on_a_first_request() -> None:
+    """A fresh connector measures kvagent's prefill in the background when it starts (``KVAgent.warm_up``, as
+    ``kvagent serve`` does before it listens), so the first registry decision finds measured samples instead
+    of probing on that request's time; not with ``calibrate_at_start`` false. ``KVAgent.warm_up`` itself is
+    tested in kvagent's suite."""
+    import threading
+    from types import SimpleNamespace
+
+    from vllm_kvagent.lookup import PrefixLookups
+
+    def lookups(at_start: bool) -> tuple[PrefixLookups, threading.Event]:
+        measured = threading.Event()
+        agent = SimpleNamespace(warm_up=measured.set, config=SimpleNamespace(calibrate_at_start=at_start))
+        return PrefixLookups(agent, engine="vllm x", same_engine_only=False), measured  # type: ignore[arg-type]
+
+    fresh, measured = lookups(True)
+    fresh.warm_up()
+    assert measured.wait(5)
+    off, not_measured = lookups(False)
+    off.warm_up()
+    off.close()  # its worker has nothing queued: closing does not wait on a measurement
+    assert not not_measured.is_set()

@@ -135,6 +135,7 @@ class KVAgentConnector(KVConnectorBase_V1):
                 same_engine_only=engine_policy(self.settings.engines, _dtype_of(vllm_config)) == "same",
                 shared_reads=self.settings.salted_reads == "shared",
             )
+            self._lookups.warm_up()
             log.info(
                 "KVAgentConnector (scheduler): cache %s, registry %s, engine %s, block %d",
                 self.cache_dir,

@@ -61,6 +61,23 @@ class PrefixLookups:
         self._running: dict[str, Future[Match]] = {}
         self._lock = threading.Lock()
 
+    def warm_up(self) -> None:
+        """Measure kvagent's prefill in the background when this machine has no measured sample for the model
+        (``KVAgent.warm_up``, about 2 s), as ``kvagent serve`` does before it listens: the first registry
+        decision then does not probe on a request's time (it cost a first request ~0.5 s). Off with
+        ``calibrate_at_start`` false. Lookups queue behind it on the one worker; a poll meanwhile answers
+        "not yet"."""
+        if not self.agent.config.calibrate_at_start:
+            return
+
+        def run() -> None:
+            try:
+                self.agent.warm_up()
+            except Exception:  # noqa: BLE001 - a failed measurement leaves the first decision to probe
+                log.exception("kvagent could not calibrate at start; the first registry decision probes")
+
+        self._pool.submit(run)
+
     def poll(self, req_id: str, token_ids: Sequence[int], namespace: str | None) -> Match | None:
         """The lookup's result for ``req_id``, starting it on first call (and waiting up to ``first_wait_s``
         for it then); None while it runs."""
