@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 TOKENS = {"alice-token-0001": {"principal": "alice"}, "bob-token-000002": {"principal": "bob"}}
 SAMPLES = 200
+CONTROL = 30  # fewer than the 32 prompt saves the server keeps waiting
 WORDS = "river harbour ferry lantern meadow copper violet granite orchard signal beacon thistle".split()
 
 
@@ -76,9 +77,17 @@ def test_another_principals_cached_prompt_is_not_visible_in_ttft(tiny_server, tm
             # prompt would show up as ~1000
             assert cached < 64, f"B was served A's private prompt KV ({cached} cached tokens)"
             b_times[kind].append(dt)
-        # positive control: A asking its own cached prompts again vs fresh ones is clearly separable
-        own_hit = [_ttft(http, "alice-token-0001", t)[0] for t in a_prompts[:50]]
-        own_miss = [_ttft(http, "alice-token-0001", _prompt(rng))[0] for _ in range(50)]
+        # positive control: A's own prompts, fresh then cached, are clearly separable. Fresh ones asked here
+        # (not A's first prompts: the server saves prompt KV in quiet moments and drops the oldest of more
+        # than 32 waiting, so after 600 back-to-back requests those may not be stored), then asked again once
+        # the saves had their quiet moment; each second ask must find its prompt cached, or the control
+        # would measure nothing
+        mine = [_prompt(rng) for _ in range(CONTROL)]
+        own_miss = [_ttft(http, "alice-token-0001", t)[0] for t in mine]
+        time.sleep(6)  # past the saver's longest wait (5 s)
+        again = [_ttft(http, "alice-token-0001", t) for t in mine]
+        assert all(cached >= 512 for _, cached in again), [cached for _, cached in again]
+        own_hit = [dt for dt, _ in again]
     leak = auc(b_times["fresh"], b_times["a"])  # > 0.5 would mean A's prompts answer B faster
     control = auc(own_miss, own_hit)
     print(f"\nchat TTFT AUC, B on A's cached prompts vs fresh: {leak:.3f} (n={SAMPLES} each); "
